@@ -1,0 +1,105 @@
+"""Exact fixed-point accumulation of weighted weight changes.
+
+Every received Δw entry ``x`` (float32) is put on the grid ``2**-FRAC_BITS``::
+
+    q = round_half_even(x * 2**FRAC_BITS)            # an integer, |q| <= 2**40
+
+and the server keeps, per entry, the exact integer ``S = Σ wᵢ·qᵢ`` together with the exact
+integer ``W = Σ wᵢ`` (``wᵢ`` = num_examples, or 1 under uniform weighting). Integer addition
+is associative and commutative, so adding and subtracting contributions in any order gives the
+same ``S`` bit for bit, and removing a contribution leaves exactly what a ledger that never saw
+it would hold. The composed Δ is a fixed, deterministic function of ``(S, W)``::
+
+    composed = float32( float64(S) * 2**-FRAC_BITS / float64(W) )
+
+(computed as ``(float64(hi) + float64(lo) * 2**-32) / float64(W)``, see below).
+
+Grid, range and bounds
+----------------------
+- Grid: ``GRID = 2**-32``. float32 values with ``|x| >= 2**-9`` already lie on the grid; smaller
+  ones are rounded to it, so the quantization error is at most ``GRID / 2 = 2**-33`` per entry.
+- Range: ``|x| <= MAX_ABS_VALUE = 2**8``. Values outside are **rejected**, never clipped.
+- Weights: ``1 <= wᵢ <= MAX_WEIGHT = 2**24`` per contribution and ``W <= MAX_TOTAL_WEIGHT = 2**53``.
+
+Error bound of the composed Δ against the exact weighted mean ``m = Σ wᵢxᵢ / Σ wᵢ`` of the
+float32 inputs, per entry: the weighted mean of the quantization errors is at most ``2**-33``;
+the float64 sum and division add at most ``2**-52 · |m|`` (plus ``2**-53·2**-33``); the final
+float32 rounding adds at most half a float32 ulp, ``2**-24 · |composed|``. In short
+``|composed − m| <= 2**-33 + 2**-24·|m| + tiny`` — below float32 resolution for any entry with
+``|m| >= 2**-9``.
+
+Representation (why it never overflows)
+---------------------------------------
+``S`` can exceed 64 bits (``|S| <= W · 2**40 <= 2**93``), so it is held in two int64 limbs,
+``S = hi · 2**32 + lo`` with ``0 <= lo < 2**32`` after every operation (a unique, canonical
+form, which is what makes stored accumulator bytes comparable). Each quantized value is split
+the same way, ``q = q_hi · 2**32 + q_lo`` with ``|q_hi| <= 2**8`` and ``0 <= q_lo < 2**32``.
+One add/subtract changes ``lo`` by ``w·q_lo < 2**24 · 2**32 = 2**56`` and ``hi`` by
+``w·|q_hi| <= 2**32``; the carry is then normalised back, so ``lo`` stays below ``2**57`` in
+magnitude and ``|hi| <= W · 2**8 + 1 <= 2**61 + 1 < 2**63``. Neither limb can overflow while the
+weight bounds above hold, and the ledger enforces them.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+FRAC_BITS = 32
+GRID = 2.0 ** -FRAC_BITS
+RANGE_BITS = 8
+MAX_ABS_VALUE = 2.0 ** RANGE_BITS
+MAX_WEIGHT = 2 ** 24
+MAX_TOTAL_WEIGHT = 2 ** 53
+
+_LO_MASK = (1 << FRAC_BITS) - 1
+_HI_DTYPE = np.dtype("<i8")
+_LO_DTYPE = np.dtype("<u4")  # lo is canonical in [0, 2**32): four bytes suffice on disk
+
+
+def in_range(x: np.ndarray) -> bool:
+    """True when every entry lies in the representable range ``[-2**8, 2**8]``."""
+    return x.size == 0 or float(np.max(np.abs(x))) <= MAX_ABS_VALUE
+
+
+def quantize(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Split ``round(x · 2**32)`` into limbs ``(q_hi, q_lo)``; ``x`` must be finite and in range."""
+    # float32 -> float64 and the power-of-two scaling are exact; rint rounds half to even.
+    q = np.rint(x.astype(np.float64).ravel() * 2.0 ** FRAC_BITS).astype(np.int64)
+    return q >> FRAC_BITS, q & _LO_MASK
+
+
+def zeros(size: int) -> tuple[np.ndarray, np.ndarray]:
+    return np.zeros(size, dtype=np.int64), np.zeros(size, dtype=np.int64)
+
+
+def accumulate(hi: np.ndarray, lo: np.ndarray, q_hi: np.ndarray, q_lo: np.ndarray, weight: int) -> None:
+    """In place ``S += weight · q`` (``weight`` may be negative to subtract); keeps the canonical form."""
+    if not -MAX_WEIGHT <= weight <= MAX_WEIGHT:
+        raise ValueError(f"weight {weight} outside ±{MAX_WEIGHT}")
+    lo += q_lo * weight
+    hi += q_hi * weight
+    carry = lo >> FRAC_BITS  # arithmetic shift = floor division, also for negative lo
+    lo &= _LO_MASK
+    hi += carry
+
+
+def to_bytes(hi: np.ndarray, lo: np.ndarray) -> bytes:
+    """Canonical little-endian encoding: int64 hi limbs, then uint32 lo limbs."""
+    return hi.astype(_HI_DTYPE, copy=False).tobytes() + lo.astype(_LO_DTYPE).tobytes()
+
+
+def from_bytes(data: bytes, size: int) -> tuple[np.ndarray, np.ndarray]:
+    expected = size * (_HI_DTYPE.itemsize + _LO_DTYPE.itemsize)
+    if len(data) != expected:
+        raise ValueError(f"accumulator holds {len(data)} bytes, expected {expected}")
+    split = size * _HI_DTYPE.itemsize
+    hi = np.frombuffer(data, dtype=_HI_DTYPE, count=size).astype(np.int64)
+    lo = np.frombuffer(data, dtype=_LO_DTYPE, count=size, offset=split).astype(np.int64)
+    return hi, lo
+
+
+def compose(hi: np.ndarray, lo: np.ndarray, total_weight: int) -> np.ndarray:
+    """The float32 weighted mean ``S · 2**-32 / W``; zeros when nothing is accumulated."""
+    if total_weight == 0:
+        return np.zeros(hi.shape, dtype=np.float32)
+    total = hi.astype(np.float64) + lo.astype(np.float64) * GRID
+    return (total / float(total_weight)).astype(np.float32)
