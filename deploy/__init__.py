@@ -1,0 +1,1 @@
+"""Multi-site deployment: certificates, SuperNode keys, registration, withdrawal, health."""

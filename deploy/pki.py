@@ -1,0 +1,242 @@
+"""Certificates and SuperNode keys for a TLS + SuperNode-auth deployment.
+
+    python -m deploy.pki ca          --out deploy/certs
+    python -m deploy.pki superlink   --out deploy/certs --hostname superlink.example.org
+    python -m deploy.pki site-key    --site-id 3 --out deploy/keys
+
+Every command is idempotent: an existing file is kept (and reused, e.g. the CA signs the
+SuperLink certificate) unless `--force` is given. Keys are written 0600.
+
+Formats are the ones flwr 1.41 reads:
+- TLS: PEM CA certificate (`--ssl-ca-certfile`, `--root-certificates`,
+  `root-certificates` in the Flower config), PEM server certificate + PKCS#8 key
+  (`--ssl-certfile/--ssl-keyfile`, served by uvicorn).
+- SuperNode auth: an ECDSA key on a NIST curve (P-384 here) in OpenSSH format;
+  `flower-supernode --auth-supernode-private-key` loads it with `load_ssh_private_key`,
+  `flwr supernode register` loads the `.pub` with `load_ssh_public_key`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import ipaddress
+import os
+import sys
+from pathlib import Path
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+CA_CERT = "ca.crt"
+CA_KEY = "ca.key"
+SUPERLINK_CERT = "superlink.crt"
+SUPERLINK_KEY = "superlink.key"
+DEFAULT_SANS = ("localhost", "127.0.0.1")
+CURVE = ec.SECP384R1
+
+
+def _write(path: Path, data: bytes, private: bool = False) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(path.suffix + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)
+    with os.fdopen(fd, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def _new_key() -> ec.EllipticCurvePrivateKey:
+    return ec.generate_private_key(CURVE())
+
+
+def _pem_key(key: ec.EllipticCurvePrivateKey) -> bytes:
+    return key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    )
+
+
+def _name(common_name: str) -> x509.Name:
+    return x509.Name(
+        [
+            x509.NameAttribute(NameOID.ORGANIZATION_NAME, "taft-fl"),
+            x509.NameAttribute(NameOID.COMMON_NAME, common_name),
+        ]
+    )
+
+
+def create_ca(out: Path, days: int = 3650, force: bool = False) -> Path:
+    """Create a self-signed CA (key + certificate) in `out`; keep an existing one."""
+    cert_path, key_path = out / CA_CERT, out / CA_KEY
+    if cert_path.exists() and key_path.exists() and not force:
+        return cert_path
+    key = _new_key()
+    now = dt.datetime.now(dt.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name("taft-fl federation CA"))
+        .issuer_name(_name("taft-fl federation CA"))
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=True, path_length=0), critical=True)
+        .add_extension(
+            x509.KeyUsage(
+                digital_signature=True, content_commitment=False, key_encipherment=False,
+                data_encipherment=False, key_agreement=False, key_cert_sign=True,
+                crl_sign=True, encipher_only=False, decipher_only=False,
+            ),
+            critical=True,
+        )
+        .add_extension(x509.SubjectKeyIdentifier.from_public_key(key.public_key()), critical=False)
+        .sign(key, hashes.SHA384())
+    )
+    _write(key_path, _pem_key(key), private=True)
+    _write(cert_path, cert.public_bytes(serialization.Encoding.PEM))
+    return cert_path
+
+
+def _san_entry(name: str) -> x509.GeneralName:
+    try:
+        return x509.IPAddress(ipaddress.ip_address(name))
+    except ValueError:
+        return x509.DNSName(name)
+
+
+def cert_sans(cert_path: Path) -> list[str]:
+    """The DNS names and IP addresses a certificate is valid for."""
+    cert = x509.load_pem_x509_certificate(cert_path.read_bytes())
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    return [str(v) for v in san.get_values_for_type(x509.DNSName)] + [
+        str(v) for v in san.get_values_for_type(x509.IPAddress)
+    ]
+
+
+def create_superlink_cert(
+    out: Path, hostnames: list[str] | tuple[str, ...] = (), days: int = 825, force: bool = False
+) -> Path:
+    """Issue the SuperLink's TLS certificate from the CA in `out`.
+
+    SANs are localhost, 127.0.0.1 and `hostnames`. An existing certificate is kept when it
+    already covers every requested name, otherwise it is re-issued.
+    """
+    sans = list(dict.fromkeys([*DEFAULT_SANS, *hostnames]))
+    cert_path, key_path = out / SUPERLINK_CERT, out / SUPERLINK_KEY
+    if cert_path.exists() and key_path.exists() and not force:
+        if set(sans) <= set(cert_sans(cert_path)):
+            return cert_path
+    ca_cert = x509.load_pem_x509_certificate((out / CA_CERT).read_bytes())
+    ca_key = serialization.load_pem_private_key((out / CA_KEY).read_bytes(), None)
+    key = _new_key()
+    now = dt.datetime.now(dt.timezone.utc)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(_name(sans[-1] if hostnames else "localhost"))
+        .issuer_name(ca_cert.subject)
+        .public_key(key.public_key())
+        .serial_number(x509.random_serial_number())
+        .not_valid_before(now - dt.timedelta(minutes=5))
+        .not_valid_after(now + dt.timedelta(days=days))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
+        .add_extension(x509.SubjectAlternativeName([_san_entry(n) for n in sans]), critical=False)
+        .add_extension(x509.ExtendedKeyUsage([ExtendedKeyUsageOID.SERVER_AUTH]), critical=False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier.from_issuer_public_key(ca_key.public_key()), critical=False
+        )
+        .sign(ca_key, hashes.SHA384())
+    )
+    _write(key_path, _pem_key(key), private=True)
+    _write(cert_path, cert.public_bytes(serialization.Encoding.PEM))
+    return cert_path
+
+
+def site_key_paths(out: Path, site_id: str) -> tuple[Path, Path]:
+    """(private key, public key) paths of a site: `<out>/site-<id>.key` and `.key.pub`."""
+    key = out / f"site-{site_id}.key"
+    return key, key.with_name(key.name + ".pub")
+
+
+def create_site_key(out: Path, site_id: str, force: bool = False) -> tuple[Path, Path]:
+    """ECDSA P-384 key pair in OpenSSH format (what SuperNode auth reads); keep an existing one."""
+    key_path, pub_path = site_key_paths(out, site_id)
+    if key_path.exists() and not force:
+        key = load_private_key(key_path)
+    else:
+        key = _new_key()
+        _write(
+            key_path,
+            key.private_bytes(
+                serialization.Encoding.PEM,
+                serialization.PrivateFormat.OpenSSH,
+                serialization.NoEncryption(),
+            ),
+            private=True,
+        )
+    pub = key.public_key().public_bytes(
+        serialization.Encoding.OpenSSH, serialization.PublicFormat.OpenSSH
+    )
+    _write(pub_path, pub + f" taft-site-{site_id}\n".encode())
+    return key_path, pub_path
+
+
+def load_private_key(path: Path) -> ec.EllipticCurvePrivateKey:
+    """Load an EC private key in OpenSSH or PEM (PKCS#8 / SEC1) format."""
+    data = Path(path).read_bytes()
+    if b"OPENSSH PRIVATE KEY" in data:
+        key = serialization.load_ssh_private_key(data, None)
+    else:
+        key = serialization.load_pem_private_key(data, None)
+    if not isinstance(key, ec.EllipticCurvePrivateKey):
+        raise ValueError(f"{path}: not an EC private key")
+    return key
+
+
+def load_public_key(path: Path) -> ec.EllipticCurvePublicKey:
+    """Load an EC public key in OpenSSH (`ecdsa-sha2-nistp384 AAAA...`) or PEM format."""
+    data = Path(path).read_bytes()
+    if data.lstrip().startswith(b"ecdsa-"):
+        key = serialization.load_ssh_public_key(data)
+    else:
+        key = serialization.load_pem_public_key(data)
+    if not isinstance(key, ec.EllipticCurvePublicKey):
+        raise ValueError(f"{path}: not an EC public key")
+    return key
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m deploy.pki", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    p = sub.add_parser("ca", help="create the federation CA (ca.crt, ca.key)")
+    p.add_argument("--out", type=Path, default=Path("deploy/certs"))
+    p.add_argument("--force", action="store_true", help="replace an existing CA")
+    p = sub.add_parser("superlink", help="issue the SuperLink TLS certificate from the CA")
+    p.add_argument("--out", type=Path, default=Path("deploy/certs"))
+    p.add_argument("--hostname", action="append", default=[],
+                   help="extra SAN (DNS name or IP) sites use to reach the SuperLink; repeatable")
+    p.add_argument("--force", action="store_true")
+    p = sub.add_parser("site-key", help="create a site's SuperNode auth key pair (OpenSSH ECDSA P-384)")
+    p.add_argument("--site-id", required=True)
+    p.add_argument("--out", type=Path, default=Path("deploy/keys"))
+    p.add_argument("--force", action="store_true", help="replace an existing key (re-register it!)")
+    args = parser.parse_args(argv)
+
+    if args.command == "ca":
+        print(create_ca(args.out, force=args.force))
+    elif args.command == "superlink":
+        if not (args.out / CA_CERT).exists():
+            create_ca(args.out)
+        path = create_superlink_cert(args.out, args.hostname, force=args.force)
+        print(f"{path} (SANs: {', '.join(cert_sans(path))})")
+    else:
+        key, pub = create_site_key(args.out, args.site_id, force=args.force)
+        print(f"{key}\n{pub}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

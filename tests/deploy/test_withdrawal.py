@@ -1,0 +1,127 @@
+"""Signed withdrawal requests: good / bad signature / replay / stale / unknown site."""
+import datetime as dt
+import json
+
+import pytest
+
+from deploy.pki import create_site_key
+from server.withdrawal import (
+    NonceStore,
+    SiteRegistry,
+    WithdrawalRefused,
+    apply_withdrawal,
+    create_request,
+    load_private_key,
+)
+
+
+class FakeLedger:
+    def __init__(self, sites):
+        self._sites = list(sites)
+        self.removed = []
+
+    def sites(self):
+        return list(self._sites)
+
+    def remove(self, site_id, reason=""):
+        self._sites.remove(site_id)
+        self.removed.append((site_id, reason))
+
+
+@pytest.fixture
+def fed(tmp_path):
+    keys = tmp_path / "keys"
+    registry = {"sites": {}}
+    for site in ("1", "2", "3"):
+        _, pub = create_site_key(keys, site)
+        registry["sites"][site] = {"public_key": f"keys/{pub.name}"}
+    _, admin_pub = create_site_key(keys, "admin")
+    registry["admin"] = {"public_key": f"keys/{admin_pub.name}"}
+    (tmp_path / "registry.json").write_text(json.dumps(registry))
+    key = lambda s: load_private_key(keys / f"site-{s}.key")  # noqa: E731
+    store = NonceStore(tmp_path / "ledger.sqlite.withdrawals.sqlite")
+    yield key, SiteRegistry(tmp_path / "registry.json"), store, FakeLedger(["1", "2", "3"])
+    store.close()
+
+
+def test_good_request_removes_site(fed):
+    key, registry, store, ledger = fed
+    doc = create_request("2", key("2"), reason="consent withdrawn")
+    req = apply_withdrawal(json.loads(json.dumps(doc)), ledger, registry, store)
+    assert req.site_id == "2" and ledger.sites() == ["1", "3"]
+    assert "consent withdrawn" in ledger.removed[0][1]
+    assert [d["accepted"] for d in store.decisions()] == [1]
+
+
+def test_admin_key_may_withdraw_any_site(fed):
+    key, registry, store, ledger = fed
+    apply_withdrawal(create_request("3", key("admin"), "court order", signer="admin"), ledger, registry, store)
+    assert ledger.sites() == ["1", "2"]
+
+
+def _refused(fed, doc, match):
+    _, registry, store, ledger = fed
+    before = ledger.sites()
+    with pytest.raises(WithdrawalRefused, match=match):
+        apply_withdrawal(doc, ledger, registry, store)
+    assert ledger.sites() == before and not ledger.removed
+    assert store.decisions()[-1]["accepted"] == 0
+
+
+def test_signed_by_another_site_is_refused(fed):
+    key = fed[0]
+    _refused(fed, create_request("2", key("1"), "spoof"), "bad signature")
+
+
+def test_tampered_payload_is_refused(fed):
+    key = fed[0]
+    doc = create_request("2", key("2"), "mine")
+    doc["payload"]["site_id"] = "1"
+    _refused(fed, doc, "bad signature")
+
+
+def test_unsigned_and_garbage_signature_are_refused(fed):
+    key = fed[0]
+    doc = create_request("2", key("2"), "x")
+    _refused(fed, {"payload": doc["payload"]}, "unsigned")
+    _refused(fed, {**doc, "signature": "!!!"}, "malformed signature")
+    _refused(fed, {**doc, "signature": "AAAA"}, "bad signature")
+
+
+def test_site_cannot_sign_as_admin(fed):
+    key = fed[0]
+    _refused(fed, create_request("3", key("2"), "x", signer="admin"), "bad signature")
+
+
+def test_replay_is_refused_even_from_a_new_store(fed, tmp_path):
+    key, registry, store, ledger = fed
+    doc = create_request("1", key("1"), "leaving")
+    apply_withdrawal(doc, ledger, registry, store)
+    ledger._sites.append("1")  # the site rejoined; the old request must not remove it again
+    store.close()
+    reopened = NonceStore(store.path)  # nonces persist across restarts
+    with pytest.raises(WithdrawalRefused, match="replayed"):
+        apply_withdrawal(doc, ledger, registry, reopened)
+    assert "1" in ledger.sites()
+    reopened.close()
+
+
+def test_stale_and_future_requests_are_refused(fed):
+    key = fed[0]
+    old = dt.datetime.now(dt.timezone.utc) - dt.timedelta(hours=1)
+    _refused(fed, create_request("1", key("1"), "late", now=old), "stale")
+    future = dt.datetime.now(dt.timezone.utc) + dt.timedelta(hours=1)
+    _refused(fed, create_request("1", key("1"), "early", now=future), "future")
+
+
+def test_unknown_site_is_refused(fed, tmp_path):
+    _, pub = create_site_key(tmp_path / "keys", "9")
+    stranger = load_private_key(tmp_path / "keys" / "site-9.key")
+    _refused(fed, create_request("9", stranger, "who am I"), "unknown site")
+
+
+def test_site_not_in_ledger_is_refused(fed):
+    key, registry, store, ledger = fed
+    ledger._sites.remove("3")
+    with pytest.raises(WithdrawalRefused, match="no contribution"):
+        apply_withdrawal(create_request("3", key("3"), "x"), ledger, registry, store)
