@@ -312,8 +312,7 @@ def verify_request(
 
 
 class _Ledger(Protocol):
-    def sites(self): ...
-    def remove(self, site_id, reason: str = ...): ...
+    def remove(self, site_id: str, reason: str = ...) -> bool: ...
 
 
 def apply_withdrawal(
@@ -334,10 +333,9 @@ def apply_withdrawal(
         request = verify_request(document, registry, max_age_s=max_age_s, now=now)
         if not nonces.consume(request):
             raise WithdrawalRefused(f"replayed request: nonce {request.nonce} was already used")
-        present = {str(s) for s in _site_ids(ledger.sites())}
-        if request.site_id not in present:
-            raise WithdrawalRefused(f"site {request.site_id!r} has no contribution in the ledger")
-        ledger.remove(_ledger_site_id(request.site_id, ledger), reason=_ledger_reason(request))
+        # The nonce is consumed first: whatever happens next, this request is spent.
+        if ledger.remove(request.site_id, reason=_ledger_reason(request)) is False:
+            raise WithdrawalRefused(f"site {request.site_id!r} has no active contribution in the ledger")
     except WithdrawalRefused as err:
         nonces.record(payload, accepted=False, detail=str(err))
         log.warning("withdrawal REFUSED (site=%s): %s", (payload or {}).get("site_id"), err)
@@ -346,25 +344,6 @@ def apply_withdrawal(
     nonces.record(payload, accepted=True, detail=detail)
     log.info("withdrawal ACCEPTED: %s", detail)
     return request
-
-
-def _site_ids(sites: Any) -> list[Any]:
-    # `Ledger.sites()` may return ids or records with a `site_id`; accept both.
-    out = []
-    for s in sites:
-        if isinstance(s, dict):
-            out.append(s.get("site_id"))
-        else:
-            out.append(getattr(s, "site_id", s))
-    return out
-
-
-def _ledger_site_id(site_id: str, ledger: _Ledger) -> Any:
-    # Pass the ledger's own id object (e.g. an int) back to it.
-    for s in _site_ids(ledger.sites()):
-        if str(s) == site_id:
-            return s
-    return site_id
 
 
 def _ledger_reason(request: WithdrawalRequest) -> str:

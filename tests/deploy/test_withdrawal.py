@@ -24,8 +24,11 @@ class FakeLedger:
         return list(self._sites)
 
     def remove(self, site_id, reason=""):
+        if site_id not in self._sites:
+            return False
         self._sites.remove(site_id)
         self.removed.append((site_id, reason))
+        return True
 
 
 @pytest.fixture
@@ -123,5 +126,43 @@ def test_unknown_site_is_refused(fed, tmp_path):
 def test_site_not_in_ledger_is_refused(fed):
     key, registry, store, ledger = fed
     ledger._sites.remove("3")
-    with pytest.raises(WithdrawalRefused, match="no contribution"):
+    with pytest.raises(WithdrawalRefused, match="no active contribution"):
         apply_withdrawal(create_request("3", key("3"), "x"), ledger, registry, store)
+
+
+def test_apply_file_on_a_real_ledger(tmp_path):
+    import numpy as np
+
+    from server.ledger import Ledger
+    from server.withdrawal import apply_withdrawal_file, nonce_store_path
+
+    keys = tmp_path / "keys"
+    registry = {"sites": {}}
+    rng = np.random.default_rng(0)
+    deltas = {s: {"head.weight": rng.normal(size=(3, 4)).astype(np.float32)} for s in ("1", "2", "3")}
+    for s in deltas:
+        registry["sites"][s] = {"public_key": str(create_site_key(keys, s)[1])}
+    (tmp_path / "registry.json").write_text(json.dumps(registry))
+    with Ledger.open(tmp_path / "ledger.sqlite") as ledger:
+        for s, d in deltas.items():
+            ledger.add(s, d, num_examples=10 * int(s))
+    with Ledger.open(tmp_path / "fresh.sqlite") as fresh:
+        for s in ("1", "3"):
+            fresh.add(s, deltas[s], num_examples=10 * int(s))
+        expected = fresh.composed_arrays()
+
+    bad = create_request("2", load_private_key(keys / "site-1.key"), "spoof")
+    (tmp_path / "bad.json").write_text(json.dumps(bad))
+    with pytest.raises(WithdrawalRefused):
+        apply_withdrawal_file(tmp_path / "bad.json", tmp_path / "ledger.sqlite", tmp_path / "registry.json")
+    good = create_request("2", load_private_key(keys / "site-2.key"), "leaving")
+    (tmp_path / "good.json").write_text(json.dumps(good))
+    apply_withdrawal_file(tmp_path / "good.json", tmp_path / "ledger.sqlite", tmp_path / "registry.json")
+
+    with Ledger.open(tmp_path / "ledger.sqlite") as ledger:
+        ledger.verify()
+        assert len(ledger.contributions(status="active")) == 2
+        got = ledger.composed_arrays()
+    assert got.keys() == expected.keys()
+    assert all(got[k].tobytes() == expected[k].tobytes() for k in got)
+    assert nonce_store_path(tmp_path / "ledger.sqlite").exists()
