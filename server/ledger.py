@@ -276,15 +276,19 @@ def _as_arrays(delta: Any) -> dict[str, np.ndarray]:
 
 def _check_values(arrays: Mapping[str, np.ndarray], max_delta_norm: float | None) -> float:
     """Rejects NaN/Inf, out-of-range values and a too large norm; returns the global L2 norm."""
-    for name, a in arrays.items():
-        if not np.isfinite(a).all():
+    largest = {name: float(np.max(np.abs(a), initial=0.0)) for name, a in arrays.items()}  # NaN propagates
+    for name, m in largest.items():
+        if not math.isfinite(m):
             raise RejectedContribution("non_finite", f"{name} holds NaN or Inf")
-    for name, a in arrays.items():
-        if not fixedpoint.in_range(a):
-            raise RejectedContribution(
-                "out_of_range", f"{name} has |x| = {np.max(np.abs(a)):.6g} > {fixedpoint.MAX_ABS_VALUE:g}")
-    norm = math.sqrt(sum(float(np.dot(a.ravel().astype(np.float64), a.ravel().astype(np.float64)))
-                         for a in arrays.values()))
+    for name, m in largest.items():
+        if m > fixedpoint.MAX_ABS_VALUE:
+            raise RejectedContribution("out_of_range", f"{name} has |x| = {m:.6g} > {fixedpoint.MAX_ABS_VALUE:g}")
+    squares = 0.0
+    for a in arrays.values():
+        a64 = a.astype(np.float64)
+        a64 *= a64
+        squares += float(a64.sum())  # pairwise summation, no BLAS threads
+    norm = math.sqrt(squares)
     if max_delta_norm is not None and norm > max_delta_norm:
         raise RejectedContribution("norm_too_large", f"‖Δ‖₂ = {norm:.6g} > {max_delta_norm:g}")
     return norm
@@ -328,6 +332,7 @@ class _Prepared:
     norm: float
     num_examples: int
     meta: dict
+    quantized: dict[str, tuple[np.ndarray, np.ndarray]]
 
 
 class Ledger:
@@ -337,6 +342,7 @@ class Ledger:
                  known_sites, expected_spec):
         self._db = db
         self._lock = threading.RLock()
+        self._cache: tuple[int, dict] | None = None  # (data_version, accumulators) mirroring the file
         self.path = path
         self.max_delta_norm = max_delta_norm
         self.expected_base_digest = expected_base_digest
@@ -366,11 +372,14 @@ class Ledger:
         db = sqlite3.connect(path, isolation_level=None, check_same_thread=False, timeout=60.0)
         try:
             db.row_factory = sqlite3.Row
+            # Large pages: Δ and accumulator blobs are megabytes; takes effect only for a new file.
+            db.execute("PRAGMA page_size = 65536")
             if db.execute("PRAGMA journal_mode=WAL").fetchone()[0] != "wal":
                 raise LedgerError(f"{path}: cannot switch to WAL mode")
             db.execute("PRAGMA synchronous=FULL")
             db.execute("PRAGMA foreign_keys=ON")
             db.execute("PRAGMA secure_delete=ON")  # erased Δ bytes are overwritten, not just unlinked
+            db.execute("PRAGMA cache_size=-65536")  # 64 MiB: the accumulators of a ViT-S Δ fit
             ledger = cls(db, path, max_delta_norm=max_delta_norm, expected_base_digest=expected_base_digest,
                          known_sites=known_sites, expected_spec=expected_spec)
             ledger._init_or_check(weighting)
@@ -428,10 +437,12 @@ class Ledger:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 yield
+                self._db.execute("COMMIT")
             except BaseException:
-                self._db.execute("ROLLBACK")
+                self._cache = None  # accumulators may have been changed in memory only
+                if self._db.in_transaction:
+                    self._db.execute("ROLLBACK")
                 raise
-            self._db.execute("COMMIT")
 
     @contextmanager
     def _read(self) -> Iterator[None]:
@@ -470,9 +481,28 @@ class Ledger:
         acc = {}
         for row in self._db.execute("SELECT name, shape, data FROM accumulators ORDER BY name"):
             shape = json.loads(row["shape"])
-            hi, lo = fixedpoint.from_bytes(row["data"], math.prod(shape))
+            hi, lo = fixedpoint.decode(row["data"], math.prod(shape))
             acc[row["name"]] = (shape, hi, lo)
         return acc
+
+    def _accumulators(self) -> dict[str, tuple[list[int], np.ndarray, np.ndarray]]:
+        """The accumulators, from memory when no other connection has committed since we last
+        read or wrote them (``PRAGMA data_version``); call inside a transaction."""
+        data_version = self._db.execute("PRAGMA data_version").fetchone()[0]
+        if self._cache is None or self._cache[0] != data_version:
+            self._cache = (data_version, self._load_accumulators())
+        return self._cache[1]
+
+    def _store_accumulators(self, acc) -> None:
+        rows = {r[0]: (r[1], r[2]) for r in self._db.execute("SELECT name, rowid, length(data) FROM accumulators")}
+        for name, (_, hi, lo) in acc.items():
+            data = fixedpoint.encode(hi, lo)
+            rowid, size = rows[name]
+            if len(data) == size:  # overwrite in place: no page reallocation for megabytes
+                with self._db.blobopen("accumulators", "data", rowid) as blob:
+                    blob.write(data)
+            else:
+                self._db.execute("UPDATE accumulators SET data = ? WHERE rowid = ?", (data, rowid))
 
     def _compose(self, acc, total_weight: int) -> dict[str, np.ndarray]:
         return {name: fixedpoint.compose(hi, lo, total_weight).reshape(shape) for name, (shape, hi, lo) in acc.items()}
@@ -496,7 +526,8 @@ class Ledger:
                 "dp_settings": _json_or_none(dp_settings), "shard_fingerprint": shard_fingerprint,
                 "base_digest": base_digest, "train_config": _json_or_none(train_config),
                 "extra": _json_or_none(extra)}
-        return _Prepared(arrays, blob, hashlib.sha256(blob).hexdigest(), norm, num_examples, meta)
+        quantized = {name: fixedpoint.quantize(a) for name, a in arrays.items()}
+        return _Prepared(arrays, blob, hashlib.sha256(blob).hexdigest(), norm, num_examples, meta, quantized)
 
     def _admit(self, p: _Prepared, meta: dict) -> dict[str, Any]:
         """Checks against the file's state, inside the write transaction. Returns what to pin."""
@@ -569,16 +600,17 @@ class Ledger:
             for name, shape in spec.items():
                 hi, lo = fixedpoint.zeros(math.prod(shape))
                 self._db.execute("INSERT INTO accumulators VALUES (?,?,?)",
-                                 (name, _canonical(shape), fixedpoint.to_bytes(hi, lo)))
-        acc = self._load_accumulators()
+                                 (name, _canonical(shape), fixedpoint.encode(hi, lo)))
+        if "key_spec" in pins:
+            self._cache = None
+        acc = self._accumulators()
         if old is not None:
             old_arrays = safetensors.numpy.load(old["delta_st"])
             for name, (_, hi, lo) in acc.items():
                 fixedpoint.accumulate(hi, lo, *fixedpoint.quantize(old_arrays[name]), -old["weight"])
         for name, (_, hi, lo) in acc.items():
-            fixedpoint.accumulate(hi, lo, *fixedpoint.quantize(p.arrays[name]), weight)
-        self._db.executemany("UPDATE accumulators SET data = ? WHERE name = ?",
-                             [(fixedpoint.to_bytes(hi, lo), name) for name, (_, hi, lo) in acc.items()])
+            fixedpoint.accumulate(hi, lo, *p.quantized[name], weight)
+        self._store_accumulators(acc)
         self._set_meta("total_weight", total_weight)
 
         self._db.execute("INSERT OR IGNORE INTO sites VALUES (?, ?)", (site_id, now))
@@ -621,12 +653,11 @@ class Ledger:
             if old is None:
                 return False
             meta = self._meta()
-            acc = self._load_accumulators()
+            acc = self._accumulators()
             old_arrays = safetensors.numpy.load(old["delta_st"])
             for name, (_, hi, lo) in acc.items():
                 fixedpoint.accumulate(hi, lo, *fixedpoint.quantize(old_arrays[name]), -old["weight"])
-            self._db.executemany("UPDATE accumulators SET data = ? WHERE name = ?",
-                                 [(fixedpoint.to_bytes(hi, lo), name) for name, (_, hi, lo) in acc.items()])
+            self._store_accumulators(acc)
             total_weight = meta["total_weight"] - old["weight"]
             self._set_meta("total_weight", total_weight)
             now = _now()
@@ -642,7 +673,7 @@ class Ledger:
     def composed_arrays(self) -> dict[str, np.ndarray]:
         """The composed Δ as float32 numpy arrays (``{}`` before the first contribution)."""
         with self._read():
-            return self._compose(self._load_accumulators(), self._meta()["total_weight"])
+            return self._compose(self._accumulators(), self._meta()["total_weight"])
 
     def composed_delta(self) -> dict[str, "torch.Tensor"]:  # noqa: F821
         """The composed Δ ``Σ wᵢΔᵢ / Σ wᵢ`` as float32 torch tensors, keyed like the contributions."""
@@ -786,7 +817,7 @@ class Ledger:
         acc_hash = hashlib.sha256()
         for name in sorted(rebuilt):
             shape, hi, lo = rebuilt[name]
-            data = fixedpoint.to_bytes(hi, lo)
+            data = bytes(fixedpoint.encode(hi, lo))
             acc_hash.update(data)
             if name in stored and (stored[name][0] != shape or stored[name][1] != data):
                 problems.append(f"accumulator {name!r} differs from the sum of the active contributions")
