@@ -382,17 +382,17 @@ class Ledger:
             db.execute("PRAGMA cache_size=-65536")  # 64 MiB: the accumulators of a ViT-S Δ fit
             ledger = cls(db, path, max_delta_norm=max_delta_norm, expected_base_digest=expected_base_digest,
                          known_sites=known_sites, expected_spec=expected_spec)
-            ledger._init_or_check(weighting)
+            ledger._init_or_check(weighting, create)
         except BaseException:
             db.close()
             raise
         return ledger
 
-    def _init_or_check(self, weighting: str | None) -> None:
+    def _init_or_check(self, weighting: str | None, create: bool) -> None:
         with self._write():
             version = self._db.execute("PRAGMA user_version").fetchone()[0]
             if version == 0:
-                if self._db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
+                if not create or self._db.execute("SELECT count(*) FROM sqlite_master").fetchone()[0]:
                     raise LedgerError(f"{self.path} is an SQLite file but not a ledger")
                 self._create(weighting or "examples")
                 return
@@ -445,12 +445,16 @@ class Ledger:
                 raise
 
     @contextmanager
-    def _read(self) -> Iterator[None]:
-        """A consistent snapshot across several SELECTs."""
+    def snapshot(self) -> Iterator["Ledger"]:
+        """Reads inside this block (any of the reading methods) see one consistent state, even
+        while another process writes."""
         with self._lock:
+            if self._db.in_transaction:  # nested: the outer snapshot already holds one
+                yield self
+                return
             self._db.execute("BEGIN")
             try:
-                yield
+                yield self
             finally:
                 self._db.execute("ROLLBACK")
 
@@ -672,7 +676,7 @@ class Ledger:
     # ------------------------------------------------------------------ reading
     def composed_arrays(self) -> dict[str, np.ndarray]:
         """The composed Δ as float32 numpy arrays (``{}`` before the first contribution)."""
-        with self._read():
+        with self.snapshot():
             return self._compose(self._accumulators(), self._meta()["total_weight"])
 
     def composed_delta(self) -> dict[str, "torch.Tensor"]:  # noqa: F821
@@ -682,7 +686,7 @@ class Ledger:
 
     def settings(self) -> dict[str, Any]:
         """Weighting, grid, pinned spec and base digest, total weight."""
-        with self._read():
+        with self.snapshot():
             return self._meta()
 
     def sites(self) -> list[Site]:
@@ -730,7 +734,7 @@ class Ledger:
         active Δ's sha256; and accumulators rebuilt from the active Δ bytes, compared byte for
         byte with the stored ones, together with the total weight and the current composed digest.
         """
-        with self._read():
+        with self.snapshot():
             problems: list[str] = []
             check = self._db.execute("PRAGMA quick_check").fetchall()
             if [r[0] for r in check] != ["ok"]:
