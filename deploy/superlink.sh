@@ -43,6 +43,8 @@ export PATH="$BIN:$PATH"                      # flower-superexec must be on PATH
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1
 
 mkdir -p "$STATE/logs"
+STATE=$(cd "$STATE" && pwd)
+export FLWR_HOME=$STATE/flwr-home   # the SuperLink installs app bundles here, not in ~/.flwr
 "$PYTHON" -m deploy.pki superlink --out "$STATE/certs" "${HOSTNAMES[@]}"
 "$PYTHON" -m deploy.connection --state "$STATE" --address "127.0.0.1:$PORT" >/dev/null
 echo $$ > "$STATE/superlink.pid"

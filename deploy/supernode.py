@@ -154,6 +154,8 @@ def main(argv: list[str] | None = None) -> int:
                         help="local Runtime API port (distinct per SuperNode on one host)")
     parser.add_argument("--max-wait-time", type=float, help="give up reconnecting after this many seconds")
     parser.add_argument("--log-file", type=Path, help="also write the SuperNode's output here")
+    parser.add_argument("--flwr-home", type=Path,
+                        help="where this SuperNode installs app bundles (FLWR_HOME; default ~/.flwr)")
     parser.add_argument("--check", action="store_true", help="run the pre-flight checks only")
     parser.add_argument("--insecure", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--no-preflight", action="store_true", help="skip the pre-flight checks")
@@ -176,6 +178,8 @@ def main(argv: list[str] | None = None) -> int:
     env = dict(os.environ)
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
     env.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+    if args.flwr_home:
+        env["FLWR_HOME"] = str(args.flwr_home.resolve())
     proc = subprocess.Popen(supernode_command(args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, bufsize=1, env=env)
     for sig in (signal.SIGTERM, signal.SIGINT):
