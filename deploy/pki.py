@@ -30,6 +30,8 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from server.withdrawal import load_private_key
+
 CA_CERT = "ca.crt"
 CA_KEY = "ca.key"
 SUPERLINK_CERT = "superlink.crt"
@@ -181,30 +183,6 @@ def create_site_key(out: Path, site_id: str, force: bool = False) -> tuple[Path,
     )
     _write(pub_path, pub + f" taft-site-{site_id}\n".encode())
     return key_path, pub_path
-
-
-def load_private_key(path: Path) -> ec.EllipticCurvePrivateKey:
-    """Load an EC private key in OpenSSH or PEM (PKCS#8 / SEC1) format."""
-    data = Path(path).read_bytes()
-    if b"OPENSSH PRIVATE KEY" in data:
-        key = serialization.load_ssh_private_key(data, None)
-    else:
-        key = serialization.load_pem_private_key(data, None)
-    if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise ValueError(f"{path}: not an EC private key")
-    return key
-
-
-def load_public_key(path: Path) -> ec.EllipticCurvePublicKey:
-    """Load an EC public key in OpenSSH (`ecdsa-sha2-nistp384 AAAA...`) or PEM format."""
-    data = Path(path).read_bytes()
-    if data.lstrip().startswith(b"ecdsa-"):
-        key = serialization.load_ssh_public_key(data)
-    else:
-        key = serialization.load_pem_public_key(data)
-    if not isinstance(key, ec.EllipticCurvePublicKey):
-        raise ValueError(f"{path}: not an EC public key")
-    return key
 
 
 def main(argv: list[str] | None = None) -> int:
