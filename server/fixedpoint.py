@@ -54,11 +54,6 @@ _LO_MASK = (1 << FRAC_BITS) - 1
 _LO_DTYPE = np.dtype("<u4")  # lo is canonical in [0, 2**32): four bytes suffice on disk
 
 
-def in_range(x: np.ndarray) -> bool:
-    """True when every entry lies in the representable range ``[-2**8, 2**8]``."""
-    return x.size == 0 or float(np.max(np.abs(x))) <= MAX_ABS_VALUE
-
-
 def quantize(x: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """Split ``round(x · 2**32)`` into limbs ``(q_hi, q_lo)``; ``x`` must be finite and in range."""
     # float32 -> float64 and the power-of-two scaling are exact; rint rounds half to even.

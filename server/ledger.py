@@ -53,6 +53,9 @@ SCHEMA_VERSION = 1
 GENESIS_HASH = "0" * 64
 WEIGHTINGS = ("examples", "uniform")
 MAX_NUM_EXAMPLES = fixedpoint.MAX_WEIGHT
+# Keyword metadata accepted by add() and replace().
+CONTRIBUTION_META = frozenset({"epsilon", "delta_dp", "dp_settings", "shard_fingerprint", "base_digest",
+                               "train_config", "extra"})
 
 # Machine-readable reasons carried by RejectedContribution.reason.
 REASONS = frozenset({
@@ -512,10 +515,14 @@ class Ledger:
         return {name: fixedpoint.compose(hi, lo, total_weight).reshape(shape) for name, (shape, hi, lo) in acc.items()}
 
     # ------------------------------------------------------------------ validation
-    def _prepare(self, site_id: Any, delta: Any, num_examples: Any, epsilon=None, delta_dp=None,
-                 dp_settings=None, shard_fingerprint=None, base_digest=None, train_config=None,
-                 extra=None) -> _Prepared:
+    def _prepare(self, site_id: Any, delta: Any, num_examples: Any, **meta: Any) -> _Prepared:
         """Checks that need no database state (cheap ones first)."""
+        unknown = meta.keys() - CONTRIBUTION_META
+        if unknown:
+            raise TypeError(f"unknown contribution metadata {sorted(unknown)}; put free-form data in extra={{...}}")
+        epsilon, delta_dp, dp_settings, shard_fingerprint, base_digest, train_config, extra = (
+            meta.get(key) for key in ("epsilon", "delta_dp", "dp_settings", "shard_fingerprint", "base_digest",
+                                      "train_config", "extra"))
         if not isinstance(site_id, str) or not site_id:
             raise RejectedContribution("bad_site_id", f"{site_id!r} is not a non-empty string")
         if self.known_sites is not None and site_id not in self.known_sites:
@@ -690,11 +697,12 @@ class Ledger:
             return self._meta()
 
     def sites(self) -> list[Site]:
-        rows = self._db.execute(
-            "SELECT s.site_id, s.first_seen_at, "
-            "(SELECT id FROM contributions c WHERE c.site_id = s.site_id AND status = 'active') AS active, "
-            "(SELECT count(*) FROM contributions c WHERE c.site_id = s.site_id) AS n "
-            "FROM sites s ORDER BY s.site_id").fetchall()
+        with self.snapshot():
+            rows = self._db.execute(
+                "SELECT s.site_id, s.first_seen_at, "
+                "(SELECT id FROM contributions c WHERE c.site_id = s.site_id AND status = 'active') AS active, "
+                "(SELECT count(*) FROM contributions c WHERE c.site_id = s.site_id) AS n "
+                "FROM sites s ORDER BY s.site_id").fetchall()
         return [Site(r["site_id"], r["first_seen_at"], r["active"], r["n"]) for r in rows]
 
     def contributions(self, site_id: str | None = None, status: str | None = None) -> list[Contribution]:
@@ -706,24 +714,29 @@ class Ledger:
         sql = f"SELECT {_CONTRIBUTION_COLUMNS} FROM contributions"
         if where:
             sql += " WHERE " + " AND ".join(where)
-        return [_contribution_from(r) for r in self._db.execute(sql + " ORDER BY id", args)]
+        with self.snapshot():
+            return [_contribution_from(r) for r in self._db.execute(sql + " ORDER BY id", args)]
 
     def versions(self) -> list[ModelVersion]:
-        return [_version_row(r) for r in self._db.execute("SELECT * FROM model_versions ORDER BY version")]
+        with self.snapshot():
+            return [_version_row(r) for r in self._db.execute("SELECT * FROM model_versions ORDER BY version")]
 
     def current_version(self) -> ModelVersion:
-        return _version_row(self._db.execute("SELECT * FROM model_versions ORDER BY version DESC LIMIT 1").fetchone())
+        with self.snapshot():
+            return _version_row(self._db.execute("SELECT * FROM model_versions ORDER BY version DESC LIMIT 1").fetchone())
 
     def max_epsilon(self) -> float | None:
         """Largest ε among active contributions: ``inf`` if one of them was trained without DP,
         ``None`` when there are none."""
-        rows = self._db.execute("SELECT epsilon FROM contributions WHERE status = 'active'").fetchall()
+        with self.snapshot():
+            rows = self._db.execute("SELECT epsilon FROM contributions WHERE status = 'active'").fetchall()
         if not rows:
             return None
         return max(math.inf if r[0] is None else r[0] for r in rows)
 
     def audit_log(self) -> list[dict[str, Any]]:
-        return [dict(r) for r in self._db.execute("SELECT * FROM audit ORDER BY seq")]
+        with self.snapshot():
+            return [dict(r) for r in self._db.execute("SELECT * FROM audit ORDER BY seq")]
 
     # ------------------------------------------------------------------ verification
     def verify(self) -> VerifyReport:

@@ -434,3 +434,10 @@ def test_audit_log_is_append_only_for_ordinary_sql(tmp_path):
         for sql in ("UPDATE audit SET action = 'x'", "DELETE FROM audit", "DELETE FROM model_versions"):
             with pytest.raises(sqlite3.IntegrityError):
                 db.execute(sql)
+
+
+def test_unknown_metadata_is_a_programming_error(tmp_path):
+    with Ledger.open(tmp_path / "l.sqlite") as ledger:
+        with pytest.raises(TypeError, match="unknown contribution metadata"):
+            ledger.add("a", random_delta(np.random.default_rng(10)), 5, epsilon_typo=1.0)
+        assert len(ledger.versions()) == 1
