@@ -170,7 +170,6 @@ CREATE TABLE contributions (
     base_digest TEXT,
     train_config TEXT,
     extra TEXT,
-    delta_st BLOB,
     delta_sha256 TEXT NOT NULL UNIQUE,
     delta_norm REAL NOT NULL,
     status TEXT NOT NULL CHECK (status IN ('active', 'removed', 'replaced')),
@@ -182,6 +181,10 @@ CREATE TABLE contributions (
     UNIQUE (site_id, version)
 );
 CREATE UNIQUE INDEX one_active_contribution_per_site ON contributions(site_id) WHERE status = 'active';
+CREATE TABLE deltas (
+    contribution_id INTEGER PRIMARY KEY REFERENCES contributions(id),
+    safetensors BLOB NOT NULL
+);
 CREATE TABLE accumulators (name TEXT PRIMARY KEY, shape TEXT NOT NULL, data BLOB NOT NULL);
 CREATE TABLE model_versions (
     version INTEGER PRIMARY KEY,
@@ -592,8 +595,7 @@ class Ledger:
     def _apply(self, site_id: str, p: _Prepared, *, replacing: bool) -> ModelVersion:
         meta = self._meta()
         pins = self._admit(p, meta)
-        old = self._db.execute("SELECT id, weight, delta_st FROM contributions WHERE site_id = ? AND status = 'active'",
-                               (site_id,)).fetchone()
+        old = self._active(site_id)
         if replacing and old is None:
             raise RejectedContribution("not_active", f"{site_id} has no active contribution to replace")
         if not replacing and old is not None:
@@ -616,9 +618,7 @@ class Ledger:
             self._cache = None
         acc = self._accumulators()
         if old is not None:
-            old_arrays = safetensors.numpy.load(old["delta_st"])
-            for name, (_, hi, lo) in acc.items():
-                fixedpoint.accumulate(hi, lo, *fixedpoint.quantize(old_arrays[name]), -old["weight"])
+            self._subtract(acc, old)
         for name, (_, hi, lo) in acc.items():
             fixedpoint.accumulate(hi, lo, *p.quantized[name], weight)
         self._store_accumulators(acc)
@@ -634,9 +634,10 @@ class Ledger:
                **p.meta, "delta_sha256": p.sha256, "delta_norm": p.norm, "added_at": now,
                "added_in_version": model_version}
         cur = self._db.execute(
-            f"INSERT INTO contributions({', '.join(row)}, delta_st, status) VALUES ({', '.join('?' * (len(row) + 2))})",
-            (*row.values(), p.blob, "active"))
+            f"INSERT INTO contributions({', '.join(row)}, status) VALUES ({', '.join('?' * (len(row) + 1))})",
+            (*row.values(), "active"))
         row["id"] = cur.lastrowid
+        self._db.execute("INSERT INTO deltas VALUES (?, ?)", (row["id"], p.blob))
         composed_sha = arrays_digest(self._compose(acc, total_weight))
         event = "replace" if replacing else "add"
         version = self._append_version(now, event, site_id, total_weight, composed_sha)
@@ -648,10 +649,21 @@ class Ledger:
         self._append_audit(now, event, site_id, payload)
         return _version_from(version, now)
 
+    def _active(self, site_id: str) -> sqlite3.Row | None:
+        return self._db.execute("SELECT id, weight FROM contributions WHERE site_id = ? AND status = 'active'",
+                                (site_id,)).fetchone()
+
+    def _subtract(self, acc, old: sqlite3.Row) -> None:
+        blob = self._db.execute("SELECT safetensors FROM deltas WHERE contribution_id = ?", (old["id"],)).fetchone()[0]
+        arrays = safetensors.numpy.load(blob)
+        for name, (_, hi, lo) in acc.items():
+            fixedpoint.accumulate(hi, lo, *fixedpoint.quantize(arrays[name]), -old["weight"])
+
     def _end(self, contribution_id: int, status: str, at: str, model_version: int, reason: str) -> None:
         # The Δ bytes go (secure_delete overwrites them); digest and metadata stay for the record.
-        self._db.execute("UPDATE contributions SET status = ?, ended_at = ?, ended_in_version = ?, end_reason = ?, "
-                         "delta_st = NULL WHERE id = ?", (status, at, model_version, reason, contribution_id))
+        self._db.execute("UPDATE contributions SET status = ?, ended_at = ?, ended_in_version = ?, end_reason = ? "
+                         "WHERE id = ?", (status, at, model_version, reason, contribution_id))
+        self._db.execute("DELETE FROM deltas WHERE contribution_id = ?", (contribution_id,))
 
     def remove(self, site_id: str, reason: str = "withdrawn") -> bool:
         """Subtract a site's active contribution exactly. Returns False (and changes nothing)
@@ -659,15 +671,12 @@ class Ledger:
         if not isinstance(reason, str) or not reason:
             raise ValueError("reason must be a non-empty string")
         with self._write():
-            old = self._db.execute("SELECT id, weight, delta_st FROM contributions WHERE site_id = ? AND status = 'active'",
-                                   (site_id,)).fetchone()
+            old = self._active(site_id)
             if old is None:
                 return False
             meta = self._meta()
             acc = self._accumulators()
-            old_arrays = safetensors.numpy.load(old["delta_st"])
-            for name, (_, hi, lo) in acc.items():
-                fixedpoint.accumulate(hi, lo, *fixedpoint.quantize(old_arrays[name]), -old["weight"])
+            self._subtract(acc, old)
             self._store_accumulators(acc)
             total_weight = meta["total_weight"] - old["weight"]
             self._set_meta("total_weight", total_weight)
@@ -795,6 +804,9 @@ class Ledger:
         if stored_versions != versions:
             problems.append("model_versions differ from the versions recorded in the audit log")
         rows = {r["id"]: dict(r) for r in self._db.execute("SELECT * FROM contributions")}
+        stored_ids = {r[0] for r in self._db.execute("SELECT contribution_id FROM deltas")}
+        if stored_ids != {cid for cid, row in rows.items() if row["status"] == "active"}:
+            problems.append("Δ bytes are stored for other than exactly the active contributions")
         if rows.keys() != row_digests.keys():
             problems.append(f"contributions {sorted(rows.keys() ^ row_digests.keys())} are not in both the table and the audit log")
         for cid, row in rows.items():
@@ -816,7 +828,8 @@ class Ledger:
         total_weight = 0
         for cid in active:
             row = rows[cid]
-            blob = row["delta_st"]
+            blob = self._db.execute("SELECT safetensors FROM deltas WHERE contribution_id = ?", (cid,)).fetchone()
+            blob = None if blob is None else blob[0]
             if blob is None or hashlib.sha256(blob).hexdigest() != row["delta_sha256"]:
                 problems.append(f"contribution {cid} ({row['site_id']}): Δ bytes do not match their sha256")
                 continue

@@ -80,7 +80,7 @@ def test_remove_is_exact_and_idempotent(ledger_path, tmp_path):
         kept = {c.site_id: c for c in ledger.contributions(status="active")}
         composed = ledger.composed_arrays()
         with sqlite3.connect(ledger_path) as db:
-            blobs = dict(db.execute("SELECT site_id, delta_st FROM contributions WHERE status = 'active'"))
+            blobs = dict(db.execute("SELECT site_id, safetensors FROM contributions JOIN deltas ON id = contribution_id"))
     # the same as a ledger that never saw site-1
     with Ledger.open(tmp_path / "fresh.sqlite") as fresh:
         for site, c in kept.items():

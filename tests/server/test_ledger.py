@@ -254,8 +254,9 @@ def test_removed_delta_bytes_are_erased_but_the_digest_stays(tmp_path):
     with Ledger.open(tmp_path / "l.sqlite") as ledger:
         ledger.add("a", random_delta(rng), 5)
         ledger.remove("a", reason="right to erasure")
-        row = sqlite3.connect(ledger.path).execute("SELECT delta_st, delta_sha256 FROM contributions").fetchone()
-        assert row[0] is None and len(row[1]) == 64
+        db = sqlite3.connect(ledger.path)
+        assert db.execute("SELECT count(*) FROM deltas").fetchone()[0] == 0
+        assert len(db.execute("SELECT delta_sha256 FROM contributions").fetchone()[0]) == 64
 
 
 # ---------------------------------------------------------------------------------- bad input
@@ -395,7 +396,9 @@ TAMPERS = {
     "num_examples and weight": ["UPDATE contributions SET num_examples = 7, weight = 7 WHERE site_id = 'b'"],
     "epsilon": ["UPDATE contributions SET epsilon = 0.1 WHERE site_id = 'b'"],
     "status": ["UPDATE contributions SET status = 'removed' WHERE site_id = 'c'"],
-    "delta bytes": ["UPDATE contributions SET delta_st = zeroblob(length(delta_st)) WHERE site_id = 'b'"],
+    "delta bytes": ["UPDATE deltas SET safetensors = zeroblob(length(safetensors)) WHERE contribution_id = 2"],
+    "delta bytes deleted": ["DELETE FROM deltas WHERE contribution_id = 2"],
+    "removed delta kept": ["INSERT INTO deltas SELECT 4, safetensors FROM deltas WHERE contribution_id = 1"],
     "delta bytes and sha": ["UPDATE contributions SET delta_sha256 = 'x' || substr(delta_sha256, 2) WHERE site_id = 'b'"],
     "accumulator": ["UPDATE accumulators SET data = ? WHERE name = 'head.weight'"],
     "total weight": ["UPDATE meta SET value = '1' WHERE key = 'total_weight'"],
