@@ -12,10 +12,11 @@ The file holds (schema version in ``PRAGMA user_version``):
 - ``meta``: weighting, grid, the pinned tensor spec (names → shapes) and base digest, the exact
   total weight ``Σ wᵢ``.
 - ``sites`` and ``contributions``: per contribution its metadata (ε, δ, DP settings, shard
-  fingerprint, base digest, training config), the Δ as safetensors bytes with their sha256, and
-  its status (``active`` / ``removed`` / ``replaced``). At most one active contribution per site.
-  The Δ bytes of a removed or replaced contribution are erased (``secure_delete``); its digest
-  and metadata stay for the record.
+  fingerprint, base digest, training config), the sha256 of its Δ, and its status (``active`` /
+  ``removed`` / ``replaced``). At most one active contribution per site.
+- ``deltas``: the Δ of each *active* contribution as safetensors bytes (a table of its own so
+  that queries over contributions never read megabyte blobs). The bytes of a removed or replaced
+  contribution are erased (``secure_delete``); its digest and metadata stay for the record.
 - ``accumulators``: per tensor the exact integer ``Σ wᵢ·qᵢ``.
 - ``model_versions``: one row per change: which contributions, the digest of the composed Δ.
 - ``audit``: append-only, hash-chained log; entry ``k`` stores
@@ -25,9 +26,11 @@ The file holds (schema version in ``PRAGMA user_version``):
 
 Every change is one ``BEGIN IMMEDIATE … COMMIT`` transaction that validates, writes the
 contribution, the accumulators, the new version and the audit entry together; a rejected
-contribution rolls back and leaves the file untouched. Nothing is cached in memory: every
-operation reads the state from the file inside its transaction, so several processes (the
-server and the ``taft-ledger`` CLI) may use one ledger at once.
+contribution rolls back and leaves the file untouched. Every operation reads the state from the
+file inside its transaction, so several processes (the server and the ``taft-ledger`` CLI) may
+use one ledger at once; the only thing kept in memory is a copy of the accumulators, used only
+while ``PRAGMA data_version`` shows that no other connection has committed since, and dropped
+whenever a transaction fails.
 """
 from __future__ import annotations
 
