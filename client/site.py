@@ -1,0 +1,176 @@
+"""A site's identity and local data, as the ClientApp sees them.
+
+Two sources:
+
+- **simulation**: the node config holds ``partition-id``/``num-partitions`` (set by Flower's
+  simulation engine); the site's shard of the Fashion-MNIST split is cut with the run config's
+  partition scheme and seed (``tangent.partition``), optionally after a seeded ``train-subset``.
+- **deployment**: the node config holds ``site-id`` and ``data-path`` (``.npz`` or ImageFolder,
+  ``tangent.data.load_site_data``), and optionally ``test-data-path`` for evaluation.
+
+Inputs are cached trunk tokens whenever a cache directory is configured (node config
+``cache-dir``, else run config ``cache-dir``): the cache covers the *whole* data set and a site
+reads only its own rows through the memory map, so a Ray worker holds neither the data set nor
+the trunk outputs in memory. In simulation the driver builds the cache before any client
+starts; a client only builds one itself when none exists (one process builds, the rest wait).
+Without a cache the site's images are preprocessed and go through the trunk at every step.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Mapping
+
+import numpy as np
+
+
+class SiteError(Exception):
+    """A refusal the server must hear about: ``code`` is machine-readable, the text is for people."""
+
+    def __init__(self, code: str, message: str):
+        super().__init__(message)
+        self.code = code
+
+
+@dataclass
+class SiteData:
+    inputs: Any  # TokenDataset (cached tokens) or float32 tensor [N, 3, H, W]
+    labels: np.ndarray
+    from_cache: bool
+    data_digest: str  # of the whole data set the indices point into
+    indices: np.ndarray  # rows of that data set this site holds
+    source: str
+
+    @property
+    def num_examples(self) -> int:
+        return len(self.labels)
+
+    @property
+    def shard_fingerprint(self) -> str:
+        from tangent.partition import partition_fingerprint
+        return partition_fingerprint(self.data_digest, self.indices)
+
+
+def is_simulation(node_config: Mapping[str, Any]) -> bool:
+    return "data-path" not in node_config and "partition-id" in node_config
+
+
+def site_id(node_config: Mapping[str, Any]) -> str:
+    """The stable id the ledger keys on: node config ``site-id``, else the partition id."""
+    if "site-id" in node_config and str(node_config["site-id"]):
+        return str(node_config["site-id"])
+    if "partition-id" in node_config:
+        return str(int(node_config["partition-id"]))
+    raise SiteError("no_site_id", "node config has neither 'site-id' nor 'partition-id' "
+                                  "(start the SuperNode with --node-config \"site-id=... data-path=...\")")
+
+
+def cache_dir(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -> Path | None:
+    value = str(node_config.get("cache-dir", "") or run_config.get("cache-dir", "") or "")
+    return Path(value).expanduser() if value else None
+
+
+def load_split(split: str, model, base_digest: str, img_size: int, node_config: Mapping[str, Any],
+               run_config: Mapping[str, Any]) -> SiteData:
+    """This site's ``"train"`` or ``"test"`` data as model inputs. Raises SiteError."""
+    directory = cache_dir(node_config, run_config)
+    if is_simulation(node_config):
+        return _simulated(split, model, base_digest, img_size, node_config, run_config, directory)
+    key = "data-path" if split == "train" else "test-data-path"
+    if key not in node_config or not str(node_config[key]):
+        if split == "train":
+            raise SiteError("missing_data", "node config has no 'data-path': this SuperNode has no "
+                                            "local data (start it with --node-config \"data-path=...\")")
+        raise SiteError("no_test_split", "node config has no 'test-data-path': no local test split to evaluate on")
+    return _site_file(Path(str(node_config[key])).expanduser(), key, model, base_digest, img_size,
+                      directory)
+
+
+def _site_file(path: Path, key: str, model, base_digest: str, img_size: int,
+               directory: Path | None) -> SiteData:
+    from tangent.data import DataError, dataset_digest, load_site_data
+
+    if not path.exists():
+        raise SiteError("missing_data", f"{key} {path} does not exist on this site")
+    try:
+        images, labels = load_site_data(path)
+    except DataError as err:
+        raise SiteError("bad_data", f"{key} {path}: {err}") from err
+    indices = np.arange(len(labels))
+    inputs, from_cache = _inputs(model, base_digest, images, indices, img_size, directory,
+                                 data_digest=None)
+    return SiteData(inputs, labels, from_cache, dataset_digest(images, labels), indices, str(path))
+
+
+# ---------------------------------------------------------------- simulation
+_DATASETS: dict[str, tuple[np.ndarray, str, str]] = {}
+
+
+def _dataset_index(split: str) -> tuple[np.ndarray, str, str]:
+    """(labels, images digest, dataset digest) of a Fashion-MNIST split, memoised per process.
+
+    The images themselves are dropped: with a cache only the labels and the digests are needed.
+    """
+    if split not in _DATASETS:
+        from tangent.cache import images_digest
+        from tangent.data import dataset_digest, load_fashion_mnist
+
+        images, labels = load_fashion_mnist(split)
+        _DATASETS[split] = (labels, images_digest(images), dataset_digest(images, labels))
+    return _DATASETS[split]
+
+
+def simulated_indices(split: str, labels: np.ndarray, partition_id: int, num_partitions: int,
+                      run_config: Mapping[str, Any]) -> np.ndarray:
+    """Rows of the split that simulated site ``partition_id`` holds (sorted).
+
+    train: an optional seeded subset of ``train-subset`` rows, then the run config's partition
+    scheme over the sites. test: the same scheme over the whole test split.
+    """
+    from tangent.partition import partition
+
+    seed = int(run_config.get("seed", 0))
+    pool = np.arange(len(labels))
+    subset = int(run_config.get("train-subset", 0) or 0) if split == "train" else 0
+    if 0 < subset < len(labels):
+        pool = np.sort(np.random.default_rng(seed).choice(len(labels), subset, replace=False))
+    shards = partition(labels[pool], num_partitions, scheme=str(run_config.get("partition", "iid")),
+                       alpha=float(run_config.get("dirichlet-alpha", 1.0)), seed=seed)
+    return pool[shards[partition_id]]
+
+
+def _simulated(split, model, base_digest, img_size, node_config, run_config, directory) -> SiteData:
+    dataset = str(run_config.get("dataset", "fashion-mnist"))
+    if dataset != "fashion-mnist":
+        raise SiteError("bad_config", f"simulation supports dataset='fashion-mnist', not {dataset!r}")
+    partition_id, num_partitions = int(node_config["partition-id"]), int(node_config["num-partitions"])
+    labels, images_sha, data_digest = _dataset_index(split)
+    indices = simulated_indices(split, labels, partition_id, num_partitions, run_config)
+    inputs, from_cache = _inputs(model, base_digest, None, indices, img_size, directory, data_digest=images_sha,
+                                 split=split)
+    return SiteData(inputs, labels[indices], from_cache, data_digest, indices,
+                    f"fashion-mnist/{split} partition {partition_id}/{num_partitions}")
+
+
+def _inputs(model, base_digest, images, indices, img_size, directory, *, data_digest, split=None):
+    """(inputs, from_cache) for ``indices`` of a data set: cached token rows, or preprocessed images.
+
+    ``images`` may be None for a Fashion-MNIST split (loaded only if the cache must be built or
+    there is no cache); ``data_digest`` is then the images digest the cache is keyed on.
+    """
+    from tangent.cache import MANIFEST_FILE, FeatureCache, cache_key
+    from tangent.data import load_fashion_mnist, preprocess
+
+    if directory is not None:
+        if data_digest is not None:
+            existing = directory / cache_key(base_digest, img_size, data_digest, "float32")
+            if (existing / MANIFEST_FILE).is_file():
+                return FeatureCache(existing).subset(indices), True
+        if images is None:
+            images, _ = load_fashion_mnist(split)
+        cache = FeatureCache.build_or_open(model, images, img_size=img_size, cache_dir=directory,
+                                           data_digest=data_digest, progress=False)
+        return cache.subset(indices), True
+    if images is None:
+        images, _ = load_fashion_mnist(split)
+    return preprocess(np.ascontiguousarray(images[indices]), img_size), False

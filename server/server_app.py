@@ -1,0 +1,174 @@
+"""Flower ServerApp: training rounds into the ledger, or an unlearning run that only subtracts.
+
+    flwr run . --run-config "mode='train' ledger-path='runs/ledger.sqlite'"
+    flwr run . --run-config "mode='unlearn' remove-sites='3,7'"
+
+Train: every sampled site fine-tunes TAFT from w0 and sends its Δw; :class:`LedgerFedAvg`
+validates and records each reply in the ledger (replacing a site's earlier contribution),
+publishes the composed Δ, the sites evaluate it on their local test splits, and the server
+evaluates it centrally on the Fashion-MNIST test split (``eval-subset`` rows, 0 = all).
+Unlearn: no site trains; the listed sites are subtracted from the ledger and the new model is
+evaluated. Either way a JSON report is written (``report-path``, see server.config).
+"""
+from __future__ import annotations
+
+import json
+import logging
+import time
+from pathlib import Path
+
+import numpy as np
+from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
+from flwr.serverapp import Grid, ServerApp
+
+from server import config as cfg
+from server.ledger import Ledger
+from server.strategy import LedgerFedAvg
+
+log = logging.getLogger("taft.server")
+logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+
+app = ServerApp()
+
+
+class CentralEvaluation:
+    """Accuracy of w0 + Δ on the Fashion-MNIST test split (or a seeded subset of it).
+
+    Reads the trunk-token cache when ``cache-dir`` holds one (the simulation driver builds it),
+    otherwise runs the trunk once over the chosen test images and keeps the tokens.
+    """
+
+    def __init__(self, model, base_digest: str, img_size: int, run_config):
+        from client.site import _inputs
+        from tangent.cache import images_digest
+        from tangent.data import load_fashion_mnist
+
+        images, labels = load_fashion_mnist("test")
+        subset = int(run_config.get("eval-subset", 0) or 0)
+        indices = np.arange(len(labels))
+        if 0 < subset < len(labels):
+            rng = np.random.default_rng(int(run_config.get("seed", 0)))
+            indices = np.sort(rng.choice(len(labels), subset, replace=False))
+        directory = str(run_config.get("cache-dir", "") or "")
+        self.model, self.labels = model, labels[indices]
+        if directory:
+            self.inputs, self.from_cache = _inputs(model, base_digest, images, indices, img_size,
+                                                   Path(directory).expanduser(),
+                                                   data_digest=images_digest(images))
+        else:
+            import torch
+
+            from tangent.data import preprocess
+            log.info("central evaluation: no cache-dir, running the trunk over %d test images", len(indices))
+            with torch.no_grad():
+                self.inputs = torch.cat([model.trunk(preprocess(images[indices[i:i + 256]], img_size))
+                                         for i in range(0, len(indices), 256)])
+            self.from_cache = True
+
+    def __call__(self, delta: dict) -> dict:
+        from tangent.train import evaluate
+
+        start = time.perf_counter()
+        self.model.load_delta(delta)
+        loss, accuracy = evaluate(self.model, self.inputs, self.labels, from_cache=self.from_cache)
+        return {"accuracy": accuracy, "loss": loss, "num-examples": len(self.labels),
+                "eval-s": time.perf_counter() - start}
+
+
+def _delta(arrays: ArrayRecord) -> dict:
+    import torch
+    return {k: torch.from_numpy(v.numpy()) for k, v in arrays.items()}
+
+
+@app.main()
+def main(grid: Grid, context: Context) -> None:
+    run_config = context.run_config
+    mode = str(run_config.get("mode", "train"))
+    if mode not in cfg.MODES:
+        raise ValueError(f"run config mode={mode!r}: use one of {cfg.MODES}")
+    started = time.time()
+    from client.spec import build_model
+
+    spec = cfg.model_spec(run_config)
+    model, base_digest = build_model(spec)
+    ledger_path = cfg.resolve(str(run_config.get("ledger-path", "runs/ledger.sqlite")))
+    expected_spec = {k: tuple(v.shape) for k, v in model.delta_state_dict().items()}
+    max_norm = float(run_config.get("max-delta-norm", 0.0) or 0.0) or None
+    run_id = context.run_id
+    report = {"mode": mode, "run_id": run_id, "spec": spec.to_config(), "base_digest": base_digest,
+              "ledger_path": str(ledger_path), "run_config": dict(run_config)}
+    log.info("%s run %s: ledger %s, base digest %s", mode, run_id, ledger_path, base_digest)
+    evaluation = CentralEvaluation(model, base_digest, spec.img_size, run_config)
+
+    with Ledger.open(ledger_path, max_delta_norm=max_norm, expected_base_digest=base_digest,
+                     weighting=str(run_config.get("weighting", "examples")),
+                     expected_spec=expected_spec) as ledger:
+        if mode == "unlearn":
+            report |= _unlearn(ledger, cfg.remove_sites(run_config), evaluation, run_id)
+        else:
+            report |= _train(grid, ledger, spec, base_digest, evaluation, run_config)
+        version = ledger.current_version()
+        report["ledger"] = {"version": version.version, "event": version.event,
+                            "active_sites": sorted((s.site_id for s in ledger.sites()
+                                                    if s.active_contribution_id is not None), key=_site_order),
+                            "total_weight": version.total_weight}
+    report["wall_s"] = time.time() - started
+    path = cfg.report_path(run_config, ledger_path, run_id, mode)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(report, indent=1, default=str))
+    log.info("report written to %s", path)
+
+
+def _train(grid: Grid, ledger: Ledger, spec, base_digest: str, evaluation, run_config) -> dict:
+    min_nodes = int(run_config.get("min-nodes", 2))
+    strategy = LedgerFedAvg(ledger, spec.to_config(), base_digest,
+                            fraction_train=float(run_config.get("fraction-train", 1.0)),
+                            fraction_evaluate=float(run_config.get("fraction-evaluate", 1.0)),
+                            min_train_nodes=min_nodes, min_evaluate_nodes=min_nodes,
+                            min_available_nodes=min_nodes)
+    central: dict[int, dict] = {}
+
+    def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        if len(arrays) == 0:  # nothing composed yet: the untrained head says nothing
+            return None
+        central[server_round] = evaluation(_delta(arrays))
+        log.info("round %d: central accuracy %.4f on %d test images", server_round,
+                 central[server_round]["accuracy"], central[server_round]["num-examples"])
+        return MetricRecord(central[server_round])
+
+    initial = ArrayRecord(ledger.composed_delta()) if ledger.current_version().total_weight else ArrayRecord()
+    strategy.start(grid=grid, initial_arrays=initial, num_rounds=int(run_config.get("num-rounds", 1)),
+                   timeout=float(run_config.get("round-timeout", 3600)),
+                   train_config=ConfigRecord(cfg.train_config(run_config)), evaluate_fn=evaluate_fn)
+    rounds = [strategy.rounds[r].as_dict() for r in sorted(strategy.rounds)]
+    last = max(central) if central else None
+    return {"rounds": rounds, "central": {str(k): v for k, v in central.items()},
+            "accuracy": central[last]["accuracy"] if last else None,
+            "rejected": sum(len(r["rejections"]) for r in rounds)}
+
+
+def _unlearn(ledger: Ledger, sites: list[str], evaluation, run_id) -> dict:
+    if not sites:
+        raise ValueError("mode='unlearn' needs remove-sites='<id>,<id>,...'")
+    removed, not_found = [], []
+    before = ledger.current_version().version
+    for site in sites:
+        if ledger.remove(site, reason=f"unlearning run {run_id}"):
+            removed.append(site)
+            log.info("removed site %s from the ledger", site)
+        else:
+            not_found.append(site)
+            log.warning("site %s has no active contribution: nothing to remove", site)
+    result = {"removed_sites": removed, "not_found": not_found, "version_before": before}
+    if ledger.current_version().total_weight:
+        result["central"] = {"0": evaluation(ledger.composed_delta())}
+        result["accuracy"] = result["central"]["0"]["accuracy"]
+        log.info("after removal: central accuracy %.4f", result["accuracy"])
+    else:
+        result["accuracy"] = None
+        log.warning("the ledger is empty after removal: nothing to evaluate")
+    return result
+
+
+def _site_order(site: str):
+    return (0, int(site), "") if site.isdigit() else (1, 0, site)

@@ -1,0 +1,492 @@
+"""`make simulate`: 50 virtual sites fine-tune TAFT-1 through Flower, then 3 of them are unlearned.
+
+    python -m simulations.run                     # 50 sites, IID, remove 3, warm cache ≈ minutes
+    python -m simulations.run --num-clients 3 --train-subset 600 --epochs 1   # smoke
+
+What it does, in order:
+
+1. builds the trunk-token cache of Fashion-MNIST train + test once (progress bar) in
+   ``--cache-dir``; every virtual client later opens it memory-mapped (no copies in Ray workers);
+2. ``flwr run .`` (mode='train') against Flower's *local simulation federation*. Flower 1.41 has no
+   ``flower-simulation`` command: the local connection starts a detached SuperLink in simulation
+   mode and the size comes from ``--federation-config``::
+
+       flwr run . --federation-config "num-supernodes=50 client-resources-num-cpus=1" \\
+                  --run-config "mode='train' ledger-path='...' cache-dir='...'" --stream
+
+   Each site trains one TAFT contribution from w0 and the ServerApp records it in the ledger,
+   evaluates the composed model on the test split and writes a report;
+3. from the ledger, outside Flower: the ensemble of the sites' models (weighted logit average)
+   against the composed model, on ``--ensemble-subset`` cached test images;
+4. ``flwr run .`` (mode='unlearn', remove-sites=...): subtraction only, no client trains;
+5. checks the removal is bit-identical to a fresh aggregation of the remaining contributions;
+6. writes ``runs/<timestamp>/summary.json`` (+ ``runs/latest``), a plot, and prints a table.
+
+The SuperLink runs with a private ``FLWR_HOME`` inside the run directory and on free ports, so
+it never meets another user's local SuperLink; everything started (SuperLink, its ServerApp and
+simulation processes, Ray) is stopped by PID at the end, on failure and on Ctrl-C. Peak memory
+is sampled over that whole process tree.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import signal
+import socket
+import sqlite3
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+import psutil
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ---------------------------------------------------------------- process tree and memory
+class ProcessWatch:
+    """Samples the summed RSS (and PSS) of this process, its descendants and any extra roots
+    (the detached SuperLink) every ``interval`` seconds; remembers every process it saw so
+    they can all be stopped by PID at the end."""
+
+    def __init__(self, interval: float = 0.5):
+        self.interval = interval
+        self.roots: list[psutil.Process] = [psutil.Process()]
+        self.seen: dict[int, psutil.Process] = {}
+        self.peak_rss = self.peak_pss = 0
+        self.peak_at: dict[str, float] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
+
+    def add_root(self, proc: psutil.Process) -> None:
+        self.roots.append(proc)
+
+    def tree(self) -> list[psutil.Process]:
+        procs = {}
+        for root in self.roots:
+            try:
+                if root.is_running():
+                    procs[root.pid] = root
+                    for child in root.children(recursive=True):
+                        procs[child.pid] = child
+            except psutil.NoSuchProcess:
+                continue
+        return list(procs.values())
+
+    def sample(self) -> None:
+        rss = pss = 0
+        names: dict[str, float] = {}
+        for proc in self.tree():
+            try:
+                if proc.pid != os.getpid():
+                    self.seen.setdefault(proc.pid, proc)
+                mem = proc.memory_full_info()
+                rss += mem.rss
+                pss += getattr(mem, "pss", mem.rss)
+                name = proc.name()
+                names[name] = names.get(name, 0.0) + mem.rss / 2**20
+            except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
+                continue
+        if rss > self.peak_rss:
+            self.peak_rss, self.peak_at = rss, names
+        self.peak_pss = max(self.peak_pss, pss)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            self.sample()
+
+    def start(self) -> "ProcessWatch":
+        self.sample()
+        self._thread.start()
+        return self
+
+    def stop_sampling(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5)
+
+    def terminate_all(self, timeout: float = 10.0) -> list[int]:
+        """SIGTERM every process we started or saw (children first), SIGKILL what is left."""
+        procs = {p.pid: p for p in self.tree() if p.pid != os.getpid()}
+        procs.update({pid: p for pid, p in self.seen.items() if pid not in procs})
+        alive = []
+        for proc in sorted(procs.values(), key=lambda p: -p.pid):
+            try:
+                if proc.is_running():  # also guards against PID reuse (create time)
+                    proc.terminate()
+                    alive.append(proc)
+            except psutil.NoSuchProcess:
+                pass
+        _, still = psutil.wait_procs(alive, timeout=timeout)
+        for proc in still:
+            try:
+                proc.kill()
+            except psutil.NoSuchProcess:
+                pass
+        psutil.wait_procs(still, timeout=5)
+        return [p.pid for p in alive]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def find_superlink(flwr_home: Path) -> psutil.Process | None:
+    """The detached SuperLink that `flwr run` started for *our* FLWR_HOME (its --database path)."""
+    marker = str(flwr_home / "local-superlink")
+    for proc in psutil.process_iter(["cmdline"]):
+        cmdline = proc.info.get("cmdline") or []
+        if any("flower-superlink" in part for part in cmdline[:2]) and any(marker in part for part in cmdline):
+            return proc
+    return None
+
+
+# ---------------------------------------------------------------- flwr run
+def toml_value(value) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, str):
+        return "'" + value + "'"
+    return repr(value)
+
+
+def flwr_run(run_config: dict, federation: dict, env: dict, log_path: Path, watch: ProcessWatch,
+             flwr_home: Path, timeout: float) -> float:
+    """One `flwr run .` against the local simulation federation; returns its wall time."""
+    cmd = [str(Path(sys.executable).parent / "flwr"), "run", str(REPO),
+           "--run-config", " ".join(f"{k}={toml_value(v)}" for k, v in run_config.items()),
+           "--federation-config", " ".join(f"{k}={toml_value(v)}" for k, v in federation.items()),
+           "--stream"]
+    start = time.perf_counter()
+    with open(log_path, "w") as log:
+        log.write("$ " + " ".join(cmd) + "\n")
+        log.flush()
+        proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        try:
+            while proc.poll() is None:
+                if len(watch.roots) == 1 and (superlink := find_superlink(flwr_home)) is not None:
+                    watch.add_root(superlink)
+                if time.perf_counter() - start > timeout:
+                    raise TimeoutError(f"`flwr run` did not finish in {timeout:.0f} s (log: {log_path})")
+                time.sleep(0.5)
+        finally:
+            if proc.poll() is None:
+                proc.terminate()
+                proc.wait(10)
+    if proc.returncode != 0:
+        raise RuntimeError(f"`flwr run` exited with {proc.returncode}; see {log_path}")
+    return time.perf_counter() - start
+
+
+# ---------------------------------------------------------------- ledger reads
+def active_deltas(ledger_path: Path) -> list[tuple[str, int, dict]]:
+    """(site id, num_examples, Δ as numpy) of every active contribution, read-only.
+
+    The Ledger has no public per-contribution reader yet; this reads the documented table.
+    """
+    import safetensors.numpy
+
+    db = sqlite3.connect(f"file:{ledger_path}?mode=ro", uri=True)
+    try:
+        rows = db.execute("SELECT site_id, num_examples, delta_st FROM contributions "
+                          "WHERE status = 'active' ORDER BY id").fetchall()
+    finally:
+        db.close()
+    return [(site, n, safetensors.numpy.load(blob)) for site, n, blob in rows]
+
+
+def site_order(site: str):
+    return (0, int(site), "") if site.isdigit() else (1, 0, site)
+
+
+# ---------------------------------------------------------------- the run
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="python -m simulations.run", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--num-clients", type=int, default=50, help="virtual SuperNodes = sites (default 50)")
+    p.add_argument("--cpus-per-client", type=int, default=1,
+                   help="Ray CPUs per virtual client (default 1: two clients at a time on 2 cores)")
+    p.add_argument("--epochs", type=int, default=None, help="local TAFT epochs (default: pyproject's)")
+    p.add_argument("--lr", type=float, default=None, help="learning rate (default: pyproject's)")
+    p.add_argument("--partition", choices=("iid", "dirichlet"), default="iid")
+    p.add_argument("--dirichlet-alpha", type=float, default=1.0)
+    p.add_argument("--train-subset", type=int, default=0, help="use N training images in all (0 = all 60000)")
+    p.add_argument("--eval-subset", type=int, default=0, help="server-side test images (0 = all 10000)")
+    p.add_argument("--ensemble-subset", type=int, default=2000,
+                   help="test images for the ensemble-vs-composed check (each site's model runs on them)")
+    p.add_argument("--remove", type=int, default=3, help="how many sites to unlearn (chosen by seed)")
+    p.add_argument("--remove-sites", default="", help="explicit comma-separated site ids to unlearn")
+    p.add_argument("--fraction-evaluate", type=float, default=1.0, help="sites evaluating the composed model")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--img-size", type=int, default=None, help="(default: pyproject's img-size)")
+    p.add_argument("--cache-dir", type=Path, default=None,
+                   help="trunk-token cache (default: $TAFT_CACHE_DIR/features, i.e. ~/.cache/taft/features)")
+    p.add_argument("--no-cache", action="store_true", help="no token cache: sites run the trunk every step")
+    p.add_argument("--runs-dir", type=Path, default=REPO / "runs")
+    p.add_argument("--timeout", type=float, default=3600, help="seconds per `flwr run`")
+    p.add_argument("--run-config", default="", help="extra run-config 'k=v k=v' for both runs")
+    return p.parse_args(argv)
+
+
+def pyproject_config() -> dict:
+    import tomllib
+    return tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
+
+
+def build_caches(spec, directory: Path) -> tuple[float, bool]:
+    """Trunk tokens of Fashion-MNIST train and test, once; returns (seconds, built anything)."""
+    from client.spec import build_model
+    from tangent.cache import FeatureCache
+    from tangent.data import load_fashion_mnist
+
+    start, built = time.perf_counter(), False
+    model, _ = build_model(spec)
+    for split in ("train", "test"):
+        images, _ = load_fashion_mnist(split)
+        cache = FeatureCache.build_or_open(model, images, img_size=spec.img_size, cache_dir=directory,
+                                           batch_size=128, progress=True)
+        built |= cache.built
+        print(f"  {split}: {cache}")
+    return time.perf_counter() - start, built
+
+
+def ensemble_check(spec, ledger_path: Path, cache_dir: Path | None, subset: int, seed: int) -> dict:
+    """Each site's model on the same test images, weighted logit average vs the composed model."""
+    import torch
+
+    from client.site import _inputs
+    from client.spec import fresh_model
+    from server.ledger import Ledger
+    from tangent.cache import images_digest
+    from tangent.data import load_fashion_mnist
+    from tangent.train import predict_logits
+
+    model, digest = fresh_model(spec)
+    images, labels = load_fashion_mnist("test")
+    indices = np.arange(len(labels))
+    if 0 < subset < len(labels):
+        indices = np.sort(np.random.default_rng(seed).choice(len(labels), subset, replace=False))
+    labels = torch.as_tensor(labels[indices])
+    if cache_dir is not None:
+        inputs, from_cache = _inputs(model, digest, images, indices, spec.img_size, cache_dir,
+                                     data_digest=images_digest(images))
+        inputs = inputs[np.arange(len(indices))]  # a few thousand rows: read them once
+    else:
+        from tangent.data import preprocess
+        with torch.no_grad():
+            inputs = torch.cat([model.trunk(preprocess(images[indices[i:i + 256]], spec.img_size))
+                                for i in range(0, len(indices), 256)])
+        from_cache = True
+
+    sites = active_deltas(ledger_path)
+    total = float(sum(n for _, n, _ in sites))
+    ensemble = torch.zeros(len(indices), spec.num_classes, dtype=torch.float64)
+    per_site = {}
+    start = time.perf_counter()
+    for site, n, delta in sites:
+        model.load_delta({k: torch.from_numpy(v) for k, v in delta.items()})
+        logits = predict_logits(model, inputs, from_cache=from_cache, batch_size=500)
+        per_site[site] = {"num_examples": n, "accuracy": float((logits.argmax(-1) == labels).float().mean())}
+        ensemble += (n / total) * logits.double()
+    with Ledger.open(ledger_path, create=False) as ledger:
+        composed = ledger.composed_delta()
+    model.load_delta(composed)
+    composed_logits = predict_logits(model, inputs, from_cache=from_cache, batch_size=500).double()
+    scale = ensemble.abs().amax(dim=1).clamp_min(1e-12)
+    rel = ((composed_logits - ensemble).abs().amax(dim=1) / scale).max().item()
+    return {"accuracy_ensemble": float((ensemble.argmax(-1) == labels).float().mean()),
+            "accuracy_composed_on_subset": float((composed_logits.argmax(-1) == labels).float().mean()),
+            "max_rel_logit_diff_composed_vs_ensemble": rel, "ensemble_test_images": len(indices),
+            "per_site": per_site, "ensemble_s": time.perf_counter() - start}
+
+
+def removal_check(ledger_path: Path) -> dict:
+    """The ledger after removal vs a fresh ledger fed only the remaining contributions."""
+    from server.ledger import Ledger
+
+    with Ledger.open(ledger_path, create=False) as ledger:
+        after = ledger.composed_arrays()
+        weighting = ledger.settings()["weighting"]
+    with tempfile.TemporaryDirectory() as tmp:
+        with Ledger.open(Path(tmp) / "fresh.sqlite", weighting=weighting) as fresh:
+            for site, n, delta in active_deltas(ledger_path):
+                fresh.add(site, delta, n)
+            expected = fresh.composed_arrays()
+    identical = after.keys() == expected.keys() and all(after[k].tobytes() == expected[k].tobytes() for k in after)
+    return {"removal_bit_identical": bool(identical)}
+
+
+def plot(summary: dict, path: Path) -> None:
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    per_site = summary["per_site"]
+    sites = sorted(per_site, key=site_order)
+    removed = set(summary["removed_sites"])
+    fig, ax = plt.subplots(figsize=(10, 4))
+    colors = ["tab:red" if s in removed else "tab:gray" for s in sites]
+    ax.bar(range(len(sites)), [per_site[s]["accuracy"] for s in sites], color=colors,
+           label="one site's model (red: unlearned later)")
+    for key, style, label in (("accuracy_composed", "-", "composed (ledger)"),
+                              ("accuracy_ensemble", ":", "ensemble of all sites"),
+                              ("accuracy_after_removal", "--", "after removal")):
+        if summary.get(key) is not None:
+            ax.axhline(summary[key], linestyle=style, color="tab:blue" if "removal" not in key else "tab:green",
+                       label=f"{label}: {summary[key]:.4f}")
+    ax.set_xticks(range(len(sites)), sites, fontsize=6, rotation=90)
+    ax.set_xlabel("site")
+    ax.set_ylabel("test accuracy")
+    lo = min(per_site[s]["accuracy"] for s in sites)
+    ax.set_ylim(max(0.0, lo - 0.05), 1.0)
+    ax.set_title(f"TAFT-1 on Fashion-MNIST, {summary['num_clients']} sites ({summary['partition']})")
+    ax.legend(loc="lower right", fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    t0 = time.perf_counter()
+    os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+    from client.spec import ModelSpec
+    from tangent.pretrained import cache_dir as taft_cache_dir
+
+    defaults = pyproject_config()
+    run_dir = args.runs_dir / datetime.now().strftime("%Y%m%d-%H%M%S")
+    run_dir.mkdir(parents=True, exist_ok=False)
+    flwr_home = run_dir / "flwr-home"
+    cache_dir = None if args.no_cache else (args.cache_dir or taft_cache_dir() / "features").resolve()
+    ledger_path = (run_dir / "ledger.sqlite").resolve()
+
+    run_config = {"seed": args.seed, "partition": args.partition, "dirichlet-alpha": args.dirichlet_alpha,
+                  "train-subset": args.train_subset, "eval-subset": args.eval_subset,
+                  "cache-dir": str(cache_dir or ""), "ledger-path": str(ledger_path),
+                  "min-nodes": args.num_clients, "fraction-evaluate": args.fraction_evaluate}
+    for key, value in (("epochs", args.epochs), ("lr", args.lr), ("img-size", args.img_size)):
+        if value is not None:
+            run_config[key] = value
+    if args.run_config:
+        from flwr.common.config import parse_config_args
+        run_config |= parse_config_args([args.run_config])
+    spec = ModelSpec.from_config(defaults | run_config)
+    federation = {"num-supernodes": args.num_clients, "client-resources-num-cpus": args.cpus_per_client}
+    env = os.environ | {"FLWR_HOME": str(flwr_home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
+                        "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
+                        "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()), "PYTHONPATH": str(REPO)}
+
+    watch = ProcessWatch().start()
+
+    def on_signal(signum, _frame):
+        raise KeyboardInterrupt(f"signal {signum}")
+    signal.signal(signal.SIGTERM, on_signal)
+
+    summary: dict = {"num_clients": args.num_clients, "partition": args.partition, "run_dir": str(run_dir),
+                     "spec": spec.to_config(), "epochs": int((defaults | run_config)["epochs"]),
+                     "lr": float((defaults | run_config)["lr"]), "train_subset": args.train_subset,
+                     "eval_subset": args.eval_subset, "cpus_per_client": args.cpus_per_client,
+                     "cache_dir": str(cache_dir) if cache_dir else None}
+    try:
+        print(f"[1/5] trunk-token cache in {cache_dir}")
+        if cache_dir is not None:
+            summary["cache_build_s"], summary["cache_built"] = build_caches(spec, cache_dir)
+        else:
+            summary["cache_build_s"], summary["cache_built"] = 0.0, False
+        _release_models()
+
+        print(f"[2/5] flwr run: {args.num_clients} sites train TAFT-1 from w0 (log: {run_dir / 'train.log'})")
+        train_report = run_dir / "train-report.json"
+        summary["train_run_s"] = flwr_run(run_config | {"mode": "train", "report-path": str(train_report)},
+                                          federation, env, run_dir / "train.log", watch, flwr_home, args.timeout)
+        report = json.loads(train_report.read_text())
+        last_round = report["rounds"][-1]
+        summary |= {"accuracy_composed": report["accuracy"], "recorded_sites": len(last_round["recorded"]),
+                    "rejected": last_round["rejected_by_reason"],
+                    "train_metrics": last_round["train_metrics"],
+                    "federated_evaluation": {k: v for k, v in last_round["evaluate"].items() if k != "sites"}}
+        active = report["ledger"]["active_sites"]
+
+        print(f"[3/5] ensemble of {len(active)} site models vs the composed model")
+        ens = ensemble_check(spec, ledger_path, cache_dir, args.ensemble_subset, args.seed)
+        summary |= {k: v for k, v in ens.items()}
+        _release_models()
+
+        removed = ([s.strip() for s in args.remove_sites.split(",") if s.strip()] or
+                   sorted(np.random.default_rng(args.seed).choice(active, min(args.remove, len(active)),
+                                                                  replace=False).tolist(), key=site_order))
+        print(f"[4/5] flwr run: unlearn sites {','.join(removed)} (log: {run_dir / 'unlearn.log'})")
+        unlearn_report = run_dir / "unlearn-report.json"
+        unlearn_config = run_config | {"mode": "unlearn", "remove-sites": ",".join(removed),
+                                       "report-path": str(unlearn_report)}
+        summary["unlearn_run_s"] = flwr_run(unlearn_config, federation, env, run_dir / "unlearn.log", watch,
+                                            flwr_home, args.timeout)
+        ureport = json.loads(unlearn_report.read_text())
+        summary |= {"removed_sites": ureport["removed_sites"], "accuracy_after_removal": ureport["accuracy"]}
+
+        print("[5/5] removal vs fresh aggregation of the remaining sites")
+        summary |= removal_check(ledger_path)
+    finally:
+        watch.sample()
+        watch.stop_sampling()
+        stopped = watch.terminate_all()
+        summary["stopped_pids"] = stopped
+        summary["wall_s"] = time.perf_counter() - t0
+        summary["peak_rss_mib"] = watch.peak_rss / 2**20
+        summary["peak_pss_mib"] = watch.peak_pss / 2**20
+        summary["peak_rss_by_process_mib"] = {k: round(v, 1) for k, v in
+                                              sorted(watch.peak_at.items(), key=lambda kv: -kv[1])}
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
+    if summary.get("per_site"):
+        plot(summary, run_dir / "accuracy.png")
+    latest = args.runs_dir / "latest"
+    if latest.is_symlink() or latest.exists():
+        latest.unlink()
+    latest.symlink_to(run_dir.name)
+    print_table(summary)
+    print(f"\nsummary: {run_dir / 'summary.json'}   plot: {run_dir / 'accuracy.png'}")
+    return 0
+
+
+def _release_models() -> None:
+    """Drop the backbone this process built (the simulation's processes build their own)."""
+    import gc
+
+    from client import spec as spec_module
+    spec_module._MODELS.clear()
+    gc.collect()
+
+
+def print_table(s: dict) -> None:
+    rows = [("sites", s["num_clients"]), ("epochs / lr", f"{s['epochs']} / {s['lr']}"),
+            ("accuracy composed", s.get("accuracy_composed")),
+            ("accuracy ensemble", s.get("accuracy_ensemble")),
+            ("max rel logit diff (composed vs ensemble)", s.get("max_rel_logit_diff_composed_vs_ensemble")),
+            ("removed sites", ",".join(s.get("removed_sites", []))),
+            ("accuracy after removal", s.get("accuracy_after_removal")),
+            ("removal bit-identical", s.get("removal_bit_identical")),
+            ("rejected", s.get("rejected")),
+            ("cache build s", s.get("cache_build_s")), ("train run s", s.get("train_run_s")),
+            ("unlearn run s", s.get("unlearn_run_s")), ("wall s", s.get("wall_s")),
+            ("peak RSS MiB (tree)", s.get("peak_rss_mib")), ("peak PSS MiB (tree)", s.get("peak_pss_mib"))]
+    width = max(len(k) for k, _ in rows)
+    print()
+    for key, value in rows:
+        if isinstance(value, float):
+            value = f"{value:.4g}" if abs(value) < 1e-3 else f"{value:.4f}" if value < 10 else f"{value:.1f}"
+        print(f"  {key:<{width}}  {value}")
+
+
+if __name__ == "__main__":
+    try:
+        sys.exit(main())
+    except KeyboardInterrupt:
+        print("interrupted: everything started was stopped", file=sys.stderr)
+        sys.exit(130)
