@@ -105,7 +105,8 @@ def make_private(module: nn.Module, optimizer: torch.optim.Optimizer,
         except (NotImplementedError, ValueError, RuntimeError) as error:
             if mode == modes[-1]:
                 raise
-            log.warning("Opacus cannot use %s clipping here (%s); falling back to hooks", mode, error)
+            log.warning("Opacus cannot use %s clipping here (%s); falling back to hooks",
+                        mode, error)
             continue
         if mode == "ghost":
             dp_module, dp_optimizer, criterion, dp_loader = wrapped

@@ -16,40 +16,11 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import DataLoader, Dataset
 from tqdm.auto import tqdm
 
-try:
-    from tangent import losses
-except ImportError:  # TEMPORARY until tangent/losses.py lands; same contract (design.md)
-    class losses:  # noqa: N801
-        @staticmethod
-        def rsl_loss(logits, labels, kappa=15.0, alpha=1.0):
-            target = F.one_hot(labels, logits.shape[-1]).to(logits.dtype)
-            weight = 1.0 + (alpha - 1.0) * target
-            return (weight * (logits - kappa * target) ** 2).mean(-1).mean()
-
-        @staticmethod
-        def cross_entropy(logits, labels):
-            return F.cross_entropy(logits, labels)
-
-        @staticmethod
-        def mse_loss(logits, labels):
-            return F.mse_loss(logits, F.one_hot(labels, logits.shape[-1]).to(logits.dtype))
-
-        @staticmethod
-        def l2_penalty(params):
-            return sum(p.pow(2).sum() for p in params)
-
-        @staticmethod
-        @torch.no_grad()
-        def project_to_ball(params, radius):
-            norm = torch.sqrt(sum(p.pow(2).sum() for p in params))
-            if norm > radius:
-                for p in params:
-                    p.mul_(radius / norm)
+from tangent import losses
 
 LOSSES = ("rsl", "ce", "mse")
 OPTIMIZERS = ("adam", "sgd")
@@ -213,21 +184,25 @@ def fit(model, inputs, labels, config: TrainConfig, *, privacy=None, from_cache:
                     lr = config.lr_at(step, total_steps)
                     for group in optimizer.param_groups:
                         group["lr"] = lr
+                    # An empty Poisson batch must still take its DP step (noise only): run one
+                    # zero-weighted placeholder example, whose gradient is exactly zero.
+                    weight = 1.0
+                    if len(y) == 0:
+                        x, y, weight = x.new_zeros((1, *x.shape[1:])), y.new_zeros(1), 0.0
                     if not from_cache:
                         with torch.no_grad():
                             x = trunk(x)
                     optimizer.zero_grad(set_to_none=True)
                     logits = head(x)
-                    loss = criterion(logits, y)
-                    # An empty Poisson batch still takes its (noise-only) DP step.
+                    loss = criterion(logits, y) * weight
                     loss.backward()
                     optimizer.step()
                     if config.radius is not None:
                         losses.project_to_ball(params, config.radius)
                     step += 1
                     bar.update(1)
-                    empty += len(y) == 0
-                    if len(y):
+                    empty += weight == 0.0
+                    if weight:
                         loss_sum += loss.item() * len(y)
                         correct += int((logits.detach().argmax(-1) == y).sum())
                         count += len(y)
@@ -235,7 +210,8 @@ def fit(model, inputs, labels, config: TrainConfig, *, privacy=None, from_cache:
                 history.append({"epoch": epoch, "loss": loss_sum / max(count, 1),
                                 "accuracy": correct / max(count, 1), "lr": lr,
                                 "examples": count, "empty_batches": empty})
-                bar.set_postfix(loss=f"{history[-1]['loss']:.4f}", acc=f"{history[-1]['accuracy']:.3f}")
+                bar.set_postfix(loss=f"{history[-1]['loss']:.4f}",
+                                acc=f"{history[-1]['accuracy']:.3f}")
         epsilon = delta = None
         if private is not None:
             epsilon, delta = private.epsilon(), private.delta
@@ -275,7 +251,8 @@ def predict_logits(model, inputs, *, from_cache: bool, batch_size: int = 256,
     model.eval()
     out = []
     try:
-        for begin in tqdm(range(0, len(inputs), batch_size), desc="predict", disable=not progress):
+        starts = range(0, len(inputs), batch_size)
+        for begin in tqdm(starts, desc="predict", disable=not progress):
             x = take_rows(inputs, np.arange(begin, min(begin + batch_size, len(inputs))))
             out.append(model.linearized(x if from_cache else model.trunk(x)))
     finally:
