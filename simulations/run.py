@@ -195,8 +195,9 @@ def active_deltas(ledger_path: Path) -> list[tuple[str, int, dict]]:
 
     db = sqlite3.connect(f"file:{ledger_path}?mode=ro", uri=True)
     try:
-        rows = db.execute("SELECT site_id, num_examples, delta_st FROM contributions "
-                          "WHERE status = 'active' ORDER BY id").fetchall()
+        rows = db.execute("SELECT c.site_id, c.num_examples, d.safetensors FROM contributions c "
+                          "JOIN deltas d ON d.contribution_id = c.id "
+                          "WHERE c.status = 'active' ORDER BY c.id").fetchall()
     finally:
         db.close()
     return [(site, n, safetensors.numpy.load(blob)) for site, n, blob in rows]
@@ -233,6 +234,21 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--timeout", type=float, default=3600, help="seconds per `flwr run`")
     p.add_argument("--run-config", default="", help="extra run-config 'k=v k=v' for both runs")
     return p.parse_args(argv)
+
+
+def in_subprocess(fn, *args):
+    """Run ``fn(*args)`` in a fresh (spawned) child: torch and the backbone never stay resident
+    in the driver, whose memory counts towards the peak while Flower runs."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
+
+
+def default_cache_dir() -> Path:
+    from tangent.pretrained import cache_dir
+    return cache_dir() / "features"
 
 
 def pyproject_config() -> dict:
@@ -357,14 +373,13 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     t0 = time.perf_counter()
     os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
-    from client.spec import ModelSpec
-    from tangent.pretrained import cache_dir as taft_cache_dir
+    from client.spec import ModelSpec  # no torch here: the driver stays small (see in_subprocess)
 
     defaults = pyproject_config()
     run_dir = args.runs_dir / datetime.now().strftime("%Y%m%d-%H%M%S")
     run_dir.mkdir(parents=True, exist_ok=False)
     flwr_home = run_dir / "flwr-home"
-    cache_dir = None if args.no_cache else (args.cache_dir or taft_cache_dir() / "features").resolve()
+    cache_dir = None if args.no_cache else (args.cache_dir or in_subprocess(default_cache_dir)).resolve()
     ledger_path = (run_dir / "ledger.sqlite").resolve()
 
     run_config = {"seed": args.seed, "partition": args.partition, "dirichlet-alpha": args.dirichlet_alpha,
@@ -381,7 +396,9 @@ def main(argv=None) -> int:
     federation = {"num-supernodes": args.num_clients, "client-resources-num-cpus": args.cpus_per_client}
     env = os.environ | {"FLWR_HOME": str(flwr_home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
                         "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
-                        "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()), "PYTHONPATH": str(REPO)}
+                        "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()), "PYTHONPATH": str(REPO),
+                        # `flwr run` starts `flower-superlink` by name: use this interpreter's
+                        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
 
     watch = ProcessWatch().start()
 
@@ -397,10 +414,9 @@ def main(argv=None) -> int:
     try:
         print(f"[1/5] trunk-token cache in {cache_dir}")
         if cache_dir is not None:
-            summary["cache_build_s"], summary["cache_built"] = build_caches(spec, cache_dir)
+            summary["cache_build_s"], summary["cache_built"] = in_subprocess(build_caches, spec, cache_dir)
         else:
             summary["cache_build_s"], summary["cache_built"] = 0.0, False
-        _release_models()
 
         print(f"[2/5] flwr run: {args.num_clients} sites train TAFT-1 from w0 (log: {run_dir / 'train.log'})")
         train_report = run_dir / "train-report.json"
@@ -415,9 +431,7 @@ def main(argv=None) -> int:
         active = report["ledger"]["active_sites"]
 
         print(f"[3/5] ensemble of {len(active)} site models vs the composed model")
-        ens = ensemble_check(spec, ledger_path, cache_dir, args.ensemble_subset, args.seed)
-        summary |= {k: v for k, v in ens.items()}
-        _release_models()
+        summary |= in_subprocess(ensemble_check, spec, ledger_path, cache_dir, args.ensemble_subset, args.seed)
 
         removed = ([s.strip() for s in args.remove_sites.split(",") if s.strip()] or
                    sorted(np.random.default_rng(args.seed).choice(active, min(args.remove, len(active)),
@@ -453,15 +467,6 @@ def main(argv=None) -> int:
     print_table(summary)
     print(f"\nsummary: {run_dir / 'summary.json'}   plot: {run_dir / 'accuracy.png'}")
     return 0
-
-
-def _release_models() -> None:
-    """Drop the backbone this process built (the simulation's processes build their own)."""
-    import gc
-
-    from client import spec as spec_module
-    spec_module._MODELS.clear()
-    gc.collect()
 
 
 def print_table(s: dict) -> None:
