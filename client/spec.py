@@ -56,7 +56,6 @@ def build_model(spec: ModelSpec):
         model = TangentViT.from_timm(backbone, spec.num_classes,
                                      linearized_blocks=spec.linearized_blocks, reinit=spec.reinit,
                                      linearize_cls=spec.linearize_cls, seed=spec.seed)
-        model.eval()
         del backbone
         _MODELS.clear()  # one spec per run: do not hold two backbones in one worker
         _MODELS[spec] = (model, model.base_digest())
@@ -69,4 +68,7 @@ def fresh_model(spec: ModelSpec):
 
     model, digest = build_model(spec)
     model.load_delta({k: torch.zeros_like(v) for k, v in model.delta_state_dict().items()})
+    # Opacus only wraps a module in training mode (the trunk stays frozen and in eval mode in
+    # fit; ViT-S/14 has no dropout, so the mode changes nothing else).
+    model.train()
     return model, digest

@@ -1,0 +1,118 @@
+"""The real ClientApp, called with real Flower messages, on the real pretrained ViT-S/14 and a few
+hundred real Fashion-MNIST images (deployment-style node config: site-id + data-path)."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
+
+from client.client_app import app
+from client.spec import ModelSpec, build_model
+
+pytestmark = pytest.mark.slow
+
+SPEC = ModelSpec(img_size=56, reinit=False)
+TRAIN = {"epochs": 5, "batch-size": 32, "lr": 1e-3, "loss": "rsl", "kappa": 15.0, "rsl-alpha": 1.0,
+         "l2": 0.0, "radius": 0.0, "seed": 0, "dp": False, "dp-epsilon": 8.0, "dp-delta": 0.0,
+         "dp-max-grad-norm": 1.0}
+
+
+@pytest.fixture(autouse=True)
+def server_identity():
+    """Instruction messages are stamped with the sending task's identity (set as a ServerApp would)."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    yield
+    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    from tangent.data import load_fashion_mnist
+
+    root = tmp_path_factory.mktemp("site")
+    x, y = load_fashion_mnist("train")
+    xt, yt = load_fashion_mnist("test")
+    np.savez(root / "train.npz", images=x[:300], labels=y[:300])
+    np.savez(root / "test.npz", images=xt[:200], labels=yt[:200])
+    _, digest = build_model(SPEC)
+    return {"root": root, "digest": digest,
+            "node_config": {"site-id": "site-a", "data-path": str(root / "train.npz"),
+                            "test-data-path": str(root / "test.npz"), "cache-dir": str(root / "cache")}}
+
+
+def call(kind: str, content: RecordDict, node_config: dict) -> RecordDict:
+    msg = Message(content, dst_node_id=42, message_type=kind)
+    context = Context(run_id=1, node_id=42, node_config=node_config, state=RecordDict(), run_config={})
+    reply = app(msg, context)
+    assert not reply.has_error(), reply.error
+    return reply.content
+
+
+def spec_record(digest: str) -> ConfigRecord:
+    return ConfigRecord(SPEC.to_config() | {"base-digest": digest})
+
+
+def train(site, node_config=None, digest=None, **config) -> RecordDict:
+    return call("train", RecordDict({"spec": spec_record(digest or site["digest"]),
+                                     "config": ConfigRecord(TRAIN | config)}),
+                node_config or site["node_config"])
+
+
+def evaluate(site, delta: ArrayRecord) -> dict:
+    content = call("evaluate", RecordDict({"spec": spec_record(site["digest"]), "config": ConfigRecord({}),
+                                           "delta": delta}), site["node_config"])
+    return dict(content["metrics"])
+
+
+def test_train_reply_carries_delta_metrics_meta_and_beats_the_untrained_head(site):
+    reply = train(site)
+    assert "error" not in reply.config_records
+    delta, metrics, meta = reply["delta"], reply["metrics"], reply["meta"]
+    model, _ = build_model(SPEC)
+    expected = {k: tuple(v.shape) for k, v in model.delta_state_dict().items()}
+    assert {k: tuple(delta[k].shape) for k in delta} == expected  # only the trainable Δ, timm names
+    assert "blocks.11.attn.qkv.weight" in delta and "head.weight" in delta
+    assert metrics["num-examples"] == 300 and math.isinf(metrics["epsilon"])
+    assert meta["site-id"] == "site-a" and meta["base-digest"] == site["digest"]
+    assert len(meta["shard-fingerprint"]) == 64 and meta["dp"] is False and meta["from-cache"] is True
+
+    zero = ArrayRecord({k: torch.zeros(s) for k, s in expected.items()})
+    untrained, trained = evaluate(site, zero), evaluate(site, delta)
+    assert trained["num-examples"] == 200
+    assert trained["eval-accuracy"] > untrained["eval-accuracy"] + 0.4, (untrained, trained)
+    assert trained["eval-accuracy"] > 0.6
+
+
+def test_mismatched_base_digest_is_refused_with_an_error_reply(site):
+    reply = train(site, digest="0" * 64)
+    error = reply["error"]
+    assert error["code"] == "base_digest_mismatch" and error["site-id"] == "site-a"
+    assert site["digest"] in error["reason"] and "delta" not in reply.array_records
+
+
+def test_missing_data_path_is_refused_with_an_error_reply(site, tmp_path):
+    reply = train(site, node_config={"site-id": "b", "data-path": str(tmp_path / "nope.npz")})
+    assert reply["error"]["code"] == "missing_data" and "nope.npz" in reply["error"]["reason"]
+    reply = train(site, node_config={"site-id": "b"})
+    assert reply["error"]["code"] == "missing_data"
+
+
+def test_dp_training_spends_the_budget_then_is_refused(site, tmp_path):
+    node = site["node_config"] | {"epsilon-budget": 6.0, "state-dir": str(tmp_path)}
+    reply = train(site, node_config=node, dp=True, epochs=1, **{"dp-epsilon": 4.0, "lr": 0.5, "loss": "ce"})
+    assert "error" not in reply.config_records, reply["error"]["reason"] if "error" in reply else ""
+    assert 0 < reply["metrics"]["epsilon"] <= 4.0 + 1e-6 and reply["meta"]["dp"] is True
+    # 4 spent of 6: another ε=4 contribution would exceed the budget
+    reply = train(site, node_config=node, dp=True, epochs=1, **{"dp-epsilon": 4.0})
+    assert reply["error"]["code"] == "budget_exhausted" and "budget" in reply["error"]["reason"]
+    # and a site whose budget is already spent refuses before touching its data
+    from tangent.privacy import EpsilonBudget
+    EpsilonBudget(tmp_path / "epsilon-budget.json", "site-a", 6.0).record(2.0)
+    reply = train(site, node_config=node, dp=True, epochs=1, **{"dp-epsilon": 0.5})
+    assert reply["error"]["code"] == "budget_exhausted"
