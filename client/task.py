@@ -7,6 +7,7 @@ server can record it, never an exception that would cost the round other sites' 
 """
 from __future__ import annotations
 
+import gc
 import json
 import logging
 import math
@@ -56,6 +57,11 @@ def _refusals(handler):
             log.exception("site %s failed", site)
             return error_reply("internal", f"{type(err).__name__}: {err}\n"
                                            f"{traceback.format_exc(limit=4)}", site)
+        finally:
+            # The data loader leaves reference cycles that hold this site's memory map of the
+            # token cache; a Ray worker runs many sites, so free them now rather than at some
+            # later collection (measured: ~0.7 GB of mapped cache pages per worker otherwise).
+            gc.collect()
     wrapped.__name__ = handler.__name__
     wrapped.__doc__ = handler.__doc__
     return wrapped

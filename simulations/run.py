@@ -81,7 +81,7 @@ class ProcessWatch:
 
     def sample(self) -> None:
         rss = pss = 0
-        names: dict[str, float] = {}
+        names: dict[str, dict] = {}
         for proc in self.tree():
             try:
                 if proc.pid != os.getpid():
@@ -90,7 +90,11 @@ class ProcessWatch:
                 rss += mem.rss
                 pss += getattr(mem, "pss", mem.rss)
                 name = proc.name()
-                names[name] = names.get(name, 0.0) + mem.rss / 2**20
+                row = names.setdefault(name, {"n": 0, "rss": 0.0, "anon": 0.0, "file": 0.0, "shmem": 0.0})
+                row["n"] += 1
+                row["rss"] += mem.rss / 2**20
+                for key, value in _rss_parts(proc.pid).items():
+                    row[key] += value
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                 continue
         if rss > self.peak_rss:
@@ -130,6 +134,20 @@ class ProcessWatch:
                 pass
         psutil.wait_procs(still, timeout=5)
         return [p.pid for p in alive]
+
+
+def _rss_parts(pid: int) -> dict[str, float]:
+    """Resident MiB by kind (anonymous, file-backed incl. shared libraries and memory maps,
+    shared memory such as Ray's object store) from /proc/<pid>/status."""
+    parts = {"anon": 0.0, "file": 0.0, "shmem": 0.0}
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            for key, field in (("anon", "RssAnon:"), ("file", "RssFile:"), ("shmem", "RssShmem:")):
+                if line.startswith(field):
+                    parts[key] = int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return parts
 
 
 def free_port() -> int:
@@ -397,6 +415,8 @@ def main(argv=None) -> int:
     env = os.environ | {"FLWR_HOME": str(flwr_home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
                         "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
                         "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()), "PYTHONPATH": str(REPO),
+                        # a new Ray instance of our own, never one another user started
+                        "RAY_ADDRESS": "local",
                         # `flwr run` starts `flower-superlink` by name: use this interpreter's
                         "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
 
@@ -455,8 +475,9 @@ def main(argv=None) -> int:
         summary["wall_s"] = time.perf_counter() - t0
         summary["peak_rss_mib"] = watch.peak_rss / 2**20
         summary["peak_pss_mib"] = watch.peak_pss / 2**20
-        summary["peak_rss_by_process_mib"] = {k: round(v, 1) for k, v in
-                                              sorted(watch.peak_at.items(), key=lambda kv: -kv[1])}
+        summary["peak_rss_by_process_mib"] = {
+            name: {k: round(v, 1) for k, v in row.items()}
+            for name, row in sorted(watch.peak_at.items(), key=lambda kv: -kv[1]["rss"])}
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     if summary.get("per_site"):
         plot(summary, run_dir / "accuracy.png")

@@ -1,0 +1,42 @@
+"""CI-sized `make simulate`: 3 sites through a real `flwr run` (local simulation federation),
+one unlearned, summary.json checked. Small: 600 training images, img-size 28, no token cache."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import psutil
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+pytestmark = pytest.mark.slow
+
+
+def test_smoke_simulation_train_then_unlearn(tmp_path):
+    before = {p.pid for p in psutil.process_iter()}
+    cmd = [sys.executable, "-m", "simulations.run", "--num-clients", "3", "--train-subset", "600",
+           "--epochs", "3", "--img-size", "28", "--no-cache", "--eval-subset", "500",
+           "--ensemble-subset", "300", "--remove", "1", "--runs-dir", str(tmp_path),
+           "--run-config", "reinit=false", "--timeout", "600"]
+    env = os.environ | {"FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "PYTHONPATH": str(REPO)}
+    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+
+    summary = json.loads((tmp_path / "latest" / "summary.json").read_text())
+    for key in ("num_clients", "accuracy_composed", "accuracy_ensemble", "max_rel_logit_diff_composed_vs_ensemble",
+                "removed_sites", "accuracy_after_removal", "removal_bit_identical", "wall_s", "peak_rss_mib",
+                "cache_build_s"):
+        assert key in summary, key
+    assert summary["num_clients"] == 3 and summary["recorded_sites"] == 3 and summary["rejected"] == {}
+    assert summary["accuracy_composed"] > 0.3  # chance is 0.1
+    assert summary["max_rel_logit_diff_composed_vs_ensemble"] <= 1e-5
+    assert len(summary["removed_sites"]) == 1 and summary["removal_bit_identical"] is True
+    assert summary["accuracy_after_removal"] is not None
+    assert summary["peak_rss_mib"] > 0 and (tmp_path / "latest" / "accuracy.png").is_file()
+    # everything the driver started (SuperLink, ServerApp/simulation processes, Ray) is gone
+    leftover = [p for p in psutil.process_iter(["cmdline"]) if p.pid not in before
+                and str(tmp_path) in " ".join(p.info.get("cmdline") or [])]
+    assert not leftover, [p.info["cmdline"] for p in leftover]
