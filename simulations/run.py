@@ -373,20 +373,23 @@ def plot(summary: dict, path: Path) -> None:
     fig, ax = plt.subplots(figsize=(10, 4))
     colors = ["tab:red" if s in removed else "tab:gray" for s in sites]
     ax.bar(range(len(sites)), [per_site[s]["accuracy"] for s in sites], color=colors,
-           label="one site's model (red: unlearned later)")
-    for key, style, label in (("accuracy_composed", "-", "composed (ledger)"),
-                              ("accuracy_ensemble", ":", "ensemble of all sites"),
-                              ("accuracy_after_removal", "--", "after removal")):
+           label=f"one site's model on {summary.get('ensemble_test_images')} test images (red: unlearned later)")
+    subset = summary.get("ensemble_test_images")
+    full = summary.get("eval_subset") or 10000
+    lines = (("accuracy_composed_on_subset", "-", "tab:blue", f"composed, same {subset} images"),
+             ("accuracy_ensemble", ":", "tab:orange", f"ensemble of all sites, same {subset} images"),
+             ("accuracy_composed", "-", "tab:purple", f"composed, {full} test images (server)"),
+             ("accuracy_after_removal", "--", "tab:green", f"after removal, {full} test images (server)"))
+    for key, style, color, label in lines:
         if summary.get(key) is not None:
-            ax.axhline(summary[key], linestyle=style, color="tab:blue" if "removal" not in key else "tab:green",
-                       label=f"{label}: {summary[key]:.4f}")
+            ax.axhline(summary[key], linestyle=style, color=color, label=f"{label}: {summary[key]:.4f}")
     ax.set_xticks(range(len(sites)), sites, fontsize=6, rotation=90)
     ax.set_xlabel("site")
     ax.set_ylabel("test accuracy")
-    lo = min(per_site[s]["accuracy"] for s in sites)
-    ax.set_ylim(max(0.0, lo - 0.05), 1.0)
+    values = [per_site[s]["accuracy"] for s in sites] + [summary[k] for k, *_ in lines if summary.get(k) is not None]
+    ax.set_ylim(max(0.0, min(values) - 0.05), min(1.0, max(values) + 0.06))
     ax.set_title(f"TAFT-1 on Fashion-MNIST, {summary['num_clients']} sites ({summary['partition']})")
-    ax.legend(loc="lower right", fontsize=8)
+    ax.legend(loc="upper left", fontsize=7, ncol=2)
     fig.tight_layout()
     fig.savefig(path, dpi=120)
     plt.close(fig)
