@@ -15,11 +15,22 @@ _EXPORTS = {
     "partition_fingerprint": "tangent.partition",
     "TangentViT": "tangent.model",
     "NLFTViT": "tangent.nlft",
-    "compose": "tangent.compose",
+    "compose": "tangent.composition",
     "FeatureCache": "tangent.cache",
     "TrainConfig": "tangent.train",
     "fit": "tangent.train",
+    "evaluate": "tangent.train",
+    "predict_logits": "tangent.train",
+    "TrainResult": "tangent.train",
     "PrivacyConfig": "tangent.privacy",
+    "EpsilonBudget": "tangent.privacy",
+    "BudgetExhausted": "tangent.privacy",
+    "rsl_loss": "tangent.losses",
+    "cross_entropy": "tangent.losses",
+    "mse_loss": "tangent.losses",
+    "l2_penalty": "tangent.losses",
+    "project_to_ball": "tangent.losses",
+    "CLS_DELTA_KEY": "tangent.model",
 }
 __all__ = sorted(_EXPORTS)
 

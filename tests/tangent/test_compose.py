@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from tangent.compose import compose
+from tangent.composition import compose
 from tangent.losses import cross_entropy, l2_penalty, mse_loss, project_to_ball, rsl_loss
 from tangent.model import TangentViT
 from tests.tangent.test_model import images, random_delta, rel_err, tiny_vit
@@ -59,3 +59,11 @@ def test_losses():
     assert torch.allclose(params["a"], torch.tensor([0.6])) and torch.allclose(params["b"], torch.tensor([0.8]))
     assert project_to_ball(list(params.values()), 2.0) == pytest.approx(1.0)
     assert torch.allclose(params["a"], torch.tensor([0.6]))
+
+
+def test_package_level_compose_is_the_function():
+    import tangent
+    import tangent.composition  # noqa: F401  importing the module must not shadow the function
+    a = {"w": torch.ones(2)}
+    b = {"w": torch.zeros(2)}
+    assert torch.equal(tangent.compose([a, b], [1.0, 3.0])["w"].float(), torch.full((2,), 0.25))
