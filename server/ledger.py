@@ -703,6 +703,17 @@ class Ledger:
         import torch  # the ledger itself runs on numpy; only this view needs torch
         return {name: torch.from_numpy(a) for name, a in self.composed_arrays().items()}
 
+    def contribution_delta(self, contribution_id: int) -> dict[str, np.ndarray]:
+        """The stored Δ of an *active* contribution, exactly as received (float32 numpy arrays).
+
+        Removed or replaced contributions have their Δ bytes erased: ``KeyError`` for those."""
+        with self.snapshot():
+            row = self._db.execute("SELECT safetensors FROM deltas WHERE contribution_id = ?",
+                                   (contribution_id,)).fetchone()
+        if row is None:
+            raise KeyError(f"no stored Δ for contribution {contribution_id} (not active?)")
+        return safetensors.numpy.load(row[0])
+
     def settings(self) -> dict[str, Any]:
         """Weighting, grid, pinned spec and base digest, total weight."""
         with self.snapshot():

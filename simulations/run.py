@@ -34,7 +34,6 @@ import json
 import os
 import signal
 import socket
-import sqlite3
 import subprocess
 import sys
 import tempfile
@@ -205,20 +204,12 @@ def flwr_run(run_config: dict, federation: dict, env: dict, log_path: Path, watc
 
 # ---------------------------------------------------------------- ledger reads
 def active_deltas(ledger_path: Path) -> list[tuple[str, int, dict]]:
-    """(site id, num_examples, Δ as numpy) of every active contribution, read-only.
+    """(site id, num_examples, Δ as numpy) of every active contribution."""
+    from server.ledger import Ledger
 
-    The Ledger has no public per-contribution reader yet; this reads the documented table.
-    """
-    import safetensors.numpy
-
-    db = sqlite3.connect(f"file:{ledger_path}?mode=ro", uri=True)
-    try:
-        rows = db.execute("SELECT c.site_id, c.num_examples, d.safetensors FROM contributions c "
-                          "JOIN deltas d ON d.contribution_id = c.id "
-                          "WHERE c.status = 'active' ORDER BY c.id").fetchall()
-    finally:
-        db.close()
-    return [(site, n, safetensors.numpy.load(blob)) for site, n, blob in rows]
+    with Ledger.open(ledger_path, create=False) as ledger:
+        return [(c.site_id, c.num_examples, ledger.contribution_delta(c.id))
+                for c in ledger.contributions(status="active")]
 
 
 def site_order(site: str):

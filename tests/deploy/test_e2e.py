@@ -340,7 +340,6 @@ def _apps_present() -> bool:
 
 @pytest.mark.skipif(not _apps_present(), reason="server/server_app.py and client/client_app.py not there yet")
 def test_train_then_signed_withdrawal(federation):
-    import safetensors.numpy
 
     from server.ledger import Ledger
     from server.withdrawal import create_request, load_private_key
@@ -388,13 +387,12 @@ def test_train_then_signed_withdrawal(federation):
         assert sorted(c.site_id for c in remaining) == ["1", "3"]
         composed = ledger.composed_arrays()
         # the remaining Δ bytes, exactly as stored
-        blobs = {c.site_id: ledger._db.execute("SELECT delta_st FROM contributions WHERE id = ?",
-                                                (c.id,)).fetchone()[0] for c in remaining}
+        stored = {c.site_id: ledger.contribution_delta(c.id) for c in remaining}
         examples = {c.site_id: c.num_examples for c in remaining}
         settings = ledger.settings()
     with Ledger.open(f["root"] / "fresh.sqlite", weighting=settings.get("weighting")) as fresh:
         for site in ("1", "3"):
-            fresh.add(site, safetensors.numpy.load(blobs[site]), examples[site])
+            fresh.add(site, stored[site], examples[site])
         expected = fresh.composed_arrays()
     assert composed.keys() == expected.keys()
     assert all(composed[k].tobytes() == expected[k].tobytes() for k in composed)

@@ -444,3 +444,18 @@ def test_unknown_metadata_is_a_programming_error(tmp_path):
         with pytest.raises(TypeError, match="unknown contribution metadata"):
             ledger.add("a", random_delta(np.random.default_rng(10)), 5, epsilon_typo=1.0)
         assert len(ledger.versions()) == 1
+
+
+def test_contribution_delta_reads_back_exactly_and_only_active(tmp_path):
+    import numpy as np
+    from server.ledger import Ledger
+    rng = np.random.default_rng(5)
+    delta = {"w": rng.standard_normal((3, 4)).astype(np.float32), "b": rng.standard_normal(4).astype(np.float32)}
+    with Ledger.open(tmp_path / "l.sqlite") as ledger:
+        ledger.add("a", delta, 7)
+        (contribution,) = ledger.contributions(status="active")
+        stored = ledger.contribution_delta(contribution.id)
+        assert all(stored[k].tobytes() == delta[k].tobytes() for k in delta)
+        ledger.remove("a", reason="test")
+        with pytest.raises(KeyError):
+            ledger.contribution_delta(contribution.id)
