@@ -13,3 +13,15 @@ def pretrained_vit():
     """The real DINOv2 ViT-S/14 at the default resolution (converted once, cached)."""
     from tangent.pretrained import load_pretrained
     return load_pretrained()
+
+
+@pytest.fixture
+def flower_server_identity():
+    """Flower 1.41 stamps instruction messages with the task identity of the ServerApp process:
+    set one, as a ServerApp would, for tests that build messages in-process."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    saved = TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id
+    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+    yield
+    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved

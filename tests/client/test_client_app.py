@@ -12,23 +12,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 from client.client_app import app
 from client.spec import ModelSpec, build_model
 
-pytestmark = pytest.mark.slow
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("flower_server_identity")]
 
 SPEC = ModelSpec(img_size=56, reinit=False)
 TRAIN = {"epochs": 5, "batch-size": 32, "lr": 1e-3, "loss": "rsl", "kappa": 15.0, "rsl-alpha": 1.0,
          "l2": 0.0, "radius": 0.0, "seed": 0, "dp": False, "dp-epsilon": 8.0, "dp-delta": 0.0,
          "dp-max-grad-norm": 1.0}
-
-
-@pytest.fixture(autouse=True)
-def server_identity():
-    """Instruction messages are stamped with the sending task's identity (set as a ServerApp would)."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
-    yield
-    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
 
 
 @pytest.fixture(scope="module")

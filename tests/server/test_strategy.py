@@ -51,15 +51,7 @@ def error_reply(node_id: int, site: str, code: str) -> Message:
     return Message(RecordDict({"error": record}), reply_to=instruction(node_id))
 
 
-@pytest.fixture(autouse=True)
-def server_identity():
-    """Flower 1.41 stamps instruction messages with the task identity of the ServerApp process."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    saved = TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id
-    TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
-    yield
-    TaskIdentity._run_id, TaskIdentity._task_id, TaskIdentity._node_id = saved
+pytestmark = pytest.mark.usefixtures("flower_server_identity")
 
 
 @pytest.fixture
