@@ -30,6 +30,12 @@ def remove_sites(run_config: Mapping[str, Any]) -> list[str]:
     return list(dict.fromkeys(sites))
 
 
+def withdrawal_requests(run_config: Mapping[str, Any]) -> list[str]:
+    """``withdrawal-requests="a.json,b.json"`` -> paths of signed request files on the server."""
+    paths = [s.strip() for s in str(run_config.get("withdrawal-requests", "")).split(",") if s.strip()]
+    return list(dict.fromkeys(paths))
+
+
 def resolve(path: str) -> Path:
     """A path from the run config; relative paths are taken from the SuperLink's working directory."""
     return Path(path).expanduser().resolve()

@@ -2,13 +2,16 @@
 
     flwr run . --run-config "mode='train' ledger-path='runs/ledger.sqlite'"
     flwr run . --run-config "mode='unlearn' remove-sites='3,7'"
+    flwr run . --run-config "mode='unlearn' withdrawal-requests='w3.json' site-registry='registry.json'"
 
 Train: every sampled site fine-tunes TAFT from w0 and sends its Δw; :class:`LedgerFedAvg`
 validates and records each reply in the ledger (replacing a site's earlier contribution),
 publishes the composed Δ, the sites evaluate it on their local test splits, and the server
 evaluates it centrally on the Fashion-MNIST test split (``eval-subset`` rows, 0 = all).
-Unlearn: no site trains; the listed sites are subtracted from the ledger and the new model is
-evaluated. Either way a JSON report is written (``report-path``, see server.config).
+Unlearn: no site trains; the listed sites (``remove-sites``: the operator's own decision) and the
+sites of the signed withdrawal requests (``withdrawal-requests``: files on the server, verified
+against ``site-registry`` by server.withdrawal; refused ones change nothing and are reported)
+are subtracted from the ledger and the new model is evaluated. Either way a JSON report is written (``report-path``, see server.config).
 """
 from __future__ import annotations
 
@@ -104,7 +107,10 @@ def main(grid: Grid, context: Context) -> None:
                      weighting=str(run_config.get("weighting", "examples")),
                      expected_spec=expected_spec) as ledger:
         if mode == "unlearn":
-            report |= _unlearn(ledger, cfg.remove_sites(run_config), evaluation, run_id)
+            report |= _unlearn(ledger, cfg.remove_sites(run_config), evaluation, run_id,
+                               requests=cfg.withdrawal_requests(run_config),
+                               registry=str(run_config.get("site-registry", "") or ""),
+                               ledger_path=ledger_path)
         else:
             report |= _train(grid, ledger, spec, base_digest, evaluation, run_config)
         version = ledger.current_version()
@@ -147,11 +153,17 @@ def _train(grid: Grid, ledger: Ledger, spec, base_digest: str, evaluation, run_c
             "rejected": sum(len(r["rejections"]) for r in rounds)}
 
 
-def _unlearn(ledger: Ledger, sites: list[str], evaluation, run_id) -> dict:
-    if not sites:
-        raise ValueError("mode='unlearn' needs remove-sites='<id>,<id>,...'")
+def _unlearn(ledger: Ledger, sites: list[str], evaluation, run_id, *, requests: list[str] = (),
+             registry: str = "", ledger_path: Path | None = None) -> dict:
+    if not sites and not requests:
+        raise ValueError("mode='unlearn' needs remove-sites='<id>,<id>,...' or "
+                         "withdrawal-requests='<file>,<file>,...'")
+    if requests and not registry:
+        raise ValueError("withdrawal-requests need site-registry='<registry.json>' to verify their signatures")
     removed, not_found = [], []
     before = ledger.current_version().version
+    withdrawals = _apply_withdrawals(ledger, requests, registry, ledger_path) if requests else []
+    removed += [w["site_id"] for w in withdrawals if w["accepted"]]
     for site in sites:
         if ledger.remove(site, reason=f"unlearning run {run_id}"):
             removed.append(site)
@@ -159,7 +171,9 @@ def _unlearn(ledger: Ledger, sites: list[str], evaluation, run_id) -> dict:
         else:
             not_found.append(site)
             log.warning("site %s has no active contribution: nothing to remove", site)
-    result = {"removed_sites": removed, "not_found": not_found, "version_before": before}
+    result = {"removed_sites": removed, "not_found": not_found, "version_before": before,
+              "withdrawals": withdrawals,
+              "withdrawals_refused": sum(not w["accepted"] for w in withdrawals)}
     if ledger.current_version().total_weight:
         result["central"] = {"0": evaluation(ledger.composed_delta())}
         result["accuracy"] = result["central"]["0"]["accuracy"]
@@ -168,6 +182,32 @@ def _unlearn(ledger: Ledger, sites: list[str], evaluation, run_id) -> dict:
         result["accuracy"] = None
         log.warning("the ledger is empty after removal: nothing to evaluate")
     return result
+
+
+def _apply_withdrawals(ledger: Ledger, requests: list[str], registry: str, ledger_path: Path) -> list[dict]:
+    """Verify each signed request and subtract its site; a refused one changes nothing."""
+    from server.withdrawal import NonceStore, SiteRegistry, WithdrawalRefused, apply_withdrawal, nonce_store_path
+
+    sites = SiteRegistry(cfg.resolve(registry))
+    if not sites.sites() and sites.admin_public_key() is None:
+        raise ValueError(f"site-registry {registry!r} holds no registered keys: cannot verify any withdrawal")
+    decisions = []
+    with NonceStore(nonce_store_path(ledger_path)) as nonces:
+        for request_path in requests:
+            decision = {"request": request_path, "site_id": None, "accepted": False, "detail": ""}
+            try:
+                document = json.loads(cfg.resolve(request_path).read_text())
+                request = apply_withdrawal(document, ledger, sites, nonces)
+                decision |= {"site_id": request.site_id, "accepted": True, "signer": request.signer}
+            except (OSError, json.JSONDecodeError) as err:
+                decision["detail"] = f"cannot read the request: {err}"
+                log.warning("withdrawal %s REFUSED: %s", request_path, decision["detail"])
+            except WithdrawalRefused as err:
+                payload = document.get("payload") if isinstance(document, dict) else None
+                decision |= {"site_id": payload.get("site_id") if isinstance(payload, dict) else None,
+                             "detail": str(err)}
+            decisions.append(decision)
+    return decisions
 
 
 def _site_order(site: str):

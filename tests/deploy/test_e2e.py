@@ -4,8 +4,9 @@ processes, driven only through the deploy/ scripts an operator and the sites wou
 - refusals: an unregistered key, a plain-text (--insecure) SuperNode, a wrong CA;
 - a Flower run with a tiny probe app (one round trip to the 3 sites; no ML) — checks the
   deployment path itself and measures its round-trip time;
-- the real app: one training run (small img-size/epochs) -> 3 ledger contributions, then a
-  signed withdrawal of one site -> 2 contributions whose composed bytes equal those of a fresh
+- the real app: one training run (small img-size/epochs) -> 3 ledger contributions, then an
+  unlearning run carrying a signed withdrawal of one site (and a forged one, refused)
+  -> 2 contributions whose composed bytes equal those of a fresh
   ledger holding the remaining 2; a badly signed withdrawal leaves the ledger unchanged.
   Skipped until server/server_app.py and client/client_app.py exist.
 
@@ -370,13 +371,26 @@ def test_train_then_signed_withdrawal(federation):
         assert ledger.current_version().version == version_before
         assert len(ledger.contributions(status="active")) == 3
 
+    # The unlearning run goes through Flower: the ServerApp verifies both requests, refuses the
+    # forged one and subtracts site 2; no site trains.
     good = f["root"] / "withdraw-2.json"
     out = _run(["-m", "deploy.withdraw", "create", "--site-id", "2", "--key", str(state / "keys/site-2.key"),
                 "--reason", "e2e withdrawal", "--out", str(good)], env=f["env"])
     assert out.returncode == 0, out.stderr
-    out = _run(["-m", "deploy.withdraw", "apply", str(good), "--ledger", str(ledger_path),
-                "--registry", str(state / "registry.json")], env=f["env"])
+    report_path = f["root"] / "unlearn-report.json"
+    t0 = time.monotonic()
+    out = _run(["-m", "deploy.submit", "--app", str(REPO), "--state", str(f["state"]), "--timeout", "600",
+                "--run-config", f"mode='unlearn' ledger-path='{ledger_path}' img-size=28 eval-subset=500 "
+                                f"withdrawal-requests='{f['root'] / 'bad.json'},{good}' "
+                                f"site-registry='{state / 'registry.json'}' report-path='{report_path}'"],
+               env=f["env"])
+    print(f"unlearning run (2 signed requests, 1 forged): {time.monotonic() - t0:.1f} s submit-to-finished")
     assert out.returncode == 0, out.stdout + out.stderr
+    report = json.loads(report_path.read_text())
+    decisions = {Path(w["request"]).name: w for w in report["withdrawals"]}
+    assert not decisions["bad.json"]["accepted"] and "bad signature" in decisions["bad.json"]["detail"]
+    assert decisions["withdraw-2.json"]["accepted"]
+    assert report["removed_sites"] == ["2"] and report["withdrawals_refused"] == 1
     out = _run(["-m", "deploy.withdraw", "apply", str(good), "--ledger", str(ledger_path),
                 "--registry", str(state / "registry.json")], env=f["env"])
     assert out.returncode == 1 and "replayed" in out.stderr
