@@ -26,7 +26,7 @@ from flwr.serverapp import Grid, ServerApp
 
 from server import config as cfg
 from server.ledger import Ledger
-from server.strategy import LedgerFedAvg
+from server.strategy import LedgerFedAvg, StreamingGrid
 
 log = logging.getLogger("taft.server")
 logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
@@ -143,7 +143,7 @@ def _train(grid: Grid, ledger: Ledger, spec, base_digest: str, evaluation, run_c
         return MetricRecord(central[server_round])
 
     initial = ArrayRecord(ledger.composed_delta()) if ledger.current_version().total_weight else ArrayRecord()
-    strategy.start(grid=grid, initial_arrays=initial, num_rounds=int(run_config.get("num-rounds", 1)),
+    strategy.start(grid=StreamingGrid(grid), initial_arrays=initial, num_rounds=int(run_config.get("num-rounds", 1)),
                    timeout=float(run_config.get("round-timeout", 3600)),
                    train_config=ConfigRecord(cfg.train_config(run_config)), evaluate_fn=evaluate_fn)
     rounds = [strategy.rounds[r].as_dict() for r in sorted(strategy.rounds)]

@@ -244,3 +244,40 @@ def _weighted_means(rows: Iterable[dict], keys: tuple[str, ...]) -> dict[str, fl
         if values:
             out[key] = sum(v * n for v, n in values) / sum(n for _, n in values)
     return out
+
+
+class StreamingGrid:
+    """A Grid whose ``send_and_receive`` yields each reply as soon as it is pulled.
+
+    Flower's grids collect every reply of a round in a list before the strategy sees any; with
+    50 sites that is 50 Δw (~7 MB each) held at once in the ServerApp. :class:`LedgerFedAvg`
+    records each reply in the ledger and drops it, so a generator keeps one at a time. Messages
+    are pushed eagerly (when the method is called), like the wrapped grid; pulling stops at the
+    timeout, like it. Everything else is delegated to the wrapped grid.
+    """
+
+    def __init__(self, grid: Grid, pull_interval: float = 0.5):
+        self._grid = grid
+        self._pull_interval = pull_interval
+
+    def __getattr__(self, name: str):
+        return getattr(self._grid, name)
+
+    def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None
+                         ) -> Iterable[Message]:
+        pending = set(self._grid.push_messages(messages))
+        return self._replies(pending, timeout)
+
+    def _replies(self, pending: set, timeout: float | None):
+        import time
+
+        end = None if timeout is None else time.time() + timeout
+        while pending and (end is None or time.time() < end):
+            replies = list(self._grid.pull_messages(pending))
+            pending.difference_update(msg.metadata.reply_to_message_id for msg in replies)
+            while replies:
+                yield replies.pop(0)  # popped: the list does not keep a consumed reply alive
+            if pending:
+                time.sleep(self._pull_interval)
+        if pending:
+            log.warning("%d replies did not arrive within the %.0f s timeout", len(pending), timeout)

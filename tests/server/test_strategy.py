@@ -153,3 +153,48 @@ def test_aggregate_evaluate_weights_by_examples_and_skips_errors(ledger):
                                        error_reply(3, "3", "no_test_split")])
     assert metrics["eval-accuracy"] == pytest.approx(0.6) and metrics["sites"] == 2
     assert s.rounds[1].evaluate["skipped"][0]["reason"] == "no_test_split"
+
+
+class _ScriptedGrid:
+    """Replies become available in batches, one batch per pull (like sites finishing over time)."""
+
+    def __init__(self, batches):
+        self.batches, self.pulls, self.pushed = list(batches), 0, []
+
+    def push_messages(self, messages):
+        self.pushed = [f"m{i}" for i, _ in enumerate(messages)]
+        return list(self.pushed)
+
+    def pull_messages(self, ids):
+        self.pulls += 1
+        return self.batches.pop(0) if self.batches else []
+
+    def get_node_ids(self):
+        return [1, 2, 3]
+
+
+def _reply(ins_id: str) -> Message:
+    msg = Message(RecordDict(), dst_node_id=1, message_type="train")
+    msg.metadata.__dict__["_reply_to_message_id"] = ins_id
+    return msg
+
+
+def test_streaming_grid_pushes_eagerly_and_yields_each_reply_as_pulled():
+    from server.strategy import StreamingGrid
+
+    grid = _ScriptedGrid([[_reply("m0")], [], [_reply("m2"), _reply("m1")]])
+    streaming = StreamingGrid(grid, pull_interval=0.0)
+    replies = streaming.send_and_receive([object()] * 3, timeout=30)
+    assert grid.pushed == ["m0", "m1", "m2"] and grid.pulls == 0  # pushed before any iteration
+    first = next(iter(replies))
+    assert first.metadata.reply_to_message_id == "m0" and grid.pulls == 1  # no waiting for the rest
+    assert [m.metadata.reply_to_message_id for m in replies] == ["m2", "m1"] and grid.pulls == 3
+    assert streaming.get_node_ids() == [1, 2, 3]  # everything else is the wrapped grid's
+
+
+def test_streaming_grid_stops_at_the_timeout():
+    from server.strategy import StreamingGrid
+
+    grid = _ScriptedGrid([[_reply("m0")]])
+    replies = list(StreamingGrid(grid, pull_interval=0.01).send_and_receive([object()] * 2, timeout=0.1))
+    assert [m.metadata.reply_to_message_id for m in replies] == ["m0"]
