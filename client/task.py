@@ -62,9 +62,21 @@ def _refusals(handler):
             # token cache; a Ray worker runs many sites, so free them now rather than at some
             # later collection (measured: ~0.7 GB of mapped cache pages per worker otherwise).
             gc.collect()
+            _release_free_heap()
     wrapped.__name__ = handler.__name__
     wrapped.__doc__ = handler.__doc__
     return wrapped
+
+
+def _release_free_heap() -> None:
+    """Give glibc's free heap pages back to the OS. A Ray worker serves many sites one after
+    the other; without this its heap keeps the high-water mark of every site's batches and
+    replies (measured: 270-560 MB of [heap] per worker in a 6-site run)."""
+    try:
+        import ctypes
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):  # not glibc: nothing to do
+        pass
 
 
 def _check_spec(content: RecordDict) -> tuple[ModelSpec, Any, str]:

@@ -2,8 +2,9 @@
 
 The trunk (every block before the first linearized one) is frozen, so the tokens it produces
 depend only on w0, the preprocessing and the image. A data set's tokens are computed once,
-stored as one memory-mapped ``.npy`` file ``[N, T, d]`` and shared read-only by every process
-that trains on it (Ray workers map the same pages; nothing is copied into their memory).
+stored as one ``.npy`` file ``[N, T, d]`` and shared read-only by every process that trains on
+it: ``FeatureCache.tokens`` maps it, ``TokenDataset`` reads a batch's rows with ``pread`` (the
+pages stay in the kernel's page cache, shared, instead of in every reader's resident set).
 
 Layout of ``cache_dir``::
 
@@ -119,11 +120,21 @@ class FeatureCache:
 
 
 class TokenDataset(Dataset):
-    """Rows of a token array as float32 tensors; indexable by an int or an index array."""
+    """Rows of a token array as float32 tensors; indexable by an int or an index array.
+
+    Over a cache file (an ``np.memmap``) rows are read with ``os.pread`` rather than through the
+    mapping: the bytes then sit in the kernel's page cache, shared by every process, and not in
+    the resident set of each reader (a Ray worker serving 25 sites would otherwise keep every
+    site's mapped pages resident: hundreds of MB per worker).
+    """
 
     def __init__(self, tokens: np.ndarray, indices=None):
         self.tokens = tokens
         self.indices = None if indices is None else np.asarray(indices, dtype=np.int64)
+        self._file = None
+        if isinstance(tokens, np.memmap) and tokens.filename and tokens.flags.c_contiguous:
+            self._file = (str(tokens.filename), int(tokens.offset), tokens.dtype,
+                          int(np.prod(tokens.shape[1:])) * tokens.dtype.itemsize)
 
     def __len__(self) -> int:
         return len(self.tokens) if self.indices is None else len(self.indices)
@@ -135,7 +146,35 @@ class TokenDataset(Dataset):
     def __getitem__(self, index) -> torch.Tensor:
         index = np.asarray(index, dtype=np.int64)
         rows = index if self.indices is None else self.indices[index]
-        return torch.from_numpy(np.array(self.tokens[rows], dtype=np.float32))
+        if self._file is None:
+            return torch.from_numpy(np.array(self.tokens[rows], dtype=np.float32))
+        return torch.from_numpy(self._read_rows(rows))
+
+    def _read_rows(self, rows: np.ndarray) -> np.ndarray:
+        path, offset, dtype, row_bytes = self._file
+        flat = np.atleast_1d(rows)
+        n = len(self.tokens)
+        if flat.size and (flat.min() < -n or flat.max() >= n):
+            raise IndexError(f"row index out of range for {n} cached rows")
+        flat = np.where(flat < 0, flat + n, flat)
+        out = np.empty((flat.size, row_bytes), dtype=np.uint8)
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            i = 0
+            while i < flat.size:  # one read per run of consecutive rows
+                j = i + 1
+                while j < flat.size and flat[j] == flat[j - 1] + 1:
+                    j += 1
+                want = (j - i) * row_bytes
+                data = os.pread(fd, want, offset + int(flat[i]) * row_bytes)
+                if len(data) != want:
+                    raise CacheError(f"{path}: short read ({len(data)} of {want} bytes): truncated cache?")
+                out[i:j] = np.frombuffer(data, dtype=np.uint8).reshape(j - i, row_bytes)
+                i = j
+        finally:
+            os.close(fd)
+        array = out.view(dtype).reshape(flat.size, *self.tokens.shape[1:]).astype(np.float32, copy=False)
+        return array[0] if rows.ndim == 0 else array
 
 
 @contextmanager

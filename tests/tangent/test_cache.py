@@ -146,3 +146,23 @@ def test_concurrent_readers_read_identical_bytes(tmp_path):
     expected = hashlib.sha256(cache.tokens.tobytes()).hexdigest()
     assert [o["sha"] for o in outs] == [expected, expected]
     assert all(o["memmap"] and not o["built"] for o in outs)
+
+
+def test_token_rows_read_with_pread_equal_the_mapping(tmp_path):
+    from tangent.cache import TokenDataset
+
+    rng = np.random.default_rng(0)
+    for dtype in (np.float32, np.float16):
+        np.save(tmp_path / "t.npy", rng.standard_normal((40, 5, 3)).astype(dtype))
+        tokens = np.load(tmp_path / "t.npy", mmap_mode="r")
+        subset = np.array([7, 8, 9, 3, 39, 0, 1])
+        view = TokenDataset(tokens, subset)
+        assert view._file is not None  # the pread path, not the mapping
+        for index in (np.arange(7), np.array([6, 0, 2, 2]), np.array([], dtype=np.int64), 4, -1):
+            got = view[index]
+            expected = torch.from_numpy(np.array(tokens[subset[index]], dtype=np.float32))
+            assert got.dtype == torch.float32 and got.shape == expected.shape and torch.equal(got, expected)
+        whole = TokenDataset(tokens)
+        assert torch.equal(whole[np.arange(40)], torch.from_numpy(np.array(tokens, dtype=np.float32)))
+        with pytest.raises(IndexError):
+            whole[np.array([40])]
