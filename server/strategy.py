@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import math
+import time
 from collections import Counter
 from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
@@ -61,13 +62,18 @@ class RoundSummary:
     train_metrics: dict = field(default_factory=dict)
     site_metrics: dict = field(default_factory=dict)  # site id -> train metrics
     evaluate: dict = field(default_factory=dict)
+    # seconds from sending the train messages until the last reply is in the ledger
+    train_round_trip_s: float | None = None
+    sent_at: float | None = field(default=None, repr=False)
 
     @property
     def rejected_by_reason(self) -> dict[str, int]:
         return dict(Counter(r["reason"] for r in self.rejections))
 
     def as_dict(self) -> dict:
-        return asdict(self) | {"rejected_by_reason": self.rejected_by_reason}
+        out = asdict(self) | {"rejected_by_reason": self.rejected_by_reason}
+        out.pop("sent_at")
+        return out
 
 
 def parse_train_reply(msg: Message, expected_base_digest: str) -> Contribution:
@@ -161,7 +167,7 @@ class LedgerFedAvg(FedAvg):
         config["server-round"] = server_round
         messages = self._messages(RecordDict({"spec": self.spec, "config": config}),
                                   self.fraction_train, self.min_train_nodes, grid, MessageType.TRAIN)
-        self.rounds[server_round] = RoundSummary(server_round, sent=len(messages))
+        self.rounds[server_round] = RoundSummary(server_round, sent=len(messages), sent_at=time.monotonic())
         log.info("round %d: asked %d sites to train from w0", server_round, len(messages))
         return messages
 
@@ -188,11 +194,13 @@ class LedgerFedAvg(FedAvg):
             summary.model_version = version.version
             summary.total_examples += contribution.num_examples
             summary.site_metrics[contribution.site_id] = contribution.metrics
+        if summary.sent_at is not None:
+            summary.train_round_trip_s = time.monotonic() - summary.sent_at
         summary.train_metrics = _weighted_means(summary.site_metrics.values(),
                                                 ("train-loss", "train-accuracy", "wall-s"))
-        log.info("round %d: recorded %d (%d replaced), rejected %d %s; ledger version %s",
+        log.info("round %d: recorded %d (%d replaced), rejected %d %s; ledger version %s; round trip %.1f s",
                  server_round, len(summary.recorded), len(summary.replaced), len(summary.rejections),
-                 summary.rejected_by_reason or "", summary.model_version)
+                 summary.rejected_by_reason or "", summary.model_version, summary.train_round_trip_s or 0.0)
         metrics = MetricRecord(summary.train_metrics | {"recorded": len(summary.recorded),
                                                         "rejected": len(summary.rejections)})
         if not summary.recorded and summary.model_version is None:
@@ -269,8 +277,6 @@ class StreamingGrid:
         return self._replies(pending, timeout)
 
     def _replies(self, pending: set, timeout: float | None):
-        import time
-
         end = None if timeout is None else time.time() + timeout
         while pending and (end is None or time.time() < end):
             replies = list(self._grid.pull_messages(pending))
