@@ -1,0 +1,1 @@
+"""The TAFT paper's experiments in miniature: ``python -m simulations.experiments --help``."""

@@ -1,0 +1,163 @@
+"""`python -m simulations.experiments`: exact ridge statistics, the CLS-only NLFT path, and a
+`--quick` run of all four experiments whose CSVs, plots and generated sections are checked."""
+from __future__ import annotations
+
+import re
+from math import comb
+
+import numpy as np
+import pytest
+import torch
+
+from simulations.experiments import common as C
+from simulations.experiments import report as R
+from simulations.experiments.__main__ import main
+from simulations.experiments.suite import NAMES, plan
+
+
+def test_ridge_statistics_compose_and_remove_exactly():
+    gen = torch.Generator().manual_seed(0)
+    phi = torch.randn(600, 16, generator=gen) * 3 + 1
+    labels = torch.randint(0, 10, (600,), generator=gen)
+    parts = np.array_split(np.random.default_rng(0).permutation(600), 7)
+    shards = [C.ridge_stats(phi[p], labels[p]) for p in parts]
+    central = C.ridge_stats(phi, labels)
+    total = C.sum_stats(shards)
+    assert total.n == central.n == 600
+    assert total.rel_diff(central) <= 1e-13
+    w_total, w_central = C.ridge_solve(total, 2.0), C.ridge_solve(central, 2.0)
+    assert float((w_total - w_central).abs().max()) <= 1e-9
+    # removal by subtraction == the statistics of the remaining shards, and so is the solution
+    removed = total - shards[2] - shards[5]
+    keep = np.concatenate([p for i, p in enumerate(parts) if i not in (2, 5)])
+    fresh = C.ridge_stats(phi[keep], labels[keep])
+    assert removed.n == len(keep) and removed.rel_diff(fresh) <= 1e-12
+    assert float((C.ridge_solve(removed, 2.0) - C.ridge_solve(fresh, 2.0)).abs().max()) <= 1e-8
+    # and the check can fail: leaving a shard in is visible
+    assert (total - shards[2]).rel_diff(fresh) > 1e-3
+    # the bias is not penalised: a huge λ leaves the class frequencies
+    w = C.ridge_solve(central, 1e12)
+    freq = torch.bincount(labels, minlength=10).double() / 600
+    assert torch.allclose(w[-1], freq, atol=1e-6)
+
+
+def test_expected_hit_fraction_matches_combinatorics():
+    sizes, total = [3, 5, 12], 20
+    for m in (1, 4, 9):
+        exact = np.mean([1 - comb(total - n, m) / comb(total, m) for n in sizes])
+        assert C.expected_hit_fraction(sizes, m, total) == pytest.approx(exact, rel=1e-9)
+    assert C.expected_hit_fraction([10, 10], 15, 20) == 1.0
+
+
+def test_cls_only_nlft_equals_stock_forward_and_gradients():
+    import timm
+    from tangent.nlft import NLFTTail, NLFTViT
+
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_small_patch14_dinov2", pretrained=False, img_size=28,
+                            num_classes=0, depth=2, embed_dim=48, num_heads=3).eval()
+    model = NLFTViT.from_timm(vit, 10, linearized_blocks=1, reinit=True, seed=0)
+    tokens = model.trunk(torch.randn(4, 3, 28, 28))
+    grads = {}
+    for cls in (NLFTTail, C.ClsOnlyNLFTTail):
+        model.linearized.__class__ = cls
+        model.linearized.zero_grad()
+        out = model.linearized(tokens)
+        out.square().sum().backward()
+        grads[cls] = (out.detach(), {n: p.grad.clone() for n, p in model.linearized.named_parameters()
+                                     if p.grad is not None})
+    model.linearized.__class__ = NLFTTail
+    C.cls_only_nlft(model)  # checks itself against the stock forward
+    assert type(model.linearized) is C.ClsOnlyNLFTTail
+    (a, ga), (b, gb) = grads[NLFTTail], grads[C.ClsOnlyNLFTTail]
+    assert torch.allclose(a, b, rtol=1e-5, atol=1e-6)
+    assert ga.keys() == gb.keys() and len(ga) > 10
+    for name in ga:
+        assert torch.allclose(ga[name], gb[name], rtol=1e-4, atol=1e-6), name
+
+
+def test_sections_replace_only_their_own_block():
+    text = R.HEADER + "\nhand-written notes\n"
+    text = R.replace_section(text, "privacy", "P1")
+    text = R.replace_section(text, "composition", "C1")
+    assert text.index("C1") < text.index("P1")  # canonical order
+    again = R.replace_section(text, "composition", "C2")
+    assert "C1" not in again and "C2" in again and "P1" in again and "hand-written notes" in again
+    assert again.count(R.begin("composition")) == 1
+
+
+def test_lanes():
+    assert plan(NAMES, 2) == [("composition",), ("privacy", "retraining", "removal")]
+    assert plan(["removal"], 2) == [("removal",)]
+    assert plan(NAMES, 1) == [tuple(NAMES)]
+
+
+@pytest.mark.slow
+def test_quick_suite_writes_csvs_plots_and_generated_sections(tmp_path):
+    out, results = tmp_path / "out", tmp_path / "results.md"
+    results.write_text("# Results\n\nkept by the generator\n")
+    assert main(["--quick", "--out", str(out), "--results", str(results), "--jobs", "1",
+                 "--no-progress"]) == 0
+    text = results.read_text()
+    assert "kept by the generator" in text
+    for name in (*NAMES, "suite"):
+        assert text.count(R.begin(name)) == 1 and text.count(R.end(name)) == 1
+    for name in NAMES:
+        assert (out / name / "results.csv").is_file() and (out / name / "meta.json").is_file()
+        assert (out / name / f"{name}.png").stat().st_size > 1000
+
+    def section(name):
+        return text[text.index(R.begin(name)):text.index(R.end(name))]
+
+    # composition: every accuracy in the section comes from the CSV; the checks hold
+    rows = R.read_csv(out / "composition" / "results.csv")
+    comp = section("composition")
+    for r in rows:
+        if r["method"] in ("taft_composed", "taft_ensemble", "ridge"):
+            assert R.acc(r["accuracy"]) in comp
+    assert all(r["rel_logit_diff_vs_composed"] <= 1e-5 for r in rows if r["method"] == "taft_ensemble")
+    ridge = [r for r in rows if r["method"] == "ridge"]
+    assert len(ridge) == 1 + 4 and len({r["accuracy"] for r in ridge}) == 1  # exact: same everywhere
+    assert all(r["stats_rel_diff_vs_central"] <= 1e-12 for r in ridge if r["scheme"] != "all")
+    assert "python -m simulations.experiments --quick" in comp
+
+    # removal: reused composition's shards; subtraction == fresh composition; averages from CSV
+    meta = R.read_json(out / "removal" / "meta.json")
+    assert meta["checks"]["shards_from_store"] is True
+    assert meta["checks"]["max_abs_diff_subtraction_vs_fresh_compose"] <= 1e-6
+    assert meta["checks"]["max_rel_diff_ridge_subtraction_vs_fresh_stats"] <= 1e-12
+    rows = R.read_csv(out / "removal" / "results.csv")
+    taft_avg = np.mean([np.mean([r["accuracy"] for r in rows if r["method"] == "taft_subtraction"
+                                 and r["removed_shards"] == k]) for k in (0, 1, 2)])
+    assert f"**{R.acc(taft_avg)}**" in section("removal")
+    k0 = {r["accuracy"] for r in rows if r["method"] == "taft_subtraction" and r["removed_shards"] == 0}
+    composed_n4 = next(r["accuracy"] for r in R.read_csv(out / "composition" / "results.csv")
+                       if r["method"] == "taft_composed" and r["shards"] == 4 and r["scheme"] == "iid")
+    assert k0 == {composed_n4}  # k = 0 is experiment 1's composed model
+
+    # retraining: both methods per x, a positive speed-up, forgotten counts
+    rows = R.read_csv(out / "retraining" / "results.csv")
+    assert {r["forget_percent"] for r in rows} == {0, 2, 20}
+    assert all(r["speedup"] > 0 for r in rows if r["forget_percent"] and r["shards"])
+    assert all(r["images_retrained"] <= 240 - r["forgotten"] for r in rows if r["forget_percent"])
+
+    # privacy: three methods x (no DP, ε) x (central, federated), ε measured
+    rows = R.read_csv(out / "privacy" / "results.csv")
+    assert len(rows) == 3 * 2 * 2
+    assert all(r["epsilon_spent"] > 0 for r in rows if r["target_epsilon"])
+    for r in rows:
+        assert R.acc(r["accuracy"]) in section("privacy")
+
+    # regenerating from the CSVs reproduces the file; a changed CSV changes only its section
+    assert main(["--report-only", "--quick", "--out", str(out), "--results", str(results)]) == 0
+    assert results.read_text() == text
+    path = out / "retraining" / "results.csv"
+    rows = R.read_csv(path)
+    rows[1]["accuracy"] = 0.123456
+    R.write_csv(path, rows)
+    assert main(["--report-only", "--only", "retraining", "--quick", "--out", str(out),
+                 "--results", str(results)]) == 0
+    new = results.read_text()
+    assert "0.1235" in new
+    strip = re.compile(re.escape(R.begin("retraining")) + ".*?" + re.escape(R.end("retraining")), re.S)
+    assert strip.sub("", new) == strip.sub("", text)
