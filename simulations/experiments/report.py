@@ -153,11 +153,20 @@ def table(header: list[str], rows: list[list]) -> str:
 
 
 def rel(path: Path, results: Path) -> str:
-    """``path`` relative to the directory of the results file (for Markdown links)."""
-    try:
-        return os.path.relpath(path, Path(results).resolve().parent)
-    except ValueError:
-        return str(path)
+    """A link from the results file to ``path``, published beside it.
+
+    ``runs/`` is git-ignored: the CSV or plot is copied to ``<results dir>/results/<experiment>/``
+    so the link works in the repository, and the relative path of the copy is returned.
+    """
+    import shutil
+
+    path = Path(path)
+    docs = Path(results).resolve().parent
+    target = docs / "results" / path.parent.name / path.name
+    if path.is_file() and path.resolve() != target:
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(path, target)
+    return os.path.relpath(target, docs)
 
 
 def provenance(meta: dict, out_dir: Path, results: Path) -> str:
