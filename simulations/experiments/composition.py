@@ -163,9 +163,7 @@ def plot(rows, path: Path) -> None:
     ax.set_ylim(max(0.0, low - 0.05), 1.0)
     ax.set_title("Composition of shard models (Fashion-MNIST, ViT-S/14)")
     ax.legend(fontsize=7, ncol=2, loc="lower left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    R.save_figure(fig, path)
 
 
 def replot(out_dir: Path, meta: dict) -> None:

@@ -117,9 +117,7 @@ def plot(rows, path: Path) -> None:
     ax.set_ylabel("test accuracy")
     ax.set_title("DP fine-tuning (dotted: central, no DP)")
     ax.legend(fontsize=7)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    R.save_figure(fig, path)
 
 
 def replot(out_dir: Path, meta: dict) -> None:

@@ -112,9 +112,7 @@ def plot(rows, path: Path, num: int) -> None:
     ax.set_ylabel("test accuracy (mean ± std over removal orders)")
     ax.set_title("Removing shards")
     ax.legend(fontsize=8)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    R.save_figure(fig, path)
 
 
 def replot(out_dir: Path, meta: dict) -> None:

@@ -152,6 +152,15 @@ def table(header: list[str], rows: list[list]) -> str:
     return "\n".join(lines)
 
 
+def save_figure(fig, path: Path) -> None:
+    """Lay out, write as PNG and release a matplotlib figure."""
+    import matplotlib.pyplot as plt
+
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
 def rel(path: Path, results: Path) -> str:
     """A link from the results file to ``path``, published beside it.
 

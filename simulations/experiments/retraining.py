@@ -117,9 +117,7 @@ def plot(rows, path: Path) -> None:
     right.set_ylabel("speed-up over the paragon")
     left.set_title("Accuracy after forgetting")
     right.set_title("Retraining cost")
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    R.save_figure(fig, path)
 
 
 def replot(out_dir: Path, meta: dict) -> None:
