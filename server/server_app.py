@@ -186,7 +186,8 @@ def _unlearn(ledger: Ledger, sites: list[str], evaluation, run_id, *, requests: 
 
 def _apply_withdrawals(ledger: Ledger, requests: list[str], registry: str, ledger_path: Path) -> list[dict]:
     """Verify each signed request and subtract its site; a refused one changes nothing."""
-    from server.withdrawal import NonceStore, SiteRegistry, WithdrawalRefused, apply_withdrawal, nonce_store_path
+    from server.withdrawal import (NonceStore, SiteRegistry, WithdrawalRefused, apply_withdrawal,
+                                   nonce_store_path, read_request)
 
     sites = SiteRegistry(cfg.resolve(registry))
     if not sites.sites() and sites.admin_public_key() is None:
@@ -195,14 +196,14 @@ def _apply_withdrawals(ledger: Ledger, requests: list[str], registry: str, ledge
     with NonceStore(nonce_store_path(ledger_path)) as nonces:
         for request_path in requests:
             decision = {"request": request_path, "site_id": None, "accepted": False, "detail": ""}
+            document = None
             try:
-                document = json.loads(cfg.resolve(request_path).read_text())
+                document = read_request(cfg.resolve(request_path))
                 request = apply_withdrawal(document, ledger, sites, nonces)
                 decision |= {"site_id": request.site_id, "accepted": True, "signer": request.signer}
-            except (OSError, json.JSONDecodeError) as err:
-                decision["detail"] = f"cannot read the request: {err}"
-                log.warning("withdrawal %s REFUSED: %s", request_path, decision["detail"])
-            except WithdrawalRefused as err:
+            except WithdrawalRefused as err:  # a readable one is logged and recorded by server.withdrawal
+                if document is None:
+                    log.warning("withdrawal %s REFUSED: %s", request_path, err)
                 payload = document.get("payload") if isinstance(document, dict) else None
                 decision |= {"site_id": payload.get("site_id") if isinstance(payload, dict) else None,
                              "detail": str(err)}

@@ -351,6 +351,14 @@ def _ledger_reason(request: WithdrawalRequest) -> str:
             f"{request.timestamp}: {request.reason}")
 
 
+def read_request(request_path: str | Path) -> Any:
+    """The JSON document of a request file; WithdrawalRefused when it cannot be read."""
+    try:
+        return json.loads(Path(request_path).read_text())
+    except (OSError, json.JSONDecodeError) as err:
+        raise WithdrawalRefused(f"cannot read request {request_path}: {err}") from err
+
+
 def apply_withdrawal_file(
     request_path: str | Path,
     ledger_path: str | Path,
@@ -360,10 +368,7 @@ def apply_withdrawal_file(
     """Convenience for the CLI and the ServerApp: read, verify, remove (ledger opened here)."""
     from server.ledger import Ledger  # imported late: verification needs no ledger
 
-    try:
-        document = json.loads(Path(request_path).read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise WithdrawalRefused(f"cannot read request {request_path}: {err}") from err
+    document = read_request(request_path)
     registry = SiteRegistry(registry_path)
     ledger = Ledger.open(ledger_path)
     try:

@@ -166,3 +166,38 @@ def test_apply_file_on_a_real_ledger(tmp_path):
     assert got.keys() == expected.keys()
     assert all(got[k].tobytes() == expected[k].tobytes() for k in got)
     assert nonce_store_path(tmp_path / "ledger.sqlite").exists()
+
+
+def test_unlearning_run_applies_good_requests_and_reports_refusals(tmp_path):
+    """server_app's unlearning path on a real ledger: the good request removes its site, a forged,
+    an unreadable and a replayed one change nothing and are reported with their reason."""
+    import numpy as np
+
+    from server.ledger import Ledger
+    from server.server_app import _apply_withdrawals
+    from server.withdrawal import load_private_key
+
+    keys = tmp_path / "keys"
+    registry = {"sites": {}}
+    for site in ("1", "2", "rogue"):
+        _, pub = create_site_key(keys, site)
+        if site != "rogue":
+            registry["sites"][site] = {"public_key": f"keys/{pub.name}"}
+    (tmp_path / "registry.json").write_text(json.dumps(registry))
+    good = create_request("2", load_private_key(keys / "site-2.key"), "leaving")
+    forged = create_request("1", load_private_key(keys / "site-rogue.key"), "forged")
+    for name, doc in (("good.json", good), ("forged.json", forged)):
+        (tmp_path / name).write_text(json.dumps(doc))
+    (tmp_path / "garbage.json").write_text("{not json")
+    ledger_path = tmp_path / "ledger.sqlite"
+    rng = np.random.default_rng(0)
+    with Ledger.open(ledger_path) as ledger:
+        for site in ("1", "2"):
+            ledger.add(site, {"w": rng.standard_normal(4).astype(np.float32)}, 10)
+        requests = [str(tmp_path / n) for n in ("forged.json", "good.json", "garbage.json", "good.json")]
+        decisions = _apply_withdrawals(ledger, requests, str(tmp_path / "registry.json"), ledger_path)
+        assert [d["accepted"] for d in decisions] == [False, True, False, False]
+        assert "bad signature" in decisions[0]["detail"] and decisions[0]["site_id"] == "1"
+        assert "cannot read" in decisions[2]["detail"] and "replayed" in decisions[3]["detail"]
+        assert [c.site_id for c in ledger.contributions(status="active")] == ["1"]
+        ledger.verify()
