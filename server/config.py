@@ -24,16 +24,20 @@ def train_config(run_config: Mapping[str, Any]) -> dict[str, Any]:
     return {key: run_config[key] for key in TRAIN_CONFIG_KEYS if key in run_config}
 
 
+def _comma_list(run_config: Mapping[str, Any], key: str) -> list[str]:
+    """``key="a, b,a"`` -> ["a", "b"]: stripped, empty items and duplicates dropped, order kept."""
+    items = [s.strip() for s in str(run_config.get(key, "")).split(",") if s.strip()]
+    return list(dict.fromkeys(items))
+
+
 def remove_sites(run_config: Mapping[str, Any]) -> list[str]:
     """``remove-sites="3,7"`` -> ["3", "7"] (stable site ids, order kept, duplicates dropped)."""
-    sites = [s.strip() for s in str(run_config.get("remove-sites", "")).split(",") if s.strip()]
-    return list(dict.fromkeys(sites))
+    return _comma_list(run_config, "remove-sites")
 
 
 def withdrawal_requests(run_config: Mapping[str, Any]) -> list[str]:
     """``withdrawal-requests="a.json,b.json"`` -> paths of signed request files on the server."""
-    paths = [s.strip() for s in str(run_config.get("withdrawal-requests", "")).split(",") if s.strip()]
-    return list(dict.fromkeys(paths))
+    return _comma_list(run_config, "withdrawal-requests")
 
 
 def resolve(path: str) -> Path:
