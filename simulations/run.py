@@ -418,6 +418,10 @@ def main(argv=None) -> int:
                         "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()), "PYTHONPATH": str(REPO),
                         # a new Ray instance of our own, never one another user started
                         "RAY_ADDRESS": "local",
+                        # glibc: buffers of ≥ 1 MiB (Δw replies, batches) go straight back to the
+                        # OS when freed instead of staying in a fragmented heap, and fewer arenas
+                        # for Ray's and gRPC's threads (measured: −105 MiB summed peak RSS)
+                        "MALLOC_MMAP_THRESHOLD_": "1048576", "MALLOC_ARENA_MAX": "2",
                         # `flwr run` starts `flower-superlink` by name: use this interpreter's
                         "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")])}
 

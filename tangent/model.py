@@ -201,6 +201,10 @@ def _diagonal_blocks(t: Tensor, H: int) -> Tensor:
     return t.view(B, H, H, -1).diagonal(dim1=1, dim2=2).transpose(1, 2)
 
 
+def _hooked(module: nn.Module) -> bool:
+    return bool(module._forward_hooks or module._forward_pre_hooks)
+
+
 class TangentClsAttention(DeltaModule):
     """Attention output of the CLS query only, with Wk, Wv and their Δ folded by associativity.
 
@@ -246,7 +250,7 @@ class TangentClsAttention(DeltaModule):
         dq = (F.linear(dx0, self.wq) + self.q_delta(x0)).view(B, H, e)
         wk = self.wk.view(H, e, d)
         r = torch.einsum("bhe,hed->bhd", q, wk)
-        w = torch.einsum("bhe,hed->bhd", dq, wk) + self.k_delta_t(_expand_block_diagonal(q))
+        w = torch.einsum("bhe,hed->bhd", dq, wk) + self._k_delta_rows(q)
         s = torch.einsum("bhd,bnd->bhn", r, xl) * self.scale
         ds = (torch.einsum("bhd,bnd->bhn", w, xl) + torch.einsum("bhd,bnd->bhn", r, dxl)) * self.scale
         a, da = layers.softmax_jvp(s, ds)
@@ -256,8 +260,27 @@ class TangentClsAttention(DeltaModule):
         o = torch.einsum("bhd,hed->bhe", mean_x, wv)
         if self.bv is not None:
             o = o + self.bv.view(H, e)
-        do = torch.einsum("bhd,hed->bhe", mean_dx, wv) + _diagonal_blocks(self.v_delta(mean_x), H)
+        do = torch.einsum("bhd,hed->bhe", mean_dx, wv) + self._v_delta_rows(mean_x)
         return self.proj(o.reshape(B, H * e), do.reshape(B, H * e))
+
+    # The two Δ below are applied through their nn.Linear, on all H×H head pairs, only while
+    # hooks watch it (Opacus's per-sample gradients); otherwise one einsum per head pair that
+    # is used, H× fewer flops.
+
+    def _k_delta_rows(self, q: Tensor) -> Tensor:
+        """Row h = dWk_hᵀ q_h, from q [B, H, e]."""
+        linear = self.k_delta_t
+        if _hooked(linear):
+            return linear(_expand_block_diagonal(q))
+        return torch.einsum("bhe,dhe->bhd", q, linear.weight.view(-1, *q.shape[1:]))
+
+    def _v_delta_rows(self, mean_x: Tensor) -> Tensor:
+        """Row h = dWv_h mean_x_h + dbv_h, from mean_x [B, H, d]."""
+        linear, H = self.v_delta, mean_x.shape[1]
+        if _hooked(linear):
+            return _diagonal_blocks(linear(mean_x), H)
+        out = torch.einsum("bhd,hed->bhe", mean_x, linear.weight.view(H, -1, mean_x.shape[2]))
+        return out if linear.bias is None else out + linear.bias.view(H, -1)
 
     def delta_tensors(self):
         out = {"qkv.weight": torch.cat([self.q_delta.weight, self.k_delta_t.weight.t(), self.v_delta.weight])}
@@ -406,11 +429,15 @@ class TangentTail(DeltaModule):
 
 
 class Trunk(nn.Module):
-    """Frozen ``images -> tokens`` entering the first linearized block (incl. prefix tokens)."""
+    """Frozen ``images -> tokens`` entering the first linearized block (incl. prefix tokens).
+
+    It shares its tensors with ``vit`` (w0, frozen too) instead of copying them: one copy of the
+    backbone per process, not two (every Ray worker and the ServerApp hold one).
+    """
 
     def __init__(self, vit: nn.Module, num_blocks: int):
         super().__init__()
-        vit = copy.deepcopy(vit)
+        vit = _shallow_copy(vit)
         vit.blocks = vit.blocks[:num_blocks]
         vit.norm = vit.fc_norm = vit.head = nn.Identity()
         vit.requires_grad_(False)
@@ -424,6 +451,15 @@ class Trunk(nn.Module):
         v = self.vit
         x = v.norm_pre(v.patch_drop(v._pos_embed(v.patch_embed(images))))
         return v.blocks(x)
+
+
+def _shallow_copy(module: nn.Module) -> nn.Module:
+    """A new module object over the same children and tensors: replacing a child of the copy
+    leaves ``module`` untouched."""
+    new = copy.copy(module)
+    for name in ("_modules", "_parameters", "_buffers"):
+        setattr(new, name, type(getattr(module, name))(getattr(module, name)))
+    return new
 
 
 def _reset_linear_(linear: nn.Linear, gen: torch.Generator, std: float) -> None:

@@ -149,7 +149,8 @@ def fit(model, inputs, labels, config: TrainConfig, *, privacy=None, from_cache:
     if not params:
         raise ValueError("model.linearized has no trainable parameters")
     if config.optimizer == "adam":
-        optimizer = torch.optim.Adam(params, lr=config.lr)
+        # fused: one kernel over all tensors; the per-tensor loop was ~30% of a cached step
+        optimizer = torch.optim.Adam(params, lr=config.lr, fused=True)
     else:
         optimizer = torch.optim.SGD(params, lr=config.lr)
     criterion = loss_fn(config.loss, config.kappa, config.alpha)
