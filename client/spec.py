@@ -42,24 +42,31 @@ class ModelSpec:
 _MODELS: dict[ModelSpec, tuple[Any, str]] = {}
 
 
-def build_model(spec: ModelSpec):
+def build_model(spec: ModelSpec, *, cached: bool = True):
     """(TangentViT at w0 with Δ = 0, its base digest), built once per process and spec.
 
     Ray workers run many virtual clients one after the other: the backbone is loaded and the
     digest hashed once per worker. Callers must not keep Δ between uses: see :func:`fresh_model`.
+    ``cached=False`` builds a private model that the caller may change (the ServerApp frees its
+    frozen part).
     """
+    if not cached:
+        model = _build(spec)
+        return model, model.base_digest()
     if spec not in _MODELS:
-        from tangent.model import TangentViT
-        from tangent.pretrained import load_pretrained
-
-        backbone = load_pretrained(spec.backbone, img_size=spec.img_size)
-        model = TangentViT.from_timm(backbone, spec.num_classes,
-                                     linearized_blocks=spec.linearized_blocks, reinit=spec.reinit,
-                                     linearize_cls=spec.linearize_cls, seed=spec.seed)
-        del backbone
         _MODELS.clear()  # one spec per run: do not hold two backbones in one worker
+        model = _build(spec)
         _MODELS[spec] = (model, model.base_digest())
     return _MODELS[spec]
+
+
+def _build(spec: ModelSpec):
+    from tangent.model import TangentViT
+    from tangent.pretrained import load_pretrained
+
+    backbone = load_pretrained(spec.backbone, img_size=spec.img_size)
+    return TangentViT.from_timm(backbone, spec.num_classes, linearized_blocks=spec.linearized_blocks,
+                                reinit=spec.reinit, linearize_cls=spec.linearize_cls, seed=spec.seed)
 
 
 def fresh_model(spec: ModelSpec):

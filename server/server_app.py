@@ -93,7 +93,7 @@ def main(grid: Grid, context: Context) -> None:
     from client.spec import build_model
 
     spec = cfg.model_spec(run_config)
-    model, base_digest = build_model(spec)
+    model, base_digest = build_model(spec, cached=False)
     ledger_path = cfg.resolve(str(run_config.get("ledger-path", "runs/ledger.sqlite")))
     expected_spec = {k: tuple(v.shape) for k, v in model.delta_state_dict().items()}
     max_norm = float(run_config.get("max-delta-norm", 0.0) or 0.0) or None
@@ -102,6 +102,7 @@ def main(grid: Grid, context: Context) -> None:
               "ledger_path": str(ledger_path), "run_config": dict(run_config)}
     log.info("%s run %s: ledger %s, base digest %s", mode, run_id, ledger_path, base_digest)
     evaluation = CentralEvaluation(model, base_digest, spec.img_size, run_config)
+    model.drop_frozen()  # from here on only the linearized tail runs, on cached test tokens
 
     with Ledger.open(ledger_path, max_delta_norm=max_norm, expected_base_digest=base_digest,
                      weighting=str(run_config.get("weighting", "examples")),

@@ -59,6 +59,7 @@ class ProcessWatch:
         self.roots: list[psutil.Process] = [psutil.Process()]
         self.seen: dict[int, psutil.Process] = {}
         self.peak_rss = self.peak_pss = 0
+        self.peak_time = time.perf_counter()
         self.peak_at: dict[str, float] = {}
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
@@ -98,6 +99,7 @@ class ProcessWatch:
                 continue
         if rss > self.peak_rss:
             self.peak_rss, self.peak_at = rss, names
+            self.peak_time = time.perf_counter()
         self.peak_pss = max(self.peak_pss, pss)
 
     def _run(self) -> None:
@@ -480,6 +482,7 @@ def main(argv=None) -> int:
         summary["wall_s"] = time.perf_counter() - t0
         summary["peak_rss_mib"] = watch.peak_rss / 2**20
         summary["peak_pss_mib"] = watch.peak_pss / 2**20
+        summary["peak_rss_at_s"] = watch.peak_time - t0  # seconds after the driver started
         summary["peak_rss_by_process_mib"] = {
             name: {k: round(v, 1) for k, v in row.items()}
             for name, row in sorted(watch.peak_at.items(), key=lambda kv: -kv[1]["rss"])}

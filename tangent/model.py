@@ -554,8 +554,16 @@ class _FineTunedViT(nn.Module):
 
     def _apply(self, fn, *args, **kwargs):
         super()._apply(fn, *args, **kwargs)
-        self._base._apply(fn)
+        if self._base is not None:
+            self._base._apply(fn)
         return self
+
+    def drop_frozen(self) -> None:
+        """Free w0's frozen weights (trunk and base), keeping the trainable tail: for a process
+        that only ever runs cached trunk tokens through ``linearized`` (the ServerApp). The
+        trunk, base_digest() and the base models are gone afterwards."""
+        del self.trunk
+        self._base = None
 
     def forward(self, images: Tensor) -> Tensor:
         return self.linearized(self.trunk(images))
@@ -574,10 +582,15 @@ class _FineTunedViT(nn.Module):
         self.linearized.load_delta_tensors({k: v.to(expected[k]) for k, v in delta.items()})
 
     def base_digest(self) -> str:
-        return state_digest(self._base.state_dict(), self.options)
+        return state_digest(self._w0().state_dict(), self.options)
 
     def base_model(self) -> nn.Module:
-        return copy.deepcopy(self._base)
+        return copy.deepcopy(self._w0())
+
+    def _w0(self) -> nn.Module:
+        if self._base is None:
+            raise RuntimeError("drop_frozen() freed w0's frozen weights: rebuild the model")
+        return self._base
 
     def base_model_with_delta(self, delta: dict[str, Tensor]) -> nn.Module:
         """The non-linear timm model at w0 + Δ (the CLS Δ enters through a forward pre-hook)."""

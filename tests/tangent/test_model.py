@@ -163,3 +163,48 @@ def test_composes_dtype_and_modes():
     assert model.base_model().head.weight.dtype == D
     with pytest.raises(ValueError):
         model.output_mode = "nonlinear"
+
+
+def test_trunk_shares_w0_tensors_without_changing_w0():
+    vit = tiny_vit(0.1, "token")
+    model = TangentViT.from_timm(vit, 5, linearized_blocks=1)
+    base = model.base_model()  # a copy: compare against the model's own w0 below
+    w0 = model._base
+    assert model.trunk.vit.blocks[0].attn.qkv.weight.data_ptr() == w0.blocks[0].attn.qkv.weight.data_ptr()
+    assert model.trunk.vit.pos_embed.data_ptr() == w0.pos_embed.data_ptr()
+    # the trunk's truncation and identities did not touch w0
+    assert len(w0.blocks) == 3 and len(model.trunk.vit.blocks) == 2
+    assert isinstance(w0.norm, torch.nn.LayerNorm) and isinstance(w0.head, torch.nn.Linear)
+    x = images()
+    with torch.no_grad():
+        assert torch.equal(w0(x), base(x))
+        model.double()  # conversions reach the shared tensors once, consistently
+        assert rel_err(model(x), base(x)) <= 1e-12
+
+
+def test_per_head_fast_path_equals_the_opacus_layout():
+    """The k/v Δ applied by einsum (no hooks) and through their nn.Linear (hooked, as Opacus does)."""
+    model = TangentViT.from_timm(tiny_vit(0.1, "token"), 6, linearized_blocks=1)
+    model.load_delta(random_delta(model))
+    attn = model.linearized.blocks[-1].attn
+    tokens = model.trunk(images())
+    with torch.no_grad():
+        fast = model.linearized(tokens)
+        handles = [m.register_forward_hook(lambda *a: None) for m in (attn.k_delta_t, attn.v_delta)]
+        hooked = model.linearized(tokens)
+    for h in handles:
+        h.remove()
+    assert rel_err(fast, hooked) <= 1e-12
+
+
+def test_drop_frozen_keeps_the_tail_and_refuses_w0():
+    model = TangentViT.from_timm(tiny_vit(0.1, "token"), 6)
+    model.load_delta(random_delta(model))
+    tokens = model.trunk(images())
+    with torch.no_grad():
+        before = model.linearized(tokens)
+        model.drop_frozen()
+        assert torch.equal(model.linearized(tokens), before)
+    assert not hasattr(model, "trunk")
+    with pytest.raises(RuntimeError, match="drop_frozen"):
+        model.base_digest()

