@@ -97,6 +97,9 @@ class FeatureCache:
             if (directory / MANIFEST_FILE).is_file():  # another process built it while we waited
                 return cls(directory)
             directory.mkdir(exist_ok=True)
+            # temp files of a builder that was killed (we hold the lock: no one else is writing)
+            for stale in directory.glob(f".{TOKENS_FILE}.*.tmp"):
+                stale.unlink(missing_ok=True)
             shape = _write_tokens(model, images_uint8, directory, img_size=img_size,
                                   dtype=DTYPES[dtype], batch_size=batch_size, progress=progress)
             manifest = {"format": FORMAT_VERSION, "key": key, "base_digest": model.base_digest(),

@@ -71,6 +71,17 @@ def test_key_covers_weights_preprocessing_data_and_dtype(tmp_path):
     assert torch.equal(view[np.arange(2)], torch.from_numpy(np.array(half.tokens[[3, 1]], np.float32)))
 
 
+def test_a_killed_builders_temp_file_is_removed_by_the_next_build(tmp_path):
+    model, images = tiny_model(), random_images()
+    first = FeatureCache.build_or_open(model, images, img_size=IMG, cache_dir=tmp_path, progress=False)
+    (first.directory / "manifest.json").unlink()  # as if the build had been killed before the end
+    stale = first.directory / ".tokens.npy.999999.tmp"
+    stale.write_bytes(b"\0" * 4096)
+    again = FeatureCache.build_or_open(model, images, img_size=IMG, cache_dir=tmp_path, progress=False)
+    assert again.built and not stale.exists()
+    assert [p.name for p in again.directory.iterdir() if p.name.endswith(".tmp")] == []
+
+
 def test_incomplete_directory_is_not_opened(tmp_path):
     (tmp_path / "x").mkdir()
     np.save(tmp_path / "x" / "tokens.npy", np.zeros((2, 3, 4), np.float32))  # no manifest
