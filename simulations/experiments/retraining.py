@@ -120,11 +120,6 @@ def plot(rows, path: Path) -> None:
     R.save_figure(fig, path)
 
 
-def replot(out_dir: Path, meta: dict) -> None:
-    """Redraw the plot from the CSV (``--report-only``)."""
-    plot(R.read_csv(out_dir / "results.csv"), out_dir / meta["plot"])
-
-
 def render(out_dir: Path, meta: dict, results: Path) -> str:
     rows = R.read_csv(out_dir / "results.csv")
     s = meta["settings"]
