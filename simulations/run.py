@@ -360,6 +360,8 @@ def plot(summary: dict, path: Path) -> None:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
+    from simulations.experiments.report import save_figure
+
     per_site = summary["per_site"]
     sites = sorted(per_site, key=site_order)
     removed = set(summary["removed_sites"])
@@ -383,9 +385,7 @@ def plot(summary: dict, path: Path) -> None:
     ax.set_ylim(max(0.0, min(values) - 0.05), min(1.0, max(values) + 0.06))
     ax.set_title(f"TAFT-1 on Fashion-MNIST, {summary['num_clients']} sites ({summary['partition']})")
     ax.legend(loc="upper left", fontsize=7, ncol=2)
-    fig.tight_layout()
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
+    save_figure(fig, path)
 
 
 def main(argv=None) -> int:
