@@ -31,6 +31,7 @@ from server.withdrawal import (
     apply_withdrawal_file,
     create_request,
     load_private_key,
+    read_request,
     verify_request,
 )
 
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         if args.command == "verify":
-            request = verify_request(json.loads(args.request.read_text()), SiteRegistry(args.registry),
+            request = verify_request(read_request(args.request), SiteRegistry(args.registry),
                                      max_age_s=args.max_age_s)
             print(f"valid: site {request.site_id}, signer {request.signer}, nonce {request.nonce}")
         else:

@@ -201,3 +201,12 @@ def test_unlearning_run_applies_good_requests_and_reports_refusals(tmp_path):
         assert "cannot read" in decisions[2]["detail"] and "replayed" in decisions[3]["detail"]
         assert [c.site_id for c in ledger.contributions(status="active")] == ["1"]
         ledger.verify()
+
+
+def test_cli_verify_refuses_an_unreadable_request(tmp_path, capsys):
+    from deploy.withdraw import main
+
+    bad = tmp_path / "w.json"
+    bad.write_text("{")
+    assert main(["verify", str(bad), "--registry", str(tmp_path / "registry.json")]) == 1
+    assert "REFUSED: cannot read request" in capsys.readouterr().err
