@@ -58,9 +58,10 @@ def _refusals(handler):
             return error_reply("internal", f"{type(err).__name__}: {err}\n"
                                            f"{traceback.format_exc(limit=4)}", site)
         finally:
-            # The data loader leaves reference cycles that hold this site's memory map of the
-            # token cache; a Ray worker runs many sites, so free them now rather than at some
-            # later collection (measured: ~0.7 GB of mapped cache pages per worker otherwise).
+            # The data loader leaves reference cycles that hold this site's batches and token
+            # dataset; a Ray worker runs many sites, so free them now rather than at some later
+            # collection (measured when rows were still read through the memory map: ~0.7 GB of
+            # mapped cache pages per worker otherwise).
             gc.collect()
             _release_free_heap()
     wrapped.__name__ = handler.__name__
