@@ -36,6 +36,10 @@ def test_smoke_simulation_train_then_unlearn(tmp_path):
     assert len(summary["removed_sites"]) == 1 and summary["removal_bit_identical"] is True
     assert summary["accuracy_after_removal"] is not None
     assert summary["peak_rss_mib"] > 0 and (tmp_path / "latest" / "accuracy.png").is_file()
+    # the ServerApp's own lines are in the log once; no line per httpx request of the log uploader
+    train_log = (tmp_path / "latest" / "train.log").read_text()
+    assert train_log.count("asked 3 sites to train from w0") == 1, train_log[-3000:]
+    assert "httpx" not in train_log, train_log[-3000:]
     # everything the driver started (SuperLink, ServerApp/simulation processes, Ray) is gone
     leftover = [p for p in psutil.process_iter(["cmdline"]) if p.pid not in before
                 and str(tmp_path) in " ".join(p.info.get("cmdline") or [])]
