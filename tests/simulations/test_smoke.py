@@ -19,7 +19,7 @@ def test_smoke_simulation_train_then_unlearn(tmp_path):
     before = {p.pid for p in psutil.process_iter()}
     cmd = [sys.executable, "-m", "simulations.run", "--num-clients", "3", "--train-subset", "600",
            "--epochs", "3", "--img-size", "28", "--no-cache", "--eval-subset", "500",
-           "--ensemble-subset", "300", "--remove", "1", "--runs-dir", str(tmp_path),
+           "--ensemble-subset", "300", "--remove", "1", "--fraction-evaluate", "1", "--runs-dir", str(tmp_path),
            "--run-config", "reinit=false", "--timeout", "600"]
     env = os.environ | {"FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "PYTHONPATH": str(REPO)}
     out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
@@ -31,6 +31,7 @@ def test_smoke_simulation_train_then_unlearn(tmp_path):
                 "cache_build_s"):
         assert key in summary, key
     assert summary["num_clients"] == 3 and summary["recorded_sites"] == 3 and summary["rejected"] == {}
+    assert summary["federated_evaluation"]["num-examples"] > 0  # Flower's evaluate round ran on the sites
     assert summary["accuracy_composed"] > 0.2  # chance is 0.1 (img-size 28, 200 images a site: ~0.26)
     assert summary["max_rel_logit_diff_composed_vs_ensemble"] <= 1e-5
     assert len(summary["removed_sites"]) == 1 and summary["removal_bit_identical"] is True
