@@ -458,8 +458,9 @@ def main(argv=None) -> int:
         summary |= {"accuracy_composed": report["accuracy"], "recorded_sites": len(last_round["recorded"]),
                     "rejected": last_round["rejected_by_reason"],
                     "train_metrics": last_round["train_metrics"],
+                    # None when no site evaluated (fraction-evaluate 0, from the flag or --run-config)
                     "federated_evaluation": ({k: v for k, v in last_round["evaluate"].items() if k != "sites"}
-                                             if args.fraction_evaluate > 0 else None)}
+                                             if last_round["evaluate"].get("num-examples") else None)}
         active = report["ledger"]["active_sites"]
 
         print(f"[3/5] ensemble of {len(active)} site models vs the composed model")
