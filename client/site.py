@@ -23,6 +23,8 @@ from typing import Any, Mapping
 
 import numpy as np
 
+from tangent.inputs import model_inputs
+
 
 class SiteError(Exception):
     """A refusal the server must hear about: ``code`` is machine-readable, the text is for people."""
@@ -97,7 +99,7 @@ def _site_file(path: Path, key: str, model, base_digest: str, img_size: int,
     except DataError as err:
         raise SiteError("bad_data", f"{key} {path}: {err}") from err
     indices = np.arange(len(labels))
-    inputs, from_cache = _inputs(model, base_digest, images, indices, img_size, directory,
+    inputs, from_cache = model_inputs(model, base_digest, images, indices, img_size, directory,
                                  data_digest=None)
     return SiteData(inputs, labels, from_cache, dataset_digest(images, labels), indices, str(path))
 
@@ -146,31 +148,7 @@ def _simulated(split, model, base_digest, img_size, node_config, run_config, dir
     partition_id, num_partitions = int(node_config["partition-id"]), int(node_config["num-partitions"])
     labels, images_sha, data_digest = _dataset_index(split)
     indices = simulated_indices(split, labels, partition_id, num_partitions, run_config)
-    inputs, from_cache = _inputs(model, base_digest, None, indices, img_size, directory, data_digest=images_sha,
+    inputs, from_cache = model_inputs(model, base_digest, None, indices, img_size, directory, data_digest=images_sha,
                                  split=split)
     return SiteData(inputs, labels[indices], from_cache, data_digest, indices,
                     f"fashion-mnist/{split} partition {partition_id}/{num_partitions}")
-
-
-def _inputs(model, base_digest, images, indices, img_size, directory, *, data_digest, split=None):
-    """(inputs, from_cache) for ``indices`` of a data set: cached token rows, or preprocessed images.
-
-    ``images`` may be None for a Fashion-MNIST split (loaded only if the cache must be built or
-    there is no cache); ``data_digest`` is then the images digest the cache is keyed on.
-    """
-    from tangent.cache import MANIFEST_FILE, FeatureCache, cache_key
-    from tangent.data import load_fashion_mnist, preprocess
-
-    if directory is not None:
-        if data_digest is not None:
-            existing = directory / cache_key(base_digest, img_size, data_digest, "float32")
-            if (existing / MANIFEST_FILE).is_file():
-                return FeatureCache(existing).subset(indices), True
-        if images is None:
-            images, _ = load_fashion_mnist(split)
-        cache = FeatureCache.build_or_open(model, images, img_size=img_size, cache_dir=directory,
-                                           data_digest=data_digest, progress=False)
-        return cache.subset(indices), True
-    if images is None:
-        images, _ = load_fashion_mnist(split)
-    return preprocess(np.ascontiguousarray(images[indices]), img_size), False

@@ -20,7 +20,7 @@ from typing import Any, Mapping
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from client.site import SiteError, load_split, site_id
-from client.spec import ModelSpec, fresh_model
+from tangent.spec import ModelSpec, fresh_model
 
 log = logging.getLogger("taft.client")
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping
 
-from client.spec import ModelSpec
+from tangent.spec import ModelSpec
 
 #: run-config keys forwarded to the sites in the train ``config`` ConfigRecord
 TRAIN_CONFIG_KEYS = ("epochs", "batch-size", "lr", "loss", "kappa", "rsl-alpha", "l2", "radius", "seed",

@@ -60,7 +60,7 @@ class CentralEvaluation:
     """
 
     def __init__(self, model, base_digest: str, img_size: int, run_config):
-        from client.site import _inputs
+        from tangent.inputs import model_inputs
         from tangent.cache import images_digest
         from tangent.data import load_fashion_mnist
 
@@ -73,7 +73,7 @@ class CentralEvaluation:
         directory = str(run_config.get("cache-dir", "") or "")
         self.model, self.labels = model, labels[indices]
         if directory:
-            self.inputs, self.from_cache = _inputs(model, base_digest, images, indices, img_size,
+            self.inputs, self.from_cache = model_inputs(model, base_digest, images, indices, img_size,
                                                    Path(directory).expanduser(),
                                                    data_digest=images_digest(images))
         else:
@@ -108,7 +108,7 @@ def main(grid: Grid, context: Context) -> None:
     if mode not in cfg.MODES:
         raise ValueError(f"run config mode={mode!r}: use one of {cfg.MODES}")
     started = time.time()
-    from client.spec import build_model
+    from tangent.spec import build_model
 
     spec = cfg.model_spec(run_config)
     model, base_digest = build_model(spec, cached=False)

@@ -28,7 +28,7 @@ def main(argv=None):
     parser.add_argument("--cache-dir", default=None, help="trunk-token cache (default: ~/.cache/taft/features)")
     args = parser.parse_args(argv)
 
-    from client.spec import ModelSpec, fresh_model
+    from tangent.spec import ModelSpec, fresh_model
     from tangent.cache import FeatureCache
     from tangent.cache import images_digest
     from tangent.data import load_fashion_mnist

@@ -278,7 +278,7 @@ def pyproject_config() -> dict:
 
 def build_caches(spec, directory: Path) -> tuple[float, bool]:
     """Trunk tokens of Fashion-MNIST train and test, once; returns (seconds, built anything)."""
-    from client.spec import build_model
+    from tangent.spec import build_model
     from tangent.cache import FeatureCache
     from tangent.data import load_fashion_mnist
 
@@ -297,8 +297,8 @@ def ensemble_check(spec, ledger_path: Path, cache_dir: Path | None, subset: int,
     """Each site's model on the same test images, weighted logit average vs the composed model."""
     import torch
 
-    from client.site import _inputs
-    from client.spec import fresh_model
+    from tangent.inputs import model_inputs
+    from tangent.spec import fresh_model
     from server.ledger import Ledger
     from tangent.cache import images_digest
     from tangent.data import load_fashion_mnist
@@ -311,7 +311,7 @@ def ensemble_check(spec, ledger_path: Path, cache_dir: Path | None, subset: int,
         indices = np.sort(np.random.default_rng(seed).choice(len(labels), subset, replace=False))
     labels = torch.as_tensor(labels[indices])
     if cache_dir is not None:
-        inputs, from_cache = _inputs(model, digest, images, indices, spec.img_size, cache_dir,
+        inputs, from_cache = model_inputs(model, digest, images, indices, spec.img_size, cache_dir,
                                      data_digest=images_digest(images))
         inputs = inputs[np.arange(len(indices))]  # a few thousand rows: read them once
     else:
@@ -396,7 +396,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     t0 = time.perf_counter()
     os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
-    from client.spec import ModelSpec  # no torch here: the driver stays small (see in_subprocess)
+    from tangent.spec import ModelSpec  # no torch here: the driver stays small (see in_subprocess)
 
     defaults = pyproject_config()
     run_dir = args.runs_dir / datetime.now().strftime("%Y%m%d-%H%M%S")

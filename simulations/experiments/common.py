@@ -195,7 +195,7 @@ class Context:
 
     def __init__(self, settings: Settings, *, cache_dir: str | None = None,
                  build_cache: bool = True, progress: bool = True):
-        from client.spec import ModelSpec, fresh_model
+        from tangent.spec import ModelSpec, fresh_model
         from tangent.data import load_fashion_mnist
         from tangent.pretrained import cache_dir as default_cache_dir
 

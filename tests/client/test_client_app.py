@@ -10,7 +10,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from client.client_app import app
-from client.spec import ModelSpec, build_model
+from tangent.spec import ModelSpec, build_model
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("flower_server_identity")]
 
