@@ -19,7 +19,7 @@ from tangent.protocol import check_site_id
 
 MAX_NUM_EXAMPLES = fixedpoint.MAX_WEIGHT
 MAX_META_BYTES = 64 * 1024   # canonical JSON of all metadata of one contribution
-MAX_META_DEPTH = 8           # a mapping holding a list holding a scalar is depth 3
+MAX_META_DEPTH = 8           # container levels in one field: {"a": [1]} is depth 2
 MAX_META_INT = 2 ** 63 - 1   # what SQLite and every JSON reader here hold exactly
 MAX_TENSOR_NAME = 512
 # safetensors keeps its header metadata under this key: a tensor of that name would either be
@@ -73,7 +73,7 @@ def _json_tree(label: str, value: Any) -> None:
                 raise RejectedContribution("bad_meta", f"{label} holds a non-finite number")
             continue
         if isinstance(node, (Mapping, list, tuple)):
-            if depth >= MAX_META_DEPTH:
+            if depth > MAX_META_DEPTH:
                 raise RejectedContribution("bad_meta", f"{label} is nested deeper than {MAX_META_DEPTH}")
             if isinstance(node, Mapping):
                 try:
@@ -106,7 +106,8 @@ def metadata(meta: Mapping[str, Any]) -> dict[str, Any]:
     for label, value in (("shard_fingerprint", shard_fingerprint), ("base_digest", base_digest)):
         if value is not None and not isinstance(value, str):
             raise RejectedContribution("bad_meta", f"{label} must be a string")
-    _json_tree("metadata", {k: meta.get(k) for k in CONTRIBUTION_META if k not in ("epsilon", "delta_dp")})
+    for label, value in (("dp_settings", dp_settings), ("train_config", train_config), ("extra", extra)):
+        _json_tree(label, value)
     try:
         encoded = {label: None if value is None else canonical_json(value)
                    for label, value in (("dp_settings", dp_settings), ("train_config", train_config),
