@@ -26,7 +26,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from server.ledger import Contribution, Ledger, LedgerCorrupt, LedgerError
-from server.ledger.export import COMPOSED_FILE, MANIFEST_FILE, export, verify_export  # noqa: F401 (re-exported)
+from server.ledger.export import MANIFEST_FILE, export, verify_export
 
 DEFAULT_LEDGER = "runs/ledger.sqlite"
 

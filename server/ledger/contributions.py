@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
@@ -48,6 +49,7 @@ from server.ledger.verification import verify_ledger
 from tangent.protocol import check_site_id
 
 WEIGHTINGS = ("examples", "uniform")
+log = logging.getLogger("taft.ledger")
 
 _COLUMNS_SQL = ", ".join(CONTRIBUTION_COLUMNS)
 
@@ -80,6 +82,9 @@ class Ledger:
         self._store = store
         self._db = store.db
         self._signer = signing_key
+        self._refuse_writes: str | None = None if signing_key is not None else (
+            f"{store.path} was opened without its signing key ({signing_key_path(store.path)}); "
+            f"it can be read and verified, not changed")
         self.path = store.path
         self.head_path = audit.head_file_path(store.path)
         self.max_delta_norm = max_delta_norm
@@ -144,7 +149,8 @@ class Ledger:
         if self.expected_base_digest is not None and pinned is not None and pinned != self.expected_base_digest:
             raise LedgerError(f"{self.path} holds contributions for base {pinned}, not {self.expected_base_digest}")
         if self._signer is not None and audit.public_key_pem(self._signer.public_key()) != meta["signing_public_key"]:
-            raise LedgerError(f"the signing key given for {self.path} is not the key that signed it")
+            # Readable and verifiable (verify names the mismatch), but never signed with this key.
+            self._refuse_writes = f"the signing key given for {self.path} is not the key that signed it"
 
     def _create(self, weighting: str) -> None:
         if self._signer is None:
@@ -176,9 +182,8 @@ class Ledger:
     def _record(self, at: str, event: str, site_id: str | None, total_weight: int, composed_sha256: str,
                 payload: dict) -> dict:
         """Append the new model version, its audit entry and its signed head (inside the write)."""
-        if self._signer is None:
-            raise LedgerError(f"{self.path} was opened without its signing key ({signing_key_path(self.path)}); "
-                              f"it can be read and verified, not changed")
+        if self._refuse_writes:
+            raise LedgerError(self._refuse_writes)
         ids = [r[0] for r in self._db.execute("SELECT id FROM contributions WHERE status = 'active' ORDER BY id")]
         last = self._db.execute("SELECT max(version) FROM model_versions").fetchone()[0]
         version = {"version": 0 if last is None else last + 1, "event": event, "site_id": site_id,
@@ -214,28 +219,31 @@ class Ledger:
         ahead of the database or contradicting it is left as it is: ``verify`` reports it.
         """
         head, signature = self.signed_head()
-        on_file = audit.read_head_file(self.head_path) if recover else None
-        if recover:
-            if on_file is None and head["version"] != 0:
-                return
-            if on_file is not None:
-                file_head, file_signature = on_file
-                if not isinstance(file_head.get("version"), int) or file_head["version"] >= head["version"]:
-                    return
-                try:
-                    stored = self.signed_head(file_head["version"])
-                except KeyError:
-                    return
-                if stored != (file_head, file_signature):
-                    return
-            if not audit.signature_valid(self.public_key(), head, signature):
-                return
+        if not recover:
             try:
                 audit.write_head_file(self.head_path, head, signature)
-            except OSError:  # a reader without write access: verify reports the lag
-                pass
+            except OSError as e:  # the change is committed; the next open catches the file up
+                log.warning("%s: could not write the head file (%s); it lags until the next open", self.path, e)
             return
-        audit.write_head_file(self.head_path, head, signature)
+        on_file = audit.read_head_file(self.head_path)
+        if on_file is None and head["version"] != 0:
+            return
+        if on_file is not None:
+            file_head, file_signature = on_file
+            if not isinstance(file_head.get("version"), int) or file_head["version"] >= head["version"]:
+                return
+            try:
+                stored = self.signed_head(file_head["version"])
+            except KeyError:
+                return
+            if stored != (file_head, file_signature):
+                return
+        if not audit.signature_valid(self.public_key(), head, signature):
+            return
+        try:
+            audit.write_head_file(self.head_path, head, signature)
+        except OSError:  # a reader without write access: verify reports the lag
+            pass
 
     # ------------------------------------------------------------------ validation
     def _prepare(self, site_id: Any, delta: Any, num_examples: Any, **meta: Any) -> _Prepared:
