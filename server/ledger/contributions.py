@@ -112,14 +112,16 @@ class Ledger:
         path = Path(path)
         if weighting is not None and weighting not in WEIGHTINGS:
             raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
-        new_file = not path.exists() or path.stat().st_size == 0
         store = Store(connect(path, create), path)
         try:
             if isinstance(signing_key, Ed25519PrivateKey):
                 key = signing_key
             else:
+                # A key is made only for a ledger not yet created (also one whose creation a crash
+                # cut short): a missing key for an existing ledger must not be silently replaced.
+                uninitialised = store.schema_version() == 0 and store.is_empty()
                 key_path = signing_key_path(path) if signing_key is None else Path(signing_key)
-                key = audit.load_signing_key(key_path, create=create and new_file)
+                key = audit.load_signing_key(key_path, create=create and uninitialised)
             ledger = cls(store, max_delta_norm=max_delta_norm, expected_base_digest=expected_base_digest,
                          known_sites=known_sites, expected_spec=expected_spec, signing_key=key)
             ledger._init_or_check(weighting, create)

@@ -489,3 +489,13 @@ def test_contribution_delta_reads_back_exactly_and_only_active(tmp_path):
         ledger.remove("a", reason="test")
         with pytest.raises(KeyError):
             ledger.contribution_delta(contribution.id)
+
+
+def test_a_ledger_of_the_previous_schema_is_refused_with_a_clear_message(tmp_path):
+    path = tmp_path / "old.sqlite"
+    with sqlite3.connect(path) as db:  # what schema 1 left: tables, user_version 1, no signed heads
+        db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value)")
+        db.execute("PRAGMA user_version = 1")
+    with pytest.raises(LedgerError, match="schema version 1; this code reads version 2"):
+        Ledger.open(path)
+    assert not Path(f"{path}.signing-key.pem").exists()  # no key is made up for an existing file
