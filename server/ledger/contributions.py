@@ -44,7 +44,7 @@ from server.ledger.records import (
     CONTRIBUTION_COLUMNS, Contribution, LedgerError, ModelVersion, RejectedContribution, Site, VerifyReport,
     canonical_json, contribution_from_row, row_digest, version_from_row,
 )
-from server.ledger.storage import SCHEMA_VERSION, Store, connect
+from server.ledger.storage import SCHEMA_VERSION, SQLITE_COMPANIONS, Store, connect
 from server.ledger.verification import verify_ledger
 from tangent.protocol import check_site_id
 
@@ -60,6 +60,14 @@ def _now() -> str:
 
 def signing_key_path(ledger_path: Path) -> Path:
     return Path(f"{ledger_path}.signing-key.pem")
+
+
+def ledger_file_paths(ledger_path: str | Path) -> list[Path]:
+    """Every file a ledger at ``ledger_path`` may consist of (existing or not): the database,
+    SQLite's companions, the head file and the default signing key. Nothing else may write there."""
+    path = Path(ledger_path)
+    return [path, *(Path(f"{path}{suffix}") for suffix in SQLITE_COMPANIONS), audit.head_file_path(path),
+            signing_key_path(path)]
 
 
 @dataclass
