@@ -235,7 +235,10 @@ class Ledger:
             except OSError as e:  # the change is committed; the next open catches the file up
                 log.warning("%s: could not write the head file (%s); it lags until the next open", self.path, e)
             return
-        on_file = audit.read_head_file(self.head_path)
+        try:
+            on_file = audit.read_head_file(self.head_path)
+        except LedgerError:  # unreadable: verify reports it; never overwrite the evidence
+            return
         if on_file is None and head["version"] != 0:
             return
         if on_file is not None:

@@ -197,6 +197,13 @@ def test_the_head_file_contradicting_the_database_fails(ledger_path):
     assert any("not signed by" in p for p in problems), problems
 
 
+def test_a_garbled_head_file_fails_verify_and_is_kept(ledger_path):
+    head_file = Path(f"{ledger_path}.head.json")
+    head_file.write_text("{not json")
+    assert any("unreadable" in p for p in verify_problems(ledger_path))
+    assert head_file.read_text() == "{not json"
+
+
 def test_a_ledger_without_its_signing_key_can_be_read_not_changed(ledger_path, tmp_path):
     with Ledger.open(ledger_path, create=False, signing_key=tmp_path / "absent.pem") as ledger:
         ledger.verify()
