@@ -396,9 +396,9 @@ class Ledger:
 
     def remove(self, site_id: str, reason: str = "withdrawn") -> bool:
         """Withdraw a site: subtract its active contribution exactly and mark it withdrawn, so that
-        its later contributions are refused until :meth:`readmit`. Returns True when a
-        contribution was subtracted. A site with nothing active is still marked withdrawn (one
-        audited ``withdraw`` version); an already withdrawn one changes nothing."""
+        its later contributions are refused until :meth:`readmit`. A site with nothing active
+        (or never seen) is still marked withdrawn: one audited ``withdraw`` version, model
+        unchanged. Returns False, changing nothing, when the site is already withdrawn."""
         site_id = _check_site_and_reason(site_id, reason)
         with self._store.write():
             old = self._active(site_id)
@@ -426,7 +426,7 @@ class Ledger:
         self._publish_head()
         if old is not None:
             self._store.erase_wal()
-        return old is not None
+        return True
 
     def readmit(self, site_id: str, reason: str) -> bool:
         """Let a withdrawn site contribute again (audited; the model is unchanged). Returns False,

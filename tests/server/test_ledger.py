@@ -186,7 +186,7 @@ def test_remove_is_idempotent(tmp_path):
         (c,) = ledger.contributions(site_id="a")
         assert (c.status, c.end_reason) == ("removed", "x")
         # a site never seen is still withdrawn (audited, model unchanged), once
-        assert ledger.remove("never-seen", reason="x") is False
+        assert ledger.remove("never-seen", reason="x") is True
         assert ledger.current_version().event == "withdraw"
         assert ledger.current_version().composed_sha256 == ledger.versions()[-2].composed_sha256
         versions, audit = len(ledger.versions()), len(ledger.audit_log())
