@@ -434,6 +434,12 @@ TAMPERS = {
     "total weight": ["UPDATE meta SET value = '1' WHERE key = 'total_weight'"],
     "version digest": ["DROP TRIGGER model_versions_no_update",
                        "UPDATE model_versions SET composed_sha256 = 'f' || substr(composed_sha256, 2) WHERE version = 2"],
+    "signature swapped": ["DROP TRIGGER signed_heads_no_update",
+                          "UPDATE signed_heads SET signature = (SELECT signature FROM signed_heads WHERE version = 1) "
+                          "WHERE version = 2"],
+    "signed head deleted": ["DROP TRIGGER signed_heads_no_delete", "DELETE FROM signed_heads WHERE version = 2"],
+    "signing key replaced": ["UPDATE meta SET value = '\"x\"' WHERE key = 'signing_public_key'"],
+    "withdrawn flag": ["UPDATE sites SET withdrawn = 0 WHERE site_id = 'd'"],
     "contribution deleted": ["UPDATE contributions SET status = 'removed' WHERE site_id = 'a'",
                              "DELETE FROM contributions WHERE site_id = 'a'"],
 }
