@@ -138,16 +138,17 @@ def train(content: RecordDict, node_config, run_config, site: str) -> RecordDict
     from tangent.train import fit
 
     start = time.perf_counter()
+    # the site's policy first: a request it refuses costs no model build and touches no data
     policy = SitePolicy.from_node_config(node_config)
-    spec, model, digest = _check_spec(content)
     config = content.config_records["config"] if "config" in content.config_records else ConfigRecord()
     request = policy.check_request(config)
-    cfg = train_config(config)
     budget = None
     if request is not None:
         budget = policy.budget(site)
-        if budget is not None:  # refuse before touching any data
+        if budget is not None:
             budget.check(request.target_epsilon, request.requested_delta or request.delta_ceiling)
+    cfg = train_config(config)
+    spec, model, digest = _check_spec(content)
     data = load_split("train", model, digest, spec.img_size, node_config, run_config)
     privacy = None if request is None else privacy_setup(request, policy, data.num_examples)
     contribution_id = None if privacy is None else secrets.token_hex(16)

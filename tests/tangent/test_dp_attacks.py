@@ -22,7 +22,9 @@ def dp_delta(tokens, labels, optimizer: str) -> torch.Tensor:
     model = tiny_model()
     config = TrainConfig(epochs=2, batch_size=8, lr=1e-2 if optimizer == "adam" else 0.5,
                          optimizer=optimizer, loss="ce", seed=0)  # seed: the server's, echoed
-    privacy = PrivacyConfig(target_epsilon=8.0, noise_multiplier=1.0, accountant="rdp")
+    # the site's public count: the same with and without the target record
+    privacy = PrivacyConfig(target_epsilon=8.0, noise_multiplier=1.0, accountant="rdp",
+                            public_examples=32)
     fit(model, tokens, labels, config, privacy=privacy, from_cache=True, progress=False)
     return torch.cat([v.flatten() for v in model.delta_state_dict().values()])
 
@@ -43,7 +45,7 @@ def test_refit_from_the_reply_does_not_reproduce_the_update(optimizer):
     # the refit with the record is no closer to the reply than the refit without it: both are
     # two independent noise draws apart (old code: d_with == 0.0 exactly)
     assert d_with > 0.1 * scale, (d_with, d_without, scale)
-    assert 0.7 < d_with / d_without < 1.4, (d_with, d_without)
+    assert 0.9 < d_with / d_without < 1.1, (d_with, d_without)
 
 
 def test_same_server_seed_gives_independent_noise():
