@@ -19,8 +19,9 @@ vector is scaled by 1/√(384·m): the base features have norm exactly 1. That k
 the fixed-point grid and the DP sensitivity meaningful without reading any site's data — the
 alternative, standardizing by data statistics, would need a second federated pass (and, under
 DP, a second release). Random ReLU features ``relu(Ω z + β)`` of the normalized base vector z use
-a seeded Gaussian Ω (entries N(0, 1), so Ωz ~ N(0, 1) per row since ‖z‖ = 1) and β ~ N(0, 1);
-they are scaled by 1/√k so that their block has norm O(1) too. The ridge solve later
+a seeded Gaussian Ω (entries N(0, 1), so Ωz ~ N(0, 1) per row since ‖z‖ = 1) and β ~ N(0, 1)
+(numpy's PCG64 stream of ``random_seed``); they are scaled by a fixed 1/64 so that 4,096 of them
+have norm ≈ 1, like the base vector (E relu(N(0, 2))² = 1). The ridge solve later
 standardizes every coordinate with the *summed* statistics (tangent/exact_head.py), so the
 relative scale of the pieces only matters for clipping and quantization.
 
@@ -30,9 +31,7 @@ disagree are refused rather than silently mixed).
 """
 from __future__ import annotations
 
-import hashlib
-import json
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from typing import Any, Mapping
 
 import numpy as np
@@ -40,6 +39,9 @@ import torch
 from torch import Tensor
 
 PIECES = ("final_cls", "final_mean", "input_cls", "input_mean")
+#: random ReLU features are scaled by 1/√4096 whatever k is (so that a spec with fewer features is
+#: a prefix of one with more): ‖r‖ ≈ √(k/4096), ≈ 1 at k = 4,096 next to the base vector's 1.
+RANDOM_FEATURE_SCALE = 1.0 / 64.0
 
 #: FeatureSpec field -> kebab-case key (run config / ConfigRecord), as tangent.spec.KEYS
 KEYS = {"pieces": "feature-pieces", "random_features": "random-features",
@@ -108,10 +110,11 @@ class FeatureExtractor:
         self.embed_dim = int(self.backbone.embed_dim)
         self.num_prefix_tokens = int(self.backbone.num_prefix_tokens)
         self.base_dim = self.embed_dim * len(spec.pieces)
-        gen = torch.Generator().manual_seed(spec.random_seed)
-        k = spec.random_features
-        self.omega = torch.randn(k, self.base_dim, generator=gen, dtype=torch.float32)
-        self.beta = torch.randn(k, generator=gen, dtype=torch.float32)
+        # numpy's Generator fills row by row: the first k rows of a larger draw are the same, so
+        # specs that differ only in k share their first random features (nested frontier).
+        draw = np.random.default_rng(spec.random_seed).standard_normal((spec.random_features, self.base_dim + 1))
+        self.omega = torch.from_numpy(draw[:, :-1].astype(np.float32))
+        self.beta = torch.from_numpy(draw[:, -1].astype(np.float32))
 
     @classmethod
     def from_spec(cls, model_spec, spec: FeatureSpec) -> "FeatureExtractor":
@@ -142,33 +145,37 @@ class FeatureExtractor:
         return ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
 
     @torch.no_grad()
-    def base_pieces(self, tokens: Tensor) -> Tensor:
-        """The normalized base features [B, 384·m] of trunk tokens [B, T, d] (norm 1 per row)."""
+    def pieces(self, tokens: Tensor) -> dict[str, Tensor]:
+        """Every piece of trunk tokens [B, T, d], each divided by its per-example RMS (a public
+        rule: no cross-example statistics), as {name: [B, d]}."""
         block = self.backbone.blocks[-1]
         tokens = tokens.float()
-        out = []
         need_final = any(p.startswith("final") for p in self.spec.pieces)
-        final = self.backbone.norm(block(tokens)) if need_final else None
-        normed_input = block.norm1(tokens)
-        source = {"final": final, "input": normed_input}
+        source = {"final": self.backbone.norm(block(tokens)) if need_final else None,
+                  "input": block.norm1(tokens)}
+        out = {}
         for piece in self.spec.pieces:
             where, pool = piece.split("_")
             x = source[where]
             v = x[:, 0] if pool == "cls" else x[:, self.num_prefix_tokens:].mean(dim=1)
-            # per-example RMS normalization: a public rule, no cross-example statistics
-            rms = v.pow(2).mean(dim=1, keepdim=True).sqrt().clamp_min(1e-12)
-            out.append(v / rms)
-        z = torch.cat(out, dim=1)
-        return z / float(np.sqrt(z.shape[1]))
+            out[piece] = v / v.pow(2).mean(dim=1, keepdim=True).sqrt().clamp_min(1e-12)
+        return out
+
+    @torch.no_grad()
+    def assemble(self, pieces: dict[str, Tensor]) -> Tensor:
+        """φ [B, p] from :meth:`pieces`: the spec's pieces concatenated and scaled to norm 1,
+        then the random ReLU features of that vector."""
+        z = torch.cat([pieces[name] for name in self.spec.pieces], dim=1)
+        z = z / float(np.sqrt(z.shape[1]))
+        if self.spec.random_features == 0:
+            return z
+        r = torch.relu(z @ self.omega.T + self.beta) * RANDOM_FEATURE_SCALE
+        return torch.cat([z, r], dim=1)
 
     @torch.no_grad()
     def from_tokens(self, tokens: Tensor) -> Tensor:
         """φ [B, p] (float32) of trunk tokens [B, T, d]."""
-        z = self.base_pieces(tokens)
-        if self.spec.random_features == 0:
-            return z
-        r = torch.relu(z @ self.omega.T + self.beta) / float(np.sqrt(self.spec.random_features))
-        return torch.cat([z, r], dim=1)
+        return self.assemble(self.pieces(tokens))
 
     @torch.no_grad()
     def from_images(self, images: Tensor) -> Tensor:

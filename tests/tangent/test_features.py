@@ -1,0 +1,96 @@
+"""Frozen multi-level features φ of the pretrained backbone (real DINOv2 ViT-S/14 weights)."""
+import numpy as np
+import pytest
+import torch
+
+from tangent.exact_head import quantize
+from tangent.features import PIECES, FeatureExtractor, FeatureSpec
+
+
+@pytest.fixture(scope="module")
+def images():
+    from tangent.data import load_fashion_mnist, preprocess
+
+    raw, _ = load_fashion_mnist("test")
+    return preprocess(raw[:12], 56)
+
+
+@pytest.fixture(scope="module")
+def extractor(pretrained_vit):
+    return FeatureExtractor(pretrained_vit, FeatureSpec(random_features=64, random_seed=3), img_size=56)
+
+
+def test_final_pieces_are_the_pretrained_models_own_final_tokens(extractor, pretrained_vit, images):
+    """Independent path: timm's forward_features (all 12 pretrained blocks + final norm)."""
+    with torch.no_grad():
+        final = pretrained_vit.forward_features(images)
+    phi = extractor.from_images(images)
+    d = extractor.embed_dim
+    m = len(extractor.spec.pieces)
+
+    def rms_normed(v):
+        return v / v.pow(2).mean(1, keepdim=True).sqrt() / np.sqrt(d * m)
+
+    torch.testing.assert_close(phi[:, :d], rms_normed(final[:, 0]), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(phi[:, d:2 * d], rms_normed(final[:, 1:].mean(1)), rtol=1e-4, atol=1e-5)
+
+
+def test_features_from_cached_trunk_tokens_equal_features_from_images(extractor, images):
+    from tangent.spec import ModelSpec, build_model
+
+    taft, _ = build_model(ModelSpec(img_size=56))  # the reinit TAFT model whose trunk fills the cache
+    assert extractor.trunk_matches(taft.trunk)
+    with torch.no_grad():
+        tokens = taft.trunk(images)
+    torch.testing.assert_close(extractor.from_tokens(tokens), extractor.from_images(images), rtol=0, atol=0)
+
+
+def test_base_features_have_norm_one_and_random_features_are_bounded(extractor, images):
+    phi = extractor.from_images(images).double()
+    base = extractor.base_dim
+    assert phi.shape == (12, extractor.dim) == (12, 4 * 384 + 64)
+    torch.testing.assert_close(phi[:, :base].norm(dim=1), torch.ones(12, dtype=torch.float64), rtol=1e-5, atol=0)
+    assert (phi[:, base:] >= 0).all() and phi.norm(dim=1).max() < extractor.spec.clip_norm
+
+
+def test_features_do_not_depend_on_the_batch_they_are_computed_in(extractor, images):
+    """A site computes φ in its own batches: the quantized rows must not depend on that."""
+    whole = extractor.from_images(images).numpy()
+    one_by_one = np.concatenate([extractor.from_images(images[i:i + 1]).numpy() for i in range(12)])
+    spec = extractor.spec
+    q_whole = quantize(whole, spec.clip_norm, spec.frac_bits)
+    q_single = quantize(one_by_one, spec.clip_norm, spec.frac_bits)
+    assert np.abs(q_whole.astype(np.int64) - q_single).max() <= 1  # float kernels may differ by 1 ulp
+    assert (q_whole != q_single).mean() < 1e-3
+
+
+def test_spec_round_trips_and_is_validated():
+    spec = FeatureSpec(pieces=("final_cls", "input_mean"), random_features=128, random_seed=5,
+                       clip_norm=1.5, frac_bits=14)
+    assert FeatureSpec.from_config(spec.to_config()) == spec
+    assert spec.dim() == 2 * 384 + 128
+    with pytest.raises(ValueError, match="pieces"):
+        FeatureSpec(pieces=("final_cls", "final_cls"))
+    with pytest.raises(ValueError, match="pieces"):
+        FeatureSpec(pieces=("block3_cls",))
+    with pytest.raises(ValueError, match="clip_norm"):
+        FeatureSpec(clip_norm=0.0)
+    with pytest.raises(ValueError, match="frac_bits"):
+        FeatureSpec(frac_bits=40)
+    assert set(PIECES) == {"final_cls", "final_mean", "input_cls", "input_mean"}
+
+
+def test_digest_covers_the_spec_and_the_random_map(pretrained_vit):
+    a = FeatureExtractor(pretrained_vit, FeatureSpec(random_features=8, random_seed=1), img_size=56)
+    same = FeatureExtractor(pretrained_vit, FeatureSpec(random_features=8, random_seed=1), img_size=56)
+    assert a.digest() == same.digest()
+    assert torch.equal(a.omega, same.omega)
+    for other in (FeatureSpec(random_features=8, random_seed=2), FeatureSpec(random_features=9, random_seed=1),
+                  FeatureSpec(random_features=8, random_seed=1, clip_norm=3.0),
+                  FeatureSpec(pieces=("final_cls",), random_features=8, random_seed=1)):
+        assert FeatureExtractor(pretrained_vit, other, img_size=56).digest() != a.digest()
+    # a machine whose generator drew another Ω must not match either
+    tampered = FeatureExtractor(pretrained_vit, FeatureSpec(random_features=8, random_seed=1), img_size=56)
+    tampered.omega = tampered.omega.clone()
+    tampered.omega[0, 0] += 1e-3
+    assert tampered.digest() != a.digest()
