@@ -25,9 +25,11 @@ Bounds (why int64 never overflows and why the float64 products are exact):
   m ≤ 2^(53 − 2b) (b = 16: 2^21 rows) the product is the exact integer whatever the BLAS does;
   chunks are then added in int64.
 
-Ridge: with μ = s/n, G_c = G − n μμᵀ, B_c = B − μ cᵀ and per-coordinate scale σ_i = √(G_c,ii/n),
-the standardized problem is W_s = (G_s + λI)⁻¹ B_s (G_s = G_c/σσᵀ, B_s = B_c/σ), W = W_s/σ and the
-intercept b = c/n − μᵀW. λ is chosen by generalized cross-validation computed from the sums alone
+Ridge: with μ = s/n, G_c = G − n μμᵀ, B_c = B − μ cᵀ and (optionally) per-coordinate scale
+σ_i = √(G_c,ii/n), the problem is W_s = (G_s + λI)⁻¹ B_s (G_s = G_c/σσᵀ, B_s = B_c/σ), W = W_s/σ
+and the intercept b = c/n − μᵀW. Default: no standardization (σ = 1) — tangent/features.py already
+puts every piece on a public common scale, and on a validation split of the training set (20k fit,
+10k held out, λ by GCV) standardizing lost 0.1–0.3 points (docs/exact_head.md). λ is chosen by generalized cross-validation computed from the sums alone
 through the eigendecomposition G_s = U D Uᵀ (B̃ = Uᵀ B_s):
 
     RSS(λ) = tr(Y_cᵀY_c) − Σ_kc B̃_kc² (d_k + 2λ) / (d_k + λ)²,   Y_cᵀY_c = diag(c) − c cᵀ/n,
@@ -303,7 +305,7 @@ def _merge_dp(a: Optional[dict], b: Optional[dict], sign: int) -> Optional[dict]
 
 # ------------------------------------------------------------------------------ ridge head
 
-DEFAULT_LAMBDA_GRID = tuple(float(x) for x in np.logspace(-7, 1, 49))  # × n (standardized: tr/p = n)
+DEFAULT_LAMBDA_GRID = tuple(float(x) for x in np.logspace(-9, 1, 61))  # × n
 
 
 @dataclass
@@ -339,7 +341,7 @@ class Spectrum:
     yty: float               # tr(Y_cᵀ Y_c)
 
 
-def spectrum(stats: SufficientStats, *, standardize: bool = True) -> Spectrum:
+def spectrum(stats: SufficientStats, *, standardize: bool = False) -> Spectrum:
     """The O(p³) part of the solve, done once for every λ."""
     n, counts, s, gram, cross = stats.real()
     if n <= 1:
@@ -386,7 +388,7 @@ def choose_lambda(spec: Spectrum, grid: Iterable[float] = DEFAULT_LAMBDA_GRID) -
     return best, curve
 
 
-def solve(stats: SufficientStats, lam: Optional[float] = None, *, standardize: bool = True,
+def solve(stats: SufficientStats, lam: Optional[float] = None, *, standardize: bool = False,
           grid: Iterable[float] = DEFAULT_LAMBDA_GRID) -> RidgeHead:
     """The ridge head of the summed statistics; λ by GCV when not given."""
     spec = spectrum(stats, standardize=standardize)

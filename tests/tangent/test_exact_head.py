@@ -155,7 +155,7 @@ def _central_ridge(x, labels, lam):
 def test_ridge_from_summed_site_statistics_equals_the_ridge_fitted_on_all_rows():
     phi, labels = _data(5, 400, 12, np.float32)
     sites = [_stats(phi[i::3], labels[i::3]) for i in range(3)]
-    head = eh.solve(SufficientStats.total(sites), lam=7.0)
+    head = eh.solve(SufficientStats.total(sites), lam=7.0, standardize=True)
     x = eh.dequantize(eh.quantize(phi, 2.0, 16), 2.0, 16)
     w, b, _, _ = _central_ridge(x, labels, 7.0)
     np.testing.assert_allclose(head.weight, w, rtol=1e-8, atol=1e-10)
@@ -166,7 +166,7 @@ def test_ridge_from_summed_site_statistics_equals_the_ridge_fitted_on_all_rows()
 def test_gcv_from_the_spectrum_equals_gcv_from_the_hat_matrix():
     phi, labels = _data(6, 150, 8, np.float64)
     stats = _stats(phi, labels)
-    spec = eh.spectrum(stats)
+    spec = eh.spectrum(stats, standardize=True)
     x = eh.dequantize(eh.quantize(phi, 2.0, 16), 2.0, 16)
     for lam in (0.1, 3.0, 100.0):
         _, _, z, yc = _central_ridge(x, labels, lam)
@@ -174,6 +174,17 @@ def test_gcv_from_the_spectrum_equals_gcv_from_the_hat_matrix():
         rss = float(((yc - hat @ yc) ** 2).sum())
         expected = len(x) * rss / (len(x) - np.trace(hat)) ** 2
         assert eh.gcv_score(spec, lam) == pytest.approx(expected, rel=1e-9)
+
+
+def test_unstandardized_ridge_from_the_sums_equals_the_ridge_on_centred_rows():
+    phi, labels = _data(8, 300, 10, np.float64)
+    head = eh.solve(_stats(phi[:100], labels[:100]) + _stats(phi[100:], labels[100:]), lam=0.5)
+    x = eh.dequantize(eh.quantize(phi, 2.0, 16), 2.0, 16)
+    y = np.eye(K)[labels]
+    xc = x - x.mean(0)
+    w = np.linalg.solve(xc.T @ xc + 0.5 * np.eye(10), xc.T @ (y - y.mean(0)))
+    np.testing.assert_allclose(head.weight, w, rtol=1e-8, atol=1e-10)
+    np.testing.assert_allclose(head.bias, y.mean(0) - x.mean(0) @ w, rtol=1e-8, atol=1e-10)
 
 
 def test_gcv_picks_a_small_lambda_for_clean_signal_and_a_large_one_for_noise():
