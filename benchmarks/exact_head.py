@@ -215,11 +215,12 @@ def stage_frontier_rf(work: Path, ks=RANDOM_KS) -> list:
 
 
 def _float_ridge_accuracy(phi, labels, phi_t, labels_t, lam) -> float:
+    """The default solve (centred, not standardized) on float64 φ straight from the rows."""
     x = phi.astype(np.float64)
     y = np.eye(NUM_CLASSES)[labels]
-    mu, sd = x.mean(0), x.std(0)
-    z = (x - mu) / sd
-    w = np.linalg.solve(z.T @ z + lam * np.eye(x.shape[1]), z.T @ (y - y.mean(0))) / sd[:, None]
+    mu = x.mean(0)
+    xc = x - mu
+    w = np.linalg.solve(xc.T @ xc + lam * np.eye(x.shape[1]), xc.T @ (y - y.mean(0)))
     b = y.mean(0) - mu @ w
     return float(((phi_t.astype(np.float64) @ w + b).argmax(1) == labels_t).mean())
 
