@@ -25,7 +25,7 @@ import numpy as np
 import torch
 
 from tangent import exact_head as eh
-from tangent.features import PIECES, FeatureExtractor, FeatureSpec
+from tangent.features import PIECES, RANDOM_FEATURE_SCALE as RANDOM_SCALE, FeatureExtractor, FeatureSpec
 
 NUM_CLASSES = 10
 BASE = FeatureSpec()  # the four pieces, C = 2, b = 16
@@ -327,13 +327,14 @@ def stage_dp(work: Path) -> dict:
         row = {"spec": _spec_name(spec), "p": extractor.dim,
                "no_dp": float((eh.solve(exact).predict(phi_t) == y_t).mean())}
         for eps in DP_EPSILONS:
-            accs, oracle_accs = [], []
+            accs, oracle_accs, gcv_only = [], [], []
             for rep in range(DP_REPEATS):
                 rng = np.random.default_rng([rep, int(eps * 10), extractor.dim])
                 noisy = eh.SufficientStats.total(
                     [eh.privatize(st, eps, 1.0 / (10 * st.n), rng) for st in site_stats])
                 spectrum = eh.spectrum(noisy)
-                lam, curve = eh.choose_lambda(spectrum)
+                lam_gcv, curve = eh.choose_lambda(spectrum)  # GCV alone, for comparison
+                lam, _ = eh.choose_lambda(spectrum, floor=eh.dp_lambda_floor(noisy))
                 x_t = eh.dequantize(eh.quantize(phi_t, spec.clip_norm, spec.frac_bits), spec.clip_norm, spec.frac_bits)
 
                 def acc(l):
@@ -341,14 +342,69 @@ def stage_dp(work: Path) -> dict:
                     return float(((x_t @ h.weight + h.bias).argmax(1) == y_t).mean())
 
                 accs.append(acc(lam))
+                gcv_only.append(acc(lam_gcv))
                 oracle_accs.append(max(acc(l) for l in list(curve)[::4]))
             row[f"eps_{eps:g}"] = {"mean": float(np.mean(accs)), "std": float(np.std(accs)),
+                                   "gcv_without_floor_mean": float(np.mean(gcv_only)),
                                    "oracle_lambda_mean": float(np.mean(oracle_accs)),
                                    "delta_per_site": 1.0 / (10 * site_stats[0].n)}
         _log(row)
         out["rows"].append(row)
     (work / "dp.json").write_text(json.dumps(out, indent=1))
     return out
+
+
+# ------------------------------------------------------------------------------ ablation
+
+def stage_ablation(work: Path) -> list:
+    """Design choices on a split of the *training* set only (30k fit, 10k held out; the test set is
+    not touched): standardizing by the summed statistics or not, and the random features' input —
+    the public per-example normalization (what FeatureExtractor does) vs a two-pass
+    standardization by the fit rows' mean and variance, with bandwidth γ and with/without bias.
+    k = 2,048; the random map is FeatureExtractor's (numpy stream of seed 0)."""
+    pieces, labels = _load(work, "train")
+    order = np.random.default_rng(0).permutation(len(labels))
+    fit, held = np.sort(order[:30000]), np.sort(order[50000:])
+    base = _extractor(BASE)
+    zf, zh = (features(base, pieces, rows).astype(np.float64) for rows in (fit, held))
+    k = 2048
+    rf_ext = _extractor(FeatureSpec(random_features=k))
+    omega, beta = rf_ext.omega.double().numpy(), rf_ext.beta.double().numpy()
+    mu, sd = zf.mean(0), zf.std(0)
+
+    def rf(z, gamma, bias, standardized):
+        z = (z - mu) / sd / np.sqrt(z.shape[1]) if standardized else z
+        return np.maximum(gamma * z @ omega.T + bias * beta, 0) * RANDOM_SCALE
+
+    variants = [("4 pieces, standardized solve", zf, zh, True),
+                ("4 pieces", zf, zh, False)]
+    for name, gamma, bias, standardized in (("public normalization (default)", 1, 1, False),
+                                            ("public normalization, γ = 2", 2, 1, False),
+                                            ("two-pass standardized input", 1, 1, True),
+                                            ("two-pass standardized, no bias", 1, 0, True),
+                                            ("two-pass standardized, γ = 2", 2, 1, True)):
+        variants.append((f"+ {k} RF, {name}", np.hstack([zf, rf(zf, gamma, bias, standardized)]),
+                         np.hstack([zh, rf(zh, gamma, bias, standardized)]), False))
+    variants.insert(3, (f"+ {k} RF, public normalization, standardized solve",
+                        np.hstack([zf, rf(zf, 1, 1, False)]), np.hstack([zh, rf(zh, 1, 1, False)]), True))
+    results = []
+    for name, xf, xh, standardize in variants:
+        clip = float(np.sqrt((xf ** 2).sum(1)).max()) * 1.01
+        stats = eh.SufficientStats.from_features(xf, labels[fit], NUM_CLASSES, clip, 16)
+        spec = eh.spectrum(stats, standardize=standardize)
+        lam, curve = eh.choose_lambda(spec)
+        x_held = eh.dequantize(eh.quantize(xh, clip, 16), clip, 16)
+
+        def acc(candidate):
+            head = eh.head_from_spectrum(spec, candidate, clip, 16)
+            return float(((x_held @ head.weight + head.bias).argmax(1) == labels[held]).mean())
+
+        best = max(list(curve)[::3], key=acc)
+        row = {"variant": name, "p": xf.shape[1], "accuracy_gcv": acc(lam), "accuracy_best_lambda": acc(best)}
+        _log(row)
+        results.append(row)
+    (work / "ablation.json").write_text(json.dumps(results, indent=1))
+    return results
 
 
 # ------------------------------------------------------------------------------ report
@@ -363,7 +419,8 @@ def stage_report(work: Path) -> dict:
                          f"{torch.get_num_threads()}, OMP_NUM_THREADS={os.environ.get('OMP_NUM_THREADS')}",
               "pieces": _read(work, "pieces.json"),
               "frontier": (_read(work, "frontier.json") or []) + (_read(work, "frontier_rf.json") or []),
-              "federated": _read(work, "federated.json"), "dp": _read(work, "dp.json")}
+              "federated": _read(work, "federated.json"), "dp": _read(work, "dp.json"),
+              "ablation": _read(work, "ablation.json")}
     print(json.dumps(report, indent=1))
     _write_section(DOC, render(report))
     return report
@@ -399,7 +456,10 @@ def render(r: dict) -> str:
                   "λ_GCV: generalized cross-validation from the summed statistics only (the rule the "
                   "server uses); λ_oracle: the same grid's best λ *on the test set*, for comparison only. "
                   "Bytes per site: the statistics as sent (int64: n, class counts, Σφ, upper triangle of "
-                  "Σφφᵀ, Σφyᵀ); independent of the site's size.", "",
+                  "Σφφᵀ, Σφyᵀ); independent of the site's size. Central stats (s): the integer statistics of all "
+                  "60k rows; for the random-feature rows the leading block's share (∝ p²) of the one Gram "
+                  "product of the largest spec, whose statistics contain every smaller one's exactly "
+                  "(`stage_gram`). Solve: eigendecomposition + the GCV curve.", "",
                   "| φ | p | bytes per site (MiB) | accuracy (λ_GCV) | λ_GCV / n | accuracy (λ_oracle) | central stats (s) | solve (s) |",
                   "|---|---|---|---|---|---|---|---|"]
         for row in r["frontier"]:
@@ -410,6 +470,12 @@ def render(r: dict) -> str:
             lines += ["", f"Fixed-point grid cost (4 pieces, b = 16): accuracy {base[0]['accuracy_gcv']:.4f} on the "
                       f"grid vs {base[0]['accuracy_float64_same_lambda']:.4f} with float64 φ at the same λ."]
         lines.append("")
+    if r.get("ablation"):
+        lines += ["### Design ablation (training set only: 30k fit, 10k held-out training images)", "",
+                  "| variant | p | held-out accuracy (λ_GCV) | held-out accuracy (best λ) |", "|---|---|---|---|"]
+        lines += [f"| {a['variant']} | {a['p']:,} | {a['accuracy_gcv']:.4f} | {a['accuracy_best_lambda']:.4f} |"
+                  for a in r["ablation"]]
+        lines += ["", "10k held-out images: one standard error ≈ 0.3 points.", ""]
     if r["federated"]:
         f = r["federated"]
         lines += [f"### Federation is the central model, bit for bit ({f['spec']}, p = {f['p']:,})", "",
@@ -428,20 +494,25 @@ def render(r: dict) -> str:
                   f"{d['train_images']} training images over {d['sites']} IID sites, {d['test_images']} test images "
                   "(docs/results.md §4); each site releases its statistics once with the analytic Gaussian "
                   "mechanism at (ε, δ = 1/(10·n_site)), clip ‖φ‖ ≤ 1; the server sums the noisy releases, projects "
-                  f"onto the PSD cone and picks λ by GCV on the noisy sums. Mean ± std over {DP_REPEATS} noise draws. "
+                  f"onto the PSD cone and picks λ by GCV on the noisy sums, no lower than the public noise floor "
+                  "`dp_lambda_floor` (2·noise std·√p). Mean ± std over {DP_REPEATS} noise draws. "
                   "DP TAFT-1 federated (docs/results.md): 0.2056 / 0.3428 / 0.4372 at ε = 1 / 3 / 8.", "",
-                  "| φ | p | ε = 1 | ε = 3 | ε = 8 | no DP | ε=1/3/8 with oracle λ |", "|---|---|---|---|---|---|---|"]
+                  "| φ | p | ε = 1 | ε = 3 | ε = 8 | no DP | ε=1/3/8, GCV without the noise floor | ε=1/3/8, oracle λ |",
+                  "|---|---|---|---|---|---|---|---|"]
         for row in d["rows"]:
             cells = [f"{row[f'eps_{e:g}']['mean']:.4f} ± {row[f'eps_{e:g}']['std']:.4f}" for e in DP_EPSILONS]
+            bare = " / ".join(f"{row[f'eps_{e:g}']['gcv_without_floor_mean']:.3f}" for e in DP_EPSILONS)
             oracle = " / ".join(f"{row[f'eps_{e:g}']['oracle_lambda_mean']:.3f}" for e in DP_EPSILONS)
-            lines.append(f"| {row['spec']} | {row['p']:,} | " + " | ".join(cells) + f" | {row['no_dp']:.4f} | {oracle} |")
+            lines.append(f"| {row['spec']} | {row['p']:,} | " + " | ".join(cells)
+                         + f" | {row['no_dp']:.4f} | {bare} | {oracle} |")
         lines.append("")
     return "\n".join(lines)
 
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=("pieces", "frontier", "gram", "frontier-rf", "federated", "dp", "report"))
+    parser.add_argument("stage", choices=("pieces", "frontier", "gram", "frontier-rf", "federated", "dp",
+                                          "ablation", "report"))
     parser.add_argument("--ks", type=str, default=",".join(map(str, RANDOM_KS)),
                         help="frontier-rf: numbers of random features to evaluate (comma-separated)")
     parser.add_argument("--partition", choices=("iid-50", "dirichlet-0.1-50"), default=None,
@@ -464,6 +535,8 @@ def main(argv=None):
         stage_federated(args.work, FeatureSpec(random_features=args.random_features), args.partition)
     elif args.stage == "dp":
         stage_dp(args.work)
+    elif args.stage == "ablation":
+        stage_ablation(args.work)
     else:
         stage_report(args.work)
 
