@@ -27,10 +27,10 @@ Bounds (why int64 never overflows and why the float64 products are exact):
 
 Ridge: with μ = s/n, G_c = G − n μμᵀ, B_c = B − μ cᵀ and (optionally) per-coordinate scale
 σ_i = √(G_c,ii/n), the problem is W_s = (G_s + λI)⁻¹ B_s (G_s = G_c/σσᵀ, B_s = B_c/σ), W = W_s/σ
-and the intercept b = c/n − μᵀW. Default: no standardization (σ = 1) — tangent/features.py already
-puts every piece on a public common scale, and on a validation split of the training set (20k fit,
-10k held out, λ by GCV) standardizing lost 0.1–0.3 points (docs/exact_head.md). λ is chosen by generalized cross-validation computed from the sums alone
-through the eigendecomposition G_s = U D Uᵀ (B̃ = Uᵀ B_s):
+and the intercept b = c/n − μᵀW. Default: no standardization (σ = 1): tangent/features.py already
+puts every piece on a public common scale, and standardizing did not help on held-out training
+images (docs/exact_head.md, ablation). λ is chosen by generalized cross-validation computed from
+the sums alone through the eigendecomposition G_s = U D Uᵀ (B̃ = Uᵀ B_s):
 
     RSS(λ) = tr(Y_cᵀY_c) − Σ_kc B̃_kc² (d_k + 2λ) / (d_k + λ)²,   Y_cᵀY_c = diag(c) − c cᵀ/n,
     df(λ)  = Σ_k d_k / (d_k + λ),     GCV(λ) = n·RSS(λ) / (n − df(λ))².
