@@ -282,14 +282,3 @@ def test_dp_releases_sum_their_noise_and_removing_one_removes_it_exactly():
     assert total.dp["noise_variance"] == pytest.approx(a.dp["sigma"] ** 2 + b.dp["sigma"] ** 2)
     rest = total - b
     assert rest == a and rest.dp["releases"] == 1
-
-
-def test_a_dp_solve_keeps_lambda_above_the_public_noise_floor():
-    phi, labels = _data(13, 300, 50, np.float64)
-    rng = np.random.default_rng(1)
-    noisy = SufficientStats.total([eh.privatize(_stats(phi[i::3], labels[i::3], 1.0), 1.0, 1e-5, rng)
-                                   for i in range(3)])
-    floor = eh.dp_lambda_floor(noisy)
-    assert floor == pytest.approx(2 * math.sqrt(noisy.dp["noise_variance"]) * math.sqrt(50))
-    assert eh.solve(noisy).lam >= floor
-    assert eh.dp_lambda_floor(_stats(phi, labels)) == 0.0  # exact statistics: no floor
