@@ -42,6 +42,7 @@ def _log(*args):
 
 def _spec_name(spec: FeatureSpec) -> str:
     base = "+".join(spec.pieces) if spec.pieces != PIECES else "4 pieces"
+    base += f" → {spec.projection} (seeded projection)" if spec.projection else ""
     return f"{base}" + (f" + {spec.random_features} RF" if spec.random_features else "")
 
 
@@ -299,7 +300,8 @@ def stage_federated(work: Path, spec: FeatureSpec, only: str | None = None) -> d
 # ------------------------------------------------------------------------------ DP
 
 DP_SPECS = (FeatureSpec(pieces=PIECES[:1], clip_norm=1.0), FeatureSpec(pieces=PIECES[:2], clip_norm=1.0),
-            FeatureSpec(clip_norm=1.0))
+            FeatureSpec(clip_norm=1.0), FeatureSpec(projection=32, clip_norm=1.0),
+            FeatureSpec(projection=64, clip_norm=1.0), FeatureSpec(projection=128, clip_norm=1.0))
 DP_EPSILONS = (1.0, 3.0, 8.0)
 DP_REPEATS = 5
 

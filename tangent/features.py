@@ -44,7 +44,7 @@ PIECES = ("final_cls", "final_mean", "input_cls", "input_mean")
 RANDOM_FEATURE_SCALE = 1.0 / 64.0
 
 #: FeatureSpec field -> kebab-case key (run config / ConfigRecord), as tangent.spec.KEYS
-KEYS = {"pieces": "feature-pieces", "random_features": "random-features",
+KEYS = {"pieces": "feature-pieces", "projection": "feature-projection", "random_features": "random-features",
         "random_seed": "random-seed", "clip_norm": "clip-norm", "frac_bits": "frac-bits"}
 
 
@@ -57,6 +57,9 @@ class FeatureSpec:
     """
 
     pieces: tuple[str, ...] = PIECES
+    #: > 0: a seeded Gaussian projection of the base vector to this many dimensions, renormalized
+    #: to norm 1 (public, like Ω): fewer statistics and less DP noise (the noise grows with p)
+    projection: int = 0
     random_features: int = 0
     random_seed: int = 0
     clip_norm: float = 2.0
@@ -67,6 +70,8 @@ class FeatureSpec:
         object.__setattr__(self, "pieces", pieces)
         if not pieces or len(set(pieces)) != len(pieces) or not set(pieces) <= set(PIECES):
             raise ValueError(f"pieces must be distinct names from {PIECES}, got {pieces!r}")
+        if not (isinstance(self.projection, int) and self.projection >= 0):
+            raise ValueError(f"projection must be an int ≥ 0, got {self.projection!r}")
         if not (isinstance(self.random_features, int) and self.random_features >= 0):
             raise ValueError(f"random_features must be an int ≥ 0, got {self.random_features!r}")
         if not (np.isfinite(self.clip_norm) and self.clip_norm > 0):
@@ -74,15 +79,18 @@ class FeatureSpec:
         if not (isinstance(self.frac_bits, int) and 1 <= self.frac_bits <= 24):
             raise ValueError(f"frac_bits must be an int in [1, 24], got {self.frac_bits!r}")
 
+    def base_dim(self, embed_dim: int = 384) -> int:
+        return self.projection or embed_dim * len(self.pieces)
+
     def dim(self, embed_dim: int = 384) -> int:
-        return embed_dim * len(self.pieces) + self.random_features
+        return self.base_dim(embed_dim) + self.random_features
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> "FeatureSpec":
         values = {f: config[k] for f, k in KEYS.items() if k in config}
         if isinstance(values.get("pieces"), str):
             values["pieces"] = tuple(p for p in values["pieces"].split(",") if p)
-        for name in ("random_features", "random_seed", "frac_bits"):
+        for name in ("projection", "random_features", "random_seed", "frac_bits"):
             if name in values:
                 values[name] = int(values[name])
         if "clip_norm" in values:
@@ -109,7 +117,11 @@ class FeatureExtractor:
         self.trunk = Trunk(self.backbone, len(self.backbone.blocks) - 1)
         self.embed_dim = int(self.backbone.embed_dim)
         self.num_prefix_tokens = int(self.backbone.num_prefix_tokens)
-        self.base_dim = self.embed_dim * len(spec.pieces)
+        self.base_dim = spec.base_dim(self.embed_dim)
+        pieces_dim = self.embed_dim * len(spec.pieces)
+        # its own stream of the seed, so that the random features' stream is unchanged
+        self.projection = (torch.from_numpy(np.random.default_rng([spec.random_seed, 1]).standard_normal(
+            (pieces_dim, spec.projection)).astype(np.float32)) if spec.projection else None)
         # numpy's Generator fills row by row: the first k rows of a larger draw are the same, so
         # specs that differ only in k share their first random features (nested frontier).
         draw = np.random.default_rng(spec.random_seed).standard_normal((spec.random_features, self.base_dim + 1))
@@ -135,6 +147,8 @@ class FeatureExtractor:
 
         state = dict(self.backbone.state_dict())
         state["exact_head.omega"], state["exact_head.beta"] = self.omega, self.beta
+        if self.projection is not None:
+            state["exact_head.projection"] = self.projection
         options = {"family": "exact-head-features", "version": 1, "backbone": self.backbone_name,
                    "features": self.spec.to_config(), "preprocessing": preprocessing_spec(self.img_size)}
         return state_digest(state, options)
@@ -167,6 +181,9 @@ class FeatureExtractor:
         then the random ReLU features of that vector."""
         z = torch.cat([pieces[name] for name in self.spec.pieces], dim=1)
         z = z / float(np.sqrt(z.shape[1]))
+        if self.projection is not None:
+            z = z @ self.projection
+            z = z / z.norm(dim=1, keepdim=True).clamp_min(1e-12)
         if self.spec.random_features == 0:
             return z
         r = torch.relu(z @ self.omega.T + self.beta) * RANDOM_FEATURE_SCALE

@@ -72,6 +72,10 @@ def test_spec_round_trips_and_is_validated():
                        clip_norm=1.5, frac_bits=14)
     assert FeatureSpec.from_config(spec.to_config()) == spec
     assert spec.dim() == 2 * 384 + 128
+    projected = FeatureSpec(projection=64, random_features=8)
+    assert FeatureSpec.from_config(projected.to_config()) == projected and projected.dim() == 72
+    with pytest.raises(ValueError, match="projection"):
+        FeatureSpec(projection=-1)
     with pytest.raises(ValueError, match="pieces"):
         FeatureSpec(pieces=("final_cls", "final_cls"))
     with pytest.raises(ValueError, match="pieces"):
@@ -90,10 +94,23 @@ def test_digest_covers_the_spec_and_the_random_map(pretrained_vit):
     assert torch.equal(a.omega, same.omega)
     for other in (FeatureSpec(random_features=8, random_seed=2), FeatureSpec(random_features=9, random_seed=1),
                   FeatureSpec(random_features=8, random_seed=1, clip_norm=3.0),
-                  FeatureSpec(pieces=("final_cls",), random_features=8, random_seed=1)):
+                  FeatureSpec(pieces=("final_cls",), random_features=8, random_seed=1),
+                  FeatureSpec(projection=32, random_features=8, random_seed=1)):
         assert FeatureExtractor(pretrained_vit, other, img_size=56).digest() != a.digest()
     # a machine whose generator drew another Ω must not match either
     tampered = FeatureExtractor(pretrained_vit, FeatureSpec(random_features=8, random_seed=1), img_size=56)
     tampered.omega = tampered.omega.clone()
     tampered.omega[0, 0] += 1e-3
     assert tampered.digest() != a.digest()
+
+
+def test_a_projected_spec_has_unit_norm_base_features_and_is_deterministic(pretrained_vit, images):
+    plain = FeatureExtractor(pretrained_vit, FeatureSpec(random_features=4, random_seed=2), img_size=56)
+    projected = FeatureExtractor(pretrained_vit, FeatureSpec(projection=32, random_features=4, random_seed=2),
+                                 img_size=56)
+    phi = projected.from_images(images).double()
+    assert phi.shape == (12, 36)
+    torch.testing.assert_close(phi[:, :32].norm(dim=1), torch.ones(12, dtype=torch.float64), rtol=1e-5, atol=0)
+    assert projected.omega.shape == (4, 32) and plain.omega.shape == (4, 1536)
+    assert torch.equal(projected.beta, FeatureExtractor(pretrained_vit, FeatureSpec(projection=32, random_features=4,
+                                                                                   random_seed=2), img_size=56).beta)
