@@ -32,6 +32,10 @@ _EXPORTS = {
     "l2_penalty": "tangent.losses",
     "project_to_ball": "tangent.losses",
     "CLS_DELTA_KEY": "tangent.model",
+    "FeatureSpec": "tangent.features",
+    "FeatureExtractor": "tangent.features",
+    "SufficientStats": "tangent.exact_head",
+    "RidgeHead": "tangent.exact_head",
 }
 __all__ = sorted(_EXPORTS)
 

@@ -1,0 +1,223 @@
+"""Frozen multi-level features φ(x) of the pretrained backbone, for the exact head.
+
+φ is a fixed function of the image: the pretrained DINOv2 ViT-S/14 (the same weights every site
+loads, see tangent/pretrained.py), no Δ flows into it. Pieces (each a 384-vector):
+
+- ``final_cls``   CLS token after the last block and the final norm;
+- ``final_mean``  mean of the patch tokens after the last block and the final norm;
+- ``input_cls``   CLS token entering the last block (the trunk output the feature cache holds),
+                  through the last block's own first LayerNorm (``norm1``);
+- ``input_mean``  mean of those normed patch tokens.
+
+The last block is the *pretrained* one (TAFT's ``reinit`` re-draws that block for the tangent
+model; the trunk — blocks 0..10 — is the same for both, so the TAFT token cache feeds φ too).
+Its forward pass is timm's own ``Block`` (no ViT code is duplicated here).
+
+Public normalization (never data-derived): every piece is divided by its own per-example RMS
+(so each piece has norm √384 and the concatenation of m pieces norm √(384·m)), and the whole
+vector is scaled by 1/√(384·m): the base features have norm exactly 1. That keeps the clip norm,
+the fixed-point grid and the DP sensitivity meaningful without reading any site's data — the
+alternative, standardizing by data statistics, would need a second federated pass (and, under
+DP, a second release). Random ReLU features ``relu(Ω z + β)`` of the normalized base vector z use
+a seeded Gaussian Ω (entries N(0, 1), so Ωz ~ N(0, 1) per row since ‖z‖ = 1) and β ~ N(0, 1)
+(numpy's PCG64 stream of ``random_seed``); they are scaled by a fixed 1/64 so that 4,096 of them
+have norm ≈ 1, like the base vector (E relu(N(0, 2))² = 1). The ridge solve later
+standardizes every coordinate with the *summed* statistics (tangent/exact_head.py), so the
+relative scale of the pieces only matters for clipping and quantization.
+
+``FeatureSpec`` is part of the exact head's model spec; ``FeatureExtractor.digest()`` hashes the
+backbone weights, the spec, the preprocessing and Ω's bytes (so two machines whose generators
+disagree are refused rather than silently mixed).
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Mapping
+
+import numpy as np
+import torch
+from torch import Tensor
+
+PIECES = ("final_cls", "final_mean", "input_cls", "input_mean")
+#: random ReLU features are scaled by 1/√4096 whatever k is (so that a spec with fewer features is
+#: a prefix of one with more): ‖r‖ ≈ √(k/4096), ≈ 1 at k = 4,096 next to the base vector's 1.
+RANDOM_FEATURE_SCALE = 1.0 / 64.0
+
+#: FeatureSpec field -> kebab-case key (run config / ConfigRecord), as tangent.spec.KEYS
+KEYS = {"pieces": "feature-pieces", "projection": "feature-projection", "random_features": "random-features",
+        "random_seed": "random-seed", "clip_norm": "clip-norm", "frac_bits": "frac-bits"}
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """Which frozen features, how many seeded random features, and their fixed-point grid.
+
+    ``clip_norm`` C bounds ‖φ‖ (rows above it are scaled down to it); ``frac_bits`` b sets the
+    grid: φ is stored as integers q = round(φ · 2^b / C), so |q_i| ≤ 2^b.
+    """
+
+    pieces: tuple[str, ...] = PIECES
+    #: > 0: a seeded Gaussian projection of the base vector to this many dimensions, renormalized
+    #: to norm 1 (public, like Ω): fewer statistics and less DP noise (the noise grows with p)
+    projection: int = 0
+    random_features: int = 0
+    random_seed: int = 0
+    clip_norm: float = 2.0
+    frac_bits: int = 16
+
+    def __post_init__(self):
+        pieces = tuple(self.pieces)
+        object.__setattr__(self, "pieces", pieces)
+        if not pieces or len(set(pieces)) != len(pieces) or not set(pieces) <= set(PIECES):
+            raise ValueError(f"pieces must be distinct names from {PIECES}, got {pieces!r}")
+        if not (isinstance(self.projection, int) and self.projection >= 0):
+            raise ValueError(f"projection must be an int ≥ 0, got {self.projection!r}")
+        if not (isinstance(self.random_features, int) and self.random_features >= 0):
+            raise ValueError(f"random_features must be an int ≥ 0, got {self.random_features!r}")
+        if not (np.isfinite(self.clip_norm) and self.clip_norm > 0):
+            raise ValueError(f"clip_norm must be finite and > 0, got {self.clip_norm!r}")
+        if not (isinstance(self.frac_bits, int) and 1 <= self.frac_bits <= 24):
+            raise ValueError(f"frac_bits must be an int in [1, 24], got {self.frac_bits!r}")
+
+    def base_dim(self, embed_dim: int = 384) -> int:
+        return self.projection or embed_dim * len(self.pieces)
+
+    def dim(self, embed_dim: int = 384) -> int:
+        return self.base_dim(embed_dim) + self.random_features
+
+    @classmethod
+    def from_config(cls, config: Mapping[str, Any]) -> "FeatureSpec":
+        values = {f: config[k] for f, k in KEYS.items() if k in config}
+        if isinstance(values.get("pieces"), str):
+            values["pieces"] = tuple(p for p in values["pieces"].split(",") if p)
+        for name in ("projection", "random_features", "random_seed", "frac_bits"):
+            if name in values:
+                values[name] = int(values[name])
+        if "clip_norm" in values:
+            values["clip_norm"] = float(values["clip_norm"])
+        return cls(**values)
+
+    def to_config(self) -> dict[str, Any]:
+        out = {KEYS[f]: v for f, v in asdict(self).items()}
+        out["feature-pieces"] = ",".join(self.pieces)
+        return out
+
+
+class FeatureExtractor:
+    """φ for images or for cached trunk tokens [N, T, d] (the tokens entering the last block)."""
+
+    def __init__(self, backbone: torch.nn.Module, spec: FeatureSpec, *, img_size: int,
+                 backbone_name: str = "vit_small_patch14_dinov2"):
+        from tangent.model import Trunk
+
+        self.spec = spec
+        self.img_size = img_size
+        self.backbone_name = backbone_name
+        self.backbone = backbone.eval().requires_grad_(False)
+        self.trunk = Trunk(self.backbone, len(self.backbone.blocks) - 1)
+        self.embed_dim = int(self.backbone.embed_dim)
+        self.num_prefix_tokens = int(self.backbone.num_prefix_tokens)
+        self.base_dim = spec.base_dim(self.embed_dim)
+        pieces_dim = self.embed_dim * len(spec.pieces)
+        # its own stream of the seed, so that the random features' stream is unchanged
+        self.projection = (torch.from_numpy(np.random.default_rng([spec.random_seed, 1]).standard_normal(
+            (pieces_dim, spec.projection)).astype(np.float32)) if spec.projection else None)
+        # numpy's Generator fills row by row: the first k rows of a larger draw are the same, so
+        # specs that differ only in k share their first random features (nested frontier).
+        draw = np.random.default_rng(spec.random_seed).standard_normal((spec.random_features, self.base_dim + 1))
+        self.omega = torch.from_numpy(draw[:, :-1].astype(np.float32))
+        self.beta = torch.from_numpy(draw[:, -1].astype(np.float32))
+
+    @classmethod
+    def from_spec(cls, model_spec, spec: FeatureSpec) -> "FeatureExtractor":
+        """From a tangent.spec.ModelSpec (backbone, img_size): the pretrained weights, unchanged."""
+        from tangent.pretrained import load_pretrained
+
+        backbone = load_pretrained(model_spec.backbone, img_size=model_spec.img_size)
+        return cls(backbone, spec, img_size=model_spec.img_size, backbone_name=model_spec.backbone)
+
+    @property
+    def dim(self) -> int:
+        return self.spec.dim(self.embed_dim)
+
+    def digest(self) -> str:
+        """sha256 over the backbone weights, Ω and β, and the options (spec, preprocessing)."""
+        from tangent.data import preprocessing_spec
+        from tangent.model import state_digest
+
+        state = dict(self.backbone.state_dict())
+        state["exact_head.omega"], state["exact_head.beta"] = self.omega, self.beta
+        if self.projection is not None:
+            state["exact_head.projection"] = self.projection
+        options = {"family": "exact-head-features", "version": 1, "backbone": self.backbone_name,
+                   "features": self.spec.to_config(), "preprocessing": preprocessing_spec(self.img_size)}
+        return state_digest(state, options)
+
+    def trunk_matches(self, trunk: torch.nn.Module) -> bool:
+        """Whether ``trunk`` (e.g. a TangentViT's) computes the same tokens: then its cache applies."""
+        ours, theirs = self.trunk.state_dict(), trunk.state_dict()
+        return ours.keys() == theirs.keys() and all(torch.equal(ours[k], theirs[k]) for k in ours)
+
+    @torch.no_grad()
+    def pieces(self, tokens: Tensor) -> dict[str, Tensor]:
+        """Every piece of trunk tokens [B, T, d], each divided by its per-example RMS (a public
+        rule: no cross-example statistics), as {name: [B, d]}."""
+        block = self.backbone.blocks[-1]
+        tokens = tokens.float()
+        need_final = any(p.startswith("final") for p in self.spec.pieces)
+        source = {"final": self.backbone.norm(block(tokens)) if need_final else None,
+                  "input": block.norm1(tokens)}
+        out = {}
+        for piece in self.spec.pieces:
+            where, pool = piece.split("_")
+            x = source[where]
+            v = x[:, 0] if pool == "cls" else x[:, self.num_prefix_tokens:].mean(dim=1)
+            out[piece] = v / v.pow(2).mean(dim=1, keepdim=True).sqrt().clamp_min(1e-12)
+        return out
+
+    @torch.no_grad()
+    def assemble(self, pieces: dict[str, Tensor]) -> Tensor:
+        """φ [B, p] from :meth:`pieces`: the spec's pieces concatenated and scaled to norm 1,
+        then the random ReLU features of that vector."""
+        z = torch.cat([pieces[name] for name in self.spec.pieces], dim=1)
+        z = z / float(np.sqrt(z.shape[1]))
+        if self.projection is not None:
+            z = z @ self.projection
+            z = z / z.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        if self.spec.random_features == 0:
+            return z
+        r = torch.relu(z @ self.omega.T + self.beta) * RANDOM_FEATURE_SCALE
+        return torch.cat([z, r], dim=1)
+
+    @torch.no_grad()
+    def from_tokens(self, tokens: Tensor) -> Tensor:
+        """φ [B, p] (float32) of trunk tokens [B, T, d]."""
+        return self.assemble(self.pieces(tokens))
+
+    @torch.no_grad()
+    def from_images(self, images: Tensor) -> Tensor:
+        """φ of preprocessed images [B, 3, H, W] (tangent.data.preprocess)."""
+        return self.from_tokens(self.trunk(images))
+
+    @torch.no_grad()
+    def compute(self, rows, *, batch_size: int = 64, tokens: bool = True) -> np.ndarray:
+        """φ [N, p] float32 of token rows [N, T, d] (a TokenDataset, array or tensor) or, with
+        ``tokens=False``, of preprocessed images.
+
+        Every batch is padded to ``batch_size`` rows: float kernels may round differently for
+        another batch shape (measured: a batch of 1 changed 104 of 1.4 M quantized entries by one
+        grid step), so a row's φ must not depend on which other rows share its batch — a site that
+        forgets samples recomputes its remaining rows and must get the same integers.
+        """
+        n = len(rows)
+        out = np.empty((n, self.dim), dtype=np.float32)
+        fn = self.from_tokens if tokens else self.from_images
+        for start in range(0, n, batch_size):
+            stop = min(n, start + batch_size)
+            batch = rows[start:stop] if isinstance(rows, Tensor) else rows[np.arange(start, stop)]
+            batch = torch.as_tensor(np.asarray(batch)) if not isinstance(batch, Tensor) else batch
+            if len(batch) < batch_size:
+                pad = batch[-1:].expand(batch_size - len(batch), *batch.shape[1:])
+                batch = torch.cat([batch, pad])
+            out[start:stop] = fn(batch)[:stop - start].numpy()
+        return out
