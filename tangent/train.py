@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 from tangent import losses
 
 LOSSES = ("rsl", "ce", "mse")
-OPTIMIZERS = ("adam", "sgd")
+OPTIMIZERS = ("adam", "sgd", "radam")
+SCHEDULES = ("step", "cosine")
 
 
 @dataclass
@@ -43,6 +44,10 @@ class TrainConfig:
     #: fractions of the schedule after which the learning rate is multiplied by ``decay``
     milestones: tuple[float, ...] = (0.5, 0.83)
     decay: float = 0.1
+    #: linear warm-up over the first ``warmup`` steps (capped at half of the schedule)
+    warmup: int = 0
+    #: "step" (×decay at the milestones) or "cosine" (to 0 after the warm-up)
+    schedule: str = "step"
 
     def __post_init__(self):
         if self.loss not in LOSSES:
@@ -53,9 +58,19 @@ class TrainConfig:
             raise ValueError("epochs and batch_size must be positive")
         if self.radius is not None and self.radius <= 0:
             raise ValueError("radius must be positive (or None for no projection)")
+        if self.schedule not in SCHEDULES:
+            raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
+        if self.warmup < 0:
+            raise ValueError("warmup must be >= 0 steps")
 
     def lr_at(self, step: int, total_steps: int) -> float:
-        """Step decay: ×decay once ``step`` has passed each milestone fraction of the schedule."""
+        """Learning rate of step ``step`` (0-based) of ``total_steps``."""
+        warmup = min(self.warmup, total_steps // 2)
+        if step < warmup:
+            return self.lr * (step + 1) / (warmup + 1)
+        if self.schedule == "cosine":
+            done = (step - warmup) / max(total_steps - warmup, 1)
+            return self.lr * 0.5 * (1 + math.cos(math.pi * done))
         passed = sum(step >= m * total_steps for m in self.milestones)
         return self.lr * self.decay ** passed
 
@@ -151,6 +166,8 @@ def fit(model, inputs, labels, config: TrainConfig, *, privacy=None, from_cache:
     if config.optimizer == "adam":
         # fused: one kernel over all tensors; the per-tensor loop was ~30% of a cached step
         optimizer = torch.optim.Adam(params, lr=config.lr, fused=True)
+    elif config.optimizer == "radam":
+        optimizer = torch.optim.RAdam(params, lr=config.lr)
     else:
         optimizer = torch.optim.SGD(params, lr=config.lr)
     criterion = loss_fn(config.loss, config.kappa, config.alpha)
