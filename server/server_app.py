@@ -111,7 +111,9 @@ def _train(grid: Grid, ledger: Ledger, spec, base_digest: str, evaluation, run_c
     central: dict[int, dict] = {}
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        if len(arrays) == 0 or not evaluation.enabled:  # nothing composed yet / no test data
+        # Round 0 (before any train message) is the previous run's model, already evaluated and
+        # reported by it: evaluating it here would make the sites wait for the test inputs.
+        if server_round == 0 or len(arrays) == 0 or not evaluation.enabled:
             return None
         if (result := evaluation(_delta(arrays))) is None:
             return None
