@@ -82,7 +82,8 @@ def composed_taft(model, train_tokens, train_labels, shards, test_tokens, test_l
         for k, v in model.delta_state_dict().items():
             composed[k] += (len(shard) / total) * v.double()
         sites.append({"n": len(shard), "steps": result.steps, "final_loss": result.loss,
-                      "fit_s": round(result.wall_s, 2)})
+                      "fit_s": round(result.wall_s, 2),
+                      "guard_alpha": None if result.guard is None else round(result.guard["alpha"], 4)})
     model.load_delta({k: v.float() for k, v in composed.items()})
     loss, accuracy = evaluate(model, test_tokens, test_labels, from_cache=True)
     model.load_delta(zero)
@@ -153,6 +154,7 @@ def main(argv=None) -> int:
             row = {"config": cfg, "shards": args.shards, "overrides": overrides, "composed": taft["accuracy"],
                    "probe": probe, "test_loss": taft["test_loss"], "steps": taft["sites"][0]["steps"],
                    "final_train_loss": [round(s["final_loss"], 3) for s in taft["sites"]],
+                   "guard_alpha": [s["guard_alpha"] for s in taft["sites"]],
                    "wall_s": round(time.perf_counter() - started, 1),
                    "train_config": {k: v for k, v in dataclasses.asdict(config).items()}}
             print(json.dumps(row), flush=True)

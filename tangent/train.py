@@ -48,6 +48,13 @@ class TrainConfig:
     warmup: int = 0
     #: "step" (×decay at the milestones) or "cosine" (to 0 after the warm-up)
     schedule: str = "step"
+    #: start the head's Δ at the ridge solution on w0's head features (non-DP square losses):
+    #: the ridge penalty relative to the features' mean variance; 0 = off
+    head_ridge: float = 0.0
+    #: after training (non-DP square losses): the Δ on the segment from the ridge-fitted head
+    #: (λ = ``guard_ridge`` × n × mean feature variance) to the trained Δ with the least training
+    #: loss (see :func:`guard`); 0 = off
+    guard_ridge: float = 0.0
 
     def __post_init__(self):
         if self.loss not in LOSSES:
@@ -90,6 +97,8 @@ class TrainResult:
     #: per epoch: {"epoch", "loss", "accuracy", "lr" (of the epoch's last step), "examples",
     #: "empty_batches" (Poisson sampling under DP can draw empty batches)}
     history: list[dict] = field(default_factory=list)
+    #: what :func:`guard` did ({"alpha", "trained_loss", "fitted_head_loss", "loss"}), None if off
+    guard: dict | None = None
 
 
 class ArrayDataset(Dataset):
@@ -172,6 +181,8 @@ def fit(model, inputs, labels, config: TrainConfig, *, privacy=None, from_cache:
         optimizer = torch.optim.SGD(params, lr=config.lr)
     criterion = loss_fn(config.loss, config.kappa, config.alpha)
     head, trunk = model.linearized, model.trunk
+    if config.head_ridge > 0 and privacy is None and config.loss in ("rsl", "mse"):
+        fit_head_ridge(model, dataset, config, from_cache=from_cache)
 
     private = None
     if privacy is not None:
@@ -230,6 +241,9 @@ def fit(model, inputs, labels, config: TrainConfig, *, privacy=None, from_cache:
                                 "examples": count, "empty_batches": empty})
                 bar.set_postfix(loss=f"{history[-1]['loss']:.4f}",
                                 acc=f"{history[-1]['accuracy']:.3f}")
+        guarded = None
+        if config.guard_ridge > 0 and private is None and config.loss in ("rsl", "mse"):
+            guarded = guard(model, dataset, config, from_cache=from_cache)
         epsilon = delta = None
         if private is not None:
             epsilon, delta = private.epsilon(), private.delta
@@ -248,7 +262,96 @@ def fit(model, inputs, labels, config: TrainConfig, *, privacy=None, from_cache:
                        num_examples=len(dataset), wall_s=wall_s, steps=step,
                        noise_multiplier=None if private is None else private.noise_multiplier,
                        grad_sample_mode=None if private is None else private.grad_sample_mode,
-                       history=history)
+                       history=history, guard=guarded)
+
+
+@torch.no_grad()
+def _head_pass(model, dataset, *, from_cache: bool, batch_size: int = 512):
+    """(head input features φ, logits of w0, logits of w0+Δ) over the data set, float64."""
+    features, primal, tangent = [], [], []
+    head = model.linearized.head
+
+    def capture(_module, args, output):
+        features.append(args[0].double())
+        primal.append(output[0].double())
+        tangent.append(torch.zeros_like(output[0], dtype=torch.float64) if output[1] is None else output[1].double())
+
+    hook = head.register_forward_hook(capture)
+    was_training = model.linearized.training
+    model.linearized.eval()
+    try:
+        for begin in range(0, len(dataset), batch_size):
+            x = take_rows(dataset.inputs, np.arange(begin, min(begin + batch_size, len(dataset))))
+            model.linearized(x if from_cache else model.trunk(x))
+    finally:
+        hook.remove()
+        model.linearized.train(was_training)
+    f0 = torch.cat(primal)
+    return torch.cat(features), f0, f0 + torch.cat(tangent)
+
+
+def ridge_head(features: torch.Tensor, residual: torch.Tensor, ridge: float):
+    """(W [d, C], b [C]) minimising ‖φW + b − residual‖² + λ‖W‖², λ = ridge × n × mean variance."""
+    mean_x, mean_r = features.mean(0), residual.mean(0)
+    xc = features - mean_x
+    gram = xc.T @ xc
+    penalty = ridge * float(gram.diagonal().mean()) + 1e-12
+    weight = torch.linalg.solve(gram + penalty * torch.eye(gram.shape[0], dtype=gram.dtype), xc.T @ (residual - mean_r))
+    return weight, mean_r - mean_x @ weight
+
+
+@torch.no_grad()
+def guard(model, dataset, config: TrainConfig, *, from_cache: bool) -> dict:
+    """Never send a Δ whose training loss is above that of the w0 head fitted on the same data.
+
+    The model is linear in Δ and the loss is a square loss, so along the segment
+    Δ(a) = a·Δ_trained + (1−a)·Δ_head (Δ_head: only the head's Δ, the ridge fit of
+    target − f(x; w0) on w0's head features) the training loss is a quadratic in a; Δ becomes
+    its minimiser over a ∈ [0, 1]. a = 1 leaves a well-trained Δ unchanged; a diverged one
+    (few Adam steps, small sites) moves towards, at worst onto, the fitted head. Costs one
+    forward pass of the linearized tail over the data.
+    """
+    features, f0, trained = _head_pass(model, dataset, from_cache=from_cache)
+    target = square_loss_target(dataset.labels, f0.shape[-1], config)
+    weight, bias = ridge_head(features, target - f0, config.guard_ridge)
+    fitted = f0 + features @ weight + bias
+    class_weight = 1.0 + ((config.alpha if config.loss == "rsl" else 1.0) - 1.0) * (target != 0).double()
+    step, residual = trained - fitted, target - fitted
+    denominator = float((class_weight * step * step).sum())
+    alpha = 1.0 if denominator == 0 else min(1.0, max(0.0, float((class_weight * step * residual).sum()) / denominator))
+
+    def loss(logits):
+        return float((class_weight * (logits - target).pow(2)).mean())
+
+    if alpha < 1.0:
+        for param in trainable_parameters(model):
+            param.mul_(alpha)
+        delta = model.linearized.head.delta
+        delta.weight.add_(((1 - alpha) * weight.T).to(delta.weight))
+        if delta.bias is not None:
+            delta.bias.add_(((1 - alpha) * bias).to(delta.bias))
+    return {"alpha": alpha, "trained_loss": loss(trained), "fitted_head_loss": loss(fitted),
+            "loss": loss(fitted + alpha * step)}
+
+
+def square_loss_target(labels: torch.Tensor, num_classes: int, config: TrainConfig) -> torch.Tensor:
+    """The logits the square loss pulls towards: κ·onehot (RSL) or onehot (MSE)."""
+    target = torch.nn.functional.one_hot(labels, num_classes).double()
+    return target * (config.kappa if config.loss == "rsl" else 1.0)
+
+
+@torch.no_grad()
+def fit_head_ridge(model, dataset, config: TrainConfig, *, from_cache: bool) -> None:
+    """Add to the head's Δ the ridge fit (``head_ridge``) of target − f(x; w0+Δ) on the head's
+    input features: with the other Δ fixed, the exact minimiser of the penalised square loss
+    (the linear-probe start of LP-FT, Kumar et al. 2022)."""
+    features, _, logits = _head_pass(model, dataset, from_cache=from_cache)
+    target = square_loss_target(dataset.labels, logits.shape[-1], config)
+    weight, bias = ridge_head(features, target - logits, config.head_ridge)
+    delta = model.linearized.head.delta
+    delta.weight.add_(weight.T.to(delta.weight))
+    if delta.bias is not None:
+        delta.bias.add_(bias.to(delta.bias))
 
 
 def _l2_gradient_hook(params: list[nn.Parameter], weight: float):
