@@ -5,10 +5,11 @@
 For each ``EPOCHSxEXAMPLES`` config: ``--shards`` IID sites of EXAMPLES Fashion-MNIST training
 images each train TAFT-1 from w0 (the embedded recipe: Adam, batch 32, RSL, lr 3e-3) from the
 trunk-token cache; their Δ are composed (example-weighted mean = the ensemble) and evaluated on
-``--test`` seeded test images. The baseline, "the w0 head fitted on the same data", is a ridge
-probe: each site fits a linear classifier (one-hot targets, intercept, λ = ``RIDGE_LAMBDA`` ×
-the mean feature variance) on w0's own head features (the final-norm CLS token the head of w0
-reads), and the sites' probes are composed the same way (weighted mean of their weights).
+``--test`` seeded test images. The baseline, "the w0 head fitted on the same data"
+(:func:`composed_fitted_heads`): per site w0 with only its head's Δ fitted by ridge regression
+(λ = ``RIDGE_LAMBDA`` × n × mean feature variance) of the loss target minus f(x; w0) on w0's
+head features (the final-norm CLS token), composed the same way. ``--set guard_ridge=0`` turns
+the trainer's guard off (the behaviour before it).
 """
 from __future__ import annotations
 
@@ -23,47 +24,23 @@ import torch
 RIDGE_LAMBDA = 1.0
 
 
-def head_features(model, inputs) -> torch.Tensor:
-    """w0's features entering the head (the primal input of the tangent head), for cached tokens."""
-    from tangent.train import take_rows
+def composed_fitted_heads(model, train, train_labels, shards, test_tokens, test_labels, config,
+                          ridge: float = RIDGE_LAMBDA) -> float:
+    """Accuracy of the composed "w0 head fitted on the same data": per site, w0 with only its
+    head's Δ fitted in closed form (ridge regression of the loss target minus f(x; w0) on w0's
+    head features, :func:`tangent.train.ridge_head`), composed by the example-weighted mean."""
+    from tangent.train import ArrayDataset, head_pass, ridge_head, square_loss_target
 
-    captured = []
-    hook = model.linearized.head.register_forward_pre_hook(lambda _m, args: captured.append(args[0].detach()))
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            for begin in range(0, len(inputs), 512):
-                model.linearized(take_rows(inputs, np.arange(begin, min(begin + 512, len(inputs)))))
-    finally:
-        hook.remove()
-        model.train(was_training)
-    return torch.cat(captured).double()
-
-
-def ridge_probe(features: torch.Tensor, labels: np.ndarray, num_classes: int,
-                lam: float = RIDGE_LAMBDA) -> tuple[torch.Tensor, torch.Tensor]:
-    """(W [d, C], b [C]) of ridge regression on one-hot targets with an unpenalized intercept."""
-    y = torch.nn.functional.one_hot(torch.as_tensor(labels), num_classes).double()
-    mean_x, mean_y = features.mean(0), y.mean(0)
-    xc, yc = features - mean_x, y - mean_y
-    gram = xc.T @ xc
-    ridge = lam * float(gram.diagonal().mean()) if len(features) > 1 else lam
-    weight = torch.linalg.solve(gram + ridge * torch.eye(gram.shape[0], dtype=gram.dtype), xc.T @ yc)
-    return weight, mean_y - mean_x @ weight
-
-
-def composed_probe_accuracy(model, train_tokens, train_labels, shards, test_features, test_labels,
-                            num_classes: int) -> float:
-    """Each site's ridge probe, composed by the example-weighted mean of (W, b)."""
     total = sum(len(s) for s in shards)
+    model.load_delta({k: torch.zeros_like(v) for k, v in model.delta_state_dict().items()})
     weight = bias = 0
     for shard in shards:
-        rows = train_tokens.subset(shard) if hasattr(train_tokens, "subset") else train_tokens[shard]
-        w, b = ridge_probe(head_features(model, rows), train_labels[shard], num_classes)
+        data = ArrayDataset(train.subset(shard), train_labels[shard])
+        features, f0, _ = head_pass(model, data, from_cache=True)
+        w, b = ridge_head(features, square_loss_target(data.labels, f0.shape[-1], config) - f0, ridge)
         weight, bias = weight + (len(shard) / total) * w, bias + (len(shard) / total) * b
-    logits = test_features @ weight + bias
-    return float((logits.argmax(-1).numpy() == np.asarray(test_labels)).mean())
+    features, f0, _ = head_pass(model, ArrayDataset(test_tokens, test_labels), from_cache=True)
+    return float(((f0 + features @ weight + bias).argmax(-1).numpy() == np.asarray(test_labels)).mean())
 
 
 def composed_taft(model, train_tokens, train_labels, shards, test_tokens, test_labels, config) -> dict:
@@ -134,7 +111,6 @@ def main(argv=None) -> int:
     spec = ModelSpec.from_config(defaults)
     torch.set_num_threads(1)
     model, train_tokens, train_labels, test_tokens, test_labels = load_cached(spec, args.test, args.seed)
-    test_features = head_features(model, test_tokens)
     base = {"epochs": int(defaults["epochs"]), "batch_size": int(defaults["batch-size"]), "lr": float(defaults["lr"]),
             "loss": str(defaults["loss"]), "kappa": float(defaults["kappa"]), "seed": args.seed}
     groups = " ".join(args.set).split(";") if args.set else [""]
@@ -149,10 +125,9 @@ def main(argv=None) -> int:
             config = TrainConfig(**(base | {"epochs": epochs} | overrides))
             started = time.perf_counter()
             taft = composed_taft(model, train_tokens, train_labels, shards, test_tokens, test_labels, config)
-            probe = composed_probe_accuracy(model, train_tokens, train_labels, shards, test_features, test_labels,
-                                            spec.num_classes)
+            probe = composed_fitted_heads(model, train_tokens, train_labels, shards, test_tokens, test_labels, config)
             row = {"config": cfg, "shards": args.shards, "overrides": overrides, "composed": taft["accuracy"],
-                   "probe": probe, "test_loss": taft["test_loss"], "steps": taft["sites"][0]["steps"],
+                   "fitted_w0_head": probe, "test_loss": taft["test_loss"], "steps": taft["sites"][0]["steps"],
                    "final_train_loss": [round(s["final_loss"], 3) for s in taft["sites"]],
                    "guard_alpha": [s["guard_alpha"] for s in taft["sites"]],
                    "wall_s": round(time.perf_counter() - started, 1),

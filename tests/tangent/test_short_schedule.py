@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 import torch
 
-from tangent.train import ArrayDataset, TrainConfig, fit, guard, head_pass, ridge_head, square_loss_target
+from tangent.train import ArrayDataset, TrainConfig, fit, guard, head_pass, square_loss_target
 from tests.tangent.test_train import tiny_model, tokens_and_labels  # noqa: F401 (fixture)
 
 
@@ -61,26 +61,11 @@ def fashion_tokens():
     return model, train, train_labels, test_tokens, test_labels, base
 
 
-def composed_fitted_heads(model, train, train_labels, shards, test_tokens, test_labels, config) -> float:
-    total = sum(len(s) for s in shards)
-    zero = {k: torch.zeros_like(v) for k, v in model.delta_state_dict().items()}
-    model.load_delta(zero)
-    weight = bias = 0
-    for shard in shards:
-        data = ArrayDataset(train.subset(shard), train_labels[shard])
-        features, f0, _ = head_pass(model, data, from_cache=True)
-        w, b = ridge_head(features, square_loss_target(data.labels, f0.shape[-1], config) - f0, ridge=1.0)
-        weight, bias = weight + (len(shard) / total) * w, bias + (len(shard) / total) * b
-    test = ArrayDataset(test_tokens, test_labels)
-    features, f0, _ = head_pass(model, test, from_cache=True)
-    return float(((f0 + features @ weight + bias).argmax(-1).numpy() == test_labels).mean())
-
-
 @pytest.mark.slow
 def test_no_composed_model_is_worse_than_the_fitted_w0_head(fashion_tokens):
     from dataclasses import replace
 
-    from simulations.short_schedule import composed_taft, iid_shards
+    from simulations.short_schedule import composed_fitted_heads, composed_taft, iid_shards
 
     model, train, train_labels, test_tokens, test_labels, base = fashion_tokens
     rows = []
