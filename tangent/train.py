@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from tangent import losses
 
 LOSSES = ("rsl", "ce", "mse")
-OPTIMIZERS = ("adam", "sgd", "radam")
+OPTIMIZERS = ("adam", "sgd")
 SCHEDULES = ("step", "cosine")
 
 
@@ -48,9 +48,6 @@ class TrainConfig:
     warmup: int = 0
     #: "step" (×decay at the milestones) or "cosine" (to 0 after the warm-up)
     schedule: str = "step"
-    #: start the head's Δ at the ridge solution on w0's head features (non-DP square losses):
-    #: the ridge penalty relative to the features' mean variance; 0 = off
-    head_ridge: float = 0.0
     #: after training (non-DP square losses): the Δ on the segment from the ridge-fitted head
     #: (λ = ``guard_ridge`` × n × mean feature variance) to the trained Δ with the least training
     #: loss (see :func:`guard`); 0 = off
@@ -175,14 +172,10 @@ def fit(model, inputs, labels, config: TrainConfig, *, privacy=None, from_cache:
     if config.optimizer == "adam":
         # fused: one kernel over all tensors; the per-tensor loop was ~30% of a cached step
         optimizer = torch.optim.Adam(params, lr=config.lr, fused=True)
-    elif config.optimizer == "radam":
-        optimizer = torch.optim.RAdam(params, lr=config.lr)
     else:
         optimizer = torch.optim.SGD(params, lr=config.lr)
     criterion = loss_fn(config.loss, config.kappa, config.alpha)
     head, trunk = model.linearized, model.trunk
-    if config.head_ridge > 0 and privacy is None and config.loss in ("rsl", "mse"):
-        fit_head_ridge(model, dataset, config, from_cache=from_cache)
 
     private = None
     if privacy is not None:
@@ -352,20 +345,6 @@ def square_loss_target(labels: torch.Tensor, num_classes: int, config: TrainConf
     """The logits the square loss pulls towards: κ·onehot (RSL) or onehot (MSE)."""
     target = torch.nn.functional.one_hot(labels, num_classes).double()
     return target * (config.kappa if config.loss == "rsl" else 1.0)
-
-
-@torch.no_grad()
-def fit_head_ridge(model, dataset, config: TrainConfig, *, from_cache: bool) -> None:
-    """Add to the head's Δ the ridge fit (``head_ridge``) of target − f(x; w0+Δ) on the head's
-    input features: with the other Δ fixed, the exact minimiser of the penalised square loss
-    (the linear-probe start of LP-FT, Kumar et al. 2022)."""
-    features, _, logits = head_pass(model, dataset, from_cache=from_cache)
-    target = square_loss_target(dataset.labels, logits.shape[-1], config)
-    weight, bias = ridge_head(features, target - logits, config.head_ridge)
-    delta = model.linearized.head.delta
-    delta.weight.add_(weight.T.to(delta.weight))
-    if delta.bias is not None:
-        delta.bias.add_(bias.to(delta.bias))
 
 
 def _l2_gradient_hook(params: list[nn.Parameter], weight: float):

@@ -14,19 +14,35 @@ import numpy as np
 import pytest
 import torch
 
-from tangent.train import ArrayDataset, TrainConfig, fit, guard, head_pass, square_loss_target
+from tangent.train import ArrayDataset, TrainConfig, fit, guard, head_pass, ridge_head, square_loss_target
 from tests.tangent.test_train import tiny_model, tokens_and_labels  # noqa: F401 (fixture)
 
 
-# ---------------------------------------------------------------- the guard on a tiny model (fast)
+# ---------------------------------------------------------------- fast: the schedule; the guard on a tiny model
+def test_schedule_warmup_and_cosine():
+    step = TrainConfig(lr=1.0, milestones=(0.5, 0.83), decay=0.1)
+    assert [step.lr_at(s, 100) for s in (0, 49, 50, 82, 83, 99)] == [1.0, 1.0, 0.1, 0.1, 0.1 ** 2, 0.1 ** 2]
+    warm = TrainConfig(lr=1.0, warmup=4)
+    assert [warm.lr_at(s, 100) for s in range(5)] == [0.2, 0.4, 0.6, 0.8, 1.0]
+    # capped at half the schedule; the decay milestones stay where they are (step 2 of 4)
+    assert [warm.lr_at(s, 4) for s in range(4)] == [1 / 3, 2 / 3, 0.1, 0.1]
+    cosine = TrainConfig(lr=1.0, warmup=2, schedule="cosine")
+    rates = [cosine.lr_at(s, 12) for s in range(12)]
+    assert rates[:3] == [1 / 3, 2 / 3, 1.0] and all(a > b for a, b in zip(rates[2:], rates[3:])) and rates[-1] > 0
+
+
 def test_a_diverged_delta_is_pulled_back_and_a_good_one_is_left_alone(tokens_and_labels):  # noqa: F811
     tokens, labels = tokens_and_labels
     dataset = ArrayDataset(tokens, labels)
     config = TrainConfig(guard_ridge=1.0)
     model = tiny_model()
-    # from the fitted head, small Adam steps can only improve on it
-    fit(model, tokens, labels, TrainConfig(epochs=6, lr=1e-3, head_ridge=1.0, guard_ridge=0.0), from_cache=True,
-        progress=False)
+    features, f0, _ = head_pass(model, dataset, from_cache=True)  # start from the fitted head ...
+    weight, bias = ridge_head(features, square_loss_target(dataset.labels, 10, config) - f0, 1.0)
+    with torch.no_grad():
+        model.linearized.head.delta.weight.copy_(weight.T)
+        model.linearized.head.delta.bias.copy_(bias)
+    # ... where small Adam steps on every Δ improve on it
+    fit(model, tokens, labels, TrainConfig(epochs=6, lr=1e-3, guard_ridge=0.0), from_cache=True, progress=False)
     trained = model.delta_state_dict()
     report = guard(model, dataset, config, from_cache=True)
     assert report["trained_loss"] < report["fitted_head_loss"] and report["alpha"] == 1.0
@@ -37,7 +53,7 @@ def test_a_diverged_delta_is_pulled_back_and_a_good_one_is_left_alone(tokens_and
     report = guard(model, dataset, config, from_cache=True)
     assert report["trained_loss"] > 5 * report["fitted_head_loss"] and 0.0 <= report["alpha"] < 1.0
     assert report["loss"] <= report["fitted_head_loss"] + 1e-9
-    features, f0, now = head_pass(model, dataset, from_cache=True)  # what the model says now
+    _, _, now = head_pass(model, dataset, from_cache=True)  # what the model says now
     target = square_loss_target(dataset.labels, now.shape[-1], config)
     assert abs(float((now - target).pow(2).mean()) - report["loss"]) < 1e-3 * report["loss"]
 
