@@ -458,24 +458,23 @@ def main(argv=None) -> int:
     from tangent.spec import ModelSpec  # no torch here: the driver stays small (see in_subprocess)
 
     defaults = pyproject_config()
-    run_config: dict = {}
-    if args.run_config:
-        from flwr.common.config import parse_config_args
-        run_config |= parse_config_args([args.run_config])
+    from flwr.common.config import parse_config_args
     from tangent.data import DataError
+
+    # --run-config, plus the data set keys prepare_data resolves (absolute paths, num-classes)
+    user_config = parse_config_args([args.run_config]) if args.run_config else {}
     try:
-        data = prepare_data(args, defaults, run_config)
+        data = prepare_data(args, defaults, user_config)
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    resolved = {k: run_config[k] for k in ("dataset", "test-dataset", "num-classes") if k in run_config}
     run_dir = args.runs_dir / datetime.now().strftime("%Y%m%d-%H%M%S")
     run_dir.mkdir(parents=True, exist_ok=False)
     flwr_home = run_dir / "flwr-home"
     cache_dir = None if args.no_cache else (args.cache_dir or in_subprocess(default_cache_dir)).resolve()
     ledger_path = (run_dir / "ledger.sqlite").resolve()
 
-    run_config = {**run_config, "seed": args.seed, "partition": args.partition, "dirichlet-alpha": args.dirichlet_alpha,
+    run_config = {"seed": args.seed, "partition": args.partition, "dirichlet-alpha": args.dirichlet_alpha,
                   "train-subset": args.train_subset, "eval-subset": args.eval_subset,
                   "cache-dir": str(cache_dir or ""), "ledger-path": str(ledger_path),
                   "min-nodes": args.num_clients, "fraction-evaluate": args.fraction_evaluate}
@@ -484,9 +483,7 @@ def main(argv=None) -> int:
     for key, value in (("epochs", args.epochs), ("lr", args.lr), ("img-size", args.img_size)):
         if value is not None:
             run_config[key] = value
-    if args.run_config:  # explicit --run-config keys win over the flags above, as before
-        from flwr.common.config import parse_config_args
-        run_config |= parse_config_args([args.run_config]) | resolved
+    run_config |= user_config  # explicit --run-config keys win over the flags above, as before
     ray_address = args.ray_address or os.environ.get("RAY_ADDRESS") or "local"
     spec = ModelSpec.from_config(defaults | run_config)
     federation = {"num-supernodes": args.num_clients, "client-resources-num-cpus": args.cpus_per_client}
