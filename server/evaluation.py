@@ -112,11 +112,14 @@ class CentralEvaluation:
             self.built_at = time.time()
 
     def wait(self, timeout: float | None = None) -> bool:
-        """Block until the inputs are built (or failed); False on timeout."""
-        if self._thread.is_alive() or self._thread.ident is not None:
-            self._thread.join(timeout)
-            return not self._thread.is_alive()
-        return True
+        """Block until the inputs are built (or failed); False on timeout. Builds here and now
+        if :meth:`start` was never called."""
+        if self._thread.ident is None:
+            if self.enabled and self.built_at is None:
+                self._run()
+            return True
+        self._thread.join(timeout)
+        return not self._thread.is_alive()
 
     def summary(self) -> dict:
         """For the run's report: which test set, how long its inputs took, what went wrong."""

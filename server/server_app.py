@@ -7,7 +7,7 @@
 Train: every sampled site fine-tunes TAFT from w0 and sends its Δw; :class:`LedgerFedAvg`
 validates and records each reply in the ledger (replacing a site's earlier contribution),
 publishes the composed Δ, the sites evaluate it on their local test splits, and the server
-evaluates it centrally on the Fashion-MNIST test split (``eval-subset`` rows, 0 = all).
+evaluates it centrally on its test set (server.evaluation: ``test-dataset``, Fashion-MNIST by default).
 Unlearn: no site trains; the listed sites (``remove-sites``: the operator's own decision) and the
 sites of the signed withdrawal requests (``withdrawal-requests``: files on the server, verified
 against ``site-registry`` by server.withdrawal; refused ones change nothing and are reported)
