@@ -5,7 +5,9 @@
 
 What it does, in order:
 
-1. builds the trunk-token cache of Fashion-MNIST train + test once (progress bar) in
+0. checks the data sets (Fashion-MNIST, or ``--dataset``/``--test-dataset``: an .npz or an
+   ImageFolder) and takes the number of classes from them; a malformed one stops here;
+1. builds the trunk-token cache of the train + test sets once (progress bar) in
    ``--cache-dir``; every virtual client later opens it memory-mapped (no copies in Ray workers);
 2. ``flwr run .`` (mode='train') against Flower's *local simulation federation*. Flower 1.41 has no
    ``flower-simulation`` command: the local connection starts a detached SuperLink in simulation
