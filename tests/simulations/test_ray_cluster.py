@@ -97,5 +97,6 @@ def test_simulation_runs_on_a_separately_started_ray_head(tmp_path):
         assert head.poll() is None, "the head must outlive the simulation (it is not the driver's)"
     finally:
         stop_head(head, temp_dir)
-    assert not processes_of(temp_dir), "Ray processes of the test's head are left"
-    shutil.rmtree(temp_dir, ignore_errors=True)
+        left = processes_of(temp_dir)
+        shutil.rmtree(temp_dir, ignore_errors=True)
+    assert not left, "Ray processes of the test's head are left"
