@@ -3,8 +3,10 @@
 Two sources:
 
 - **simulation**: the node config holds ``partition-id``/``num-partitions`` (set by Flower's
-  simulation engine); the site's shard of the Fashion-MNIST split is cut with the run config's
-  partition scheme and seed (``tangent.partition``), optionally after a seeded ``train-subset``.
+  simulation engine); the site's shard of the run config's data set (``dataset`` for train,
+  ``test-dataset`` for evaluate; Fashion-MNIST by default, see ``tangent.data.dataset_source``)
+  is cut with the run config's partition scheme and seed (``tangent.partition``), optionally
+  after a seeded ``train-subset``.
 - **deployment**: the node config holds ``site-id`` and ``data-path`` (``.npz`` or ImageFolder,
   ``tangent.data.load_site_data``), and optionally ``test-data-path`` for evaluation.
 
@@ -98,28 +100,40 @@ def _site_file(path: Path, key: str, model, base_digest: str, img_size: int,
         images, labels = load_site_data(path)
     except DataError as err:
         raise SiteError("bad_data", f"{key} {path}: {err}") from err
+    _check_labels(labels, model, f"{key} {path}")
     indices = np.arange(len(labels))
     inputs, from_cache = model_inputs(model, base_digest, images, indices, img_size, directory,
                                  data_digest=None)
     return SiteData(inputs, labels, from_cache, dataset_digest(images, labels), indices, str(path))
 
 
+def _check_labels(labels: np.ndarray, model, what: str) -> None:
+    """Labels beyond the model's classes would fail deep inside the loss: refuse them here."""
+    num_classes = int(model.options["num_classes"])
+    if len(labels) and int(labels.max()) >= num_classes:
+        raise SiteError("bad_data", f"{what}: label {int(labels.max())} but the model has {num_classes} "
+                                    "classes (run config num-classes)")
+
+
 # ---------------------------------------------------------------- simulation
-_DATASETS: dict[str, tuple[np.ndarray, str, str]] = {}
+_DATASETS: dict[tuple[str, str], tuple[np.ndarray, str, str]] = {}
 
 
-def _dataset_index(split: str) -> tuple[np.ndarray, str, str]:
-    """(labels, images digest, dataset digest) of a Fashion-MNIST split, memoised per process.
+def _dataset_index(source: str, split: str) -> tuple[np.ndarray, str, str]:
+    """(labels, images digest, dataset digest) of a data set source's split, memoised per process.
 
     The images themselves are dropped: with a cache only the labels and the digests are needed.
     """
-    if split not in _DATASETS:
+    if (source, split) not in _DATASETS:
         from tangent.cache import images_digest
-        from tangent.data import dataset_digest, load_fashion_mnist
+        from tangent.data import DataError, dataset_digest, load_dataset
 
-        images, labels = load_fashion_mnist(split)
-        _DATASETS[split] = (labels, images_digest(images), dataset_digest(images, labels))
-    return _DATASETS[split]
+        try:
+            images, labels = load_dataset(source, split)
+        except DataError as err:
+            raise SiteError("bad_data", f"{split} data set {source}: {err}") from err
+        _DATASETS[(source, split)] = (labels, images_digest(images), dataset_digest(images, labels))
+    return _DATASETS[(source, split)]
 
 
 def simulated_indices(split: str, labels: np.ndarray, partition_id: int, num_partitions: int,
@@ -142,13 +156,17 @@ def simulated_indices(split: str, labels: np.ndarray, partition_id: int, num_par
 
 
 def _simulated(split, model, base_digest, img_size, node_config, run_config, directory) -> SiteData:
-    dataset = str(run_config.get("dataset", "fashion-mnist"))
-    if dataset != "fashion-mnist":
-        raise SiteError("bad_config", f"simulation supports dataset='fashion-mnist', not {dataset!r}")
+    from tangent.data import dataset_source
+
+    source = dataset_source(run_config, split)
+    if source is None:
+        raise SiteError("no_test_split", f"the run config names no test data set (dataset={run_config.get('dataset')!r}, "
+                                         "test-dataset empty or 'none'): nothing to evaluate on")
     partition_id, num_partitions = int(node_config["partition-id"]), int(node_config["num-partitions"])
-    labels, images_sha, data_digest = _dataset_index(split)
+    labels, images_sha, data_digest = _dataset_index(source, split)
+    _check_labels(labels, model, f"{split} data set {source}")
     indices = simulated_indices(split, labels, partition_id, num_partitions, run_config)
     inputs, from_cache = model_inputs(model, base_digest, None, indices, img_size, directory, data_digest=images_sha,
-                                 split=split)
+                                 split=split, source=source)
     return SiteData(inputs, labels[indices], from_cache, data_digest, indices,
-                    f"fashion-mnist/{split} partition {partition_id}/{num_partitions}")
+                    f"{source}/{split} partition {partition_id}/{num_partitions}")

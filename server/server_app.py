@@ -7,7 +7,7 @@
 Train: every sampled site fine-tunes TAFT from w0 and sends its Δw; :class:`LedgerFedAvg`
 validates and records each reply in the ledger (replacing a site's earlier contribution),
 publishes the composed Δ, the sites evaluate it on their local test splits, and the server
-evaluates it centrally on the Fashion-MNIST test split (``eval-subset`` rows, 0 = all).
+evaluates it centrally on its test set (server.evaluation: ``test-dataset``, Fashion-MNIST by default).
 Unlearn: no site trains; the listed sites (``remove-sites``: the operator's own decision) and the
 sites of the signed withdrawal requests (``withdrawal-requests``: files on the server, verified
 against ``site-registry`` by server.withdrawal; refused ones change nothing and are reported)
@@ -25,6 +25,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from server import config as cfg
+from server.evaluation import CentralEvaluation
 from server.ledger import Ledger
 from server.strategy import LedgerFedAvg, StreamingGrid
 
@@ -52,50 +53,6 @@ _show_project_logs()
 app = ServerApp()
 
 
-class CentralEvaluation:
-    """Accuracy of w0 + Δ on the Fashion-MNIST test split (or a seeded subset of it).
-
-    Reads the trunk-token cache when ``cache-dir`` holds one (the simulation driver builds it),
-    otherwise runs the trunk once over the chosen test images and keeps the tokens.
-    """
-
-    def __init__(self, model, base_digest: str, img_size: int, run_config):
-        from tangent.inputs import model_inputs
-        from tangent.cache import images_digest
-        from tangent.data import load_fashion_mnist
-
-        images, labels = load_fashion_mnist("test")
-        subset = int(run_config.get("eval-subset", 0) or 0)
-        indices = np.arange(len(labels))
-        if 0 < subset < len(labels):
-            rng = np.random.default_rng(int(run_config.get("seed", 0)))
-            indices = np.sort(rng.choice(len(labels), subset, replace=False))
-        directory = str(run_config.get("cache-dir", "") or "")
-        self.model, self.labels = model, labels[indices]
-        if directory:
-            self.inputs, self.from_cache = model_inputs(model, base_digest, images, indices, img_size,
-                                                   Path(directory).expanduser(),
-                                                   data_digest=images_digest(images))
-        else:
-            import torch
-
-            from tangent.data import preprocess
-            log.info("central evaluation: no cache-dir, running the trunk over %d test images", len(indices))
-            with torch.no_grad():
-                self.inputs = torch.cat([model.trunk(preprocess(images[indices[i:i + 256]], img_size))
-                                         for i in range(0, len(indices), 256)])
-            self.from_cache = True
-
-    def __call__(self, delta: dict) -> dict:
-        from tangent.train import evaluate
-
-        start = time.perf_counter()
-        self.model.load_delta(delta)
-        loss, accuracy = evaluate(self.model, self.inputs, self.labels, from_cache=self.from_cache)
-        return {"accuracy": accuracy, "loss": loss, "num-examples": len(self.labels),
-                "eval-s": time.perf_counter() - start}
-
-
 def _delta(arrays: ArrayRecord) -> dict:
     import torch
     return {k: torch.from_numpy(v.numpy()) for k, v in arrays.items()}
@@ -119,8 +76,7 @@ def main(grid: Grid, context: Context) -> None:
     report = {"mode": mode, "run_id": run_id, "spec": spec.to_config(), "base_digest": base_digest,
               "ledger_path": str(ledger_path), "run_config": dict(run_config)}
     log.info("%s run %s: ledger %s, base digest %s", mode, run_id, ledger_path, base_digest)
-    evaluation = CentralEvaluation(model, base_digest, spec.img_size, run_config)
-    model.drop_frozen()  # from here on only the linearized tail runs, on cached test tokens
+    evaluation = CentralEvaluation.start(model, base_digest, spec.img_size, run_config)  # builds in the background
 
     with Ledger.open(ledger_path, max_delta_norm=max_norm, expected_base_digest=base_digest,
                      weighting=str(run_config.get("weighting", "examples")),
@@ -137,6 +93,7 @@ def main(grid: Grid, context: Context) -> None:
                             "active_sites": sorted((s.site_id for s in ledger.sites()
                                                     if s.active_contribution_id is not None), key=_site_order),
                             "total_weight": version.total_weight}
+    report["central_evaluation"] = evaluation.summary()
     report["wall_s"] = time.time() - started
     path = cfg.report_path(run_config, ledger_path, run_id, mode)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -154,9 +111,13 @@ def _train(grid: Grid, ledger: Ledger, spec, base_digest: str, evaluation, run_c
     central: dict[int, dict] = {}
 
     def evaluate_fn(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
-        if len(arrays) == 0:  # nothing composed yet: the untrained head says nothing
+        # Round 0 (before any train message) is the previous run's model, already evaluated and
+        # reported by it: evaluating it here would make the sites wait for the test inputs.
+        if server_round == 0 or len(arrays) == 0 or not evaluation.enabled:
             return None
-        central[server_round] = evaluation(_delta(arrays))
+        if (result := evaluation(_delta(arrays))) is None:
+            return None
+        central[server_round] = result
         log.info("round %d: central accuracy %.4f on %d test images", server_round,
                  central[server_round]["accuracy"], central[server_round]["num-examples"])
         return MetricRecord(central[server_round])
@@ -193,13 +154,13 @@ def _unlearn(ledger: Ledger, sites: list[str], evaluation, run_id, *, requests: 
     result = {"removed_sites": removed, "not_found": not_found, "version_before": before,
               "withdrawals": withdrawals,
               "withdrawals_refused": sum(not w["accepted"] for w in withdrawals)}
-    if ledger.current_version().total_weight:
-        result["central"] = {"0": evaluation(ledger.composed_delta())}
-        result["accuracy"] = result["central"]["0"]["accuracy"]
+    if ledger.current_version().total_weight and (central := evaluation(ledger.composed_delta())) is not None:
+        result["central"] = {"0": central}
+        result["accuracy"] = central["accuracy"]
         log.info("after removal: central accuracy %.4f", result["accuracy"])
     else:
         result["accuracy"] = None
-        log.warning("the ledger is empty after removal: nothing to evaluate")
+        log.warning("nothing evaluated after removal (empty ledger or no test data)")
     return result
 
 

@@ -5,7 +5,9 @@
 
 What it does, in order:
 
-1. builds the trunk-token cache of Fashion-MNIST train + test once (progress bar) in
+0. checks the data sets (Fashion-MNIST, or ``--dataset``/``--test-dataset``: an .npz or an
+   ImageFolder) and takes the number of classes from them; a malformed one stops here;
+1. builds the trunk-token cache of the train + test sets once (progress bar) in
    ``--cache-dir``; every virtual client later opens it memory-mapped (no copies in Ray workers);
 2. ``flwr run .`` (mode='train') against Flower's *local simulation federation*. Flower 1.41 has no
    ``flower-simulation`` command: the local connection starts a detached SuperLink in simulation
@@ -232,10 +234,22 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: pyproject's, 0.003)")
     p.add_argument("--reinit", choices=("true", "false"), default=None,
                    help="re-initialise the linearized block(s) in w0 (default: pyproject's, false)")
+    p.add_argument("--dataset", default=None,
+                   help="training data the sites share out: 'fashion-mnist' (default) or your own .npz "
+                        "(images uint8 [N,H,W] or [N,H,W,3], labels int [N]) or ImageFolder directory "
+                        "(README 'Own data'); the number of classes comes from the data")
+    p.add_argument("--test-dataset", default=None,
+                   help="the server's test set (.npz or ImageFolder; also split over the sites for federated "
+                        "evaluation). Default: Fashion-MNIST's test split with --dataset fashion-mnist, "
+                        "else none (central evaluation is skipped); 'none' = no test set")
+    p.add_argument("--ray-address", default=None,
+                   help="run the virtual sites on an existing Ray cluster (e.g. 10.0.0.5:6379, what `ray start "
+                        "--head` printed); default $RAY_ADDRESS, else a private local Ray instance. Every node "
+                        "needs this checkout, the data and --cache-dir at the same paths (README 'Cluster')")
     p.add_argument("--partition", choices=("iid", "dirichlet"), default="iid")
     p.add_argument("--dirichlet-alpha", type=float, default=1.0)
-    p.add_argument("--train-subset", type=int, default=0, help="use N training images in all (0 = all 60000)")
-    p.add_argument("--eval-subset", type=int, default=0, help="server-side test images (0 = all 10000)")
+    p.add_argument("--train-subset", type=int, default=0, help="use N training images in all (0 = all)")
+    p.add_argument("--eval-subset", type=int, default=0, help="server-side test images (0 = all)")
     p.add_argument("--ensemble-subset", type=int, default=2000,
                    help="test images for the ensemble-vs-composed check (each site's model runs on them)")
     p.add_argument("--remove", type=int, default=3, help="how many sites to unlearn (chosen by seed)")
@@ -276,16 +290,61 @@ def pyproject_config() -> dict:
     return tomllib.loads((REPO / "pyproject.toml").read_text())["tool"]["flwr"]["app"]["config"]
 
 
-def build_caches(spec, directory: Path) -> tuple[float, bool]:
-    """Trunk tokens of Fashion-MNIST train and test, once; returns (seconds, built anything)."""
+def inspect_data(train_source: str, test_source: str | None) -> dict:
+    """Load and check the data sets before anything starts: class count, sizes (DataError if bad)."""
+    from tangent.data import check_test_matches, inspect_dataset
+
+    train = inspect_dataset(train_source, "train")
+    out = {"num_classes": train.num_classes, "train_examples": train.num_examples, "classes": train.classes}
+    if test_source is not None:
+        test = inspect_dataset(test_source, "test")
+        check_test_matches(train, test)
+        out["test_examples"] = test.num_examples
+    return out
+
+
+def prepare_data(args, defaults: dict, run_config: dict) -> dict:
+    """Resolve --dataset/--test-dataset into ``run_config`` (absolute paths: the ServerApp and the
+    Ray workers run elsewhere), check both data sets in a child process and set ``num-classes``
+    from the data. Raises DataError (what is wrong, which file) before any process starts."""
+    from tangent.data import FASHION_MNIST, NO_DATASET, DataError, dataset_source
+
+    for key, value in (("dataset", args.dataset), ("test-dataset", args.test_dataset)):
+        if value is not None:
+            run_config[key] = value
+        value = str(run_config.get(key, defaults.get(key, "")) or "")
+        if value and value not in (FASHION_MNIST, NO_DATASET):
+            path = Path(value).expanduser().resolve()
+            if not path.exists():
+                raise DataError(f"{key} {value}: no such file or directory")
+            run_config[key] = str(path)
+    merged = defaults | run_config
+    sources = {split: dataset_source(merged, split) for split in ("train", "test")}
+    info = in_subprocess(inspect_data, sources["train"], sources["test"]) | {"sources": sources}
+    if "num-classes" in run_config and int(run_config["num-classes"]) < info["num_classes"]:
+        raise DataError(f"num-classes={run_config['num-classes']} but {sources['train']} has "
+                        f"{info['num_classes']} classes")
+    run_config.setdefault("num-classes", info["num_classes"])
+    pool = min(args.train_subset or info["train_examples"], info["train_examples"])
+    if pool < args.num_clients:
+        raise DataError(f"{sources['train']}: {pool} training examples cannot be split over {args.num_clients} sites")
+    return info
+
+
+def build_caches(spec, directory: Path, sources: dict | None = None) -> tuple[float, bool]:
+    """Trunk tokens of the train and test data sets, once; returns (seconds, built anything).
+    ``sources``: split -> data set source (None = no data for that split); default Fashion-MNIST."""
     from tangent.spec import build_model
     from tangent.cache import FeatureCache
-    from tangent.data import load_fashion_mnist
+    from tangent.data import FASHION_MNIST, load_dataset
 
     start, built = time.perf_counter(), False
     model, _ = build_model(spec)
-    for split in ("train", "test"):
-        images, _ = load_fashion_mnist(split)
+    sources = sources or {"train": FASHION_MNIST, "test": FASHION_MNIST}
+    for split, source in sources.items():
+        if source is None:
+            continue
+        images, _ = load_dataset(source, split)
         cache = FeatureCache.build_or_open(model, images, img_size=spec.img_size, cache_dir=directory,
                                            batch_size=128, progress=True)
         built |= cache.built
@@ -293,7 +352,8 @@ def build_caches(spec, directory: Path) -> tuple[float, bool]:
     return time.perf_counter() - start, built
 
 
-def ensemble_check(spec, ledger_path: Path, cache_dir: Path | None, subset: int, seed: int) -> dict:
+def ensemble_check(spec, ledger_path: Path, cache_dir: Path | None, subset: int, seed: int,
+                   test_source: str = "fashion-mnist") -> dict:
     """Each site's model on the same test images, weighted logit average vs the composed model."""
     import torch
 
@@ -301,11 +361,11 @@ def ensemble_check(spec, ledger_path: Path, cache_dir: Path | None, subset: int,
     from tangent.spec import fresh_model
     from server.ledger import Ledger
     from tangent.cache import images_digest
-    from tangent.data import load_fashion_mnist
+    from tangent.data import load_dataset
     from tangent.train import predict_logits
 
     model, digest = fresh_model(spec)
-    images, labels = load_fashion_mnist("test")
+    images, labels = load_dataset(test_source, "test")
     indices = np.arange(len(labels))
     if 0 < subset < len(labels):
         indices = np.sort(np.random.default_rng(seed).choice(len(labels), subset, replace=False))
@@ -374,7 +434,7 @@ def plot(summary: dict, path: Path) -> None:
     ax.bar(range(len(sites)), [per_site[s]["accuracy"] for s in sites], color=colors,
            label=f"one site's model on {summary.get('ensemble_test_images')} test images (red: unlearned later)")
     subset = summary.get("ensemble_test_images")
-    full = summary.get("eval_subset") or 10000
+    full = summary.get("central_test_images") or summary.get("eval_subset")
     lines = (("accuracy_composed_on_subset", "-", "tab:blue", f"composed, same {subset} images"),
              ("accuracy_ensemble", ":", "tab:orange", f"ensemble of all sites, same {subset} images"),
              ("accuracy_composed", "-", "tab:purple", f"composed, {full} test images (server)"),
@@ -387,7 +447,8 @@ def plot(summary: dict, path: Path) -> None:
     ax.set_ylabel("test accuracy")
     values = [per_site[s]["accuracy"] for s in sites] + [summary[k] for k, *_ in lines if summary.get(k) is not None]
     ax.set_ylim(max(0.0, min(values) - 0.05), min(1.0, max(values) + 0.06))
-    ax.set_title(f"TAFT-1 on Fashion-MNIST, {summary['num_clients']} sites ({summary['partition']})")
+    ax.set_title(f"TAFT-1 on {Path(str(summary.get('dataset', 'fashion-mnist'))).name}, "
+                 f"{summary['num_clients']} sites ({summary['partition']})")
     ax.legend(loc="upper left", fontsize=7, ncol=2)
     save_figure(fig, path)
 
@@ -399,6 +460,16 @@ def main(argv=None) -> int:
     from tangent.spec import ModelSpec  # no torch here: the driver stays small (see in_subprocess)
 
     defaults = pyproject_config()
+    from flwr.common.config import parse_config_args
+    from tangent.data import DataError
+
+    # --run-config, plus the data set keys prepare_data resolves (absolute paths, num-classes)
+    user_config = parse_config_args([args.run_config]) if args.run_config else {}
+    try:
+        data = prepare_data(args, defaults, user_config)
+    except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     run_dir = args.runs_dir / datetime.now().strftime("%Y%m%d-%H%M%S")
     run_dir.mkdir(parents=True, exist_ok=False)
     flwr_home = run_dir / "flwr-home"
@@ -414,16 +485,17 @@ def main(argv=None) -> int:
     for key, value in (("epochs", args.epochs), ("lr", args.lr), ("img-size", args.img_size)):
         if value is not None:
             run_config[key] = value
-    if args.run_config:
-        from flwr.common.config import parse_config_args
-        run_config |= parse_config_args([args.run_config])
+    run_config |= user_config  # explicit --run-config keys win over the flags above, as before
+    ray_address = args.ray_address or os.environ.get("RAY_ADDRESS") or "local"
     spec = ModelSpec.from_config(defaults | run_config)
     federation = {"num-supernodes": args.num_clients, "client-resources-num-cpus": args.cpus_per_client}
     env = os.environ | {"FLWR_HOME": str(flwr_home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
                         "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
                         "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()), "PYTHONPATH": str(REPO),
-                        # a new Ray instance of our own, never one another user started
-                        "RAY_ADDRESS": "local",
+                        # Flower's Ray backend calls ray.init() without an address, which reads
+                        # RAY_ADDRESS: "local" = a new Ray instance of our own (never one another
+                        # user started); an address = that cluster (--ray-address)
+                        "RAY_ADDRESS": ray_address,
                         # glibc: buffers of ≥ 1 MiB (Δw replies, batches) go straight back to the
                         # OS when freed instead of staying in a fragmented heap, and fewer arenas
                         # for Ray's and gRPC's threads (measured: −105 MiB summed peak RSS)
@@ -441,11 +513,14 @@ def main(argv=None) -> int:
                      "spec": spec.to_config(), "reinit": spec.reinit, "epochs": int((defaults | run_config)["epochs"]),
                      "lr": float((defaults | run_config)["lr"]), "train_subset": args.train_subset,
                      "eval_subset": args.eval_subset, "cpus_per_client": args.cpus_per_client,
-                     "cache_dir": str(cache_dir) if cache_dir else None}
+                     "cache_dir": str(cache_dir) if cache_dir else None,
+                     "dataset": data["sources"]["train"], "test_dataset": data["sources"]["test"],
+                     "num_classes": spec.num_classes, "ray_address": ray_address}
     try:
         print(f"[1/5] trunk-token cache in {cache_dir}")
         if cache_dir is not None:
-            summary["cache_build_s"], summary["cache_built"] = in_subprocess(build_caches, spec, cache_dir)
+            summary["cache_build_s"], summary["cache_built"] = in_subprocess(build_caches, spec, cache_dir,
+                                                                             data["sources"])
         else:
             summary["cache_build_s"], summary["cache_built"] = 0.0, False
 
@@ -455,7 +530,9 @@ def main(argv=None) -> int:
                                           federation, env, run_dir / "train.log", watch, flwr_home, args.timeout)
         report = json.loads(train_report.read_text())
         last_round = report["rounds"][-1]
+        central = report.get("central_evaluation") or {}
         summary |= {"accuracy_composed": report["accuracy"], "recorded_sites": len(last_round["recorded"]),
+                    "central_test_images": central.get("num_examples"),
                     "rejected": last_round["rejected_by_reason"],
                     "train_metrics": last_round["train_metrics"],
                     # None when no site evaluated (fraction-evaluate 0, from the flag or --run-config)
@@ -463,8 +540,13 @@ def main(argv=None) -> int:
                                              if last_round["evaluate"].get("num-examples") else None)}
         active = report["ledger"]["active_sites"]
 
-        print(f"[3/5] ensemble of {len(active)} site models vs the composed model")
-        summary |= in_subprocess(ensemble_check, spec, ledger_path, cache_dir, args.ensemble_subset, args.seed)
+        if data["sources"]["test"] is not None:
+            print(f"[3/5] ensemble of {len(active)} site models vs the composed model")
+            summary |= in_subprocess(ensemble_check, spec, ledger_path, cache_dir, args.ensemble_subset, args.seed,
+                                     data["sources"]["test"])
+        else:
+            print("[3/5] no test data set: no ensemble check")
+            summary |= {"accuracy_ensemble": None, "max_rel_logit_diff_composed_vs_ensemble": None}
 
         removed = ([s.strip() for s in args.remove_sites.split(",") if s.strip()] or
                    sorted(np.random.default_rng(args.seed).choice(active, min(args.remove, len(active)),

@@ -1,10 +1,17 @@
 """Real data: Fashion-MNIST from Debian's ``dataset-fashion-mnist``, a generic loader for a
-site's own data, and preprocessing to the backbone's input."""
+site's own data, the data sets a simulation or the server's evaluation names, and preprocessing
+to the backbone's input.
+
+A *data set source* is ``"fashion-mnist"`` (Debian's package, train/test split by name) or the
+path of an ``.npz`` (``images`` uint8 [N,H,W] or [N,H,W,3], ``labels`` int [N]) or an
+ImageFolder directory (one sub-directory per class; sorted names = class ids 0..C-1).
+"""
 from __future__ import annotations
 
 import gzip
 import hashlib
 import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -21,6 +28,11 @@ FASHION_MNIST_CLASSES = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
 _FILES = {"train": ("train-images-idx3-ubyte", "train-labels-idx1-ubyte"),
           "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte")}
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".tif", ".tiff", ".webp")
+
+
+FASHION_MNIST = "fashion-mnist"
+#: ``test-dataset`` value that turns the server's central evaluation off
+NO_DATASET = "none"
 
 
 class DataError(ValueError):
@@ -84,26 +96,37 @@ def load_site_data(path: str | Path):
     return validate_images(images, labels, source=str(path))
 
 
-def _load_image_folder(root: Path):
-    from PIL import Image
-
-    classes = sorted(p.name for p in root.iterdir() if p.is_dir())
+def image_folder_classes(root: Path | str) -> list[str]:
+    """Class names of an ImageFolder directory, in class-id order (sorted sub-directory names)."""
+    root = Path(root)
+    classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
     if not classes:
-        raise DataError(f"{root} has no class sub-directories (ImageFolder layout expected)")
+        raise DataError(f"{root} has no class sub-directories (ImageFolder layout expected: "
+                        f"{root}/<class name>/<image file>)")
+    return classes
+
+
+def _load_image_folder(root: Path):
+    from PIL import Image, UnidentifiedImageError
+
     images, labels = [], []
     size = None
-    for class_id, name in enumerate(classes):
+    for class_id, name in enumerate(image_folder_classes(root)):
         for file in sorted((root / name).iterdir()):
             if file.suffix.lower() not in IMAGE_SUFFIXES:
                 continue
-            image = np.asarray(Image.open(file).convert("RGB"))
+            try:
+                with Image.open(file) as opened:
+                    image = np.asarray(opened.convert("RGB"))
+            except (OSError, UnidentifiedImageError, ValueError) as err:
+                raise DataError(f"{file}: not a readable image ({err})") from err
             size = size or image.shape
             if image.shape != size:  # keep arrays rectangular; resize happens in preprocess
                 image = np.asarray(Image.fromarray(image).resize(size[1::-1]))
             images.append(image)
             labels.append(class_id)
     if not images:
-        raise DataError(f"{root} contains no images")
+        raise DataError(f"{root} contains no images (suffixes {', '.join(IMAGE_SUFFIXES)})")
     return validate_images(np.stack(images), np.asarray(labels), source=str(root))
 
 
@@ -113,6 +136,8 @@ def validate_images(images: np.ndarray, labels: np.ndarray, source: str = "data"
         raise DataError(f"{source}: images must be uint8, got {images.dtype}")
     if images.ndim == 4 and images.shape[-1] == 1:
         images = images[..., 0]
+    if images.ndim >= 1 and len(images) == 0:
+        raise DataError(f"{source}: holds no images")
     if not (images.ndim == 3 or (images.ndim == 4 and images.shape[-1] == 3)):
         raise DataError(f"{source}: images must be [N,H,W] or [N,H,W,3], got {images.shape}")
     if labels.ndim != 1 or len(labels) != len(images):
@@ -120,6 +145,63 @@ def validate_images(images: np.ndarray, labels: np.ndarray, source: str = "data"
     if not np.issubdtype(labels.dtype, np.integer) or (labels.size and labels.min() < 0):
         raise DataError(f"{source}: labels must be non-negative integers")
     return images, labels.astype(np.int64)
+
+
+def load_dataset(source: str | Path, split: str = "train"):
+    """(images, labels) of a data set source: ``"fashion-mnist"`` (its ``split``) or a path."""
+    if str(source) == FASHION_MNIST:
+        return load_fashion_mnist(split)
+    return load_site_data(Path(str(source)).expanduser())
+
+
+def dataset_source(config, split: str) -> str | None:
+    """The data set a simulation (``split`` "train"/"test") or the server's evaluation ("test") uses.
+
+    Run-config keys: ``dataset`` (default Fashion-MNIST) and ``test-dataset``: empty means the
+    test split of Fashion-MNIST when ``dataset`` is Fashion-MNIST and no test data otherwise;
+    ``"none"`` means no test data. None = no data for that split.
+    """
+    train = str(config.get("dataset", "") or FASHION_MNIST)
+    if split == "train":
+        return train
+    test = str(config.get("test-dataset", "") or "")
+    if test == NO_DATASET:
+        return None
+    return test or (FASHION_MNIST if train == FASHION_MNIST else None)
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    source: str
+    num_examples: int
+    num_classes: int  # max label + 1 (ImageFolder: number of class directories)
+    classes: tuple[str, ...] | None  # ImageFolder class names, in class-id order
+    image_shape: tuple[int, ...]
+
+
+def inspect_dataset(source: str | Path, split: str = "train") -> DatasetInfo:
+    """Load and check a data set source; raises DataError naming the file and what is wrong."""
+    images, labels = load_dataset(source, split)
+    classes = None
+    if str(source) == FASHION_MNIST:
+        classes = FASHION_MNIST_CLASSES
+    elif Path(str(source)).expanduser().is_dir():
+        classes = tuple(image_folder_classes(Path(str(source)).expanduser()))
+    num_classes = len(classes) if classes else int(labels.max()) + 1
+    if num_classes < 2:
+        raise DataError(f"{source}: a classifier needs at least 2 classes, the labels hold {num_classes}")
+    return DatasetInfo(str(source), len(labels), num_classes, classes, tuple(images.shape[1:]))
+
+
+def check_test_matches(train: DatasetInfo, test: DatasetInfo) -> None:
+    """The test set's labels must mean the same classes as the training set's."""
+    if train.classes and test.classes and Path(train.source).is_dir() and Path(test.source).is_dir() \
+            and train.classes != test.classes:
+        raise DataError(f"{test.source}: class directories {list(test.classes)} differ from the training "
+                        f"set's {list(train.classes)} ({train.source}): class ids would not match")
+    if test.num_classes > train.num_classes:
+        raise DataError(f"{test.source}: labels go up to {test.num_classes - 1} but the training set "
+                        f"{train.source} has {train.num_classes} classes")
 
 
 def preprocess(images: np.ndarray | torch.Tensor, img_size: int = DEFAULT_IMG_SIZE) -> torch.Tensor:

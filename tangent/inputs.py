@@ -6,14 +6,19 @@ from __future__ import annotations
 import numpy as np
 
 
-def model_inputs(model, base_digest, images, indices, img_size, directory, *, data_digest, split=None):
+def model_inputs(model, base_digest, images, indices, img_size, directory, *, data_digest, split=None,
+                 source=None):
     """(inputs, from_cache) for ``indices`` of a data set: cached token rows, or preprocessed images.
 
-    ``images`` may be None for a Fashion-MNIST split (loaded only if the cache must be built or
-    there is no cache); ``data_digest`` is then the images digest the cache is keyed on.
+    ``images`` may be None: the data set is then loaded from ``source`` (a data set source,
+    see tangent.data; default Fashion-MNIST) and ``split``, but only if the cache must be built
+    or there is no cache; ``data_digest`` is then the images digest the cache is keyed on.
     """
     from tangent.cache import MANIFEST_FILE, FeatureCache, cache_key
-    from tangent.data import load_fashion_mnist, preprocess
+    from tangent.data import FASHION_MNIST, load_dataset, preprocess
+
+    def load():
+        return load_dataset(source or FASHION_MNIST, split or "train")[0]
 
     if directory is not None:
         if data_digest is not None:
@@ -21,10 +26,10 @@ def model_inputs(model, base_digest, images, indices, img_size, directory, *, da
             if (existing / MANIFEST_FILE).is_file():
                 return FeatureCache(existing).subset(indices), True
         if images is None:
-            images, _ = load_fashion_mnist(split)
+            images = load()
         cache = FeatureCache.build_or_open(model, images, img_size=img_size, cache_dir=directory,
                                            data_digest=data_digest, progress=False)
         return cache.subset(indices), True
     if images is None:
-        images, _ = load_fashion_mnist(split)
+        images = load()
     return preprocess(np.ascontiguousarray(images[indices]), img_size), False

@@ -31,6 +31,9 @@ def test_smoke_simulation_train_then_unlearn(tmp_path):
                 "cache_build_s"):
         assert key in summary, key
     assert summary["num_clients"] == 3 and summary["recorded_sites"] == 3 and summary["rejected"] == {}
+    # the default data: Fashion-MNIST, 10 classes, the server evaluates on its test split
+    assert summary["dataset"] == "fashion-mnist" and summary["test_dataset"] == "fashion-mnist"
+    assert summary["num_classes"] == 10 and summary["central_test_images"] == 500
     assert summary["federated_evaluation"]["num-examples"] > 0  # Flower's evaluate round ran on the sites
     assert summary["accuracy_composed"] > 0.2  # chance is 0.1 (img-size 28, 200 images a site: ~0.26)
     assert summary["max_rel_logit_diff_composed_vs_ensemble"] <= 1e-5

@@ -84,3 +84,37 @@ def test_dataset_digest_sensitive_to_any_change():
     changed = labels[:100].copy()
     changed[7] = (changed[7] + 1) % 10
     assert dataset_digest(images[:100], changed) != base
+
+
+def test_dataset_sources_and_what_the_server_evaluates_on():
+    from tangent.data import dataset_source
+
+    assert dataset_source({}, "train") == "fashion-mnist" and dataset_source({}, "test") == "fashion-mnist"
+    own = {"dataset": "/data/train.npz"}
+    assert dataset_source(own, "train") == "/data/train.npz" and dataset_source(own, "test") is None
+    assert dataset_source(own | {"test-dataset": "/data/test"}, "test") == "/data/test"
+    assert dataset_source({"test-dataset": "none"}, "test") is None
+
+
+def test_inspect_counts_classes_and_checks_the_test_set(tmp_path):
+    from PIL import Image
+
+    from tangent.data import check_test_matches, inspect_dataset
+
+    rng = np.random.default_rng(0)
+    np.savez(tmp_path / "train.npz", images=rng.integers(0, 256, (9, 6, 6), dtype=np.uint8), labels=np.arange(9) % 7)
+    info = inspect_dataset(tmp_path / "train.npz")
+    assert (info.num_classes, info.num_examples, info.classes) == (7, 9, None)
+    for root, names in (("a", ("x", "y", "z")), ("b", ("x", "y"))):
+        for i, name in enumerate(names):
+            (tmp_path / root / name).mkdir(parents=True)
+            Image.fromarray(np.full((5, 5, 3), 40 * i, np.uint8)).save(tmp_path / root / name / "0.png")
+    folder, fewer = inspect_dataset(tmp_path / "a"), inspect_dataset(tmp_path / "b")
+    assert folder.num_classes == 3 and folder.classes == ("x", "y", "z")
+    with pytest.raises(DataError, match="class directories"):
+        check_test_matches(folder, fewer)
+    with pytest.raises(DataError, match="labels go up to 6"):
+        check_test_matches(folder, info)
+    check_test_matches(info, folder)  # 3 classes inside 7: same ids
+    fashion = inspect_dataset("fashion-mnist", "test")
+    assert fashion.num_classes == 10 and fashion.num_examples == 10000

@@ -1,0 +1,188 @@
+"""The ServerApp's central evaluation: built in the background (the sites' training never waits
+for it), on the run config's test set, skipped without one — through the real ServerApp main,
+the real strategy and ledger, real Flower messages and the real pretrained w0.
+
+The only stand-in is the network: ``SitesGrid`` (a Flower ``Grid``) answers every train message
+at once with a real train reply, as three sites would, and notes when each message was pushed.
+"""
+from __future__ import annotations
+
+import json
+import math
+import threading
+import time
+from pathlib import Path
+from uuid import uuid4
+
+import numpy as np
+import pytest
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.serverapp import Grid
+from flwr.supercore.run import Run
+
+import server.evaluation as evaluation_module
+from server import server_app
+
+pytestmark = pytest.mark.usefixtures("flower_server_identity")
+SITES = (101, 102, 103)
+BUILD_DELAY_S = 4.0
+
+
+class SitesGrid(Grid):
+    """Three sites that reply to a train message immediately with a small real Δw."""
+
+    def __init__(self):
+        self.pushed: list[tuple[str, float]] = []
+        self._replies: dict[str, Message] = {}
+
+    def set_run(self, run: Run) -> None:  # pragma: no cover - the ServerApp main never calls it
+        pass
+
+    @property
+    def run(self) -> Run:
+        return Run.create_empty(run_id=1)
+
+    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:
+        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
+
+    def get_node_ids(self):
+        return list(SITES)
+
+    def push_messages(self, messages):
+        ids = []
+        for msg in messages:
+            self.pushed.append((msg.metadata.message_type, time.time()))
+            msg.metadata.__dict__["_message_id"] = uuid4().hex  # what Flower's grids do on push
+            self._replies[msg.metadata.message_id] = self._answer(msg)
+            ids.append(msg.metadata.message_id)
+        return ids
+
+    def pull_messages(self, message_ids):
+        return [self._replies.pop(i) for i in list(message_ids) if i in self._replies]
+
+    def send_and_receive(self, messages, *, timeout=None):
+        return self.pull_messages(self.push_messages(messages))
+
+    @staticmethod
+    def _answer(msg: Message) -> Message:
+        import torch
+
+        spec = msg.content.config_records["spec"]
+        site = str(SITES.index(msg.metadata.dst_node_id))
+        rng = np.random.default_rng(int(site))
+        shapes = _delta_shapes(spec)
+        delta = {k: torch.from_numpy((1e-3 * rng.standard_normal(s)).astype(np.float32)) for k, s in shapes.items()}
+        content = RecordDict({
+            "delta": ArrayRecord(delta),
+            "metrics": MetricRecord({"num-examples": 100, "train-loss": 1.0, "train-accuracy": 0.5,
+                                     "epsilon": math.inf, "delta": 0.0, "wall-s": 0.1, "fit-s": 0.1,
+                                     "examples-per-s": 1000.0}),
+            "meta": ConfigRecord({"site-id": site, "base-digest": str(spec["base-digest"]),
+                                  "shard-fingerprint": f"fp-{site}", "data-digest": "d", "source": "test",
+                                  "from-cache": False, "dp": False, "dp-target-epsilon": 0.0,
+                                  "dp-max-grad-norm": 0.0, "dp-noise-multiplier": 0.0,
+                                  "train-config": json.dumps({"epochs": 1}), "pid": 1})})
+        return Message(content, reply_to=msg)
+
+
+_SHAPES: dict = {}
+
+
+def _delta_shapes(spec) -> dict:
+    from tangent.spec import ModelSpec, build_model
+
+    key = ModelSpec.from_config(spec)
+    if key not in _SHAPES:
+        model, _ = build_model(key)
+        _SHAPES[key] = {k: tuple(v.shape) for k, v in model.delta_state_dict().items()}
+    return _SHAPES[key]
+
+
+@pytest.fixture
+def slow_build(monkeypatch):
+    """The real input build, made BUILD_DELAY_S slower; records when it finished."""
+    finished: list[float] = []
+    real = evaluation_module.build_inputs
+
+    def build(*args):
+        time.sleep(BUILD_DELAY_S)
+        out = real(*args)
+        finished.append(time.time())
+        return out
+
+    monkeypatch.setattr(evaluation_module, "build_inputs", build)
+    return finished
+
+
+def run_main(tmp_path: Path, **overrides) -> tuple[dict, SitesGrid]:
+    run_config = {"mode": "train", "img-size": 28, "reinit": False, "num-classes": 10, "seed": 0,
+                  "epochs": 1, "min-nodes": 3, "fraction-evaluate": 0.0, "eval-subset": 64,
+                  "num-rounds": 1, "round-timeout": 60.0, "max-delta-norm": 1000.0, "weighting": "examples",
+                  "ledger-path": str(tmp_path / "ledger.sqlite"), "report-path": str(tmp_path / "report.json"),
+                  "federation-mode": "simulation", "state-dir": str(tmp_path), "cache-dir": ""} | overrides
+    grid = SitesGrid()
+    context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
+    server_app.main(grid, context)
+    return json.loads((tmp_path / "report.json").read_text()), grid
+
+
+def first_train_push(grid: SitesGrid) -> float:
+    return min(t for kind, t in grid.pushed if kind == "train")
+
+
+def test_train_messages_go_out_before_the_evaluation_is_built(tmp_path, slow_build):
+    for run in (1, 2):  # a fresh ledger, then one that already holds a composed model
+        report, grid = run_main(tmp_path)
+        assert len(slow_build) == run, "the build ran once per run"
+        assert first_train_push(grid) < slow_build[-1] - BUILD_DELAY_S / 2, (grid.pushed, slow_build)
+        # ... and the evaluation still happened once the inputs were there
+        assert report["central"]["1"]["num-examples"] == 64
+        assert 0.0 <= report["accuracy"] <= 1.0
+        assert report["central_evaluation"]["test_dataset"] == "fashion-mnist"
+        assert report["central_evaluation"]["build_s"] >= BUILD_DELAY_S
+
+
+def test_own_test_set_and_no_test_set(tmp_path):
+    rng = np.random.default_rng(0)
+    test = tmp_path / "test.npz"
+    np.savez(test, images=rng.integers(0, 256, (30, 20, 20, 3), dtype=np.uint8), labels=np.arange(30) % 4)
+    (tmp_path / "own").mkdir()
+    report, _ = run_main(tmp_path / "own", **{"num-classes": 4, "test-dataset": str(test)})
+    assert report["central"]["1"]["num-examples"] == 30 and report["accuracy"] is not None
+    assert report["central_evaluation"]["test_dataset"] == str(test)
+
+    (tmp_path / "none").mkdir()
+    report, _ = run_main(tmp_path / "none", dataset=str(test))  # own training data, no test set
+    assert report["central"] == {} and report["accuracy"] is None
+    assert report["central_evaluation"]["test_dataset"] is None
+    assert len(report["rounds"][0]["recorded"]) == 3  # training went on as usual
+
+
+def test_a_broken_test_set_is_reported_not_fatal(tmp_path):
+    broken = tmp_path / "broken.npz"
+    np.savez(broken, images=np.zeros((4, 8, 8), np.float32), labels=np.arange(4))  # not uint8
+    report, _ = run_main(tmp_path, **{"test-dataset": str(broken)})
+    assert "uint8" in report["central_evaluation"]["error"] and str(broken) in report["central_evaluation"]["error"]
+    assert report["accuracy"] is None and len(report["rounds"][0]["recorded"]) == 3
+
+
+def test_start_returns_at_once_and_the_first_call_waits(tmp_path):
+    """The class on its own, with a stand-in build: nothing of Flower involved."""
+    import torch
+
+    from tests.tangent.test_cache import tiny_model
+
+    model = tiny_model()
+    release = threading.Event()
+
+    def build(model, base_digest, img_size, run_config, source):
+        release.wait(10)
+        model.drop_frozen()
+        return torch.zeros(8, 17, 32), np.arange(8) % 10, True
+
+    started = time.perf_counter()
+    evaluation = evaluation_module.CentralEvaluation.start(model, "digest", 28, {"eval-subset": 8}, build=build)
+    assert time.perf_counter() - started < 0.5 and not evaluation.wait(timeout=0.2)
+    threading.Timer(0.3, release.set).start()
+    result = evaluation({k: torch.zeros_like(v) for k, v in model.delta_state_dict().items()})
+    assert result["num-examples"] == 8 and evaluation.error is None

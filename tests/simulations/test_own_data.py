@@ -1,0 +1,137 @@
+"""A simulation on one's own data: an .npz with 4 classes and an ImageFolder with 3, through the
+real driver and `flwr run`; malformed data sets are refused by the driver before anything starts."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from simulations import run as driver
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def pattern_images(num: int, num_classes: int, size: int, seed: int, rgb: bool = False):
+    """Class k = a bright horizontal band at a class-specific height, plus noise (learnable)."""
+    rng = np.random.default_rng(seed)
+    labels = np.arange(num) % num_classes
+    images = rng.integers(0, 60, (num, size, size), dtype=np.uint8)
+    band = size // num_classes
+    for i, label in enumerate(labels):
+        images[i, label * band:(label + 1) * band] += 180
+    if rgb:
+        images = np.repeat(images[..., None], 3, axis=-1)
+    return images, labels
+
+
+def write_image_folder(root: Path, images: np.ndarray, labels: np.ndarray, names: list[str]) -> Path:
+    from PIL import Image
+
+    for i, (image, label) in enumerate(zip(images, labels)):
+        directory = root / names[label]
+        directory.mkdir(parents=True, exist_ok=True)
+        Image.fromarray(image).save(directory / f"{i:04d}.png")
+    return root
+
+
+# ---------------------------------------------------------------- refused before anything starts
+def refused(tmp_path, capsys, *args) -> str:
+    runs = tmp_path / "runs"
+    code = driver.main(["--num-clients", "3", "--runs-dir", str(runs), "--no-cache", *args])
+    assert code == 2
+    assert not runs.exists() or not any(runs.iterdir()), "a run directory was created"
+    return capsys.readouterr().err
+
+
+def test_malformed_data_sets_are_refused_with_what_and_which_file(tmp_path, capsys):
+    images, labels = pattern_images(12, 4, 16, 0)
+    float_images = tmp_path / "float.npz"
+    np.savez(float_images, images=images.astype(np.float32), labels=labels)
+    err = refused(tmp_path, capsys, "--dataset", str(float_images))
+    assert str(float_images) in err and "uint8" in err
+
+    no_labels = tmp_path / "nolabels.npz"
+    np.savez(no_labels, images=images)
+    err = refused(tmp_path, capsys, "--dataset", str(no_labels))
+    assert str(no_labels) in err and "'labels'" in err
+
+    good = tmp_path / "good.npz"
+    np.savez(good, images=images, labels=labels)
+    err = refused(tmp_path, capsys, "--dataset", str(good), "--test-dataset", str(tmp_path / "absent.npz"))
+    assert "absent.npz" in err and "no such file" in err
+
+    too_many = tmp_path / "test5.npz"
+    np.savez(too_many, images=images, labels=np.arange(12) % 6)
+    err = refused(tmp_path, capsys, "--dataset", str(good), "--test-dataset", str(too_many))
+    assert str(too_many) in err and "4 classes" in err
+
+    err = refused(tmp_path, capsys, "--dataset", str(good), "--num-clients", "20")
+    assert "12 training examples" in err
+
+    folder = write_image_folder(tmp_path / "folder", images, labels, ["a", "b", "c", "d"])
+    (folder / "b" / "0005.png").write_bytes(b"not a png")
+    err = refused(tmp_path, capsys, "--dataset", str(folder))
+    assert str(folder / "b" / "0005.png") in err and "not a readable image" in err
+
+    train = write_image_folder(tmp_path / "train", images, labels, ["a", "b", "c", "d"])
+    test = write_image_folder(tmp_path / "test", images, labels, ["a", "b", "c", "e"])
+    err = refused(tmp_path, capsys, "--dataset", str(train), "--test-dataset", str(test))
+    assert str(test) in err and "class directories" in err
+
+    single = tmp_path / "single.npz"
+    np.savez(single, images=images, labels=np.zeros(12, np.int64))
+    err = refused(tmp_path, capsys, "--dataset", str(single))
+    assert "at least 2 classes" in err
+
+
+# ---------------------------------------------------------------- real simulations (slow)
+def simulate(tmp_path: Path, *args) -> dict:
+    runs = tmp_path / "runs"
+    cmd = [sys.executable, "-m", "simulations.run", "--num-clients", "3", "--epochs", "1", "--img-size", "28",
+           "--cache-dir", str(tmp_path / "cache"), "--remove", "1", "--fraction-evaluate", "1",
+           "--runs-dir", str(runs), "--timeout", "600", "--run-config", "reinit=false", *args]
+    env = os.environ | {"FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "PYTHONPATH": str(REPO)}
+    out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert out.returncode == 0, out.stdout[-3000:] + out.stderr[-3000:]
+    summary = json.loads((runs / "latest" / "summary.json").read_text())
+    summary["_train_report"] = json.loads((runs / "latest" / "train-report.json").read_text())
+    return summary
+
+
+def check_run(summary: dict, num_classes: int, num_test: int) -> None:
+    report = summary["_train_report"]
+    assert summary["num_classes"] == num_classes and report["spec"]["num-classes"] == num_classes
+    assert summary["recorded_sites"] == 3 and summary["rejected"] == {}
+    # the server evaluated the composed model on the given test set, every image of it
+    assert report["central_evaluation"]["error"] is None
+    assert report["central"]["1"]["num-examples"] == num_test and summary["central_test_images"] == num_test
+    assert 0.0 <= summary["accuracy_composed"] <= 1.0 and summary["accuracy_after_removal"] is not None
+    # the sites' federated evaluation split the same test set
+    assert summary["federated_evaluation"]["num-examples"] == num_test
+    assert summary["max_rel_logit_diff_composed_vs_ensemble"] <= 1e-5 and summary["removal_bit_identical"]
+    assert summary["cache_built"] is True  # tokens of the own data were cached and read by the sites
+
+
+@pytest.mark.slow
+def test_simulation_on_an_npz_with_four_classes(tmp_path):
+    train_images, train_labels = pattern_images(96, 4, 20, seed=1, rgb=True)
+    test_images, test_labels = pattern_images(40, 4, 20, seed=2, rgb=True)
+    np.savez(tmp_path / "train.npz", images=train_images, labels=train_labels)
+    np.savez(tmp_path / "test.npz", images=test_images, labels=test_labels)
+    summary = simulate(tmp_path, "--dataset", str(tmp_path / "train.npz"), "--test-dataset", str(tmp_path / "test.npz"))
+    check_run(summary, num_classes=4, num_test=40)
+    assert summary["_train_report"]["central_evaluation"]["test_dataset"] == str(tmp_path / "test.npz")
+
+
+@pytest.mark.slow
+def test_simulation_on_an_image_folder_with_three_classes(tmp_path):
+    names = ["circle", "cross", "square"]
+    train = write_image_folder(tmp_path / "train", *pattern_images(60, 3, 18, seed=3), names)
+    test = write_image_folder(tmp_path / "test", *pattern_images(24, 3, 18, seed=4), names)
+    summary = simulate(tmp_path, "--dataset", str(train), "--test-dataset", str(test))
+    check_run(summary, num_classes=3, num_test=24)
