@@ -1,15 +1,24 @@
 """Start a site's SuperNode, and say in plain words why it cannot connect when it cannot.
 
-    python -m deploy.supernode --site-id 3 --superlink superlink.example.org:9092 \
+    python -m deploy.supernode --site-id 3 --superlink fl.example.org:9093 \
         --root-certificates ca.crt --key site-3.key --data-path /data/site-3.npz \
         --epsilon-budget 8 --cache-dir /cache
+
+`--superlink` is the address the operator gave you: the federation's reverse proxy (which
+forwards the Fleet API only), not the SuperLink's own port.
+
+The site's state (its privacy-budget record `<state-dir>/privacy-budget.json`) lives in
+`--state-dir`, default `$TAFT_STATE_DIR/site-<id>` (~/.local/state/taft-fl/site-<id>), never
+inside the repository. When this command creates that directory (0700) it also initialises
+the budget record with the `--epsilon-budget`/`--delta-budget` given, so later the ClientApp
+never mistakes a missing record for "nothing spent".
 
 Before starting, it checks what can be checked locally (CA file, key format, data path) and
 over the network (TCP reachability, TLS handshake against the CA and the host name). Then it
 runs `flower-supernode` (TLS + `--auth-supernode-private-key`, `--node-config "site-id=...
-data-path=... epsilon-budget=... cache-dir=..."`), passes its output through, and when it
-exits translates the usual failures: unregistered key, wrong CA, host name not in the
-certificate, plain-text connection, wrong address. `--check` runs the checks only.
+data-path=... state-dir=... epsilon-budget=... cache-dir=..."`), passes its output through,
+and when it exits translates the usual failures: unregistered key, wrong CA, host name not in
+the certificate, plain-text connection, wrong address. `--check` runs the checks only.
 Exit status: the SuperNode's, or 2 when a pre-flight check fails.
 """
 
@@ -26,7 +35,12 @@ import sys
 import threading
 from pathlib import Path
 
+from deploy.connection import site_state_dir
 from server.withdrawal import load_private_key
+from tangent.protocol import check_site_id
+
+REPO = Path(__file__).resolve().parents[1]
+BUDGET_FILE = "privacy-budget.json"
 
 # (pattern in the SuperNode's output, explanation). First match wins.
 DIAGNOSES: list[tuple[str, str]] = [
@@ -114,13 +128,50 @@ def preflight(address: str, ca: Path, key: Path, data_path: str | None, timeout:
     return []
 
 
+def prepare_state_dir(state_dir: Path, site_id: str, epsilon_budget: float | None,
+                      delta_budget: float | None) -> str:
+    """Create the site's state directory (0700) outside the repository; on creation, write the
+    privacy-budget record. Returns what was done, in words. An existing directory is left as it
+    is: its budget record is durable state that only the ClientApp updates."""
+    state_dir = Path(state_dir).expanduser().resolve()
+    if state_dir.is_relative_to(REPO):
+        raise ValueError(f"state dir {state_dir} is inside the app directory {REPO}: `flwr run` would "
+                         "ship it; use a directory outside (default ~/.local/state/taft-fl/site-<id>)")
+    if state_dir.exists():
+        if not state_dir.is_dir():
+            raise ValueError(f"state dir {state_dir} exists and is not a directory")
+        return f"state dir {state_dir} (existing)"
+    state_dir.mkdir(mode=0o700, parents=True)
+    state_dir.chmod(0o700)  # whatever the umask
+    if epsilon_budget is None:
+        return f"state dir {state_dir} created"
+    try:
+        from tangent.privacy import PrivacyBudget
+    except ImportError:  # the budget record API (tangent.privacy.PrivacyBudget) is not in this tree
+        return f"state dir {state_dir} created (no PrivacyBudget API here: budget record not initialised)"
+    PrivacyBudget.create(state_dir / BUDGET_FILE, site_id, epsilon_budget, delta_budget)
+    return (f"state dir {state_dir} created; privacy budget epsilon={epsilon_budget}"
+            + (f", delta={delta_budget}" if delta_budget is not None else ""))
+
+
+def _toml_str(value: str) -> str:
+    import json
+
+    return json.dumps(str(value))  # a JSON string is a valid TOML basic string
+
+
 def node_config(args: argparse.Namespace) -> str:
     """The --node-config string the ClientApp reads (strings quoted, TOML values)."""
-    items = [f'site-id="{args.site_id}"', f'data-path="{args.data_path}"']
-    if args.epsilon_budget is not None:
-        items.append(f"epsilon-budget={float(args.epsilon_budget)}")
+    items = [f"site-id={_toml_str(args.site_id)}", f"data-path={_toml_str(args.data_path)}",
+             f"state-dir={_toml_str(args.state_dir)}"]
+    for key, value in (("epsilon-budget", args.epsilon_budget), ("delta-budget", args.delta_budget),
+                       ("max-epsilon", args.max_epsilon), ("max-delta", args.max_delta)):
+        if value is not None:
+            items.append(f"{key}={float(value)}")
+    if args.require_dp:
+        items.append("require-dp=true")
     if args.cache_dir:
-        items.append(f'cache-dir="{args.cache_dir}"')
+        items.append(f"cache-dir={_toml_str(args.cache_dir)}")
     items += args.extra_node_config
     return " ".join(items)
 
@@ -147,7 +198,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root-certificates", type=Path, required=True, help="federation CA (ca.crt)")
     parser.add_argument("--key", type=Path, required=True, help="this site's OpenSSH ECDSA private key")
     parser.add_argument("--data-path", required=True, help="site data: .npz (images, labels) or ImageFolder dir")
-    parser.add_argument("--epsilon-budget", type=float, help="total DP epsilon this site allows")
+    parser.add_argument("--epsilon-budget", type=float,
+                        help="total DP epsilon this site allows (implies require-dp)")
+    parser.add_argument("--delta-budget", type=float, help="total DP delta this site allows")
+    parser.add_argument("--max-epsilon", type=float, help="most epsilon one contribution may spend")
+    parser.add_argument("--max-delta", type=float, help="largest delta one contribution may use")
+    parser.add_argument("--require-dp", action="store_true", help="refuse every non-private request")
+    parser.add_argument("--state-dir", type=Path,
+                        help="site state (privacy-budget record); default $TAFT_STATE_DIR/site-<id> "
+                             "(~/.local/state/taft-fl/site-<id>)")
     parser.add_argument("--cache-dir", help="feature cache directory")
     parser.add_argument("--extra-node-config", nargs="*", default=[], metavar="KEY=VALUE")
     parser.add_argument("--runtime-port", type=int, default=9094,
@@ -160,6 +219,11 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--insecure", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--no-preflight", action="store_true", help="skip the pre-flight checks")
     args = parser.parse_args(argv)
+    try:
+        check_site_id(args.site_id)
+    except ValueError as err:
+        parser.error(str(err))
+    args.state_dir = (args.state_dir or site_state_dir(args.site_id)).expanduser().resolve()
     pub = args.key.with_name(args.key.name + ".pub")
     fmt = dict(address=args.superlink, host=args.superlink.rpartition(":")[0], ca=str(args.root_certificates),
                pub=str(pub), site=args.site_id)
@@ -174,6 +238,12 @@ def main(argv: list[str] | None = None) -> int:
               f"{args.root_certificates}", flush=True)
     if args.check:
         return 0
+    try:
+        print(f"[deploy.supernode] {prepare_state_dir(args.state_dir, args.site_id, args.epsilon_budget, args.delta_budget)}",
+              flush=True)
+    except (ValueError, OSError) as err:
+        print(f"[deploy.supernode] PROBLEM: {err}", file=sys.stderr, flush=True)
+        return 2
 
     env = dict(os.environ)
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
