@@ -1,4 +1,4 @@
-"""Point the Flower CLI (`flwr run`, `flwr supernode ...`) at a remote SuperLink with TLS.
+r"""Point the Flower CLI (`flwr run`, `flwr supernode ...`) at a remote SuperLink with TLS.
 
 In flwr 1.41 connections live in the Flower config file `$FLWR_HOME/config.toml`
 (default `~/.flwr`), not in pyproject.toml. We keep a deployment-local FLWR_HOME

@@ -71,5 +71,6 @@ exec flower-superlink \
   --ssl-keyfile "$STATE/certs/superlink.key" \
   --enable-supernode-auth \
   --database "$STATE/superlink.db" \
+  --log-file "$STATE/logs/superlink.log" \
   --host "$HOST" --port "$PORT" \
   --disable-runtime-dependency-installation

@@ -1,4 +1,4 @@
-"""Start a site's SuperNode, and say in plain words why it cannot connect when it cannot.
+r"""Start a site's SuperNode, and say in plain words why it cannot connect when it cannot.
 
     python -m deploy.supernode --site-id 3 --superlink fl.example.org:9093 \
         --root-certificates ca.crt --key site-3.key --data-path /data/site-3.npz \
