@@ -137,14 +137,17 @@ def start_superlink_and_proxy(procs: Processes, state: Path, env: dict[str, str]
 
 
 def start_supernode(procs: Processes, root: Path, state: Path, site: str, address: str, data: Path,
-                    env: dict[str, str], key: str | None = None, extra: list[str] = ()) -> None:
-    """A site's SuperNode through deploy.supernode, with its own state, cache and FLWR_HOME."""
-    procs.start(f"supernode-{site}", [
+                    env: dict[str, str], key: str | None = None, extra: list[str] = (),
+                    name: str | None = None) -> None:
+    """A SuperNode through deploy.supernode declaring `site`, signing with `key` (default: the
+    site's own), with its own state, cache and FLWR_HOME (named `name`, default the site)."""
+    name = name or site
+    procs.start(f"supernode-{name}", [
         PY, "-m", "deploy.supernode", "--site-id", site, "--superlink", address,
         "--root-certificates", str(state / "certs" / "ca.crt"),
         "--key", str(state / "keys" / f"site-{key or site}.key"), "--data-path", str(data),
-        "--cache-dir", str(root / f"cache-{site}"), "--state-dir", str(root / f"site-state-{site}"),
-        "--runtime-port", str(free_port()), "--flwr-home", str(root / f"flwr-home-{site}"), *extra], env)
+        "--cache-dir", str(root / f"cache-{name}"), "--state-dir", str(root / f"site-state-{name}"),
+        "--runtime-port", str(free_port()), "--flwr-home", str(root / f"flwr-home-{name}"), *extra], env)
 
 
 def online_node_ids(state: Path) -> set[str]:
