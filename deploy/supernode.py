@@ -155,9 +155,13 @@ def prepare_state_dir(state_dir: Path, site_id: str, epsilon_budget: float | Non
 
 
 def _toml_str(value: str) -> str:
-    import json
-
-    return json.dumps(str(value))  # a JSON string is a valid TOML basic string
+    """A TOML literal string ('...', no escapes). Flower splits --node-config with a regex that
+    ends a quoted value at the next quote of its kind, so a value holding a quote cannot be
+    passed at all: refuse it clearly instead of letting the site start with a truncated path."""
+    value = str(value)
+    if "'" in value or "\n" in value or "\r" in value:
+        raise ValueError(f"{value!r}: a node-config value cannot contain a single quote or a newline")
+    return f"'{value}'"
 
 
 def node_config(args: argparse.Namespace) -> str:
@@ -224,6 +228,10 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as err:
         parser.error(str(err))
     args.state_dir = (args.state_dir or site_state_dir(args.site_id)).expanduser().resolve()
+    try:
+        node_config(args)
+    except ValueError as err:
+        parser.error(str(err))
     pub = args.key.with_name(args.key.name + ".pub")
     fmt = dict(address=args.superlink, host=args.superlink.rpartition(":")[0], ca=str(args.root_certificates),
                pub=str(pub), site=args.site_id)
