@@ -1,10 +1,14 @@
 """Certificates and SuperNode keys for a TLS + SuperNode-auth deployment.
 
-    python -m deploy.pki ca          --out deploy/certs
-    python -m deploy.pki superlink   --out deploy/certs --hostname superlink.example.org
-    python -m deploy.pki proxy       --out deploy/certs --hostname fl.example.org
-    python -m deploy.pki operator-key --out deploy/keys
-    python -m deploy.pki site-key    --site-id 3 --out deploy/keys
+    python -m deploy.pki ca                                 # <state>/certs/ca.crt, ca.key
+    python -m deploy.pki superlink                          # <state>/certs/superlink.crt
+    python -m deploy.pki proxy --hostname fl.example.org    # <state>/certs/proxy.crt
+    python -m deploy.pki operator-key                       # <state>/keys/operator.key
+    python -m deploy.pki site-key --site-id 3               # (at the site) <root>/keys/site-3.key
+
+<state> is the operator's state dir ($TAFT_STATE_DIR/server, default
+~/.local/state/taft-fl/server), <root> is $TAFT_STATE_DIR (~/.local/state/taft-fl): never the
+repository, which `flwr run` ships to every SuperNode.
 
 `superlink` issues the certificate of the SuperLink itself, which listens on loopback only (the
 proxy and the operator's CLI use it); `proxy` issues the one the sites see, with the names they
@@ -37,6 +41,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from deploy.connection import DEFAULT_STATE, state_root
 from server.withdrawal import load_private_key
 from tangent.protocol import check_site_id
 
@@ -230,22 +235,24 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m deploy.pki", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
+    certs, keys = DEFAULT_STATE / "certs", DEFAULT_STATE / "keys"
     p = sub.add_parser("ca", help="create the federation CA (ca.crt, ca.key)")
-    p.add_argument("--out", type=Path, default=Path("deploy/certs"))
+    p.add_argument("--out", type=Path, default=certs, help="default %(default)s")
     p.add_argument("--force", action="store_true", help="replace an existing CA")
     for name, what in (("superlink", "the SuperLink's TLS certificate (loopback)"),
                        ("proxy", "the reverse proxy's TLS certificate (what the sites see)")):
         p = sub.add_parser(name, help=f"issue {what} from the CA (creates the CA if absent)")
-        p.add_argument("--out", type=Path, default=Path("deploy/certs"))
+        p.add_argument("--out", type=Path, default=certs, help="default %(default)s")
         p.add_argument("--hostname", action="append", default=[],
                        help="extra SAN (DNS name or IP) clients use to reach it; repeatable")
         p.add_argument("--force", action="store_true")
     p = sub.add_parser("operator-key", help="create the operator's signing key (admin withdrawals)")
-    p.add_argument("--out", type=Path, default=Path("deploy/keys"))
+    p.add_argument("--out", type=Path, default=keys, help="default %(default)s")
     p.add_argument("--force", action="store_true", help="replace an existing key (re-register it!)")
     p = sub.add_parser("site-key", help="create a site's SuperNode auth key pair (OpenSSH ECDSA P-384)")
     p.add_argument("--site-id", required=True)
-    p.add_argument("--out", type=Path, default=Path("deploy/keys"))
+    p.add_argument("--out", type=Path, default=state_root() / "keys",
+                   help="the site's key directory (default %(default)s)")
     p.add_argument("--force", action="store_true", help="replace an existing key (re-register it!)")
     args = parser.parse_args(argv)
 

@@ -10,8 +10,8 @@ every `--progress-every` seconds (status, elapsed time, the last line the Server
 at the end the run's status and timings, and the run's logs when it failed.
 Exit 0 only for `finished:completed`. `--no-wait` returns after submission.
 
-Unless the run config sets it, `state-dir` is set to `--state` (the operator's state dir), so
-the ServerApp resolves `ledger-path`, `site-registry`, `withdrawal-requests` and `report-path`
+Unless the run config sets them, `state-dir` is set to `--state` (the operator's state dir) and
+`site-registry` to its `registry.json`, so the ServerApp resolves `ledger-path`, `site-registry`, `withdrawal-requests` and `report-path`
 there: put withdrawal requests in `<state>/requests/` and name them relative to the state dir,
 e.g. `withdrawal-requests='requests/withdraw-3.json'`.
 """
@@ -47,10 +47,15 @@ def app_config_keys(app: Path) -> set[str]:
 
 
 def with_state_dir(run_config: list[str], state: Path, app: Path) -> list[str]:
-    """Add `state-dir='<state>'` unless given or the app has no such key."""
-    if "state-dir" not in app_config_keys(app) or any("state-dir" in rc for rc in run_config):
-        return list(run_config)
-    return [*run_config, f"state-dir='{Path(state).resolve()}'"]
+    """Add `state-dir='<state>'` and, when `<state>/registry.json` exists,
+    `site-registry='registry.json'` - each unless given or the app has no such key."""
+    keys, given = app_config_keys(app), " ".join(run_config)
+    added = []
+    if "state-dir" in keys and "state-dir" not in given:
+        added.append(f"state-dir='{Path(state).resolve()}'")
+    if "site-registry" in keys and "site-registry" not in given and (Path(state) / "registry.json").exists():
+        added.append("site-registry='registry.json'")
+    return [*run_config, *added]
 
 
 def submit(state: Path, app: Path, run_config: list[str], connection: str = DEFAULT_NAME) -> int:

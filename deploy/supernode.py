@@ -218,7 +218,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-wait-time", type=float, help="give up reconnecting after this many seconds")
     parser.add_argument("--log-file", type=Path, help="also write the SuperNode's output here")
     parser.add_argument("--flwr-home", type=Path,
-                        help="where this SuperNode installs app bundles (FLWR_HOME; default ~/.flwr)")
+                        help="where this SuperNode installs app bundles (FLWR_HOME; default <state-dir>/flwr-home, "
+                             "so SuperNodes on one host never share one)")
     parser.add_argument("--check", action="store_true", help="run the pre-flight checks only")
     parser.add_argument("--insecure", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--no-preflight", action="store_true", help="skip the pre-flight checks")
@@ -256,10 +257,10 @@ def main(argv: list[str] | None = None) -> int:
     env = dict(os.environ)
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
     env.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
-    if args.flwr_home:
-        env["FLWR_HOME"] = str(args.flwr_home.resolve())
+    env["FLWR_HOME"] = str((args.flwr_home or args.state_dir / "flwr-home").resolve())
     proc = subprocess.Popen(supernode_command(args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, bufsize=1, env=env)
+    (args.state_dir / "supernode.pid").write_text(f"{os.getpid()}\n")  # stop: kill $(cat …/supernode.pid)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda s, _f: proc.send_signal(s))
     tail: list[str] = []

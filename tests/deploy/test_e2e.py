@@ -88,8 +88,7 @@ def federation(tmp_path_factory):
 
         address = f"127.0.0.1:{ports['proxy']}"  # the sites know only the proxy
         for site in SITES:
-            start_supernode(procs, root, state, site, address, root / "data" / f"site-{site}" / "site.npz", env,
-                            extra=["--epsilon-budget", "8"])
+            start_supernode(procs, root, state, site, address, root / "data" / f"site-{site}" / "site.npz", env)
         wait_for(lambda: {node_ids[s] for s in SITES} <= online_node_ids(state), 120, "3 SuperNodes online",
                  poll=1.0)
         yield {"root": root, "state": state, "ports": ports, "address": address, "ca": state / "certs" / "ca.crt",
