@@ -35,6 +35,8 @@ MAX_TRAIN_CONFIG_BYTES = 64 * 1024
 MAX_JSON_DEPTH = 8
 MAX_META_STRING = 1024
 MAX_DETAIL = 2000
+#: the ledger's per-contribution weight limit (fixedpoint.MAX_WEIGHT); evaluate counts use it too
+MAX_EXAMPLES = 2 ** 24
 CONTRIBUTION_ID = re.compile(r"[0-9a-f]{32}")
 #: a client's error code is copied into the round summary as a reason: it must look like one
 REASON_PATTERN = re.compile(r"[a-z][a-z0-9_]{0,47}")
@@ -114,10 +116,12 @@ def records(msg: Message, **kinds: str) -> dict[str, Any]:
 
 def declared_site(meta) -> str:
     """The site id the reply claims (a claim: the strategy binds it to the sender)."""
-    with stage("bad_site_id"):
+    with stage("malformed"):
         value = meta.get("site-id")
-        check_site_id(value)
-    return value
+    try:
+        return check_site_id(value)
+    except ValueError as err:
+        raise Rejected("bad_site_id", str(err)[:MAX_DETAIL]) from None
 
 
 def _valid_site_id(value: Any) -> bool:
@@ -129,10 +133,10 @@ def _valid_site_id(value: Any) -> bool:
 
 
 def count(value: Any, site: str | None) -> int:
-    """A positive example count (an integral float is accepted: JSON/MetricRecord round trips)."""
+    """An example count in [1, MAX_EXAMPLES] (an integral float is accepted: MetricRecord round trips)."""
     if isinstance(value, float) and math.isfinite(value) and value.is_integer():
         value = int(value)
-    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_EXAMPLES:
         raise Rejected("bad_num_examples", shown(value), site)
     return value
 
