@@ -25,6 +25,7 @@ import datetime as dt
 import hashlib
 import json
 import logging
+import os
 import secrets
 import sqlite3
 from dataclasses import asdict, dataclass
@@ -284,7 +285,9 @@ class NonceStore:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # created private before SQLite opens it (its -wal/-shm files copy these permissions)
+        os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
         self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
         with self._tx():
