@@ -174,6 +174,8 @@ def node_config(args: argparse.Namespace) -> str:
             items.append(f"{key}={float(value)}")
     if args.require_dp:
         items.append("require-dp=true")
+    if args.declared_examples is not None:
+        items.append(f"declared-examples={int(args.declared_examples)}")
     if args.cache_dir:
         items.append(f"cache-dir={_toml_str(args.cache_dir)}")
     items += args.extra_node_config
@@ -208,6 +210,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-epsilon", type=float, help="most epsilon one contribution may spend")
     parser.add_argument("--max-delta", type=float, help="largest delta one contribution may use")
     parser.add_argument("--require-dp", action="store_true", help="refuse every non-private request")
+    parser.add_argument("--declared-examples", type=int,
+                        help="the example count DP replies carry (public; at most the registered cap)")
     parser.add_argument("--state-dir", type=Path,
                         help="site state (privacy-budget record); default $TAFT_STATE_DIR/site-<id> "
                              "(~/.local/state/taft-fl/site-<id>)")

@@ -34,7 +34,7 @@ def test_the_budget_record_is_created_once_with_the_fresh_dir(tmp_path):
 def _args(tmp_path, data_path):
     return argparse.Namespace(site_id="3", data_path=data_path, state_dir=tmp_path, epsilon_budget=8,
                               delta_budget=None, max_epsilon=2.0, max_delta=None, require_dp=True,
-                              cache_dir="/cache", extra_node_config=[])
+                              declared_examples=500, cache_dir="/cache", extra_node_config=[])
 
 
 def test_node_config_parses_with_flowers_own_parser(tmp_path):
@@ -43,7 +43,8 @@ def test_node_config_parses_with_flowers_own_parser(tmp_path):
     data_path = '/data/my "site" \\ 3 = x.npz'
     parsed = parse_config_args([node_config(_args(tmp_path, data_path))])
     assert parsed == {"site-id": "3", "data-path": data_path, "state-dir": str(tmp_path),
-                      "epsilon-budget": 8.0, "max-epsilon": 2.0, "require-dp": True, "cache-dir": "/cache"}
+                      "epsilon-budget": 8.0, "max-epsilon": 2.0, "require-dp": True, "declared-examples": 500,
+                      "cache-dir": "/cache"}
 
 
 def test_a_value_flower_cannot_carry_is_refused(tmp_path):
