@@ -62,6 +62,10 @@ DIAGNOSES: list[tuple[str, str]] = [
      "Get the federation's ca.crt from the operator."),
     (r"WRONG_VERSION_NUMBER|record layer failure|http_request",
      "TLS failed: the server at {address} does not speak TLS (plain-text SuperLink?) or is not a SuperLink."),
+    # Caddy (the federation's proxy) answers plain HTTP on its TLS port with 400
+    (r"400 Bad Request'? for url 'http://",
+     "The server answered a plain-text request with 400: a plain-text (--insecure) SuperNode "
+     "talking to the federation's TLS proxy. Use TLS with --root-certificates."),
     (r"Server disconnected without sending a response",
      "The server closed the connection: a plain-text (--insecure) SuperNode talking to a TLS "
      "SuperLink, or a proxy in between. Use TLS with --root-certificates."),
