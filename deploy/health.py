@@ -94,9 +94,11 @@ def _report_files(state: Path) -> list[Path]:
 
 
 def rejected_replies(state: Path, registry: dict[str, Any]) -> list[dict[str, Any]]:
-    """Replies the ServerApp rejected, grouped by (declared site, sending node's site, reason)."""
+    """Replies the ServerApp rejected, grouped by (site the report names, sending node and the
+    site registered for it, reason); `detail` is the ServerApp's explanation (the last one)."""
     by_node = {str(e.get("node_id")): (site_id, e.get("fingerprint")) for site_id, e in registry["sites"].items()}
     counts: Counter = Counter()
+    details: dict[tuple, str] = {}
     for path in _report_files(state):
         try:
             report = json.loads(path.read_text())
@@ -107,9 +109,11 @@ def rejected_replies(state: Path, registry: dict[str, Any]) -> list[dict[str, An
                 if not isinstance(r, dict):
                     continue
                 node_site, fingerprint = by_node.get(str(r.get("node_id")), (None, None))
-                counts[(str(r.get("site_id")), str(r.get("node_id")), node_site, fingerprint,
-                        str(r.get("reason")))] += 1
-    return [{"declared_site": d, "node_id": n, "registered_site": s, "fingerprint": fp, "reason": reason, "count": c}
+                key = (str(r.get("site_id")), str(r.get("node_id")), node_site, fingerprint, str(r.get("reason")))
+                counts[key] += 1
+                details[key] = str(r.get("detail", ""))[:200]
+    return [{"site_id": d, "node_id": n, "registered_site": s, "fingerprint": fp, "reason": reason, "count": c,
+             "detail": details[(d, n, s, fp, reason)]}
             for (d, n, s, fp, reason), c in counts.most_common()]
 
 
@@ -188,7 +192,7 @@ def render(report: dict[str, Any]) -> str:
     for r in report["rejected_replies"]:
         sender = (f"node {r['node_id']} = site {r['registered_site']} (key {_short(r['fingerprint'])})"
                   if r["registered_site"] else f"node {r['node_id']} (not in the registry)")
-        out.append(f"REJECTED reply: claimed site {r['declared_site']} from {sender}: {r['reason']} x{r['count']}")
+        out.append(f"REJECTED reply from {sender}: {r['reason']} x{r['count']} ({r['detail']})")
     for w in report["refused_withdrawals"]:
         out.append(f"REFUSED withdrawal {w['request']} ({w['report']}): {w['detail']}")
     led = report["ledger"]

@@ -50,15 +50,17 @@ def test_rejected_replies_map_the_sender_to_its_registered_site(tmp_path):
     registry = _state(tmp_path)
     (tmp_path / "reports").mkdir()
     (tmp_path / "reports" / "train-1.json").write_text(json.dumps({"rounds": [{"rejections": [
-        {"site_id": "2", "node_id": 100, "reason": "site_identity_mismatch", "detail": "…"},
-        {"site_id": "2", "node_id": 100, "reason": "site_identity_mismatch", "detail": "…"},
+        {"site_id": "1", "node_id": 100, "reason": "site_identity_mismatch",
+         "detail": "node 100 is registered as site 1 but declared site 2"},
+        {"site_id": "1", "node_id": 100, "reason": "site_identity_mismatch",
+         "detail": "node 100 is registered as site 1 but declared site 2"},
         {"site_id": "9", "node_id": 555, "reason": "unknown_site", "detail": "…"}]}]}))
     (tmp_path / "reports" / "broken.json").write_text("{not json")  # ignored, not fatal
     rows = rejected_replies(tmp_path, registry)
-    assert rows[0] == {"declared_site": "2", "node_id": "100", "registered_site": "1",
+    assert rows[0] == {"site_id": "1", "node_id": "100", "registered_site": "1",
                        "fingerprint": registry["sites"]["1"]["fingerprint"], "reason": "site_identity_mismatch",
-                       "count": 2}
+                       "count": 2, "detail": "node 100 is registered as site 1 but declared site 2"}
     assert rows[1]["registered_site"] is None and rows[1]["reason"] == "unknown_site"
     text = render({"superlink_error": None, "sites": [], "unknown_nodes": [], "refused_supernodes": [],
                    "rejected_replies": rows, "refused_withdrawals": [], "ledger": None})
-    assert "claimed site 2 from node 100 = site 1" in text
+    assert "from node 100 = site 1 (key SHA256:" in text and "declared site 2" in text
