@@ -57,6 +57,46 @@ def flwr_env(state: Path, base: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def connection_address(state: Path, name: str = DEFAULT_NAME) -> tuple[str, Path | None] | None:
+    """(address, CA file) of `[superlink.<name>]` in `<state>/flwr-home/config.toml`, or None."""
+    path = flwr_home(state) / "config.toml"
+    try:
+        entry = tomllib.loads(path.read_text())["superlink"][name]
+    except (OSError, KeyError, TypeError, tomllib.TOMLDecodeError):
+        return None
+    ca = entry.get("root-certificates")
+    return str(entry["address"]), Path(ca) if ca else None
+
+
+def wait_for_superlink(state: Path, timeout_s: float = 60.0, name: str = DEFAULT_NAME) -> None:
+    """Block until the SuperLink named by the connection accepts TLS (verified against its CA):
+    `deploy/superlink.sh &` returns at once, the SuperLink needs a few seconds. TimeoutError
+    saying what is missing otherwise."""
+    import socket
+    import ssl
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    problem = "no connection written yet (start deploy/superlink.sh)"
+    while True:
+        found = connection_address(state, name)
+        if found is not None:
+            address, ca = found
+            host, _, port = address.rpartition(":")
+            try:
+                context = ssl.create_default_context(cafile=str(ca)) if ca else None
+                with socket.create_connection((host.strip("[]"), int(port)), timeout=3) as sock:
+                    if context is None:
+                        return
+                    with context.wrap_socket(sock, server_hostname=host.strip("[]")):
+                        return
+            except (OSError, ValueError) as err:
+                problem = f"{address}: {err}"
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the SuperLink of connection {name!r} is not reachable after {timeout_s:.0f} s: {problem}")
+        time.sleep(0.5)
+
+
 def write_connection(state: Path, address: str, root_certificates: Path | None,
                      name: str = DEFAULT_NAME, insecure: bool = False) -> Path:
     """Write/update `[superlink.<name>]` in `<state>/flwr-home/config.toml`; make it the default."""

@@ -24,7 +24,7 @@ import sys
 from pathlib import Path
 
 from deploy.connection import DEFAULT_STATE
-from deploy.pki import CA_CERT, create_ca, create_proxy_cert
+from deploy.pki import CA_CERT, create_proxy_cert
 
 CADDYFILE = Path(__file__).with_name("Caddyfile")
 
@@ -86,10 +86,13 @@ def caddy_command(caddyfile: Path = CADDYFILE) -> list[str]:
 
 
 def prepare(state: Path, hostnames: list[str]) -> None:
-    """CA (if absent) and a proxy certificate covering `hostnames`; private dirs for Caddy."""
+    """A proxy certificate covering `hostnames` (from the existing CA); private dirs for Caddy.
+    The CA is never created here: started next to deploy/superlink.sh, two processes could each
+    make one, and sites would trust the wrong one."""
     certs = Path(state) / "certs"
     if not (certs / CA_CERT).exists():
-        create_ca(certs)
+        raise FileNotFoundError(f"{certs / CA_CERT} does not exist: create the CA and certificates first "
+                                f"(python -m deploy.pki superlink; python -m deploy.pki proxy --hostname NAME)")
     create_proxy_cert(certs, hostnames)
     for sub in ("logs", "proxy"):
         (Path(state) / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
@@ -111,9 +114,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         env = proxy_env(args.state, args.listen, args.upstream)
         command = caddy_command()
+        prepare(args.state, args.hostname)
     except (ValueError, FileNotFoundError) as err:
         parser.error(str(err))
-    prepare(args.state, args.hostname)
     if args.check:
         import subprocess
 

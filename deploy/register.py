@@ -41,7 +41,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from deploy.connection import DEFAULT_NAME, DEFAULT_STATE, flwr_env
+from deploy.connection import DEFAULT_NAME, DEFAULT_STATE, flwr_env, wait_for_superlink
 from server.withdrawal import load_public_key
 from tangent.protocol import check_site_id
 
@@ -161,7 +161,11 @@ def record_site(registry: dict[str, Any], site_id: str, public_key: str, fingerp
     return entry
 
 
-def _flwr_json(args: list[str], state: Path) -> dict[str, Any]:
+def _flwr_json(args: list[str], state: Path, wait_s: float = 60.0) -> dict[str, Any]:
+    try:
+        wait_for_superlink(state, wait_s, args[-1])
+    except TimeoutError as err:
+        return {"success": False, "error-message": str(err)}
     flwr = Path(sys.executable).with_name("flwr")
     proc = subprocess.run([str(flwr), *args, "--format", "json"], env=flwr_env(state),
                           capture_output=True, text=True, timeout=120)

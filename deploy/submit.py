@@ -26,7 +26,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from deploy.connection import DEFAULT_NAME, DEFAULT_STATE, flwr_env
+from deploy.connection import DEFAULT_NAME, DEFAULT_STATE, flwr_env, wait_for_superlink
 
 FLWR = str(Path(sys.executable).with_name("flwr"))
 
@@ -59,6 +59,10 @@ def with_state_dir(run_config: list[str], state: Path, app: Path) -> list[str]:
 
 
 def submit(state: Path, app: Path, run_config: list[str], connection: str = DEFAULT_NAME) -> int:
+    try:
+        wait_for_superlink(state, 60.0, connection)
+    except TimeoutError as err:
+        raise RuntimeError(str(err)) from None
     cmd = [FLWR, "run", str(app), connection, "--format", "json"]
     for rc in run_config:
         cmd += ["--run-config", rc]

@@ -18,7 +18,7 @@ from pathlib import Path
 import pytest
 
 from deploy.connection import flwr_env, write_connection
-from deploy.pki import create_site_key
+from deploy.pki import cert_sans, create_ca, create_site_key
 from deploy.proxy import FLEET_ROUTES, caddy_binary
 from tests.deploy.support import (
     PY,
@@ -73,9 +73,14 @@ def test_caddy_is_installed_by_the_project():
     assert out.stdout.startswith("v2.")
 
 
-def test_proxy_config_validates(tmp_path):
+def test_proxy_config_validates_and_never_makes_its_own_ca(tmp_path):
     out = run(["-m", "deploy.proxy", "--state", str(tmp_path), "--check"])
+    assert out.returncode != 0 and "deploy.pki" in out.stderr  # no CA yet: refused, none created
+    assert not (tmp_path / "certs" / "ca.crt").exists()
+    create_ca(tmp_path / "certs")
+    out = run(["-m", "deploy.proxy", "--state", str(tmp_path), "--check", "--hostname", "fl.test"])
     assert out.returncode == 0, out.stderr
+    assert "fl.test" in cert_sans(tmp_path / "certs" / "proxy.crt")
 
 
 def _post(port: int, ca: Path, path: str, method: str = "POST") -> tuple[int, str]:
