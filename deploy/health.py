@@ -1,6 +1,6 @@
 """Federation health at a glance (operator side).
 
-    python -m deploy.health [--state DIR] [--ledger FILE] [--json]
+    python -m deploy.health [--state DIR] [--ledger FILE] [--json] [--wait SECONDS]
 
 Prints, per site of the registry: its key fingerprint, node id, whether the SuperNode is online
 (from `flwr supernode list`), revoked or withdrawn, and its last ledger contribution; then the
@@ -214,11 +214,24 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--ledger", type=Path, help="the ledger (default <state>/ledger.sqlite)")
     parser.add_argument("--connection", default=DEFAULT_NAME)
     parser.add_argument("--json", action="store_true")
+    parser.add_argument("--wait", type=float, default=0.0, metavar="SECONDS",
+                        help="poll until every registered, unrevoked site is online (at most SECONDS)")
     args = parser.parse_args(argv)
-    report = health(args.state, args.ledger or args.state / "ledger.sqlite", args.connection)
+    ledger = args.ledger or args.state / "ledger.sqlite"
+    deadline = time.monotonic() + args.wait
+    while True:
+        report = health(args.state, ledger, args.connection)
+        if not _offline(report) or time.monotonic() >= deadline:
+            break
+        time.sleep(2.0)
     print(json.dumps(report, indent=2) if args.json else render(report))
-    offline = [s for s in report["sites"] if s["status"] != "online" and not s["revoked"]]
-    return 1 if report["superlink_error"] or offline else 0
+    return 1 if _offline(report) else 0
+
+
+def _offline(report: dict[str, Any]) -> bool:
+    """The SuperLink is unreachable or a registered, unrevoked site is not online."""
+    return bool(report["superlink_error"]) or any(
+        s["status"] != "online" and not s["revoked"] for s in report["sites"])
 
 
 if __name__ == "__main__":
