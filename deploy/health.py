@@ -25,8 +25,9 @@ import hashlib
 import json
 import re
 import subprocess
-from collections import Counter
 import sys
+import time
+from collections import Counter
 from pathlib import Path
 from typing import Any
 

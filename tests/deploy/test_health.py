@@ -64,3 +64,12 @@ def test_rejected_replies_map_the_sender_to_its_registered_site(tmp_path):
     text = render({"superlink_error": None, "sites": [], "unknown_nodes": [], "refused_supernodes": [],
                    "rejected_replies": rows, "refused_withdrawals": [], "ledger": None})
     assert "from node 100 = site 1 (key SHA256:" in text and "declared site 2" in text
+
+
+def test_cli_without_a_superlink_reports_it_and_fails(tmp_path, capsys):
+    from deploy.health import main
+
+    _state(tmp_path)
+    assert main(["--state", str(tmp_path), "--json", "--wait", "0.5"]) == 1
+    report = json.loads(capsys.readouterr().out)
+    assert report["superlink_error"] and [s["site_id"] for s in report["sites"]] == ["1", "2"]
