@@ -32,6 +32,21 @@ def state_root() -> Path:
     return Path(os.environ.get("TAFT_STATE_DIR") or "~/.local/state/taft-fl").expanduser()
 
 
+def make_private_dir(path: Path) -> Path:
+    """Create `path` and every missing parent 0700 (mkdir(parents=True) would give the parents
+    the umask's mode: ~/.local/state/taft-fl/server would end up world-listable)."""
+    path = Path(path)
+    missing = []
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            break
+        missing.append(candidate)
+    for directory in reversed(missing):
+        directory.mkdir(mode=0o700, exist_ok=True)
+        directory.chmod(0o700)  # whatever the umask
+    return path
+
+
 def site_state_dir(site_id: str) -> Path:
     """A site's state (its privacy-budget record) on this host: `<state root>/site-<id>`."""
     return state_root() / f"site-{site_id}"
@@ -101,7 +116,7 @@ def write_connection(state: Path, address: str, root_certificates: Path | None,
                      name: str = DEFAULT_NAME, insecure: bool = False) -> Path:
     """Write/update `[superlink.<name>]` in `<state>/flwr-home/config.toml`; make it the default."""
     home = flwr_home(state)
-    home.mkdir(parents=True, exist_ok=True)
+    make_private_dir(home)
     path = home / "config.toml"
     config = tomllib.loads(path.read_text()) if path.exists() else {}
     superlink = config.setdefault("superlink", {})

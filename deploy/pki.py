@@ -41,7 +41,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
-from deploy.connection import DEFAULT_STATE, state_root
+from deploy.connection import DEFAULT_STATE, make_private_dir, state_root
 from server.withdrawal import load_private_key
 from tangent.protocol import check_site_id
 
@@ -56,7 +56,7 @@ CURVE = ec.SECP384R1
 
 def _write(path: Path, data: bytes, private: bool = False) -> None:
     # Directories holding keys are private too (0700); a stale .tmp would keep its old mode.
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    make_private_dir(path.parent)
     tmp = path.with_suffix(path.suffix + ".tmp")
     tmp.unlink(missing_ok=True)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600 if private else 0o644)

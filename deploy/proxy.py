@@ -23,7 +23,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from deploy.connection import DEFAULT_STATE
+from deploy.connection import DEFAULT_STATE, make_private_dir
 from deploy.pki import CA_CERT, create_proxy_cert
 
 CADDYFILE = Path(__file__).with_name("Caddyfile")
@@ -95,7 +95,7 @@ def prepare(state: Path, hostnames: list[str]) -> None:
                                 f"(python -m deploy.pki superlink; python -m deploy.pki proxy --hostname NAME)")
     create_proxy_cert(certs, hostnames)
     for sub in ("logs", "proxy"):
-        (Path(state) / sub).mkdir(mode=0o700, parents=True, exist_ok=True)
+        make_private_dir(Path(state) / sub)
 
 
 def main(argv: list[str] | None = None) -> int:

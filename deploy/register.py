@@ -41,7 +41,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
-from deploy.connection import DEFAULT_NAME, DEFAULT_STATE, flwr_env, wait_for_superlink
+from deploy.connection import DEFAULT_NAME, DEFAULT_STATE, flwr_env, make_private_dir, wait_for_superlink
 from server.withdrawal import load_public_key
 from tangent.protocol import check_site_id
 
@@ -95,7 +95,7 @@ def read_registry(state: Path) -> dict[str, Any]:
 def write_registry(state: Path, data: dict[str, Any]) -> Path:
     """Atomic replace, 0600 (the registry decides who may contribute and withdraw)."""
     path = registry_path(state)
-    path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+    make_private_dir(path.parent)
     tmp = path.with_suffix(".json.tmp")
     tmp.unlink(missing_ok=True)
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
@@ -178,8 +178,7 @@ def _flwr_json(args: list[str], state: Path, wait_s: float = 60.0) -> dict[str, 
 def _keep_copy(state: Path, public_key: Path, name: str) -> str:
     """Copy the received public key into <state>/keys (the file the operator got may not stay
     where it is); the registry stores the path relative to the state directory."""
-    keys = Path(state) / "keys"
-    keys.mkdir(mode=0o700, parents=True, exist_ok=True)
+    keys = make_private_dir(Path(state) / "keys")
     target = keys / name
     if Path(public_key).resolve() != target.resolve():
         shutil.copyfile(public_key, target)

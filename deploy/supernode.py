@@ -35,7 +35,7 @@ import sys
 import threading
 from pathlib import Path
 
-from deploy.connection import site_state_dir
+from deploy.connection import make_private_dir, site_state_dir
 from server.withdrawal import load_private_key
 from tangent.protocol import check_site_id
 
@@ -145,8 +145,7 @@ def prepare_state_dir(state_dir: Path, site_id: str, epsilon_budget: float | Non
         if not state_dir.is_dir():
             raise ValueError(f"state dir {state_dir} exists and is not a directory")
         return f"state dir {state_dir} (existing)"
-    state_dir.mkdir(mode=0o700, parents=True)
-    state_dir.chmod(0o700)  # whatever the umask
+    make_private_dir(state_dir)
     if epsilon_budget is None:
         return f"state dir {state_dir} created"
     try:

@@ -36,7 +36,7 @@ import logging
 import sys
 from pathlib import Path
 
-from deploy.connection import DEFAULT_STATE
+from deploy.connection import DEFAULT_STATE, make_private_dir
 from server.withdrawal import (
     MAX_AGE_S,
     SiteRegistry,
@@ -76,7 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         document = create_request(args.site_id, load_private_key(args.key), args.reason, signer=args.signer)
         text = json.dumps(document, indent=2) + "\n"
         if args.out:
-            args.out.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+            make_private_dir(args.out.parent)
             args.out.write_text(text)
             print(f"wrote {args.out} (site {args.site_id}, nonce {document['payload']['nonce']})")
         else:

@@ -146,3 +146,13 @@ def test_a_malformed_registry_is_a_clear_error(state):
     registry_path(state).write_text("{not json")
     with pytest.raises(RegistryError, match="not valid JSON"):
         read_registry(state)
+
+
+def test_operator_state_dirs_are_created_private(tmp_path):
+    from deploy.pki import create_ca
+
+    state = tmp_path / "root" / "server"
+    create_ca(state / "certs")
+    for path in (tmp_path / "root", state, state / "certs"):
+        assert path.stat().st_mode & 0o777 == 0o700, path
+    assert (state / "certs" / "ca.key").stat().st_mode & 0o777 == 0o600

@@ -10,6 +10,7 @@ def test_a_fresh_state_dir_is_private(tmp_path):
     path = tmp_path / "taft" / "site-3"
     prepare_state_dir(path, "3", None, None)
     assert path.is_dir() and path.stat().st_mode & 0o777 == 0o700
+    assert (tmp_path / "taft").stat().st_mode & 0o777 == 0o700  # the state root it created, too
 
 
 def test_a_state_dir_inside_the_app_directory_is_refused():
