@@ -1,13 +1,17 @@
-r"""Point the Flower CLI (`flwr run`, `flwr supernode ...`) at a remote SuperLink with TLS.
+r"""Point the Flower CLI (`flwr run`, `flwr supernode ...`) at the SuperLink, with TLS.
 
 In flwr 1.41 connections live in the Flower config file `$FLWR_HOME/config.toml`
 (default `~/.flwr`), not in pyproject.toml. We keep a deployment-local FLWR_HOME
-(`<state>/flwr-home`) so the operator's own `~/.flwr` is never touched:
+(`<state>/flwr-home`) so the operator's own `~/.flwr` is never touched. deploy/superlink.sh
+writes the connection `taft` to the SuperLink's loopback port itself; by hand:
 
-    python -m deploy.connection --address superlink.example.org:9093 \
-        --root-certificates deploy/state/certs/ca.crt
-    export FLWR_HOME=$PWD/deploy/state/flwr-home
+    python -m deploy.connection --address 127.0.0.1:9092
+    export FLWR_HOME=~/.local/state/taft-fl/server/flwr-home
     flwr supernode list taft      # or: flwr run . taft
+
+Only the operator's host can use it: the Control API is not reachable through the proxy.
+The state directory (`<state>`, default `$TAFT_STATE_DIR/server`, i.e.
+~/.local/state/taft-fl/server) is also where every other deploy tool keeps the operator's files.
 
 Idempotent: rewrites only the `[superlink.<name>]` table and the default.
 """
