@@ -34,7 +34,7 @@ class SenderBinding:
                                            f"(it declared site {declared_site})", declared_site)
         if declared_site != registered:
             raise Rejected("site_identity_mismatch", f"node {node_id} is registered as site {registered} "
-                                                     f"but declared site {declared_site}", registered)
+                                                     f"but declared site {declared_site}", declared_site)
         if self.registry.is_revoked(registered):
             raise Rejected("site_revoked", f"the key of site {registered} was revoked", registered)
         return registered
