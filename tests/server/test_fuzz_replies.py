@@ -31,7 +31,7 @@ from server.strategy import LedgerFedAvg
 BASE = "b" * 64
 SHAPES = {"a.weight": (2, 3), "b.bias": (4,)}
 SPEC = {"backbone": "tiny", "img-size": 28, "seed": 0, "num-classes": 3}
-CASES = 3000
+CASES = 2000
 ROUND_SIZE = 40
 REASON = re.compile(r"[a-z][a-z0-9_]{0,47}")
 
