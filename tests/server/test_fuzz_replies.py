@@ -261,7 +261,7 @@ def test_no_corrupted_reply_aborts_a_round_and_each_is_a_counted_rejection(tmp_p
         case = 0
         for server_round in range(1, CASES // ROUND_SIZE + 1):
             strategy.require_dp = server_round % 5 == 0  # every fifth round is a DP run
-            replies, good_nodes, bad_nodes, in_round, applied = [], set(), set(), set(), {}
+            replies, good_nodes, bad_senders, in_round, applied = [], set(), Counter(), set(), {}
             for _ in range(ROUND_SIZE):
                 site = sites[case]
                 case += 1
@@ -283,22 +283,24 @@ def test_no_corrupted_reply_aborts_a_round_and_each_is_a_counted_rejection(tmp_p
                     applied.setdefault(node, []).append(mutate(rng, parts, "train"))
                     corruptions[applied[node][-1]] += 1
                 replies.append(_odd_sender(rng, parts, node, federation, nodes, revoked_site, corruptions))
-                bad_nodes.add(replies[-1].metadata.src_node_id)
+                bad_senders[replies[-1].metadata.src_node_id] += 1
             if rng.random() < 0.5 and good_nodes:  # a second reply for a site already in this round
                 node = sorted(good_nodes)[0]
                 site = next(s for s, n in nodes.items() if n == node)
                 replies.append(build(valid_parts(rng, site, strategy.require_dp), node))
                 corruptions["duplicate_in_round"] += 1
-                bad_nodes.add(node)
+                bad_senders[node] += 1
             if rng.random() < 0.5:
                 replies.append(Message(Error(code=int(rng.integers(0, 9)), reason="x" * 5000),
                                        reply_to=instruction(20_000_000 + server_round)))
                 corruptions["flower_error"] += 1
+                bad_senders[20_000_000 + server_round] += 1
 
             arrays, metrics = strategy.aggregate_train(server_round, replies)  # must not raise
 
             summary = strategy.rounds[server_round]
             assert len(summary.recorded) + len(summary.rejections) == len(replies)
+            assert Counter(r["node_id"] for r in summary.rejections) == bad_senders  # each bad reply, once
             recorded_nodes = {nodes[s] for s in summary.recorded}
             assert recorded_nodes == good_nodes, {n: applied.get(n) for n in recorded_nodes - good_nodes}
             assert metrics["recorded"] == len(summary.recorded) == len(good_nodes)
@@ -309,8 +311,7 @@ def test_no_corrupted_reply_aborts_a_round_and_each_is_a_counted_rejection(tmp_p
             reasons.update(summary.rejected_by_reason)
             expected_active |= set(summary.recorded)
 
-            evaluate_replies, evaluate_good = _evaluate_replies(rng, sites, nodes, expected_active, federation,
-                                                                revoked_site, corruptions)
+            evaluate_replies, evaluate_good = _evaluate_replies(rng, sites, nodes, corruptions)
             strategy.aggregate_evaluate(server_round, evaluate_replies)  # must not raise
             evaluate = strategy.rounds[server_round].evaluate
             assert len(evaluate["sites"]) + len(evaluate["skipped"]) == len(evaluate_replies)
@@ -354,9 +355,9 @@ def _odd_sender(rng, parts, node, federation, nodes, revoked_site, corruptions) 
     return build(parts, node)
 
 
-def _evaluate_replies(rng, sites, nodes, active, federation, revoked_site, corruptions):
+def _evaluate_replies(rng, sites, nodes, corruptions):
     replies, good = [], set()
-    for i in range(10):
+    for _ in range(10):
         site = str(rng.choice(sites))
         parts = {"metrics": ("metric", {"num-examples": int(rng.integers(1, 100)), "eval-loss": 1.0,
                                         "eval-accuracy": 0.5}),

@@ -11,7 +11,7 @@ import math
 
 import numpy as np
 import pytest
-from flwr.app import ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from deploy.pki import create_site_key
 from server.identity import SenderBinding
@@ -176,7 +176,6 @@ class NodesGrid:
 
 
 def sampled(strategy, grid, server_round=1) -> set[int]:
-    from flwr.app import ArrayRecord
     messages = strategy.configure_train(server_round, ArrayRecord(), ConfigRecord({}), grid)
     return {m.metadata.dst_node_id for m in messages}
 
@@ -190,8 +189,8 @@ def test_withdrawn_and_revoked_sites_are_not_sampled(ledger, registry):
     assert sampled(s, grid, 2) == {NODES["1"], NODES["3"], 999}
     assert {(r["site_id"], r["reason"]) for r in s.rounds[2].not_sampled} == {("2", "site_withdrawn"),
                                                                               ("gone", "site_revoked")}
-    assert {m.metadata.dst_node_id for m in s.configure_evaluate(2, __import__("flwr").app.ArrayRecord(),
-                                                                 ConfigRecord({}), grid)} == sampled(s, grid, 3)
+    evaluators = s.configure_evaluate(2, ArrayRecord(), ConfigRecord({}), grid)
+    assert {m.metadata.dst_node_id for m in evaluators} == {NODES["1"], NODES["3"], 999}
 
 
 @needs_sticky_ledger
