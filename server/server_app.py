@@ -254,6 +254,12 @@ def _unlearn(ledger: Ledger, sites: list[str], evaluation, run_id, *, requests: 
     withdrawals = _apply_withdrawals(ledger, list(requests), registry, ledger_path, state) if requests else []
     result["removed_sites"] += [w["site_id"] for w in withdrawals if w["accepted"]]
     for site in sites:
+        try:
+            check_site_id(site)
+        except ValueError as err:
+            result.setdefault("invalid_site_ids", []).append(str(err))
+            log.warning("remove-sites: %s", err)
+            continue
         if ledger.remove(site, reason=f"unlearning run {run_id}"):
             result["removed_sites"].append(site)
             log.info("removed site %s from the ledger", site)

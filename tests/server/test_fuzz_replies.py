@@ -253,6 +253,8 @@ def test_no_corrupted_reply_aborts_a_round_and_each_is_a_counted_rejection(tmp_p
     reasons: Counter = Counter()
     corruptions: Counter = Counter()
     expected_active: set[str] = set()
+    withdrawn: set[str] = set()
+    sticky = hasattr(Ledger, "withdrawn_sites")  # the ledger's sticky withdrawal (contract 2) is there
     start = time.perf_counter()
     with Ledger.open(tmp_path / "ledger.sqlite", expected_base_digest=BASE, max_delta_norm=10.0,
                      expected_spec=SHAPES) as ledger:
@@ -284,6 +286,11 @@ def test_no_corrupted_reply_aborts_a_round_and_each_is_a_counted_rejection(tmp_p
                     corruptions[applied[node][-1]] += 1
                 replies.append(_odd_sender(rng, parts, node, federation, nodes, revoked_site, corruptions))
                 bad_senders[replies[-1].metadata.src_node_id] += 1
+            if sticky and withdrawn:  # a withdrawn site whose SuperNode still runs: never re-added
+                site = str(rng.choice(sorted(withdrawn)))
+                replies.append(build(valid_parts(rng, site, strategy.require_dp), nodes[site]))
+                corruptions["withdrawn_site_replies"] += 1
+                bad_senders[nodes[site]] += 1
             if rng.random() < 0.5 and good_nodes:  # a second reply for a site already in this round
                 node = sorted(good_nodes)[0]
                 site = next(s for s, n in nodes.items() if n == node)
@@ -310,6 +317,11 @@ def test_no_corrupted_reply_aborts_a_round_and_each_is_a_counted_rejection(tmp_p
             json.dumps(summary.as_dict(), default=str)  # the report survives whatever the replies held
             reasons.update(summary.rejected_by_reason)
             expected_active |= set(summary.recorded)
+            if sticky and server_round % 10 == 0 and expected_active:  # a site withdraws (ledger contract 2)
+                site = sorted(expected_active)[0]
+                assert ledger.remove(site, reason="fuzz: withdrawal")
+                expected_active.discard(site)
+                withdrawn.add(site)
 
             evaluate_replies, evaluate_good = _evaluate_replies(rng, sites, nodes, corruptions)
             strategy.aggregate_evaluate(server_round, evaluate_replies)  # must not raise

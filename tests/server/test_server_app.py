@@ -63,9 +63,10 @@ def test_deployment_with_only_remove_sites_removes_nothing(state):
 
 def test_simulation_obeys_remove_sites(state):
     with Ledger.open(state / "ledger.sqlite") as ledger:
-        result = _unlearn(ledger, ["1", "9"], central, 9, ledger_path=state / "ledger.sqlite", state=state,
+        result = _unlearn(ledger, ["1", "9", "²"], central, 9, ledger_path=state / "ledger.sqlite", state=state,
                           federation="simulation")
     assert result["removed_sites"] == ["1"] and result["not_found"] == ["9"] and "remove_sites_refused" not in result
+    assert len(result["invalid_site_ids"]) == 1 and "not valid" in result["invalid_site_ids"][0]
 
 
 class UnreachableGrid:
