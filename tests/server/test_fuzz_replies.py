@@ -121,7 +121,8 @@ def corrupt_array(rng: np.random.Generator, name: str, shape: tuple) -> Array:
     if choice == 4:
         return Array(dtype="float32", shape=shape, stype="numpy.ndarray", data=data[: int(rng.integers(0, len(data)))])
     if choice == 5:
-        return Array(dtype="float32", shape=shape, stype="numpy.ndarray", data=data + rng.bytes(int(rng.integers(1, 64))))
+        return Array(dtype="float32", shape=shape, stype="numpy.ndarray",
+                     data=data + rng.bytes(int(rng.integers(1, 64))))
     if choice == 6:
         return Array(dtype="float32", shape=shape, stype="numpy.ndarray", data=_npz(good))
     if choice == 7:  # header declares 4 TB: must be refused before anything is allocated
@@ -341,7 +342,7 @@ def test_no_corrupted_reply_aborts_a_round_and_each_is_a_counted_rejection(tmp_p
           f"{len(reasons) - len(train_reasons)} distinct evaluate reasons, {len(expected_active)} sites "
           f"recorded, {elapsed:.1f} s\n  reasons: {dict(sorted(reasons.items()))}\n"
           f"  corruptions: {dict(sorted(corruptions.items()))}")
-    _record_stats(tmp_path, federation, case, reasons, corruptions, elapsed)
+    _record_stats(federation, case, reasons, corruptions, elapsed)
     assert "internal" not in reasons, "an unexpected exception: classify it"
     assert len(train_reasons) >= 15
 
@@ -383,7 +384,8 @@ def _evaluate_replies(rng, sites, nodes, corruptions):
     return replies, good
 
 
-def _record_stats(tmp_path, federation, cases, reasons, corruptions, elapsed) -> None:
+def _record_stats(federation, cases, reasons, corruptions, elapsed) -> None:
+    """runs/fuzz/fuzz-<mode>.json (git-ignored): the counts the README quotes."""
     out = Path(__file__).resolve().parents[2] / "runs" / "fuzz"
     try:
         out.mkdir(parents=True, exist_ok=True)

@@ -83,8 +83,9 @@ def test_unknown_nodes_invented_sites_revoked_keys_and_inflated_counts_are_refus
         train_reply(NODES["2"], "2", delta(4), num_examples=CAP + 1),  # above the registered cap
         train_reply(NODES["3"], "3", delta(5), num_examples=CAP),      # exactly the cap: fine
     ])
-    assert reasons(s) == {"unknown_site": 1, "site_identity_mismatch": 1, "site_revoked": 1,
-                          "num_examples_over_cap": 1}
+    assert reasons(s) == {"unknown_site": 2, "site_revoked": 1, "num_examples_over_cap": 1}
+    invented = next(r for r in s.rounds[1].rejections if r.get("declared_site_id") == "brand-new")
+    assert invented["site_id"] == "3" and invented["reason"] == "unknown_site"
     assert s.rounds[1].recorded == ["3"]
     assert [c.site_id for c in ledger.contributions()] == ["3"]
 
@@ -100,8 +101,9 @@ def test_evaluate_replies_are_bound_too(ledger, registry):
     s = deployed(ledger, registry)
 
     def ev(node, site):
-        return Message(RecordDict({"metrics": MetricRecord({"num-examples": 10, "eval-loss": 1.0, "eval-accuracy": 0.5}),
-                                   "meta": ConfigRecord({"site-id": site})}), reply_to=instruction(node))
+        metrics = MetricRecord({"num-examples": 10, "eval-loss": 1.0, "eval-accuracy": 0.5})
+        return Message(RecordDict({"metrics": metrics, "meta": ConfigRecord({"site-id": site})}),
+                       reply_to=instruction(node))
     s.aggregate_evaluate(1, [ev(NODES["1"], "1"), ev(NODES["2"], "1"), ev(7, "3")])
     assert list(s.rounds[1].evaluate["sites"]) == ["1"]
     assert s.rounds[1].evaluate["skipped_by_reason"] == {"site_identity_mismatch": 1, "unknown_site": 1}
