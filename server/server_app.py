@@ -122,9 +122,9 @@ def main(grid: Grid, context: Context) -> None:
     report: dict = {"mode": mode, "run_id": context.run_id, "run_config": dict(run_config)}
     state, path = None, None
     try:
+        state = cfg.state_dir(run_config)
         if mode not in cfg.MODES:
             raise ValueError(f"run config mode={mode!r}: use one of {cfg.MODES}")
-        state = cfg.state_dir(run_config)
         ledger_path = cfg.ledger_path(run_config, state)
         registry_path = cfg.site_registry_path(run_config, state)
         path = cfg.report_path(run_config, state, ledger_path, context.run_id, mode,
@@ -179,7 +179,8 @@ def _run(grid: Grid, run_id, run_config, mode: str, state: Path, ledger_path: Pa
 
 def _fallback_report_path(state: Path | None, run_id, mode: str) -> Path | None:
     """Where a run whose report path could not be worked out still leaves its report."""
-    return None if state is None else state / "reports" / f"{mode}-{run_id}.json"
+    mode = mode if mode in cfg.MODES else "refused"  # the run config's mode is no file name
+    return None if state is None else state / "reports" / f"{mode}-{int(run_id)}.json"
 
 
 def _write_report(report: dict, path: Path | None) -> None:

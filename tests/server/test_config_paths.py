@@ -145,3 +145,20 @@ def test_a_deployment_run_without_a_site_registry_is_refused_with_a_report(tmp_p
     report = json.loads((state / "reports" / "train-5.json").read_text())
     assert "site-registry" in report["error"]["message"] and report["mode"] == "train"
     assert os.listdir(state) == ["reports"]  # nothing else was created
+
+
+def test_an_invalid_mode_is_refused_with_a_report_that_stays_in_the_state_dir(tmp_path):
+    import json
+
+    from flwr.app import Context, RecordDict
+
+    from server.server_app import main
+
+    state = tmp_path / "state"
+    context = Context(run_id=6, node_id=0, node_config={}, state=RecordDict(),
+                      run_config={"mode": "../../../x", "state-dir": str(state)})
+    with pytest.raises(ValueError, match="mode"):
+        main(None, context)
+    report = json.loads((state / "reports" / "refused-6.json").read_text())
+    assert report["mode"] == "../../../x" and "mode" in report["error"]["message"]
+    assert not list(tmp_path.glob("x-6.json"))
