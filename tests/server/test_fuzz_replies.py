@@ -1,7 +1,8 @@
 """Fuzz: thousands of corrupted train and evaluate replies through the real LedgerFedAvg.
 
 Every reply is a real Flower ``Message`` built as Flower builds a reply (``reply_to`` an
-instruction, so ``src_node_id`` is the sender), with records corrupted at random: records missing
+instruction, so ``src_node_id`` is the sender) and passed through Flower's protobuf serialization
+and back (what a SuperNode can actually send), with records corrupted at random: records missing
 or of the wrong type, values of the wrong type, nested/huge/NaN JSON, 5,000-digit numbers, odd
 site ids, ArrayRecord arrays with bogus serialization type, dtype, shape and corrupt bytes,
 reserved tensor names, Flower errors and site error records, duplicates, non-DP replies in a DP
@@ -78,7 +79,14 @@ def build(parts: dict, node_id: int, kind: str = "train") -> Message:
             content[name] = MetricRecord(dict(values))
         else:
             content[name] = ConfigRecord(dict(values))
-    return Message(content, reply_to=instruction(node_id, kind))
+    return over_the_wire(Message(content, reply_to=instruction(node_id, kind)))
+
+
+def over_the_wire(msg: Message) -> Message:
+    """The reply as the ServerApp receives it: through Flower's protobuf serialization and back."""
+    from flwr.common.serde import message_from_proto, message_to_proto
+
+    return message_from_proto(message_to_proto(msg))
 
 
 # ----------------------------------------------------------------------------- corruptions
@@ -299,8 +307,8 @@ def test_no_corrupted_reply_aborts_a_round_and_each_is_a_counted_rejection(tmp_p
                 corruptions["duplicate_in_round"] += 1
                 bad_senders[node] += 1
             if rng.random() < 0.5:
-                replies.append(Message(Error(code=int(rng.integers(0, 9)), reason="x" * 5000),
-                                       reply_to=instruction(20_000_000 + server_round)))
+                replies.append(over_the_wire(Message(Error(code=int(rng.integers(0, 9)), reason="x" * 5000),
+                                                     reply_to=instruction(20_000_000 + server_round))))
                 corruptions["flower_error"] += 1
                 bad_senders[20_000_000 + server_round] += 1
 
