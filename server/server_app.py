@@ -261,12 +261,14 @@ def _unlearn(ledger: Ledger, sites: list[str], evaluation, run_id, *, requests: 
             result.setdefault("invalid_site_ids", []).append(str(err))
             log.warning("remove-sites: %s", err)
             continue
-        if ledger.remove(site, reason=f"unlearning run {run_id}"):
+        had_contribution = bool(ledger.contributions(site_id=site, status="active"))
+        ledger.remove(site, reason=f"unlearning run {run_id}")  # also marks it withdrawn (sticky)
+        if had_contribution:
             result["removed_sites"].append(site)
             log.info("removed site %s from the ledger", site)
         else:
             result["not_found"].append(site)
-            log.warning("site %s has no active contribution: nothing to remove", site)
+            log.warning("site %s has no active contribution: nothing to subtract (it stays withdrawn)", site)
     result |= {"withdrawals": withdrawals, "withdrawals_refused": sum(not w["accepted"] for w in withdrawals)}
     if ledger.current_version().total_weight:
         result["central"] = {"0": evaluation(ledger.composed_delta())}
