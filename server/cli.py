@@ -26,7 +26,7 @@ from dataclasses import asdict
 from pathlib import Path
 
 from server.ledger import Contribution, Ledger, LedgerCorrupt, LedgerError
-from server.ledger.export import COMPOSED_FILE, MANIFEST_FILE, export, verify_export  # noqa: F401 (re-exported)
+from server.ledger.export import MANIFEST_FILE, export, verify_export
 
 DEFAULT_LEDGER = "runs/ledger.sqlite"
 
@@ -101,14 +101,15 @@ def _print_contribution(c: Contribution) -> None:
 
 
 def _cmd_remove(ledger: Ledger, args) -> int:
-    if ledger.remove(args.site, reason=args.reason):
-        v = ledger.current_version()
+    if not ledger.remove(args.site, reason=args.reason):
+        print(f"{args.site} is already withdrawn; nothing to do")
+        return 0
+    v = ledger.current_version()
+    if v.event == "remove":
         print(f"removed {args.site}: model version {v.version}, composed sha256 {v.composed_sha256}; "
               f"the site stays withdrawn until readmitted")
-    elif ledger.current_version().event == "withdraw" and ledger.current_version().site_id == args.site:
-        print(f"{args.site} had no active contribution; it is now withdrawn")
     else:
-        print(f"{args.site} is already withdrawn; nothing to do")
+        print(f"{args.site} had no active contribution; it is now withdrawn (model version {v.version})")
     return 0
 
 

@@ -107,12 +107,12 @@ def withdrawal_request_path(value: str, state: Path) -> Path:
 
 
 def ledger_files(ledger: Path) -> list[Path]:
-    """The ledger and the files that live beside it (SQLite journals, signing key, signed head,
-    the withdrawals' nonce store and its journals)."""
-    suffixes = ("", "-wal", "-shm", "-journal", ".signing-key.pem", ".head.json",
-                ".withdrawals.sqlite", ".withdrawals.sqlite-wal", ".withdrawals.sqlite-shm",
-                ".withdrawals.sqlite-journal")
-    return [ledger.with_name(ledger.name + suffix) for suffix in suffixes]
+    """The ledger's own files (database, SQLite companions, signed head, signing key) and the
+    withdrawals' nonce store with its companions."""
+    from server.ledger import ledger_file_paths
+    from server.withdrawal import nonce_store_path
+
+    return [*ledger_file_paths(ledger), *ledger_file_paths(nonce_store_path(ledger))]
 
 
 def report_path(run_config: Mapping[str, Any], state: Path, ledger: Path, run_id: Any, mode: str,

@@ -4,8 +4,8 @@ In a deployment the SuperLink authenticates every SuperNode by its registered ke
 each reply with that node's id (``msg.metadata.src_node_id``); the site id inside the reply is
 only the site's claim. The site registry (deploy.register) is the source of truth: site id <->
 public key <-> node id, with the site's example cap and whether its key was revoked. A reply
-counts only if its sender node is registered, its declared site id is the one registered for
-that node, the key is not revoked, and it claims no more examples than the registered cap.
+counts only if its sender node is registered, its declared site id is registered and is the one
+registered for that node, the key is not revoked, and it claims no more examples than the registered cap.
 
 In the local simulation there is no authentication and no registry: sites are partition ids and
 ``SenderBinding`` is not used.
@@ -32,9 +32,12 @@ class SenderBinding:
         if registered is None:
             raise Rejected("unknown_site", f"node {node_id} is not registered to any site "
                                            f"(it declared site {declared_site})", declared_site)
+        if self.registry.entry(declared_site) is None:
+            raise Rejected("unknown_site", f"site {declared_site} is not registered (node {node_id} is site "
+                                           f"{registered})", declared_site)
         if declared_site != registered:
             raise Rejected("site_identity_mismatch", f"node {node_id} is registered as site {registered} "
-                                                     f"but declared site {declared_site}", registered)
+                                                     f"but declared site {declared_site}", declared_site)
         if self.registry.is_revoked(registered):
             raise Rejected("site_revoked", f"the key of site {registered} was revoked", registered)
         return registered

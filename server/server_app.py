@@ -122,9 +122,9 @@ def main(grid: Grid, context: Context) -> None:
     report: dict = {"mode": mode, "run_id": context.run_id, "run_config": dict(run_config)}
     state, path = None, None
     try:
+        state = cfg.state_dir(run_config)
         if mode not in cfg.MODES:
             raise ValueError(f"run config mode={mode!r}: use one of {cfg.MODES}")
-        state = cfg.state_dir(run_config)
         ledger_path = cfg.ledger_path(run_config, state)
         registry_path = cfg.site_registry_path(run_config, state)
         path = cfg.report_path(run_config, state, ledger_path, context.run_id, mode,
@@ -179,7 +179,8 @@ def _run(grid: Grid, run_id, run_config, mode: str, state: Path, ledger_path: Pa
 
 def _fallback_report_path(state: Path | None, run_id, mode: str) -> Path | None:
     """Where a run whose report path could not be worked out still leaves its report."""
-    return None if state is None else state / "reports" / f"{mode}-{run_id}.json"
+    mode = mode if mode in cfg.MODES else "refused"  # the run config's mode is no file name
+    return None if state is None else state / "reports" / f"{mode}-{int(run_id)}.json"
 
 
 def _write_report(report: dict, path: Path | None) -> None:
@@ -254,12 +255,20 @@ def _unlearn(ledger: Ledger, sites: list[str], evaluation, run_id, *, requests: 
     withdrawals = _apply_withdrawals(ledger, list(requests), registry, ledger_path, state) if requests else []
     result["removed_sites"] += [w["site_id"] for w in withdrawals if w["accepted"]]
     for site in sites:
-        if ledger.remove(site, reason=f"unlearning run {run_id}"):
+        try:
+            check_site_id(site)
+        except ValueError as err:
+            result.setdefault("invalid_site_ids", []).append(str(err))
+            log.warning("remove-sites: %s", err)
+            continue
+        had_contribution = bool(ledger.contributions(site_id=site, status="active"))
+        ledger.remove(site, reason=f"unlearning run {run_id}")  # also marks it withdrawn (sticky)
+        if had_contribution:
             result["removed_sites"].append(site)
             log.info("removed site %s from the ledger", site)
         else:
             result["not_found"].append(site)
-            log.warning("site %s has no active contribution: nothing to remove", site)
+            log.warning("site %s has no active contribution: nothing to subtract (it stays withdrawn)", site)
     result |= {"withdrawals": withdrawals, "withdrawals_refused": sum(not w["accepted"] for w in withdrawals)}
     if ledger.current_version().total_weight:
         result["central"] = {"0": evaluation(ledger.composed_delta())}

@@ -214,8 +214,8 @@ class LedgerFedAvg(FedAvg):
         registered = self.binding.site_of(node_id) if self.binding is not None else None
         site = registered or err.site_id
         row = {"site_id": site, "node_id": node_id, "reason": err.reason, "detail": err.detail[:MAX_DETAIL]}
-        if err.site_id is not None and err.site_id != site:
-            row["declared_site_id"] = shown(err.site_id)
+        if err.site_id is not None and err.site_id != site:  # a valid id (checked before it is kept)
+            row["declared_site_id"] = err.site_id
         log.warning("round %d: %s reply REJECTED, site %s (node %s): %s", server_round, phase, site, node_id,
                     shown(str(err), 300))
         return row

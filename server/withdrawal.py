@@ -457,8 +457,10 @@ def apply_withdrawal(
         if not nonces.consume(request):
             raise WithdrawalRefused(f"replayed request: nonce {request.nonce} was already used")
         # The nonce is consumed first: whatever happens next, this request is spent.
+        # The ledger subtracts the site's contribution, if any, and marks it withdrawn (sticky);
+        # False: it was withdrawn already.
         if ledger.remove(request.site_id, reason=_ledger_reason(request)) is False:
-            raise WithdrawalRefused(f"site {request.site_id!r} has no active contribution in the ledger")
+            raise WithdrawalRefused(f"site {request.site_id!r} is already withdrawn: nothing to remove")
     except WithdrawalRefused as err:
         nonces.record(payload, accepted=False, detail=str(err))
         log.warning("withdrawal REFUSED (site=%s): %s", (payload or {}).get("site_id"), err)

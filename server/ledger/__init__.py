@@ -13,7 +13,7 @@ Modules, one concern each (shared by every model family whose aggregate is a wei
 """
 from server.ledger.accumulators import Accumulators, arrays_digest
 from server.ledger.audit import GENESIS_HASH
-from server.ledger.contributions import WEIGHTINGS, Ledger, signing_key_path
+from server.ledger.contributions import WEIGHTINGS, Ledger, ledger_file_paths, signing_key_path
 from server.ledger.export import export, verify_export
 from server.ledger.records import (
     REASONS, Contribution, LedgerCorrupt, LedgerError, ModelVersion, RejectedContribution, Site, VerifyReport,
@@ -24,5 +24,5 @@ from server.ledger.validation import CONTRIBUTION_META, MAX_META_BYTES, MAX_META
 __all__ = [
     "Accumulators", "CONTRIBUTION_META", "Contribution", "GENESIS_HASH", "Ledger", "LedgerCorrupt", "LedgerError",
     "MAX_META_BYTES", "MAX_META_DEPTH", "MAX_NUM_EXAMPLES", "ModelVersion", "REASONS", "RejectedContribution",
-    "SCHEMA_VERSION", "Site", "VerifyReport", "WEIGHTINGS", "arrays_digest", "export", "signing_key_path", "verify_export",
+    "SCHEMA_VERSION", "Site", "VerifyReport", "WEIGHTINGS", "arrays_digest", "export", "ledger_file_paths", "signing_key_path", "verify_export",
 ]

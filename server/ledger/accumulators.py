@@ -54,12 +54,6 @@ class Accumulators:
         """From ``(name, shape, encoded bytes)`` rows as :meth:`encoded` wrote them."""
         return cls({name: (list(shape), *fixedpoint.decode(data, math.prod(shape))) for name, shape, data in rows})
 
-    def names(self) -> list[str]:
-        return sorted(self._tensors)
-
-    def spec(self) -> dict[str, list[int]]:
-        return {name: shape for name, (shape, _, _) in self._tensors.items()}
-
     def add(self, quantized: Quantized, weight: int) -> None:
         """In place ``S += weight · q`` for every tensor; a negative weight subtracts."""
         for name, (_, hi, lo) in self._tensors.items():

@@ -85,10 +85,13 @@ def load_public_key(pem: str | bytes | Path) -> Ed25519PublicKey:
 
 def load_signing_key(path: Path, create: bool) -> Ed25519PrivateKey | None:
     """The server's head-signing key from ``path`` (PKCS#8 PEM); created 0600 when absent and
-    ``create``; None when absent otherwise."""
+    ``create``; None when absent otherwise, or when this user may not read it (an auditor who
+    verifies against the public key)."""
     if path.exists():
         try:
             key = serialization.load_pem_private_key(path.read_bytes(), password=None)
+        except PermissionError:
+            return None
         except (OSError, ValueError, TypeError) as e:
             raise LedgerError(f"cannot read the ledger signing key {path}: {e}") from None
         if not isinstance(key, Ed25519PrivateKey):

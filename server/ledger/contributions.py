@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import logging
 import math
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
@@ -43,11 +44,12 @@ from server.ledger.records import (
     CONTRIBUTION_COLUMNS, Contribution, LedgerError, ModelVersion, RejectedContribution, Site, VerifyReport,
     canonical_json, contribution_from_row, row_digest, version_from_row,
 )
-from server.ledger.storage import SCHEMA_VERSION, Store, connect
+from server.ledger.storage import SCHEMA_VERSION, SQLITE_COMPANIONS, Store, connect
 from server.ledger.verification import verify_ledger
 from tangent.protocol import check_site_id
 
 WEIGHTINGS = ("examples", "uniform")
+log = logging.getLogger("taft.ledger")
 
 _COLUMNS_SQL = ", ".join(CONTRIBUTION_COLUMNS)
 
@@ -58,6 +60,14 @@ def _now() -> str:
 
 def signing_key_path(ledger_path: Path) -> Path:
     return Path(f"{ledger_path}.signing-key.pem")
+
+
+def ledger_file_paths(ledger_path: str | Path) -> list[Path]:
+    """Every file a ledger at ``ledger_path`` may consist of (existing or not): the database,
+    SQLite's companions, the head file and the default signing key. Nothing else may write there."""
+    path = Path(ledger_path)
+    return [path, *(Path(f"{path}{suffix}") for suffix in SQLITE_COMPANIONS), audit.head_file_path(path),
+            signing_key_path(path)]
 
 
 @dataclass
@@ -80,6 +90,9 @@ class Ledger:
         self._store = store
         self._db = store.db
         self._signer = signing_key
+        self._refuse_writes: str | None = None if signing_key is not None else (
+            f"{store.path} was opened without its signing key ({signing_key_path(store.path)}); "
+            f"it can be read and verified, not changed")
         self.path = store.path
         self.head_path = audit.head_file_path(store.path)
         self.max_delta_norm = max_delta_norm
@@ -107,14 +120,16 @@ class Ledger:
         path = Path(path)
         if weighting is not None and weighting not in WEIGHTINGS:
             raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
-        new_file = not path.exists() or path.stat().st_size == 0
         store = Store(connect(path, create), path)
         try:
             if isinstance(signing_key, Ed25519PrivateKey):
                 key = signing_key
             else:
+                # A key is made only for a ledger not yet created (also one whose creation a crash
+                # cut short): a missing key for an existing ledger must not be silently replaced.
+                uninitialised = store.schema_version() == 0 and store.is_empty()
                 key_path = signing_key_path(path) if signing_key is None else Path(signing_key)
-                key = audit.load_signing_key(key_path, create=create and new_file)
+                key = audit.load_signing_key(key_path, create=create and uninitialised)
             ledger = cls(store, max_delta_norm=max_delta_norm, expected_base_digest=expected_base_digest,
                          known_sites=known_sites, expected_spec=expected_spec, signing_key=key)
             ledger._init_or_check(weighting, create)
@@ -144,7 +159,8 @@ class Ledger:
         if self.expected_base_digest is not None and pinned is not None and pinned != self.expected_base_digest:
             raise LedgerError(f"{self.path} holds contributions for base {pinned}, not {self.expected_base_digest}")
         if self._signer is not None and audit.public_key_pem(self._signer.public_key()) != meta["signing_public_key"]:
-            raise LedgerError(f"the signing key given for {self.path} is not the key that signed it")
+            # Readable and verifiable (verify names the mismatch), but never signed with this key.
+            self._refuse_writes = f"the signing key given for {self.path} is not the key that signed it"
 
     def _create(self, weighting: str) -> None:
         if self._signer is None:
@@ -176,9 +192,8 @@ class Ledger:
     def _record(self, at: str, event: str, site_id: str | None, total_weight: int, composed_sha256: str,
                 payload: dict) -> dict:
         """Append the new model version, its audit entry and its signed head (inside the write)."""
-        if self._signer is None:
-            raise LedgerError(f"{self.path} was opened without its signing key ({signing_key_path(self.path)}); "
-                              f"it can be read and verified, not changed")
+        if self._refuse_writes:
+            raise LedgerError(self._refuse_writes)
         ids = [r[0] for r in self._db.execute("SELECT id FROM contributions WHERE status = 'active' ORDER BY id")]
         last = self._db.execute("SELECT max(version) FROM model_versions").fetchone()[0]
         version = {"version": 0 if last is None else last + 1, "event": event, "site_id": site_id,
@@ -214,28 +229,34 @@ class Ledger:
         ahead of the database or contradicting it is left as it is: ``verify`` reports it.
         """
         head, signature = self.signed_head()
-        on_file = audit.read_head_file(self.head_path) if recover else None
-        if recover:
-            if on_file is None and head["version"] != 0:
-                return
-            if on_file is not None:
-                file_head, file_signature = on_file
-                if not isinstance(file_head.get("version"), int) or file_head["version"] >= head["version"]:
-                    return
-                try:
-                    stored = self.signed_head(file_head["version"])
-                except KeyError:
-                    return
-                if stored != (file_head, file_signature):
-                    return
-            if not audit.signature_valid(self.public_key(), head, signature):
-                return
+        if not recover:
             try:
                 audit.write_head_file(self.head_path, head, signature)
-            except OSError:  # a reader without write access: verify reports the lag
-                pass
+            except OSError as e:  # the change is committed; the next open catches the file up
+                log.warning("%s: could not write the head file (%s); it lags until the next open", self.path, e)
             return
-        audit.write_head_file(self.head_path, head, signature)
+        try:
+            on_file = audit.read_head_file(self.head_path)
+        except LedgerError:  # unreadable: verify reports it; never overwrite the evidence
+            return
+        if on_file is None and head["version"] != 0:
+            return
+        if on_file is not None:
+            file_head, file_signature = on_file
+            if not isinstance(file_head.get("version"), int) or file_head["version"] >= head["version"]:
+                return
+            try:
+                stored = self.signed_head(file_head["version"])
+            except KeyError:
+                return
+            if stored != (file_head, file_signature):
+                return
+        if not audit.signature_valid(self.public_key(), head, signature):
+            return
+        try:
+            audit.write_head_file(self.head_path, head, signature)
+        except OSError:  # a reader without write access: verify reports the lag
+            pass
 
     # ------------------------------------------------------------------ validation
     def _prepare(self, site_id: Any, delta: Any, num_examples: Any, **meta: Any) -> _Prepared:
@@ -375,9 +396,9 @@ class Ledger:
 
     def remove(self, site_id: str, reason: str = "withdrawn") -> bool:
         """Withdraw a site: subtract its active contribution exactly and mark it withdrawn, so that
-        its later contributions are refused until :meth:`readmit`. Returns True when a
-        contribution was subtracted. A site with nothing active is still marked withdrawn (one
-        audited ``withdraw`` version); an already withdrawn one changes nothing."""
+        its later contributions are refused until :meth:`readmit`. A site with nothing active
+        (or never seen) is still marked withdrawn: one audited ``withdraw`` version, model
+        unchanged. Returns False, changing nothing, when the site is already withdrawn."""
         site_id = _check_site_and_reason(site_id, reason)
         with self._store.write():
             old = self._active(site_id)
@@ -405,7 +426,7 @@ class Ledger:
         self._publish_head()
         if old is not None:
             self._store.erase_wal()
-        return old is not None
+        return True
 
     def readmit(self, site_id: str, reason: str) -> bool:
         """Let a withdrawn site contribute again (audited; the model is unchanged). Returns False,

@@ -207,10 +207,6 @@ class Store:
             finally:
                 self.db.execute("ROLLBACK")
 
-    @property
-    def lock(self) -> threading.RLock:
-        return self._lock
-
     def schema_version(self) -> int:
         return self.db.execute("PRAGMA user_version").fetchone()[0]
 

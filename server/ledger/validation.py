@@ -94,12 +94,19 @@ def metadata(meta: Mapping[str, Any]) -> dict[str, Any]:
     """The metadata columns of a contribution, validated and JSON-encoded where they are objects."""
     epsilon, delta_dp, dp_settings, shard_fingerprint, base_digest, train_config, extra = (
         meta.get(key) for key in CONTRIBUTION_META)
+    numbers = {}
     for label, value in (("epsilon", epsilon), ("delta_dp", delta_dp)):
         if value is None:
+            numbers[label] = None
             continue
-        if isinstance(value, (bool, np.bool_)) or not isinstance(value, (int, float, np.floating, np.integer)) \
-                or not math.isfinite(value) or value < 0:
+        try:  # float() of a 5,000-digit int raises OverflowError
+            number = float(value) if not isinstance(value, (bool, np.bool_)) and isinstance(
+                value, (int, float, np.floating, np.integer)) else math.nan
+        except OverflowError:
+            number = math.nan
+        if not math.isfinite(number) or number < 0:
             raise RejectedContribution("bad_meta", f"{label} = {_short(value)} is not a finite number >= 0")
+        numbers[label] = number
     for label, value in (("dp_settings", dp_settings), ("train_config", train_config), ("extra", extra)):
         if value is not None and not isinstance(value, Mapping):
             raise RejectedContribution("bad_meta", f"{label} must be a mapping")
@@ -121,8 +128,7 @@ def metadata(meta: Mapping[str, Any]) -> dict[str, Any]:
     for label, value in (("shard_fingerprint", shard_fingerprint), ("base_digest", base_digest)):
         if value is not None and not _encodable(value):
             raise RejectedContribution("bad_meta", f"{label} is not valid UTF-8 text")
-    return {"epsilon": None if epsilon is None else float(epsilon),
-            "delta_dp": None if delta_dp is None else float(delta_dp),
+    return {"epsilon": numbers["epsilon"], "delta_dp": numbers["delta_dp"],
             "dp_settings": encoded["dp_settings"], "shard_fingerprint": shard_fingerprint,
             "base_digest": base_digest, "train_config": encoded["train_config"], "extra": encoded["extra"]}
 

@@ -143,7 +143,7 @@ def test_unknown_site_is_refused(fed, tmp_path):
 def test_site_not_in_ledger_is_refused(fed):
     key, registry, store, ledger = fed
     ledger._sites.remove("3")
-    with pytest.raises(WithdrawalRefused, match="no active contribution"):
+    with pytest.raises(WithdrawalRefused, match="already withdrawn"):
         apply_withdrawal(create_request("3", key("3"), "x"), ledger, registry, store)
 
 
@@ -367,3 +367,27 @@ def test_unlearning_run_reports_every_hostile_file_and_path_and_still_applies_th
         assert [c.site_id for c in ledger.contributions(status="active")] == ["1"]
         ledger.verify()
     json.dumps(decisions)  # the report section serialises
+
+
+@pytest.mark.skipif(not hasattr(__import__("server.ledger", fromlist=["Ledger"]).Ledger, "withdrawn_sites"),
+                    reason="needs the ledger's sticky withdrawal (contract 2)")
+def test_a_withdrawal_sticks_on_a_real_ledger(fed, tmp_path):
+    """A signed withdrawal marks the site withdrawn even before it contributed; a second one is
+    refused, and the site's next contribution is refused by the ledger."""
+    import numpy as np
+
+    from server.ledger import Ledger, RejectedContribution
+
+    key, registry, store, _ = fed
+    with Ledger.open(tmp_path / "real.sqlite") as ledger:
+        ledger.add("1", {"w": np.ones(3, np.float32)}, 10)
+        apply_withdrawal(create_request("1", key("1"), "leaving"), ledger, registry, store)
+        apply_withdrawal(create_request("2", key("2"), "never joining"), ledger, registry, store)
+        assert sorted(ledger.withdrawn_sites()) == ["1", "2"]
+        with pytest.raises(WithdrawalRefused, match="already withdrawn"):
+            apply_withdrawal(create_request("1", key("1"), "again"), ledger, registry, store)
+        for site in ("1", "2"):
+            with pytest.raises(RejectedContribution) as err:
+                ledger.add(site, {"w": np.full(3, 2.0, np.float32)}, 10)
+            assert err.value.reason == "site_withdrawn"
+        ledger.verify()

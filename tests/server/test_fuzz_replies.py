@@ -1,7 +1,8 @@
 """Fuzz: thousands of corrupted train and evaluate replies through the real LedgerFedAvg.
 
 Every reply is a real Flower ``Message`` built as Flower builds a reply (``reply_to`` an
-instruction, so ``src_node_id`` is the sender), with records corrupted at random: records missing
+instruction, so ``src_node_id`` is the sender) and passed through Flower's protobuf serialization
+and back (what a SuperNode can actually send), with records corrupted at random: records missing
 or of the wrong type, values of the wrong type, nested/huge/NaN JSON, 5,000-digit numbers, odd
 site ids, ArrayRecord arrays with bogus serialization type, dtype, shape and corrupt bytes,
 reserved tensor names, Flower errors and site error records, duplicates, non-DP replies in a DP
@@ -31,7 +32,7 @@ from server.strategy import LedgerFedAvg
 BASE = "b" * 64
 SHAPES = {"a.weight": (2, 3), "b.bias": (4,)}
 SPEC = {"backbone": "tiny", "img-size": 28, "seed": 0, "num-classes": 3}
-CASES = 3000
+CASES = 2000
 ROUND_SIZE = 40
 REASON = re.compile(r"[a-z][a-z0-9_]{0,47}")
 
@@ -78,7 +79,14 @@ def build(parts: dict, node_id: int, kind: str = "train") -> Message:
             content[name] = MetricRecord(dict(values))
         else:
             content[name] = ConfigRecord(dict(values))
-    return Message(content, reply_to=instruction(node_id, kind))
+    return over_the_wire(Message(content, reply_to=instruction(node_id, kind)))
+
+
+def over_the_wire(msg: Message) -> Message:
+    """The reply as the ServerApp receives it: through Flower's protobuf serialization and back."""
+    from flwr.common.serde import message_from_proto, message_to_proto
+
+    return message_from_proto(message_to_proto(msg))
 
 
 # ----------------------------------------------------------------------------- corruptions
@@ -121,7 +129,8 @@ def corrupt_array(rng: np.random.Generator, name: str, shape: tuple) -> Array:
     if choice == 4:
         return Array(dtype="float32", shape=shape, stype="numpy.ndarray", data=data[: int(rng.integers(0, len(data)))])
     if choice == 5:
-        return Array(dtype="float32", shape=shape, stype="numpy.ndarray", data=data + rng.bytes(int(rng.integers(1, 64))))
+        return Array(dtype="float32", shape=shape, stype="numpy.ndarray",
+                     data=data + rng.bytes(int(rng.integers(1, 64))))
     if choice == 6:
         return Array(dtype="float32", shape=shape, stype="numpy.ndarray", data=_npz(good))
     if choice == 7:  # header declares 4 TB: must be refused before anything is allocated
@@ -253,6 +262,8 @@ def test_no_corrupted_reply_aborts_a_round_and_each_is_a_counted_rejection(tmp_p
     reasons: Counter = Counter()
     corruptions: Counter = Counter()
     expected_active: set[str] = set()
+    withdrawn: set[str] = set()
+    sticky = hasattr(Ledger, "withdrawn_sites")  # the ledger's sticky withdrawal (contract 2) is there
     start = time.perf_counter()
     with Ledger.open(tmp_path / "ledger.sqlite", expected_base_digest=BASE, max_delta_norm=10.0,
                      expected_spec=SHAPES) as ledger:
@@ -261,7 +272,7 @@ def test_no_corrupted_reply_aborts_a_round_and_each_is_a_counted_rejection(tmp_p
         case = 0
         for server_round in range(1, CASES // ROUND_SIZE + 1):
             strategy.require_dp = server_round % 5 == 0  # every fifth round is a DP run
-            replies, good_nodes, bad_nodes, in_round, applied = [], set(), set(), set(), {}
+            replies, good_nodes, bad_senders, in_round, applied = [], set(), Counter(), set(), {}
             for _ in range(ROUND_SIZE):
                 site = sites[case]
                 case += 1
@@ -283,22 +294,29 @@ def test_no_corrupted_reply_aborts_a_round_and_each_is_a_counted_rejection(tmp_p
                     applied.setdefault(node, []).append(mutate(rng, parts, "train"))
                     corruptions[applied[node][-1]] += 1
                 replies.append(_odd_sender(rng, parts, node, federation, nodes, revoked_site, corruptions))
-                bad_nodes.add(replies[-1].metadata.src_node_id)
+                bad_senders[replies[-1].metadata.src_node_id] += 1
+            if sticky and withdrawn:  # a withdrawn site whose SuperNode still runs: never re-added
+                site = str(rng.choice(sorted(withdrawn)))
+                replies.append(build(valid_parts(rng, site, strategy.require_dp), nodes[site]))
+                corruptions["withdrawn_site_replies"] += 1
+                bad_senders[nodes[site]] += 1
             if rng.random() < 0.5 and good_nodes:  # a second reply for a site already in this round
                 node = sorted(good_nodes)[0]
                 site = next(s for s, n in nodes.items() if n == node)
                 replies.append(build(valid_parts(rng, site, strategy.require_dp), node))
                 corruptions["duplicate_in_round"] += 1
-                bad_nodes.add(node)
+                bad_senders[node] += 1
             if rng.random() < 0.5:
-                replies.append(Message(Error(code=int(rng.integers(0, 9)), reason="x" * 5000),
-                                       reply_to=instruction(20_000_000 + server_round)))
+                replies.append(over_the_wire(Message(Error(code=int(rng.integers(0, 9)), reason="x" * 5000),
+                                                     reply_to=instruction(20_000_000 + server_round))))
                 corruptions["flower_error"] += 1
+                bad_senders[20_000_000 + server_round] += 1
 
             arrays, metrics = strategy.aggregate_train(server_round, replies)  # must not raise
 
             summary = strategy.rounds[server_round]
             assert len(summary.recorded) + len(summary.rejections) == len(replies)
+            assert Counter(r["node_id"] for r in summary.rejections) == bad_senders  # each bad reply, once
             recorded_nodes = {nodes[s] for s in summary.recorded}
             assert recorded_nodes == good_nodes, {n: applied.get(n) for n in recorded_nodes - good_nodes}
             assert metrics["recorded"] == len(summary.recorded) == len(good_nodes)
@@ -308,9 +326,13 @@ def test_no_corrupted_reply_aborts_a_round_and_each_is_a_counted_rejection(tmp_p
             json.dumps(summary.as_dict(), default=str)  # the report survives whatever the replies held
             reasons.update(summary.rejected_by_reason)
             expected_active |= set(summary.recorded)
+            if sticky and server_round % 10 == 0 and expected_active:  # a site withdraws (ledger contract 2)
+                site = sorted(expected_active)[0]
+                assert ledger.remove(site, reason="fuzz: withdrawal")
+                expected_active.discard(site)
+                withdrawn.add(site)
 
-            evaluate_replies, evaluate_good = _evaluate_replies(rng, sites, nodes, expected_active, federation,
-                                                                revoked_site, corruptions)
+            evaluate_replies, evaluate_good = _evaluate_replies(rng, sites, nodes, corruptions)
             strategy.aggregate_evaluate(server_round, evaluate_replies)  # must not raise
             evaluate = strategy.rounds[server_round].evaluate
             assert len(evaluate["sites"]) + len(evaluate["skipped"]) == len(evaluate_replies)
@@ -328,7 +350,7 @@ def test_no_corrupted_reply_aborts_a_round_and_each_is_a_counted_rejection(tmp_p
           f"{len(reasons) - len(train_reasons)} distinct evaluate reasons, {len(expected_active)} sites "
           f"recorded, {elapsed:.1f} s\n  reasons: {dict(sorted(reasons.items()))}\n"
           f"  corruptions: {dict(sorted(corruptions.items()))}")
-    _record_stats(tmp_path, federation, case, reasons, corruptions, elapsed)
+    _record_stats(federation, case, reasons, corruptions, elapsed)
     assert "internal" not in reasons, "an unexpected exception: classify it"
     assert len(train_reasons) >= 15
 
@@ -354,9 +376,9 @@ def _odd_sender(rng, parts, node, federation, nodes, revoked_site, corruptions) 
     return build(parts, node)
 
 
-def _evaluate_replies(rng, sites, nodes, active, federation, revoked_site, corruptions):
+def _evaluate_replies(rng, sites, nodes, corruptions):
     replies, good = [], set()
-    for i in range(10):
+    for _ in range(10):
         site = str(rng.choice(sites))
         parts = {"metrics": ("metric", {"num-examples": int(rng.integers(1, 100)), "eval-loss": 1.0,
                                         "eval-accuracy": 0.5}),
@@ -370,7 +392,8 @@ def _evaluate_replies(rng, sites, nodes, active, federation, revoked_site, corru
     return replies, good
 
 
-def _record_stats(tmp_path, federation, cases, reasons, corruptions, elapsed) -> None:
+def _record_stats(federation, cases, reasons, corruptions, elapsed) -> None:
+    """runs/fuzz/fuzz-<mode>.json (git-ignored): the counts the README quotes."""
     out = Path(__file__).resolve().parents[2] / "runs" / "fuzz"
     try:
         out.mkdir(parents=True, exist_ok=True)

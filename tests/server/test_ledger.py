@@ -186,7 +186,7 @@ def test_remove_is_idempotent(tmp_path):
         (c,) = ledger.contributions(site_id="a")
         assert (c.status, c.end_reason) == ("removed", "x")
         # a site never seen is still withdrawn (audited, model unchanged), once
-        assert ledger.remove("never-seen", reason="x") is False
+        assert ledger.remove("never-seen", reason="x") is True
         assert ledger.current_version().event == "withdraw"
         assert ledger.current_version().composed_sha256 == ledger.versions()[-2].composed_sha256
         versions, audit = len(ledger.versions()), len(ledger.audit_log())
@@ -434,6 +434,12 @@ TAMPERS = {
     "total weight": ["UPDATE meta SET value = '1' WHERE key = 'total_weight'"],
     "version digest": ["DROP TRIGGER model_versions_no_update",
                        "UPDATE model_versions SET composed_sha256 = 'f' || substr(composed_sha256, 2) WHERE version = 2"],
+    "signature swapped": ["DROP TRIGGER signed_heads_no_update",
+                          "UPDATE signed_heads SET signature = (SELECT signature FROM signed_heads WHERE version = 1) "
+                          "WHERE version = 2"],
+    "signed head deleted": ["DROP TRIGGER signed_heads_no_delete", "DELETE FROM signed_heads WHERE version = 2"],
+    "signing key replaced": ["UPDATE meta SET value = '\"x\"' WHERE key = 'signing_public_key'"],
+    "withdrawn flag": ["UPDATE sites SET withdrawn = 0 WHERE site_id = 'd'"],
     "contribution deleted": ["UPDATE contributions SET status = 'removed' WHERE site_id = 'a'",
                              "DELETE FROM contributions WHERE site_id = 'a'"],
 }
@@ -489,3 +495,13 @@ def test_contribution_delta_reads_back_exactly_and_only_active(tmp_path):
         ledger.remove("a", reason="test")
         with pytest.raises(KeyError):
             ledger.contribution_delta(contribution.id)
+
+
+def test_a_ledger_of_the_previous_schema_is_refused_with_a_clear_message(tmp_path):
+    path = tmp_path / "old.sqlite"
+    with sqlite3.connect(path) as db:  # what schema 1 left: tables, user_version 1, no signed heads
+        db.execute("CREATE TABLE meta (key TEXT PRIMARY KEY, value)")
+        db.execute("PRAGMA user_version = 1")
+    with pytest.raises(LedgerError, match="schema version 1; this code reads version 2"):
+        Ledger.open(path)
+    assert not Path(f"{path}.signing-key.pem").exists()  # no key is made up for an existing file

@@ -15,7 +15,7 @@ import numpy as np
 import pytest
 
 from server import fixedpoint
-from server.ledger import Ledger
+from server.ledger import Ledger, ledger_file_paths
 
 SHAPES = {"blocks.11.mlp.fc1.weight": (384, 192), "head.weight": (10, 192), "head.bias": (10,)}
 CHUNK = 32  # bytes: 8 float32 values; random normals never repeat by chance in 32 bytes
@@ -95,6 +95,7 @@ def test_files_are_0600_and_created_directories_0700_under_any_umask(tmp_path, u
                                                "ledger.sqlite.head.json", "ledger.sqlite.signing-key.pem"}
             for f in files:
                 assert stat.S_IMODE(f.stat().st_mode) == 0o600, f
+            assert set(files) <= set(ledger_file_paths(path))  # what a report path must never name
     finally:
         os.umask(previous)
     for d in (tmp_path / "state", tmp_path / "state" / "server"):

@@ -99,6 +99,26 @@ def test_any_metadata_is_stored_only_when_it_is_small_clean_json(ledger, train_c
     assert reason == (None if clean else "bad_meta")
 
 
+_numbers = st.one_of(st.none(), st.floats(), st.integers(-(2 ** 2000), 2 ** 2000), st.booleans(), st.text(max_size=3),
+                     st.just(np.float64(0.5)), st.just(np.int64(-1)), st.just(np.float32("nan")))
+
+
+@FUZZ
+@given(epsilon=_numbers, delta_dp=_numbers)
+def test_any_epsilon_and_delta_are_stored_only_when_finite_and_non_negative(ledger, epsilon, delta_dp):
+    def ok(x):
+        if x is None:
+            return True
+        if isinstance(x, (bool, str)):
+            return False
+        try:
+            return math.isfinite(float(x)) and float(x) >= 0
+        except OverflowError:
+            return False
+    reason = attempt(ledger, "eps-site", good_delta(), epsilon=epsilon, delta_dp=delta_dp)
+    assert reason == (None if ok(epsilon) and ok(delta_dp) else "bad_meta")
+
+
 @settings(FUZZ, max_examples=60)
 @given(name=st.one_of(st.text(max_size=40), st.just("__metadata__"), st.integers(), st.none()),
        seed=st.integers(0, 2 ** 32 - 1))

@@ -146,8 +146,10 @@ def test_signatures_forged_with_another_key_fail(ledger_path, tmp_path):
     genuine_public = genuine.public_key()
     genuine.close()
     forge(ledger_path, Ed25519PrivateKey.generate())
-    with pytest.raises(LedgerError, match="not the key that signed it"):
-        Ledger.open(ledger_path, create=False)  # the server's own key no longer matches the file
+    # the server's own key no longer matches the file: verify says so, and nothing is signed with it
+    assert any("not the ledger's signing key" in p for p in verify_problems(ledger_path))
+    with Ledger.open(ledger_path, create=False) as ledger, pytest.raises(LedgerError, match="not the key that signed it"):
+        ledger.remove("site-0", reason="x")
     # an auditor without the private key, holding the published public key
     problems = verify_problems(ledger_path, signing_key=tmp_path / "absent.pem",
                                public_key=public_key_pem(genuine_public))
@@ -193,6 +195,13 @@ def test_the_head_file_contradicting_the_database_fails(ledger_path):
     head_file.write_text(json.dumps(document))
     problems = verify_problems(ledger_path)
     assert any("not signed by" in p for p in problems), problems
+
+
+def test_a_garbled_head_file_fails_verify_and_is_kept(ledger_path):
+    head_file = Path(f"{ledger_path}.head.json")
+    head_file.write_text("{not json")
+    assert any("unreadable" in p for p in verify_problems(ledger_path))
+    assert head_file.read_text() == "{not json"
 
 
 def test_a_ledger_without_its_signing_key_can_be_read_not_changed(ledger_path, tmp_path):

@@ -51,11 +51,13 @@ def test_a_removed_site_is_refused_until_readmitted(tmp_path):
 
 def test_a_site_withdrawn_before_it_contributed_is_refused_too(tmp_path):
     with Ledger.open(tmp_path / "l.sqlite") as ledger:
-        assert ledger.remove("7", reason="operator") is False  # nothing to subtract …
+        assert ledger.remove("7", reason="operator") is True  # nothing to subtract …
         with pytest.raises(RejectedContribution) as e:  # … but the site is out
             ledger.add("7", delta(np.random.default_rng(1)), 10)
         assert e.value.reason == "site_withdrawn"
         assert [v.event for v in ledger.versions()] == ["create", "withdraw"]
+        assert ledger.remove("7", reason="again") is False  # already withdrawn: nothing changes
+        assert len(ledger.versions()) == 2
         ledger.verify()
 
 
@@ -157,3 +159,12 @@ def test_cli_readmit_and_the_withdrawn_state_in_list_and_show(tmp_path):
     with Ledger.open(path) as ledger:
         assert [v.event for v in ledger.versions()] == ["create", "add", "add", "remove", "readmit"]
         ledger.verify()
+
+
+def test_cli_remove_of_a_site_without_a_contribution_withdraws_it(tmp_path):
+    path = tmp_path / "l.sqlite"
+    Ledger.open(path).close()
+    result = taft_ledger("--ledger", str(path), "remove", "site-9", "--reason", "operator")
+    assert result.returncode == 0 and "now withdrawn" in result.stdout, result.stdout + result.stderr
+    again = taft_ledger("--ledger", str(path), "remove", "site-9", "--reason", "operator")
+    assert "already withdrawn" in again.stdout
