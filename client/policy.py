@@ -13,7 +13,8 @@ Node config keys (all optional):
 | ``state-dir`` | the site's durable state: ``privacy-budget.json``, ``contributions.jsonl`` |
 
 The budget itself is the record in ``state-dir`` (created by the deploy scripts with
-``PrivacyBudget.create``); ``epsilon-budget``/``delta-budget`` here can only lower it.
+``PrivacyBudget.create``); ``epsilon-budget``/``delta-budget`` here can only lower it. A record in
+``state-dir`` binds (and implies ``require-dp``) even when the node config names no budget.
 """
 from __future__ import annotations
 
@@ -49,19 +50,26 @@ class SitePolicy:
     max_delta: float | None = None
     declared_examples: int | None = None
     state_dir: Path | None = None
+    #: a budget record exists in state_dir: it binds even without ``epsilon-budget``
+    has_record: bool = False
 
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any]) -> "SitePolicy":
         """Parse the node config; a malformed value is refused (``bad_node_config``)."""
+        from tangent.budget import PrivacyBudget
+
         epsilon_budget = _positive(node_config, "epsilon-budget")
         state_dir = str(node_config.get("state-dir", "") or "")
-        policy = cls(require_dp=_flag(node_config, "require-dp") or epsilon_budget is not None,
+        state = Path(state_dir).expanduser() if state_dir else None
+        has_record = state is not None and (state / PrivacyBudget.FILE_NAME).exists()
+        policy = cls(require_dp=(_flag(node_config, "require-dp") or epsilon_budget is not None
+                                 or has_record),
                      epsilon_budget=epsilon_budget,
                      delta_budget=_probability(node_config, "delta-budget"),
                      max_epsilon=_positive(node_config, "max-epsilon"),
                      max_delta=_probability(node_config, "max-delta"),
                      declared_examples=_count(node_config, "declared-examples"),
-                     state_dir=Path(state_dir).expanduser() if state_dir else None)
+                     state_dir=state, has_record=has_record)
         if policy.delta_budget is not None and epsilon_budget is None:
             raise SiteError("bad_node_config", "node config sets 'delta-budget' without "
                                                "'epsilon-budget'")
@@ -78,7 +86,8 @@ class SitePolicy:
         request. Raises SiteError (dp_required, epsilon_too_large, delta_too_large, bad_request)."""
         if not _flag(config, "dp", code="bad_request"):
             if self.require_dp:
-                why = "an epsilon-budget" if self.epsilon_budget is not None else "require-dp"
+                why = ("an epsilon-budget" if self.epsilon_budget is not None else
+                       "a privacy-budget record" if self.has_record else "require-dp")
                 raise SiteError("dp_required", f"this site trains only with differential privacy "
                                                f"({why} in its node config); the request has dp=false")
             return None
@@ -103,8 +112,8 @@ class SitePolicy:
                          delta_ceiling=self.delta_ceiling)
 
     def budget(self, site: str):
-        """The site's PrivacyBudget, or None without an ``epsilon-budget``."""
-        if self.epsilon_budget is None:
+        """The site's PrivacyBudget: with an ``epsilon-budget`` or a record in ``state-dir``."""
+        if self.epsilon_budget is None and not self.has_record:
             return None
         from tangent.budget import PrivacyBudget
 

@@ -33,6 +33,13 @@ def test_non_dp_request_is_refused_by_a_dp_site(node, tmp_path):
     assert code == "dp_required" and "dp=false" in reason
 
 
+def test_a_budget_record_binds_without_epsilon_budget_in_the_node_config(budgeted):
+    node = {"site-id": "s1", "state-dir": budgeted["state-dir"]}
+    assert refusal(node, dp=False)[0] == "dp_required"
+    PrivacyBudget(budgeted["state-dir"] + "/" + PrivacyBudget.FILE_NAME, "s1").reserve("c0", 3.0, 0.0)
+    assert refusal(node, **DP)[0] == "budget_exhausted"
+
+
 def test_a_site_without_policy_accepts_non_dp_and_gets_to_the_spec_check():
     code, _ = refusal({"site-id": "s1"}, dp=False)
     assert code == "bad_request"  # past the policy: the message simply has no spec
