@@ -1,13 +1,17 @@
-"""Point the Flower CLI (`flwr run`, `flwr supernode ...`) at a remote SuperLink with TLS.
+r"""Point the Flower CLI (`flwr run`, `flwr supernode ...`) at the SuperLink, with TLS.
 
 In flwr 1.41 connections live in the Flower config file `$FLWR_HOME/config.toml`
 (default `~/.flwr`), not in pyproject.toml. We keep a deployment-local FLWR_HOME
-(`<state>/flwr-home`) so the operator's own `~/.flwr` is never touched:
+(`<state>/flwr-home`) so the operator's own `~/.flwr` is never touched. deploy/superlink.sh
+writes the connection `taft` to the SuperLink's loopback port itself; by hand:
 
-    python -m deploy.connection --address superlink.example.org:9093 \
-        --root-certificates deploy/state/certs/ca.crt
-    export FLWR_HOME=$PWD/deploy/state/flwr-home
+    python -m deploy.connection --address 127.0.0.1:9092
+    export FLWR_HOME=~/.local/state/taft-fl/server/flwr-home
     flwr supernode list taft      # or: flwr run . taft
+
+Only the operator's host can use it: the Control API is not reachable through the proxy.
+The state directory (`<state>`, default `$TAFT_STATE_DIR/server`, i.e.
+~/.local/state/taft-fl/server) is also where every other deploy tool keeps the operator's files.
 
 Idempotent: rewrites only the `[superlink.<name>]` table and the default.
 """
@@ -19,11 +23,42 @@ import os
 import sys
 from pathlib import Path
 
-import tomli
+import tomllib
 import tomli_w
 
 DEFAULT_NAME = "taft"
-DEFAULT_STATE = Path("deploy/state")
+
+
+def state_root() -> Path:
+    """Where taft-fl keeps durable state on this host: `$TAFT_STATE_DIR`, else
+    ~/.local/state/taft-fl. Never inside the repository: `flwr run` ships the app directory to
+    every SuperNode, so registry, requests, keys and ledger must not live there."""
+    return Path(os.environ.get("TAFT_STATE_DIR") or "~/.local/state/taft-fl").expanduser()
+
+
+def make_private_dir(path: Path) -> Path:
+    """Create `path` and every missing parent 0700 (mkdir(parents=True) would give the parents
+    the umask's mode: ~/.local/state/taft-fl/server would end up world-listable)."""
+    path = Path(path)
+    missing = []
+    for candidate in (path, *path.parents):
+        if candidate.exists():
+            break
+        missing.append(candidate)
+    for directory in reversed(missing):
+        directory.mkdir(mode=0o700, exist_ok=True)
+        directory.chmod(0o700)  # whatever the umask
+    return path
+
+
+def site_state_dir(site_id: str) -> Path:
+    """A site's state (its privacy-budget record) on this host: `<state root>/site-<id>`."""
+    return state_root() / f"site-{site_id}"
+
+
+# The operator's state = the ServerApp's `state-dir`: certs, keys, registry.json, requests/,
+# the ledger, flwr-home (connection + installed app bundles), the SuperLink database, logs.
+DEFAULT_STATE = state_root() / "server"
 
 
 def flwr_home(state: Path) -> Path:
@@ -41,13 +76,53 @@ def flwr_env(state: Path, base: dict[str, str] | None = None) -> dict[str, str]:
     return env
 
 
+def connection_address(state: Path, name: str = DEFAULT_NAME) -> tuple[str, Path | None] | None:
+    """(address, CA file) of `[superlink.<name>]` in `<state>/flwr-home/config.toml`, or None."""
+    path = flwr_home(state) / "config.toml"
+    try:
+        entry = tomllib.loads(path.read_text())["superlink"][name]
+    except (OSError, KeyError, TypeError, tomllib.TOMLDecodeError):
+        return None
+    ca = entry.get("root-certificates")
+    return str(entry["address"]), Path(ca) if ca else None
+
+
+def wait_for_superlink(state: Path, timeout_s: float = 60.0, name: str = DEFAULT_NAME) -> None:
+    """Block until the SuperLink named by the connection accepts TLS (verified against its CA):
+    `deploy/superlink.sh &` returns at once, the SuperLink needs a few seconds. TimeoutError
+    saying what is missing otherwise."""
+    import socket
+    import ssl
+    import time
+
+    deadline = time.monotonic() + timeout_s
+    problem = "no connection written yet (start deploy/superlink.sh)"
+    while True:
+        found = connection_address(state, name)
+        if found is not None:
+            address, ca = found
+            host, _, port = address.rpartition(":")
+            try:
+                context = ssl.create_default_context(cafile=str(ca)) if ca else None
+                with socket.create_connection((host.strip("[]"), int(port)), timeout=3) as sock:
+                    if context is None:
+                        return
+                    with context.wrap_socket(sock, server_hostname=host.strip("[]")):
+                        return
+            except (OSError, ValueError) as err:
+                problem = f"{address}: {err}"
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"the SuperLink of connection {name!r} is not reachable after {timeout_s:.0f} s: {problem}")
+        time.sleep(0.5)
+
+
 def write_connection(state: Path, address: str, root_certificates: Path | None,
                      name: str = DEFAULT_NAME, insecure: bool = False) -> Path:
     """Write/update `[superlink.<name>]` in `<state>/flwr-home/config.toml`; make it the default."""
     home = flwr_home(state)
-    home.mkdir(parents=True, exist_ok=True)
+    make_private_dir(home)
     path = home / "config.toml"
-    config = tomli.loads(path.read_text()) if path.exists() else {}
+    config = tomllib.loads(path.read_text()) if path.exists() else {}
     superlink = config.setdefault("superlink", {})
     entry: dict[str, object] = {"address": address}
     if insecure:

@@ -30,9 +30,18 @@ def test_bash_scripts_parse_and_have_help(script):
     assert "Usage" in out.stdout
 
 
-@pytest.mark.parametrize("module", ["pki", "connection", "register", "supernode", "submit", "health",
+@pytest.mark.parametrize("module", ["pki", "connection", "register", "supernode", "submit", "health", "proxy",
                                     "withdraw", "make_site_data"])
 def test_python_tools_have_help(module):
     out = subprocess.run([sys.executable, "-m", f"deploy.{module}", "--help"], capture_output=True,
                          text=True, cwd=DEPLOY.parent)
     assert out.returncode == 0 and "usage" in out.stdout.lower(), out.stderr
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "192.0.2.10", "::"])
+def test_superlink_refuses_to_listen_beyond_loopback(host, tmp_path):
+    """Its one port serves the unauthenticated Control API: sites get the proxy instead."""
+    out = subprocess.run(["bash", str(DEPLOY / "superlink.sh"), "--state", str(tmp_path / "s"), "--host", host],
+                         capture_output=True, text=True)
+    assert out.returncode == 2 and "deploy.proxy" in out.stderr
+    assert not (tmp_path / "s").exists()

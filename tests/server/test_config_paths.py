@@ -1,0 +1,164 @@
+"""Run-config paths are confined to the server's state directory (contract 4), attacks included."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from server import config as cfg
+
+
+@pytest.fixture
+def state(tmp_path: Path) -> Path:
+    return cfg.state_dir({"state-dir": str(tmp_path / "state")})
+
+
+def test_state_dir_is_created_private_and_must_be_absolute(tmp_path):
+    state = cfg.state_dir({"state-dir": str(tmp_path / "a" / "state")})
+    assert state.is_dir() and (state.stat().st_mode & 0o777) == 0o700
+    with pytest.raises(cfg.PathRefused, match="absolute"):
+        cfg.state_dir({"state-dir": "relative/state"})
+
+
+def test_default_state_dir_is_outside_the_app(monkeypatch, tmp_path):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert cfg.state_dir({}) == (tmp_path / ".local/state/taft-fl/server").resolve()
+
+
+def test_relative_paths_resolve_inside_the_state_dir(state):
+    assert cfg.ledger_path({}, state) == state / "ledger.sqlite"
+    assert cfg.ledger_path({"ledger-path": "runs/l.sqlite"}, state) == state / "runs/l.sqlite"
+    assert cfg.site_registry_path({"site-registry": "registry.json"}, state) == state / "registry.json"
+    assert cfg.site_registry_path({}, state) is None
+    assert cfg.withdrawal_request_path("w/3.json", state) == state / "w/3.json"
+    assert cfg.ledger_path({"ledger-path": str(state / "abs.sqlite")}, state) == state / "abs.sqlite"
+
+
+@pytest.mark.parametrize("value", ["../escape.sqlite", "a/../../escape.sqlite", "/etc/passwd", "/tmp/x.sqlite",
+                                   "~/x.sqlite", ".", "", "a\x00b"])
+def test_escapes_are_refused(state, value):
+    for resolve in (lambda: cfg.ledger_path({"ledger-path": value or "."}, state),
+                    lambda: cfg.site_registry_path({"site-registry": value or "."}, state),
+                    lambda: cfg.withdrawal_request_path(value, state)):
+        with pytest.raises(cfg.PathRefused):
+            resolve()
+
+
+def test_a_symlink_out_of_the_state_dir_is_refused(state, tmp_path):
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    (state / "out").symlink_to(outside)
+    (state / "file.json").symlink_to(outside / "file.json")
+    for value in ("out/ledger.sqlite", "file.json"):
+        with pytest.raises(cfg.PathRefused, match="outside the server's state directory"):
+            cfg.ledger_path({"ledger-path": value}, state)
+        with pytest.raises(cfg.PathRefused):
+            cfg.report_path({"report-path": value}, state, state / "ledger.sqlite", 1, "train")
+
+
+def test_a_state_dir_reached_through_a_symlink_still_confines(tmp_path):
+    (tmp_path / "real").mkdir()
+    (tmp_path / "link").symlink_to(tmp_path / "real")
+    state = cfg.state_dir({"state-dir": str(tmp_path / "link")})
+    assert cfg.ledger_path({}, state) == tmp_path / "real" / "ledger.sqlite"
+    with pytest.raises(cfg.PathRefused):
+        cfg.ledger_path({"ledger-path": str(tmp_path / "x.sqlite")}, state)
+
+
+def test_report_path_default_and_plain_values(state):
+    ledger = cfg.ledger_path({}, state)
+    assert cfg.report_path({}, state, ledger, 7, "train") == state / "reports" / "train-7.json"
+    assert cfg.report_path({"report-path": "r/train.json"}, state, ledger, 7, "train") == state / "r/train.json"
+
+
+@pytest.mark.parametrize("name", ["ledger.sqlite", "ledger.sqlite-wal", "ledger.sqlite-shm", "ledger.sqlite-journal",
+                                  "ledger.sqlite.withdrawals.sqlite", "ledger.sqlite.withdrawals.sqlite-wal",
+                                  "ledger.sqlite.signing-key.pem", "ledger.sqlite.head.json",
+                                  "ledger.sqlite.anything-added-later"])
+def test_report_path_can_never_name_the_ledger_or_its_companions(state, name):
+    ledger = cfg.ledger_path({}, state)
+    with pytest.raises(cfg.PathRefused, match="a file the server keeps"):
+        cfg.report_path({"report-path": name}, state, ledger, 1, "train")
+    with pytest.raises(cfg.PathRefused):  # the same file by another spelling
+        cfg.report_path({"report-path": f"./sub/../{name}"}, state, ledger, 1, "train")
+    with pytest.raises(cfg.PathRefused):
+        cfg.report_path({"report-path": str(state / name)}, state, ledger, 1, "train")
+
+
+def test_report_path_through_a_symlink_to_the_ledger_is_refused(state):
+    ledger = cfg.ledger_path({}, state)
+    ledger.write_bytes(b"SQLite format 3\x00")
+    (state / "report.json").symlink_to(ledger)
+    with pytest.raises(cfg.PathRefused):
+        cfg.report_path({"report-path": "report.json"}, state, ledger, 1, "train")
+
+
+def test_report_path_can_not_name_the_registry_or_a_request(state):
+    ledger = cfg.ledger_path({}, state)
+    registry = state / "registry.json"
+    with pytest.raises(cfg.PathRefused):
+        cfg.report_path({"report-path": "registry.json"}, state, ledger, 1, "train", protected=(registry,))
+
+
+def test_federation_mode_and_dp(state):
+    assert cfg.federation_mode({}) == "deployment"
+    assert cfg.federation_mode({"federation-mode": "simulation"}) == "simulation"
+    with pytest.raises(ValueError, match="federation-mode"):
+        cfg.federation_mode({"federation-mode": "local"})
+    assert cfg.dp_required({"dp": True}) and cfg.dp_required({"dp": "true"})
+    assert not cfg.dp_required({}) and not cfg.dp_required({"dp": False})
+
+
+def test_the_serverapp_writes_its_report_also_when_it_refuses_the_run(tmp_path):
+    """A refused report path: the run fails, and its report (with the error) lands in the state dir."""
+    import json
+
+    from flwr.app import Context, RecordDict
+
+    from server.server_app import main
+
+    state = tmp_path / "state"
+    context = Context(run_id=42, node_id=0, node_config={}, state=RecordDict(),
+                      run_config={"mode": "train", "state-dir": str(state), "report-path": "ledger.sqlite-wal"})
+    with pytest.raises(cfg.PathRefused):
+        main(None, context)
+    report_file = state / "reports" / "train-42.json"
+    report = json.loads(report_file.read_text())
+    assert report["error"]["type"] == "PathRefused" and "ledger.sqlite-wal" in report["error"]["message"]
+    assert (report_file.stat().st_mode & 0o777) == 0o600
+    assert not (state / "ledger.sqlite-wal").exists()
+
+
+def test_a_deployment_run_without_a_site_registry_is_refused_with_a_report(tmp_path):
+    import json
+
+    from flwr.app import Context, RecordDict
+
+    from server.server_app import main
+
+    state = tmp_path / "state"
+    context = Context(run_id=5, node_id=0, node_config={}, state=RecordDict(),
+                      run_config={"mode": "train", "state-dir": str(state)})
+    with pytest.raises(ValueError, match="site-registry"):
+        main(None, context)
+    report = json.loads((state / "reports" / "train-5.json").read_text())
+    assert "site-registry" in report["error"]["message"] and report["mode"] == "train"
+    assert os.listdir(state) == ["reports"]  # nothing else was created
+
+
+def test_an_invalid_mode_is_refused_with_a_report_that_stays_in_the_state_dir(tmp_path):
+    import json
+
+    from flwr.app import Context, RecordDict
+
+    from server.server_app import main
+
+    state = tmp_path / "state"
+    context = Context(run_id=6, node_id=0, node_config={}, state=RecordDict(),
+                      run_config={"mode": "../../../x", "state-dir": str(state)})
+    with pytest.raises(ValueError, match="mode"):
+        main(None, context)
+    report = json.loads((state / "reports" / "refused-6.json").read_text())
+    assert report["mode"] == "../../../x" and "mode" in report["error"]["message"]
+    assert not list(tmp_path.glob("x-6.json"))

@@ -1,0 +1,91 @@
+"""The ServerApp's run logic on a real ledger: deployment refuses remove-sites, a failing round still
+leaves its rounds in the report. (The full app with the ViT runs in tests/simulations.)"""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from deploy.pki import create_site_key
+from server.ledger import Ledger
+from server.server_app import REMOVE_SITES_REFUSED, _train, _unlearn
+from server.withdrawal import SiteRegistry, create_request, key_fingerprint, load_private_key, load_public_key
+
+
+def central(delta) -> dict:
+    """Stands in for CentralEvaluation (the ViT): the test is about which sites are removed."""
+    return {"accuracy": 0.5, "loss": 1.0, "num-examples": 1}
+
+
+@pytest.fixture
+def state(tmp_path):
+    state = tmp_path / "state"
+    keys = state / "keys"
+    sites = {}
+    for node, site in enumerate(("1", "2", "3"), start=1):
+        _, pub = create_site_key(keys, site)
+        sites[site] = {"public_key": f"keys/{pub.name}", "fingerprint": key_fingerprint(load_public_key(pub)),
+                       "node_id": node, "max_examples": 100, "registered_at": "2026-11-30T00:00:00Z",
+                       "revoked": False}
+    _, admin = create_site_key(keys, "admin")
+    (state / "registry.json").write_text(json.dumps({"version": 2, "sites": sites, "admin": {
+        "public_key": f"keys/{admin.name}", "fingerprint": key_fingerprint(load_public_key(admin))}}))
+    rng = np.random.default_rng(0)
+    with Ledger.open(state / "ledger.sqlite") as ledger:
+        for site in sites:
+            ledger.add(site, {"w": rng.standard_normal(4).astype(np.float32)}, 10)
+    return state
+
+
+def test_deployment_refuses_remove_sites_and_obeys_an_operator_signed_request(state):
+    registry = SiteRegistry(state / "registry.json")
+    admin_request = create_request("3", load_private_key(state / "keys" / "site-admin.key"), "operator decision",
+                                   signer="admin")
+    (state / "w3.json").write_text(json.dumps(admin_request))
+    with Ledger.open(state / "ledger.sqlite") as ledger:
+        result = _unlearn(ledger, ["1", "2"], central, 9, requests=["w3.json"], registry=registry,
+                          ledger_path=state / "ledger.sqlite", state=state, federation="deployment")
+        active = sorted(c.site_id for c in ledger.contributions(status="active"))
+    assert result["remove_sites_refused"] == {"sites": ["1", "2"], "reason": REMOVE_SITES_REFUSED}
+    assert "signer='admin'" in REMOVE_SITES_REFUSED
+    assert result["removed_sites"] == ["3"] and active == ["1", "2"]
+
+
+def test_deployment_with_only_remove_sites_removes_nothing(state):
+    with Ledger.open(state / "ledger.sqlite") as ledger:
+        before = ledger.current_version().version
+        result = _unlearn(ledger, ["1"], central, 9, registry=SiteRegistry(state / "registry.json"),
+                          ledger_path=state / "ledger.sqlite", state=state, federation="deployment")
+        assert ledger.current_version().version == before
+    assert result["removed_sites"] == [] and result["remove_sites_refused"]["sites"] == ["1"]
+
+
+def test_simulation_obeys_remove_sites(state):
+    with Ledger.open(state / "ledger.sqlite") as ledger:
+        result = _unlearn(ledger, ["1", "9", "²"], central, 9, ledger_path=state / "ledger.sqlite", state=state,
+                          federation="simulation")
+    assert result["removed_sites"] == ["1"] and result["not_found"] == ["9"] and "remove_sites_refused" not in result
+    assert len(result["invalid_site_ids"]) == 1 and "not valid" in result["invalid_site_ids"][0]
+
+
+class UnreachableGrid:
+    """A SuperLink that accepts no messages: the round fails after sampling."""
+
+    def get_node_ids(self):
+        return [1, 2]
+
+    def push_messages(self, messages):
+        raise ConnectionError("SuperLink unreachable")
+
+
+def test_a_failing_round_keeps_its_summary_in_the_report(state, flower_server_identity):
+    from tangent.spec import ModelSpec
+
+    report: dict = {}
+    with Ledger.open(state / "ledger.sqlite") as ledger, pytest.raises(ConnectionError):
+        _train(UnreachableGrid(), ledger, ModelSpec.from_config({}), "b" * 64, central,
+               {"min-nodes": 1, "num-rounds": 2, "round-timeout": 1}, None, report)
+    assert [r["server_round"] for r in report["rounds"]] == [1] and report["rounds"][0]["sent"] == 2
+    assert report["accuracy"] is None
+    json.dumps(report, default=str)
