@@ -1,9 +1,10 @@
 """Flower ClientApp: one site. Thin wiring; the work is in :mod:`client.task` and ``tangent``.
 
 Node config (deployment): ``site-id``, ``data-path`` (.npz or ImageFolder), optional
-``test-data-path``, ``cache-dir``, ``epsilon-budget`` (total ε this site allows across DP
-contributions) and ``state-dir`` (where that budget is recorded). In simulation Flower sets
-``partition-id``/``num-partitions`` and the site is its partition of Fashion-MNIST.
+``test-data-path``, ``cache-dir``, and the site's privacy policy (:mod:`client.policy`:
+``require-dp``, ``epsilon-budget``, ``delta-budget``, ``max-epsilon``, ``max-delta``,
+``declared-examples``, ``state-dir``). In simulation Flower sets ``partition-id``/``num-partitions``
+and the site is its partition of Fashion-MNIST.
 """
 from flwr.app import Context, Message
 from flwr.clientapp import ClientApp

@@ -12,17 +12,21 @@ import json
 import logging
 import math
 import os
+import secrets
 import time
 import traceback
-from pathlib import Path
 from typing import Any, Mapping
 
 from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
+from client.policy import SitePolicy
 from client.site import SiteError, load_split, site_id
 from tangent.spec import ModelSpec, fresh_model
 
 log = logging.getLogger("taft.client")
+
+#: the site's private map contribution-id -> shard, in its state-dir
+CONTRIBUTIONS_FILE = "contributions.jsonl"
 
 #: config keys -> TrainConfig fields
 TRAIN_KEYS = {"epochs": "epochs", "batch-size": "batch_size", "lr": "lr", "loss": "loss",
@@ -49,11 +53,12 @@ def _refusals(handler):
             log.warning("site %s refuses: %s", site, err)
             return error_reply(err.code, str(err), site)
         except Exception as err:  # noqa: BLE001 — reported to the server, not swallowed
-            from tangent.privacy import BudgetExhausted
+            from tangent.budget import BudgetExhausted, BudgetMissing
 
-            if isinstance(err, BudgetExhausted):
-                log.warning("site %s refuses: %s", site, err)
-                return error_reply("budget_exhausted", str(err), site)
+            for kind, code in ((BudgetExhausted, "budget_exhausted"), (BudgetMissing, "budget_missing")):
+                if isinstance(err, kind):
+                    log.warning("site %s refuses: %s", site, err)
+                    return error_reply(code, str(err), site)
             log.exception("site %s failed", site)
             return error_reply("internal", f"{type(err).__name__}: {err}\n"
                                            f"{traceback.format_exc(limit=4)}", site)
@@ -107,71 +112,103 @@ def train_config(config: Mapping[str, Any]):
     return TrainConfig(seed=int(config.get("seed", 0)), **values)
 
 
-def privacy_setup(config: Mapping[str, Any], node_config: Mapping[str, Any], site: str):
-    """(PrivacyConfig or None, EpsilonBudget or None) for this run and site."""
-    if not bool(config.get("dp", False)):
-        return None, None
-    from tangent.privacy import EpsilonBudget, PrivacyConfig
+def privacy_setup(request, policy, num_examples: int):
+    """The PrivacyConfig for an accepted DP request: N_pub (declared or bucketed) and δ."""
+    from tangent.privacy import PrivacyConfig, default_delta, public_count
 
-    privacy = PrivacyConfig(target_epsilon=float(config["dp-epsilon"]),
-                            target_delta=float(config.get("dp-delta", 0.0)) or None,
-                            max_grad_norm=float(config.get("dp-max-grad-norm", 1.0)))
-    budget = None
-    if "epsilon-budget" in node_config:
-        budget = EpsilonBudget(budget_path(node_config), site, float(node_config["epsilon-budget"]))
-    return privacy, budget
-
-
-def budget_path(node_config: Mapping[str, Any]) -> Path:
-    """Where the site's ε ledger lives: node config ``state-dir``, else the TAFT cache dir."""
-    if node_config.get("state-dir"):
-        return Path(str(node_config["state-dir"])).expanduser() / "epsilon-budget.json"
-    from tangent.pretrained import cache_dir
-    return cache_dir() / "sites" / "epsilon-budget.json"
+    num_public = public_count(num_examples, policy.declared_examples)
+    delta = min(request.requested_delta or default_delta(num_public), request.delta_ceiling)
+    if delta >= 1.0 / num_public:
+        raise SiteError("delta_too_large", f"δ={delta:g} is not below 1/N_pub = {1.0 / num_public:g} "
+                                           f"(N_pub = {num_public}); lower max-delta or dp-delta")
+    return PrivacyConfig(target_epsilon=request.target_epsilon, target_delta=delta,
+                         max_grad_norm=request.max_grad_norm, public_examples=num_public)
 
 
 @_refusals
 def train(content: RecordDict, node_config, run_config, site: str) -> RecordDict:
-    """TAFT from w0 (never from the global model) on the local data; reply with Δw only."""
+    """TAFT from w0 (never from the global model) on the local data; reply with Δw only.
+
+    The site's policy (client.policy) is checked before any data is touched, and a budgeted
+    site's (ε, δ) is charged atomically before the first step (tangent.budget). A DP reply holds
+    only the mechanism's output and public values (contract in README, "Differential privacy").
+    """
     import torch
 
     from tangent.train import fit
 
     start = time.perf_counter()
-    spec, model, digest = _check_spec(content)
+    # the site's policy first: a request it refuses costs no model build and touches no data
+    policy = SitePolicy.from_node_config(node_config)
     config = content.config_records["config"] if "config" in content.config_records else ConfigRecord()
-    privacy, budget = privacy_setup(config, node_config, site)
-    if budget is not None and budget.remaining <= 0:  # refuse before touching any data
-        from tangent.privacy import BudgetExhausted
-        raise BudgetExhausted(f"site {site!r}: privacy budget exhausted — spent ε={budget.spent:.4g} "
-                              f"of {budget.budget:.4g}; refusing to train")
-    data = load_split("train", model, digest, spec.img_size, node_config, run_config)
+    request = policy.check_request(config)
+    budget = None
+    if request is not None:
+        budget = policy.budget(site)
+        if budget is not None:
+            budget.check(request.target_epsilon, request.requested_delta or request.delta_ceiling)
     cfg = train_config(config)
-    torch.manual_seed(cfg.seed)
+    spec, model, digest = _check_spec(content)
+    data = load_split("train", model, digest, spec.img_size, node_config, run_config)
+    privacy = None if request is None else privacy_setup(request, policy, data.num_examples)
+    contribution_id = None if privacy is None else secrets.token_hex(16)
+    torch.manual_seed(cfg.seed)  # the non-DP path only: DP draws from OS entropy
     result = fit(model, data.inputs, data.labels, cfg, privacy=privacy, from_cache=data.from_cache,
-                 budget=budget, progress=False)
+                 budget=budget, contribution_id=contribution_id, progress=False)
     delta = model.delta_state_dict()
+    train_config_json = json.dumps({k: config[k] for k in TRAIN_KEYS if k in config}
+                                   | {"seed": cfg.seed}, sort_keys=True)
+    log.info("site %s: %d examples, loss %.4f, acc %.3f, %.1f s", site, result.num_examples,
+             result.loss, result.accuracy, result.wall_s)
+    if privacy is not None:
+        _remember_contribution(policy, contribution_id, data, result, privacy)
+        return RecordDict({"delta": ArrayRecord(delta), **dp_reply(
+            site, digest, contribution_id, privacy, result, train_config_json)})
     metrics = MetricRecord({
         "num-examples": int(result.num_examples), "train-loss": float(result.loss),
         "train-accuracy": float(result.accuracy),
-        # no DP: no guarantee, ε = ∞
-        "epsilon": math.inf if result.epsilon is None else float(result.epsilon),
-        "delta": 0.0 if result.delta is None else float(result.delta),
+        "epsilon": math.inf, "delta": 0.0,  # no DP: no guarantee
         "wall-s": time.perf_counter() - start, "fit-s": float(result.wall_s),
         "examples-per-s": float(result.examples_per_s)})
     meta = ConfigRecord({
         "site-id": site, "shard-fingerprint": data.shard_fingerprint, "base-digest": digest,
         "data-digest": data.data_digest, "source": data.source, "from-cache": data.from_cache,
-        "dp": privacy is not None,
-        "dp-target-epsilon": 0.0 if privacy is None else float(privacy.target_epsilon),
-        "dp-max-grad-norm": 0.0 if privacy is None else float(privacy.max_grad_norm),
-        "dp-noise-multiplier": float(result.noise_multiplier or 0.0),
-        "train-config": json.dumps({k: config[k] for k in TRAIN_KEYS if k in config} | {"seed": cfg.seed},
-                                   sort_keys=True),
-        "pid": os.getpid()})
-    log.info("site %s: %d examples, loss %.4f, acc %.3f, %.1f s", site, result.num_examples,
-             result.loss, result.accuracy, result.wall_s)
+        "dp": False, "dp-target-epsilon": 0.0, "dp-max-grad-norm": 0.0, "dp-noise-multiplier": 0.0,
+        "train-config": train_config_json, "pid": os.getpid()})
     return RecordDict({"delta": ArrayRecord(delta), "metrics": metrics, "meta": meta})
+
+
+def dp_reply(site: str, digest: str, contribution_id: str, privacy, result,
+             train_config_json: str) -> dict:
+    """The metrics and meta of a DP reply: the mechanism's (ε, δ, σ), the public count, and what
+    the server sent or already knows — nothing else computed from the data."""
+    metrics = MetricRecord({"num-examples": int(privacy.public_examples),
+                            "epsilon": float(result.epsilon), "delta": float(result.delta)})
+    meta = ConfigRecord({"site-id": site, "base-digest": digest, "contribution-id": contribution_id,
+                         "dp": True, "dp-target-epsilon": float(privacy.target_epsilon),
+                         "dp-max-grad-norm": float(privacy.max_grad_norm),
+                         "dp-noise-multiplier": float(result.noise_multiplier),
+                         "train-config": train_config_json})
+    return {"metrics": metrics, "meta": meta}
+
+
+def _remember_contribution(policy, contribution_id: str, data, result, privacy) -> None:
+    """The site's own note of which shard a DP contribution was trained on (for retraining a
+    shard after forgetting samples): ``<state-dir>/contributions.jsonl``, 0600. Never sent."""
+    if policy.state_dir is None:
+        log.warning("no state-dir: the shard of DP contribution %s is not recorded", contribution_id)
+        return
+    policy.state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    line = json.dumps({"contribution-id": contribution_id, "time": time.time(),
+                       "shard-fingerprint": data.shard_fingerprint, "data-digest": data.data_digest,
+                       "source": data.source, "num-examples": int(result.num_examples),
+                       "public-examples": int(privacy.public_examples),
+                       "epsilon": float(result.epsilon), "delta": float(result.delta)})
+    fd = os.open(policy.state_dir / CONTRIBUTIONS_FILE, os.O_WRONLY | os.O_CREAT | os.O_APPEND, 0o600)
+    with os.fdopen(fd, "a") as handle:
+        handle.write(line + "\n")
+        handle.flush()
+        os.fsync(handle.fileno())
 
 
 @_refusals

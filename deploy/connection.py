@@ -1,4 +1,4 @@
-"""Point the Flower CLI (`flwr run`, `flwr supernode ...`) at a remote SuperLink with TLS.
+r"""Point the Flower CLI (`flwr run`, `flwr supernode ...`) at a remote SuperLink with TLS.
 
 In flwr 1.41 connections live in the Flower config file `$FLWR_HOME/config.toml`
 (default `~/.flwr`), not in pyproject.toml. We keep a deployment-local FLWR_HOME
@@ -19,11 +19,27 @@ import os
 import sys
 from pathlib import Path
 
-import tomli
+import tomllib
 import tomli_w
 
 DEFAULT_NAME = "taft"
-DEFAULT_STATE = Path("deploy/state")
+
+
+def state_root() -> Path:
+    """Where taft-fl keeps durable state on this host: `$TAFT_STATE_DIR`, else
+    ~/.local/state/taft-fl. Never inside the repository: `flwr run` ships the app directory to
+    every SuperNode, so registry, requests, keys and ledger must not live there."""
+    return Path(os.environ.get("TAFT_STATE_DIR") or "~/.local/state/taft-fl").expanduser()
+
+
+def site_state_dir(site_id: str) -> Path:
+    """A site's state (its privacy-budget record) on this host: `<state root>/site-<id>`."""
+    return state_root() / f"site-{site_id}"
+
+
+# The operator's state = the ServerApp's `state-dir`: certs, keys, registry.json, requests/,
+# the ledger, flwr-home (connection + installed app bundles), the SuperLink database, logs.
+DEFAULT_STATE = state_root() / "server"
 
 
 def flwr_home(state: Path) -> Path:
@@ -47,7 +63,7 @@ def write_connection(state: Path, address: str, root_certificates: Path | None,
     home = flwr_home(state)
     home.mkdir(parents=True, exist_ok=True)
     path = home / "config.toml"
-    config = tomli.loads(path.read_text()) if path.exists() else {}
+    config = tomllib.loads(path.read_text()) if path.exists() else {}
     superlink = config.setdefault("superlink", {})
     entry: dict[str, object] = {"address": address}
     if insecure:

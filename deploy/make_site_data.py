@@ -1,6 +1,9 @@
 """Demo site data: a disjoint slice of Fashion-MNIST per site, as `<out>/site-<id>/site.npz`.
 
-    python -m deploy.make_site_data --sites 1 2 3 --per-site 500 --out deploy/state/data
+    python -m deploy.make_site_data --sites 1 2 3 --per-site 500
+
+Default --out: `$TAFT_STATE_DIR/demo-data` (~/.local/state/taft-fl/demo-data), outside the
+repository, so `flwr run` never ships it.
 
 A real site points `--data-path` at its own `.npz` (arrays `images` uint8 [N,H,W(,3)] and
 `labels` int64) or ImageFolder directory instead. Idempotent (existing files are kept).
@@ -14,13 +17,16 @@ from pathlib import Path
 
 import numpy as np
 
+from deploy.connection import state_root
+
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m deploy.make_site_data", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--sites", nargs="+", default=["1", "2", "3"])
     parser.add_argument("--per-site", type=int, default=500)
-    parser.add_argument("--out", type=Path, default=Path("deploy/state/data"))
+    parser.add_argument("--out", type=Path, default=state_root() / "demo-data",
+                        help="output directory (default %(default)s)")
     args = parser.parse_args(argv)
     from tangent.data import load_fashion_mnist
 

@@ -1,15 +1,24 @@
-"""Start a site's SuperNode, and say in plain words why it cannot connect when it cannot.
+r"""Start a site's SuperNode, and say in plain words why it cannot connect when it cannot.
 
-    python -m deploy.supernode --site-id 3 --superlink superlink.example.org:9092 \
+    python -m deploy.supernode --site-id 3 --superlink fl.example.org:9093 \
         --root-certificates ca.crt --key site-3.key --data-path /data/site-3.npz \
         --epsilon-budget 8 --cache-dir /cache
+
+`--superlink` is the address the operator gave you: the federation's reverse proxy (which
+forwards the Fleet API only), not the SuperLink's own port.
+
+The site's state (its privacy-budget record `<state-dir>/privacy-budget.json`) lives in
+`--state-dir`, default `$TAFT_STATE_DIR/site-<id>` (~/.local/state/taft-fl/site-<id>), never
+inside the repository. When this command creates that directory (0700) it also initialises
+the budget record with the `--epsilon-budget`/`--delta-budget` given, so later the ClientApp
+never mistakes a missing record for "nothing spent".
 
 Before starting, it checks what can be checked locally (CA file, key format, data path) and
 over the network (TCP reachability, TLS handshake against the CA and the host name). Then it
 runs `flower-supernode` (TLS + `--auth-supernode-private-key`, `--node-config "site-id=...
-data-path=... epsilon-budget=... cache-dir=..."`), passes its output through, and when it
-exits translates the usual failures: unregistered key, wrong CA, host name not in the
-certificate, plain-text connection, wrong address. `--check` runs the checks only.
+data-path=... state-dir=... epsilon-budget=... cache-dir=..."`), passes its output through,
+and when it exits translates the usual failures: unregistered key, wrong CA, host name not in
+the certificate, plain-text connection, wrong address. `--check` runs the checks only.
 Exit status: the SuperNode's, or 2 when a pre-flight check fails.
 """
 
@@ -26,7 +35,12 @@ import sys
 import threading
 from pathlib import Path
 
+from deploy.connection import site_state_dir
 from server.withdrawal import load_private_key
+from tangent.protocol import check_site_id
+
+REPO = Path(__file__).resolve().parents[1]
+BUDGET_FILE = "privacy-budget.json"
 
 # (pattern in the SuperNode's output, explanation). First match wins.
 DIAGNOSES: list[tuple[str, str]] = [
@@ -48,6 +62,10 @@ DIAGNOSES: list[tuple[str, str]] = [
      "Get the federation's ca.crt from the operator."),
     (r"WRONG_VERSION_NUMBER|record layer failure|http_request",
      "TLS failed: the server at {address} does not speak TLS (plain-text SuperLink?) or is not a SuperLink."),
+    # Caddy (the federation's proxy) answers plain HTTP on its TLS port with 400
+    (r"400 Bad Request'? for url 'http://",
+     "The server answered a plain-text request with 400: a plain-text (--insecure) SuperNode "
+     "talking to the federation's TLS proxy. Use TLS with --root-certificates."),
     (r"Server disconnected without sending a response",
      "The server closed the connection: a plain-text (--insecure) SuperNode talking to a TLS "
      "SuperLink, or a proxy in between. Use TLS with --root-certificates."),
@@ -114,13 +132,56 @@ def preflight(address: str, ca: Path, key: Path, data_path: str | None, timeout:
     return []
 
 
+def prepare_state_dir(state_dir: Path, site_id: str, epsilon_budget: float | None,
+                      delta_budget: float | None) -> str:
+    """Create the site's state directory (0700) outside the repository; on creation, write the
+    privacy-budget record. Returns what was done, in words. An existing directory is left as it
+    is: its budget record is durable state that only the ClientApp updates."""
+    state_dir = Path(state_dir).expanduser().resolve()
+    if state_dir.is_relative_to(REPO):
+        raise ValueError(f"state dir {state_dir} is inside the app directory {REPO}: `flwr run` would "
+                         "ship it; use a directory outside (default ~/.local/state/taft-fl/site-<id>)")
+    if state_dir.exists():
+        if not state_dir.is_dir():
+            raise ValueError(f"state dir {state_dir} exists and is not a directory")
+        return f"state dir {state_dir} (existing)"
+    state_dir.mkdir(mode=0o700, parents=True)
+    state_dir.chmod(0o700)  # whatever the umask
+    if epsilon_budget is None:
+        return f"state dir {state_dir} created"
+    try:
+        from tangent.privacy import PrivacyBudget
+    except ImportError:  # the budget record API (tangent.privacy.PrivacyBudget) is not in this tree
+        return f"state dir {state_dir} created (no PrivacyBudget API here: budget record not initialised)"
+    PrivacyBudget.create(state_dir / BUDGET_FILE, site_id, epsilon_budget, delta_budget)
+    return (f"state dir {state_dir} created; privacy budget epsilon={epsilon_budget}"
+            + (f", delta={delta_budget}" if delta_budget is not None else ""))
+
+
+def _toml_str(value: str) -> str:
+    """A TOML literal string ('...', no escapes). Flower splits --node-config with a regex that
+    ends a quoted value at the next quote of its kind, so a value holding a quote cannot be
+    passed at all: refuse it clearly instead of letting the site start with a truncated path."""
+    value = str(value)
+    if "'" in value or "\n" in value or "\r" in value:
+        raise ValueError(f"{value!r}: a node-config value cannot contain a single quote or a newline")
+    return f"'{value}'"
+
+
 def node_config(args: argparse.Namespace) -> str:
     """The --node-config string the ClientApp reads (strings quoted, TOML values)."""
-    items = [f'site-id="{args.site_id}"', f'data-path="{args.data_path}"']
-    if args.epsilon_budget is not None:
-        items.append(f"epsilon-budget={float(args.epsilon_budget)}")
+    items = [f"site-id={_toml_str(args.site_id)}", f"data-path={_toml_str(args.data_path)}",
+             f"state-dir={_toml_str(args.state_dir)}"]
+    for key, value in (("epsilon-budget", args.epsilon_budget), ("delta-budget", args.delta_budget),
+                       ("max-epsilon", args.max_epsilon), ("max-delta", args.max_delta)):
+        if value is not None:
+            items.append(f"{key}={float(value)}")
+    if args.require_dp:
+        items.append("require-dp=true")
+    if args.declared_examples is not None:
+        items.append(f"declared-examples={int(args.declared_examples)}")
     if args.cache_dir:
-        items.append(f'cache-dir="{args.cache_dir}"')
+        items.append(f"cache-dir={_toml_str(args.cache_dir)}")
     items += args.extra_node_config
     return " ".join(items)
 
@@ -147,7 +208,17 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--root-certificates", type=Path, required=True, help="federation CA (ca.crt)")
     parser.add_argument("--key", type=Path, required=True, help="this site's OpenSSH ECDSA private key")
     parser.add_argument("--data-path", required=True, help="site data: .npz (images, labels) or ImageFolder dir")
-    parser.add_argument("--epsilon-budget", type=float, help="total DP epsilon this site allows")
+    parser.add_argument("--epsilon-budget", type=float,
+                        help="total DP epsilon this site allows (implies require-dp)")
+    parser.add_argument("--delta-budget", type=float, help="total DP delta this site allows")
+    parser.add_argument("--max-epsilon", type=float, help="most epsilon one contribution may spend")
+    parser.add_argument("--max-delta", type=float, help="largest delta one contribution may use")
+    parser.add_argument("--require-dp", action="store_true", help="refuse every non-private request")
+    parser.add_argument("--declared-examples", type=int,
+                        help="the example count DP replies carry (public; at most the registered cap)")
+    parser.add_argument("--state-dir", type=Path,
+                        help="site state (privacy-budget record); default $TAFT_STATE_DIR/site-<id> "
+                             "(~/.local/state/taft-fl/site-<id>)")
     parser.add_argument("--cache-dir", help="feature cache directory")
     parser.add_argument("--extra-node-config", nargs="*", default=[], metavar="KEY=VALUE")
     parser.add_argument("--runtime-port", type=int, default=9094,
@@ -155,11 +226,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--max-wait-time", type=float, help="give up reconnecting after this many seconds")
     parser.add_argument("--log-file", type=Path, help="also write the SuperNode's output here")
     parser.add_argument("--flwr-home", type=Path,
-                        help="where this SuperNode installs app bundles (FLWR_HOME; default ~/.flwr)")
+                        help="where this SuperNode installs app bundles (FLWR_HOME; default <state-dir>/flwr-home, "
+                             "so SuperNodes on one host never share one)")
     parser.add_argument("--check", action="store_true", help="run the pre-flight checks only")
     parser.add_argument("--insecure", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--no-preflight", action="store_true", help="skip the pre-flight checks")
     args = parser.parse_args(argv)
+    try:
+        check_site_id(args.site_id)
+    except ValueError as err:
+        parser.error(str(err))
+    args.state_dir = (args.state_dir or site_state_dir(args.site_id)).expanduser().resolve()
+    try:
+        node_config(args)
+    except ValueError as err:
+        parser.error(str(err))
     pub = args.key.with_name(args.key.name + ".pub")
     fmt = dict(address=args.superlink, host=args.superlink.rpartition(":")[0], ca=str(args.root_certificates),
                pub=str(pub), site=args.site_id)
@@ -174,14 +255,20 @@ def main(argv: list[str] | None = None) -> int:
               f"{args.root_certificates}", flush=True)
     if args.check:
         return 0
+    try:
+        print(f"[deploy.supernode] {prepare_state_dir(args.state_dir, args.site_id, args.epsilon_budget, args.delta_budget)}",
+              flush=True)
+    except (ValueError, OSError) as err:
+        print(f"[deploy.supernode] PROBLEM: {err}", file=sys.stderr, flush=True)
+        return 2
 
     env = dict(os.environ)
     env["PATH"] = str(Path(sys.executable).parent) + os.pathsep + env.get("PATH", "")
     env.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
-    if args.flwr_home:
-        env["FLWR_HOME"] = str(args.flwr_home.resolve())
+    env["FLWR_HOME"] = str((args.flwr_home or args.state_dir / "flwr-home").resolve())
     proc = subprocess.Popen(supernode_command(args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, bufsize=1, env=env)
+    (args.state_dir / "supernode.pid").write_text(f"{os.getpid()}\n")  # stop: kill $(cat …/supernode.pid)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda s, _f: proc.send_signal(s))
     tail: list[str] = []

@@ -1,19 +1,31 @@
-"""Signed withdrawal requests (see server/withdrawal.py for the format and the checks).
+r"""Signed withdrawal requests (see server/withdrawal.py for the format and the checks).
 
 At a site (with the same key its SuperNode authenticates with):
 
-    python -m deploy.withdraw create --site-id 3 --key deploy/keys/site-3.key \
+    python -m deploy.withdraw create --site-id 3 --key keys/site-3.key \
         --reason "consent withdrawn" --out withdraw-3.json
 
-At the server (the operator), verify and subtract the site from the ledger:
+The site sends the file to the operator, who puts it in the server's state directory, under
+`<state>/requests/` (default state: ~/.local/state/taft-fl/server), and submits an unlearning
+run naming it relative to the state dir (the ServerApp refuses paths outside it):
 
-    python -m deploy.withdraw apply withdraw-3.json --ledger runs/ledger.sqlite \
-        --registry deploy/state/registry.json
+    cp withdraw-3.json ~/.local/state/taft-fl/server/requests/
+    python -m deploy.submit --run-config "mode='unlearn' withdrawal-requests='requests/withdraw-3.json'"
+
+Without Flower (e.g. while no run can be submitted), verify and subtract directly:
+
+    python -m deploy.withdraw apply ~/.local/state/taft-fl/server/requests/withdraw-3.json
 
 `apply` exits 0 when the site was removed and 1 (printing why) when the request was refused;
 the ledger is untouched in that case. `verify` only checks (no nonce consumed, no ledger).
-The operator can sign for any site with `--signer admin --key deploy/keys/site-admin.key`
-(register the admin key with `python -m deploy.register admin ...`).
+A request is valid for 15 minutes and once. The operator's own decision to remove a site is a
+request signed with the operator key (`python -m deploy.pki operator-key`, recorded with
+`python -m deploy.register --admin`):
+
+    python -m deploy.withdraw create --signer admin --key <state>/keys/operator.key --site-id 3 \
+        --reason "court order" --out <state>/requests/remove-3.json
+
+Keys of sites that were revoked (`deploy.register --unregister`) or never registered are refused.
 """
 
 from __future__ import annotations
@@ -24,6 +36,7 @@ import logging
 import sys
 from pathlib import Path
 
+from deploy.connection import DEFAULT_STATE
 from server.withdrawal import (
     MAX_AGE_S,
     SiteRegistry,
@@ -42,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command", required=True)
     p = sub.add_parser("create", help="sign a withdrawal request")
     p.add_argument("--site-id", required=True)
-    p.add_argument("--key", required=True, type=Path, help="site (or admin) ECDSA private key")
+    p.add_argument("--key", required=True, type=Path, help="the site's SuperNode key (or the operator key)")
     p.add_argument("--reason", required=True)
     p.add_argument("--signer", choices=("site", "admin"), default="site")
     p.add_argument("--out", type=Path, help="output file (default: stdout)")
@@ -50,10 +63,12 @@ def main(argv: list[str] | None = None) -> int:
                            ("verify", "verify a request only (no nonce consumed, ledger untouched)")):
         p = sub.add_parser(name, help=helptext)
         p.add_argument("request", type=Path)
-        p.add_argument("--registry", type=Path, default=Path("deploy/state/registry.json"))
+        p.add_argument("--registry", type=Path, default=DEFAULT_STATE / "registry.json",
+                       help="site registry (default %(default)s)")
         p.add_argument("--max-age-s", type=float, default=MAX_AGE_S)
         if name == "apply":
-            p.add_argument("--ledger", type=Path, default=Path("runs/ledger.sqlite"))
+            p.add_argument("--ledger", type=Path, default=DEFAULT_STATE / "ledger.sqlite",
+                           help="the ledger (default %(default)s)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -61,6 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         document = create_request(args.site_id, load_private_key(args.key), args.reason, signer=args.signer)
         text = json.dumps(document, indent=2) + "\n"
         if args.out:
+            args.out.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
             args.out.write_text(text)
             print(f"wrote {args.out} (site {args.site_id}, nonce {document['payload']['nonce']})")
         else:

@@ -1,10 +1,16 @@
 """``taft-ledger``: inspect and maintain the contribution ledger from a shell.
 
-    taft-ledger list                      sites, their active contribution, the model version
-    taft-ledger show SITE                 every contribution a site has made
-    taft-ledger remove SITE --reason TXT  withdraw a site (exact subtraction, new model version)
-    taft-ledger verify                    recompute sums, digests and the audit chain
-    taft-ledger export --out DIR          composed Δ as safetensors + manifest.json
+    taft-ledger list                      sites, their active contribution, withdrawn state, ε totals
+    taft-ledger show SITE                 every contribution a site has made, its privacy total
+    taft-ledger remove SITE --reason TXT  withdraw a site (exact subtraction; it stays withdrawn)
+    taft-ledger readmit SITE --reason TXT let a withdrawn site contribute again (audited)
+    taft-ledger verify [--public-key PEM] [--export DIR]
+                                          recompute sums and digests, check the chain, the signed
+                                          heads (against PEM when given) and that an earlier
+                                          export's signed head is still in the ledger
+    taft-ledger export --out DIR          composed Δ as safetensors + manifest.json (signed head)
+    taft-ledger verify-export DIR --public-key PEM
+                                          check an export against the server's public key
 
 The ledger file is ``--ledger PATH``, else ``$TAFT_LEDGER``, else ``runs/ledger.sqlite``.
 Exit status: 0 success, 1 verification failed, 2 usage error or no ledger.
@@ -19,48 +25,66 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-import safetensors.numpy
-
-from server.ledger import Contribution, Ledger, LedgerCorrupt, LedgerError, arrays_digest
+from server.ledger import Contribution, Ledger, LedgerCorrupt, LedgerError
+from server.ledger.export import COMPOSED_FILE, MANIFEST_FILE, export, verify_export  # noqa: F401 (re-exported)
 
 DEFAULT_LEDGER = "runs/ledger.sqlite"
-COMPOSED_FILE = "composed_delta.safetensors"
-MANIFEST_FILE = "manifest.json"
 
 
 def _epsilon_text(epsilon: float | None) -> str:
-    return "-" if epsilon is None else f"{epsilon:.3g}"
+    return "-" if epsilon is None else ("inf" if math.isinf(epsilon) else f"{epsilon:.3g}")
+
+
+def _json_privacy(totals: dict) -> dict:
+    """ε = inf is not JSON: written as null (``non_dp`` says why)."""
+    return {site: {**t, "epsilon": None if math.isinf(t["epsilon"]) else t["epsilon"]} for site, t in totals.items()}
 
 
 def _cmd_list(ledger: Ledger, args) -> int:
-    current = ledger.current_version()
-    active = {c.site_id: c for c in ledger.contributions(status="active")}
-    sites = ledger.sites()
+    with ledger.snapshot():
+        current = ledger.current_version()
+        active = {c.site_id: c for c in ledger.contributions(status="active")}
+        sites = ledger.sites()
+        privacy = ledger.privacy_totals()
     if args.json:
         print(json.dumps({"model_version": current.version, "total_weight": current.total_weight,
+                          "withdrawn_sites": [s.site_id for s in sites if s.withdrawn],
+                          "privacy": _json_privacy(privacy),
                           "sites": [{**asdict(s), "active": asdict(active[s.site_id]) if s.site_id in active else None}
                                     for s in sites]}, indent=2))
         return 0
     print(f"model version {current.version}, {len(active)} active site(s), total weight {current.total_weight}")
-    print(f"{'site':<20} {'status':<9} {'ver':>4} {'examples':>9} {'epsilon':>8}  delta sha256")
+    print(f"{'site':<20} {'status':<9} {'ver':>4} {'examples':>9} {'epsilon':>8} {'Σ epsilon':>9}  delta sha256")
     for s in sites:
         c = active.get(s.site_id)
+        total = _epsilon_text(privacy[s.site_id]["epsilon"]) if s.site_id in privacy else "-"
+        status = "withdrawn" if s.withdrawn else ("active" if c else "inactive")
         if c is None:
-            print(f"{s.site_id:<20} {'inactive':<9} {'-':>4} {'-':>9} {'-':>8}  -")
+            print(f"{s.site_id:<20} {status:<9} {'-':>4} {'-':>9} {'-':>8} {total:>9}  -")
         else:
-            print(f"{s.site_id:<20} {'active':<9} {c.version:>4} {c.num_examples:>9} "
-                  f"{_epsilon_text(c.epsilon):>8}  {c.delta_sha256[:16]}")
+            print(f"{s.site_id:<20} {status:<9} {c.version:>4} {c.num_examples:>9} "
+                  f"{_epsilon_text(c.epsilon):>8} {total:>9}  {c.delta_sha256[:16]}")
     return 0
 
 
 def _cmd_show(ledger: Ledger, args) -> int:
-    contributions = ledger.contributions(site_id=args.site)
-    if not contributions:
+    with ledger.snapshot():
+        contributions = ledger.contributions(site_id=args.site)
+        withdrawn = args.site in ledger.withdrawn_sites()
+        privacy = ledger.privacy_totals().get(args.site)
+    if not contributions and not withdrawn:
         print(f"no contributions from site {args.site!r}", file=sys.stderr)
         return 2
     if args.json:
-        print(json.dumps([asdict(c) for c in contributions], indent=2))
+        print(json.dumps({"site_id": args.site, "withdrawn": withdrawn,
+                          "privacy": _json_privacy({args.site: privacy})[args.site] if privacy else None,
+                          "contributions": [asdict(c) for c in contributions]}, indent=2))
         return 0
+    print(f"site {args.site}: {'WITHDRAWN (readmit to accept contributions again)' if withdrawn else 'admitted'}")
+    if privacy:
+        print(f"  privacy total over {privacy['contributions']} contribution(s): ε = "
+              f"{_epsilon_text(privacy['epsilon'])}, δ = {privacy['delta']:.3g}"
+              + (f" ({privacy['non_dp']} without DP)" if privacy["non_dp"] else ""))
     for c in contributions:
         _print_contribution(c)
     return 0
@@ -79,15 +103,29 @@ def _print_contribution(c: Contribution) -> None:
 def _cmd_remove(ledger: Ledger, args) -> int:
     if ledger.remove(args.site, reason=args.reason):
         v = ledger.current_version()
-        print(f"removed {args.site}: model version {v.version}, composed sha256 {v.composed_sha256}")
+        print(f"removed {args.site}: model version {v.version}, composed sha256 {v.composed_sha256}; "
+              f"the site stays withdrawn until readmitted")
+    elif ledger.current_version().event == "withdraw" and ledger.current_version().site_id == args.site:
+        print(f"{args.site} had no active contribution; it is now withdrawn")
     else:
-        print(f"{args.site} has no active contribution; nothing to do")
+        print(f"{args.site} is already withdrawn; nothing to do")
+    return 0
+
+
+def _cmd_readmit(ledger: Ledger, args) -> int:
+    if ledger.readmit(args.site, reason=args.reason):
+        print(f"readmitted {args.site}: model version {ledger.current_version().version} (model unchanged)")
+    else:
+        print(f"{args.site} is not withdrawn; nothing to do")
     return 0
 
 
 def _cmd_verify(ledger: Ledger, args) -> int:
     try:
-        report = ledger.verify()
+        report = ledger.verify(public_key=args.public_key)
+        problems = [] if args.export is None else _export_in_ledger(ledger, args.export)
+        if problems:
+            raise LedgerCorrupt(problems)
     except LedgerCorrupt as e:
         if args.json:
             print(json.dumps({"ok": False, "problems": e.problems}, indent=2))
@@ -98,51 +136,54 @@ def _cmd_verify(ledger: Ledger, args) -> int:
         return 1
     if args.json:
         print(json.dumps({"ok": True, **asdict(report)}, indent=2))
-    else:
-        print(f"OK: model version {report.current_version}, {report.active_contributions} active contribution(s), "
-              f"{report.audit_entries} audit entries, composed sha256 {report.composed_sha256}")
+        return 0
+    print(f"OK: model version {report.current_version}, {report.active_contributions} active contribution(s), "
+          f"{report.audit_entries} audit entries, composed sha256 {report.composed_sha256}")
+    print(f"head: audit hash {report.head_audit_hash}")
+    print(f"      signature {report.head_signature}")
+    print(f"      signed by {report.public_key_fingerprint}"
+          + (" (the given public key)" if args.public_key else " (the ledger's own key: pass --public-key to check "
+                                                               "against a copy you trust)"))
+    if report.head_file_version != report.current_version:
+        print(f"note: the head file names version {report.head_file_version} (a write or crash in between; "
+              f"the next open brings it up to date)")
     return 0
 
 
-def export(ledger: Ledger, out: Path) -> dict:
-    """Write the composed Δ and its manifest into ``out``; returns the manifest."""
-    # One snapshot: the version, the contributions and the tensors must describe the same state.
-    with ledger.snapshot():
-        version = ledger.current_version()
-        active = ledger.contributions(status="active")
-        composed = ledger.composed_arrays()
-        settings = ledger.settings()
-        audit_head = ledger.audit_log()[-1]["hash"]
-    max_epsilon = max((math.inf if c.epsilon is None else c.epsilon for c in active), default=None)
-    manifest = {
-        "model_version": version.version,
-        "created_at": version.created_at,
-        "composed_sha256": version.composed_sha256,
-        "composed_file": COMPOSED_FILE,
-        "base_digest": settings.get("base_digest"),
-        "weighting": settings["weighting"],
-        "total_weight": version.total_weight,
-        "frac_bits": settings["frac_bits"],
-        "sites": [{"site_id": c.site_id, "contribution_id": c.id, "version": c.version,
-                   "num_examples": c.num_examples, "epsilon": c.epsilon, "delta_dp": c.delta_dp,
-                   "delta_sha256": c.delta_sha256} for c in active],
-        # A site trained without DP makes the composed model non-private: ε is then unbounded.
-        "max_epsilon": None if max_epsilon is None or math.isinf(max_epsilon) else max_epsilon,
-        "non_private_sites": [c.site_id for c in active if c.epsilon is None],
-        "audit_head": audit_head,
-    }
-    assert arrays_digest(composed) == version.composed_sha256
-    out.mkdir(parents=True, exist_ok=True)
-    safetensors.numpy.save_file(composed, out / COMPOSED_FILE,
-                                metadata={"model_version": str(version.version),
-                                          "composed_sha256": version.composed_sha256})
-    (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2) + "\n")
-    return manifest
+def _export_in_ledger(ledger: Ledger, directory: Path) -> list[str]:
+    """An export's signed head must still be in the ledger: a rolled-back ledger lacks it."""
+    try:
+        manifest = json.loads((directory / MANIFEST_FILE).read_text())
+        head, signature = manifest["signed_head"]["head"], manifest["signed_head"]["signature"]
+        version = int(head["version"])
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        return [f"cannot read the export's signed head in {directory}: {type(e).__name__}: {e}"]
+    try:
+        held = ledger.signed_head(version)
+    except KeyError:
+        return [f"the export's version {head['version']} is not in the ledger: rolled back?"]
+    if held != (head, signature):
+        return [f"the export's signed head for version {head['version']} differs from the ledger's"]
+    return []
 
 
 def _cmd_export(ledger: Ledger, args) -> int:
     manifest = export(ledger, args.out)
-    print(f"exported model version {manifest['model_version']} ({len(manifest['sites'])} site(s)) to {args.out}")
+    print(f"exported model version {manifest['model_version']} ({len(manifest['sites'])} site(s)) to {args.out}; "
+          f"signed by {manifest['public_key_fingerprint']}")
+    return 0
+
+
+def _cmd_verify_export(args) -> int:
+    try:
+        head = verify_export(args.directory, args.public_key)
+    except LedgerCorrupt as e:
+        print("FAILED")
+        for problem in e.problems:
+            print(f"  {problem}")
+        return 1
+    print(f"OK: model version {head['version']}, composed sha256 {head['composed_sha256']}, "
+          f"signed by {head['public_key']}")
     return 0
 
 
@@ -151,38 +192,56 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ledger", type=Path, metavar="PATH", default=Path(os.environ.get("TAFT_LEDGER", DEFAULT_LEDGER)),
                         help="ledger file (default: $TAFT_LEDGER or %(default)s)")
+    parser.add_argument("--signing-key", type=Path, metavar="PEM", default=None,
+                        help="the ledger's Ed25519 signing key (default: <ledger>.signing-key.pem)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
 
-    p = sub.add_parser("list", help="sites and their active contributions")
+    p = sub.add_parser("list", help="sites, their active contributions, withdrawn state and ε totals")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(run=_cmd_list)
 
-    p = sub.add_parser("show", help="every contribution of one site")
+    p = sub.add_parser("show", help="every contribution of one site and its privacy total")
     p.add_argument("site", metavar="SITE")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(run=_cmd_show)
 
-    p = sub.add_parser("remove", help="withdraw a site's active contribution (idempotent)")
+    p = sub.add_parser("remove", help="withdraw a site: subtract its contribution, refuse it until readmitted")
     p.add_argument("site", metavar="SITE")
     p.add_argument("--reason", required=True, help="why, recorded in the audit log")
     p.set_defaults(run=_cmd_remove)
 
-    p = sub.add_parser("verify", help="recompute accumulators and digests, check the audit chain")
+    p = sub.add_parser("readmit", help="let a withdrawn site contribute again (audited)")
+    p.add_argument("site", metavar="SITE")
+    p.add_argument("--reason", required=True, help="why, recorded in the audit log")
+    p.set_defaults(run=_cmd_readmit)
+
+    p = sub.add_parser("verify", help="recompute accumulators and digests, check the audit chain and signatures")
+    p.add_argument("--public-key", type=Path, metavar="PEM", default=None,
+                   help="check the signatures against this public key (a copy you trust)")
+    p.add_argument("--export", type=Path, metavar="DIR", default=None,
+                   help="also check that this earlier export's signed head is still in the ledger")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(run=_cmd_verify)
 
-    p = sub.add_parser("export", help="write the composed Δ (safetensors) and manifest.json")
+    p = sub.add_parser("export", help="write the composed Δ (safetensors) and manifest.json with the signed head")
     p.add_argument("--out", type=Path, required=True, metavar="DIR", help="output directory")
     p.set_defaults(run=_cmd_export)
+
+    p = sub.add_parser("verify-export", help="check an export's signed head and composed file (no ledger needed)")
+    p.add_argument("directory", type=Path, metavar="DIR")
+    p.add_argument("--public-key", type=Path, metavar="PEM", required=True, help="the server's public key")
+    p.set_defaults(run=None, run_without_ledger=_cmd_verify_export)
     return parser
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        with Ledger.open(args.ledger, create=False) as ledger:
+        if args.run is None:
+            return args.run_without_ledger(args)
+        with Ledger.open(args.ledger, create=False, signing_key=args.signing_key) as ledger:
             return args.run(ledger, args)
-    except LedgerError as e:
+    except (LedgerError, ValueError) as e:
         print(f"taft-ledger: {e}", file=sys.stderr)
         return 2
 

@@ -1,7 +1,13 @@
-"""Run-config helpers for the ServerApp: what goes to the sites, and where files go.
+"""Run-config helpers for the ServerApp: what goes to the sites, which mode is in force, where files go.
 
 Every key lives in ``[tool.flwr.app.config]`` of pyproject.toml (kebab-case, overridable with
 ``flwr run . --run-config "key=value"``).
+
+The run config comes from whoever submitted the run, so the file paths in it are confined: every
+path (``ledger-path``, ``report-path``, ``site-registry``, ``withdrawal-requests``) is resolved
+against ``state-dir`` — symlinks followed — and refused when it lands outside it, and a report can
+never overwrite the ledger or one of its companion files (WAL, signing key, signed head, the
+withdrawal nonce store), whatever name or link points there.
 """
 from __future__ import annotations
 
@@ -14,6 +20,15 @@ from tangent.spec import ModelSpec
 TRAIN_CONFIG_KEYS = ("epochs", "batch-size", "lr", "loss", "kappa", "rsl-alpha", "l2", "radius", "seed",
                      "dp", "dp-epsilon", "dp-delta", "dp-max-grad-norm")
 MODES = ("train", "unlearn")
+#: deployment: replies are bound to their authenticated SuperNode through the site registry;
+#: simulation: the local simulation federation, whose sites are partition ids
+FEDERATION_MODES = ("deployment", "simulation")
+DEFAULT_STATE_DIR = "~/.local/state/taft-fl/server"
+DEFAULT_LEDGER = "ledger.sqlite"
+
+
+class PathRefused(ValueError):
+    """A run-config path that the ServerApp will not use (outside the state dir, or the ledger's)."""
 
 
 def model_spec(run_config: Mapping[str, Any]) -> ModelSpec:
@@ -22,6 +37,20 @@ def model_spec(run_config: Mapping[str, Any]) -> ModelSpec:
 
 def train_config(run_config: Mapping[str, Any]) -> dict[str, Any]:
     return {key: run_config[key] for key in TRAIN_CONFIG_KEYS if key in run_config}
+
+
+def federation_mode(run_config: Mapping[str, Any]) -> str:
+    """``federation-mode``: "deployment" (the default for anything but the local simulation)."""
+    mode = str(run_config.get("federation-mode", "deployment") or "deployment")
+    if mode not in FEDERATION_MODES:
+        raise ValueError(f"run config federation-mode={mode!r}: use one of {FEDERATION_MODES}")
+    return mode
+
+
+def dp_required(run_config: Mapping[str, Any]) -> bool:
+    """A run with ``dp=true`` accepts only differentially private replies."""
+    value = run_config.get("dp", False)
+    return value is True or str(value).strip().lower() in ("true", "1")
 
 
 def _comma_list(run_config: Mapping[str, Any], key: str) -> list[str]:
@@ -40,14 +69,66 @@ def withdrawal_requests(run_config: Mapping[str, Any]) -> list[str]:
     return _comma_list(run_config, "withdrawal-requests")
 
 
-def resolve(path: str) -> Path:
-    """A path from the run config; relative paths are taken from the SuperLink's working directory."""
-    return Path(path).expanduser().resolve()
+# ----------------------------------------------------------------------------- paths
+
+def state_dir(run_config: Mapping[str, Any]) -> Path:
+    """``state-dir`` (created 0700 if absent), absolute with symlinks resolved."""
+    value = str(run_config.get("state-dir", "") or DEFAULT_STATE_DIR)
+    path = Path(value).expanduser()
+    if not path.is_absolute():
+        raise PathRefused(f"state-dir={value!r} must be an absolute path (or start with ~)")
+    path.mkdir(mode=0o700, parents=True, exist_ok=True)
+    return path.resolve()
 
 
-def report_path(run_config: Mapping[str, Any], ledger_path: Path, run_id: int, mode: str) -> Path:
-    """``report-path`` if set, else ``<ledger dir>/reports/<mode>-<run id>.json``."""
+def confine(state: Path, value: str, key: str) -> Path:
+    """``value`` resolved against ``state`` (symlinks followed); PathRefused outside it."""
+    if not value or "\x00" in value:
+        raise PathRefused(f"{key}={value!r} is not a path")
+    path = Path(value).expanduser()
+    resolved = (path if path.is_absolute() else state / path).resolve()
+    if not resolved.is_relative_to(state) or resolved == state:
+        raise PathRefused(f"{key}={value!r} resolves to {resolved}, outside the server's state directory "
+                          f"{state}: refused")
+    return resolved
+
+
+def ledger_path(run_config: Mapping[str, Any], state: Path) -> Path:
+    return confine(state, str(run_config.get("ledger-path", "") or DEFAULT_LEDGER), "ledger-path")
+
+
+def site_registry_path(run_config: Mapping[str, Any], state: Path) -> Path | None:
+    value = str(run_config.get("site-registry", "") or "")
+    return confine(state, value, "site-registry") if value else None
+
+
+def withdrawal_request_path(value: str, state: Path) -> Path:
+    return confine(state, value, "withdrawal-requests")
+
+
+def ledger_files(ledger: Path) -> list[Path]:
+    """The ledger and the files that live beside it (SQLite journals, signing key, signed head,
+    the withdrawals' nonce store and its journals)."""
+    suffixes = ("", "-wal", "-shm", "-journal", ".signing-key.pem", ".head.json",
+                ".withdrawals.sqlite", ".withdrawals.sqlite-wal", ".withdrawals.sqlite-shm",
+                ".withdrawals.sqlite-journal")
+    return [ledger.with_name(ledger.name + suffix) for suffix in suffixes]
+
+
+def report_path(run_config: Mapping[str, Any], state: Path, ledger: Path, run_id: Any, mode: str,
+                protected: tuple[Path, ...] = ()) -> Path:
+    """``report-path`` if set, else ``<ledger dir>/reports/<mode>-<run id>.json``.
+
+    Refused when it would name the ledger, one of its companion files (any file whose name starts
+    with the ledger's, beside it: that covers companions added later too) or a ``protected`` file
+    (the site registry, a withdrawal request).
+    """
     value = str(run_config.get("report-path", "") or "")
-    if value:
-        return resolve(value)
-    return ledger_path.parent / "reports" / f"{mode}-{run_id}.json"
+    if not value:
+        return ledger.parent / "reports" / f"{mode}-{run_id}.json"
+    path = confine(state, value, "report-path")
+    named = path.parent == ledger.parent and path.name.startswith(ledger.name)
+    if named or path in ledger_files(ledger) or path in {p.resolve() for p in protected}:
+        raise PathRefused(f"report-path={value!r} names {path}, a file the server keeps (the ledger, its "
+                          "companions, the site registry or a request): refused")
+    return path

@@ -1,23 +1,30 @@
 """The ledger strategy: FedAvg's sampling and round loop, with aggregation replaced by the ledger.
 
-Each site's reply is validated and recorded in the contribution ledger under the stable site
-id it reports (never the Flower node id, which changes every run); a site that contributed
+Each site's reply is validated (server.replies) and recorded in the contribution ledger under its
+stable site id (never the Flower node id, which changes every run); a site that contributed
 before has its old contribution *replaced*. The global model is ``ledger.composed_delta()``:
 for a tangent model the example-weighted average of the Δ's is exactly the ensemble of the
 sites' models, and any site can later be removed by subtraction.
 
-Replies are never trusted: a Flower error, a site's error record, a malformed reply, a base
-digest other than the server's, a second reply for the same site in one round and everything
-the ledger itself refuses (shapes, NaN, norm, duplicates, …) are counted as rejections with a
-reason, logged, and reported in the round summary; the other sites' contributions still count.
+In a deployment the site id a reply declares is bound to the SuperNode that sent it through the
+site registry (server.identity): impostors, unregistered nodes, revoked keys and example counts
+over the registered cap are refused, and withdrawn or revoked sites are not sampled.
+
+Replies are never trusted and no reply can abort a round: a Flower error, a site's error record,
+anything malformed, a base digest other than the server's, a non-DP reply in a DP run, a second
+reply for the same site in one round, everything the ledger itself refuses (shapes, NaN, norm,
+duplicates, a withdrawn site, …) and any unexpected exception while one reply is handled
+(``internal``) are counted as rejections with a reason, logged, and reported in the round
+summary; the other sites' contributions still count.
 """
 from __future__ import annotations
 
 import logging
 import math
+import random
 import time
 from collections import Counter
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -27,27 +34,15 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
+from server.identity import SenderBinding
 from server.ledger import Ledger, RejectedContribution
+from server.replies import (MAX_DETAIL, Contribution, Rejected, parse_evaluate_reply, parse_train_reply,
+                            shown)
+
+__all__ = ["LedgerFedAvg", "RoundSummary", "Rejected", "Contribution", "parse_train_reply", "record",
+           "StreamingGrid", "composed_arrays"]
 
 log = logging.getLogger("taft.server")
-
-
-class Rejected(Exception):
-    """A reply that is not recorded; ``reason`` is machine-readable."""
-
-    def __init__(self, reason: str, detail: str = "", site_id: str | None = None):
-        super().__init__(f"{reason}: {detail}" if detail else reason)
-        self.reason, self.detail, self.site_id = reason, detail, site_id
-
-
-@dataclass
-class Contribution:
-    """A validated train reply, ready for the ledger."""
-    site_id: str
-    delta: dict  # name -> float32 numpy array
-    num_examples: int
-    meta: dict  # keyword arguments of Ledger.add/replace
-    metrics: dict
 
 
 @dataclass
@@ -56,7 +51,9 @@ class RoundSummary:
     sent: int = 0
     recorded: list[str] = field(default_factory=list)  # site ids, in order
     replaced: list[str] = field(default_factory=list)
-    rejections: list[dict] = field(default_factory=list)  # {"site_id", "node_id", "reason", "detail"}
+    # {"site_id", "node_id", "reason", "detail"} (+ "declared_site_id" when the claim differs)
+    rejections: list[dict] = field(default_factory=list)
+    not_sampled: list[dict] = field(default_factory=list)  # {"node_id", "site_id", "reason"}
     model_version: int | None = None
     total_examples: int = 0
     train_metrics: dict = field(default_factory=dict)
@@ -76,54 +73,6 @@ class RoundSummary:
         return out
 
 
-def parse_train_reply(msg: Message, expected_base_digest: str) -> Contribution:
-    """Validate one train reply; raises :class:`Rejected`. (The ledger checks the tensors.)"""
-    if msg.has_error():
-        raise Rejected("flower_error", f"code {msg.error.code}: {msg.error.reason}")
-    content = msg.content
-    if "error" in content.config_records:
-        err = content.config_records["error"]
-        raise Rejected(str(err.get("code", "client_error")), str(err.get("reason", "")),
-                       site_id=err.get("site-id"))
-    missing = [k for k, records in (("delta", content.array_records), ("metrics", content.metric_records),
-                                    ("meta", content.config_records)) if k not in records]
-    if missing:
-        raise Rejected("malformed", f"reply lacks {', '.join(missing)}")
-    meta, metrics = content.config_records["meta"], content.metric_records["metrics"]
-    site = meta.get("site-id")
-    if not isinstance(site, str) or not site:
-        raise Rejected("bad_site_id", f"meta site-id {site!r} is not a non-empty string")
-    digest = meta.get("base-digest")
-    if digest != expected_base_digest:
-        raise Rejected("base_digest_mismatch", f"{digest} != {expected_base_digest}", site)
-    num_examples = metrics.get("num-examples")
-    if isinstance(num_examples, float) and num_examples.is_integer():
-        num_examples = int(num_examples)
-    if not isinstance(num_examples, int) or isinstance(num_examples, bool) or num_examples < 1:
-        raise Rejected("bad_num_examples", f"{num_examples!r}", site)
-    dp = bool(meta.get("dp", False))
-    epsilon = metrics.get("epsilon")
-    if dp and (not isinstance(epsilon, (int, float)) or not math.isfinite(epsilon) or epsilon < 0):
-        raise Rejected("bad_meta", f"DP contribution with epsilon {epsilon!r}", site)
-    delta = {name: array.numpy() for name, array in content.array_records["delta"].items()}
-    ledger_meta: dict[str, Any] = {
-        "epsilon": float(epsilon) if dp else None,
-        "delta_dp": float(metrics.get("delta", 0.0)) if dp else None,
-        "dp_settings": {"dp": dp, "target_epsilon": meta.get("dp-target-epsilon"),
-                        "max_grad_norm": meta.get("dp-max-grad-norm"),
-                        "noise_multiplier": meta.get("dp-noise-multiplier")},
-        "shard_fingerprint": str(meta.get("shard-fingerprint", "")) or None,
-        "base_digest": digest,
-        "extra": {"data_digest": meta.get("data-digest"), "source": meta.get("source")},
-    }
-    try:
-        import json
-        ledger_meta["train_config"] = json.loads(str(meta.get("train-config", "{}")))
-    except ValueError as err:
-        raise Rejected("bad_meta", f"train-config is not JSON: {err}", site) from None
-    return Contribution(site, delta, num_examples, ledger_meta, dict(metrics))
-
-
 def record(ledger: Ledger, contribution: Contribution) -> tuple[Any, bool]:
     """Add (or replace, for a site that contributed before). Returns (ModelVersion, replaced)."""
     active = ledger.contributions(site_id=contribution.site_id, status="active")
@@ -136,57 +85,107 @@ def record(ledger: Ledger, contribution: Contribution) -> tuple[Any, bool]:
     return version, bool(active)
 
 
+def _sender(msg: Message) -> int | None:
+    try:
+        return msg.metadata.src_node_id
+    except Exception:  # noqa: BLE001 - a reply without metadata is still only one reply
+        return None
+
+
 class LedgerFedAvg(FedAvg):
     """FedAvg's node sampling and round loop; aggregation is the ledger.
 
     Train messages carry ``{"spec", "config"}`` (no weights: every site rebuilds w0 and proves
-    it by the digest); evaluate messages add the composed Δ as ``"delta"``.
+    it by the digest); evaluate messages add the composed Δ as ``"delta"``. ``binding`` (the
+    deployment's site registry) ties each reply to its sender node; None in the simulation.
+    ``require_dp`` (a ``dp=true`` run) refuses non-DP replies as ``not_private``.
     """
 
-    def __init__(self, ledger: Ledger, spec: dict, base_digest: str, **fedavg_kwargs):
+    def __init__(self, ledger: Ledger, spec: dict, base_digest: str, *, binding: SenderBinding | None = None,
+                 require_dp: bool = False, **fedavg_kwargs):
         super().__init__(weighted_by_key="num-examples", arrayrecord_key="delta", **fedavg_kwargs)
         self.ledger = ledger
         self.spec = ConfigRecord(dict(spec) | {"base-digest": base_digest})
         self.base_digest = base_digest
+        self.binding = binding
+        self.require_dp = require_dp
         self.rounds: dict[int, RoundSummary] = {}
 
     def summary(self) -> None:
         super().summary()
-        log.info("\t└──> ledger %s (base digest %s…)", self.ledger.path, self.base_digest[:12])
+        log.info("\t└──> ledger %s (base digest %s…), %s, %s", self.ledger.path, self.base_digest[:12],
+                 "replies bound to registered nodes" if self.binding else "simulation: partition ids",
+                 "DP replies only" if self.require_dp else "DP optional")
 
+    # ------------------------------------------------------------------ sampling
     def _messages(self, record: RecordDict, fraction: float, min_nodes: int, grid: Grid,
-                  message_type: str) -> list[Message]:
+                  message_type: str, summary: RoundSummary | None = None) -> list[Message]:
         if fraction == 0.0:
             return []
-        num_nodes = int(len(list(grid.get_node_ids())) * fraction)
-        node_ids, _ = sample_nodes(grid, self.min_available_nodes, max(num_nodes, min_nodes))
+        if self.binding is None:
+            num_nodes = int(len(list(grid.get_node_ids())) * fraction)
+            node_ids, _ = sample_nodes(grid, self.min_available_nodes, max(num_nodes, min_nodes))
+        else:
+            node_ids = self._sample_eligible(grid, fraction, min_nodes, summary)
         return [Message(content=record, message_type=message_type, dst_node_id=node) for node in node_ids]
 
+    def _sample_eligible(self, grid: Grid, fraction: float, min_nodes: int,
+                         summary: RoundSummary | None) -> list[int]:
+        """FedAvg's sampling over the nodes whose site is neither withdrawn nor revoked."""
+        _, connected = sample_nodes(grid, self.min_available_nodes, 0)  # waits for enough nodes
+        withdrawn = set(self.ledger.withdrawn_sites())
+        eligible, excluded = [], []
+        for node in connected:
+            why = self.binding.not_eligible(node, withdrawn)
+            if why is None:
+                eligible.append(node)
+            else:
+                excluded.append({"node_id": node, "site_id": self.binding.site_of(node), "reason": why})
+        if excluded:
+            log.info("not sampled: %s", ", ".join(f"site {e['site_id']} ({e['reason']})" for e in excluded))
+            if summary is not None:
+                summary.not_sampled = excluded
+        size = min(len(eligible), max(int(len(eligible) * fraction), min_nodes))
+        return random.sample(eligible, size)
+
+    # ------------------------------------------------------------------ train
     def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                         grid: Grid) -> Iterable[Message]:
         config["server-round"] = server_round
+        summary = RoundSummary(server_round)
         messages = self._messages(RecordDict({"spec": self.spec, "config": config}),
-                                  self.fraction_train, self.min_train_nodes, grid, MessageType.TRAIN)
-        self.rounds[server_round] = RoundSummary(server_round, sent=len(messages), sent_at=time.monotonic())
+                                  self.fraction_train, self.min_train_nodes, grid, MessageType.TRAIN, summary)
+        summary.sent, summary.sent_at = len(messages), time.monotonic()
+        self.rounds[server_round] = summary
         log.info("round %d: asked %d sites to train from w0", server_round, len(messages))
         return messages
+
+    def _bind(self, node_id: int | None) -> Callable[[str], str] | None:
+        if self.binding is None:
+            return None
+        return lambda declared: self.binding.check(node_id, declared)
+
+    def _train_reply(self, msg: Message, node_id: int | None, seen: set[str]) -> tuple[Contribution, Any, bool]:
+        contribution = parse_train_reply(msg, self.base_digest, require_dp=self.require_dp,
+                                         bind=self._bind(node_id))
+        if self.binding is not None:
+            self.binding.check_cap(contribution.site_id, contribution.num_examples)
+        if contribution.site_id in seen:
+            raise Rejected("duplicate_site_in_round", "a second reply for this site", contribution.site_id)
+        seen.add(contribution.site_id)
+        version, replaced = record(self.ledger, contribution)
+        return contribution, version, replaced
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> tuple[ArrayRecord | None, MetricRecord | None]:
         summary = self.rounds.setdefault(server_round, RoundSummary(server_round))
         seen: set[str] = set()
         for msg in replies:
+            node_id = _sender(msg)
             try:
-                contribution = parse_train_reply(msg, self.base_digest)
-                if contribution.site_id in seen:
-                    raise Rejected("duplicate_site_in_round", "a second reply for this site", contribution.site_id)
-                seen.add(contribution.site_id)
-                version, replaced = record(self.ledger, contribution)
-            except Rejected as err:
-                summary.rejections.append({"site_id": err.site_id, "node_id": msg.metadata.src_node_id,
-                                           "reason": err.reason, "detail": err.detail[:2000]})
-                log.warning("round %d: REJECTED site %s (node %d): %s", server_round, err.site_id,
-                            msg.metadata.src_node_id, err)
+                contribution, version, replaced = self._train_reply(msg, node_id, seen)
+            except Exception as err:  # noqa: BLE001 - one reply never aborts the round (see module doc)
+                summary.rejections.append(self._rejection(server_round, "train", node_id, err))
                 continue
             summary.recorded.append(contribution.site_id)
             if replaced:
@@ -207,6 +206,21 @@ class LedgerFedAvg(FedAvg):
             return None, metrics
         return composed_arrays(self.ledger), metrics
 
+    def _rejection(self, server_round: int, phase: str, node_id: int | None, err: Exception) -> dict:
+        """The report row for a refused reply; the site is the registered one where there is one."""
+        if not isinstance(err, Rejected):
+            log.exception("round %d: unexpected error on a %s reply of node %s", server_round, phase, node_id)
+            err = Rejected("internal", f"{type(err).__name__}: {str(err)[:MAX_DETAIL]}")
+        registered = self.binding.site_of(node_id) if self.binding is not None else None
+        site = registered or err.site_id
+        row = {"site_id": site, "node_id": node_id, "reason": err.reason, "detail": err.detail[:MAX_DETAIL]}
+        if err.site_id is not None and err.site_id != site:
+            row["declared_site_id"] = shown(err.site_id)
+        log.warning("round %d: %s reply REJECTED, site %s (node %s): %s", server_round, phase, site, node_id,
+                    shown(str(err), 300))
+        return row
+
+    # ------------------------------------------------------------------ evaluate
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
         config["server-round"] = server_round
@@ -216,26 +230,22 @@ class LedgerFedAvg(FedAvg):
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]) -> MetricRecord | None:
         per_site, skipped = {}, []
         for msg in replies:
-            if msg.has_error():
-                skipped.append({"node_id": msg.metadata.src_node_id, "reason": "flower_error",
-                                "detail": str(msg.error.reason)[:500]})
+            node_id = _sender(msg)
+            try:
+                site, metrics = parse_evaluate_reply(msg, bind=self._bind(node_id))
+                if site in per_site:
+                    raise Rejected("duplicate_site_in_round", "a second evaluate reply for this site", site)
+            except Exception as err:  # noqa: BLE001 - one reply never aborts the round
+                skipped.append(self._rejection(server_round, "evaluate", node_id, err))
                 continue
-            content = msg.content
-            if "error" in content.config_records:
-                err = content.config_records["error"]
-                skipped.append({"site_id": err.get("site-id"), "reason": err.get("code"),
-                                "detail": str(err.get("reason"))[:500]})
-                continue
-            if "metrics" not in content.metric_records or "meta" not in content.config_records:
-                skipped.append({"node_id": msg.metadata.src_node_id, "reason": "malformed"})
-                continue
-            per_site[str(content.config_records["meta"].get("site-id"))] = dict(content.metric_records["metrics"])
+            per_site[site] = metrics
         metrics = _weighted_means(per_site.values(), ("eval-loss", "eval-accuracy"))
         summary = self.rounds.setdefault(server_round, RoundSummary(server_round))
-        summary.evaluate = {"sites": per_site, "skipped": skipped, **metrics}
+        summary.evaluate = {"sites": per_site, "skipped": skipped,
+                            "skipped_by_reason": dict(Counter(s["reason"] for s in skipped)), **metrics}
         if skipped:
             log.warning("round %d: %d evaluate replies skipped: %s", server_round, len(skipped),
-                        dict(Counter(s["reason"] for s in skipped)))
+                        summary.evaluate["skipped_by_reason"])
         return MetricRecord(metrics | {"sites": len(per_site)}) if per_site else None
 
 

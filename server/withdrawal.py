@@ -22,8 +22,10 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime as dt
+import hashlib
 import json
 import logging
+import os
 import secrets
 import sqlite3
 from dataclasses import asdict, dataclass
@@ -33,6 +35,9 @@ from typing import Any, Protocol
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+
+from server import safejson
+from tangent.protocol import check_site_id
 
 log = logging.getLogger("taft.withdrawal")
 
@@ -133,36 +138,136 @@ def create_request(
 
 # ----------------------------------------------------------------------------- registry
 
-class SiteRegistry:
-    """site-id -> public key, from the JSON file `deploy.register` writes.
+REGISTRY_VERSION = 2
 
-    {"sites": {"3": {"public_key": "keys/site-3.key.pub", "node_id": 123, ...}},
-     "admin": {"public_key": "keys/admin.key.pub"}}
-    Relative key paths are resolved against the registry file's directory.
+
+def key_fingerprint(key: ec.EllipticCurvePublicKey) -> str:
+    """SHA-256 of the key's DER SubjectPublicKeyInfo (deploy.register's rule)."""
+    der = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
+    return "SHA256:" + hashlib.sha256(der).hexdigest()
+
+
+class SiteRegistry:
+    """The site registry `deploy.register` writes: site id <-> public key <-> SuperLink node id.
+
+    {"version": 2,
+     "sites": {"3": {"public_key": "keys/site-3.key.pub", "fingerprint": "SHA256:<hex>",
+                     "node_id": 1234567, "max_examples": 1200, "registered_at": "<iso>",
+                     "revoked": false}},
+     "admin": {"public_key": "keys/operator.key.pub", "fingerprint": "SHA256:<hex>"}}
+
+    Relative key paths are resolved against the registry file's directory. Entries are never
+    deleted: ``revoked: true`` means that key can neither contribute nor sign withdrawals. The
+    whole file is checked when it is read (ValueError saying what is wrong), so a later lookup
+    never meets a malformed entry; a key file whose fingerprint is not the registered one is
+    refused when it is loaded.
     """
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
         try:
-            self.data = json.loads(self.path.read_text())
+            raw = self.path.read_bytes()
         except FileNotFoundError:
-            self.data = {}
-        self.data.setdefault("sites", {})
+            raise ValueError(f"site registry {self.path} does not exist (written by deploy.register)") from None
+        if len(raw) > MAX_REGISTRY_BYTES:
+            raise ValueError(f"site registry {self.path} is larger than {MAX_REGISTRY_BYTES} bytes")
+        try:
+            data = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, ValueError, RecursionError) as err:
+            raise ValueError(f"site registry {self.path} is not UTF-8 JSON: {err}") from None
+        self.data = _checked_registry(data, self.path)
+        self._by_node = {entry["node_id"]: site for site, entry in self.data["sites"].items()
+                         if entry.get("node_id") is not None}
 
     def sites(self) -> list[str]:
         return sorted(self.data["sites"])
+
+    def entry(self, site_id: str) -> dict[str, Any] | None:
+        """The site's registry entry (a copy), None when the site is not registered."""
+        entry = self.data["sites"].get(site_id) if isinstance(site_id, str) else None
+        return dict(entry) if entry is not None else None
+
+    def site_for_node(self, node_id: int) -> str | None:
+        """The site registered for this SuperLink node id (revoked ones included), else None."""
+        return self._by_node.get(node_id) if isinstance(node_id, int) and not isinstance(node_id, bool) else None
+
+    def is_revoked(self, site_id: str) -> bool:
+        entry = self.entry(site_id)
+        return bool(entry and entry.get("revoked", False))
+
+    def max_examples(self, site_id: str) -> int | None:
+        entry = self.entry(site_id)
+        return entry["max_examples"] if entry else None
 
     def _key_path(self, entry: dict[str, Any]) -> Path:
         path = Path(entry["public_key"])
         return path if path.is_absolute() else self.path.parent / path
 
+    def _load_key(self, entry: dict[str, Any], who: str) -> ec.EllipticCurvePublicKey:
+        key = load_public_key(self._key_path(entry))
+        if entry.get("fingerprint") and key_fingerprint(key) != entry["fingerprint"]:
+            raise ValueError(f"{who}: key file {entry['public_key']} has fingerprint {key_fingerprint(key)}, "
+                             f"the registry says {entry['fingerprint']}")
+        return key
+
     def public_key(self, site_id: str) -> ec.EllipticCurvePublicKey | None:
-        entry = self.data["sites"].get(str(site_id))
-        return load_public_key(self._key_path(entry)) if entry else None
+        entry = self.entry(site_id)
+        return self._load_key(entry, f"site {site_id}") if entry else None
 
     def admin_public_key(self) -> ec.EllipticCurvePublicKey | None:
         entry = self.data.get(ADMIN)
-        return load_public_key(self._key_path(entry)) if entry else None
+        return self._load_key(entry, ADMIN) if entry else None
+
+
+MAX_REGISTRY_BYTES = 16 * 1024 * 1024
+
+
+def _checked_registry(data: Any, path: Path) -> dict[str, Any]:
+    """The registry document if it follows the version-2 format; ValueError naming the problem."""
+    def bad(what: str) -> ValueError:
+        return ValueError(f"site registry {path} is malformed: {what}")
+
+    if not isinstance(data, dict):
+        raise bad("expected a JSON object")
+    if data.get("version") != REGISTRY_VERSION or isinstance(data.get("version"), bool):
+        raise bad(f"version {data.get('version')!r}, expected {REGISTRY_VERSION} (re-register with deploy.register)")
+    sites = data.get("sites", {})
+    if not isinstance(sites, dict):
+        raise bad("'sites' must be an object of site id -> entry")
+    seen_nodes: dict[int, str] = {}
+    seen_fingerprints: dict[str, str] = {}
+    for site, entry in sites.items():
+        try:
+            check_site_id(site)
+        except ValueError as err:
+            raise bad(str(err)) from None
+        if not isinstance(entry, dict):
+            raise bad(f"site {site}: entry must be an object")
+        if not isinstance(entry.get("public_key"), str) or not entry["public_key"]:
+            raise bad(f"site {site}: 'public_key' must be a path")
+        fingerprint = entry.get("fingerprint")
+        if not isinstance(fingerprint, str) or not fingerprint.startswith("SHA256:"):
+            raise bad(f"site {site}: 'fingerprint' must be 'SHA256:<hex>'")
+        if fingerprint in seen_fingerprints:
+            raise bad(f"sites {seen_fingerprints[fingerprint]} and {site} share key {fingerprint}")
+        seen_fingerprints[fingerprint] = site
+        node_id = entry.get("node_id")
+        if node_id is not None:
+            if not isinstance(node_id, int) or isinstance(node_id, bool):
+                raise bad(f"site {site}: 'node_id' must be an integer")
+            if node_id in seen_nodes:
+                raise bad(f"sites {seen_nodes[node_id]} and {site} share node id {node_id}")
+            seen_nodes[node_id] = site
+        cap = entry.get("max_examples")
+        if not isinstance(cap, int) or isinstance(cap, bool) or cap < 1:
+            raise bad(f"site {site}: 'max_examples' must be a positive integer (deploy.register --max-examples)")
+        if not isinstance(entry.get("revoked", False), bool):
+            raise bad(f"site {site}: 'revoked' must be true or false")
+    admin = data.get(ADMIN)
+    if admin is not None and (not isinstance(admin, dict) or not isinstance(admin.get("public_key"), str)
+                              or not admin["public_key"]):
+        raise bad("'admin' must be an object with a 'public_key' path")
+    return data | {"sites": sites}
 
 
 # ----------------------------------------------------------------------------- nonce store
@@ -180,7 +285,9 @@ class NonceStore:
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # created private before SQLite opens it (its -wal/-shm files copy these permissions)
+        os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
         self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
         with self._tx():
@@ -265,15 +372,36 @@ def parse_request(document: Any) -> tuple[WithdrawalRequest, bytes]:
     fields = {"site_id", "nonce", "timestamp", "reason", "signer", "version"}
     if set(payload) != fields:
         raise WithdrawalRefused(f"malformed request: payload fields must be {sorted(fields)}")
-    if payload["version"] != REQUEST_VERSION:
-        raise WithdrawalRefused(f"unsupported request version {payload['version']!r}")
+    if type(payload["version"]) is not int or payload["version"] != REQUEST_VERSION:
+        raise WithdrawalRefused(f"unsupported request version {str(payload['version'])[:40]!r}")
     if not all(isinstance(payload[k], str) for k in fields - {"version"}):
         raise WithdrawalRefused("malformed request: site_id, nonce, timestamp, reason, signer must be strings")
     if payload["signer"] not in SIGNERS:
-        raise WithdrawalRefused(f"unknown signer {payload['signer']!r}")
-    if len(payload["nonce"]) < 16:
-        raise WithdrawalRefused("nonce too short (at least 16 characters)")
+        raise WithdrawalRefused(f"unknown signer {payload['signer'][:40]!r}")
+    try:
+        check_site_id(payload["site_id"])
+    except ValueError as err:
+        raise WithdrawalRefused(f"malformed request: {err}") from None
+    if not 16 <= len(payload["nonce"]) <= 128:
+        raise WithdrawalRefused("nonce must be 16 to 128 characters")
     return WithdrawalRequest(**payload), raw_signature
+
+
+def _signer_key(request: WithdrawalRequest, registry: SiteRegistry) -> ec.EllipticCurvePublicKey:
+    """The registered key that must have signed ``request``; WithdrawalRefused when there is none."""
+    if request.signer == ADMIN:
+        key = registry.admin_public_key()
+        if key is None:
+            raise WithdrawalRefused("admin-signed request but no admin key is registered")
+    else:
+        key = registry.public_key(request.site_id)
+        if key is None:
+            raise WithdrawalRefused(f"unknown site {request.site_id!r}: no public key registered")
+        if registry.is_revoked(request.site_id):
+            # checked before the signature: a revoked key signs nothing, valid or not
+            raise WithdrawalRefused(f"site {request.site_id!r}: its key was revoked (deploy.register --unregister); "
+                                    "an operator-signed request (signer='admin') can still withdraw it")
+    return key
 
 
 def verify_request(
@@ -284,14 +412,10 @@ def verify_request(
 ) -> WithdrawalRequest:
     """Check format, signer key and freshness (not the nonce). Raises WithdrawalRefused."""
     request, signature = parse_request(document)
-    if request.signer == ADMIN:
-        key = registry.admin_public_key()
-        if key is None:
-            raise WithdrawalRefused("admin-signed request but no admin key is registered")
-    else:
-        key = registry.public_key(request.site_id)
-        if key is None:
-            raise WithdrawalRefused(f"unknown site {request.site_id!r}: no public key registered")
+    try:
+        key = _signer_key(request, registry)
+    except (OSError, ValueError) as err:  # a missing or swapped key file refuses, never crashes the run
+        raise WithdrawalRefused(f"cannot load the registered {request.signer} key: {err}") from None
     try:
         key.verify(signature, request.signed_bytes(), ec.ECDSA(_hash_for(key)))
     except InvalidSignature as err:
@@ -300,10 +424,9 @@ def verify_request(
             + ("" if request.signer == ADMIN else f" of site {request.site_id!r}")
         ) from err
     try:
-        issued_at = request.issued_at
-    except ValueError as err:
-        raise WithdrawalRefused(f"malformed timestamp {request.timestamp!r}") from err
-    age = ((now or _utc_now()) - issued_at).total_seconds()
+        age = ((now or _utc_now()) - request.issued_at).total_seconds()
+    except (ValueError, OverflowError) as err:
+        raise WithdrawalRefused(f"malformed timestamp {request.timestamp[:40]!r}") from err
     if age > max_age_s:
         raise WithdrawalRefused(f"stale request: signed {age:.0f} s ago (limit {max_age_s:.0f} s)")
     if age < -MAX_CLOCK_SKEW_S:
@@ -351,12 +474,29 @@ def _ledger_reason(request: WithdrawalRequest) -> str:
             f"{request.timestamp}: {request.reason}")
 
 
+MAX_REQUEST_BYTES = 64 * 1024
+MAX_REQUEST_DEPTH = 4  # {"payload": {...}} is depth 2; anything deeper is not a request
+
+
 def read_request(request_path: str | Path) -> Any:
-    """The JSON document of a request file; WithdrawalRefused when it cannot be read."""
+    """The JSON document of a request file; WithdrawalRefused when it cannot be read.
+
+    The file is hostile input: only a regular file is opened (a FIFO would block the run), at most
+    ``MAX_REQUEST_BYTES`` are read, it must be UTF-8, and JSON nesting, NaN/Infinity and numbers
+    Python refuses to parse (over 4,300 digits) are refusals, never exceptions of another kind.
+    """
+    path = Path(request_path)
     try:
-        return json.loads(Path(request_path).read_text())
-    except (OSError, json.JSONDecodeError) as err:
-        raise WithdrawalRefused(f"cannot read request {request_path}: {err}") from err
+        if not path.is_file():
+            raise WithdrawalRefused(f"cannot read request {path}: not a regular file")
+        with path.open("rb") as handle:
+            raw = handle.read(MAX_REQUEST_BYTES + 1)
+    except OSError as err:
+        raise WithdrawalRefused(f"cannot read request {path}: {err}") from None
+    try:
+        return safejson.loads(raw, max_bytes=MAX_REQUEST_BYTES, max_depth=MAX_REQUEST_DEPTH)
+    except ValueError as err:
+        raise WithdrawalRefused(f"cannot read request {path}: {err}") from None
 
 
 def apply_withdrawal_file(

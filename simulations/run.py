@@ -399,7 +399,8 @@ def main(argv=None) -> int:
     from tangent.spec import ModelSpec  # no torch here: the driver stays small (see in_subprocess)
 
     defaults = pyproject_config()
-    run_dir = args.runs_dir / datetime.now().strftime("%Y%m%d-%H%M%S")
+    # absolute: it is the ServerApp's state-dir, against which relative run-config paths resolve
+    run_dir = (args.runs_dir / datetime.now().strftime("%Y%m%d-%H%M%S")).resolve()
     run_dir.mkdir(parents=True, exist_ok=False)
     flwr_home = run_dir / "flwr-home"
     cache_dir = None if args.no_cache else (args.cache_dir or in_subprocess(default_cache_dir)).resolve()
@@ -408,6 +409,8 @@ def main(argv=None) -> int:
     run_config = {"seed": args.seed, "partition": args.partition, "dirichlet-alpha": args.dirichlet_alpha,
                   "train-subset": args.train_subset, "eval-subset": args.eval_subset,
                   "cache-dir": str(cache_dir or ""), "ledger-path": str(ledger_path),
+                  # the local simulation: sites are partition ids; every server file stays in run_dir
+                  "federation-mode": "simulation", "state-dir": str(run_dir),
                   "min-nodes": args.num_clients, "fraction-evaluate": args.fraction_evaluate}
     if args.reinit is not None:
         run_config["reinit"] = args.reinit == "true"

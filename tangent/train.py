@@ -130,14 +130,15 @@ def delta_norm(model) -> float:
 
 
 def fit(model, inputs, labels, config: TrainConfig, *, privacy=None, from_cache: bool,
-        budget=None, progress: bool = True) -> TrainResult:
+        budget=None, contribution_id: str | None = None, progress: bool = True) -> TrainResult:
     """Train ``model.linearized`` in place.
 
     inputs: cached trunk tokens [N, T, d] (tensor, memmap, TokenDataset) when ``from_cache``,
     else preprocessed images [N, 3, H, W]. With ``privacy`` (a PrivacyConfig) the same loop
-    runs under Opacus (DP-SGD over the whole schedule, cross-entropy, see tangent.privacy).
-    ``budget`` (an EpsilonBudget) refuses to start past the site's ε budget and records the ε
-    actually spent.
+    runs under Opacus (DP-SGD over the whole schedule, cross-entropy, see tangent.privacy);
+    its sampling and noise come from OS entropy, not from ``config.seed``. ``budget`` (a
+    PrivacyBudget) is charged the schedule's planned (ε, δ) under ``contribution_id`` before the
+    first step (refusing past the budget) and settled to what was spent after the last.
     """
     start = time.perf_counter()
     dataset = ArrayDataset(inputs, labels)
@@ -160,12 +161,18 @@ def fit(model, inputs, labels, config: TrainConfig, *, privacy=None, from_cache:
     if privacy is not None:
         from tangent.privacy import make_private  # Opacus is only imported for DP runs
 
-        if budget is not None:
-            budget.check(privacy.target_epsilon)
-        private = make_private(head, optimizer, loader, privacy, epochs=config.epochs,
-                               seed=config.seed)
+        private = make_private(head, optimizer, loader, privacy, epochs=config.epochs)
         head, optimizer, criterion, loader = (private.module, private.optimizer,
                                               private.criterion, private.data_loader)
+        if budget is not None:
+            if contribution_id is None:
+                raise ValueError("a budgeted DP fit needs a contribution_id")
+            try:  # one locked check-and-charge before any step; a crash after it stays charged
+                budget.reserve(contribution_id, private.planned_epsilon(config.epochs * len(loader)),
+                               private.delta)
+            except BaseException:
+                private.close()
+                raise
     base_optimizer = getattr(optimizer, "original_optimizer", optimizer)
     # The penalty's gradient is added right before the parameter update, i.e. after Opacus
     # has clipped and noised the data gradient: it is data-independent and must not be clipped.
@@ -217,7 +224,7 @@ def fit(model, inputs, labels, config: TrainConfig, *, privacy=None, from_cache:
         if private is not None:
             epsilon, delta = private.epsilon(), private.delta
             if budget is not None:
-                budget.record(epsilon, delta=delta, num_examples=len(dataset), steps=step)
+                budget.settle(contribution_id, epsilon, delta, steps=step)
     finally:
         if hook is not None:
             hook.remove()

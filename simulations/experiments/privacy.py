@@ -26,12 +26,14 @@ KINDS = ("taft", "nlft", "head")
 
 @lru_cache(maxsize=None)
 def noise_multiplier(epsilon: float, num: int, batch: int, epochs: int, accountant: str) -> float:
-    """σ for (ε, δ = 1/(10 n)) over ``epochs`` epochs at sample rate 1/⌈n/batch⌉ — exactly what
-    Opacus' make_private_with_epsilon computes for fit's loader; calibrated once per setting
-    instead of once per client (the PRV search takes seconds)."""
+    """σ for (ε, δ = default_delta(n)) over ``epochs`` epochs at sample rate 1/⌈n/batch⌉ — exactly
+    what Opacus' make_private_with_epsilon computes for fit's loader (n is public here);
+    calibrated once per setting instead of once per client (the PRV search takes seconds)."""
     from opacus.accountants.utils import get_noise_multiplier
 
-    return float(get_noise_multiplier(target_epsilon=epsilon, target_delta=1.0 / (10 * num),
+    from tangent.privacy import default_delta
+
+    return float(get_noise_multiplier(target_epsilon=epsilon, target_delta=default_delta(num),
                                       sample_rate=1.0 / math.ceil(num / batch), epochs=epochs,
                                       accountant=accountant))
 
@@ -113,7 +115,7 @@ def plot(rows, path: Path) -> None:
     eps = sorted({r["target_epsilon"] for r in rows if r["target_epsilon"] is not None})
     ax.set_xticks(eps, [f"{e:g}" for e in eps])
     ax.minorticks_off()
-    ax.set_xlabel("ε (δ = 1/(10 n) per model)")
+    ax.set_xlabel("ε (δ = min(1e-5, 1/(10 n)) per model)")
     ax.set_ylabel("test accuracy")
     ax.set_title("DP fine-tuning (dotted: central, no DP)")
     ax.legend(fontsize=7)
@@ -160,7 +162,7 @@ per-sample clipping to {s['dp_max_grad_norm']:g}, {s['dp_accountant'].upper()} a
 expected batch {s['dp_batch']}; federated = {s['dp_clients']} IID DP clients of
 {client['images_per_model'] if client else '—'} images each, expected batch {s['dp_client_batch']}, each
 spending ε on its own data (disjoint data: the composed / souped model is (ε, δ)-DP for every
-example), composed (TAFT) or souped (NLFT) weighted by examples. DP lr {s['dp_lr']:g} for all three; δ = 1/(10 n) per model ({f"{central['delta']:.1e}" if central else '—'}
+example), composed (TAFT) or souped (NLFT) weighted by examples. DP lr {s['dp_lr']:g} for all three; δ = min(1e-5, 1/(10 n)) per model ({f"{central['delta']:.1e}" if central else '—'}
 central, {f"{client['delta']:.1e}" if client else '—'} per client). {calibration} The ε actually spent is at most {worst:.3f} × the target. ε = ∞: each method's non-DP recipe (batch {s['batch_size']}; TAFT RSL lr
 {s['taft_lr']:g}, NLFT-1 CE lr {s['nlft_lr']:g}, head CE lr {s['head_lr']:g}), same epochs.
 

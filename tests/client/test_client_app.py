@@ -2,7 +2,10 @@
 hundred real Fashion-MNIST images (deployment-style node config: site-id + data-path)."""
 from __future__ import annotations
 
+import json
 import math
+import os
+import re
 
 import numpy as np
 import pytest
@@ -10,6 +13,7 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from client.client_app import app
+from tangent.budget import PrivacyBudget
 from tangent.spec import ModelSpec, build_model
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("flower_server_identity")]
@@ -92,16 +96,38 @@ def test_missing_data_path_is_refused_with_an_error_reply(site, tmp_path):
     assert reply["error"]["code"] == "missing_data"
 
 
-def test_dp_training_spends_the_budget_then_is_refused(site, tmp_path):
-    node = site["node_config"] | {"epsilon-budget": 6.0, "state-dir": str(tmp_path)}
+DP_META = {"site-id", "base-digest", "contribution-id", "dp", "dp-target-epsilon", "dp-max-grad-norm",
+           "dp-noise-multiplier", "train-config"}
+
+
+def test_dp_reply_holds_only_the_mechanism_and_public_values(site, tmp_path):
+    state = tmp_path / "state"
+    PrivacyBudget.create(state / PrivacyBudget.FILE_NAME, "site-a", 6.0)
+    node = site["node_config"] | {"epsilon-budget": 6.0, "state-dir": str(state)}
     reply = train(site, node_config=node, dp=True, epochs=1, **{"dp-epsilon": 4.0, "lr": 0.5, "loss": "ce"})
     assert "error" not in reply.config_records, reply["error"]["reason"] if "error" in reply else ""
-    assert 0 < reply["metrics"]["epsilon"] <= 4.0 + 1e-6 and reply["meta"]["dp"] is True
-    # 4 spent of 6: another ε=4 contribution would exceed the budget
+    metrics, meta = dict(reply["metrics"]), dict(reply["meta"])
+    assert set(metrics) == {"num-examples", "epsilon", "delta"} and set(meta) == DP_META
+    assert metrics["num-examples"] == 256  # the public bucket of n = 300: no exact count
+    assert metrics["delta"] == 1e-5 and 3.0 < metrics["epsilon"] <= 4.0 + 1e-6
+    assert meta["dp"] is True and re.fullmatch(r"[0-9a-f]{32}", meta["contribution-id"])
+    assert json.loads(meta["train-config"])["seed"] == 0  # the server's request, echoed
+    assert "train.npz" not in repr(reply) and str(site["root"]) not in repr(reply)
+    # the site's own note maps the random id to its shard; the budget charged what was spent
+    note = json.loads((state / "contributions.jsonl").read_text())
+    assert note["contribution-id"] == meta["contribution-id"] and note["num-examples"] == 300
+    assert len(note["shard-fingerprint"]) == 64
+    assert PrivacyBudget(state / PrivacyBudget.FILE_NAME, "site-a").spent[0] == pytest.approx(metrics["epsilon"])
+    assert oct(os.stat(state / "contributions.jsonl").st_mode & 0o777) == "0o600"
+
+    # 4 spent of 6: another ε=4 contribution is refused before training; a declared count is
+    # what a DP reply reveals and is weighted by
     reply = train(site, node_config=node, dp=True, epochs=1, **{"dp-epsilon": 4.0})
     assert reply["error"]["code"] == "budget_exhausted" and "budget" in reply["error"]["reason"]
-    # and a site whose budget is already spent refuses before touching its data
-    from tangent.privacy import EpsilonBudget
-    EpsilonBudget(tmp_path / "epsilon-budget.json", "site-a", 6.0).record(2.0)
-    reply = train(site, node_config=node, dp=True, epochs=1, **{"dp-epsilon": 0.5})
-    assert reply["error"]["code"] == "budget_exhausted"
+    reply = train(site, node_config=node | {"declared-examples": 1000}, dp=True, epochs=1,
+                  **{"dp-epsilon": 1.5})
+    assert reply["metrics"]["num-examples"] == 1000 and reply["metrics"]["delta"] == 1e-5
+    # the non-DP request of a budgeted site is refused; so is training once the record is gone
+    assert train(site, node_config=node)["error"]["code"] == "dp_required"
+    (state / PrivacyBudget.FILE_NAME).unlink()
+    assert train(site, node_config=node, dp=True, epochs=1)["error"]["code"] == "budget_missing"

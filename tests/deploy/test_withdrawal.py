@@ -11,7 +11,10 @@ from server.withdrawal import (
     WithdrawalRefused,
     apply_withdrawal,
     create_request,
+    key_fingerprint,
     load_private_key,
+    load_public_key,
+    read_request,
 )
 
 
@@ -31,16 +34,30 @@ class FakeLedger:
         return True
 
 
+def registry_entry(pub, node_id=None, max_examples=1000, revoked=False, base=None) -> dict:
+    """A version-2 registry entry for the public key file ``pub`` (as deploy.register writes it)."""
+    path = f"keys/{pub.name}" if base is None else str(pub)
+    return {"public_key": path, "fingerprint": key_fingerprint(load_public_key(pub)), "node_id": node_id,
+            "max_examples": max_examples, "registered_at": "2026-11-30T00:00:00Z", "revoked": revoked}
+
+
+def write_registry(path, sites: dict, admin_pub=None) -> None:
+    document = {"version": 2, "sites": sites}
+    if admin_pub is not None:
+        document["admin"] = {"public_key": f"keys/{admin_pub.name}",
+                             "fingerprint": key_fingerprint(load_public_key(admin_pub))}
+    path.write_text(json.dumps(document))
+
+
 @pytest.fixture
 def fed(tmp_path):
     keys = tmp_path / "keys"
-    registry = {"sites": {}}
-    for site in ("1", "2", "3"):
+    sites = {}
+    for node, site in enumerate(("1", "2", "3"), start=101):
         _, pub = create_site_key(keys, site)
-        registry["sites"][site] = {"public_key": f"keys/{pub.name}"}
+        sites[site] = registry_entry(pub, node_id=node)
     _, admin_pub = create_site_key(keys, "admin")
-    registry["admin"] = {"public_key": f"keys/{admin_pub.name}"}
-    (tmp_path / "registry.json").write_text(json.dumps(registry))
+    write_registry(tmp_path / "registry.json", sites, admin_pub)
     key = lambda s: load_private_key(keys / f"site-{s}.key")  # noqa: E731
     store = NonceStore(tmp_path / "ledger.sqlite.withdrawals.sqlite")
     yield key, SiteRegistry(tmp_path / "registry.json"), store, FakeLedger(["1", "2", "3"])
@@ -137,12 +154,10 @@ def test_apply_file_on_a_real_ledger(tmp_path):
     from server.withdrawal import apply_withdrawal_file, nonce_store_path
 
     keys = tmp_path / "keys"
-    registry = {"sites": {}}
     rng = np.random.default_rng(0)
     deltas = {s: {"head.weight": rng.normal(size=(3, 4)).astype(np.float32)} for s in ("1", "2", "3")}
-    for s in deltas:
-        registry["sites"][s] = {"public_key": str(create_site_key(keys, s)[1])}
-    (tmp_path / "registry.json").write_text(json.dumps(registry))
+    write_registry(tmp_path / "registry.json",
+                   {s: registry_entry(create_site_key(keys, s)[1], base="abs") for s in deltas})
     with Ledger.open(tmp_path / "ledger.sqlite") as ledger:
         for s, d in deltas.items():
             ledger.add(s, d, num_examples=10 * int(s))
@@ -178,12 +193,12 @@ def test_unlearning_run_applies_good_requests_and_reports_refusals(tmp_path):
     from server.withdrawal import load_private_key
 
     keys = tmp_path / "keys"
-    registry = {"sites": {}}
+    sites = {}
     for site in ("1", "2", "rogue"):
         _, pub = create_site_key(keys, site)
         if site != "rogue":
-            registry["sites"][site] = {"public_key": f"keys/{pub.name}"}
-    (tmp_path / "registry.json").write_text(json.dumps(registry))
+            sites[site] = registry_entry(pub)
+    write_registry(tmp_path / "registry.json", sites)
     good = create_request("2", load_private_key(keys / "site-2.key"), "leaving")
     forged = create_request("1", load_private_key(keys / "site-rogue.key"), "forged")
     for name, doc in (("good.json", good), ("forged.json", forged)):
@@ -195,7 +210,8 @@ def test_unlearning_run_applies_good_requests_and_reports_refusals(tmp_path):
         for site in ("1", "2"):
             ledger.add(site, {"w": rng.standard_normal(4).astype(np.float32)}, 10)
         requests = [str(tmp_path / n) for n in ("forged.json", "good.json", "garbage.json", "good.json")]
-        decisions = _apply_withdrawals(ledger, requests, str(tmp_path / "registry.json"), ledger_path)
+        decisions = _apply_withdrawals(ledger, requests, SiteRegistry(tmp_path / "registry.json"), ledger_path,
+                                       tmp_path)
         assert [d["accepted"] for d in decisions] == [False, True, False, False]
         assert "bad signature" in decisions[0]["detail"] and decisions[0]["site_id"] == "1"
         assert "cannot read" in decisions[2]["detail"] and "replayed" in decisions[3]["detail"]
@@ -210,3 +226,144 @@ def test_cli_verify_refuses_an_unreadable_request(tmp_path, capsys):
     bad.write_text("{")
     assert main(["verify", str(bad), "--registry", str(tmp_path / "registry.json")]) == 1
     assert "REFUSED: cannot read request" in capsys.readouterr().err
+
+
+# ----------------------------------------------------------------------------- registry v2 (contract 3)
+
+def test_registry_lookups(fed):
+    registry = fed[1]
+    assert registry.sites() == ["1", "2", "3"]
+    assert registry.site_for_node(102) == "2" and registry.site_for_node(999) is None
+    assert registry.site_for_node(True) is None  # a bool is not a node id (True == 1)
+    assert registry.entry("3")["node_id"] == 103 and registry.entry("9") is None
+    assert registry.max_examples("1") == 1000 and registry.max_examples("9") is None
+    assert registry.is_revoked("1") is False and registry.is_revoked("9") is False
+
+
+def _registry_with(tmp_path, mutate) -> SiteRegistry:
+    _, pub = create_site_key(tmp_path / "keys", "1")
+    _, pub2 = create_site_key(tmp_path / "keys", "2")
+    document = {"version": 2, "sites": {"1": registry_entry(pub, node_id=11), "2": registry_entry(pub2, node_id=12)}}
+    mutate(document)
+    (tmp_path / "registry.json").write_text(json.dumps(document) if isinstance(document, dict) else document)
+    return SiteRegistry(tmp_path / "registry.json")
+
+
+@pytest.mark.parametrize("mutate, match", [
+    (lambda d: d.pop("version"), "version"),
+    (lambda d: d.update(version=1), "version"),
+    (lambda d: d.update(sites=[]), "'sites' must be an object"),
+    (lambda d: d["sites"].update({"²": d["sites"]["1"]}), "not valid"),
+    (lambda d: d["sites"]["2"].update(fingerprint=d["sites"]["1"]["fingerprint"]), "share key"),
+    (lambda d: d["sites"]["2"].update(node_id=11), "share node id"),
+    (lambda d: d["sites"]["2"].update(node_id=True), "node_id"),
+    (lambda d: d["sites"]["2"].pop("max_examples"), "max_examples"),
+    (lambda d: d["sites"]["2"].update(max_examples=0), "max_examples"),
+    (lambda d: d["sites"]["2"].update(revoked="no"), "revoked"),
+    (lambda d: d["sites"]["2"].pop("public_key"), "public_key"),
+    (lambda d: d.update(admin={"public_key": 5}), "admin"),
+])
+def test_malformed_registry_is_a_clear_value_error(tmp_path, mutate, match):
+    with pytest.raises(ValueError, match=match):
+        _registry_with(tmp_path, mutate)
+
+
+def test_unreadable_registry_is_a_clear_value_error(tmp_path):
+    with pytest.raises(ValueError, match="does not exist"):
+        SiteRegistry(tmp_path / "missing.json")
+    (tmp_path / "r.json").write_bytes(b"\xff{")
+    with pytest.raises(ValueError, match="not UTF-8 JSON"):
+        SiteRegistry(tmp_path / "r.json")
+    (tmp_path / "r.json").write_text("[" * 100_000)
+    with pytest.raises(ValueError, match="not UTF-8 JSON"):
+        SiteRegistry(tmp_path / "r.json")
+
+
+def test_revoked_key_cannot_withdraw_but_the_operator_can(fed, tmp_path):
+    key, registry, store, ledger = fed
+    document = json.loads(registry.path.read_text())
+    document["sites"]["2"]["revoked"] = True
+    registry.path.write_text(json.dumps(document))
+    registry = SiteRegistry(registry.path)
+    with pytest.raises(WithdrawalRefused, match="revoked"):
+        apply_withdrawal(create_request("2", key("2"), "after unregister"), ledger, registry, store)
+    assert ledger.sites() == ["1", "2", "3"] and store.decisions()[-1]["accepted"] == 0
+    apply_withdrawal(create_request("2", key("admin"), "operator removes it", signer="admin"), ledger, registry, store)
+    assert ledger.sites() == ["1", "3"]
+
+
+def test_a_swapped_key_file_is_refused(fed, tmp_path):
+    """The registry pins each key's fingerprint: replacing the key file on disk does not let the new key sign."""
+    key, registry, store, ledger = fed
+    create_site_key(tmp_path / "keys", "2", force=True)  # a new key pair at the registered path
+    with pytest.raises(WithdrawalRefused, match="fingerprint"):
+        apply_withdrawal(create_request("2", key("2"), "x"), ledger, registry, store)
+    assert ledger.sites() == ["1", "2", "3"]
+
+
+def test_request_for_an_invalid_site_id_is_refused(fed):
+    key = fed[0]
+    _refused(fed, create_request("²", key("admin"), "x", signer="admin"), "not valid")
+
+
+# ----------------------------------------------------------------------------- hostile request files
+
+HOSTILE_FILES = {
+    "not_utf8.json": b'{"payload": "\xff\xfe"}',
+    "deep.json": b"[" * 100_000 + b"]" * 100_000,
+    "deep_small.json": b'{"payload": {"a": {"b": {"c": {"d": 1}}}}}',
+    "bigint.json": b'{"payload": ' + b"1" * 5000 + b"}",
+    "nan.json": b'{"payload": NaN}',
+    "huge.json": b'{"payload": "' + b"a" * (2 * 1024 * 1024) + b'"}',
+    "empty.json": b"",
+}
+
+
+@pytest.mark.parametrize("name", sorted(HOSTILE_FILES))
+def test_read_request_refuses_hostile_files(tmp_path, name):
+    path = tmp_path / name
+    path.write_bytes(HOSTILE_FILES[name])
+    with pytest.raises(WithdrawalRefused, match="cannot read request"):
+        read_request(path)
+
+
+def test_read_request_refuses_what_is_not_a_regular_file(tmp_path):
+    import os
+
+    os.mkfifo(tmp_path / "fifo")  # opening it would block the run forever
+    for path in (tmp_path / "fifo", tmp_path, tmp_path / "missing.json"):
+        with pytest.raises(WithdrawalRefused, match="cannot read request"):
+            read_request(path)
+
+
+def test_unlearning_run_reports_every_hostile_file_and_path_and_still_applies_the_good_one(tmp_path):
+    """Each bad file or path is one refusal in the report; none of them stops the good request."""
+    import numpy as np
+
+    from server.ledger import Ledger
+    from server.server_app import _apply_withdrawals
+
+    state = tmp_path / "state"
+    keys = state / "keys"
+    sites = {s: registry_entry(create_site_key(keys, s)[1]) for s in ("1", "2")}
+    write_registry(state / "registry.json", sites)
+    for name, data in HOSTILE_FILES.items():
+        (state / name).write_bytes(data)
+    (tmp_path / "outside.json").write_text(json.dumps(create_request("1", load_private_key(keys / "site-1.key"), "x")))
+    (state / "link.json").symlink_to(tmp_path / "outside.json")
+    (state / "good.json").write_text(json.dumps(create_request("2", load_private_key(keys / "site-2.key"), "bye")))
+    requests = sorted(HOSTILE_FILES) + ["../outside.json", str(tmp_path / "outside.json"), "link.json",
+                                        "good.json"]
+    ledger_path = state / "ledger.sqlite"
+    rng = np.random.default_rng(0)
+    with Ledger.open(ledger_path) as ledger:
+        for site in ("1", "2"):
+            ledger.add(site, {"w": rng.standard_normal(4).astype(np.float32)}, 10)
+        decisions = _apply_withdrawals(ledger, requests, SiteRegistry(state / "registry.json"), ledger_path,
+                                       state.resolve())
+        assert [d["accepted"] for d in decisions] == [False] * (len(requests) - 1) + [True]
+        assert all("cannot read request" in d["detail"] for d in decisions[:len(HOSTILE_FILES)])
+        assert all("outside the server's state directory" in d["detail"] for d in decisions[-4:-1])
+        assert [c.site_id for c in ledger.contributions(status="active")] == ["1"]
+        ledger.verify()
+    json.dumps(decisions)  # the report section serialises

@@ -55,8 +55,11 @@ def test_list_and_show(ledger_path):
 
     result = taft_ledger("--ledger", str(ledger_path), "show", "site-1")
     assert result.returncode == 0 and "fp-1" in result.stdout and "6.5" in result.stdout
-    (shown,) = json.loads(taft_ledger("--ledger", str(ledger_path), "show", "site-1", "--json").stdout)
-    assert (shown["num_examples"], shown["status"], shown["train_config"]) == (300, "active", {"epochs": 3})
+    shown = json.loads(taft_ledger("--ledger", str(ledger_path), "show", "site-1", "--json").stdout)
+    (c,) = shown["contributions"]
+    assert (c["num_examples"], c["status"], c["train_config"]) == (300, "active", {"epochs": 3})
+    assert (shown["withdrawn"], shown["privacy"]) == (False, {"epsilon": 6.5, "delta": 0.0, "contributions": 1,
+                                                              "non_dp": 0})
     assert taft_ledger("--ledger", str(ledger_path), "show", "nobody").returncode == 2
 
 

@@ -15,7 +15,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from server import fixedpoint
-from server.ledger import MAX_NUM_EXAMPLES, REASONS, Ledger, LedgerCorrupt, LedgerError, RejectedContribution
+from server.ledger import (
+    MAX_NUM_EXAMPLES, REASONS, SCHEMA_VERSION, Ledger, LedgerCorrupt, LedgerError, RejectedContribution,
+)
 
 SHAPES = {"blocks.11.attn.qkv.weight": (6, 2), "blocks.11.attn.qkv.bias": (6,), "head.weight": (3, 2)}
 BASE = "base-digest-0"
@@ -180,10 +182,17 @@ def test_remove_is_idempotent(tmp_path):
         assert ledger.remove("a", reason="x") is True
         versions, audit = len(ledger.versions()), len(ledger.audit_log())
         assert ledger.remove("a", reason="x") is False
-        assert ledger.remove("never-seen", reason="x") is False
         assert (len(ledger.versions()), len(ledger.audit_log())) == (versions, audit)
         (c,) = ledger.contributions(site_id="a")
         assert (c.status, c.end_reason) == ("removed", "x")
+        # a site never seen is still withdrawn (audited, model unchanged), once
+        assert ledger.remove("never-seen", reason="x") is False
+        assert ledger.current_version().event == "withdraw"
+        assert ledger.current_version().composed_sha256 == ledger.versions()[-2].composed_sha256
+        versions, audit = len(ledger.versions()), len(ledger.audit_log())
+        assert ledger.remove("never-seen", reason="x") is False
+        assert (len(ledger.versions()), len(ledger.audit_log())) == (versions, audit)
+        assert ledger.withdrawn_sites() == ["a", "never-seen"]
         ledger.verify()
 
 
@@ -202,7 +211,11 @@ def test_second_add_needs_replace_and_replace_needs_an_active_site(tmp_path):
         old, new = ledger.contributions(site_id="a")
         assert (old.status, new.status, new.version) == ("replaced", "active", 2)
         ledger.remove("a", reason="gone")
-        ledger.add("a", random_delta(rng), 3)  # a withdrawn site may contribute afresh
+        with pytest.raises(RejectedContribution) as e:  # a withdrawal sticks …
+            ledger.add("a", random_delta(rng), 3)
+        assert e.value.reason == "site_withdrawn"
+        assert ledger.readmit("a", reason="asked to rejoin")  # … until the operator re-admits the site
+        ledger.add("a", random_delta(rng), 3)
         assert [c.status for c in ledger.contributions(site_id="a")] == ["replaced", "removed", "active"]
         ledger.verify()
 
@@ -218,7 +231,7 @@ def test_state_survives_reopening_and_settings_are_fixed(tmp_path):
         assert composed_bytes(ledger) == composed
         (c,) = ledger.contributions()
         assert (c.weight, c.dp_settings, c.train_config, c.epsilon, c.delta_dp) == (1, {"noise": 1.1}, {"epochs": 2}, 2.5, 1e-5)
-        assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == 1
+        assert sqlite3.connect(path).execute("PRAGMA user_version").fetchone()[0] == SCHEMA_VERSION == 2
         assert ledger.settings()["key_spec"] == {k: list(s) for k, s in SHAPES.items()}
     with pytest.raises(LedgerError):
         Ledger.open(path, weighting="examples")
@@ -303,10 +316,27 @@ def _malformations(rng_seed: int):
         ("no base", "base_digest_mismatch", "site-new", good, 10, {"base_digest": None}),
         ("unknown site", "unknown_site", "intruder", good, 10, {}),
         ("empty site", "bad_site_id", "", good, 10, {}),
+        ("non-ASCII digit site", "bad_site_id", "\u0663", good, 10, {}),
+        ("site id with a slash", "bad_site_id", "../site-a", good, 10, {}),
+        ("int site id", "bad_site_id", 3, good, 10, {}),
+        ("overlong site id", "bad_site_id", "s" * 65, good, 10, {}),
         ("negative epsilon", "bad_meta", "site-new", good, 10, {"epsilon": -1.0}),
         ("nan epsilon", "bad_meta", "site-new", good, 10, {"epsilon": float("nan")}),
+        ("nested bomb", "bad_meta", "site-new", good, 10, {"extra": _nested(9)}),
+        ("huge metadata", "bad_meta", "site-new", good, 10, {"train_config": {"x": "a" * 70_000}}),
+        ("huge int", "bad_meta", "site-new", good, 10, {"train_config": {"seed": 10 ** 5000}}),
+        ("inf in metadata", "bad_meta", "site-new", good, 10, {"dp_settings": {"sigma": float("inf")}}),
+        ("reserved name", "reserved_name", "site-new", edit(**{"__metadata__": torch.zeros(1)}), 10, {}),
         ("active site", "site_active", "site-a", good, 10, {}),
+        ("withdrawn site", "site_withdrawn", "site-c", good, 10, {}),
     ]
+
+
+def _nested(depth: int) -> dict:
+    value: dict = {}
+    for _ in range(depth - 1):
+        value = {"x": value}
+    return value
 
 
 @pytest.fixture
@@ -325,7 +355,7 @@ def populated(tmp_path):
 def file_state(ledger: Ledger) -> tuple:
     """Everything the ledger file says: raw bytes of the database and its WAL, and a logical dump."""
     raw = tuple(hashlib.sha256(p.read_bytes()).hexdigest() if p.exists() else None
-                for p in (ledger.path, Path(f"{ledger.path}-wal")))
+                for p in (ledger.path, Path(f"{ledger.path}-wal"), ledger.head_path))
     with sqlite3.connect(ledger.path) as db:
         dump = hashlib.sha256("\n".join(db.iterdump()).encode()).hexdigest()
     return raw, dump
@@ -360,7 +390,7 @@ def test_every_malformation_kind_is_rejected_with_its_reason(populated):
         assert e.value.reason == reason, what
         seen.add(reason)
     assert file_state(ledger) == before
-    assert seen >= REASONS - {"duplicate", "not_active", "total_weight_overflow"}
+    assert seen == REASONS - {"duplicate", "not_active", "total_weight_overflow"}
 
 
 def test_duplicates_are_rejected_even_after_removal(populated):

@@ -1,6 +1,8 @@
-"""Crash safety: a writer killed with SIGKILL at random points never leaves a half-applied change."""
+"""Crash safety: a writer killed with SIGKILL at random points never leaves a half-applied change,
+and a kill between the database commit and the signed head file never makes verify fail for good."""
 from __future__ import annotations
 
+import json
 import os
 import random
 import select
@@ -35,7 +37,10 @@ while True:
     site = sites[rng.integers(len(sites))]
     delta = {k: (rng.standard_normal(s) * 1e-2).astype(np.float32) for k, s in shapes.items()}
     n = int(rng.integers(1, 5000))
-    if ledger.contributions(site_id=site, status="active"):
+    if site in ledger.withdrawn_sites():  # a removal sticks until the site is re-admitted
+        ledger.readmit(site, reason="crash test")
+        version = ledger.current_version()
+    elif ledger.contributions(site_id=site, status="active"):
         if rng.random() < 0.5:
             ledger.remove(site, reason="crash test")
             version = ledger.current_version()
@@ -75,8 +80,9 @@ def test_sigkill_at_random_points_never_half_applies_a_change(tmp_path):
         acknowledged_total += len(acknowledged)
 
         with Ledger.open(path) as ledger:
-            report = ledger.verify()  # sums == Σ active Δ bytes, statuses/versions == audit replay
+            report = ledger.verify()  # sums == Σ active Δ bytes, statuses/versions == audit replay, signatures
             current = ledger.current_version()
+            assert report.head_file_version == current.version  # opening caught the head file up
             # every change the writer saw committed is in the file
             assert current.version >= max(acknowledged, default=0)
             assert report.current_version == current.version
@@ -88,3 +94,53 @@ def test_sigkill_at_random_points_never_half_applies_a_change(tmp_path):
             assert all((status == "active") == has_bytes for status, has_bytes in rows)
         assert time.monotonic() < deadline, "crash test is taking too long"
     assert acknowledged_total >= KILLS, "the writer hardly committed anything; the test proves nothing"
+
+
+# The writer again, killing itself at the worst moment for the head file: right after the database
+# COMMIT of its k-th change, before the signed head reaches <ledger>.head.json (or half-way
+# through writing it: the temporary file is written, the rename has not happened).
+SELF_KILLER = r"""
+import os, signal, sys
+import numpy as np
+from server.ledger import Ledger, audit
+
+path, k, half_way = sys.argv[1], int(sys.argv[2]), sys.argv[3] == "1"
+write_head_file, replace, calls = audit.write_head_file, os.replace, [0]
+
+def dying_write(*args):
+    calls[0] += 1
+    if calls[0] == k:
+        if half_way:
+            os.replace = lambda *a: os.kill(os.getpid(), signal.SIGKILL)
+        else:
+            os.kill(os.getpid(), signal.SIGKILL)
+    return write_head_file(*args)
+
+audit.write_head_file = dying_write
+rng = np.random.default_rng(k)
+ledger = Ledger.open(path)
+for i in range(10):
+    ledger.add(f"site-{k}-{i}", {"w": rng.standard_normal(5).astype(np.float32)}, 10)
+    print("committed", ledger.current_version().version, flush=True)
+"""
+
+
+def test_a_kill_between_commit_and_head_file_is_recovered_on_open(tmp_path):
+    script = tmp_path / "self_killer.py"
+    script.write_text(SELF_KILLER)
+    env = {**os.environ, "PYTHONPATH": f"{ROOT}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    for k, half_way in ((1, False), (3, False), (4, True)):  # k = 1: during the creation of the ledger
+        path = tmp_path / f"ledger-{k}.sqlite"
+        if k > 1:
+            Ledger.open(path).close()  # the head file exists: the kill leaves it one version behind
+        proc = subprocess.run([sys.executable, str(script), str(path), str(k), "1" if half_way else "0"],
+                              cwd=ROOT, env=env, capture_output=True, text=True, timeout=60)
+        assert proc.returncode == -signal.SIGKILL, proc.stderr
+        with sqlite3.connect(path) as db:
+            db_version = db.execute("SELECT max(version) FROM model_versions").fetchone()[0]
+        on_file = Path(f"{path}.head.json")
+        file_version = json.loads(on_file.read_text())["head"]["version"] if on_file.exists() else None
+        assert file_version != db_version, "the kill did not land between the commit and the head file"
+        with Ledger.open(path) as ledger:
+            report = ledger.verify()
+            assert report.current_version == db_version == report.head_file_version

@@ -1,0 +1,90 @@
+"""Exact integer sums of named float32 arrays (any model family whose aggregate is a weighted sum).
+
+``Accumulators`` holds, per tensor name, ``S = Σ wᵢ·qᵢ`` on the fixed-point grid of
+:mod:`server.fixedpoint` as two int64 limbs. Adding and subtracting are exact integer operations,
+so the bytes (:meth:`Accumulators.encoded`) depend only on *which* contributions are in, never on
+the order, and subtracting one leaves exactly the bytes of never having added it. A TAFT Δw is one
+such mapping; additive sufficient statistics (n, Σφ, Σφφᵀ, …) are another.
+"""
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Iterable, Mapping
+
+import numpy as np
+
+from server import fixedpoint
+from server.ledger.records import canonical_json
+
+Quantized = dict[str, tuple[np.ndarray, np.ndarray]]
+
+
+def arrays_digest(arrays: Mapping[str, np.ndarray]) -> str:
+    """sha256 over names, shapes and float32 little-endian bytes, in name order.
+
+    Independent of any file format, so digests of composed Δs stay comparable across library
+    versions.
+    """
+    h = hashlib.sha256()
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name], dtype="<f4")
+        h.update(canonical_json([name, list(a.shape)]).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def quantize(arrays: Mapping[str, np.ndarray]) -> Quantized:
+    """Each array on the fixed-point grid, as limbs; values must be finite and in range."""
+    return {name: fixedpoint.quantize(a) for name, a in arrays.items()}
+
+
+class Accumulators:
+    """Per tensor name: its shape and the exact sum as (hi, lo) int64 limbs."""
+
+    def __init__(self, tensors: dict[str, tuple[list[int], np.ndarray, np.ndarray]]):
+        self._tensors = tensors
+
+    @classmethod
+    def zeros(cls, spec: Mapping[str, Iterable[int]]) -> "Accumulators":
+        return cls({name: (list(shape), *fixedpoint.zeros(math.prod(shape))) for name, shape in spec.items()})
+
+    @classmethod
+    def decode(cls, rows: Iterable[tuple[str, list[int], bytes]]) -> "Accumulators":
+        """From ``(name, shape, encoded bytes)`` rows as :meth:`encoded` wrote them."""
+        return cls({name: (list(shape), *fixedpoint.decode(data, math.prod(shape))) for name, shape, data in rows})
+
+    def names(self) -> list[str]:
+        return sorted(self._tensors)
+
+    def spec(self) -> dict[str, list[int]]:
+        return {name: shape for name, (shape, _, _) in self._tensors.items()}
+
+    def add(self, quantized: Quantized, weight: int) -> None:
+        """In place ``S += weight · q`` for every tensor; a negative weight subtracts."""
+        for name, (_, hi, lo) in self._tensors.items():
+            fixedpoint.accumulate(hi, lo, *quantized[name], weight)
+
+    def add_arrays(self, arrays: Mapping[str, np.ndarray], weight: int) -> None:
+        for name, (_, hi, lo) in self._tensors.items():
+            fixedpoint.accumulate(hi, lo, *fixedpoint.quantize(arrays[name]), weight)
+
+    def compose(self, total_weight: int) -> dict[str, np.ndarray]:
+        """The float32 weighted mean ``S / W`` per tensor (zeros while ``W`` is 0)."""
+        return {name: fixedpoint.compose(hi, lo, total_weight).reshape(shape)
+                for name, (shape, hi, lo) in self._tensors.items()}
+
+    def encoded(self) -> dict[str, bytes]:
+        """The canonical bytes of each sum: equal sums give equal bytes."""
+        return {name: bytes(fixedpoint.encode(hi, lo)) for name, (_, hi, lo) in self._tensors.items()}
+
+    def encoded_views(self) -> dict[str, memoryview]:
+        return {name: fixedpoint.encode(hi, lo) for name, (_, hi, lo) in self._tensors.items()}
+
+    def digest(self) -> str:
+        """sha256 over the canonical bytes in name order."""
+        h = hashlib.sha256()
+        encoded = self.encoded_views()
+        for name in sorted(encoded):
+            h.update(encoded[name])
+        return h.hexdigest()

@@ -1,0 +1,535 @@
+"""The contribution ledger: one SQLite file holding every site's Δw and the exact global sum.
+
+The global model is ``w0 + Σ wᵢΔᵢ / Σ wᵢ`` (``wᵢ`` = num_examples, or 1 under uniform
+weighting). Because the tangent model is linear in Δ, a site can be removed later by
+subtraction. The ledger makes that removal *exact*: every Δ is put on a fixed-point grid and the
+sums are kept as integers (:mod:`server.ledger.accumulators`), so adding and removing in any
+order leaves bit-identical accumulators, and the composed Δ is a deterministic function of them.
+
+Tables (:mod:`server.ledger.storage`): ``meta`` (weighting, grid, pinned tensor spec and base
+digest, total weight, the signing public key); ``sites`` (first seen, withdrawn); ``contributions``
+(metadata, sha256 of the Δ, status ``active``/``removed``/``replaced``; at most one active per
+site); ``deltas`` (the Δ bytes of *active* contributions only: erased on removal or replacement);
+``accumulators``; ``model_versions`` (one per change); ``audit`` (hash chain) and ``signed_heads``
+(:mod:`server.ledger.audit`).
+
+Every change is one transaction that validates, writes the contribution, the accumulators, the
+new version, its audit entry and its signed head together; a rejected contribution rolls back and
+leaves the file untouched. After the commit the signed head goes to ``<ledger>.head.json`` and,
+when bytes were erased, the WAL is checkpointed and truncated.
+
+A withdrawal is sticky: :meth:`Ledger.remove` marks the site withdrawn, and its later
+contributions are refused (``site_withdrawn``) until :meth:`Ledger.readmit`.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Collection, Mapping
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import safetensors.numpy
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+from server import fixedpoint
+from server.ledger import audit, validation
+from server.ledger.accumulators import Accumulators, Quantized, arrays_digest, quantize
+from server.ledger.records import (
+    CONTRIBUTION_COLUMNS, Contribution, LedgerError, ModelVersion, RejectedContribution, Site, VerifyReport,
+    canonical_json, contribution_from_row, row_digest, version_from_row,
+)
+from server.ledger.storage import SCHEMA_VERSION, Store, connect
+from server.ledger.verification import verify_ledger
+from tangent.protocol import check_site_id
+
+WEIGHTINGS = ("examples", "uniform")
+
+_COLUMNS_SQL = ", ".join(CONTRIBUTION_COLUMNS)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="microseconds")
+
+
+def signing_key_path(ledger_path: Path) -> Path:
+    return Path(f"{ledger_path}.signing-key.pem")
+
+
+@dataclass
+class _Prepared:
+    """A validated contribution, ready to be written."""
+    arrays: dict[str, np.ndarray]
+    blob: bytes
+    sha256: str
+    norm: float
+    num_examples: int
+    meta: dict
+    quantized: Quantized
+
+
+class Ledger:
+    """Open with :meth:`Ledger.open`. See the module docstring for the file layout."""
+
+    def __init__(self, store: Store, *, max_delta_norm, expected_base_digest, known_sites, expected_spec,
+                 signing_key: Ed25519PrivateKey | None):
+        self._store = store
+        self._db = store.db
+        self._signer = signing_key
+        self.path = store.path
+        self.head_path = audit.head_file_path(store.path)
+        self.max_delta_norm = max_delta_norm
+        self.expected_base_digest = expected_base_digest
+        self.known_sites = None if known_sites is None else frozenset(known_sites)
+        self.expected_spec = None if expected_spec is None else {
+            k: [int(d) for d in v] for k, v in expected_spec.items()}
+
+    # ------------------------------------------------------------------ opening
+    @classmethod
+    def open(cls, path: str | Path, *, max_delta_norm: float | None = None,
+             expected_base_digest: str | None = None, known_sites: Collection[str] | None = None,
+             weighting: str | None = None, expected_spec: Mapping[str, tuple[int, ...]] | None = None,
+             create: bool = True, signing_key: str | Path | Ed25519PrivateKey | None = None) -> "Ledger":
+        """Open (or create) the ledger at ``path``.
+
+        ``max_delta_norm``, ``known_sites`` and ``expected_spec`` (tensor name → shape) are this
+        server's admission policy and are not stored. ``expected_base_digest`` must agree with the
+        digest pinned in the file, if any. ``weighting`` is fixed when the file is created
+        (default ``"examples"``); opening with a different one is an error. ``signing_key``: the
+        Ed25519 key that signs every new head (a key or a PEM file; default
+        ``<path>.signing-key.pem``, created 0600 with a new ledger). A ledger opened without its
+        key can be read and verified but not changed.
+        """
+        path = Path(path)
+        if weighting is not None and weighting not in WEIGHTINGS:
+            raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
+        new_file = not path.exists() or path.stat().st_size == 0
+        store = Store(connect(path, create), path)
+        try:
+            if isinstance(signing_key, Ed25519PrivateKey):
+                key = signing_key
+            else:
+                key_path = signing_key_path(path) if signing_key is None else Path(signing_key)
+                key = audit.load_signing_key(key_path, create=create and new_file)
+            ledger = cls(store, max_delta_norm=max_delta_norm, expected_base_digest=expected_base_digest,
+                         known_sites=known_sites, expected_spec=expected_spec, signing_key=key)
+            ledger._init_or_check(weighting, create)
+            ledger._publish_head(recover=True)
+        except BaseException:
+            store.close()
+            raise
+        return ledger
+
+    def _init_or_check(self, weighting: str | None, create: bool) -> None:
+        with self._store.write():
+            version = self._store.schema_version()
+            if version == 0:
+                if not create or not self._store.is_empty():
+                    raise LedgerError(f"{self.path} is an SQLite file but not a ledger")
+                self._create(weighting or "examples")
+                return
+            if version != SCHEMA_VERSION:
+                raise LedgerError(
+                    f"{self.path}: ledger schema version {version}; this code reads version {SCHEMA_VERSION} "
+                    f"(signed heads, sticky withdrawal). Export the model with the taft-fl release that wrote it "
+                    f"and start a new ledger; old ledgers are not converted, because their history was never signed")
+        meta = self._store.meta()
+        if weighting is not None and weighting != meta["weighting"]:
+            raise LedgerError(f"{self.path} uses weighting {meta['weighting']!r}, not {weighting!r}")
+        pinned = meta.get("base_digest")
+        if self.expected_base_digest is not None and pinned is not None and pinned != self.expected_base_digest:
+            raise LedgerError(f"{self.path} holds contributions for base {pinned}, not {self.expected_base_digest}")
+        if self._signer is not None and audit.public_key_pem(self._signer.public_key()) != meta["signing_public_key"]:
+            raise LedgerError(f"the signing key given for {self.path} is not the key that signed it")
+
+    def _create(self, weighting: str) -> None:
+        if self._signer is None:
+            raise LedgerError(f"no signing key for the new ledger {self.path}")
+        self._store.create_schema()
+        settings = {"schema_version": SCHEMA_VERSION, "weighting": weighting,
+                    "frac_bits": fixedpoint.FRAC_BITS, "max_abs_value": fixedpoint.MAX_ABS_VALUE,
+                    "signing_public_key": audit.public_key_pem(self._signer.public_key())}
+        for key, value in settings.items():
+            self._store.set_meta(key, value)
+        self._store.set_meta("total_weight", 0)
+        self._record(_now(), "create", None, 0, arrays_digest({}), {"settings": settings})
+
+    # ------------------------------------------------------------------ plumbing
+    def close(self) -> None:
+        self._store.close()
+
+    def __enter__(self) -> "Ledger":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def snapshot(self):
+        """Reads inside this block (any of the reading methods) see one consistent state, even
+        while another process writes."""
+        return self._store.snapshot()
+
+    def _record(self, at: str, event: str, site_id: str | None, total_weight: int, composed_sha256: str,
+                payload: dict) -> dict:
+        """Append the new model version, its audit entry and its signed head (inside the write)."""
+        if self._signer is None:
+            raise LedgerError(f"{self.path} was opened without its signing key ({signing_key_path(self.path)}); "
+                              f"it can be read and verified, not changed")
+        ids = [r[0] for r in self._db.execute("SELECT id FROM contributions WHERE status = 'active' ORDER BY id")]
+        last = self._db.execute("SELECT max(version) FROM model_versions").fetchone()[0]
+        version = {"version": 0 if last is None else last + 1, "event": event, "site_id": site_id,
+                   "contribution_ids": ids, "total_weight": total_weight, "composed_sha256": composed_sha256}
+        self._db.execute("INSERT INTO model_versions VALUES (?,?,?,?,?,?,?)",
+                         (version["version"], at, event, site_id, canonical_json(ids), total_weight, composed_sha256))
+        seq, digest = audit.append_entry(self._db, at, event, site_id, {**payload, "model_version": version})
+        head = audit.make_head(version, seq, digest, at, audit.fingerprint(self._signer.public_key()))
+        self._db.execute("INSERT INTO signed_heads VALUES (?,?,?)",
+                         (version["version"], canonical_json(head), audit.sign_head(self._signer, head)))
+        return version
+
+    def signed_head(self, version: int | None = None) -> tuple[dict[str, Any], str]:
+        """(head, hex signature) of a model version (default: the current one)."""
+        with self.snapshot():
+            if version is None:
+                version = self._db.execute("SELECT max(version) FROM signed_heads").fetchone()[0]
+            row = self._db.execute("SELECT head, signature FROM signed_heads WHERE version = ?", (version,)).fetchone()
+        if row is None:
+            raise KeyError(f"no signed head for version {version}")
+        return json.loads(row["head"]), row["signature"]
+
+    def public_key(self) -> Ed25519PublicKey:
+        """The key this ledger's heads are signed with, as recorded in the file."""
+        return audit.load_public_key(self.settings()["signing_public_key"])
+
+    def _publish_head(self, recover: bool = False) -> None:
+        """Bring ``<ledger>.head.json`` up to the database's newest signed head.
+
+        After a commit the file lags by one change until this runs; a crash in between leaves it
+        lagging, so opening (``recover``) repairs it — but only forward, from a head the database
+        holds and that extends the one in the file. A file that is missing (beyond version 0),
+        ahead of the database or contradicting it is left as it is: ``verify`` reports it.
+        """
+        head, signature = self.signed_head()
+        on_file = audit.read_head_file(self.head_path) if recover else None
+        if recover:
+            if on_file is None and head["version"] != 0:
+                return
+            if on_file is not None:
+                file_head, file_signature = on_file
+                if not isinstance(file_head.get("version"), int) or file_head["version"] >= head["version"]:
+                    return
+                try:
+                    stored = self.signed_head(file_head["version"])
+                except KeyError:
+                    return
+                if stored != (file_head, file_signature):
+                    return
+            if not audit.signature_valid(self.public_key(), head, signature):
+                return
+            try:
+                audit.write_head_file(self.head_path, head, signature)
+            except OSError:  # a reader without write access: verify reports the lag
+                pass
+            return
+        audit.write_head_file(self.head_path, head, signature)
+
+    # ------------------------------------------------------------------ validation
+    def _prepare(self, site_id: Any, delta: Any, num_examples: Any, **meta: Any) -> _Prepared:
+        """Checks that need no database state (cheap ones first)."""
+        unknown = meta.keys() - set(validation.CONTRIBUTION_META)
+        if unknown:
+            raise TypeError(f"unknown contribution metadata {sorted(unknown)}; put free-form data in extra={{...}}")
+        site_id = validation.site_id(site_id)
+        if self.known_sites is not None and site_id not in self.known_sites:
+            raise RejectedContribution("unknown_site", site_id)
+        num_examples = validation.num_examples(num_examples)
+        columns = validation.metadata(meta)
+        arrays = validation.arrays(delta)
+        norm = validation.values(arrays, self.max_delta_norm)
+        blob = safetensors.numpy.save(dict(sorted(arrays.items())))
+        return _Prepared(arrays, blob, hashlib.sha256(blob).hexdigest(), norm, num_examples, columns, quantize(arrays))
+
+    def _admit(self, site_id: str, p: _Prepared, meta: dict) -> dict[str, Any]:
+        """Checks against the file's state, inside the write transaction. Returns what to pin."""
+        if self._is_withdrawn(site_id):
+            raise RejectedContribution("site_withdrawn", f"{site_id} was withdrawn; the operator must re-admit it")
+        pins = {}
+        spec = meta.get("key_spec")
+        if spec is None:
+            spec = self.expected_spec or {k: list(a.shape) for k, a in p.arrays.items()}
+            pins["key_spec"] = spec
+        missing, extra = sorted(spec.keys() - p.arrays.keys()), sorted(p.arrays.keys() - spec.keys())
+        if missing:
+            raise RejectedContribution("missing_keys", ", ".join(missing))
+        if extra:
+            raise RejectedContribution("extra_keys", ", ".join(extra))
+        for name, shape in spec.items():
+            if list(p.arrays[name].shape) != list(shape):
+                raise RejectedContribution("wrong_shape", f"{name}: {tuple(p.arrays[name].shape)}, expected {tuple(shape)}")
+        pinned = meta.get("base_digest") or self.expected_base_digest
+        given = p.meta["base_digest"]
+        if pinned is not None and given != pinned:
+            raise RejectedContribution("base_digest_mismatch", f"{given} != {pinned}")
+        if pinned is None and given is not None:
+            pins["base_digest"] = given
+        elif meta.get("base_digest") is None and pinned is not None:
+            pins["base_digest"] = pinned
+        if self._db.execute("SELECT 1 FROM contributions WHERE delta_sha256 = ?", (p.sha256,)).fetchone():
+            raise RejectedContribution("duplicate", f"Δ {p.sha256} was recorded before")
+        return pins
+
+    def _is_withdrawn(self, site_id: str) -> bool:
+        row = self._db.execute("SELECT withdrawn FROM sites WHERE site_id = ?", (site_id,)).fetchone()
+        return bool(row and row[0])
+
+    # ------------------------------------------------------------------ changes
+    def add(self, site_id: str, delta: Mapping[str, Any], num_examples: int, **meta: Any) -> ModelVersion:
+        """Record a site's contribution and fold it into the sums; returns the new model version.
+
+        ``meta``: ``epsilon``, ``delta_dp``, ``dp_settings`` (dict), ``shard_fingerprint``,
+        ``base_digest``, ``train_config`` (dict), ``extra`` (dict). Raises
+        :class:`RejectedContribution` (ledger unchanged) for bad input, a withdrawn site, or a
+        site that already has an active contribution (use :meth:`replace`).
+        """
+        p = self._prepare(site_id, delta, num_examples, **meta)
+        with self._store.write():
+            version = self._apply(p, site_id, replacing=False)
+        self._publish_head()
+        return version
+
+    def replace(self, site_id: str, delta: Mapping[str, Any], num_examples: int, **meta: Any) -> ModelVersion:
+        """Atomically swap a site's active contribution for a new one (one transaction, one version).
+        The old Δ bytes are erased from every file of the ledger."""
+        p = self._prepare(site_id, delta, num_examples, **meta)
+        with self._store.write():
+            version = self._apply(p, site_id, replacing=True)
+        self._publish_head()
+        self._store.erase_wal()
+        return version
+
+    def _apply(self, p: _Prepared, site_id: str, *, replacing: bool) -> ModelVersion:
+        meta = self._store.meta()
+        pins = self._admit(site_id, p, meta)
+        old = self._active(site_id)
+        if replacing and old is None:
+            raise RejectedContribution("not_active", f"{site_id} has no active contribution to replace")
+        if not replacing and old is not None:
+            raise RejectedContribution("site_active", f"{site_id} already has active contribution {old['id']}; use replace")
+        weight = p.num_examples if meta["weighting"] == "examples" else 1
+        total_weight = meta["total_weight"] + weight - (old["weight"] if old else 0)
+        if total_weight > fixedpoint.MAX_TOTAL_WEIGHT:
+            raise RejectedContribution("total_weight_overflow", f"Σw would be {total_weight}")
+
+        now = _now()
+        for key, value in pins.items():
+            self._store.set_meta(key, value)
+        if "key_spec" in pins:
+            self._store.create_accumulators(pins["key_spec"])
+        acc = self._store.accumulators()
+        if old is not None:
+            self._subtract(acc, old)
+        acc.add(p.quantized, weight)
+        self._store.store_accumulators(acc)
+        self._store.set_meta("total_weight", total_weight)
+
+        self._db.execute("INSERT OR IGNORE INTO sites(site_id, first_seen_at) VALUES (?, ?)", (site_id, now))
+        site_version = self._db.execute("SELECT coalesce(max(version), 0) + 1 FROM contributions WHERE site_id = ?",
+                                        (site_id,)).fetchone()[0]
+        model_version = self._db.execute("SELECT max(version) + 1 FROM model_versions").fetchone()[0]
+        if old is not None:
+            self._end(old["id"], "replaced", now, model_version, "replaced")
+        row = {"site_id": site_id, "version": site_version, "num_examples": p.num_examples, "weight": weight,
+               **p.meta, "delta_sha256": p.sha256, "delta_norm": p.norm, "added_at": now,
+               "added_in_version": model_version}
+        cur = self._db.execute(
+            f"INSERT INTO contributions({', '.join(row)}, status) VALUES ({', '.join('?' * (len(row) + 1))})",
+            (*row.values(), "active"))
+        row["id"] = cur.lastrowid
+        self._db.execute("INSERT INTO deltas VALUES (?, ?)", (row["id"], p.blob))
+        event = "replace" if replacing else "add"
+        payload = {"contribution_id": row["id"], "row_digest": row_digest(row)}
+        if old is not None:
+            payload["replaced_contribution_id"] = old["id"]
+        if pins:
+            payload["pins"] = pins
+        version = self._record(now, event, site_id, total_weight, arrays_digest(acc.compose(total_weight)), payload)
+        return _version_from(version, now)
+
+    def _active(self, site_id: str):
+        return self._db.execute("SELECT id, weight FROM contributions WHERE site_id = ? AND status = 'active'",
+                                (site_id,)).fetchone()
+
+    def _subtract(self, acc: Accumulators, old) -> None:
+        blob = self._db.execute("SELECT safetensors FROM deltas WHERE contribution_id = ?", (old["id"],)).fetchone()[0]
+        acc.add_arrays(safetensors.numpy.load(blob), -old["weight"])
+
+    def _end(self, contribution_id: int, status: str, at: str, model_version: int, reason: str) -> None:
+        # The Δ bytes go (secure_delete overwrites them); digest and metadata stay for the record.
+        self._db.execute("UPDATE contributions SET status = ?, ended_at = ?, ended_in_version = ?, end_reason = ? "
+                         "WHERE id = ?", (status, at, model_version, reason, contribution_id))
+        self._db.execute("DELETE FROM deltas WHERE contribution_id = ?", (contribution_id,))
+
+    def remove(self, site_id: str, reason: str = "withdrawn") -> bool:
+        """Withdraw a site: subtract its active contribution exactly and mark it withdrawn, so that
+        its later contributions are refused until :meth:`readmit`. Returns True when a
+        contribution was subtracted. A site with nothing active is still marked withdrawn (one
+        audited ``withdraw`` version); an already withdrawn one changes nothing."""
+        site_id = _check_site_and_reason(site_id, reason)
+        with self._store.write():
+            old = self._active(site_id)
+            if old is None and self._is_withdrawn(site_id):
+                return False
+            now = _now()
+            self._db.execute("INSERT OR IGNORE INTO sites(site_id, first_seen_at) VALUES (?, ?)", (site_id, now))
+            self._db.execute("UPDATE sites SET withdrawn = 1 WHERE site_id = ?", (site_id,))
+            meta = self._store.meta()
+            total_weight = meta["total_weight"]
+            if old is None:
+                composed_sha = self._db.execute(
+                    "SELECT composed_sha256 FROM model_versions ORDER BY version DESC LIMIT 1").fetchone()[0]
+                self._record(now, "withdraw", site_id, total_weight, composed_sha, {"reason": reason})
+            else:
+                acc = self._store.accumulators()
+                self._subtract(acc, old)
+                self._store.store_accumulators(acc)
+                total_weight -= old["weight"]
+                self._store.set_meta("total_weight", total_weight)
+                model_version = self._db.execute("SELECT max(version) + 1 FROM model_versions").fetchone()[0]
+                self._end(old["id"], "removed", now, model_version, reason)
+                self._record(now, "remove", site_id, total_weight, arrays_digest(acc.compose(total_weight)),
+                             {"contribution_id": old["id"], "reason": reason})
+        self._publish_head()
+        if old is not None:
+            self._store.erase_wal()
+        return old is not None
+
+    def readmit(self, site_id: str, reason: str) -> bool:
+        """Let a withdrawn site contribute again (audited; the model is unchanged). Returns False,
+        changing nothing, when the site is not withdrawn."""
+        site_id = _check_site_and_reason(site_id, reason)
+        with self._store.write():
+            if not self._is_withdrawn(site_id):
+                return False
+            self._db.execute("UPDATE sites SET withdrawn = 0 WHERE site_id = ?", (site_id,))
+            last = self._db.execute("SELECT total_weight, composed_sha256 FROM model_versions "
+                                    "ORDER BY version DESC LIMIT 1").fetchone()
+            self._record(_now(), "readmit", site_id, last[0], last[1], {"reason": reason})
+        self._publish_head()
+        return True
+
+    # ------------------------------------------------------------------ reading
+    def composed_arrays(self) -> dict[str, np.ndarray]:
+        """The composed Δ as float32 numpy arrays (``{}`` before the first contribution)."""
+        with self.snapshot():
+            return self._store.accumulators().compose(self._store.meta()["total_weight"])
+
+    def composed_delta(self) -> dict[str, "torch.Tensor"]:  # noqa: F821
+        """The composed Δ ``Σ wᵢΔᵢ / Σ wᵢ`` as float32 torch tensors, keyed like the contributions."""
+        import torch  # the ledger itself runs on numpy; only this view needs torch
+        return {name: torch.from_numpy(a) for name, a in self.composed_arrays().items()}
+
+    def contribution_delta(self, contribution_id: int) -> dict[str, np.ndarray]:
+        """The stored Δ of an *active* contribution, exactly as received (float32 numpy arrays).
+
+        Removed or replaced contributions have their Δ bytes erased: ``KeyError`` for those."""
+        with self.snapshot():
+            row = self._db.execute("SELECT safetensors FROM deltas WHERE contribution_id = ?",
+                                   (contribution_id,)).fetchone()
+        if row is None:
+            raise KeyError(f"no stored Δ for contribution {contribution_id} (not active?)")
+        return safetensors.numpy.load(row[0])
+
+    def settings(self) -> dict[str, Any]:
+        """Weighting, grid, pinned spec and base digest, total weight, signing public key."""
+        with self.snapshot():
+            return self._store.meta()
+
+    def sites(self) -> list[Site]:
+        with self.snapshot():
+            rows = self._db.execute(
+                "SELECT s.site_id, s.first_seen_at, s.withdrawn, "
+                "(SELECT id FROM contributions c WHERE c.site_id = s.site_id AND status = 'active') AS active, "
+                "(SELECT count(*) FROM contributions c WHERE c.site_id = s.site_id) AS n "
+                "FROM sites s ORDER BY s.site_id").fetchall()
+        return [Site(r["site_id"], r["first_seen_at"], r["active"], r["n"], bool(r["withdrawn"])) for r in rows]
+
+    def withdrawn_sites(self) -> list[str]:
+        with self.snapshot():
+            return [r[0] for r in self._db.execute("SELECT site_id FROM sites WHERE withdrawn = 1 ORDER BY site_id")]
+
+    def contributions(self, site_id: str | None = None, status: str | None = None) -> list[Contribution]:
+        where, args = [], []
+        if site_id is not None:
+            where.append("site_id = ?"), args.append(site_id)
+        if status is not None:
+            where.append("status = ?"), args.append(status)
+        sql = f"SELECT {_COLUMNS_SQL} FROM contributions"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        with self.snapshot():
+            return [contribution_from_row(r) for r in self._db.execute(sql + " ORDER BY id", args)]
+
+    def versions(self) -> list[ModelVersion]:
+        with self.snapshot():
+            return [version_from_row(r) for r in self._db.execute("SELECT * FROM model_versions ORDER BY version")]
+
+    def current_version(self) -> ModelVersion:
+        with self.snapshot():
+            return version_from_row(self._db.execute("SELECT * FROM model_versions ORDER BY version DESC LIMIT 1").fetchone())
+
+    def max_epsilon(self) -> float | None:
+        """Largest ε among active contributions: ``inf`` if one of them was trained without DP,
+        ``None`` when there are none."""
+        with self.snapshot():
+            rows = self._db.execute("SELECT epsilon FROM contributions WHERE status = 'active'").fetchall()
+        if not rows:
+            return None
+        return max(math.inf if r[0] is None else r[0] for r in rows)
+
+    def privacy_totals(self) -> dict[str, dict[str, float | int]]:
+        """Per site, the privacy loss of everything it ever released into a model of this ledger:
+        sequential composition (Σε, Σδ) over *every* contribution recorded — active, replaced and
+        removed alike, since the models built from them were published. ε is ``inf`` once any of
+        them was trained without DP (``non_dp`` counts those)."""
+        with self.snapshot():
+            rows = self._db.execute("SELECT site_id, epsilon, delta_dp FROM contributions ORDER BY id").fetchall()
+        totals: dict[str, dict[str, float | int]] = {}
+        for site_id, epsilon, delta_dp in rows:
+            t = totals.setdefault(site_id, {"epsilon": 0.0, "delta": 0.0, "contributions": 0, "non_dp": 0})
+            t["contributions"] += 1
+            if epsilon is None:
+                t["non_dp"] += 1
+                t["epsilon"] = math.inf
+            else:
+                t["epsilon"] += epsilon
+                t["delta"] += delta_dp or 0.0
+        return totals
+
+    def audit_log(self) -> list[dict[str, Any]]:
+        with self.snapshot():
+            return [dict(r) for r in self._db.execute("SELECT * FROM audit ORDER BY seq")]
+
+    # ------------------------------------------------------------------ verification
+    def verify(self, public_key: Ed25519PublicKey | str | Path | None = None) -> VerifyReport:
+        """Recompute everything the file claims and compare; raise :class:`LedgerCorrupt` on any
+        mismatch. ``public_key`` (a key, PEM text or a PEM file) is the trust anchor for the
+        signatures; by default the signing key's own public key, else the one the file records."""
+        if public_key is not None and not isinstance(public_key, Ed25519PublicKey):
+            public_key = audit.load_public_key(public_key)
+        signer = None if self._signer is None else self._signer.public_key()
+        return verify_ledger(self._store, self.head_path, trusted_key=public_key, signer_key=signer)
+
+
+def _check_site_and_reason(site_id: Any, reason: Any) -> str:
+    if not isinstance(reason, str) or not reason:
+        raise ValueError("reason must be a non-empty string")
+    return check_site_id(site_id)
+
+
+def _version_from(v: dict, at: str) -> ModelVersion:
+    return ModelVersion(v["version"], at, v["event"], v["site_id"], tuple(v["contribution_ids"]),
+                        v["total_weight"], v["composed_sha256"])

@@ -1,0 +1,297 @@
+"""Parse and validate one site's reply (train or evaluate); every problem is a :class:`Rejected`.
+
+A reply is hostile input: any record may be missing, of another record type, hold values of the
+wrong type (a list where a number belongs, bytes where a string belongs), huge or deeply nested
+JSON, or arrays whose serialization type, dtype, shape or bytes are bogus. Each check here raises
+:class:`Rejected` with a machine-readable reason; :func:`stage` turns any other exception raised
+while one part of the reply is read into a rejection with that part's reason, so a reply can never
+raise anything else out of these functions (KeyboardInterrupt/SystemExit are not caught).
+
+Two train-reply forms are accepted (the site's DP policy decides which it sends):
+
+- non-DP: ``delta`` ArrayRecord; ``metrics`` (num-examples, train-loss, train-accuracy, epsilon=inf,
+  delta=0, wall-s, fit-s, examples-per-s); ``meta`` (site-id, base-digest, dp=False, …);
+- DP: ``metrics`` = {num-examples, epsilon, delta} only; ``meta`` = {site-id, base-digest,
+  contribution-id, dp=True, dp-target-epsilon, dp-max-grad-norm, dp-noise-multiplier,
+  train-config}. shard-fingerprint, data-digest, source, from-cache and pid are optional.
+"""
+from __future__ import annotations
+
+import io
+import math
+import re
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+from flwr.app import ArrayRecord, Message
+
+from server import safejson
+from tangent.protocol import check_site_id
+
+MAX_TRAIN_CONFIG_BYTES = 64 * 1024
+MAX_JSON_DEPTH = 8
+MAX_META_STRING = 1024
+MAX_DETAIL = 2000
+#: the ledger's per-contribution weight limit (fixedpoint.MAX_WEIGHT); evaluate counts use it too
+MAX_EXAMPLES = 2 ** 24
+CONTRIBUTION_ID = re.compile(r"[0-9a-f]{32}")
+#: a client's error code is copied into the round summary as a reason: it must look like one
+REASON_PATTERN = re.compile(r"[a-z][a-z0-9_]{0,47}")
+#: numeric train metrics the round summary keeps (weighted means); anything else is dropped
+TRAIN_METRICS = ("num-examples", "train-loss", "train-accuracy", "epsilon", "delta", "wall-s", "fit-s",
+                 "examples-per-s")
+EVALUATE_METRICS = ("eval-loss", "eval-accuracy")
+
+
+class Rejected(Exception):
+    """A reply that is not recorded; ``reason`` is machine-readable."""
+
+    def __init__(self, reason: str, detail: str = "", site_id: str | None = None):
+        super().__init__(f"{reason}: {detail}" if detail else reason)
+        self.reason, self.detail, self.site_id = reason, detail, site_id
+
+
+@dataclass
+class Contribution:
+    """A validated train reply, ready for the ledger."""
+    site_id: str
+    delta: dict  # name -> float32 numpy array
+    num_examples: int
+    meta: dict  # keyword arguments of Ledger.add/replace
+    metrics: dict
+    dp: bool = False
+
+
+@contextmanager
+def stage(reason: str, site_id: str | None = None) -> Iterator[None]:
+    """Any exception but :class:`Rejected` inside becomes ``Rejected(reason)``."""
+    try:
+        yield
+    except Rejected:
+        raise
+    except Exception as err:  # noqa: BLE001 - hostile input: anything it triggers is a rejection
+        raise Rejected(reason, f"{type(err).__name__}: {str(err)[:MAX_DETAIL]}", site_id) from None
+
+
+def shown(value: Any, limit: int = 80) -> str:
+    """A value from a reply, printable in a log or report whatever it is."""
+    text = repr(value)
+    return text if len(text) <= limit else text[:limit] + "…"
+
+
+# ----------------------------------------------------------------------------- shared pieces
+
+def raise_if_error(msg: Message) -> None:
+    """A Flower error or the site's own error record, as a rejection."""
+    if msg.has_error():
+        with stage("flower_error"):
+            detail = f"code {msg.error.code}: {str(msg.error.reason)[:MAX_DETAIL]}"
+        raise Rejected("flower_error", detail)
+    with stage("malformed"):
+        error = msg.content.config_records.get("error")
+    if error is None:
+        return
+    with stage("malformed"):
+        code, reason, site = error.get("code"), error.get("reason", ""), error.get("site-id")
+    code = code if isinstance(code, str) and REASON_PATTERN.fullmatch(code) else "client_error"
+    site = site if _valid_site_id(site) else None
+    raise Rejected(code, str(reason)[:MAX_DETAIL], site)
+
+
+def records(msg: Message, **kinds: str) -> dict[str, Any]:
+    """The named records (``name="array"|"metric"|"config"``); ``malformed`` when any is absent."""
+    with stage("malformed"):
+        content = msg.content
+        views = {"array": content.array_records, "metric": content.metric_records,
+                 "config": content.config_records}
+        found = {name: views[kind].get(name) for name, kind in kinds.items()}
+    missing = [f"{name} ({kind} record)" for name, kind in kinds.items() if found[name] is None]
+    if missing:
+        raise Rejected("malformed", f"reply lacks {', '.join(missing)}")
+    return found
+
+
+def declared_site(meta) -> str:
+    """The site id the reply claims (a claim: the strategy binds it to the sender)."""
+    with stage("malformed"):
+        value = meta.get("site-id")
+    try:
+        return check_site_id(value)
+    except ValueError as err:
+        raise Rejected("bad_site_id", str(err)[:MAX_DETAIL]) from None
+
+
+def _valid_site_id(value: Any) -> bool:
+    try:
+        check_site_id(value)
+    except ValueError:
+        return False
+    return True
+
+
+def count(value: Any, site: str | None) -> int:
+    """An example count in [1, MAX_EXAMPLES] (an integral float is accepted: MetricRecord round trips)."""
+    if isinstance(value, float) and math.isfinite(value) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, int) or isinstance(value, bool) or not 1 <= value <= MAX_EXAMPLES:
+        raise Rejected("bad_num_examples", shown(value), site)
+    return value
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def finite_metrics(metrics, keys: tuple[str, ...], site: str | None) -> dict[str, float]:
+    """The listed metrics that are present; ``bad_metrics`` when one is not a finite number."""
+    out = {}
+    for key in keys:
+        if key in metrics:
+            value = metrics[key]
+            # ε = inf is how a non-DP reply says "no guarantee"; NaN is never a value
+            if not _number(value) or math.isnan(value) or (key != "epsilon" and math.isinf(value)):
+                raise Rejected("bad_metrics", f"{key} = {shown(value)}", site)
+            out[key] = value
+    return out
+
+
+# ----------------------------------------------------------------------------- arrays
+
+def decode_arrays(record: ArrayRecord, site: str | None) -> dict[str, np.ndarray]:
+    """float32 arrays from an ArrayRecord, checked before any allocation.
+
+    Flower's ``Array.numpy()`` trusts the ``.npy`` header: it would load an ``.npz`` archive, and
+    allocates what the header declares before reading the bytes. Here the header must declare a
+    little-endian float32 C-order array of exactly the shape the Array claims, and the bytes must
+    be exactly that size; nothing is allocated beyond the buffer that arrived.
+    """
+    arrays = {}
+    with stage("bad_arrays", site):
+        items = list(record.items())
+    if not items:
+        raise Rejected("bad_arrays", "the delta record holds no arrays", site)
+    for name, array in items:
+        with stage("bad_arrays", site):
+            arrays[name] = _decode(name, array)
+    return arrays
+
+
+def _decode(name: str, array) -> np.ndarray:
+    if array.stype != "numpy.ndarray":
+        raise Rejected("bad_arrays", f"{shown(name)}: serialization type {shown(array.stype)}")
+    if array.dtype != "float32":
+        raise Rejected("bad_arrays", f"{shown(name)}: dtype {shown(array.dtype)}, expected float32")
+    shape = tuple(array.shape)
+    if not all(isinstance(d, int) and d >= 0 for d in shape):
+        raise Rejected("bad_arrays", f"{shown(name)}: shape {shown(shape)}")
+    data = array.data
+    buffer = io.BytesIO(data)
+    version = np.lib.format.read_magic(buffer)
+    header = (np.lib.format.read_array_header_1_0 if version == (1, 0) else
+              np.lib.format.read_array_header_2_0)(buffer, max_header_size=1024)
+    header_shape, fortran_order, dtype = header
+    if dtype != np.dtype("<f4") or fortran_order or tuple(header_shape) != shape:
+        raise Rejected("bad_arrays", f"{shown(name)}: header {shown(header)} does not match "
+                                     f"float32 {shape}")
+    expected = 4 * math.prod(shape)
+    body = memoryview(data)[buffer.tell():]
+    if len(body) != expected:
+        raise Rejected("bad_arrays", f"{shown(name)}: {len(body)} bytes for {expected}")
+    return np.frombuffer(body, dtype="<f4").reshape(shape).copy()
+
+
+# ----------------------------------------------------------------------------- train
+
+def parse_train_reply(msg: Message, expected_base_digest: str, *, require_dp: bool = False,
+                      bind: Callable[[str], str] | None = None) -> Contribution:
+    """Validate one train reply; raises :class:`Rejected`. (The ledger checks the tensors' spec.)
+
+    ``bind`` maps the declared site id to the sender's registered one (or rejects it); it runs
+    right after the site id is read, so an impostor is reported as such whatever else is wrong.
+    """
+    raise_if_error(msg)
+    found = records(msg, delta="array", metrics="metric", meta="config")
+    meta, metrics = found["meta"], found["metrics"]
+    site = declared_site(meta)
+    if bind is not None:
+        site = bind(site)
+    with stage("malformed", site):
+        digest = meta.get("base-digest")
+        num_examples = metrics.get("num-examples")
+        dp = meta.get("dp", False)
+    if digest != expected_base_digest:
+        raise Rejected("base_digest_mismatch", f"{shown(digest)} != {expected_base_digest}", site)
+    num_examples = count(num_examples, site)
+    if not isinstance(dp, bool):
+        raise Rejected("bad_meta", f"dp = {shown(dp)} is not a boolean", site)
+    if require_dp and not dp:
+        raise Rejected("not_private", "this run accepts differentially private contributions only", site)
+    with stage("bad_metrics", site):
+        kept = finite_metrics(metrics, TRAIN_METRICS, site)
+    kept["num-examples"] = num_examples
+    with stage("bad_meta", site):
+        ledger_meta = _ledger_meta(meta, kept, dp, site)
+    delta = decode_arrays(found["delta"], site)
+    return Contribution(site, delta, num_examples, ledger_meta, kept, dp)
+
+
+def _ledger_meta(meta, metrics: dict, dp: bool, site: str) -> dict[str, Any]:
+    epsilon, delta_dp = metrics.get("epsilon"), metrics.get("delta", 0.0)
+    if dp and (epsilon is None or not math.isfinite(epsilon) or epsilon < 0):
+        raise Rejected("bad_meta", f"DP contribution with epsilon {shown(epsilon)}", site)
+    if dp and not 0 <= delta_dp < 1:
+        raise Rejected("bad_meta", f"DP contribution with delta {shown(delta_dp)}", site)
+    optional = {key: _optional_string(meta, key, site)
+                for key in ("shard-fingerprint", "data-digest", "source", "contribution-id")}
+    if optional["contribution-id"] is not None and not CONTRIBUTION_ID.fullmatch(optional["contribution-id"]):
+        raise Rejected("bad_meta", f"contribution-id {shown(optional['contribution-id'])} is not 128-bit hex",
+                       site)
+    settings = {"dp": dp}
+    for key, name in (("dp-target-epsilon", "target_epsilon"), ("dp-max-grad-norm", "max_grad_norm"),
+                      ("dp-noise-multiplier", "noise_multiplier")):
+        value = meta.get(key)
+        if value is not None and not _number(value):
+            raise Rejected("bad_meta", f"{key} = {shown(value)} is not a number", site)
+        settings[name] = value if value is None or math.isfinite(value) else None
+    train_config = meta.get("train-config", "{}")
+    try:
+        train_config = safejson.loads(train_config, max_bytes=MAX_TRAIN_CONFIG_BYTES, max_depth=MAX_JSON_DEPTH)
+    except ValueError as err:
+        raise Rejected("bad_meta", f"train-config: {err}", site) from None
+    if not isinstance(train_config, dict):
+        raise Rejected("bad_meta", "train-config is not a JSON object", site)
+    extra = {"data_digest": optional["data-digest"], "source": optional["source"]}
+    if optional["contribution-id"] is not None:
+        extra["contribution_id"] = optional["contribution-id"]
+    return {"epsilon": float(epsilon) if dp else None,
+            "delta_dp": float(delta_dp) if dp else None,
+            "dp_settings": settings, "shard_fingerprint": optional["shard-fingerprint"],
+            "base_digest": meta.get("base-digest"), "train_config": train_config, "extra": extra}
+
+
+def _optional_string(meta, key: str, site: str) -> str | None:
+    value = meta.get(key)
+    if value is None or value == "":
+        return None
+    if not isinstance(value, str) or len(value) > MAX_META_STRING:
+        raise Rejected("bad_meta", f"{key} = {shown(value)} is not a string of at most {MAX_META_STRING}", site)
+    return value
+
+
+# ----------------------------------------------------------------------------- evaluate
+
+def parse_evaluate_reply(msg: Message, bind: Callable[[str], str] | None = None) -> tuple[str, dict[str, float]]:
+    """(site id, {num-examples, eval-loss, eval-accuracy}); raises :class:`Rejected`."""
+    raise_if_error(msg)
+    found = records(msg, metrics="metric", meta="config")
+    site = declared_site(found["meta"])
+    if bind is not None:
+        site = bind(site)
+    with stage("bad_metrics", site):
+        metrics = found["metrics"]
+        num_examples = count(metrics.get("num-examples"), site)
+        kept = finite_metrics(metrics, EVALUATE_METRICS, site)
+    return site, kept | {"num-examples": num_examples}

@@ -1,0 +1,64 @@
+"""deploy.health names refused SuperNodes and rejected replies by site and key fingerprint."""
+import json
+
+from cryptography.hazmat.primitives import serialization
+
+from deploy.health import refused_supernodes, rejected_replies, render
+from deploy.pki import create_site_key
+from deploy.register import key_fingerprint, read_registry, record_site, write_registry
+from server.withdrawal import load_public_key
+
+
+def _pem(pub_path):
+    return load_public_key(pub_path).public_bytes(serialization.Encoding.PEM,
+                                                  serialization.PublicFormat.SubjectPublicKeyInfo)
+
+
+def _state(tmp_path):
+    for site in ("1", "2", "rogue"):
+        create_site_key(tmp_path / "keys", site)
+    registry = read_registry(tmp_path)
+    for i, site in enumerate(("1", "2")):
+        pub = tmp_path / "keys" / f"site-{site}.key.pub"
+        record_site(registry, site, f"keys/{pub.name}", key_fingerprint(pub), 100 + i, 50, None)
+    registry["sites"]["2"]["revoked"] = True
+    write_registry(tmp_path, registry)
+    return registry
+
+
+def test_refused_supernodes_are_named_by_fingerprint(tmp_path):
+    registry = _state(tmp_path)
+    log = tmp_path / "superlink.log"
+    lines = []
+    for site in ("rogue", "rogue", "2"):
+        # Flower's own wording (flwr/superlink/servicer/fleet/fleet_handlers.py, activate_node)
+        pem = _pem(tmp_path / "keys" / f"site-{site}.key.pub")
+        lines.append(f"ERROR : [/v1/fleet/activate-node][ApiError:2004] Attempted to register SuperNode with "
+                     f"public key: {pem!r}, exception: No SuperNode found with the given public key.")
+    log.write_text("\n".join(lines) + "\n")
+    refused = refused_supernodes(log, registry)
+    rogue = key_fingerprint(tmp_path / "keys" / "site-rogue.key.pub")
+    assert refused[0] == {"fingerprint": rogue, "owner": "unregistered key", "attempts": 2,
+                          "reason": "No SuperNode found with the given public key."}
+    assert refused[1]["owner"] == "site 2 (revoked)"
+    text = render({"superlink_error": None, "sites": [], "unknown_nodes": [], "refused_supernodes": refused,
+                   "rejected_replies": [], "refused_withdrawals": [], "ledger": None})
+    assert rogue in text and "BEGIN PUBLIC KEY" not in text
+
+
+def test_rejected_replies_map_the_sender_to_its_registered_site(tmp_path):
+    registry = _state(tmp_path)
+    (tmp_path / "reports").mkdir()
+    (tmp_path / "reports" / "train-1.json").write_text(json.dumps({"rounds": [{"rejections": [
+        {"site_id": "2", "node_id": 100, "reason": "site_identity_mismatch", "detail": "…"},
+        {"site_id": "2", "node_id": 100, "reason": "site_identity_mismatch", "detail": "…"},
+        {"site_id": "9", "node_id": 555, "reason": "unknown_site", "detail": "…"}]}]}))
+    (tmp_path / "reports" / "broken.json").write_text("{not json")  # ignored, not fatal
+    rows = rejected_replies(tmp_path, registry)
+    assert rows[0] == {"declared_site": "2", "node_id": "100", "registered_site": "1",
+                       "fingerprint": registry["sites"]["1"]["fingerprint"], "reason": "site_identity_mismatch",
+                       "count": 2}
+    assert rows[1]["registered_site"] is None and rows[1]["reason"] == "unknown_site"
+    text = render({"superlink_error": None, "sites": [], "unknown_nodes": [], "refused_supernodes": [],
+                   "rejected_replies": rows, "refused_withdrawals": [], "ledger": None})
+    assert "claimed site 2 from node 100 = site 1" in text

@@ -1,0 +1,52 @@
+"""deploy.supernode: the site's state dir (0700, outside the repo, budget record on creation) and
+the node config it hands the ClientApp."""
+import argparse
+import pytest
+
+from deploy.supernode import BUDGET_FILE, REPO, node_config, prepare_state_dir
+
+
+def test_a_fresh_state_dir_is_private(tmp_path):
+    path = tmp_path / "taft" / "site-3"
+    prepare_state_dir(path, "3", None, None)
+    assert path.is_dir() and path.stat().st_mode & 0o777 == 0o700
+
+
+def test_a_state_dir_inside_the_app_directory_is_refused():
+    with pytest.raises(ValueError, match="inside the app directory"):
+        prepare_state_dir(REPO / "deploy" / "state" / "site-3", "3", 8.0, None)
+    assert not (REPO / "deploy" / "state" / "site-3").exists()
+
+
+def test_the_budget_record_is_created_once_with_the_fresh_dir(tmp_path):
+    privacy = pytest.importorskip("tangent.privacy")
+    if not hasattr(privacy, "PrivacyBudget"):
+        pytest.skip("tangent.privacy.PrivacyBudget (helper dp) not in this tree")
+    path = tmp_path / "site-3"
+    prepare_state_dir(path, "3", 8.0, 1e-5)
+    record = path / BUDGET_FILE
+    assert record.exists() and "8" in record.read_text()
+    before = record.read_bytes()
+    assert "existing" in prepare_state_dir(path, "3", 99.0, None)  # an existing record is never reset
+    assert record.read_bytes() == before
+
+
+def _args(tmp_path, data_path):
+    return argparse.Namespace(site_id="3", data_path=data_path, state_dir=tmp_path, epsilon_budget=8,
+                              delta_budget=None, max_epsilon=2.0, max_delta=None, require_dp=True,
+                              declared_examples=500, cache_dir="/cache", extra_node_config=[])
+
+
+def test_node_config_parses_with_flowers_own_parser(tmp_path):
+    from flwr.common.config import parse_config_args
+
+    data_path = '/data/my "site" \\ 3 = x.npz'
+    parsed = parse_config_args([node_config(_args(tmp_path, data_path))])
+    assert parsed == {"site-id": "3", "data-path": data_path, "state-dir": str(tmp_path),
+                      "epsilon-budget": 8.0, "max-epsilon": 2.0, "require-dp": True, "declared-examples": 500,
+                      "cache-dir": "/cache"}
+
+
+def test_a_value_flower_cannot_carry_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="single quote"):
+        node_config(_args(tmp_path, "/data/site's.npz"))

@@ -1,0 +1,381 @@
+"""Fuzz: thousands of corrupted train and evaluate replies through the real LedgerFedAvg.
+
+Every reply is a real Flower ``Message`` built as Flower builds a reply (``reply_to`` an
+instruction, so ``src_node_id`` is the sender), with records corrupted at random: records missing
+or of the wrong type, values of the wrong type, nested/huge/NaN JSON, 5,000-digit numbers, odd
+site ids, ArrayRecord arrays with bogus serialization type, dtype, shape and corrupt bytes,
+reserved tensor names, Flower errors and site error records, duplicates, non-DP replies in a DP
+round and, in deployment mode, replies from the wrong, unregistered or revoked node. Valid replies
+(both the non-DP and the DP form) are interleaved. For every round: it completes, each corrupted
+reply is a counted rejection with a machine-readable reason, each valid one is recorded, and the
+round summary serialises. Afterwards the ledger verifies and holds exactly the valid sites.
+"""
+from __future__ import annotations
+
+import io
+import json
+import math
+import re
+import time
+import zipfile
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+
+from server.ledger import Ledger
+from server.strategy import LedgerFedAvg
+
+BASE = "b" * 64
+SHAPES = {"a.weight": (2, 3), "b.bias": (4,)}
+SPEC = {"backbone": "tiny", "img-size": 28, "seed": 0, "num-classes": 3}
+CASES = 3000
+ROUND_SIZE = 40
+REASON = re.compile(r"[a-z][a-z0-9_]{0,47}")
+
+pytestmark = pytest.mark.usefixtures("flower_server_identity")
+
+
+# ----------------------------------------------------------------------------- valid replies
+
+def instruction(node_id: int, kind: str = "train") -> Message:
+    return Message(RecordDict({"spec": ConfigRecord(SPEC | {"base-digest": BASE})}), dst_node_id=node_id,
+                   message_type=kind)
+
+
+def npy(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    np.save(buffer, array, allow_pickle=False)
+    return buffer.getvalue()
+
+
+def valid_parts(rng: np.random.Generator, site: str, dp: bool) -> dict:
+    """The records of a valid train reply as plain dicts, so a mutation can edit them."""
+    arrays = {name: Array((0.01 * rng.standard_normal(shape)).astype(np.float32)) for name, shape in SHAPES.items()}
+    if dp:  # contract 5: the DP form carries nothing data-dependent beyond the mechanism
+        metrics = {"num-examples": 128, "epsilon": 2.0, "delta": 1e-6}
+        meta = {"site-id": site, "base-digest": BASE, "contribution-id": rng.bytes(16).hex(), "dp": True,
+                "dp-target-epsilon": 2.0, "dp-max-grad-norm": 1.0, "dp-noise-multiplier": 1.1,
+                "train-config": json.dumps({"epochs": 1, "dp": True})}
+    else:
+        metrics = {"num-examples": int(rng.integers(1, 500)), "train-loss": 1.0, "train-accuracy": 0.5,
+                   "epsilon": math.inf, "delta": 0.0, "wall-s": 1.0, "fit-s": 0.5, "examples-per-s": 100.0}
+        meta = {"site-id": site, "base-digest": BASE, "shard-fingerprint": f"fp-{site}", "data-digest": "dd",
+                "source": "test", "from-cache": False, "dp": False, "dp-target-epsilon": 8.0,
+                "dp-max-grad-norm": 1.0, "dp-noise-multiplier": 0.0, "train-config": json.dumps({"epochs": 1}),
+                "pid": 4242}
+    return {"delta": ("array", arrays), "metrics": ("metric", metrics), "meta": ("config", meta)}
+
+
+def build(parts: dict, node_id: int, kind: str = "train") -> Message:
+    content = RecordDict()
+    for name, (record_type, values) in parts.items():
+        if record_type == "array":
+            content[name] = ArrayRecord(dict(values)) if values else ArrayRecord()
+        elif record_type == "metric":
+            content[name] = MetricRecord(dict(values))
+        else:
+            content[name] = ConfigRecord(dict(values))
+    return Message(content, reply_to=instruction(node_id, kind))
+
+
+# ----------------------------------------------------------------------------- corruptions
+
+ODD_SITE_IDS = ["", "²", "٣", "a/b", "../x", "x" * 65, "-a", " 1", "a b", "é", "\u202e1", "1\n", "a\x00b",
+                3, 1.5, True, b"3", [1, 2], ["a"], "__metadata__/"]
+NOT_JSON_OBJECTS = ["[" * 100_000 + "]" * 100_000, "{" * 60, "1" * 5000, json.dumps("x" * (70 * 1024)),
+                    "NaN", '{"a": NaN}', "not json", b"\xff\xfe{}", "[1, 2]", 5, ["a"], '"a"',
+                    '{"a":' * 9 + "1" + "}" * 9, '{"a": 1' + "0" * 5000 + "}", True, 1.5]
+
+
+def _header_bytes(shape, descr="<f4", fortran=False, body=b"") -> bytes:
+    buffer = io.BytesIO()
+    np.lib.format.write_array_header_1_0(buffer, {"descr": descr, "fortran_order": fortran, "shape": shape})
+    return buffer.getvalue() + body
+
+
+def _npz(array: np.ndarray) -> bytes:
+    buffer = io.BytesIO()
+    with zipfile.ZipFile(buffer, "w") as archive:
+        archive.writestr("arr_0.npy", npy(array))
+    return buffer.getvalue()
+
+
+def corrupt_array(rng: np.random.Generator, name: str, shape: tuple) -> Array:
+    good = (0.01 * rng.standard_normal(shape)).astype(np.float32)
+    data = npy(good)
+    size = int(np.prod(shape))
+    choice = int(rng.integers(16))
+    if choice == 0:
+        return Array(dtype="float32", shape=shape, stype=str(rng.choice(["torch.Tensor", "", "pickle", "NUMPY"])),
+                     data=data)
+    if choice == 1:
+        return Array(dtype=str(rng.choice(["float64", "int8", "<f4", "object", ""])), shape=shape,
+                     stype="numpy.ndarray", data=data)
+    if choice == 2:
+        return Array(dtype="float32", shape=tuple(reversed(shape)) + (1,), stype="numpy.ndarray", data=data)
+    if choice == 3:
+        return Array(dtype="float32", shape=shape, stype="numpy.ndarray", data=rng.bytes(int(rng.integers(0, 200))))
+    if choice == 4:
+        return Array(dtype="float32", shape=shape, stype="numpy.ndarray", data=data[: int(rng.integers(0, len(data)))])
+    if choice == 5:
+        return Array(dtype="float32", shape=shape, stype="numpy.ndarray", data=data + rng.bytes(int(rng.integers(1, 64))))
+    if choice == 6:
+        return Array(dtype="float32", shape=shape, stype="numpy.ndarray", data=_npz(good))
+    if choice == 7:  # header declares 4 TB: must be refused before anything is allocated
+        return Array(dtype="float32", shape=shape, stype="numpy.ndarray", data=_header_bytes((10 ** 12,)))
+    if choice == 8:
+        return Array(dtype="float32", shape=shape, stype="numpy.ndarray",
+                     data=_header_bytes(shape, descr=">f4", body=good.astype(">f4").tobytes()))
+    if choice == 9:
+        return Array(dtype="float32", shape=shape, stype="numpy.ndarray",
+                     data=_header_bytes(shape, fortran=True, body=good.tobytes()))
+    if choice == 10:
+        return Array(dtype="float32", shape=shape, stype="numpy.ndarray",
+                     data=_header_bytes(shape, descr="|O", body=b"\x80\x04N." * size))
+    if choice == 11:
+        return Array(good.astype(np.float64))  # a real float64 array
+    if choice == 12:
+        bad = good.copy()
+        bad.flat[int(rng.integers(size))] = rng.choice([np.nan, np.inf, -np.inf])
+        return Array(bad)
+    if choice == 13:
+        return Array(np.full(shape, 1e6, np.float32))  # out of the fixed-point range
+    if choice == 14:
+        return Array(np.full(shape, 100.0, np.float32))  # norm far above max-delta-norm
+    return Array(dtype="float32", shape=(), stype="numpy.ndarray", data=data)
+
+
+def mutate(rng: np.random.Generator, parts: dict, kind: str) -> str:
+    """Corrupt ``parts`` in place; returns the name of the corruption."""
+    # a record already dropped or retyped by an earlier corruption is left alone (throwaway dicts)
+    meta = parts["meta"][1] if parts.get("meta", ("",))[0] == "config" else {}
+    metrics = parts["metrics"][1] if parts.get("metrics", ("",))[0] == "metric" else {}
+    arrays = parts["delta"][1] if parts.get("delta", ("",))[0] == "array" else {"a.weight": None, "b.bias": None}
+    options = ["drop_record", "record_type", "num_examples", "site_id", "metric_value", "error_record"]
+    if kind == "train":
+        options += ["base_digest", "dp_flag", "dp_epsilon", "train_config", "meta_strings", "array", "array",
+                    "array_names"]
+    choice = str(rng.choice(options))
+    if choice == "drop_record":
+        parts.pop(str(rng.choice([name for name in parts if name != "error"] or ["error"])))
+    elif choice == "record_type":
+        name = str(rng.choice([name for name in parts if name != "error"] or ["error"]))
+        record_type = str(rng.choice([t for t in ("array", "metric", "config") if t != parts[name][0]]))
+        parts[name] = (record_type, {"array": {"x": Array(np.zeros(2, np.float32))}, "metric": {"a": 1},
+                                     "config": {"a": "x"}}[record_type])
+    elif choice == "num_examples":
+        value = rng.choice(np.array([0, -5, [1, 2], 1.5, math.nan, math.inf, -math.inf, 2 ** 63 - 1, 2 ** 24 + 1,
+                                     [], [1.0], "missing"], dtype=object))
+        if isinstance(value, str):
+            metrics.pop("num-examples", None)
+        else:
+            metrics["num-examples"] = value
+    elif choice == "site_id":
+        value = ODD_SITE_IDS[int(rng.integers(len(ODD_SITE_IDS)))]
+        meta["site-id"] = value
+    elif choice == "metric_value":
+        key = str(rng.choice(["eval-loss", "eval-accuracy"] if kind == "evaluate"
+                             else ["train-loss", "train-accuracy", "wall-s"]))
+        metrics[key] = rng.choice(np.array([math.nan, math.inf, [1.0, 2.0], -math.inf], dtype=object))
+    elif choice == "error_record":
+        parts["error"] = ("config", {"code": rng.choice(np.array(["budget_exhausted", "X Y!", 5, "", b"x"],
+                                                                 dtype=object)),
+                                     "reason": "r" * int(rng.integers(0, 100_000)), "site-id": meta.get("site-id", 1)})
+    elif choice == "base_digest":
+        meta["base-digest"] = rng.choice(np.array(["c" * 64, "", 7, b"b" * 64, BASE.upper()], dtype=object))
+    elif choice == "dp_flag":
+        meta["dp"] = rng.choice(np.array(["false", "true", 0, 1, [True], b""], dtype=object))
+    elif choice == "dp_epsilon":
+        meta["dp"] = True
+        key, value = (("epsilon", rng.choice(np.array([math.inf, math.nan, -1.0, [1.0], "gone"], dtype=object)))
+                      if rng.random() < 0.6 else
+                      ("delta", rng.choice(np.array([1.0, -0.1, math.nan, 2.0], dtype=object))))
+        if value == "gone":
+            metrics.pop(key, None)
+        else:
+            metrics[key] = value
+    elif choice == "train_config":
+        meta["train-config"] = NOT_JSON_OBJECTS[int(rng.integers(len(NOT_JSON_OBJECTS)))]
+    elif choice == "meta_strings":
+        key = str(rng.choice(["shard-fingerprint", "contribution-id", "dp-target-epsilon", "data-digest"]))
+        values = {"shard-fingerprint": [[1, 2], "x" * 5000, 5, b"\xff"],
+                  "contribution-id": ["xyz", "A" * 32, 5, "0" * 33, "g" * 32],
+                  "dp-target-epsilon": ["8", b"x", [1.0], True],
+                  "data-digest": [3.5, ["a"], "d" * 2000]}[key]
+        meta[key] = values[int(rng.integers(len(values)))]
+    elif choice == "array":
+        name = str(rng.choice(list(arrays) or ["a.weight"]))
+        arrays[name] = corrupt_array(rng, name, SHAPES.get(name, (3,)))
+    elif choice == "array_names":
+        how = int(rng.integers(5))
+        if how == 0:
+            arrays["__metadata__"] = Array(np.zeros(2, np.float32))
+        elif how == 1:
+            arrays["c.extra"] = Array(np.zeros(2, np.float32))
+        elif how == 2 and arrays.keys() & SHAPES.keys():  # only expected names: never undo an earlier one
+            arrays.pop(str(rng.choice(sorted(arrays.keys() & SHAPES.keys()))))
+        elif how == 3:
+            arrays.clear()
+        elif arrays.keys() & SHAPES.keys():
+            old = str(rng.choice(sorted(arrays.keys() & SHAPES.keys())))
+            arrays[str(rng.choice(["é", "a" * 300, "a\x00", ""]))] = arrays.pop(old)
+        else:
+            arrays["é"] = Array(np.zeros(2, np.float32))
+    return choice
+
+
+# ----------------------------------------------------------------------------- the fuzz
+
+def _registry(tmp_path: Path, sites: dict[str, int], revoked: set[str]) -> "object":
+    from server.withdrawal import SiteRegistry
+
+    registry = {"version": 2, "sites": {
+        site: {"public_key": f"keys/{site}.pub", "fingerprint": f"SHA256:{i:064x}", "node_id": node,
+               "max_examples": 1000, "registered_at": "2026-01-01T00:00:00Z", "revoked": site in revoked}
+        for i, (site, node) in enumerate(sites.items())}}
+    (tmp_path / "registry.json").write_text(json.dumps(registry))
+    return SiteRegistry(tmp_path / "registry.json")
+
+
+@pytest.mark.parametrize("federation", ["simulation", "deployment"])
+def test_no_corrupted_reply_aborts_a_round_and_each_is_a_counted_rejection(tmp_path, federation):
+    rng = np.random.default_rng(20261130 if federation == "simulation" else 7)
+    sites = [f"s{i}" for i in range(CASES)]  # one site per case; node ids are registered in deployment
+    nodes = {site: 10_000 + i for i, site in enumerate(sites)}
+    revoked_site = "revoked-site"
+    binding = None
+    if federation == "deployment":
+        from server.identity import SenderBinding
+        binding = SenderBinding(_registry(tmp_path, nodes | {revoked_site: 99}, {revoked_site}))
+    reasons: Counter = Counter()
+    corruptions: Counter = Counter()
+    expected_active: set[str] = set()
+    start = time.perf_counter()
+    with Ledger.open(tmp_path / "ledger.sqlite", expected_base_digest=BASE, max_delta_norm=10.0,
+                     expected_spec=SHAPES) as ledger:
+        strategy = LedgerFedAvg(ledger, SPEC, BASE, min_available_nodes=1, min_train_nodes=1, min_evaluate_nodes=1,
+                                **({"binding": binding} if binding else {}))
+        case = 0
+        for server_round in range(1, CASES // ROUND_SIZE + 1):
+            strategy.require_dp = server_round % 5 == 0  # every fifth round is a DP run
+            replies, good_nodes, bad_nodes, in_round, applied = [], set(), set(), set(), {}
+            for _ in range(ROUND_SIZE):
+                site = sites[case]
+                case += 1
+                if rng.random() < 0.15 and expected_active and rng.random() < 0.5:
+                    site = str(rng.choice(sorted(expected_active - in_round) or [site]))  # a replacement
+                node = nodes[site]
+                dp = strategy.require_dp or rng.random() < 0.3
+                if rng.random() < 0.08 and site not in in_round:
+                    replies.append(build(valid_parts(rng, site, dp), node))
+                    good_nodes.add(node)
+                    in_round.add(site)
+                    continue
+                mutations = int(rng.integers(1, 3))
+                if strategy.require_dp and rng.random() < 0.3:  # a non-DP reply in a DP run
+                    dp, mutations = False, mutations - 1
+                    corruptions["non_dp_in_dp_run"] += 1
+                parts = valid_parts(rng, site, dp)
+                for _ in range(mutations):
+                    applied.setdefault(node, []).append(mutate(rng, parts, "train"))
+                    corruptions[applied[node][-1]] += 1
+                replies.append(_odd_sender(rng, parts, node, federation, nodes, revoked_site, corruptions))
+                bad_nodes.add(replies[-1].metadata.src_node_id)
+            if rng.random() < 0.5 and good_nodes:  # a second reply for a site already in this round
+                node = sorted(good_nodes)[0]
+                site = next(s for s, n in nodes.items() if n == node)
+                replies.append(build(valid_parts(rng, site, strategy.require_dp), node))
+                corruptions["duplicate_in_round"] += 1
+                bad_nodes.add(node)
+            if rng.random() < 0.5:
+                replies.append(Message(Error(code=int(rng.integers(0, 9)), reason="x" * 5000),
+                                       reply_to=instruction(20_000_000 + server_round)))
+                corruptions["flower_error"] += 1
+
+            arrays, metrics = strategy.aggregate_train(server_round, replies)  # must not raise
+
+            summary = strategy.rounds[server_round]
+            assert len(summary.recorded) + len(summary.rejections) == len(replies)
+            recorded_nodes = {nodes[s] for s in summary.recorded}
+            assert recorded_nodes == good_nodes, {n: applied.get(n) for n in recorded_nodes - good_nodes}
+            assert metrics["recorded"] == len(summary.recorded) == len(good_nodes)
+            recorded_nodes = {nodes[s] for s in summary.recorded}
+            assert recorded_nodes == good_nodes, {n: applied.get(n) for n in recorded_nodes - good_nodes}
+            assert all(REASON.fullmatch(r["reason"]) for r in summary.rejections), summary.rejected_by_reason
+            json.dumps(summary.as_dict(), default=str)  # the report survives whatever the replies held
+            reasons.update(summary.rejected_by_reason)
+            expected_active |= set(summary.recorded)
+
+            evaluate_replies, evaluate_good = _evaluate_replies(rng, sites, nodes, expected_active, federation,
+                                                                revoked_site, corruptions)
+            strategy.aggregate_evaluate(server_round, evaluate_replies)  # must not raise
+            evaluate = strategy.rounds[server_round].evaluate
+            assert len(evaluate["sites"]) + len(evaluate["skipped"]) == len(evaluate_replies)
+            assert set(evaluate["sites"]) == evaluate_good
+            reasons.update({f"evaluate:{k}": v for k, v in evaluate["skipped_by_reason"].items()})
+            json.dumps(strategy.rounds[server_round].as_dict(), default=str)
+
+        ledger.verify()  # raises LedgerCorrupt on any inconsistency
+        assert {c.site_id for c in ledger.contributions(status="active")} == expected_active
+    elapsed = time.perf_counter() - start
+    total = sum(reasons.values())
+    train_reasons = sorted(k for k in reasons if not k.startswith("evaluate:"))
+    print(f"\nfuzz ({federation}): {case} train cases + {CASES // ROUND_SIZE} rounds of extra replies, "
+          f"{total} rejections, {len(train_reasons)} distinct train reasons, "
+          f"{len(reasons) - len(train_reasons)} distinct evaluate reasons, {len(expected_active)} sites "
+          f"recorded, {elapsed:.1f} s\n  reasons: {dict(sorted(reasons.items()))}\n"
+          f"  corruptions: {dict(sorted(corruptions.items()))}")
+    _record_stats(tmp_path, federation, case, reasons, corruptions, elapsed)
+    assert "internal" not in reasons, "an unexpected exception: classify it"
+    assert len(train_reasons) >= 15
+
+
+def _odd_sender(rng, parts, node, federation, nodes, revoked_site, corruptions) -> Message:
+    """In deployment some corrupted replies also come from the wrong node."""
+    if federation == "deployment" and rng.random() < 0.2:
+        how = int(rng.integers(4))
+        if how == 0:
+            node = 5  # no site is registered for node 5
+            corruptions["unregistered_node"] += 1
+        elif how == 1:
+            node = 10_000 + (node - 10_000 + 1) % len(nodes)  # another registered site's node
+            corruptions["impostor_node"] += 1
+        elif how == 2:
+            if parts.get("meta", ("",))[0] == "config":
+                parts["meta"][1]["site-id"] = revoked_site
+            node = 99
+            corruptions["revoked_node"] += 1
+        elif parts.get("metrics", ("",))[0] == "metric":
+            parts["metrics"][1]["num-examples"] = 1001 + int(rng.integers(5000))  # registered cap: 1000
+            corruptions["over_cap"] += 1
+    return build(parts, node)
+
+
+def _evaluate_replies(rng, sites, nodes, active, federation, revoked_site, corruptions):
+    replies, good = [], set()
+    for i in range(10):
+        site = str(rng.choice(sites))
+        parts = {"metrics": ("metric", {"num-examples": int(rng.integers(1, 100)), "eval-loss": 1.0,
+                                        "eval-accuracy": 0.5}),
+                 "meta": ("config", {"site-id": site})}
+        if rng.random() < 0.3 and site not in good:
+            replies.append(build(parts, nodes[site], "evaluate"))
+            good.add(site)
+            continue
+        corruptions["evaluate:" + mutate(rng, parts, "evaluate")] += 1
+        replies.append(build(parts, nodes[site], "evaluate"))
+    return replies, good
+
+
+def _record_stats(tmp_path, federation, cases, reasons, corruptions, elapsed) -> None:
+    out = Path(__file__).resolve().parents[2] / "runs" / "fuzz"
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        (out / f"fuzz-{federation}.json").write_text(json.dumps(
+            {"cases": cases, "rejections": sum(reasons.values()), "reasons": dict(sorted(reasons.items())),
+             "corruptions": dict(sorted(corruptions.items())), "seconds": round(elapsed, 2)}, indent=1))
+    except OSError:
+        pass
