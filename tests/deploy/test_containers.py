@@ -103,8 +103,8 @@ SECRETS_AND_STATE = [
     ".env", "deploy/compose.env", "app.fab", ".hypothesis/examples/x",
 ]
 CODE = ["pyproject.toml", "README.md", "tangent/model.py", "client/client_app.py", "server/server_app.py",
-        "server/ledger.py", "deploy/supernode.py", "deploy/compose-proxy.Caddyfile"]
-CODE_SUFFIXES = (".py", ".toml", ".md", ".sh", ".yaml", ".yml", ".Caddyfile")
+        "server/strategy.py", "deploy/supernode.py", "deploy/Caddyfile"]
+CODE_SUFFIXES = (".py", ".toml", ".md", ".sh", ".yaml", ".yml")
 
 
 def test_dockerignore_excludes_secrets_state_and_data():
@@ -117,9 +117,9 @@ def test_dockerignore_excludes_secrets_state_and_data():
 
 def test_build_context_of_this_checkout_is_code_and_config_only():
     context = _build_context(_dockerignore_rules())
-    assert "pyproject.toml" in context and "server/ledger.py" in context
+    assert "pyproject.toml" in context and "server/server_app.py" in context
     other = [f for f in context
-             if not f.endswith(CODE_SUFFIXES) and Path(f).name not in {"Dockerfile", ".gitignore"}]
+             if not f.endswith(CODE_SUFFIXES) and Path(f).name not in {"Dockerfile", "Caddyfile", ".gitignore"}]
     assert not other, f"not code or config in the build context: {other}"
 
 
@@ -237,9 +237,9 @@ def test_every_container_is_unprivileged():
     assert re.search(r'if \[\[ \$\(id -u\) == 0 \]\]; then TAFT_UID=10001', script)
 
 
-ALLOWED_SECRETS = {  # service -> the secret/config files it may mount (all read-only)
+ALLOWED_SECRETS = {  # service -> the key/certificate files it may mount (all read-only)
     "superlink": {"/certs/ca.crt", "/certs/superlink.crt", "/certs/superlink.key"},
-    "proxy": {"/certs/ca.crt", "/certs/superlink.crt", "/certs/superlink.key"},
+    "proxy": {"/certs/ca.crt", "/certs/proxy.crt", "/certs/proxy.key"},
     "operator": {"/certs/ca.crt"},
 }
 
@@ -249,17 +249,26 @@ def test_each_container_mounts_only_its_own_secrets_read_only():
     for name, service in services.items():
         allowed = ALLOWED_SECRETS.get(name, {"/certs/ca.crt", f"/keys/{name}.key"})
         for source, target, mode in _mounts(service):
-            assert "ca.key" not in source and "ca.key" not in target, f"{name}: CA private key mounted"
-            if target.startswith(("/certs", "/keys")):
+            assert ".key" not in source or Path(source).name == Path(target).name, f"{name}: {source}"
+            assert not re.search(r"ca\.key|operator\.key\b|operator-keys", source), f"{name}: {source} mounted"
+            if target.startswith(("/certs", "/keys")) or source.endswith((".key", ".crt", ".pem")):
                 assert target in allowed, f"{name}: {source} -> {target} is not its own"
                 assert Path(source).name == Path(target).name, f"{name}: {source} -> {target}"
                 assert mode == "ro", f"{name}: {target} is writable"
-            if target == "/data":
-                assert mode == "ro", f"{name}: site data writable"
+            if target in {"/data", "/public-keys"}:
+                assert mode == "ro", f"{name}: {target} writable"
+            if target == "/public-keys":  # public keys only, for registration
+                assert name == "operator" and source.endswith("/public-keys"), f"{name}: {source}"
+            # a directory of secrets (e.g. the whole pki/ or keys/) is never mounted
+            assert not re.search(r"/(pki|keys|certs)/?$", source), f"{name}: directory {source}"
         if name in SITE_SERVICES:
             keys = [t for _, t, _ in _mounts(service) if t.startswith("/keys")]
             assert keys == [f"/keys/{name}.key"]
             assert f"--key /keys/{name}.key" in service["command"]
+    # the SuperLink's own key only there (and nowhere else), the proxy's only in the proxy
+    for key, owner in (("superlink.key", "superlink"), ("proxy.key", "proxy")):
+        holders = {n for n, s in services.items() for src, _, _ in _mounts(s) if src.endswith("/" + key)}
+        assert holders == {owner}, (key, holders)
 
 
 def test_state_is_operator_owned_bind_mounts_outside_the_repository():
@@ -290,6 +299,17 @@ def _proxy_config() -> Path:
     return REPO / config.removeprefix("/app/")
 
 
+def _proxy_env(tmp_path: Path, certs: Path, **overrides: str) -> dict[str, str]:
+    """The proxy service's environment from compose.yaml, its container paths mapped onto
+    tmp_path (/certs -> the test's certificates, /state -> a fresh state directory)."""
+    env = {}
+    for key, value in _compose()["services"]["proxy"]["environment"].items():
+        value = str(value).replace("/certs", str(certs)).replace("/state", str(tmp_path / "state"))
+        env[key] = value
+    (tmp_path / "state" / "logs").mkdir(parents=True, exist_ok=True)
+    return {**os.environ, **env, **overrides}
+
+
 def _caddy() -> str:
     caddy = shutil.which("caddy", path=f"{BIN}{os.pathsep}{os.environ.get('PATH', '')}")
     if caddy is None:
@@ -298,23 +318,25 @@ def _caddy() -> str:
 
 
 def _certs(tmp_path: Path) -> Path:
-    from deploy.pki import create_ca, create_superlink_cert
+    from deploy.pki import create_ca, create_proxy_cert, create_superlink_cert
 
     certs = tmp_path / "certs"
     create_ca(certs)
-    create_superlink_cert(certs, ["superlink", "proxy"])
+    create_superlink_cert(certs, ["superlink"])
+    create_proxy_cert(certs, ["proxy"])
     return certs
 
 
 def test_proxy_config_is_valid_and_forwards_the_fleet_api_only(tmp_path):
     path = _proxy_config()
-    text = path.read_text()
-    assert re.search(r"path /v1/fleet/\*", text) and "respond" in text
-    assert "/v1/control" not in re.sub(r"#.*", "", text) and "/v1/runtime" not in re.sub(r"#.*", "", text)
+    text = re.sub(r"#.*", "", path.read_text())
+    fleet = re.search(r"@fleet \{(.*?)\}", text, flags=re.S).group(1)
+    paths = [p for line in fleet.splitlines() if line.strip().startswith("path ") for p in line.split()[1:]]
+    assert paths and all(p.startswith("/v1/fleet/") for p in paths), paths
+    assert "/v1/control" not in text and "/v1/runtime" not in text
     certs = _certs(tmp_path)
-    env = {**os.environ, "TAFT_CERTS": str(certs), "XDG_DATA_HOME": str(tmp_path), "XDG_CONFIG_HOME": str(tmp_path)}
     out = subprocess.run([_caddy(), "validate", "--config", str(path), "--adapter", "caddyfile"],
-                         capture_output=True, text=True, env=env, timeout=60)
+                         capture_output=True, text=True, env=_proxy_env(tmp_path, certs), timeout=60)
     assert out.returncode == 0, out.stdout + out.stderr
 
 
@@ -360,13 +382,12 @@ def test_compose_proxy_in_front_of_a_real_superlink_refuses_control_and_runtime(
                  "--port", str(link_port), "--disable-runtime-dependency-installation"],
                 env=env, stdout=log, stderr=subprocess.STDOUT))
         proxy_log = tmp_path / "proxy.log"
+        proxy_env = _proxy_env(tmp_path, certs, TAFT_PROXY_BIND="127.0.0.1", TAFT_PROXY_PORT=str(proxy_port),
+                               TAFT_PROXY_UPSTREAM=f"https://127.0.0.1:{link_port}")
         with open(proxy_log, "w") as log:
             procs.append(subprocess.Popen(
                 [caddy, "run", "--config", str(_proxy_config()), "--adapter", "caddyfile"],
-                env={**env, "TAFT_CERTS": str(certs), "TAFT_PROXY_PORT": str(proxy_port),
-                     "TAFT_SUPERLINK": f"127.0.0.1:{link_port}", "TAFT_SUPERLINK_NAME": "localhost",
-                     "XDG_DATA_HOME": str(tmp_path / "xdg"), "XDG_CONFIG_HOME": str(tmp_path / "xdg")},
-                stdout=log, stderr=subprocess.STDOUT))
+                env=proxy_env, stdout=log, stderr=subprocess.STDOUT))
         _wait_tls(link_port, certs / "ca.crt", procs[0], link_log)
         _wait_tls(proxy_port, certs / "ca.crt", procs[1], proxy_log)
 
@@ -375,7 +396,7 @@ def test_compose_proxy_in_front_of_a_real_superlink_refuses_control_and_runtime(
                 return client.request(method, path, content=b"\x00", headers={"Content-Type": "application/protobuf"})
 
         def refused_by_proxy(r: httpx.Response) -> bool:
-            return r.status_code == 403 and "only the Fleet API" in r.text
+            return r.status_code == 403 and "only the Fleet API" in r.text  # the proxy's own answer
 
         for route in ("get-run", "pull-messages", "activate-node"):
             r = request(proxy_port, "POST", f"/v1/fleet/{route}")
