@@ -432,3 +432,59 @@ def test_compose_proxy_in_front_of_a_real_superlink_refuses_control_and_runtime(
             except subprocess.TimeoutExpired:
                 proc.kill()
                 proc.wait()
+
+
+# -------------------------------------------------------------------------------- compose-up.sh
+
+def _interpolate(value: str, env: dict[str, str]) -> str:
+    """Compose's `${VAR}`, `${VAR:-default}`, `${VAR:?error}` (innermost first)."""
+    pattern = re.compile(r"\$\{([A-Z0-9_]+)(?::([-?])([^${}]*))?\}")
+    while True:
+        match = pattern.search(value)
+        if match is None:
+            return value
+        name, kind, arg = match.groups()
+        if name in env and env[name] != "":
+            replacement = env[name]
+        elif kind == "-":
+            replacement = arg
+        else:
+            raise AssertionError(f"compose would stop: {name} unset ({arg})")
+        value = value[:match.start()] + replacement + value[match.end():]
+
+
+def test_compose_up_prepares_every_mount_operator_owned_and_private(tmp_path):
+    """compose-up.sh with the real pki/key/data tools; Docker (no daemon here) is a recorder.
+    Every bind source compose.yaml names (interpolated with the compose.env it writes) exists,
+    belongs to the uid the containers run as, and nothing in the state is group/world-accessible;
+    the CA and operator keys (never mounted) stay the invoking user's."""
+    bin_dir, log = tmp_path / "bin", tmp_path / "docker.log"
+    bin_dir.mkdir()
+    (bin_dir / "docker").write_text(f'#!/usr/bin/env bash\necho "$*" >> {log}\n')
+    (bin_dir / "docker").chmod(0o755)
+    state = tmp_path / "compose-state"
+    env = {**os.environ, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}", "PYTHON": sys.executable,
+           "TAFT_COMPOSE_STATE": str(state), "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": f"{REPO}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    out = subprocess.run(["bash", str(DEPLOY / "compose-up.sh"), "--max-examples", "20"], capture_output=True,
+                         text=True, env=env, cwd=tmp_path, timeout=300)
+    assert out.returncode == 0, out.stdout + out.stderr
+
+    compose_env = dict(line.split("=", 1) for line in (state / "compose.env").read_text().splitlines() if line)
+    uid, gid = int(compose_env["TAFT_UID"]), int(compose_env["TAFT_GID"])
+    assert uid != 0 and gid != 0
+    for path in [state, *state.rglob("*")]:
+        assert path.stat().st_mode & 0o077 == 0, f"{path}: {oct(path.stat().st_mode)}"
+    for name, service in _compose()["services"].items():
+        for source, _, _ in _mounts(service):
+            host = Path(_interpolate(source, compose_env))
+            assert host.exists(), f"{name}: mount source {host} not created"
+            assert host.is_relative_to(state) and host.stat().st_uid == uid, f"{name}: {host}"
+    for never_mounted in (state / "pki" / "ca.key", state / "operator-keys" / "operator.key"):
+        assert never_mounted.stat().st_uid == os.getuid()
+
+    calls = log.read_text().splitlines()
+    assert calls[0].endswith("up -d --build --wait superlink proxy")
+    assert sum("deploy.register" in c for c in calls) == 4  # the operator key + 3 sites
+    assert calls[-1].endswith("up -d site-1 site-2 site-3")
+    assert all(c.startswith(f"compose --env-file {state}/compose.env -f deploy/compose.yaml") for c in calls)
