@@ -12,7 +12,7 @@ DEPLOY = Path(__file__).resolve().parents[2] / "deploy"
 def test_compose_has_superlink_and_three_isolated_sites():
     compose = yaml.safe_load((DEPLOY / "compose.yaml").read_text())
     services = compose["services"]
-    assert set(services) == {"superlink", "site-1", "site-2", "site-3"}
+    assert {"superlink", "site-1", "site-2", "site-3"} <= set(services)  # + proxy, operator (test_containers)
     assert "--enable-supernode-auth" in services["superlink"]["command"]
     assert "--ssl-certfile" in services["superlink"]["command"]
     for n in "123":
