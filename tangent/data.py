@@ -13,10 +13,12 @@ import hashlib
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
-import torch.nn.functional as F
+
+if TYPE_CHECKING:
+    import torch
 
 # Chosen by measurement (linear probe accuracy vs. time per image on 2 cores): see README.
 DEFAULT_IMG_SIZE = 56
@@ -204,8 +206,14 @@ def check_test_matches(train: DatasetInfo, test: DatasetInfo) -> None:
                         f"{train.source} has {train.num_classes} classes")
 
 
-def preprocess(images: np.ndarray | torch.Tensor, img_size: int = DEFAULT_IMG_SIZE) -> torch.Tensor:
+def preprocess(images: "np.ndarray | torch.Tensor", img_size: int = DEFAULT_IMG_SIZE) -> "torch.Tensor":
     """uint8 [N,H,W] or [N,H,W,3] → float32 [N,3,img_size,img_size], DINOv2 normalisation."""
+    # torch is imported here, not at module level: the simulation driver reads data sets through
+    # this module and must stay a small process (importing torch there added ~640 MiB to the
+    # peak RSS of `make simulate`).
+    import torch
+    import torch.nn.functional as F
+
     batch = torch.as_tensor(np.asarray(images))
     if batch.dtype != torch.uint8:
         raise DataError(f"preprocess expects uint8 images, got {batch.dtype}")
