@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import hashlib
 import json
 import os
 import shutil
@@ -42,7 +41,7 @@ from pathlib import Path
 from typing import Any
 
 from deploy.connection import DEFAULT_NAME, DEFAULT_STATE, flwr_env, make_private_dir, wait_for_superlink
-from server.withdrawal import load_public_key
+from server.withdrawal import key_fingerprint as server_key_fingerprint, load_public_key
 from tangent.protocol import check_site_id
 
 REGISTRY_VERSION = 2
@@ -58,12 +57,9 @@ def registry_path(state: Path) -> Path:
 
 
 def key_fingerprint(pub_path: Path) -> str:
-    """SHA-256 of the key's DER SubjectPublicKeyInfo (stable across OpenSSH/PEM encodings)."""
-    from cryptography.hazmat.primitives import serialization
-
-    der = load_public_key(pub_path).public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-    return "SHA256:" + hashlib.sha256(der).hexdigest()
+    """The registry's fingerprint of the key in ``pub_path`` (SHA-256 of its DER
+    SubjectPublicKeyInfo; the server checks it with the same function)."""
+    return server_key_fingerprint(load_public_key(pub_path))
 
 
 def _now() -> str:

@@ -22,7 +22,6 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime as dt
-import hashlib
 import json
 import logging
 import os
@@ -37,6 +36,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from server import safejson
+from server.ledger.audit import fingerprint
 from tangent.protocol import check_site_id
 
 log = logging.getLogger("taft.withdrawal")
@@ -142,9 +142,8 @@ REGISTRY_VERSION = 2
 
 
 def key_fingerprint(key: ec.EllipticCurvePublicKey) -> str:
-    """SHA-256 of the key's DER SubjectPublicKeyInfo (deploy.register's rule)."""
-    der = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-    return "SHA256:" + hashlib.sha256(der).hexdigest()
+    """The registry's fingerprint of a site or operator key (server.ledger.audit's one rule)."""
+    return fingerprint(key)
 
 
 class SiteRegistry:

@@ -65,8 +65,9 @@ def public_key_pem(key: Ed25519PublicKey) -> str:
     return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
 
 
-def fingerprint(key: Ed25519PublicKey) -> str:
-    """SHA-256 of the DER SubjectPublicKeyInfo: the rule of ``deploy.register.key_fingerprint``."""
+def fingerprint(key) -> str:
+    """SHA-256 of a public key's DER SubjectPublicKeyInfo (stable across OpenSSH/PEM encodings).
+    The one fingerprint rule of the project: ledger signing keys, site and operator keys."""
     der = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
     return "SHA256:" + hashlib.sha256(der).hexdigest()
 
