@@ -14,7 +14,7 @@ What it does, in order:
    mode and the size comes from ``--federation-config``::
 
        flwr run . --federation-config "num-supernodes=50 client-resources-num-cpus=1" \\
-                  --run-config "mode='train' ledger-path='...' cache-dir='...'" --stream
+                  --run-config "federation-mode='simulation' state-dir='<run dir>' mode='train' cache-dir='...'" --stream
 
    Each site trains one TAFT contribution from w0 and the ServerApp records it in the ledger,
    evaluates the composed model on the test split and writes a report;
