@@ -13,7 +13,7 @@ from server.server_app import REMOVE_SITES_REFUSED, _train, _unlearn
 from server.withdrawal import SiteRegistry, create_request, key_fingerprint, load_private_key, load_public_key
 
 
-def central(delta) -> dict:
+def central(delta, stats=None) -> dict:
     """Stands in for CentralEvaluation (the ViT): the test is about which sites are removed."""
     return {"accuracy": 0.5, "loss": 1.0, "num-examples": 1}
 
