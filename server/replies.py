@@ -112,10 +112,13 @@ class StatsExpectation:
 
 @contextmanager
 def stage(reason: str, site_id: str | None = None) -> Iterator[None]:
-    """Any exception but :class:`Rejected` inside becomes ``Rejected(reason)``."""
+    """Any exception but :class:`Rejected` inside becomes ``Rejected(reason)``; a Rejected without a
+    site gets ``site_id``."""
     try:
         yield
-    except Rejected:
+    except Rejected as err:
+        if err.site_id is None:
+            err.site_id = site_id
         raise
     except Exception as err:  # noqa: BLE001 - hostile input: anything it triggers is a rejection
         raise Rejected(reason, f"{type(err).__name__}: {str(err)[:MAX_DETAIL]}", site_id) from None
