@@ -70,6 +70,7 @@ class Rejected(Exception):
     def __init__(self, reason: str, detail: str = "", site_id: str | None = None):
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason, self.detail, self.site_id = reason, detail, site_id
+        self.retracted = False  # the site was taken out of both ledgers (server.strategy.record)
 
 
 @dataclass

@@ -66,6 +66,8 @@ class RoundSummary:
     stats_recorded: list[str] = field(default_factory=list)  # sites whose statistics were recorded too
     stats_bytes: int = 0  # bytes of exact-head statistics received in the recorded replies
     stats_version: int | None = None  # the statistics ledger's version after the round
+    # sites taken out of both ledgers because the statistics ledger refused after the Δ ledger accepted
+    retracted: list[str] = field(default_factory=list)
     # {"site_id", "node_id", "reason", "detail"} (+ "declared_site_id" when the claim differs)
     rejections: list[dict] = field(default_factory=list)
     not_sampled: list[dict] = field(default_factory=list)  # {"node_id", "site_id", "reason"}
@@ -125,8 +127,12 @@ def _record_stats(ledgers: Ledgers, contribution: Contribution, delta_version) -
         _take_back(ledgers, site, err)
         if isinstance(err, RejectedContribution):
             reason = err.reason if err.reason.startswith("stats_") else f"stats_{err.reason}"
-            raise Rejected(reason, err.detail, site) from None
-        raise
+            refusal = Rejected(reason, err.detail, site)
+        else:
+            log.exception("site %s: the statistics ledger failed", site)
+            refusal = Rejected("internal", f"statistics ledger: {type(err).__name__}: {str(err)[:MAX_DETAIL]}", site)
+        refusal.retracted = True
+        raise refusal from None
 
 
 def _take_back(ledgers: Ledgers, site: str, err: Exception) -> None:
@@ -259,6 +265,8 @@ class LedgerFedAvg(FedAvg):
                 contribution, version, replaced = self._train_reply(msg, node_id, seen)
             except Exception as err:  # noqa: BLE001 - one reply never aborts the round (see module doc)
                 summary.rejections.append(self._rejection(server_round, "train", node_id, err))
+                if getattr(err, "retracted", False):
+                    summary.retracted.append(err.site_id)
                 continue
             summary.recorded.append(contribution.site_id)
             if replaced:

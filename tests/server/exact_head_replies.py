@@ -16,8 +16,23 @@ BASE = "b" * 64
 FEATURE_DIGEST = "f" * 64
 P, K, CLIP, BITS = 6, 3, 2.0, 16
 EXPECT = StatsExpectation(FEATURE_DIGEST, P, K, CLIP, BITS)
+#: a FeatureSpec of dimension P (a seeded projection to P dims), for the statistics ledger's model card
+FEATURE_SPEC = {"feature-pieces": "final_cls", "feature-projection": P, "random-features": 0, "random-seed": 0,
+                "clip-norm": CLIP, "frac-bits": BITS}
 SHAPES = {"a.weight": (2, 3), "b.bias": (4,)}
 SPEC = {"backbone": "tiny", "img-size": 28, "seed": 0, "num-classes": K}
+
+
+def model_card() -> dict:
+    """The statistics ledger's model card (contract 7d) for the test grid."""
+    return {"stats-meta": SufficientStats.zeros(P, K, CLIP, BITS).meta(), "feature-spec": dict(FEATURE_SPEC),
+            "model-spec": dict(SPEC), "feature-digest": FEATURE_DIGEST}
+
+
+def open_stats_ledger(path):
+    from server.ledger import Ledger
+
+    return Ledger.open(path, family="stats", model_card=model_card(), expected_base_digest=FEATURE_DIGEST)
 
 
 def site_stats(seed: int, n: int) -> SufficientStats:
