@@ -246,6 +246,16 @@ class Ledger:
             raise KeyError(f"no signed head for version {version}")
         return json.loads(row["head"]), row["signature"]
 
+    def sign_statement(self, statement: Mapping[str, Any]) -> str:
+        """Sign ``statement`` (canonical JSON) with the ledger's key: what an export adds to the
+        signed head (the head file it derived, the model spec). Its ``format`` must name it, and
+        may not be a head's, so a statement can never pass for a head or the other way round."""
+        if self._refuse_writes:
+            raise LedgerError(self._refuse_writes)
+        if not isinstance(statement.get("format"), str) or statement["format"] == audit.HEAD_FORMAT:
+            raise ValueError("a signed statement needs its own 'format' (not the head format)")
+        return audit.sign_head(self._signer, dict(statement))
+
     def public_key(self) -> Ed25519PublicKey:
         """The key this ledger's heads are signed with, as recorded in the file."""
         return audit.load_public_key(self.settings()["signing_public_key"])

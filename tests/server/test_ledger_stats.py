@@ -334,3 +334,72 @@ def test_removed_statistics_are_in_no_file_of_the_ledger(tmp_path):
         ledger.remove("site-a", "withdrawn")
         assert hits() == 0
         ledger.verify()
+
+
+# ---------------------------------------------------------------------------------- export, CLI
+
+def _cli(*args: str):
+    import os
+    import subprocess
+    import sys
+    root = Path(__file__).resolve().parents[2]
+    env = {**os.environ, "PYTHONPATH": f"{root}{os.pathsep}{os.environ.get('PYTHONPATH', '')}"}
+    return subprocess.run([sys.executable, "-m", "server.cli", *args], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=120)
+
+
+def test_every_taft_ledger_subcommand_works_on_a_stats_ledger(tmp_path):
+    import json
+
+    import safetensors.numpy
+
+    from tangent.exact_head import solve
+
+    path = tmp_path / "l.sqlite"
+    with open_stats(path) as ledger:
+        for i, site in enumerate(SITES[:3]):
+            add(ledger, site, site_stats(20 + i, n=30))
+        pem = tmp_path / "server.pub.pem"
+        from server.ledger import audit
+        pem.write_text(audit.public_key_pem(ledger.public_key()))
+    L = ("--ledger", str(path))
+    r = _cli(*L, "list")
+    assert r.returncode == 0 and "stats ledger" in r.stdout and "site-a" in r.stdout, r.stderr
+    assert _cli(*L, "show", "site-b").returncode == 0
+    r = _cli(*L, "retract", "site-c", "--reason", "forgotten samples")
+    assert r.returncode == 0 and "retracted" in r.stdout, r.stderr
+    assert _cli(*L, "remove", "site-b", "--reason", "withdrawn").returncode == 0
+    assert _cli(*L, "readmit", "site-b", "--reason", "back").returncode == 0
+    r = _cli(*L, "verify", "--public-key", str(pem))
+    assert r.returncode == 0 and r.stdout.startswith("OK"), r.stdout + r.stderr
+    out = tmp_path / "export"
+    r = _cli(*L, "export", "--out", str(out))
+    assert r.returncode == 0 and "exact head" in r.stdout, r.stderr
+    manifest = json.loads((out / "manifest.json").read_text())
+    head = safetensors.numpy.load_file(out / "exact_head.safetensors")
+    expected = solve(site_stats(20, n=30))  # only site-a is still active
+    np.testing.assert_array_equal(head["weight"], expected.weight.astype(np.float32))
+    np.testing.assert_array_equal(head["bias"], expected.bias.astype(np.float32))
+    assert head["weight"].shape == (P, K) and head["bias"].shape == (K,)
+    assert manifest["lambda"] == expected.lam and manifest["n"] == 30 and manifest["model_card"] == card()
+    assert manifest["privacy"]["site-c"]["contributions"] == 1 and manifest["model_version"] == 6
+    r = _cli("verify-export", str(out), "--public-key", str(pem))
+    assert r.returncode == 0 and r.stdout.startswith("OK"), r.stdout + r.stderr
+    assert _cli(*L, "verify", "--export", str(out)).returncode == 0
+
+    # a swapped head (weights of another λ) and an edited λ are both caught
+    forged = {"weight": head["weight"] * 2, "bias": head["bias"]}
+    safetensors.numpy.save_file(forged, out / "exact_head.safetensors")
+    r = _cli("verify-export", str(out), "--public-key", str(pem))
+    assert r.returncode == 1 and "head file's digest" in r.stdout
+    safetensors.numpy.save_file(head, out / "exact_head.safetensors")
+    (out / "manifest.json").write_text(json.dumps({**manifest, "lambda": 1.0}))
+    r = _cli("verify-export", str(out), "--public-key", str(pem))
+    assert r.returncode == 1 and "lambda" in r.stdout
+
+
+def test_exporting_a_stats_ledger_without_active_sites_is_a_clear_error(tmp_path):
+    path = tmp_path / "l.sqlite"
+    open_stats(path).close()
+    r = _cli("--ledger", str(path), "export", "--out", str(tmp_path / "e"))
+    assert r.returncode == 2 and "no site is active" in r.stderr
