@@ -43,7 +43,7 @@ def build_inputs(model, base_digest: str, img_size: int, run_config: Mapping[str
     if len(labels) and int(labels.max()) >= num_classes:
         raise ValueError(f"test-dataset {source}: label {int(labels.max())} but the model has {num_classes} "
                          "classes (set num-classes in the run config)")
-    indices = test_indices(len(labels), run_config)
+    indices = evaluation_indices(len(labels), run_config)
     directory = str(run_config.get("cache-dir", "") or "")
     if directory:
         inputs, from_cache = model_inputs(model, base_digest, images, indices, img_size,
@@ -61,7 +61,7 @@ def build_inputs(model, base_digest: str, img_size: int, run_config: Mapping[str
     return inputs, labels[indices], from_cache
 
 
-def test_indices(num_rows: int, run_config: Mapping[str, Any]) -> np.ndarray:
+def evaluation_indices(num_rows: int, run_config: Mapping[str, Any]) -> np.ndarray:
     """The test rows evaluated: all, or a seeded ``eval-subset`` of them (sorted)."""
     subset = int(run_config.get("eval-subset", 0) or 0)
     indices = np.arange(num_rows)
@@ -71,16 +71,16 @@ def test_indices(num_rows: int, run_config: Mapping[str, Any]) -> np.ndarray:
     return indices
 
 
-def test_features(extractor, inputs, from_tokens: bool, img_size: int, run_config: Mapping[str, Any],
+def evaluation_features(extractor, inputs, from_tokens: bool, img_size: int, run_config: Mapping[str, Any],
                   source: str) -> np.ndarray:
     """φ [N, p] float32 of the test rows: from their trunk tokens when ``from_tokens``, else from
-    the images (the rows :func:`test_indices` picks, in the same order)."""
+    the images (the rows :func:`evaluation_indices` picks, in the same order)."""
     if from_tokens:
         return extractor.compute(inputs)
     from tangent.data import load_dataset, preprocess
 
     images, labels = load_dataset(source, "test")
-    indices = test_indices(len(labels), run_config)
+    indices = evaluation_indices(len(labels), run_config)
     log.info("exact head: φ of %d test images from the images (the model's trunk is not φ's)", len(indices))
     return np.concatenate([extractor.compute(preprocess(images[indices[i:i + 256]], img_size), tokens=False)
                            for i in range(0, len(indices), 256)]) if len(indices) else np.zeros((0, extractor.dim),
@@ -161,7 +161,7 @@ class CentralEvaluation:
         start = time.perf_counter()
         try:
             _, _, img_size, run_config, source = self._args
-            self.phi = test_features(self.extractor, self.inputs, self.phi_from_tokens, img_size, run_config, source)
+            self.phi = evaluation_features(self.extractor, self.inputs, self.phi_from_tokens, img_size, run_config, source)
             if len(self.phi) != len(self.labels):
                 raise ValueError(f"φ of {len(self.phi)} rows for {len(self.labels)} labels")
             self.phi_s = time.perf_counter() - start

@@ -142,3 +142,25 @@ def test_one_round_both_models_and_removal_through_the_serverapp(tmp_path):
     assert removal["ledger"]["active_sites"] == removal["exact_head_ledger"]["active_sites"] == ["0", "2"]
     rest = solve(grid.site_stats["0"] + grid.site_stats["2"])
     assert removal["exact_head_lambda"] == rest.lam and removal["accuracy_exact_head"] > 0.4
+
+
+def test_phi_of_the_test_rows_is_the_same_from_the_cached_tokens_and_from_the_images():
+    """The evaluation computes φ from the model's trunk tokens when that trunk is φ's (one
+    linearized block), else from the images; both give the same features."""
+    from server.evaluation import build_inputs, evaluation_features
+    from tangent.features import FeatureExtractor, FeatureSpec
+    from tangent.spec import ModelSpec, build_model
+
+    spec = ModelSpec.from_config(RUN_CONFIG)
+    model, digest = build_model(spec, cached=False)
+    extractor = FeatureExtractor.from_spec(spec, FeatureSpec.from_config(RUN_CONFIG))
+    assert extractor.trunk_matches(model.trunk)
+    deeper, _ = build_model(ModelSpec.from_config(RUN_CONFIG | {"linearized-blocks": 2}), cached=False)
+    assert not extractor.trunk_matches(deeper.trunk)  # its trunk stops a block earlier: φ from images
+    config = {"eval-subset": 48, "seed": 0}
+    inputs, labels, from_cache = build_inputs(model, digest, 28, config, "fashion-mnist")
+    assert from_cache and len(labels) == 48
+    from_tokens = evaluation_features(extractor, inputs, True, 28, config, "fashion-mnist")
+    from_images = evaluation_features(extractor, None, False, 28, config, "fashion-mnist")
+    assert from_tokens.shape == from_images.shape == (48, extractor.dim)
+    np.testing.assert_allclose(from_tokens, from_images, rtol=0, atol=1e-5)
