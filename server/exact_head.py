@@ -52,5 +52,5 @@ class ExactHead:
         return 8 * (1 + k + p + p * (p + 1) // 2 + p * k)
 
     def report(self) -> dict[str, Any]:
-        return {"enabled": True, "feature_digest": self.feature_digest, "num_features": self.expectation.num_features,
+        return {"feature_digest": self.feature_digest, "num_features": self.expectation.num_features,
                 "bytes_per_site": self.bytes_per_site, "feature_spec": self.feature_spec.to_config()}

@@ -26,7 +26,9 @@ statistics beside its Δw, and they go to a second ledger (``exact-head-ledger-p
 evaluation reports ``accuracy_exact_head`` beside the TAFT accuracy. Removal (``remove-sites``,
 withdrawals) takes a site out of both ledgers (server.ledgers). An unlearning run opens the
 statistics ledger whenever its file exists, whatever ``exact-head`` says, so no removal can leave a
-site's statistics behind.
+site's statistics behind. A training run with the exact head off (``exact-head=false`` or a DP run)
+leaves the statistics ledger as it is: it keeps each site's last exact-head statistics (their ε is
+∞ in its privacy totals) until the site contributes with the exact head on again or is removed.
 """
 from __future__ import annotations
 
@@ -176,7 +178,7 @@ def _exact_head(spec, run_config, mode: str, stats_path: Path | None, report: di
         return None
     started = time.perf_counter()
     exact_head = ExactHead.build(spec, run_config)
-    report["exact_head"] = exact_head.report() | {"enabled": mode != "train" or enabled,
+    report["exact_head"] = exact_head.report() | {"enabled": enabled, "ledger_open": True,
                                                  "ledger_path": str(stats_path),
                                                  "setup_s": time.perf_counter() - started}
     log.info("exact head: p = %d features (%.1f MiB of statistics per site), feature digest %s…, ledger %s",
