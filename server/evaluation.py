@@ -17,7 +17,8 @@ is the extractor's (the token rows entering the last pretrained block; TAFT with
 block), else from the test images; the extractor is freed afterwards. Each evaluation then also
 solves the ridge head from the statistics ledger's composed statistics (λ by GCV on the sums
 alone, tangent.exact_head.solve) and reports ``accuracy_exact_head`` and ``exact_head_lambda``
-beside the TAFT accuracy. (A φ cache shared with the sites is not used yet.)
+beside the TAFT accuracy. A φ cache of the test set in ``cache-dir`` (tangent/phi_cache.py, when
+present) is read instead of recomputing φ.
 """
 from __future__ import annotations
 
@@ -72,19 +73,38 @@ def evaluation_indices(num_rows: int, run_config: Mapping[str, Any]) -> np.ndarr
 
 
 def evaluation_features(extractor, inputs, from_tokens: bool, img_size: int, run_config: Mapping[str, Any],
-                  source: str) -> np.ndarray:
-    """φ [N, p] float32 of the test rows: from their trunk tokens when ``from_tokens``, else from
-    the images (the rows :func:`evaluation_indices` picks, in the same order)."""
-    if from_tokens:
-        return extractor.compute(inputs)
+                        source: str) -> tuple[np.ndarray, str]:
+    """(φ [N, p] float32 of the test rows, where it came from): the φ cache of the test set in
+    ``cache-dir`` when there is one, else the rows' trunk tokens when ``from_tokens``, else the
+    images (the rows :func:`evaluation_indices` picks, in the same order)."""
     from tangent.data import load_dataset, preprocess
 
-    images, labels = load_dataset(source, "test")
-    indices = evaluation_indices(len(labels), run_config)
+    directory = str(run_config.get("cache-dir", "") or "")
+    if directory or not from_tokens:
+        images, labels = load_dataset(source, "test")
+        indices = evaluation_indices(len(labels), run_config)
+        if directory and (phi := _cached_features(extractor, Path(directory).expanduser(), images, indices)) is not None:
+            return phi, "phi-cache"
+    if from_tokens:
+        return extractor.compute(inputs), "tokens"
     log.info("exact head: φ of %d test images from the images (the model's trunk is not φ's)", len(indices))
+    if not len(indices):
+        return np.zeros((0, extractor.dim), np.float32), "images"
     return np.concatenate([extractor.compute(preprocess(images[indices[i:i + 256]], img_size), tokens=False)
-                           for i in range(0, len(indices), 256)]) if len(indices) else np.zeros((0, extractor.dim),
-                                                                                                   np.float32)
+                           for i in range(0, len(indices), 256)]), "images"
+
+
+def _cached_features(extractor, directory: Path, images, indices) -> np.ndarray | None:
+    """φ of ``indices`` from the φ cache (tangent/phi_cache.py: z of every row, keyed on the
+    feature digest and the images digest), or None when there is none (or no φ cache module)."""
+    try:
+        from tangent.phi_cache import PhiCache
+    except ImportError:  # the φ cache comes with the sites' side of issue 15
+        return None
+    from tangent.cache import images_digest
+
+    cache = PhiCache.open(directory, extractor.digest(), images_digest(images))
+    return None if cache is None else cache.features(extractor, indices)
 
 
 #: rows scored at once by the exact head (bounds the float64 copy of φ: 4096 × 3584 × 8 B = 117 MB)
@@ -110,6 +130,7 @@ class CentralEvaluation:
         # decided before the build frees the model's trunk
         self.phi_from_tokens = extractor is not None and extractor.trunk_matches(model.trunk)
         self.phi_s: float | None = None
+        self.phi_from: str | None = None  # "phi-cache", "tokens" or "images"
         self.exact_head_error: str | None = None
         self.source = dataset_source(run_config, "test")
         self.inputs = self.labels = None
@@ -161,12 +182,13 @@ class CentralEvaluation:
         start = time.perf_counter()
         try:
             _, _, img_size, run_config, source = self._args
-            self.phi = evaluation_features(self.extractor, self.inputs, self.phi_from_tokens, img_size, run_config, source)
+            self.phi, self.phi_from = evaluation_features(self.extractor, self.inputs, self.phi_from_tokens, img_size,
+                                                          run_config, source)
             if len(self.phi) != len(self.labels):
                 raise ValueError(f"φ of {len(self.phi)} rows for {len(self.labels)} labels")
             self.phi_s = time.perf_counter() - start
             log.info("exact head: φ [%d, %d] of the test rows in %.1f s (from %s)", *self.phi.shape, self.phi_s,
-                     "tokens" if self.phi_from_tokens else "images")
+                     self.phi_from)
         except Exception as err:  # noqa: BLE001 — the TAFT evaluation goes on without the exact head
             self.phi = None
             self.exact_head_error = f"{type(err).__name__}: {err}"
@@ -187,8 +209,7 @@ class CentralEvaluation:
         out = {"test_dataset": self.source, "num_examples": None if self.labels is None else len(self.labels),
                "build_s": self.build_s, "error": self.error}
         if self.phi_s is not None or self.exact_head_error is not None:
-            out["exact_head"] = {"phi_s": self.phi_s, "phi_from": "tokens" if self.phi_from_tokens else "images",
-                                 "error": self.exact_head_error}
+            out["exact_head"] = {"phi_s": self.phi_s, "phi_from": self.phi_from, "error": self.exact_head_error}
         return out
 
     def exact_head(self, stats) -> dict:

@@ -160,7 +160,41 @@ def test_phi_of_the_test_rows_is_the_same_from_the_cached_tokens_and_from_the_im
     config = {"eval-subset": 48, "seed": 0}
     inputs, labels, from_cache = build_inputs(model, digest, 28, config, "fashion-mnist")
     assert from_cache and len(labels) == 48
-    from_tokens = evaluation_features(extractor, inputs, True, 28, config, "fashion-mnist")
-    from_images = evaluation_features(extractor, None, False, 28, config, "fashion-mnist")
+    from_tokens, source = evaluation_features(extractor, inputs, True, 28, config, "fashion-mnist")
+    assert source == "tokens"
+    from_images, source = evaluation_features(extractor, None, False, 28, config, "fashion-mnist")
+    assert source == "images"
     assert from_tokens.shape == from_images.shape == (48, extractor.dim)
     np.testing.assert_allclose(from_tokens, from_images, rtol=0, atol=1e-5)
+
+
+def test_the_evaluation_reads_phi_from_the_phi_cache_of_the_test_set(tmp_path):
+    """With a φ cache of the test set in cache-dir (tangent/phi_cache.py, the sites' side of issue
+    15), the evaluation reads φ from it instead of recomputing it; the values are φ's."""
+    pytest.importorskip("tangent.phi_cache")
+    import torch
+
+    from server.evaluation import evaluation_features, evaluation_indices
+    from tangent.cache import images_digest
+    from tangent.data import load_dataset, load_fashion_mnist, preprocess
+    from tangent.features import FeatureExtractor, FeatureSpec
+    from tangent.phi_cache import PhiCache
+    from tangent.spec import ModelSpec
+
+    x, y = load_fashion_mnist("test")
+    np.savez(tmp_path / "test.npz", images=x[:60], labels=y[:60])
+    images, _ = load_dataset(str(tmp_path / "test.npz"), "test")
+    spec = ModelSpec.from_config(RUN_CONFIG)
+    extractor = FeatureExtractor.from_spec(spec, FeatureSpec.from_config(RUN_CONFIG))
+    with torch.no_grad():
+        tokens = extractor.trunk(preprocess(images, 28)).numpy()
+    PhiCache.build_or_open(extractor, tokens, cache_dir=tmp_path / "cache", data_digest=images_digest(images),
+                           progress=False)
+    config = {"cache-dir": str(tmp_path / "cache"), "eval-subset": 40, "seed": 0}
+    indices = evaluation_indices(60, config)
+    phi, source = evaluation_features(extractor, tokens[indices], True, 28, config, str(tmp_path / "test.npz"))
+    assert source == "phi-cache" and phi.shape == (40, extractor.dim)
+    np.testing.assert_allclose(phi, extractor.compute(tokens[indices]), rtol=0, atol=1e-6)
+    _, source = evaluation_features(extractor, tokens[indices], True, 28, {"eval-subset": 40, "seed": 0},
+                                    str(tmp_path / "test.npz"))
+    assert source == "tokens"  # no cache-dir: computed
