@@ -165,3 +165,21 @@ def test_a_dp_run_turns_the_exact_head_off_and_says_so(tmp_path):
     assert _exact_head(ModelSpec.from_config({}), {"exact-head": False}, "unlearn", tmp_path / "exact_head.sqlite",
                        report) is None  # no statistics ledger there: nothing to remove from
     assert report["exact_head"] == {"enabled": False}
+
+
+def test_the_withdrawal_cli_removes_the_site_from_both_ledgers(state, both, capsys):
+    """`python -m deploy.withdraw apply` (no Flower) reaches the statistics ledger beside the ledger too."""
+    from deploy.withdraw import main as withdraw
+
+    for ledger in both.all():
+        ledger.close()
+    request = create_request("1", load_private_key(state / "keys" / "site-1.key"), "leaving")
+    (state / "w1.json").write_text(json.dumps(request))
+    assert withdraw(["apply", str(state / "w1.json"), "--ledger", str(state / "ledger.sqlite"),
+                     "--registry", str(state / "registry.json")]) == 0
+    assert "exact_head.sqlite" in capsys.readouterr().out
+    from tests.server.exact_head_replies import open_stats_ledger
+
+    with Ledger.open(state / "ledger.sqlite") as delta, open_stats_ledger(state / "exact_head.sqlite") as stats:
+        assert _active(delta) == _active(stats) == ["2", "3"]
+        assert delta.withdrawn_sites() == stats.withdrawn_sites() == ["1"]
