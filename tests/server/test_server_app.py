@@ -177,9 +177,9 @@ def test_the_withdrawal_cli_removes_the_site_from_both_ledgers(state, both, caps
     (state / "w1.json").write_text(json.dumps(request))
     assert withdraw(["apply", str(state / "w1.json"), "--ledger", str(state / "ledger.sqlite"),
                      "--registry", str(state / "registry.json")]) == 0
-    assert "exact_head.sqlite" in capsys.readouterr().out
     from tests.server.exact_head_replies import open_stats_ledger
 
     with Ledger.open(state / "ledger.sqlite") as delta, open_stats_ledger(state / "exact_head.sqlite") as stats:
         assert _active(delta) == _active(stats) == ["2", "3"]
         assert delta.withdrawn_sites() == stats.withdrawn_sites() == ["1"]
+    assert "exact_head.sqlite" in capsys.readouterr().out
