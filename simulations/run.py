@@ -276,6 +276,10 @@ def parse_args(argv=None) -> argparse.Namespace:
     args = p.parse_args(argv)
     if args.gpus_per_client is not None and not args.gpus_per_client >= 0:
         p.error(f"--gpus-per-client must be >= 0, got {args.gpus_per_client}")
+    if str(args.device or "").strip().lower().startswith("cuda") and not args.gpus_per_client:
+        # Ray sets CUDA_VISIBLE_DEVICES="" for an actor that asked for no GPU: every site would refuse
+        p.error(f"--device {args.device} needs --gpus-per-client > 0 (Ray hides the GPUs from virtual "
+                "clients that request none)")
     return args
 
 

@@ -10,6 +10,7 @@ Under Ray (``simulations.run --gpus-per-client``) a worker sees only the GPUs Ra
 """
 from __future__ import annotations
 
+import os
 import re
 from contextlib import contextmanager
 
@@ -38,9 +39,12 @@ def resolve_device(value: str | torch.device, *, setting: str = "device") -> tor
     if text == "cpu":
         return torch.device("cpu")
     if not torch.cuda.is_available():
-        raise ValueError(f"{setting} = {value!r} but CUDA is not available here (torch "
-                         f"{torch.__version__}, built for CUDA {torch.version.cuda or 'none'}): "
-                         "set it to cpu or auto, or install a CUDA build of torch")
+        why = (f"torch {torch.__version__} is built for CUDA {torch.version.cuda} but sees no GPU "
+               f"(driver, CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES', '(unset)')!s}, or a "
+               "Ray worker given no GPU: --gpus-per-client)" if torch.version.cuda
+               else f"torch {torch.__version__} is a CPU-only build")
+        raise ValueError(f"{setting} = {value!r} but CUDA is not available here: {why}. Set it to cpu or "
+                         "auto, or run where a GPU is visible")
     index = match.group(1)
     if index is not None and int(index) >= torch.cuda.device_count():
         raise ValueError(f"{setting} = {value!r} but only {torch.cuda.device_count()} CUDA "

@@ -227,9 +227,11 @@ def test_simulation_gpus_per_client_reaches_flowers_simulation_config():
     assert config.num_supernodes == 4 and config.client_resources_num_gpus == pytest.approx(0.25)
     federation, config = parsed(["--num-clients", "4"])
     assert "client-resources-num-gpus" not in federation  # today's federation, unchanged
-    assert parse_args(["--device", "cuda:1"]).device == "cuda:1"
+    assert parse_args(["--device", "cuda:1", "--gpus-per-client", "1"]).device == "cuda:1"
     with pytest.raises(SystemExit):
         parse_args(["--gpus-per-client", "-1"])
+    with pytest.raises(SystemExit):  # Ray would hide every GPU from the sites
+        parse_args(["--device", "cuda"])
 
 
 def test_run_config_default_is_auto():
