@@ -299,7 +299,9 @@ def _compiled_forward(head, criterion):
     mode "reduce-overhead" replays the step's many small kernels as one CUDA graph on a GPU (the
     launch-bound case: 17 tokens at 56 px); on the CPU it is inductor's fused code. Static shapes
     (``dynamic=False``): a schedule has at most two batch shapes (full and last), and symbolic
-    shapes would keep CUDA graphs from being used.
+    shapes would keep CUDA graphs from being used. (A worker that trains many sites compiles again
+    for each new last-batch size; past torch._dynamo's recompile limit it runs eagerly: the same
+    results, without the speed-up.)
     """
     def step(x, y):
         logits = head(x)
