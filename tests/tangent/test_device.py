@@ -360,3 +360,13 @@ def test_client_app_trains_on_cuda_from_the_node_config(tmp_path):
     assert reply.content["metrics"]["num-examples"] == 64
     manifest = next((tmp_path / "cache").glob("*/manifest.json"))
     assert json.loads(manifest.read_text())["device"] == "cuda"  # the site built its cache there
+
+
+@no_cuda
+@pytest.mark.parametrize("argv", [["--cuda-graphs"], ["--device", "cuda"], ["--device", "gpu"]])
+def test_speed_benchmark_refuses_gpu_options_it_cannot_honour(argv, capsys):
+    from benchmarks.speed import main
+
+    with pytest.raises(SystemExit):
+        main(argv)
+    assert "--device" in capsys.readouterr().err
