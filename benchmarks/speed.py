@@ -57,7 +57,7 @@ def default_img_size() -> int:
 
 def timed(fn, device: torch.device = torch.device("cpu")) -> float:
     """Wall time of ``fn()``; on a GPU, of the work it queued too (synchronized before and after)."""
-    sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     sync()
     start = time.perf_counter()
     fn()
@@ -92,7 +92,7 @@ def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--img-size", type=int, default=None, help="default: tangent.data.DEFAULT_IMG_SIZE")
-    parser.add_argument("--repeats", type=int, default=5, help="timed rounds (after 2 warm-up rounds)")
+    parser.add_argument("--repeats", type=int, default=5, help="timed rounds (after --warmup rounds)")
     parser.add_argument("--epoch-batches", type=int, default=4, help="batches in a timed epoch")
     # One intra-op thread by default: on a small shared machine a second thread turns every small
     # op into a wait for the scheduler (measured: a 32x384 @ 384x10 matmul at 30 ms), which
