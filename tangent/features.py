@@ -38,6 +38,7 @@ disagree are refused rather than silently mixed).
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any, Mapping
 
@@ -233,7 +234,8 @@ class FeatureExtractor:
         return self.from_tokens(self.trunk(images))
 
     @torch.no_grad()
-    def compute(self, rows, *, batch_size: int = 64, tokens: bool = True) -> np.ndarray:
+    def compute(self, rows, *, batch_size: int = 64, tokens: bool = True,
+                device: torch.device | str | None = None) -> np.ndarray:
         """φ [N, p] float32 of token rows [N, T, d] (a TokenDataset, array or tensor) or, with
         ``tokens=False``, of preprocessed images.
 
@@ -241,16 +243,45 @@ class FeatureExtractor:
         another batch shape (measured: a batch of 1 changed 104 of 1.4 M quantized entries by one
         grid step), so a row's φ must not depend on which other rows share its batch — a site that
         forgets samples recomputes its remaining rows and must get the same integers.
+
+        ``device`` (a torch.device or a setting, see tangent.device; None = the CPU): where φ is
+        computed; the result is always on the CPU. A GPU's φ equals the CPU's only up to float
+        rounding (a few grid steps after quantization), so a site must compute every φ of one
+        contribution, and of its later forgetting, on the same kind of device.
         """
+        from tangent.device import full_fp32
+
         n = len(rows)
         out = np.empty((n, self.dim), dtype=np.float32)
         fn = self.from_tokens if tokens else self.from_images
-        for start in range(0, n, batch_size):
-            stop = min(n, start + batch_size)
-            batch = rows[start:stop] if isinstance(rows, Tensor) else rows[np.arange(start, stop)]
-            batch = torch.as_tensor(np.asarray(batch)) if not isinstance(batch, Tensor) else batch
-            if len(batch) < batch_size:
-                pad = batch[-1:].expand(batch_size - len(batch), *batch.shape[1:])
-                batch = torch.cat([batch, pad])
-            out[start:stop] = fn(batch)[:stop - start].numpy()
+        with self._placed(device) as device, full_fp32(device):
+            for start in range(0, n, batch_size):
+                stop = min(n, start + batch_size)
+                batch = rows[start:stop] if isinstance(rows, Tensor) else rows[np.arange(start, stop)]
+                batch = torch.as_tensor(np.asarray(batch)) if not isinstance(batch, Tensor) else batch
+                if len(batch) < batch_size:
+                    pad = batch[-1:].expand(batch_size - len(batch), *batch.shape[1:])
+                    batch = torch.cat([batch, pad])
+                out[start:stop] = fn(batch.to(device))[:stop - start].cpu().numpy()
         return out
+
+    @contextmanager
+    def _placed(self, device):
+        """The backbone, Ω, β and the projection on ``device`` for the duration, then back on the
+        CPU (where digest(), trunk_matches() and every other caller expect them)."""
+        from tangent.device import resolve_device
+
+        device = torch.device("cpu") if device is None else resolve_device(device)
+        if device.type == "cpu":
+            yield device
+            return
+        saved = self.omega, self.beta, self.projection
+        self.backbone.to(device)  # the trunk shares its tensors
+        self.omega, self.beta = self.omega.to(device), self.beta.to(device)
+        if self.projection is not None:
+            self.projection = self.projection.to(device)
+        try:
+            yield device
+        finally:
+            self.backbone.to("cpu")
+            self.omega, self.beta, self.projection = saved
