@@ -1,0 +1,84 @@
+"""A site's exact-head statistics (docs/exact_head.md): integer sums over its φ rows.
+
+φ comes from the φ cache (tangent/phi_cache.py) when one exists for this data set and feature
+spec, else from the site's own token rows (or images) through FeatureExtractor.compute. Both
+follow compute's batching rule keyed on the rows' data-set indices, so they give the same float32
+φ and the same integers: the statistics of a site equal the central statistics of its rows, bit
+for bit, and forgetting rows leaves the others' φ unchanged.
+"""
+from __future__ import annotations
+
+from typing import Iterable
+
+import numpy as np
+from torch import Tensor
+
+from tangent.exact_head import SufficientStats
+from tangent.phi_cache import BATCH_SIZE, CHUNK_ROWS, PhiCache
+
+
+def keep_positions(num_rows: int, exclude: Iterable[int] = ()) -> np.ndarray:
+    """Local row positions 0..num_rows-1 without ``exclude`` (distinct ints in range, else ValueError)."""
+    exclude = np.asarray(list(exclude), dtype=np.int64) if not isinstance(exclude, np.ndarray) else exclude
+    if exclude.size:
+        if not np.issubdtype(exclude.dtype, np.integer):
+            raise ValueError(f"exclude must hold integer row positions, got {exclude.dtype}")
+        if exclude.min() < 0 or exclude.max() >= num_rows:
+            raise ValueError(f"exclude holds positions outside 0..{num_rows - 1}")
+        if len(np.unique(exclude)) != len(exclude):
+            raise ValueError("exclude names a row more than once")
+    keep = np.ones(num_rows, dtype=bool)
+    keep[exclude.astype(np.int64)] = False
+    return np.flatnonzero(keep)
+
+
+def site_features(extractor, data, positions: np.ndarray) -> np.ndarray:
+    """φ [len(positions), p] float32 of the site's rows at local ``positions``."""
+    cache = _phi_cache(extractor, data)
+    if cache is not None:
+        return cache.features(extractor, data.indices[positions])
+    ids = np.asarray(data.indices)[positions]  # data-set rows: their batch positions (compute's rule)
+    if isinstance(data.inputs, Tensor):  # preprocessed images: no token cache at this site
+        return extractor.compute(data.inputs[positions], batch_size=BATCH_SIZE, tokens=False, ids=ids)
+    return extractor.compute(_Rows(data.inputs, positions), batch_size=BATCH_SIZE, ids=ids)
+
+
+def site_statistics(extractor, data, num_classes: int, exclude: Iterable[int] = (), *,
+                    chunk_rows: int = CHUNK_ROWS) -> SufficientStats:
+    """The SufficientStats of a site's rows (a client.site.SiteData) minus the local row
+    positions ``exclude`` (samples the site forgets), on the extractor's fixed-point grid.
+
+    Computed in chunks of ``chunk_rows`` rows and summed (integer sums: the same bits as one pass),
+    which bounds the float32 φ and float64 products held at once.
+    """
+    spec = extractor.spec
+    positions = keep_positions(data.num_examples, exclude)
+    total = SufficientStats.zeros(extractor.dim, num_classes, spec.clip_norm, spec.frac_bits)
+    for start in range(0, len(positions), chunk_rows):
+        chunk = positions[start:start + chunk_rows]
+        phi = site_features(extractor, data, chunk)
+        total = total + SufficientStats.from_features(phi, np.asarray(data.labels)[chunk], num_classes,
+                                                      spec.clip_norm, spec.frac_bits)
+    return total
+
+
+def _phi_cache(extractor, data) -> PhiCache | None:
+    """The φ cache of the site's data set, if the driver (or the site) built one."""
+    directory, images_digest = getattr(data, "cache_dir", None), getattr(data, "images_digest", None)
+    if directory is None or images_digest is None:
+        return None
+    return PhiCache.open(directory, extractor.digest(), images_digest)
+
+
+class _Rows:
+    """Some rows of a TokenDataset, indexable by position arrays (FeatureExtractor.compute reads
+    them batch by batch, so the site's tokens are never all in memory)."""
+
+    def __init__(self, rows, positions: np.ndarray):
+        self.rows, self.positions = rows, positions
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def __getitem__(self, index):
+        return self.rows[self.positions[index]]
