@@ -130,3 +130,4 @@ def test_a_dp_run_sends_no_statistics(site, tmp_path):
     reply = train(site, node_config=node, dp=True, **{"dp-epsilon": 4.0, "lr": 0.5, "loss": "ce"})
     assert "error" not in reply.config_records, reply["error"]["reason"] if "error" in reply else ""
     assert set(reply.keys()) == {"delta", "metrics", "meta"} and reply["meta"]["dp"] is True
+
