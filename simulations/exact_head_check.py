@@ -104,16 +104,6 @@ def open_stats_ledger(path: Path):
     return Ledger.open(path, create=False, family="stats")
 
 
-def _stats_sum(stats_list, template):
-    from tangent.exact_head import SufficientStats
-
-    out = SufficientStats.zeros(template.num_features, template.num_classes, template.clip_norm,
-                                template.frac_bits)
-    for stats in stats_list:
-        out = out + stats
-    return out
-
-
 def test_accuracy(extractor, stats, source: str, config: dict, cache_dir: Path | None) -> tuple[float, float, int]:
     """(accuracy, λ, test images) of the ridge head of ``stats`` (λ by GCV) on the test set (the
     server's ``eval-subset`` rule: a seeded subset, else all of it)."""
@@ -135,6 +125,7 @@ def central_check(spec, features: dict, ledger_path: Path, cache_dir: Path | Non
                   config: dict, num_sites: int, removed: list[str], kept_path: Path) -> dict:
     """After the train run: the stats ledger's sums == the central statistics of every trained
     row; the head's accuracy; the statistics of the rows that stay are saved for after removal."""
+    from client.stats import features_statistics
     from tangent.exact_head import SufficientStats
 
     start = time.perf_counter()
@@ -158,8 +149,8 @@ def central_check(spec, features: dict, ledger_path: Path, cache_dir: Path | Non
         offset += len(chunk)
         for rows_mask, name in ((~mask, "kept"), (mask, "dropped")):
             if rows_mask.any():
-                part = SufficientStats.from_features(phi[rows_mask], train.labels[chunk[rows_mask]],
-                                                     spec.num_classes, fspec.clip_norm, fspec.frac_bits)
+                part = features_statistics(phi[rows_mask], train.labels[chunk[rows_mask]],
+                                           spec.num_classes, fspec.clip_norm, fspec.frac_bits)
                 if name == "kept":
                     kept = kept + part
                 else:
