@@ -31,6 +31,7 @@ disagree are refused rather than silently mixed).
 """
 from __future__ import annotations
 
+import threading
 from dataclasses import asdict, dataclass
 from typing import Any, Mapping
 
@@ -270,16 +271,25 @@ def slotted_batches(fn, rows, width: int, batch_size: int, ids=None) -> np.ndarr
     rank[by_slot] = np.arange(n) - first
     by_rank = np.argsort(rank, kind="stable")
     bounds = np.searchsorted(rank[by_rank], np.arange(int(rank.max()) + 2), side="left")
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        for k in range(len(bounds) - 1):
-            members = by_rank[bounds[k]:bounds[k + 1]]
-            batch = rows[members] if isinstance(rows, Tensor) else rows[members]
-            batch = torch.as_tensor(np.asarray(batch)) if not isinstance(batch, Tensor) else batch
-            full = batch[:1].expand(batch_size, *batch.shape[1:]).clone()
-            full[torch.from_numpy(slots[members])] = batch
-            out[members] = fn(full)[torch.from_numpy(slots[members])].numpy()
-    finally:
-        torch.set_num_threads(threads)
+    with _ONE_THREAD:  # the thread count is process-wide: one caller at a time sets and restores it
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            _run_batches(fn, rows, out, slots, by_rank, bounds, batch_size)
+        finally:
+            torch.set_num_threads(threads)
     return out
+
+
+_ONE_THREAD = threading.Lock()
+
+
+def _run_batches(fn, rows, out, slots, by_rank, bounds, batch_size) -> None:
+    for k in range(len(bounds) - 1):
+        members = by_rank[bounds[k]:bounds[k + 1]]
+        batch = rows[members]
+        batch = torch.as_tensor(np.asarray(batch)) if not isinstance(batch, Tensor) else batch
+        full = batch[:1].expand(batch_size, *batch.shape[1:]).clone()
+        position = torch.from_numpy(slots[members])
+        full[position] = batch
+        out[members] = fn(full)[position].numpy()
