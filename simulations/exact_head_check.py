@@ -122,9 +122,10 @@ def test_accuracy(extractor, stats, source: str, config: dict, cache_dir: Path |
 
 
 def central_check(spec, features: dict, ledger_path: Path, cache_dir: Path | None, sources: dict,
-                  config: dict, num_sites: int, removed: list[str], kept_path: Path) -> dict:
+                  config: dict, num_sites: int, removed: list[str], kept_path: Path, evaluate: bool = True) -> dict:
     """After the train run: the stats ledger's sums == the central statistics of every trained
-    row; the head's accuracy; the statistics of the rows that stay are saved for after removal."""
+    row; the head's accuracy (unless ``evaluate`` is False: the ServerApp's report has it); the
+    statistics of the rows that stay are saved for after removal."""
     from client.stats import features_statistics
     from tangent.exact_head import SufficientStats
 
@@ -159,7 +160,7 @@ def central_check(spec, features: dict, ledger_path: Path, cache_dir: Path | Non
     np.savez(kept_path, **kept.to_arrays())
     central_s = time.perf_counter() - start
     accuracy, lam, test_images = test_accuracy(extractor, composed, sources["test"], config, cache_dir) \
-        if sources.get("test") else (None, None, 0)
+        if evaluate and sources.get("test") else (None, None, None)
     return {"exact_head_equals_central": bool(composed == central),
             "exact_head_rows": int(central.n), "exact_head_sites": len(active),
             "accuracy_exact_head": accuracy, "exact_head_lambda": lam, "exact_head_test_images": test_images,
@@ -168,7 +169,7 @@ def central_check(spec, features: dict, ledger_path: Path, cache_dir: Path | Non
 
 
 def removal_check(spec, features: dict, ledger_path: Path, cache_dir: Path | None, sources: dict,
-                  config: dict, kept_path: Path) -> dict:
+                  config: dict, kept_path: Path, evaluate: bool = True) -> dict:
     """After the unlearn run: the stats ledger's sums == the central statistics of the remaining
     sites' rows (saved by :func:`central_check`) and == a fresh stats ledger fed only the
     remaining contributions; the head's accuracy after removal."""
@@ -195,7 +196,7 @@ def removal_check(spec, features: dict, ledger_path: Path, cache_dir: Path | Non
     out = {"exact_head_removal_equals_central": bool(central_identical),
            "exact_head_removal_equals_fresh_ledger": bool(fresh_identical),
            "exact_head_removal_bit_identical": bool(central_identical and fresh_identical)}
-    if after is not None and sources.get("test"):
+    if evaluate and after is not None and sources.get("test"):
         extractor = extractor_for(spec, features)
         accuracy, lam, _ = test_accuracy(extractor, after, sources["test"], config, cache_dir)
         out |= {"accuracy_exact_head_after_removal": accuracy, "exact_head_lambda_after_removal": lam}

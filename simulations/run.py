@@ -450,24 +450,40 @@ class ExactHeadStep:
         self.skip = ("exact-head is off in this run (or DP)" if features is None else
                      None if ledger_path.is_file() else f"the ServerApp wrote no stats ledger ({ledger_path})")
 
-    def before(self) -> dict:
+    def before(self, report: dict) -> dict:
+        """``report``: the train run's; its exact-head accuracy (the ServerApp solved the same
+        sums on the same test rows) is taken rather than solved a second time here."""
         from simulations.exact_head_check import central_check
 
         if self.skip:
             print(f"      exact head: not checked ({self.skip})")
             return dict.fromkeys(self.KEYS_BEFORE) | {"exact_head_note": self.skip}
         print("      exact head: the stats ledger's sums vs the central statistics of every trained row")
-        out = in_subprocess(central_check, *self.args, self.num_sites, self.removed, self.kept_path)
+        server = _server_exact_head(report)
+        out = in_subprocess(central_check, *self.args, self.num_sites, self.removed, self.kept_path, server is None)
         if "exact_head_note" in out:
             self.skip = out["exact_head_note"]
-        return out
+        return out | (server or {})
 
-    def after(self) -> dict:
+    def after(self, report: dict) -> dict:
         from simulations.exact_head_check import removal_check as stats_removal_check
 
         if self.skip:
             return dict.fromkeys(self.KEYS_AFTER)
-        return in_subprocess(stats_removal_check, *self.args, self.kept_path)
+        server = _server_exact_head(report)
+        out = in_subprocess(stats_removal_check, *self.args, self.kept_path, server is None)
+        if server is not None:
+            out |= {"accuracy_exact_head_after_removal": server["accuracy_exact_head"],
+                    "exact_head_lambda_after_removal": server["exact_head_lambda"]}
+        return out
+
+
+def _server_exact_head(report: dict) -> dict | None:
+    """The exact head's accuracy and λ from a ServerApp report, if it evaluated it."""
+    if report.get("accuracy_exact_head") is None:
+        return None
+    return {"accuracy_exact_head": report["accuracy_exact_head"], "exact_head_lambda": report.get("exact_head_lambda"),
+            "exact_head_test_images": (report.get("central_evaluation") or {}).get("num_examples")}
 
 
 def plot(summary: dict, path: Path) -> None:
@@ -615,7 +631,7 @@ def main(argv=None) -> int:
                                                                   replace=False).tolist(), key=site_order))
         exact_head = ExactHeadStep(features, stats_ledger, spec, cache_dir, data["sources"],
                                    defaults | run_config, args.num_clients, removed, run_dir)
-        summary |= exact_head.before()
+        summary |= exact_head.before(report)
 
         print(f"[4/5] flwr run: unlearn sites {','.join(removed)} (log: {run_dir / 'unlearn.log'})")
         unlearn_report = run_dir / "unlearn-report.json"
@@ -628,7 +644,7 @@ def main(argv=None) -> int:
 
         print("[5/5] removal vs fresh aggregation of the remaining sites")
         summary |= removal_check(ledger_path)
-        summary |= exact_head.after()
+        summary |= exact_head.after(ureport)
     finally:
         watch.sample()
         watch.stop_sampling()
