@@ -4,7 +4,8 @@
 spec, else from the site's own token rows (or images) through FeatureExtractor.compute. Both
 follow compute's batching rule keyed on the rows' data-set indices, so they give the same float32
 φ and the same integers: the statistics of a site equal the central statistics of its rows, bit
-for bit, and forgetting rows leaves the others' φ unchanged.
+for bit, and forgetting rows leaves the others' φ unchanged. φ is computed on the CPU whatever
+device the site trains on (a GPU's φ differs in the last bits: tangent/features.py).
 """
 from __future__ import annotations
 
