@@ -106,8 +106,13 @@ def _cached_features(extractor, directory: Path, images, indices) -> np.ndarray 
         return None
     from tangent.cache import images_digest
 
-    cache = PhiCache.open(directory, extractor.digest(), images_digest(images))
-    return None if cache is None else cache.features(extractor, indices)
+    try:
+        cache = PhiCache.open(directory, extractor.digest(), images_digest(images))
+        return None if cache is None else cache.features(extractor, indices)
+    except Exception as err:  # noqa: BLE001 — a broken cache costs the time to compute φ, not the evaluation
+        log.warning("exact head: the φ cache in %s is unusable (%s: %s); computing φ", directory,
+                    type(err).__name__, err)
+        return None
 
 
 #: rows scored at once by the exact head (bounds the float64 copy of φ: 4096 × 3584 × 8 B = 117 MB)
