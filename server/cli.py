@@ -4,17 +4,22 @@
     taft-ledger show SITE                 every contribution a site has made, its privacy total
     taft-ledger remove SITE --reason TXT  withdraw a site (exact subtraction; it stays withdrawn)
     taft-ledger readmit SITE --reason TXT let a withdrawn site contribute again (audited)
+    taft-ledger retract SITE --reason TXT subtract a site's contribution without withdrawing it
     taft-ledger verify [--public-key PEM] [--export DIR]
                                           recompute sums and digests, check the chain, the signed
                                           heads (against PEM when given) and that an earlier
                                           export's signed head is still in the ledger
-    taft-ledger export --out DIR          composed Δ as safetensors + manifest.json (signed head)
+    taft-ledger export --out DIR [--model-spec JSON]
+                                          delta ledger: composed Δ as safetensors; stats ledger:
+                                          the exact head (weight, bias; λ by GCV); + manifest.json
+                                          (signed head, signed export statement)
     taft-ledger verify-export DIR --public-key PEM
                                           check an export against the server's public key
     taft-ledger forget REQUEST.json --stats FILE [--delta FILE] --registry R [--stats-ledger PATH]
                                           apply a site's signed forget-samples request to the Δ
                                           ledger and the exact head's stats ledger
 
+Every subcommand works on both ledger families ("delta": TAFT Δw, "stats": exact-head statistics).
 The ledger file is ``--ledger PATH``, else ``$TAFT_LEDGER``, else ``runs/ledger.sqlite``.
 Exit status: 0 success, 1 verification failed, 2 usage error or no ledger.
 """
@@ -50,13 +55,14 @@ def _cmd_list(ledger: Ledger, args) -> int:
         sites = ledger.sites()
         privacy = ledger.privacy_totals()
     if args.json:
-        print(json.dumps({"model_version": current.version, "total_weight": current.total_weight,
+        print(json.dumps({"family": ledger.family, "model_version": current.version, "total_weight": current.total_weight,
                           "withdrawn_sites": [s.site_id for s in sites if s.withdrawn],
                           "privacy": _json_privacy(privacy),
                           "sites": [{**asdict(s), "active": asdict(active[s.site_id]) if s.site_id in active else None}
                                     for s in sites]}, indent=2))
         return 0
-    print(f"model version {current.version}, {len(active)} active site(s), total weight {current.total_weight}")
+    print(f"{ledger.family} ledger, model version {current.version}, {len(active)} active site(s), "
+          f"total weight {current.total_weight}")
     print(f"{'site':<20} {'status':<9} {'ver':>4} {'examples':>9} {'epsilon':>8} {'Σ epsilon':>9}  delta sha256")
     for s in sites:
         c = active.get(s.site_id)
@@ -124,6 +130,16 @@ def _cmd_readmit(ledger: Ledger, args) -> int:
     return 0
 
 
+def _cmd_retract(ledger: Ledger, args) -> int:
+    if ledger.retract(args.site, reason=args.reason):
+        v = ledger.current_version()
+        print(f"retracted {args.site}'s contribution: model version {v.version}, composed sha256 "
+              f"{v.composed_sha256}; the site is not withdrawn")
+    else:
+        print(f"{args.site} has no active contribution; nothing to do")
+    return 0
+
+
 def _cmd_verify(ledger: Ledger, args) -> int:
     try:
         report = ledger.verify(public_key=args.public_key)
@@ -171,10 +187,29 @@ def _export_in_ledger(ledger: Ledger, directory: Path) -> list[str]:
     return []
 
 
+def _model_spec(text: str | None) -> dict | None:
+    """``--model-spec``: JSON text or a JSON file (a ModelSpec config, e.g. {"img-size": 56})."""
+    if text is None:
+        return None
+    path = Path(text)
+    try:
+        value = json.loads(path.read_text() if not text.lstrip().startswith("{") and path.is_file() else text)
+    except (OSError, ValueError) as e:
+        raise ValueError(f"--model-spec must be a JSON object or a JSON file: {e}") from None
+    if not isinstance(value, dict):
+        raise ValueError("--model-spec must be a JSON object")
+    return value
+
+
 def _cmd_export(ledger: Ledger, args) -> int:
-    manifest = export(ledger, args.out)
-    print(f"exported model version {manifest['model_version']} ({len(manifest['sites'])} site(s)) to {args.out}; "
-          f"signed by {manifest['public_key_fingerprint']}")
+    spec = _model_spec(args.model_spec)
+    if spec is not None and ledger.family == "stats":
+        raise ValueError("a stats ledger's model spec is in its model card; --model-spec is for delta ledgers")
+    manifest = export(ledger, args.out, model_spec=spec)
+    what = (f"exact head (p = {manifest['num_features']}, k = {manifest['num_classes']}, n = {manifest['n']}, "
+            f"λ = {manifest['lambda']:.4g})" if manifest["family"] == "stats" else "composed Δ")
+    print(f"exported model version {manifest['model_version']} ({len(manifest['sites'])} site(s)), {what}, to "
+          f"{args.out}; signed by {manifest['public_key_fingerprint']}")
     return 0
 
 
@@ -256,6 +291,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--reason", required=True, help="why, recorded in the audit log")
     p.set_defaults(run=_cmd_readmit)
 
+    p = sub.add_parser("retract", help="subtract a site's active contribution without withdrawing the site (audited)")
+    p.add_argument("site", metavar="SITE")
+    p.add_argument("--reason", required=True, help="why, recorded in the audit log")
+    p.set_defaults(run=_cmd_retract)
+
     p = sub.add_parser("verify", help="recompute accumulators and digests, check the audit chain and signatures")
     p.add_argument("--public-key", type=Path, metavar="PEM", default=None,
                    help="check the signatures against this public key (a copy you trust)")
@@ -264,8 +304,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(run=_cmd_verify)
 
-    p = sub.add_parser("export", help="write the composed Δ (safetensors) and manifest.json with the signed head")
+    p = sub.add_parser("export", help="write the model (composed Δ or exact head) and manifest.json with the signed head")
     p.add_argument("--out", type=Path, required=True, metavar="DIR", help="output directory")
+    p.add_argument("--model-spec", metavar="JSON", default=None,
+                   help="delta ledger: the ModelSpec config (JSON text or file) w0 is rebuilt from, for taft-predict")
     p.set_defaults(run=_cmd_export)
 
     p = sub.add_parser("verify-export", help="check an export's signed head and composed file (no ledger needed)")

@@ -68,6 +68,11 @@ class Accumulators:
         return {name: fixedpoint.compose(hi, lo, total_weight).reshape(shape)
                 for name, (shape, hi, lo) in self._tensors.items()}
 
+    def exact_sums(self, lo_bits: int) -> dict[str, np.ndarray]:
+        """The exact integer sums ``hi·2**lo_bits + lo`` as int64 arrays; the caller guarantees
+        they fit (the stats family bounds them, see server.ledger.families.StatsFamily)."""
+        return {name: ((hi << lo_bits) + lo).reshape(shape) for name, (shape, hi, lo) in self._tensors.items()}
+
     def encoded(self) -> dict[str, bytes]:
         """The canonical bytes of each sum: equal sums give equal bytes."""
         return {name: bytes(fixedpoint.encode(hi, lo)) for name, (_, hi, lo) in self._tensors.items()}

@@ -20,6 +20,11 @@ when bytes were erased, the WAL is checkpointed and truncated.
 
 A withdrawal is sticky: :meth:`Ledger.remove` marks the site withdrawn, and its later
 contributions are refused (``site_withdrawn``) until :meth:`Ledger.readmit`.
+:meth:`Ledger.retract` subtracts a contribution without withdrawing the site.
+
+Families (:mod:`server.ledger.families`): the same file layout holds either TAFT Δw (``"delta"``,
+the above) or exact-head sufficient statistics (``"stats"``: int64 arrays, weight 1, the composed
+model is their exact sum); the family and, for statistics, the model card are pinned at creation.
 """
 from __future__ import annotations
 
@@ -34,12 +39,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import safetensors.numpy
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from server import fixedpoint
-from server.ledger import audit, validation
-from server.ledger.accumulators import Accumulators, Quantized, arrays_digest, quantize
+from server.ledger import audit, families, validation
+from server.ledger.accumulators import Accumulators, Quantized
 from server.ledger.records import (
     CONTRIBUTION_COLUMNS, Contribution, LedgerError, ModelVersion, RejectedContribution, Site, VerifyReport,
     canonical_json, contribution_from_row, row_digest, version_from_row,
@@ -72,10 +76,8 @@ def ledger_file_paths(ledger_path: str | Path) -> list[Path]:
 
 @dataclass
 class _Prepared:
-    """A validated contribution, ready to be written."""
+    """A validated contribution, ready to be written (its stored bytes are made in the write)."""
     arrays: dict[str, np.ndarray]
-    blob: bytes
-    sha256: str
     norm: float
     num_examples: int
     meta: dict
@@ -100,13 +102,15 @@ class Ledger:
         self.known_sites = None if known_sites is None else frozenset(known_sites)
         self.expected_spec = None if expected_spec is None else {
             k: [int(d) for d in v] for k, v in expected_spec.items()}
+        self._family: Any = families.DeltaFamily()  # set from the file by _init_or_check
 
     # ------------------------------------------------------------------ opening
     @classmethod
     def open(cls, path: str | Path, *, max_delta_norm: float | None = None,
              expected_base_digest: str | None = None, known_sites: Collection[str] | None = None,
              weighting: str | None = None, expected_spec: Mapping[str, tuple[int, ...]] | None = None,
-             create: bool = True, signing_key: str | Path | Ed25519PrivateKey | None = None) -> "Ledger":
+             create: bool = True, signing_key: str | Path | Ed25519PrivateKey | None = None,
+             family: str | None = None, model_card: Mapping[str, Any] | None = None) -> "Ledger":
         """Open (or create) the ledger at ``path``.
 
         ``max_delta_norm``, ``known_sites`` and ``expected_spec`` (tensor name → shape) are this
@@ -116,7 +120,14 @@ class Ledger:
         Ed25519 key that signs every new head (a key or a PEM file; default
         ``<path>.signing-key.pem``, created 0600 with a new ledger). A ledger opened without its
         key can be read and verified but not changed.
+
+        ``family`` (:mod:`server.ledger.families`): ``"delta"`` (TAFT Δw) or ``"stats"`` (exact-head
+        sufficient statistics, which needs ``model_card``), pinned with the card when the file is
+        created (default for a new file: ``"delta"``). Opening a ledger with another family or
+        card than the pinned ones is a LedgerError; ``None`` accepts whatever the file holds.
         """
+        if family is not None and family not in families.FAMILIES:
+            raise ValueError(f"family must be one of {families.FAMILIES}, got {family!r}")
         path = Path(path)
         if weighting is not None and weighting not in WEIGHTINGS:
             raise ValueError(f"weighting must be one of {WEIGHTINGS}, got {weighting!r}")
@@ -132,19 +143,23 @@ class Ledger:
                 key = audit.load_signing_key(key_path, create=create and uninitialised)
             ledger = cls(store, max_delta_norm=max_delta_norm, expected_base_digest=expected_base_digest,
                          known_sites=known_sites, expected_spec=expected_spec, signing_key=key)
-            ledger._init_or_check(weighting, create)
+            ledger._init_or_check(weighting, create, family, model_card)
             ledger._publish_head(recover=True)
         except BaseException:
             store.close()
             raise
         return ledger
 
-    def _init_or_check(self, weighting: str | None, create: bool) -> None:
+    def _init_or_check(self, weighting: str | None, create: bool, family: str | None,
+                       model_card: Mapping[str, Any] | None) -> None:
         with self._store.write():
             version = self._store.schema_version()
             if version == 0:
                 if not create or not self._store.is_empty():
                     raise LedgerError(f"{self.path} is an SQLite file but not a ledger")
+                self._family = families.make(family or "delta", model_card)
+                if self._family.name == "stats" and weighting not in (None, "uniform"):
+                    raise LedgerError("a stats ledger weighs every site 1 (weighting 'uniform')")
                 self._create(weighting or "examples")
                 return
             if version != SCHEMA_VERSION:
@@ -153,6 +168,15 @@ class Ledger:
                     f"(signed heads, sticky withdrawal). Export the model with the taft-fl release that wrote it "
                     f"and start a new ledger; old ledgers are not converted, because their history was never signed")
         meta = self._store.meta()
+        pinned_family = meta.get("family", "delta")  # ledgers from before families hold Δw
+        if family is not None and family != pinned_family:
+            raise LedgerError(f"{self.path} is a {pinned_family!r} ledger, not {family!r}")
+        if model_card is not None:
+            given = families.check_model_card(model_card)
+            if canonical_json(given) != canonical_json(meta.get("model_card")):
+                raise LedgerError(f"{self.path} was created for another model card "
+                                  f"({_card_difference(meta.get('model_card'), given)})")
+        self._family = families.of_meta(meta)
         if weighting is not None and weighting != meta["weighting"]:
             raise LedgerError(f"{self.path} uses weighting {meta['weighting']!r}, not {weighting!r}")
         pinned = meta.get("base_digest")
@@ -168,11 +192,17 @@ class Ledger:
         self._store.create_schema()
         settings = {"schema_version": SCHEMA_VERSION, "weighting": weighting,
                     "frac_bits": fixedpoint.FRAC_BITS, "max_abs_value": fixedpoint.MAX_ABS_VALUE,
-                    "signing_public_key": audit.public_key_pem(self._signer.public_key())}
+                    "signing_public_key": audit.public_key_pem(self._signer.public_key()),
+                    "family": self._family.name, **self._family.settings()}
         for key, value in settings.items():
             self._store.set_meta(key, value)
         self._store.set_meta("total_weight", 0)
-        self._record(_now(), "create", None, 0, arrays_digest({}), {"settings": settings})
+        composed_sha = self._family.digest({})
+        if "key_spec" in settings:  # stats: the arrays are known from the card, the sums start at 0
+            self._store.create_accumulators(settings["key_spec"])
+            self._store.set_meta("abs_bound", {name: 0 for name in settings["key_spec"]})
+            composed_sha = self._family.digest(self._family.compose(self._store.accumulators(), 0))
+        self._record(_now(), "create", None, 0, composed_sha, {"settings": settings})
 
     # ------------------------------------------------------------------ plumbing
     def close(self) -> None:
@@ -215,6 +245,16 @@ class Ledger:
         if row is None:
             raise KeyError(f"no signed head for version {version}")
         return json.loads(row["head"]), row["signature"]
+
+    def sign_statement(self, statement: Mapping[str, Any]) -> str:
+        """Sign ``statement`` (canonical JSON) with the ledger's key: what an export adds to the
+        signed head (the head file it derived, the model spec). Its ``format`` must name it, and
+        may not be a head's, so a statement can never pass for a head or the other way round."""
+        if self._refuse_writes:
+            raise LedgerError(self._refuse_writes)
+        if not isinstance(statement.get("format"), str) or statement["format"] == audit.HEAD_FORMAT:
+            raise ValueError("a signed statement needs its own 'format' (not the head format)")
+        return audit.sign_head(self._signer, dict(statement))
 
     def public_key(self) -> Ed25519PublicKey:
         """The key this ledger's heads are signed with, as recorded in the file."""
@@ -269,10 +309,9 @@ class Ledger:
             raise RejectedContribution("unknown_site", site_id)
         num_examples = validation.num_examples(num_examples)
         columns = validation.metadata(meta)
-        arrays = validation.arrays(delta)
-        norm = validation.values(arrays, self.max_delta_norm)
-        blob = safetensors.numpy.save(dict(sorted(arrays.items())))
-        return _Prepared(arrays, blob, hashlib.sha256(blob).hexdigest(), norm, num_examples, columns, quantize(arrays))
+        arrays = self._family.arrays(delta)
+        norm = self._family.check(arrays, num_examples, columns, self.max_delta_norm)
+        return _Prepared(arrays, norm, num_examples, columns, self._family.quantize(arrays))
 
     def _admit(self, site_id: str, p: _Prepared, meta: dict) -> dict[str, Any]:
         """Checks against the file's state, inside the write transaction. Returns what to pin."""
@@ -299,8 +338,6 @@ class Ledger:
             pins["base_digest"] = given
         elif meta.get("base_digest") is None and pinned is not None:
             pins["base_digest"] = pinned
-        if self._db.execute("SELECT 1 FROM contributions WHERE delta_sha256 = ?", (p.sha256,)).fetchone():
-            raise RejectedContribution("duplicate", f"Δ {p.sha256} was recorded before")
         return pins
 
     def _is_withdrawn(self, site_id: str) -> bool:
@@ -340,10 +377,19 @@ class Ledger:
             raise RejectedContribution("not_active", f"{site_id} has no active contribution to replace")
         if not replacing and old is not None:
             raise RejectedContribution("site_active", f"{site_id} already has active contribution {old['id']}; use replace")
-        weight = p.num_examples if meta["weighting"] == "examples" else 1
+        weight = self._family.weight(p.num_examples, meta["weighting"])
         total_weight = meta["total_weight"] + weight - (old["weight"] if old else 0)
         if total_weight > fixedpoint.MAX_TOTAL_WEIGHT:
             raise RejectedContribution("total_weight_overflow", f"Σw would be {total_weight}")
+        site_version = self._db.execute("SELECT coalesce(max(version), 0) + 1 FROM contributions WHERE site_id = ?",
+                                        (site_id,)).fetchone()[0]
+        blob = self._family.encode(p.arrays, site_id, site_version)
+        sha256 = hashlib.sha256(blob).hexdigest()
+        if self._db.execute("SELECT 1 FROM contributions WHERE delta_sha256 = ?", (sha256,)).fetchone():
+            raise RejectedContribution("duplicate", f"Δ {sha256} was recorded before")
+        old_arrays = None if old is None else self._stored_arrays(old["id"])
+        if self._family.bounded_total:
+            pins_bound = self._bounded_total(meta, p.arrays, old_arrays)
 
         now = _now()
         for key, value in pins.items():
@@ -352,41 +398,60 @@ class Ledger:
             self._store.create_accumulators(pins["key_spec"])
         acc = self._store.accumulators()
         if old is not None:
-            self._subtract(acc, old)
+            acc.add(self._family.quantize(old_arrays), -old["weight"])
         acc.add(p.quantized, weight)
         self._store.store_accumulators(acc)
         self._store.set_meta("total_weight", total_weight)
+        if self._family.bounded_total:
+            self._store.set_meta("abs_bound", pins_bound)
 
         self._db.execute("INSERT OR IGNORE INTO sites(site_id, first_seen_at) VALUES (?, ?)", (site_id, now))
-        site_version = self._db.execute("SELECT coalesce(max(version), 0) + 1 FROM contributions WHERE site_id = ?",
-                                        (site_id,)).fetchone()[0]
         model_version = self._db.execute("SELECT max(version) + 1 FROM model_versions").fetchone()[0]
         if old is not None:
             self._end(old["id"], "replaced", now, model_version, "replaced")
         row = {"site_id": site_id, "version": site_version, "num_examples": p.num_examples, "weight": weight,
-               **p.meta, "delta_sha256": p.sha256, "delta_norm": p.norm, "added_at": now,
+               **p.meta, "delta_sha256": sha256, "delta_norm": p.norm, "added_at": now,
                "added_in_version": model_version}
         cur = self._db.execute(
             f"INSERT INTO contributions({', '.join(row)}, status) VALUES ({', '.join('?' * (len(row) + 1))})",
             (*row.values(), "active"))
         row["id"] = cur.lastrowid
-        self._db.execute("INSERT INTO deltas VALUES (?, ?)", (row["id"], p.blob))
+        self._db.execute("INSERT INTO deltas VALUES (?, ?)", (row["id"], blob))
         event = "replace" if replacing else "add"
         payload = {"contribution_id": row["id"], "row_digest": row_digest(row)}
         if old is not None:
             payload["replaced_contribution_id"] = old["id"]
         if pins:
             payload["pins"] = pins
-        version = self._record(now, event, site_id, total_weight, arrays_digest(acc.compose(total_weight)), payload)
+        version = self._record(now, event, site_id, total_weight, self._composed_digest(acc, total_weight), payload)
         return _version_from(version, now)
+
+    def _composed_digest(self, acc: Accumulators, total_weight: int) -> str:
+        return self._family.digest(self._family.compose(acc, total_weight))
+
+    def _bounded_total(self, meta: dict, new: Mapping[str, np.ndarray] | None,
+                       old: Mapping[str, np.ndarray] | None) -> dict[str, int]:
+        """Σ over the active contributions of max|entry|, per array, after swapping ``old`` for
+        ``new``. Admitting only while it fits int64 keeps every partial sum in range, whatever
+        is removed later and in whatever order (see families.StatsFamily)."""
+        bound = dict(meta["abs_bound"])
+        for arrays, sign in ((old, -1), (new, +1)):
+            if arrays is not None:
+                for name, m in families.StatsFamily.magnitudes(arrays).items():
+                    bound[name] += sign * m
+        over = sorted(name for name, b in bound.items() if b > families.INT64_MAX)
+        if over:
+            raise RejectedContribution("total_overflow", f"the sums of {', '.join(over)} could exceed int64")
+        return bound
 
     def _active(self, site_id: str):
         return self._db.execute("SELECT id, weight FROM contributions WHERE site_id = ? AND status = 'active'",
                                 (site_id,)).fetchone()
 
-    def _subtract(self, acc: Accumulators, old) -> None:
-        blob = self._db.execute("SELECT safetensors FROM deltas WHERE contribution_id = ?", (old["id"],)).fetchone()[0]
-        acc.add_arrays(safetensors.numpy.load(blob), -old["weight"])
+    def _stored_arrays(self, contribution_id: int) -> dict[str, np.ndarray]:
+        blob = self._db.execute("SELECT safetensors FROM deltas WHERE contribution_id = ?",
+                                (contribution_id,)).fetchone()[0]
+        return self._family.decode(blob)
 
     def _end(self, contribution_id: int, status: str, at: str, model_version: int, reason: str) -> None:
         # The Δ bytes go (secure_delete overwrites them); digest and metadata stay for the record.
@@ -407,26 +472,47 @@ class Ledger:
             now = _now()
             self._db.execute("INSERT OR IGNORE INTO sites(site_id, first_seen_at) VALUES (?, ?)", (site_id, now))
             self._db.execute("UPDATE sites SET withdrawn = 1 WHERE site_id = ?", (site_id,))
-            meta = self._store.meta()
-            total_weight = meta["total_weight"]
             if old is None:
-                composed_sha = self._db.execute(
-                    "SELECT composed_sha256 FROM model_versions ORDER BY version DESC LIMIT 1").fetchone()[0]
-                self._record(now, "withdraw", site_id, total_weight, composed_sha, {"reason": reason})
+                last = self._db.execute("SELECT total_weight, composed_sha256 FROM model_versions "
+                                        "ORDER BY version DESC LIMIT 1").fetchone()
+                self._record(now, "withdraw", site_id, last[0], last[1], {"reason": reason})
             else:
-                acc = self._store.accumulators()
-                self._subtract(acc, old)
-                self._store.store_accumulators(acc)
-                total_weight -= old["weight"]
-                self._store.set_meta("total_weight", total_weight)
-                model_version = self._db.execute("SELECT max(version) + 1 FROM model_versions").fetchone()[0]
-                self._end(old["id"], "removed", now, model_version, reason)
-                self._record(now, "remove", site_id, total_weight, arrays_digest(acc.compose(total_weight)),
-                             {"contribution_id": old["id"], "reason": reason})
+                self._subtract_active(old, now, "remove", site_id, reason)
         self._publish_head()
         if old is not None:
             self._store.erase_wal()
         return True
+
+    def retract(self, site_id: str, reason: str) -> bool:
+        """Subtract a site's active contribution exactly *without* withdrawing the site (audited
+        ``retract``; the site may add again at once). Used when a contribution can no longer
+        stand — e.g. sample forgetting when a TAFT Δw cannot be recomputed. Its stored bytes are
+        erased like a removal's. Returns False, changing nothing, when nothing is active."""
+        site_id = _check_site_and_reason(site_id, reason)
+        with self._store.write():
+            old = self._active(site_id)
+            if old is None:
+                return False
+            self._subtract_active(old, _now(), "retract", site_id, reason)
+        self._publish_head()
+        self._store.erase_wal()
+        return True
+
+    def _subtract_active(self, old, now: str, event: str, site_id: str, reason: str) -> None:
+        """Inside a write: take ``old`` out of the sums, end it as removed, record ``event``."""
+        meta = self._store.meta()
+        old_arrays = self._stored_arrays(old["id"])
+        acc = self._store.accumulators()
+        acc.add(self._family.quantize(old_arrays), -old["weight"])
+        self._store.store_accumulators(acc)
+        total_weight = meta["total_weight"] - old["weight"]
+        self._store.set_meta("total_weight", total_weight)
+        if self._family.bounded_total:
+            self._store.set_meta("abs_bound", self._bounded_total(meta, None, old_arrays))
+        model_version = self._db.execute("SELECT max(version) + 1 FROM model_versions").fetchone()[0]
+        self._end(old["id"], "removed", now, model_version, reason)
+        self._record(now, event, site_id, total_weight, self._composed_digest(acc, total_weight),
+                     {"contribution_id": old["id"], "reason": reason})
 
     def readmit(self, site_id: str, reason: str) -> bool:
         """Let a withdrawn site contribute again (audited; the model is unchanged). Returns False,
@@ -443,10 +529,33 @@ class Ledger:
         return True
 
     # ------------------------------------------------------------------ reading
+    @property
+    def family(self) -> str:
+        """``"delta"`` or ``"stats"`` (:mod:`server.ledger.families`), pinned in the file."""
+        return self._family.name
+
+    @property
+    def model_card(self) -> dict[str, Any] | None:
+        """The stats ledger's pinned model card (``None`` for a delta ledger)."""
+        return self._family.model_card
+
     def composed_arrays(self) -> dict[str, np.ndarray]:
-        """The composed Δ as float32 numpy arrays (``{}`` before the first contribution)."""
+        """The composed model: for a delta ledger the composed Δ as float32 numpy arrays (``{}``
+        before the first contribution); for a stats ledger the exact int64 sums of the active
+        sites' statistics (zeros when none is active)."""
         with self.snapshot():
-            return self._store.accumulators().compose(self._store.meta()["total_weight"])
+            return self._family.compose(self._store.accumulators(), self._store.meta()["total_weight"])
+
+    def composed_stats(self) -> "SufficientStats | None":  # noqa: F821
+        """A stats ledger's composed statistics (``None`` while no site is active)."""
+        if self._family.name != "stats":
+            raise LedgerError(f"{self.path} is a {self._family.name!r} ledger; it holds no statistics")
+        from tangent.exact_head import SufficientStats  # numpy only; imported where it is needed
+        with self.snapshot():
+            if not self._store.meta()["total_weight"]:
+                return None
+            arrays = self.composed_arrays()
+        return SufficientStats.from_arrays(arrays, self._family.model_card["stats-meta"])
 
     def composed_delta(self) -> dict[str, "torch.Tensor"]:  # noqa: F821
         """The composed Δ ``Σ wᵢΔᵢ / Σ wᵢ`` as float32 torch tensors, keyed like the contributions."""
@@ -462,7 +571,7 @@ class Ledger:
                                    (contribution_id,)).fetchone()
         if row is None:
             raise KeyError(f"no stored Δ for contribution {contribution_id} (not active?)")
-        return safetensors.numpy.load(row[0])
+        return self._family.decode(row[0])
 
     def settings(self) -> dict[str, Any]:
         """Weighting, grid, pinned spec and base digest, total weight, signing public key."""
@@ -549,6 +658,12 @@ def _check_site_and_reason(site_id: Any, reason: Any) -> str:
     if not isinstance(reason, str) or not reason:
         raise ValueError("reason must be a non-empty string")
     return check_site_id(site_id)
+
+
+def _card_difference(pinned: Any, given: Mapping[str, Any]) -> str:
+    pinned = pinned if isinstance(pinned, Mapping) else {}
+    keys = sorted(k for k in pinned.keys() | given.keys() if canonical_json(pinned.get(k)) != canonical_json(given.get(k)))
+    return f"differs in {keys}" if keys else "no card pinned"
 
 
 def _version_from(v: dict, at: str) -> ModelVersion:

@@ -28,6 +28,8 @@ REASONS = frozenset({
     "site_active",            # add() for a site that already has an active contribution
     "not_active",             # replace() for a site without an active contribution
     "total_weight_overflow",  # Σ wᵢ would exceed fixedpoint.MAX_TOTAL_WEIGHT
+    "stats_out_of_bounds",    # exact-head statistics no set of n examples can have (stats ledger)
+    "total_overflow",         # the exact int64 sums of a stats ledger could overflow
 })
 
 
@@ -90,7 +92,7 @@ class Contribution:
 class ModelVersion:
     version: int
     created_at: str
-    event: str  # create / add / remove / replace / withdraw / readmit
+    event: str  # create / add / remove / replace / retract / withdraw / readmit
     site_id: str | None
     contribution_ids: tuple[int, ...]
     total_weight: int

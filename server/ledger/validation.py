@@ -141,8 +141,10 @@ def _encodable(text: str) -> bool:
     return True
 
 
-def arrays(delta: Any) -> dict[str, np.ndarray]:
-    """Float32 little-endian numpy copies of a ``{name: tensor}`` mapping (torch or numpy)."""
+def arrays(delta: Any, dtype: type = np.float32) -> dict[str, np.ndarray]:
+    """Little-endian numpy copies of a ``{name: tensor}`` mapping (torch or numpy) whose tensors
+    all have ``dtype`` (float32 for a Δw, int64 for exact-head statistics)."""
+    dtype = np.dtype(dtype)
     if not isinstance(delta, Mapping):
         raise RejectedContribution("bad_structure", "delta must be a non-empty mapping of name -> tensor")
     try:
@@ -161,18 +163,19 @@ def arrays(delta: Any) -> dict[str, np.ndarray]:
         if len(name) > MAX_TENSOR_NAME or not _encodable(name):
             raise RejectedContribution("bad_structure", f"tensor name {_short(name)} is too long or not UTF-8")
         if torch is not None and isinstance(value, torch.Tensor):
-            if value.dtype != torch.float32:
-                raise RejectedContribution("wrong_dtype", f"{name}: {value.dtype}, expected torch.float32")
+            expected = {np.dtype(np.float32): torch.float32, np.dtype(np.int64): torch.int64}[dtype]
+            if value.dtype != expected:
+                raise RejectedContribution("wrong_dtype", f"{name}: {value.dtype}, expected {expected}")
             try:
                 value = value.detach().cpu().numpy()
             except Exception as e:  # sparse, meta or otherwise exotic tensors
                 raise RejectedContribution("bad_structure", f"{name}: {type(e).__name__} reading the tensor") from None
         elif isinstance(value, np.ndarray):
-            if value.dtype != np.float32:
-                raise RejectedContribution("wrong_dtype", f"{name}: {value.dtype}, expected float32")
+            if value.dtype != dtype:
+                raise RejectedContribution("wrong_dtype", f"{name}: {value.dtype}, expected {dtype}")
         else:
             raise RejectedContribution("bad_structure", f"{name}: {type(value).__name__} is not a tensor")
-        out[name] = np.ascontiguousarray(value, dtype="<f4")
+        out[name] = np.ascontiguousarray(value, dtype=dtype.newbyteorder("<"))
     return out
 
 

@@ -15,11 +15,10 @@ import hashlib
 import json
 from pathlib import Path
 
-import safetensors.numpy
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from server.ledger import audit
-from server.ledger.accumulators import Accumulators, arrays_digest
+from server.ledger import audit, families
+from server.ledger.accumulators import Accumulators
 from server.ledger.records import LedgerCorrupt, LedgerError, VerifyReport, row_digest, version_from_row
 from server.ledger.storage import Store
 
@@ -32,17 +31,21 @@ def verify_ledger(store: Store, head_path: Path, *, trusted_key: Ed25519PublicKe
         if check != ["ok"]:
             problems.append(f"sqlite quick_check: {check}")
         meta = store.meta()
+        try:
+            family = families.of_meta(meta)
+        except (LedgerError, ValueError) as e:
+            raise LedgerCorrupt([f"meta: the ledger's family or model card is unusable ({e})"]) from None
         entries = [dict(r) for r in store.execute("SELECT * FROM audit ORDER BY seq")]
         problems += audit.chain_problems(entries)
         key = _trusted_key(meta, trusted_key, signer_key, problems)
         head, signature = _check_heads(store, entries, key, problems)
         head_file_version = _check_head_file(store, head_path, head, key, problems)
-        versions = _replay(store, meta, entries, problems)
-        rebuilt, total_weight, active = _rebuild(store, meta, problems)
+        versions = _replay(store, meta, family, entries, problems)
+        rebuilt, total_weight, active = _rebuild(store, meta, family, problems)
         current = versions[-1] if versions else None
         if current is None or current["contribution_ids"] != active:
             problems.append("the current model version does not list exactly the active contributions")
-        composed_sha = arrays_digest(rebuilt.compose(total_weight))
+        composed_sha = family.digest(family.compose(rebuilt, total_weight))
         if current is not None and current["composed_sha256"] != composed_sha:
             problems.append("the current version's composed digest does not match the recomputed composed Δ")
     if problems:
@@ -138,7 +141,7 @@ def _check_head_file(store: Store, head_path: Path, newest: dict, key: Ed25519Pu
     return version
 
 
-def _replay(store: Store, meta: dict, entries: list[dict], problems: list[str]) -> list[dict]:
+def _replay(store: Store, meta: dict, family, entries: list[dict], problems: list[str]) -> list[dict]:
     """Replays the audit log against the tables; returns the versions it records."""
     settings, pins, row_digests, status, withdrawn, versions = {}, {}, {}, {}, {}, []
     for e in entries:
@@ -157,6 +160,8 @@ def _replay(store: Store, meta: dict, entries: list[dict], problems: list[str]) 
             elif action == "remove":
                 status[payload["contribution_id"]] = "removed"
                 withdrawn[e["site_id"]] = True
+            elif action == "retract":  # removed from the sums, the site not withdrawn
+                status[payload["contribution_id"]] = "removed"
             elif action == "withdraw":
                 withdrawn[e["site_id"]] = True
             elif action == "readmit":
@@ -190,17 +195,18 @@ def _replay(store: Store, meta: dict, entries: list[dict], problems: list[str]) 
             problems.append(f"contribution {cid} ({row['site_id']}): fields differ from the audit log")
         if status.get(cid) != row["status"]:
             problems.append(f"contribution {cid} ({row['site_id']}): status {row['status']!r}, audit log says {status.get(cid)!r}")
-        expected_weight = row["num_examples"] if meta.get("weighting") == "examples" else 1
+        expected_weight = family.weight(row["num_examples"], meta.get("weighting"))
         if row["weight"] != expected_weight:
             problems.append(f"contribution {cid}: weight {row['weight']} does not follow the weighting")
     return versions
 
 
-def _rebuild(store: Store, meta: dict, problems: list[str]) -> tuple[Accumulators, int, list[int]]:
+def _rebuild(store: Store, meta: dict, family, problems: list[str]) -> tuple[Accumulators, int, list[int]]:
     """Accumulators rebuilt from the active Δ bytes, compared with the stored ones."""
     spec = meta.get("key_spec") or {}
     rebuilt = Accumulators.zeros(spec)
     total_weight = 0
+    abs_bound = {name: 0 for name in spec}
     rows = {r["id"]: dict(r) for r in store.execute("SELECT id, site_id, weight, delta_sha256 FROM contributions "
                                                     "WHERE status = 'active'")}
     active = sorted(rows)
@@ -211,11 +217,21 @@ def _rebuild(store: Store, meta: dict, problems: list[str]) -> tuple[Accumulator
         if blob is None or hashlib.sha256(blob).hexdigest() != row["delta_sha256"]:
             problems.append(f"contribution {cid} ({row['site_id']}): Δ bytes do not match their sha256")
             continue
-        arrays = safetensors.numpy.load(blob)
+        try:
+            arrays = family.decode(blob)
+        except Exception as e:  # safetensors raises its own error types on bad bytes
+            problems.append(f"contribution {cid}: stored bytes unreadable ({type(e).__name__})")
+            continue
         if {k: list(a.shape) for k, a in arrays.items()} != spec:
             problems.append(f"contribution {cid}: tensors do not match the pinned spec")
             continue
-        rebuilt.add_arrays(arrays, row["weight"])
+        if family.bounded_total:
+            for name, m in families.StatsFamily.magnitudes(arrays).items():
+                abs_bound[name] += m
+            if any(b > families.INT64_MAX for b in abs_bound.values()):
+                problems.append(f"contribution {cid}: the active statistics could overflow int64")
+                continue
+        rebuilt.add(family.quantize(arrays), row["weight"])
         total_weight += row["weight"]
     stored = store.stored_accumulators()
     if stored.keys() != set(spec):
@@ -223,6 +239,8 @@ def _rebuild(store: Store, meta: dict, problems: list[str]) -> tuple[Accumulator
     for name, data in rebuilt.encoded().items():
         if name in stored and (stored[name][0] != spec[name] or stored[name][1] != data):
             problems.append(f"accumulator {name!r} differs from the sum of the active contributions")
+    if family.bounded_total and meta.get("abs_bound") != abs_bound:
+        problems.append(f"meta abs_bound {meta.get('abs_bound')} != Σ max|entry| of the active contributions {abs_bound}")
     if meta.get("total_weight") != total_weight:
         problems.append(f"total weight {meta.get('total_weight')} != Σ active weights {total_weight}")
     return rebuilt, total_weight, active

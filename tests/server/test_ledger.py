@@ -390,7 +390,9 @@ def test_every_malformation_kind_is_rejected_with_its_reason(populated):
         assert e.value.reason == reason, what
         seen.add(reason)
     assert file_state(ledger) == before
-    assert seen == REASONS - {"duplicate", "not_active", "total_weight_overflow"}
+    # the stats family's own reasons are swept in tests/server/test_ledger_stats.py
+    assert seen == REASONS - {"duplicate", "not_active", "total_weight_overflow", "stats_out_of_bounds",
+                              "total_overflow"}
 
 
 def test_duplicates_are_rejected_even_after_removal(populated):

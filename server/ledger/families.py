@@ -1,0 +1,242 @@
+"""Model families: what one contribution is, how it enters the exact sums, what the composed model is.
+
+The ledger's machinery (transactions, audit chain, signed heads, erasure, verification) is the
+same for every family whose aggregate is a sum; only these parts differ:
+
+- ``arrays``: read and type-check an untrusted contribution;
+- ``check``: family-specific value checks (range, bounds), returning a norm for the record;
+- ``encode`` / ``decode``: the stored bytes of one contribution;
+- ``quantize``: the contribution as exact integer limbs for :class:`Accumulators`;
+- ``weight``: its weight in the sum;
+- ``compose`` / ``digest``: the composed model from the sums, and its digest.
+
+Families:
+
+- ``"delta"`` — a TAFT Δw (float32), the weighted mean ``Σ wᵢΔᵢ / Σ wᵢ`` on the 2^-32 grid of
+  :mod:`server.fixedpoint`;
+- ``"stats"`` — exact-head sufficient statistics (:class:`tangent.exact_head.SufficientStats`,
+  int64 arrays ``n, counts, sums, gram, cross``); weight 1, the composed model is the exact int64
+  sum of the active sites' statistics.
+
+A ledger pins its family (and, for ``"stats"``, the model card) in its ``meta`` table when it is
+created; a ledger without a ``family`` entry predates families and is ``"delta"``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import numpy as np
+import safetensors.numpy
+
+from server.ledger import validation
+from server.ledger.accumulators import Accumulators, Quantized, arrays_digest, quantize
+from server.ledger.records import LedgerError, RejectedContribution, canonical_json
+
+FAMILIES = ("delta", "stats")
+INT64_MAX = int(np.iinfo(np.int64).max)
+STATS_ARRAYS = ("counts", "cross", "gram", "n", "sums")
+_LO_BITS = 32
+_LO_MASK = (1 << _LO_BITS) - 1
+
+
+class DeltaFamily:
+    """A TAFT Δw: float32 arrays, weighted mean on the fixed-point grid (today's ledger)."""
+
+    name = "delta"
+    model_card = None
+    bounded_total = False  # fixedpoint's weight bounds keep every sum in range
+
+    def settings(self) -> dict[str, Any]:
+        return {}
+
+    def arrays(self, contribution: Any) -> dict[str, np.ndarray]:
+        return validation.arrays(contribution)
+
+    def check(self, arrays: dict[str, np.ndarray], num_examples: int, columns: dict, max_delta_norm) -> float:
+        return validation.values(arrays, max_delta_norm)
+
+    def encode(self, arrays: Mapping[str, np.ndarray], site_id: str, site_version: int) -> bytes:
+        # Content only: the same Δ sent twice has the same sha256, which the ledger refuses as a duplicate.
+        return safetensors.numpy.save(dict(sorted(arrays.items())))
+
+    def decode(self, blob: bytes) -> dict[str, np.ndarray]:
+        return safetensors.numpy.load(blob)
+
+    def quantize(self, arrays: Mapping[str, np.ndarray]) -> Quantized:
+        return quantize(arrays)
+
+    def weight(self, num_examples: int, weighting: str) -> int:
+        return num_examples if weighting == "examples" else 1
+
+    def compose(self, acc: Accumulators, total_weight: int) -> dict[str, np.ndarray]:
+        return acc.compose(total_weight)
+
+    def digest(self, composed: Mapping[str, np.ndarray]) -> str:
+        return arrays_digest(composed)
+
+
+def stats_digest(arrays: Mapping[str, np.ndarray]) -> str:
+    """sha256 over a family tag, then names, shapes and int64 little-endian bytes in name order."""
+    h = hashlib.sha256(b"taft-stats-v1\0")
+    for name in sorted(arrays):
+        a = np.ascontiguousarray(arrays[name], dtype="<i8")
+        h.update(canonical_json([name, list(a.shape)]).encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+def magnitude(a: np.ndarray) -> int:
+    """max |a| as a Python int (np.abs(int64 min) would wrap to a negative number)."""
+    if not a.size:
+        return 0
+    return max(abs(int(a.min())), abs(int(a.max())))
+
+
+def check_model_card(card: Any) -> dict[str, Any]:
+    """The card in its canonical JSON form, or LedgerError naming what is missing."""
+    if not isinstance(card, Mapping):
+        raise LedgerError("a stats ledger needs a model_card mapping")
+    try:
+        card = json.loads(canonical_json(card))
+    except (TypeError, ValueError) as e:
+        raise LedgerError(f"model_card is not JSON: {e}") from None
+    meta = card.get("stats-meta")
+    if not isinstance(meta, dict) or set(meta) != {"num-features", "num-classes", "clip-norm", "frac-bits"}:
+        raise LedgerError("model_card['stats-meta'] must be SufficientStats.meta() "
+                          "(num-features, num-classes, clip-norm, frac-bits)")
+    p, k, b, c = meta["num-features"], meta["num-classes"], meta["frac-bits"], meta["clip-norm"]
+    if not all(isinstance(v, int) and not isinstance(v, bool) for v in (p, k, b)) or p < 1 or k < 2 or not 1 <= b <= 24:
+        raise LedgerError(f"model_card['stats-meta'] has impossible sizes: {meta}")
+    if not isinstance(c, (int, float)) or isinstance(c, bool) or not (math.isfinite(c) and c > 0):
+        raise LedgerError(f"model_card['stats-meta']['clip-norm'] must be > 0, got {c!r}")
+    if not isinstance(card.get("feature-digest"), str) or not card["feature-digest"]:
+        raise LedgerError("model_card['feature-digest'] must be the FeatureExtractor digest (a string)")
+    for key in ("feature-spec", "model-spec"):
+        if not isinstance(card.get(key), dict):
+            raise LedgerError(f"model_card[{key!r}] must be a mapping")
+    return card
+
+
+class StatsFamily:
+    """Exact-head sufficient statistics: int64 arrays, weight 1, exact integer sums.
+
+    Each int64 entry v goes into the two-limb accumulators as ``q_hi = v >> 32``,
+    ``q_lo = v & (2**32 − 1)`` with weight ±1, so ``S = hi·2**32 + lo`` is the exact integer sum and
+    the canonical form (0 ≤ lo < 2**32) makes equal sums equal bytes. Limb bounds (fixedpoint's
+    overflow argument with |q_hi| ≤ 2**31 instead of 2**8): ``|q_lo·w| < 2**32`` and the ledger
+    admits a contribution only while Σ over the active ones of max|entry| ≤ 2**63 − 1
+    (``total_overflow`` otherwise). Then *every* partial sum — in any order of adds and removals,
+    and in verify's rebuild — fits int64, so ``hi = floor(S / 2**32)`` stays within ±2**31,
+    the intermediate ``hi + q_hi`` within ±2**32 and ``lo`` within (−2**32, 2**33) before the carry:
+    nothing can wrap, and ``(hi << 32) + lo`` is the exact int64 sum.
+    """
+
+    name = "stats"
+    bounded_total = True
+
+    def __init__(self, model_card: Mapping[str, Any]):
+        self.model_card = check_model_card(model_card)
+        meta = self.model_card["stats-meta"]
+        self.num_features, self.num_classes = meta["num-features"], meta["num-classes"]
+        self.frac_bits = meta["frac-bits"]
+        p, k = self.num_features, self.num_classes
+        self.shapes = {"n": [1], "counts": [k], "sums": [p], "gram": [p * (p + 1) // 2], "cross": [p, k]}
+
+    def settings(self) -> dict[str, Any]:
+        """Pinned at creation: the card, the array spec and the feature digest as base digest."""
+        return {"model_card": self.model_card, "key_spec": self.shapes,
+                "base_digest": self.model_card["feature-digest"], "weighting": "uniform"}
+
+    def arrays(self, contribution: Any) -> dict[str, np.ndarray]:
+        return validation.arrays(contribution, dtype=np.int64)
+
+    def check(self, arrays: dict[str, np.ndarray], num_examples: int, columns: dict, max_delta_norm) -> float:
+        missing, extra = sorted(self.shapes.keys() - arrays.keys()), sorted(arrays.keys() - self.shapes.keys())
+        if missing:
+            raise RejectedContribution("missing_keys", ", ".join(missing))
+        if extra:
+            raise RejectedContribution("extra_keys", ", ".join(extra))
+        for name, shape in self.shapes.items():
+            if list(arrays[name].shape) != shape:
+                raise RejectedContribution("wrong_shape", f"{name}: {tuple(arrays[name].shape)}, expected {tuple(shape)}")
+        if columns.get("epsilon") is None:  # exact statistics: every impossible value is refused
+            self._check_exact(arrays, num_examples)
+        squares = sum(float(np.square(a.astype(np.float64)).sum()) for a in arrays.values())
+        return math.sqrt(squares)
+
+    def _check_exact(self, a: dict[str, np.ndarray], num_examples: int) -> None:
+        """What exact statistics of n examples must satisfy (tangent/exact_head.py's bounds): the
+        noise of a DP release may break these, so they apply only to non-DP contributions."""
+        n = int(a["n"][0])
+        unit, unit2 = 2 ** self.frac_bits, 2 ** (2 * self.frac_bits)
+
+        def refuse(detail: str):
+            raise RejectedContribution("stats_out_of_bounds", detail)
+
+        if n != num_examples:
+            refuse(f"n = {n}, but num_examples = {num_examples}")
+        if int(a["counts"].min()) < 0 or int(a["counts"].sum(dtype=np.int64)) != n:
+            refuse(f"class counts {a['counts'].tolist()[:20]} are not non-negative with sum n = {n}")
+        for name, bound in (("sums", n * unit), ("cross", n * unit), ("gram", n * unit2)):
+            if magnitude(a[name]) > bound:
+                refuse(f"{name}: |entry| {magnitude(a[name])} > {bound} (n·2^{self.frac_bits if name != 'gram' else 2 * self.frac_bits})")
+        diagonal = a["gram"][_diagonal_index(self.num_features)]
+        if diagonal.size and int(diagonal.min()) < 0:
+            refuse("a diagonal entry of the Gram matrix is negative")
+        # Σ_c B_ic = Σ_x q_i Σ_c y_c = s_i for one-hot labels; |B| ≤ n·2^b keeps the row sums exact
+        if not np.array_equal(a["cross"].sum(axis=1, dtype=np.int64), a["sums"]):
+            refuse("the rows of cross do not sum to sums (labels are not one-hot)")
+
+    def encode(self, arrays: Mapping[str, np.ndarray], site_id: str, site_version: int) -> bytes:
+        # The site and its contribution number go into the header: a site may send the same
+        # statistics again (retracted, then re-added), and the stored sha256 must stay unique.
+        return safetensors.numpy.save(dict(sorted(arrays.items())),
+                                      metadata={"site_id": site_id, "site_version": str(site_version)})
+
+    def decode(self, blob: bytes) -> dict[str, np.ndarray]:
+        return safetensors.numpy.load(blob)
+
+    def quantize(self, arrays: Mapping[str, np.ndarray]) -> Quantized:
+        out = {}
+        for name, a in arrays.items():
+            v = np.asarray(a, dtype=np.int64).ravel()
+            out[name] = (v >> _LO_BITS, v & _LO_MASK)
+        return out
+
+    def weight(self, num_examples: int, weighting: str) -> int:
+        return 1
+
+    def compose(self, acc: Accumulators, total_weight: int) -> dict[str, np.ndarray]:
+        return acc.exact_sums(_LO_BITS)
+
+    def digest(self, composed: Mapping[str, np.ndarray]) -> str:
+        return stats_digest(composed)
+
+    @staticmethod
+    def magnitudes(arrays: Mapping[str, np.ndarray]) -> dict[str, int]:
+        return {name: magnitude(a) for name, a in arrays.items()}
+
+
+def _diagonal_index(p: int) -> np.ndarray:
+    """Positions of G_ii in the packed upper triangle (row i starts at i·p − i(i−1)/2)."""
+    i = np.arange(p, dtype=np.int64)
+    return i * p - i * (i - 1) // 2
+
+
+def make(family: str, model_card: Mapping[str, Any] | None):
+    if family == "delta":
+        if model_card is not None:
+            raise LedgerError("a model_card belongs to a stats ledger, not a delta ledger")
+        return DeltaFamily()
+    if family == "stats":
+        return StatsFamily(model_card)
+    raise ValueError(f"family must be one of {FAMILIES}, got {family!r}")
+
+
+def of_meta(meta: Mapping[str, Any]):
+    """The family a ledger's meta table records ("delta" when it records none: older ledgers)."""
+    return make(meta.get("family", "delta"), meta.get("model_card"))
