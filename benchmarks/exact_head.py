@@ -6,6 +6,7 @@ experiments' spec, reinit=false: the trunk is the pretrained blocks 0..10 for ev
 
     python -m benchmarks.exact_head pieces      # φ pieces of every image → pieces_{split}.npy
     python -m benchmarks.exact_head frontier    # central statistics per spec, GCV λ vs oracle λ
+    python -m benchmarks.exact_head quad        # + the quadrant pieces → quad_{split}.npy, their frontier
     python -m benchmarks.exact_head federated   # 50 IID / Dirichlet 0.1 sites == central, bit for bit
     python -m benchmarks.exact_head dp          # DP exact head in the privacy experiment's setting
     python -m benchmarks.exact_head report      # JSON on stdout + docs/exact_head.md
@@ -25,7 +26,7 @@ import numpy as np
 import torch
 
 from tangent import exact_head as eh
-from tangent.features import PIECES, RANDOM_FEATURE_SCALE as RANDOM_SCALE, FeatureExtractor, FeatureSpec
+from tangent.features import PIECES, QUAD_PIECES, RANDOM_FEATURE_SCALE as RANDOM_SCALE, FeatureExtractor, FeatureSpec
 
 NUM_CLASSES = 10
 BASE = FeatureSpec()  # the four pieces, C = 2, b = 16
@@ -95,14 +96,20 @@ def _load(work: Path, split: str):
     return np.load(work / f"pieces_{split}.npy", mmap_mode="r"), np.load(work / f"labels_{split}.npy")
 
 
-def features(extractor: FeatureExtractor, pieces: np.ndarray, rows=None) -> np.ndarray:
-    """φ of cached pieces through the extractor's own ``assemble`` (the site's code path)."""
+def features(extractor: FeatureExtractor, pieces: np.ndarray, rows=None, quads: np.ndarray | None = None
+             ) -> np.ndarray:
+    """φ of cached pieces through the extractor's own ``assemble`` (the site's code path).
+    ``quads``: the quadrant pieces [N, 8, d] (stage ``quad``), final_quad then input_quad."""
     rows = np.arange(len(pieces)) if rows is None else rows
     out = np.empty((len(rows), extractor.dim), np.float32)
     for start in range(0, len(rows), 4096):
-        chunk = torch.from_numpy(np.ascontiguousarray(pieces[rows[start:start + 4096]]))
-        out[start:start + len(chunk)] = extractor.assemble(
-            {name: chunk[:, i] for i, name in enumerate(PIECES)}).numpy()
+        idx = rows[start:start + 4096]
+        chunk = torch.from_numpy(np.ascontiguousarray(pieces[idx]))
+        named = {name: chunk[:, i] for i, name in enumerate(PIECES)}
+        if quads is not None:
+            q = torch.from_numpy(np.ascontiguousarray(quads[idx]))
+            named |= {name: q[:, 4 * i:4 * i + 4].flatten(1) for i, name in enumerate(QUAD_PIECES)}
+        out[start:start + len(chunk)] = extractor.assemble(named).numpy()
     return out
 
 
@@ -156,6 +163,55 @@ def stage_frontier(work: Path) -> list:
         _log(record)
         results.append(record)
     (work / "frontier.json").write_text(json.dumps(results, indent=1))
+    return results
+
+
+QUAD_SPECS = (FeatureSpec(pieces=PIECES + ("input_quad",)), FeatureSpec(pieces=PIECES + QUAD_PIECES))
+
+
+def stage_quad(work: Path) -> list:
+    """The quadrant pieces of every image from the token cache (FeatureExtractor.pieces, the
+    site's code), then the frontier of the specs that add them (no random features)."""
+    from tangent.cache import images_digest
+    from tangent.data import load_fashion_mnist
+    from tangent.inputs import model_inputs
+    from tangent.pretrained import cache_dir
+
+    model_spec, model, digest, extractor = _model_and_extractor(FeatureSpec(pieces=QUAD_PIECES))
+    for split in ("train", "test"):
+        if (work / f"quad_{split}.npy").exists():
+            continue
+        images, _ = load_fashion_mnist(split)
+        rows, from_cache = model_inputs(model, digest, images, np.arange(len(images)), model_spec.img_size,
+                                        cache_dir() / "features", data_digest=images_digest(images))
+        assert from_cache
+        quads = np.empty((len(rows), 2 * 4, extractor.embed_dim), np.float32)
+        t0 = time.perf_counter()
+        for start in range(0, len(rows), 500):
+            idx = np.arange(start, min(len(rows), start + 500))
+            got = extractor.pieces(rows[idx])
+            quads[idx] = torch.cat([got[name].reshape(len(idx), 4, -1) for name in QUAD_PIECES], dim=1).numpy()
+        _log(split, f"quadrant pieces of {len(rows)} images in {time.perf_counter() - t0:.1f} s")
+        np.save(work / f"quad_{split}.npy", quads)
+    pieces, labels = _load(work, "train")
+    pieces_t, labels_t = _load(work, "test")
+    quads, quads_t = np.load(work / "quad_train.npy", mmap_mode="r"), np.load(work / "quad_test.npy")
+    results = []
+    for spec in QUAD_SPECS:
+        extractor = _extractor(spec)
+        phi_t = features(extractor, pieces_t, quads=quads_t)
+        t0 = time.perf_counter()
+        stats = None
+        for start in range(0, len(labels), 10_000):  # exact integer sums: chunking changes nothing
+            rows = np.arange(start, min(len(labels), start + 10_000))
+            part = eh.SufficientStats.from_features(features(extractor, pieces, rows, quads), labels[rows],
+                                                    NUM_CLASSES, spec.clip_norm, spec.frac_bits)
+            stats = part if stats is None else stats + part
+        record = _spec_record(spec, extractor, stats) | {"stats_s": round(time.perf_counter() - t0, 1)}
+        record |= _evaluate(stats, phi_t, labels_t)
+        _log(record)
+        results.append(record)
+    (work / "quad.json").write_text(json.dumps(results, indent=1))
     return results
 
 
@@ -514,7 +570,7 @@ def _or_not_run(value) -> str:
 
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("stage", choices=("pieces", "frontier", "gram", "frontier-rf", "federated", "dp",
+    parser.add_argument("stage", choices=("pieces", "frontier", "quad", "gram", "frontier-rf", "federated", "dp",
                                           "ablation", "report"))
     parser.add_argument("--ks", type=str, default=",".join(map(str, RANDOM_KS)),
                         help="frontier-rf: numbers of random features to evaluate (comma-separated)")
@@ -530,6 +586,8 @@ def main(argv=None):
         stage_pieces(args.work)
     elif args.stage == "frontier":
         stage_frontier(args.work)
+    elif args.stage == "quad":
+        stage_quad(args.work)
     elif args.stage == "gram":
         stage_gram(args.work)
     elif args.stage == "frontier-rf":

@@ -100,6 +100,20 @@ def _check_spec(content: RecordDict) -> tuple[ModelSpec, Any, str]:
     return spec, model, digest
 
 
+def site_device(node_config: Mapping[str, Any], run_config: Mapping[str, Any]):
+    """Where this site runs the model: node config ``device``, else the run config's (auto)."""
+    from tangent.device import DEFAULT, resolve_device
+
+    if str(node_config.get("device", "") or ""):
+        value, setting = node_config["device"], "node config device"
+    else:
+        value, setting = run_config.get("device", DEFAULT) or DEFAULT, "run config device"
+    try:
+        return resolve_device(str(value), setting=setting)
+    except ValueError as err:
+        raise SiteError("bad_device", str(err)) from err
+
+
 def train_config(config: Mapping[str, Any]):
     from tangent.train import TrainConfig
 
@@ -148,13 +162,15 @@ def train(content: RecordDict, node_config, run_config, site: str) -> RecordDict
         if budget is not None:
             budget.check(request.target_epsilon, request.requested_delta or request.delta_ceiling)
     cfg = train_config(config)
+    device = site_device(node_config, run_config)
     spec, model, digest = _check_spec(content)
+    model.to(device)  # before load_split: a cache this site has to build is built there too
     data = load_split("train", model, digest, spec.img_size, node_config, run_config)
     privacy = None if request is None else privacy_setup(request, policy, data.num_examples)
     contribution_id = None if privacy is None else secrets.token_hex(16)
     torch.manual_seed(cfg.seed)  # the non-DP path only: DP draws from OS entropy
     result = fit(model, data.inputs, data.labels, cfg, privacy=privacy, from_cache=data.from_cache,
-                 budget=budget, contribution_id=contribution_id, progress=False)
+                 budget=budget, contribution_id=contribution_id, progress=False, device=device)
     delta = model.delta_state_dict()
     train_config_json = json.dumps({k: config[k] for k in TRAIN_KEYS if k in config}
                                    | {"seed": cfg.seed}, sort_keys=True)
@@ -218,13 +234,15 @@ def evaluate(content: RecordDict, node_config, run_config, site: str) -> RecordD
 
     from tangent.train import evaluate as evaluate_model
 
+    device = site_device(node_config, run_config)
     spec, model, digest = _check_spec(content)
     if "delta" not in content.array_records:
         raise SiteError("bad_request", "evaluate message has no 'delta' ArrayRecord")
     record = content.array_records["delta"]
+    model.to(device)
     model.load_delta({k: torch.from_numpy(record[k].numpy()) for k in record})
     data = load_split("test", model, digest, spec.img_size, node_config, run_config)
-    loss, accuracy = evaluate_model(model, data.inputs, data.labels, data.from_cache)
+    loss, accuracy = evaluate_model(model, data.inputs, data.labels, data.from_cache, device=device)
     return RecordDict({"metrics": MetricRecord({"num-examples": data.num_examples, "eval-loss": loss,
                                                 "eval-accuracy": accuracy}),
                        "meta": ConfigRecord({"site-id": site, "base-digest": digest})})

@@ -49,8 +49,11 @@ def build_inputs(model, base_digest: str, img_size: int, run_config: Mapping[str
 
         from tangent.data import preprocess
         log.info("central evaluation: no cache-dir, running the trunk over %d test images", len(indices))
+        from tangent.device import module_device
+
+        device = module_device(model.trunk)
         with torch.no_grad():
-            inputs = torch.cat([model.trunk(preprocess(images[indices[i:i + 256]], img_size))
+            inputs = torch.cat([model.trunk(preprocess(images[indices[i:i + 256]], img_size).to(device)).cpu()
                                 for i in range(0, len(indices), 256)])
         from_cache = True
     model.drop_frozen()  # from here on only the linearized tail runs, on cached test tokens
@@ -62,12 +65,16 @@ class CentralEvaluation:
     server has no test data (or building its inputs failed: logged, in ``error``).
 
     Use :meth:`start`: it returns at once and builds in a background thread. ``build`` replaces
-    :func:`build_inputs` (same arguments) — tests use a deliberately slow one.
+    :func:`build_inputs` (same arguments) — tests use a deliberately slow one. ``device``: where
+    the model runs (a setting, see tangent.device; default the run config's ``device``); it is
+    resolved in the build, so a server without the GPU the run config names loses its
+    evaluation (logged, in ``error``), not the run.
     """
 
     def __init__(self, model, base_digest: str, img_size: int, run_config: Mapping[str, Any], *,
-                 build: Callable | None = None):
+                 build: Callable | None = None, device: str | None = None):
         from tangent.data import dataset_source
+        from tangent.device import DEFAULT
 
         self.model = model
         self.source = dataset_source(run_config, "test")
@@ -78,14 +85,15 @@ class CentralEvaluation:
         self.built_at: float | None = None  # time.time() when the inputs were ready
         self._args = (model, base_digest, img_size, run_config, self.source)
         self._build = build or build_inputs
+        self.device_setting = str(device or run_config.get("device", DEFAULT) or DEFAULT)
         self._thread = threading.Thread(target=self._run, name="central-evaluation-build", daemon=True)
         self._lock = threading.Lock()  # one evaluation at a time on the shared model
 
     @classmethod
     def start(cls, model, base_digest: str, img_size: int, run_config: Mapping[str, Any], *,
-              build: Callable | None = None) -> "CentralEvaluation":
+              build: Callable | None = None, device: str | None = None) -> "CentralEvaluation":
         """Start building the test inputs in the background; returns immediately."""
-        evaluation = cls(model, base_digest, img_size, run_config, build=build)
+        evaluation = cls(model, base_digest, img_size, run_config, build=build, device=device)
         if evaluation.enabled:
             evaluation._thread.start()
         else:
@@ -101,6 +109,10 @@ class CentralEvaluation:
     def _run(self) -> None:
         start = time.perf_counter()
         try:
+            from tangent.device import resolve_device
+
+            # the trunk (cache build) and later the tail run there; evaluate() uses the model's device
+            self.model.to(resolve_device(self.device_setting, setting="run config device (central evaluation)"))
             self.inputs, self.labels, self.from_cache = self._build(*self._args)
             log.info("central evaluation ready: %d test images of %s in %.1f s", len(self.labels), self.source,
                      time.perf_counter() - start)

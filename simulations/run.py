@@ -230,6 +230,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "2 = one Ray worker with two torch threads (less memory)")
     # None = pyproject's [tool.flwr.app.config] (the embedded defaults: 10 epochs, lr 3e-3, reinit
     # false, chosen by measurement; see README "50-client simulation").
+    p.add_argument("--gpus-per-client", type=float, default=None,
+                   help="Ray GPUs per virtual client (Flower's client-resources-num-gpus), e.g. 0.25 = four "
+                        "sites share a GPU; default: none requested")
+    p.add_argument("--device", default=None,
+                   help="run config device: auto | cpu | cuda | cuda:i (default: pyproject's, auto); also "
+                        "where the driver builds the token cache")
     p.add_argument("--epochs", type=int, default=None, help="local TAFT epochs (default: pyproject's, 10)")
     p.add_argument("--lr", type=float, default=None, help="learning rate (default: pyproject's, 0.003)")
     p.add_argument("--reinit", choices=("true", "false"), default=None,
@@ -267,7 +273,23 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--runs-dir", type=Path, default=REPO / "runs")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per `flwr run`")
     p.add_argument("--run-config", default="", help="extra run-config 'k=v k=v' for both runs")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.gpus_per_client is not None and not args.gpus_per_client >= 0:
+        p.error(f"--gpus-per-client must be >= 0, got {args.gpus_per_client}")
+    if str(args.device or "").strip().lower().startswith("cuda") and not args.gpus_per_client:
+        # Ray sets CUDA_VISIBLE_DEVICES="" for an actor that asked for no GPU: every site would refuse
+        p.error(f"--device {args.device} needs --gpus-per-client > 0 (Ray hides the GPUs from virtual "
+                "clients that request none)")
+    return args
+
+
+def federation_config(args: argparse.Namespace) -> dict:
+    """`flwr run --federation-config` of the local simulation federation (Flower's SimulationConfig
+    keys): the sites, and the Ray resources each virtual client asks for."""
+    federation = {"num-supernodes": args.num_clients, "client-resources-num-cpus": args.cpus_per_client}
+    if args.gpus_per_client is not None:
+        federation["client-resources-num-gpus"] = float(args.gpus_per_client)
+    return federation
 
 
 def in_subprocess(fn, *args):
@@ -331,9 +353,10 @@ def prepare_data(args, defaults: dict, run_config: dict) -> dict:
     return info
 
 
-def build_caches(spec, directory: Path, sources: dict | None = None) -> tuple[float, bool]:
+def build_caches(spec, directory: Path, sources: dict | None = None, device: str | None = None) -> tuple[float, bool]:
     """Trunk tokens of the train and test data sets, once; returns (seconds, built anything).
-    ``sources``: split -> data set source (None = no data for that split); default Fashion-MNIST."""
+    ``sources``: split -> data set source (None = no data for that split); default Fashion-MNIST.
+    ``device``: where the trunk runs (a setting, see tangent.device; None = the CPU)."""
     from tangent.spec import build_model
     from tangent.cache import FeatureCache
     from tangent.data import FASHION_MNIST, load_dataset
@@ -346,7 +369,7 @@ def build_caches(spec, directory: Path, sources: dict | None = None) -> tuple[fl
             continue
         images, _ = load_dataset(source, split)
         cache = FeatureCache.build_or_open(model, images, img_size=spec.img_size, cache_dir=directory,
-                                           batch_size=128, progress=True)
+                                           batch_size=128, progress=True, device=device)
         built |= cache.built
         print(f"  {split}: {cache}")
     return time.perf_counter() - start, built
@@ -485,13 +508,14 @@ def main(argv=None) -> int:
                   "min-nodes": args.num_clients, "fraction-evaluate": args.fraction_evaluate}
     if args.reinit is not None:
         run_config["reinit"] = args.reinit == "true"
-    for key, value in (("epochs", args.epochs), ("lr", args.lr), ("img-size", args.img_size)):
+    for key, value in (("epochs", args.epochs), ("lr", args.lr), ("img-size", args.img_size),
+                       ("device", args.device)):
         if value is not None:
             run_config[key] = value
     run_config |= user_config  # explicit --run-config keys win over the flags above, as before
     ray_address = args.ray_address or os.environ.get("RAY_ADDRESS") or "local"
     spec = ModelSpec.from_config(defaults | run_config)
-    federation = {"num-supernodes": args.num_clients, "client-resources-num-cpus": args.cpus_per_client}
+    federation = federation_config(args)
     env = os.environ | {"FLWR_HOME": str(flwr_home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
                         "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
                         "FLWR_LOCAL_CONTROL_API_PORT": str(free_port()), "PYTHONPATH": str(REPO),
@@ -522,8 +546,8 @@ def main(argv=None) -> int:
     try:
         print(f"[1/5] trunk-token cache in {cache_dir}")
         if cache_dir is not None:
-            summary["cache_build_s"], summary["cache_built"] = in_subprocess(build_caches, spec, cache_dir,
-                                                                             data["sources"])
+            summary["cache_build_s"], summary["cache_built"] = in_subprocess(
+                build_caches, spec, cache_dir, data["sources"], str((defaults | run_config).get("device", "auto")))
         else:
             summary["cache_build_s"], summary["cache_built"] = 0.0, False
 

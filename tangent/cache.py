@@ -78,11 +78,13 @@ class FeatureCache:
     def build_or_open(cls, model, images_uint8: np.ndarray, *, img_size: int,
                       cache_dir: str | os.PathLike, data_digest: str | None = None,
                       dtype: str = "float32", batch_size: int = 64,
-                      progress: bool = True) -> "FeatureCache":
+                      progress: bool = True, device: torch.device | str | None = None) -> "FeatureCache":
         """Open the cache for (model's w0, preprocessing, images, dtype), building it if absent.
 
         Concurrent callers with the same key build it once: the first takes the lock and
-        builds, the others wait for the lock and then open what it wrote.
+        builds, the others wait for the lock and then open what it wrote. ``device`` (a
+        torch.device or a setting, see tangent.device): where the trunk runs for the build (None
+        = where it is); the tokens are stored on disk as always, and the trunk goes back after.
         """
         if dtype not in DTYPES:
             raise ValueError(f"dtype must be one of {sorted(DTYPES)}, got {dtype!r}")
@@ -100,11 +102,14 @@ class FeatureCache:
             # temp files of a builder that was killed (we hold the lock: no one else is writing)
             for stale in directory.glob(f".{TOKENS_FILE}.*.tmp"):
                 stale.unlink(missing_ok=True)
-            shape = _write_tokens(model, images_uint8, directory, img_size=img_size,
-                                  dtype=DTYPES[dtype], batch_size=batch_size, progress=progress)
+            shape, built_on = _write_tokens(model, images_uint8, directory, img_size=img_size,
+                                            dtype=DTYPES[dtype], batch_size=batch_size, progress=progress,
+                                            device=device)
+            # "device" is informative only: not in the key, tokens agree across devices to fp32 tolerance
             manifest = {"format": FORMAT_VERSION, "key": key, "base_digest": model.base_digest(),
                         "preprocessing": preprocessing_spec(img_size), "data_digest": data_digest,
-                        "dtype": dtype, "shape": list(shape), "created": time.time()}
+                        "dtype": dtype, "shape": list(shape), "created": time.time(),
+                        "device": built_on}
             _atomic_write_text(directory / MANIFEST_FILE, json.dumps(manifest, indent=1))
         return cls(directory, built=True)
 
@@ -210,17 +215,23 @@ def _fsync_dir(directory: Path) -> None:
 
 @torch.no_grad()
 def _write_tokens(model, images: np.ndarray, directory: Path, *, img_size: int, dtype,
-                  batch_size: int, progress: bool) -> tuple:
-    """Run the trunk over all images into a temp .npy, then rename it into place."""
+                  batch_size: int, progress: bool, device=None) -> tuple[tuple, str]:
+    """Run the trunk over all images into a temp .npy, then rename it into place; returns
+    (shape, the device type it ran on)."""
+    from tangent.device import full_fp32, module_device, resolve_device
+
     trunk = model.trunk
-    device = next(trunk.parameters(), torch.empty(0)).device
+    home = module_device(trunk)
+    device = home if device is None else resolve_device(device)
     was_training = trunk.training
+    trunk.to(device)  # (its tensors are w0's: they move together, and back in `finally`)
     trunk.eval()
     tmp = directory / f".{TOKENS_FILE}.{os.getpid()}.tmp"
     num_images = len(images)
     out = None
     try:
-        with tqdm(total=num_images, desc="trunk → cache", unit="img", disable=not progress) as bar:
+        with full_fp32(device), tqdm(total=num_images, desc="trunk → cache", unit="img",
+                                      disable=not progress) as bar:
             for start in range(0, num_images, batch_size):
                 batch = preprocess(np.asarray(images[start:start + batch_size]), img_size)
                 tokens = trunk(batch.to(device)).cpu()
@@ -239,6 +250,8 @@ def _write_tokens(model, images: np.ndarray, directory: Path, *, img_size: int, 
         os.replace(tmp, directory / TOKENS_FILE)
         _fsync_dir(directory)
     finally:
+        trunk.to(home)
         trunk.train(was_training)
         tmp.unlink(missing_ok=True)
-    return shape
+    return shape, device.type
+

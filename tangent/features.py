@@ -7,7 +7,14 @@ loads, see tangent/pretrained.py), no Δ flows into it. Pieces (each a 384-vecto
 - ``final_mean``  mean of the patch tokens after the last block and the final norm;
 - ``input_cls``   CLS token entering the last block (the trunk output the feature cache holds),
                   through the last block's own first LayerNorm (``norm1``);
-- ``input_mean``  mean of those normed patch tokens.
+- ``input_mean``  mean of those normed patch tokens;
+- ``final_quad``  the final patch tokens averaged over the four quadrants of the patch grid
+                  (adaptive 2×2 average pooling: 4 × 384, each quadrant a 384-vector);
+- ``input_quad``  the same for the normed tokens entering the last block.
+
+The quadrant pieces keep coarse *where* information that a global mean throws away. Measured on
+all 60k / 10k Fashion-MNIST images at img 56 (docs/exact_head.md): the four global pieces reach
+0.876, + both quadrant pieces (p = 4,608, no random features) 0.895, with λ by GCV.
 
 The last block is the *pretrained* one (TAFT's ``reinit`` re-draws that block for the tangent
 model; the trunk — blocks 0..10 — is the same for both, so the TAFT token cache feeds φ too).
@@ -31,6 +38,7 @@ disagree are refused rather than silently mixed).
 """
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any, Mapping
 
@@ -38,7 +46,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
+#: the global pieces (each one 384-vector); FeatureSpec's default
 PIECES = ("final_cls", "final_mean", "input_cls", "input_mean")
+#: the quadrant pieces (each four 384-vectors)
+QUAD_PIECES = ("final_quad", "input_quad")
+ALL_PIECES = PIECES + QUAD_PIECES
+#: how many embed-dim vectors each pooling contributes
+POOL_WIDTH = {"cls": 1, "mean": 1, "quad": 4}
 #: random ReLU features are scaled by 1/√4096 whatever k is (so that a spec with fewer features is
 #: a prefix of one with more): ‖r‖ ≈ √(k/4096), ≈ 1 at k = 4,096 next to the base vector's 1.
 RANDOM_FEATURE_SCALE = 1.0 / 64.0
@@ -68,8 +82,8 @@ class FeatureSpec:
     def __post_init__(self):
         pieces = tuple(self.pieces)
         object.__setattr__(self, "pieces", pieces)
-        if not pieces or len(set(pieces)) != len(pieces) or not set(pieces) <= set(PIECES):
-            raise ValueError(f"pieces must be distinct names from {PIECES}, got {pieces!r}")
+        if not pieces or len(set(pieces)) != len(pieces) or not set(pieces) <= set(ALL_PIECES):
+            raise ValueError(f"pieces must be distinct names from {ALL_PIECES}, got {pieces!r}")
         if not (isinstance(self.projection, int) and self.projection >= 0):
             raise ValueError(f"projection must be an int ≥ 0, got {self.projection!r}")
         if not (isinstance(self.random_features, int) and self.random_features >= 0):
@@ -79,8 +93,12 @@ class FeatureSpec:
         if not (isinstance(self.frac_bits, int) and 1 <= self.frac_bits <= 24):
             raise ValueError(f"frac_bits must be an int in [1, 24], got {self.frac_bits!r}")
 
+    def pieces_dim(self, embed_dim: int = 384) -> int:
+        """Width of the concatenated pieces (before any projection)."""
+        return embed_dim * sum(POOL_WIDTH[piece.split("_")[1]] for piece in self.pieces)
+
     def base_dim(self, embed_dim: int = 384) -> int:
-        return self.projection or embed_dim * len(self.pieces)
+        return self.projection or self.pieces_dim(embed_dim)
 
     def dim(self, embed_dim: int = 384) -> int:
         return self.base_dim(embed_dim) + self.random_features
@@ -118,7 +136,7 @@ class FeatureExtractor:
         self.embed_dim = int(self.backbone.embed_dim)
         self.num_prefix_tokens = int(self.backbone.num_prefix_tokens)
         self.base_dim = spec.base_dim(self.embed_dim)
-        pieces_dim = self.embed_dim * len(spec.pieces)
+        pieces_dim = spec.pieces_dim(self.embed_dim)
         # its own stream of the seed, so that the random features' stream is unchanged
         self.projection = (torch.from_numpy(np.random.default_rng([spec.random_seed, 1]).standard_normal(
             (pieces_dim, spec.projection)).astype(np.float32)) if spec.projection else None)
@@ -160,8 +178,9 @@ class FeatureExtractor:
 
     @torch.no_grad()
     def pieces(self, tokens: Tensor) -> dict[str, Tensor]:
-        """Every piece of trunk tokens [B, T, d], each divided by its per-example RMS (a public
-        rule: no cross-example statistics), as {name: [B, d]}."""
+        """Every piece of trunk tokens [B, T, d], each d-vector divided by its per-example RMS (a
+        public rule: no cross-example statistics), as {name: [B, d]} ([B, 4d] for a quadrant
+        piece: its four quadrants' vectors, each normalized, top-left to bottom-right)."""
         block = self.backbone.blocks[-1]
         tokens = tokens.float()
         need_final = any(p.startswith("final") for p in self.spec.pieces)
@@ -171,9 +190,24 @@ class FeatureExtractor:
         for piece in self.spec.pieces:
             where, pool = piece.split("_")
             x = source[where]
-            v = x[:, 0] if pool == "cls" else x[:, self.num_prefix_tokens:].mean(dim=1)
-            out[piece] = v / v.pow(2).mean(dim=1, keepdim=True).sqrt().clamp_min(1e-12)
+            if pool == "quad":
+                v = self._quadrants(x[:, self.num_prefix_tokens:])
+            else:
+                v = (x[:, 0] if pool == "cls" else x[:, self.num_prefix_tokens:].mean(dim=1))[:, None]
+            v = v / v.pow(2).mean(dim=2, keepdim=True).sqrt().clamp_min(1e-12)
+            out[piece] = v.flatten(1)
         return out
+
+    @staticmethod
+    def _quadrants(patches: Tensor) -> Tensor:
+        """[B, g·g, d] patch tokens of a square grid -> [B, 4, d]: adaptive 2×2 average pooling
+        (any g; at img 56 the grid is 4×4, so each quadrant is the mean of 2×2 patches)."""
+        b, n, d = patches.shape
+        g = int(round(n ** 0.5))
+        if g * g != n:
+            raise ValueError(f"quadrant pooling needs a square patch grid, got {n} patch tokens")
+        grid = patches.transpose(1, 2).reshape(b, d, g, g)
+        return torch.nn.functional.adaptive_avg_pool2d(grid, 2).reshape(b, d, 4).transpose(1, 2)
 
     @torch.no_grad()
     def assemble(self, pieces: dict[str, Tensor]) -> Tensor:
@@ -200,7 +234,8 @@ class FeatureExtractor:
         return self.from_tokens(self.trunk(images))
 
     @torch.no_grad()
-    def compute(self, rows, *, batch_size: int = 64, tokens: bool = True) -> np.ndarray:
+    def compute(self, rows, *, batch_size: int = 64, tokens: bool = True,
+                device: torch.device | str | None = None) -> np.ndarray:
         """φ [N, p] float32 of token rows [N, T, d] (a TokenDataset, array or tensor) or, with
         ``tokens=False``, of preprocessed images.
 
@@ -208,16 +243,45 @@ class FeatureExtractor:
         another batch shape (measured: a batch of 1 changed 104 of 1.4 M quantized entries by one
         grid step), so a row's φ must not depend on which other rows share its batch — a site that
         forgets samples recomputes its remaining rows and must get the same integers.
+
+        ``device`` (a torch.device or a setting, see tangent.device; None = the CPU): where φ is
+        computed; the result is always on the CPU. A GPU's φ equals the CPU's only up to float
+        rounding (a few grid steps after quantization), so a site must compute every φ of one
+        contribution, and of its later forgetting, on the same kind of device.
         """
+        from tangent.device import full_fp32
+
         n = len(rows)
         out = np.empty((n, self.dim), dtype=np.float32)
         fn = self.from_tokens if tokens else self.from_images
-        for start in range(0, n, batch_size):
-            stop = min(n, start + batch_size)
-            batch = rows[start:stop] if isinstance(rows, Tensor) else rows[np.arange(start, stop)]
-            batch = torch.as_tensor(np.asarray(batch)) if not isinstance(batch, Tensor) else batch
-            if len(batch) < batch_size:
-                pad = batch[-1:].expand(batch_size - len(batch), *batch.shape[1:])
-                batch = torch.cat([batch, pad])
-            out[start:stop] = fn(batch)[:stop - start].numpy()
+        with self._placed(device) as device, full_fp32(device):
+            for start in range(0, n, batch_size):
+                stop = min(n, start + batch_size)
+                batch = rows[start:stop] if isinstance(rows, Tensor) else rows[np.arange(start, stop)]
+                batch = torch.as_tensor(np.asarray(batch)) if not isinstance(batch, Tensor) else batch
+                if len(batch) < batch_size:
+                    pad = batch[-1:].expand(batch_size - len(batch), *batch.shape[1:])
+                    batch = torch.cat([batch, pad])
+                out[start:stop] = fn(batch.to(device))[:stop - start].cpu().numpy()
         return out
+
+    @contextmanager
+    def _placed(self, device):
+        """The backbone, Ω, β and the projection on ``device`` for the duration, then back on the
+        CPU (where digest(), trunk_matches() and every other caller expect them)."""
+        from tangent.device import resolve_device
+
+        device = torch.device("cpu") if device is None else resolve_device(device)
+        if device.type == "cpu":
+            yield device
+            return
+        saved = self.omega, self.beta, self.projection
+        self.backbone.to(device)  # the trunk shares its tensors
+        self.omega, self.beta = self.omega.to(device), self.beta.to(device)
+        if self.projection is not None:
+            self.projection = self.projection.to(device)
+        try:
+            yield device
+        finally:
+            self.backbone.to("cpu")
+            self.omega, self.beta, self.projection = saved

@@ -569,7 +569,8 @@ class _FineTunedViT(nn.Module):
         return self.linearized(self.trunk(images))
 
     def delta_state_dict(self) -> dict[str, Tensor]:
-        return {k: v.detach().clone() for k, v in self.linearized.delta_tensors().items()}
+        """A CPU copy of Δ, wherever the model runs (what is sent, stored and composed)."""
+        return {k: v.detach().to("cpu", copy=True) for k, v in self.linearized.delta_tensors().items()}
 
     def load_delta(self, delta: dict[str, Tensor]) -> None:
         expected = self.linearized.delta_tensors()

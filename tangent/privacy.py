@@ -14,7 +14,9 @@ What the server may know and what it must not:
   seeded with 64 bits from the OS (:func:`secret_generator`) per contribution; nothing in any
   message (the server's ``seed`` included) determines it, so the server cannot regenerate the
   noise or refit the update. Opacus' ``secure_mode`` would need torchcsprng, which no longer
-  builds against current torch.
+  builds against current torch. On a GPU the noise is drawn on the GPU (Opacus draws it where
+  the gradients are) from a CUDA generator seeded the same way, independent of the CPU one that
+  drives the Poisson sampling.
 * **Public count.** Everything the accountant and the optimizer use is a function of a *public*
   example count ``N_pub`` (the count the site declared, or a public bucket of n — see
   :func:`public_count`), never of the secret n: the sample rate q = 1/⌈N_pub/B⌉, the steps per
@@ -78,10 +80,10 @@ def public_count(num_examples: int, declared: int | None = None) -> int:
     return 1 << (int(num_examples).bit_length() - 1)
 
 
-def secret_generator() -> torch.Generator:
-    """A CPU generator seeded with 64 bits of OS entropy (``secrets``): unknown to everyone,
-    fresh for every contribution."""
-    return torch.Generator().manual_seed(secrets.randbits(64))
+def secret_generator(device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator on ``device`` seeded with 64 bits of OS entropy (``secrets``): unknown to
+    everyone, fresh for every contribution."""
+    return torch.Generator(device=device).manual_seed(secrets.randbits(64))
 
 
 @dataclass
@@ -173,11 +175,16 @@ def make_private(module: nn.Module, optimizer: torch.optim.Optimizer,
 
     Only ``data_loader.dataset`` and its ``batch_size`` (the expected Poisson batch B) are used:
     the sampling and the noise draw from a fresh :func:`secret_generator`, never from the
-    loader's (server-seeded) generator.
+    loader's (server-seeded) generator. The noise is drawn where ``module``'s parameters are:
+    on a GPU from a second secret generator on that GPU (a CPU generator cannot draw there).
     """
+    from tangent.device import module_device
+
     num_public = config.num_public(len(data_loader.dataset))
     delta = config.delta_for(num_public)
-    generator = secret_generator()
+    generator = secret_generator()  # the Poisson sampler draws on the CPU
+    device = module_device(module)
+    noise_generator = generator if device.type == "cpu" else secret_generator(device)
     loader = poisson_loader(data_loader.dataset, data_loader.batch_size, num_public, generator)
     sample_rate = 1.0 / len(loader)
     # the gradient sum is divided by this: a function of N_pub, never of n
@@ -189,7 +196,7 @@ def make_private(module: nn.Module, optimizer: torch.optim.Optimizer,
         kwargs = dict(module=module, optimizer=optimizer, data_loader=loader,
                       criterion=criterion, max_grad_norm=config.max_grad_norm,
                       poisson_sampling=False,  # the loader above already samples (secretly)
-                      grad_sample_mode=mode, noise_generator=generator)
+                      grad_sample_mode=mode, noise_generator=noise_generator)
         try:
             if config.noise_multiplier is None:
                 wrapped = engine.make_private_with_epsilon(

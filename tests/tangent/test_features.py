@@ -114,3 +114,32 @@ def test_a_projected_spec_has_unit_norm_base_features_and_is_deterministic(pretr
     assert projected.omega.shape == (4, 32) and plain.omega.shape == (4, 1536)
     assert torch.equal(projected.beta, FeatureExtractor(pretrained_vit, FeatureSpec(projection=32, random_features=4,
                                                                                    random_seed=2), img_size=56).beta)
+
+
+def test_quadrant_pieces_are_the_means_of_the_four_quadrants_of_timms_final_patch_grid(pretrained_vit, images):
+    """Independent path: timm's forward_features, the 4×4 patch grid at img 56 sliced by hand."""
+    spec = FeatureSpec(pieces=("final_cls", "final_quad", "input_quad"))
+    ex = FeatureExtractor(pretrained_vit, spec, img_size=56)
+    assert ex.dim == 384 * 9 == spec.dim()
+    with torch.no_grad():
+        final = pretrained_vit.forward_features(images)
+    phi = ex.from_images(images)
+    grid = final[:, 1:].reshape(len(images), 4, 4, 384)  # row-major patches
+    quads = [grid[:, r:r + 2, c:c + 2].mean(dim=(1, 2)) for r in (0, 2) for c in (0, 2)]
+    scale = np.sqrt(ex.dim)
+
+    def rms_normed(v):
+        return v / v.pow(2).mean(1, keepdim=True).sqrt() / scale
+
+    for i, quad in enumerate(quads):
+        torch.testing.assert_close(phi[:, 384 * (1 + i):384 * (2 + i)], rms_normed(quad), rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(phi.norm(dim=1), torch.ones(len(images)), rtol=1e-5, atol=1e-5)
+    # the input quadrants differ from the final ones and are batch-independent like every piece
+    assert not torch.allclose(phi[:, 5 * 384:], phi[:, 384:5 * 384])
+    one_by_one = np.concatenate([ex.compute(images[i:i + 1], tokens=False, batch_size=4) for i in range(3)])
+    assert np.array_equal(one_by_one, ex.compute(images[:3], tokens=False, batch_size=4))
+
+
+def test_quadrant_pooling_refuses_a_non_square_grid():
+    with pytest.raises(ValueError, match="square patch grid"):
+        FeatureExtractor._quadrants(torch.zeros(2, 6, 8))
