@@ -44,6 +44,10 @@ class SiteData:
     data_digest: str  # of the whole data set the indices point into
     indices: np.ndarray  # rows of that data set this site holds
     source: str
+    #: where caches of this data set live (token cache, φ cache), and the images digest they are
+    #: keyed on; None without a cache directory
+    cache_dir: Path | None = None
+    images_digest: str | None = None
 
     @property
     def num_examples(self) -> int:
@@ -92,6 +96,7 @@ def load_split(split: str, model, base_digest: str, img_size: int, node_config: 
 
 def _site_file(path: Path, key: str, model, base_digest: str, img_size: int,
                directory: Path | None) -> SiteData:
+    from tangent.cache import images_digest
     from tangent.data import DataError, dataset_digest, load_site_data
 
     if not path.exists():
@@ -102,9 +107,11 @@ def _site_file(path: Path, key: str, model, base_digest: str, img_size: int,
         raise SiteError("bad_data", f"{key} {path}: {err}") from err
     _check_labels(labels, model, f"{key} {path}")
     indices = np.arange(len(labels))
+    images_sha = images_digest(images) if directory is not None else None
     inputs, from_cache = model_inputs(model, base_digest, images, indices, img_size, directory,
-                                 data_digest=None)
-    return SiteData(inputs, labels, from_cache, dataset_digest(images, labels), indices, str(path))
+                                 data_digest=images_sha)
+    return SiteData(inputs, labels, from_cache, dataset_digest(images, labels), indices, str(path),
+                    directory, images_sha)
 
 
 def _check_labels(labels: np.ndarray, model, what: str) -> None:
@@ -169,4 +176,5 @@ def _simulated(split, model, base_digest, img_size, node_config, run_config, dir
     inputs, from_cache = model_inputs(model, base_digest, None, indices, img_size, directory, data_digest=images_sha,
                                  split=split, source=source)
     return SiteData(inputs, labels[indices], from_cache, data_digest, indices,
-                    f"{source}/{split} partition {partition_id}/{num_partitions}")
+                    f"{source}/{split} partition {partition_id}/{num_partitions}",
+                    directory, images_sha if directory is not None else None)

@@ -1,8 +1,10 @@
 """What a site does for a ``train`` or ``evaluate`` message, as plain functions of records.
 
 Protocol (docs/design.md): the server sends ``RecordDict({"spec", "config"})`` (+ ``"delta"``,
-the composed Δ, for evaluate). A train reply is ``RecordDict({"delta", "metrics", "meta"})``;
-every refusal is a reply ``RecordDict({"error": ConfigRecord(code, reason, site-id)})`` so the
+the composed Δ, for evaluate). A train reply is ``RecordDict({"delta", "metrics", "meta"})``,
+plus ``"stats"`` and ``"stats-meta"`` (the exact head's sufficient statistics, docs/exact_head.md)
+when the spec says ``exact-head`` and the run is not DP; every refusal is a reply
+``RecordDict({"error": ConfigRecord(code, reason, site-id)})`` so the
 server can record it, never an exception that would cost the round other sites' work.
 """
 from __future__ import annotations
@@ -17,7 +19,7 @@ import time
 import traceback
 from typing import Any, Mapping
 
-from flwr.app import ArrayRecord, ConfigRecord, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from client.policy import SitePolicy
 from client.site import SiteError, load_split, site_id
@@ -114,6 +116,56 @@ def site_device(node_config: Mapping[str, Any], run_config: Mapping[str, Any]):
         raise SiteError("bad_device", str(err)) from err
 
 
+_EXTRACTORS: dict[tuple, Any] = {}
+
+
+def feature_extractor(spec: ModelSpec, feature_spec):
+    """The exact head's FeatureExtractor for (model spec, feature spec), built once per process
+    (a Ray worker serves many sites) and its digest hashed once; one at a time."""
+    from tangent.features import FeatureExtractor
+
+    key = (spec.backbone, spec.img_size, feature_spec)
+    if key not in _EXTRACTORS:
+        _EXTRACTORS.clear()
+        extractor = FeatureExtractor.from_spec(spec, feature_spec)
+        extractor.digest()
+        _EXTRACTORS[key] = extractor
+    return _EXTRACTORS[key]
+
+
+def _check_features(content: RecordDict, spec: ModelSpec):
+    """The FeatureExtractor the spec asks for (None when exact-head is off), refused unless our
+    feature digest equals the server's."""
+    from tangent.features import FeatureSpec
+
+    record = content.config_records["spec"]
+    if not bool(record.get("exact-head", False)):
+        return None
+    try:
+        feature_spec = FeatureSpec.from_config(record)
+    except (ValueError, TypeError) as err:
+        raise SiteError("bad_request", f"feature spec: {err}") from err
+    extractor = feature_extractor(spec, feature_spec)
+    expected = str(record.get("feature-digest", ""))
+    if extractor.digest() != expected:
+        raise SiteError("feature_digest_mismatch",
+                        f"local feature digest {extractor.digest()} differs from the server's "
+                        f"{expected or '(none)'} for {feature_spec}: different pretrained weights, random "
+                        "features or library versions at this site")
+    return extractor
+
+
+def stats_records(extractor, data, num_classes: int) -> dict:
+    """The exact head's part of a train reply (contract: ``stats`` int64 arrays of
+    SufficientStats.to_arrays, ``stats-meta`` = the grid + the feature digest)."""
+    from client.stats import site_statistics
+
+    stats = site_statistics(extractor, data, num_classes)
+    meta = ConfigRecord(stats.meta() | {"feature-digest": extractor.digest()})
+    record = ArrayRecord({name: Array(array) for name, array in stats.to_arrays().items()}, keep_input=False)
+    return {"stats": record, "stats-meta": meta}
+
+
 def train_config(config: Mapping[str, Any]):
     from tangent.train import TrainConfig
 
@@ -164,6 +216,8 @@ def train(content: RecordDict, node_config, run_config, site: str) -> RecordDict
     cfg = train_config(config)
     device = site_device(node_config, run_config)
     spec, model, digest = _check_spec(content)
+    # DP runs send no statistics (their DP release is measured offline, docs/exact_head.md)
+    extractor = _check_features(content, spec) if request is None else None
     model.to(device)  # before load_split: a cache this site has to build is built there too
     data = load_split("train", model, digest, spec.img_size, node_config, run_config)
     privacy = None if request is None else privacy_setup(request, policy, data.num_examples)
@@ -191,7 +245,15 @@ def train(content: RecordDict, node_config, run_config, site: str) -> RecordDict
         "data-digest": data.data_digest, "source": data.source, "from-cache": data.from_cache,
         "dp": False, "dp-target-epsilon": 0.0, "dp-max-grad-norm": 0.0, "dp-noise-multiplier": 0.0,
         "train-config": train_config_json, "pid": os.getpid()})
-    return RecordDict({"delta": ArrayRecord(delta), "metrics": metrics, "meta": meta})
+    reply = {"delta": ArrayRecord(delta), "metrics": metrics, "meta": meta}
+    if extractor is not None:
+        # after training, with its memory given back first: the statistics' products (p×p
+        # float64 and int64) must not stack on the training peak of the worker
+        del result, delta
+        gc.collect()
+        _release_free_heap()
+        reply |= stats_records(extractor, data, spec.num_classes)
+    return RecordDict(reply)
 
 
 def dp_reply(site: str, digest: str, contribution_id: str, privacy, result,

@@ -9,6 +9,8 @@ What it does, in order:
    ImageFolder) and takes the number of classes from them; a malformed one stops here;
 1. builds the trunk-token cache of the train + test sets once (progress bar) in
    ``--cache-dir``; every virtual client later opens it memory-mapped (no copies in Ray workers);
+   with the exact head on (run config ``exact-head``, not in DP runs) also the φ cache of both
+   (tangent/phi_cache.py), from which the sites read their features;
 2. ``flwr run .`` (mode='train') against Flower's *local simulation federation*. Flower 1.41 has no
    ``flower-simulation`` command: the local connection starts a detached SuperLink in simulation
    mode and the size comes from ``--federation-config``::
@@ -16,12 +18,16 @@ What it does, in order:
        flwr run . --federation-config "num-supernodes=50 client-resources-num-cpus=1" \\
                   --run-config "federation-mode='simulation' state-dir='<run dir>' mode='train' cache-dir='...'" --stream
 
-   Each site trains one TAFT contribution from w0 and the ServerApp records it in the ledger,
-   evaluates the composed model on the test split and writes a report;
+   Each site trains one TAFT contribution from w0 (and sends its exact-head statistics in the same
+   reply) and the ServerApp records it in the ledger(s), evaluates the composed model on the test
+   split and writes a report;
 3. from the ledger, outside Flower: the ensemble of the sites' models (weighted logit average)
-   against the composed model, on ``--ensemble-subset`` cached test images;
+   against the composed model, on ``--ensemble-subset`` cached test images; the stats ledger's
+   sums against the central statistics of every trained row, computed in one pass over the φ
+   cache, and the exact head's test accuracy (simulations/exact_head_check.py);
 4. ``flwr run .`` (mode='unlearn', remove-sites=...): subtraction only, no client trains;
-5. checks the removal is bit-identical to a fresh aggregation of the remaining contributions;
+5. checks the removal is bit-identical to a fresh aggregation of the remaining contributions
+   (both ledgers; the stats ledger also against the central statistics of the remaining rows);
 6. writes ``runs/<timestamp>/summary.json`` (+ ``runs/latest``), a plot, and prints a table.
 
 The SuperLink runs with a private ``FLWR_HOME`` inside the run directory and on free ports, so
@@ -353,10 +359,13 @@ def prepare_data(args, defaults: dict, run_config: dict) -> dict:
     return info
 
 
-def build_caches(spec, directory: Path, sources: dict | None = None, device: str | None = None) -> tuple[float, bool]:
-    """Trunk tokens of the train and test data sets, once; returns (seconds, built anything).
+def build_caches(spec, directory: Path, sources: dict | None = None, device: str | None = None,
+                 features: dict | None = None) -> tuple[float, bool]:
+    """Trunk tokens of the train and test data sets, once, and with ``features`` (the exact head's
+    feature spec keys) the φ cache of each next to them; returns (seconds, built anything).
     ``sources``: split -> data set source (None = no data for that split); default Fashion-MNIST.
-    ``device``: where the trunk runs (a setting, see tangent.device; None = the CPU)."""
+    ``device``: where the trunk runs (a setting, see tangent.device; None = the CPU); the φ cache
+    is computed on the CPU, as the sites compute φ when they have no cache."""
     from tangent.spec import build_model
     from tangent.cache import FeatureCache
     from tangent.data import FASHION_MNIST, load_dataset
@@ -364,6 +373,7 @@ def build_caches(spec, directory: Path, sources: dict | None = None, device: str
     start, built = time.perf_counter(), False
     model, _ = build_model(spec)
     sources = sources or {"train": FASHION_MNIST, "test": FASHION_MNIST}
+    token_caches = {}
     for split, source in sources.items():
         if source is None:
             continue
@@ -371,7 +381,14 @@ def build_caches(spec, directory: Path, sources: dict | None = None, device: str
         cache = FeatureCache.build_or_open(model, images, img_size=spec.img_size, cache_dir=directory,
                                            batch_size=128, progress=True, device=device)
         built |= cache.built
+        token_caches[split] = cache
         print(f"  {split}: {cache}")
+    if features is not None:
+        from simulations.exact_head_check import build_phi_caches, extractor_for
+
+        del model  # the TAFT model's memory; the extractor loads the pretrained weights itself
+        phi = build_phi_caches(extractor_for(spec, features), token_caches, directory)
+        built |= any(cache.built for cache in phi.values())
     return time.perf_counter() - start, built
 
 
@@ -442,6 +459,58 @@ def removal_check(ledger_path: Path) -> dict:
     return {"removal_bit_identical": bool(identical)}
 
 
+class ExactHeadStep:
+    """The exact head's checks around the unlearn run (simulations.exact_head_check), each in a
+    child process; every summary key is None when the run has no exact head or no stats ledger."""
+
+    KEYS_BEFORE = ("accuracy_exact_head", "exact_head_equals_central", "exact_head_lambda",
+                   "exact_head_bytes_per_site")
+    KEYS_AFTER = ("accuracy_exact_head_after_removal", "exact_head_removal_bit_identical")
+
+    def __init__(self, features, ledger_path: Path, spec, cache_dir, sources, config, num_sites, removed,
+                 run_dir):
+        self.args = (spec, features, ledger_path, cache_dir, sources, config)
+        self.num_sites, self.removed = num_sites, removed
+        self.kept_path = run_dir / "exact-head-kept-stats.npz"
+        self.skip = ("exact-head is off in this run (or DP)" if features is None else
+                     None if ledger_path.is_file() else f"the ServerApp wrote no stats ledger ({ledger_path})")
+
+    def before(self, report: dict) -> dict:
+        """``report``: the train run's; its exact-head accuracy (the ServerApp solved the same
+        sums on the same test rows) is taken rather than solved a second time here."""
+        from simulations.exact_head_check import central_check
+
+        if self.skip:
+            print(f"      exact head: not checked ({self.skip})")
+            return dict.fromkeys(self.KEYS_BEFORE) | {"exact_head_note": self.skip}
+        print("      exact head: the stats ledger's sums vs the central statistics of every trained row")
+        server = _server_exact_head(report)
+        out = in_subprocess(central_check, *self.args, self.num_sites, self.removed, self.kept_path, server is None)
+        if "exact_head_note" in out:
+            self.skip = out["exact_head_note"]
+        return out | (server or {})
+
+    def after(self, report: dict) -> dict:
+        from simulations.exact_head_check import removal_check as stats_removal_check
+
+        if self.skip:
+            return dict.fromkeys(self.KEYS_AFTER)
+        server = _server_exact_head(report)
+        out = in_subprocess(stats_removal_check, *self.args, self.kept_path, server is None)
+        if server is not None:
+            out |= {"accuracy_exact_head_after_removal": server["accuracy_exact_head"],
+                    "exact_head_lambda_after_removal": server["exact_head_lambda"]}
+        return out
+
+
+def _server_exact_head(report: dict) -> dict | None:
+    """The exact head's accuracy and λ from a ServerApp report, if it evaluated it."""
+    if report.get("accuracy_exact_head") is None:
+        return None
+    return {"accuracy_exact_head": report["accuracy_exact_head"], "exact_head_lambda": report.get("exact_head_lambda"),
+            "exact_head_test_images": (report.get("central_evaluation") or {}).get("num_examples")}
+
+
 def plot(summary: dict, path: Path) -> None:
     import matplotlib
     matplotlib.use("Agg")
@@ -461,7 +530,10 @@ def plot(summary: dict, path: Path) -> None:
     lines = (("accuracy_composed_on_subset", "-", "tab:blue", f"composed, same {subset} images"),
              ("accuracy_ensemble", ":", "tab:orange", f"ensemble of all sites, same {subset} images"),
              ("accuracy_composed", "-", "tab:purple", f"composed, {full} test images (server)"),
-             ("accuracy_after_removal", "--", "tab:green", f"after removal, {full} test images (server)"))
+             ("accuracy_after_removal", "--", "tab:green", f"after removal, {full} test images (server)"),
+             ("accuracy_exact_head", "-", "tab:brown",
+              f"exact head (ridge on frozen φ), {summary.get('exact_head_test_images')} test images"),
+             ("accuracy_exact_head_after_removal", "--", "tab:olive", "exact head after removal"))
     for key, style, color, label in lines:
         if summary.get(key) is not None:
             ax.axhline(summary[key], linestyle=style, color=color, label=f"{label}: {summary[key]:.4f}")
@@ -470,7 +542,8 @@ def plot(summary: dict, path: Path) -> None:
     ax.set_ylabel("test accuracy")
     values = [per_site[s]["accuracy"] for s in sites] + [summary[k] for k, *_ in lines if summary.get(k) is not None]
     ax.set_ylim(max(0.0, min(values) - 0.05), min(1.0, max(values) + 0.06))
-    ax.set_title(f"TAFT-1 on {Path(str(summary.get('dataset', 'fashion-mnist'))).name}, "
+    models = "TAFT-1 + exact head" if summary.get("accuracy_exact_head") is not None else "TAFT-1"
+    ax.set_title(f"{models} on {Path(str(summary.get('dataset', 'fashion-mnist'))).name}, "
                  f"{summary['num_clients']} sites ({summary['partition']})")
     ax.legend(loc="upper left", fontsize=7, ncol=2)
     save_figure(fig, path)
@@ -515,6 +588,9 @@ def main(argv=None) -> int:
     run_config |= user_config  # explicit --run-config keys win over the flags above, as before
     ray_address = args.ray_address or os.environ.get("RAY_ADDRESS") or "local"
     spec = ModelSpec.from_config(defaults | run_config)
+    from simulations.exact_head_check import feature_config, stats_ledger_path
+    features = feature_config(defaults | run_config)  # None: no exact head in this run
+    stats_ledger = stats_ledger_path(defaults | run_config, run_dir)
     federation = federation_config(args)
     env = os.environ | {"FLWR_HOME": str(flwr_home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
                         "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
@@ -542,12 +618,14 @@ def main(argv=None) -> int:
                      "eval_subset": args.eval_subset, "cpus_per_client": args.cpus_per_client,
                      "cache_dir": str(cache_dir) if cache_dir else None,
                      "dataset": data["sources"]["train"], "test_dataset": data["sources"]["test"],
-                     "num_classes": spec.num_classes, "ray_address": ray_address}
+                     "num_classes": spec.num_classes, "ray_address": ray_address,
+                     "exact_head": features is not None, "feature_spec": features}
     try:
-        print(f"[1/5] trunk-token cache in {cache_dir}")
+        print(f"[1/5] trunk-token cache{' and φ cache' if features else ''} in {cache_dir}")
         if cache_dir is not None:
             summary["cache_build_s"], summary["cache_built"] = in_subprocess(
-                build_caches, spec, cache_dir, data["sources"], str((defaults | run_config).get("device", "auto")))
+                build_caches, spec, cache_dir, data["sources"], str((defaults | run_config).get("device", "auto")),
+                features)
         else:
             summary["cache_build_s"], summary["cache_built"] = 0.0, False
 
@@ -578,6 +656,10 @@ def main(argv=None) -> int:
         removed = ([s.strip() for s in args.remove_sites.split(",") if s.strip()] or
                    sorted(np.random.default_rng(args.seed).choice(active, min(args.remove, len(active)),
                                                                   replace=False).tolist(), key=site_order))
+        exact_head = ExactHeadStep(features, stats_ledger, spec, cache_dir, data["sources"],
+                                   defaults | run_config, args.num_clients, removed, run_dir)
+        summary |= exact_head.before(report)
+
         print(f"[4/5] flwr run: unlearn sites {','.join(removed)} (log: {run_dir / 'unlearn.log'})")
         unlearn_report = run_dir / "unlearn-report.json"
         unlearn_config = run_config | {"mode": "unlearn", "remove-sites": ",".join(removed),
@@ -589,6 +671,7 @@ def main(argv=None) -> int:
 
         print("[5/5] removal vs fresh aggregation of the remaining sites")
         summary |= removal_check(ledger_path)
+        summary |= exact_head.after(ureport)
     finally:
         watch.sample()
         watch.stop_sampling()
@@ -621,6 +704,12 @@ def print_table(s: dict) -> None:
             ("removed sites", ",".join(s.get("removed_sites", []))),
             ("accuracy after removal", s.get("accuracy_after_removal")),
             ("removal bit-identical", s.get("removal_bit_identical")),
+            ("exact head: accuracy", s.get("accuracy_exact_head")),
+            ("exact head: composed == central (bit for bit)", s.get("exact_head_equals_central")),
+            ("exact head: accuracy after removal", s.get("accuracy_exact_head_after_removal")),
+            ("exact head: removal bit-identical", s.get("exact_head_removal_bit_identical")),
+            ("exact head: λ (GCV) / bytes per site", None if s.get("exact_head_lambda") is None else
+             f"{s['exact_head_lambda']:.4g} / {s.get('exact_head_bytes_per_site'):,}"),
             ("rejected", s.get("rejected")),
             ("cache build s", s.get("cache_build_s")), ("train run s", s.get("train_run_s")),
             ("unlearn run s", s.get("unlearn_run_s")), ("wall s", s.get("wall_s")),

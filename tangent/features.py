@@ -38,6 +38,7 @@ disagree are refused rather than silently mixed).
 """
 from __future__ import annotations
 
+import threading
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import Any, Mapping
@@ -145,6 +146,7 @@ class FeatureExtractor:
         draw = np.random.default_rng(spec.random_seed).standard_normal((spec.random_features, self.base_dim + 1))
         self.omega = torch.from_numpy(draw[:, :-1].astype(np.float32))
         self.beta = torch.from_numpy(draw[:, -1].astype(np.float32))
+        self._digest: str | None = None
 
     @classmethod
     def from_spec(cls, model_spec, spec: FeatureSpec) -> "FeatureExtractor":
@@ -159,7 +161,10 @@ class FeatureExtractor:
         return self.spec.dim(self.embed_dim)
 
     def digest(self) -> str:
-        """sha256 over the backbone weights, Ω and β, and the options (spec, preprocessing)."""
+        """sha256 over the backbone weights, Ω and β, and the options (spec, preprocessing).
+        Hashed once per extractor (every weight is read; nothing here changes them)."""
+        if self._digest is not None:
+            return self._digest
         from tangent.data import preprocessing_spec
         from tangent.model import state_digest
 
@@ -169,7 +174,8 @@ class FeatureExtractor:
             state["exact_head.projection"] = self.projection
         options = {"family": "exact-head-features", "version": 1, "backbone": self.backbone_name,
                    "features": self.spec.to_config(), "preprocessing": preprocessing_spec(self.img_size)}
-        return state_digest(state, options)
+        self._digest = state_digest(state, options)
+        return self._digest
 
     def trunk_matches(self, trunk: torch.nn.Module) -> bool:
         """Whether ``trunk`` (e.g. a TangentViT's) computes the same tokens: then its cache applies."""
@@ -213,11 +219,26 @@ class FeatureExtractor:
     def assemble(self, pieces: dict[str, Tensor]) -> Tensor:
         """φ [B, p] from :meth:`pieces`: the spec's pieces concatenated and scaled to norm 1,
         then the random ReLU features of that vector."""
+        return self.expand(self.join(pieces))
+
+    @torch.no_grad()
+    def join(self, pieces: dict[str, Tensor]) -> Tensor:
+        """The normalized base vector z [B, base_dim] of :meth:`pieces` (before random features)."""
         z = torch.cat([pieces[name] for name in self.spec.pieces], dim=1)
         z = z / float(np.sqrt(z.shape[1]))
         if self.projection is not None:
             z = z @ self.projection
             z = z / z.norm(dim=1, keepdim=True).clamp_min(1e-12)
+        return z
+
+    @torch.no_grad()
+    def base(self, tokens: Tensor) -> Tensor:
+        """z [B, base_dim] of trunk tokens [B, T, d]: what the φ cache stores (tangent/phi_cache.py)."""
+        return self.join(self.pieces(tokens))
+
+    @torch.no_grad()
+    def expand(self, z: Tensor) -> Tensor:
+        """φ [B, p] of base vectors z [B, base_dim]: z followed by its seeded random ReLU features."""
         if self.spec.random_features == 0:
             return z
         r = torch.relu(z @ self.omega.T + self.beta) * RANDOM_FEATURE_SCALE
@@ -225,8 +246,8 @@ class FeatureExtractor:
 
     @torch.no_grad()
     def from_tokens(self, tokens: Tensor) -> Tensor:
-        """φ [B, p] (float32) of trunk tokens [B, T, d]."""
-        return self.assemble(self.pieces(tokens))
+        """φ [B, p] (float32) of trunk tokens [B, T, d]: ``expand(base(tokens))``."""
+        return self.expand(self.base(tokens))
 
     @torch.no_grad()
     def from_images(self, images: Tensor) -> Tensor:
@@ -234,15 +255,20 @@ class FeatureExtractor:
         return self.from_tokens(self.trunk(images))
 
     @torch.no_grad()
-    def compute(self, rows, *, batch_size: int = 64, tokens: bool = True,
+    def compute(self, rows, *, batch_size: int = 64, tokens: bool = True, ids=None,
                 device: torch.device | str | None = None) -> np.ndarray:
         """φ [N, p] float32 of token rows [N, T, d] (a TokenDataset, array or tensor) or, with
         ``tokens=False``, of preprocessed images.
 
-        Every batch is padded to ``batch_size`` rows: float kernels may round differently for
-        another batch shape (measured: a batch of 1 changed 104 of 1.4 M quantized entries by one
-        grid step), so a row's φ must not depend on which other rows share its batch — a site that
-        forgets samples recomputes its remaining rows and must get the same integers.
+        A row's φ must not depend on which other rows are computed with it: a site that forgets
+        samples recomputes its remaining rows and must get the same integers, and the driver's
+        central statistics must equal the sites'. Float kernels round differently for another
+        batch *shape* (measured: a batch of 1 changed 104 of 1.4 M quantized entries by one grid
+        step) and, with more than one thread, for another *position* in the batch (measured on
+        2 threads: 30 of 77 rows differed in the last bit). So every batch has ``batch_size``
+        rows, the row with data-set index ``ids[i]`` (default: i) sits at position
+        ``ids[i] % batch_size`` of its batch, and the kernels run on one thread
+        (:func:`slotted_batches`).
 
         ``device`` (a torch.device or a setting, see tangent.device; None = the CPU): where φ is
         computed; the result is always on the CPU. A GPU's φ equals the CPU's only up to float
@@ -251,19 +277,20 @@ class FeatureExtractor:
         """
         from tangent.device import full_fp32
 
-        n = len(rows)
-        out = np.empty((n, self.dim), dtype=np.float32)
         fn = self.from_tokens if tokens else self.from_images
         with self._placed(device) as device, full_fp32(device):
-            for start in range(0, n, batch_size):
-                stop = min(n, start + batch_size)
-                batch = rows[start:stop] if isinstance(rows, Tensor) else rows[np.arange(start, stop)]
-                batch = torch.as_tensor(np.asarray(batch)) if not isinstance(batch, Tensor) else batch
-                if len(batch) < batch_size:
-                    pad = batch[-1:].expand(batch_size - len(batch), *batch.shape[1:])
-                    batch = torch.cat([batch, pad])
-                out[start:stop] = fn(batch.to(device))[:stop - start].cpu().numpy()
-        return out
+            return slotted_batches(lambda batch: fn(batch.to(device)).cpu(), rows, self.dim, batch_size, ids)
+
+    @torch.no_grad()
+    def compute_base(self, rows, *, batch_size: int = 64, ids=None) -> np.ndarray:
+        """z [N, base_dim] float32 of token rows, by :meth:`compute`'s rule."""
+        return slotted_batches(self.base, rows, self.base_dim, batch_size, ids)
+
+    @torch.no_grad()
+    def expand_rows(self, z, *, batch_size: int = 64, ids=None) -> np.ndarray:
+        """φ [N, p] float32 of base rows z [N, base_dim] (array, tensor or TokenDataset), by
+        :meth:`compute`'s rule, so that ``expand_rows(compute_base(x)) == compute(x)`` bit for bit."""
+        return slotted_batches(self.expand, z, self.dim, batch_size, ids)
 
     @contextmanager
     def _placed(self, device):
@@ -285,3 +312,48 @@ class FeatureExtractor:
         finally:
             self.backbone.to("cpu")
             self.omega, self.beta, self.projection = saved
+
+
+def slotted_batches(fn, rows, width: int, batch_size: int, ids=None) -> np.ndarray:
+    """``fn`` over ``rows`` such that a row's result depends on nothing but the row and its id:
+    batches of exactly ``batch_size`` rows (empty positions hold a copy of a row of the batch),
+    row i at position ``ids[i] % batch_size``, one torch thread (the kernels' work split, hence
+    their rounding, depends on the thread count). ``ids`` default to 0..N-1: consecutive rows
+    fill consecutive batches, as a plain padded loop would."""
+    n = len(rows)
+    out = np.empty((n, width), dtype=np.float32)
+    if n == 0:
+        return out
+    ids = np.arange(n) if ids is None else np.asarray(ids, dtype=np.int64)
+    if ids.shape != (n,):
+        raise ValueError(f"need one id per row: {n} rows, ids of shape {ids.shape}")
+    slots = ids % batch_size
+    # the k-th row (in order) of each slot goes to batch k: slots within a batch are distinct
+    by_slot = np.argsort(slots, kind="stable")
+    first = np.searchsorted(slots[by_slot], slots[by_slot], side="left")
+    rank = np.empty(n, dtype=np.int64)
+    rank[by_slot] = np.arange(n) - first
+    by_rank = np.argsort(rank, kind="stable")
+    bounds = np.searchsorted(rank[by_rank], np.arange(int(rank.max()) + 2), side="left")
+    with _ONE_THREAD:  # the thread count is process-wide: one caller at a time sets and restores it
+        threads = torch.get_num_threads()
+        torch.set_num_threads(1)
+        try:
+            _run_batches(fn, rows, out, slots, by_rank, bounds, batch_size)
+        finally:
+            torch.set_num_threads(threads)
+    return out
+
+
+_ONE_THREAD = threading.Lock()
+
+
+def _run_batches(fn, rows, out, slots, by_rank, bounds, batch_size) -> None:
+    for k in range(len(bounds) - 1):
+        members = by_rank[bounds[k]:bounds[k + 1]]
+        batch = rows[members]
+        batch = torch.as_tensor(np.asarray(batch)) if not isinstance(batch, Tensor) else batch
+        full = batch[:1].expand(batch_size, *batch.shape[1:]).clone()
+        position = torch.from_numpy(slots[members])
+        full[position] = batch
+        out[members] = fn(full)[position].numpy()

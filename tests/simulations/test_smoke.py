@@ -40,6 +40,19 @@ def test_smoke_simulation_train_then_unlearn(tmp_path):
     assert len(summary["removed_sites"]) == 1 and summary["removal_bit_identical"] is True
     assert summary["accuracy_after_removal"] is not None
     assert summary["peak_rss_mib"] > 0 and (tmp_path / "latest" / "accuracy.png").is_file()
+    # the exact head (issue 15): same reply, its own ledger; the keys exist in every run, and once
+    # the ServerApp keeps a stats ledger they say the composed statistics are the central ones
+    for key in ("accuracy_exact_head", "exact_head_equals_central", "exact_head_removal_bit_identical",
+                "exact_head_lambda", "exact_head_bytes_per_site"):
+        assert key in summary, key
+    if summary["exact_head"] and summary.get("exact_head_note") is None:
+        assert summary["exact_head_equals_central"] is True
+        assert summary["exact_head_removal_bit_identical"] is True
+        assert summary["exact_head_removal_equals_central"] and summary["exact_head_removal_equals_fresh_ledger"]
+        assert summary["exact_head_rows"] == 600 and summary["exact_head_sites"] == 3
+        assert summary["accuracy_exact_head"] > 0.5  # chance 0.1; ridge on frozen φ of 600 images at img 28
+        assert summary["accuracy_exact_head_after_removal"] > 0.5
+        assert summary["exact_head_lambda"] > 0 and summary["exact_head_bytes_per_site"] > 0
     # the ServerApp's own lines are in the log once; no line per httpx request of the log uploader
     train_log = (tmp_path / "latest" / "train.log").read_text()
     assert train_log.count("asked 3 sites to train from w0") == 1, train_log[-3000:]

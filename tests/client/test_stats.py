@@ -1,0 +1,22 @@
+"""client.stats.features_statistics: the packed, blocked Gram gives the reference integers."""
+import numpy as np
+import pytest
+
+from tangent.exact_head import SufficientStats
+
+
+@pytest.mark.parametrize("frac_bits", [8, 16, 24])
+def test_packed_statistics_equal_the_reference_statistics(frac_bits):
+    """features_statistics (packed Gram, blocks) == SufficientStats.from_features, bit for bit, also
+    at b = 24 where only 32 rows fit one exact float64 product."""
+    from client.stats import GRAM_BLOCK, features_statistics
+
+    rng = np.random.default_rng(frac_bits)
+    p = GRAM_BLOCK + 37  # more than one block, a ragged last one
+    phi = rng.standard_normal((300, p)).astype(np.float32)
+    phi[:5] *= 10.0  # some rows beyond the clip norm
+    labels = rng.integers(0, 7, 300)
+    ours = features_statistics(phi, labels, 7, 3.0, frac_bits)
+    assert ours == SufficientStats.from_features(phi, labels, 7, 3.0, frac_bits)
+    empty = features_statistics(phi[:0], labels[:0], 7, 3.0, frac_bits)
+    assert empty == SufficientStats.zeros(p, 7, 3.0, frac_bits)
