@@ -38,6 +38,7 @@ from pathlib import Path
 
 import numpy as np
 
+from client.stats import site_statistics  # the training round's statistics: same φ, same integers
 from tangent.features import KEYS as FEATURE_KEYS, PIECES, FeatureSpec
 from tangent.signed_requests import SIGNERS, forget_request, load_private_key
 from tangent.spec import ModelSpec
@@ -68,24 +69,6 @@ def read_indices(path: Path, num_rows: int) -> np.ndarray:
     if min(rows) < 0 or max(rows) >= num_rows:
         raise ValueError(f"{path} names rows outside 0..{num_rows - 1} (the data set has {num_rows})")
     return np.asarray(sorted(rows), dtype=np.int64)
-
-
-def site_statistics(extractor, data, num_classes: int, exclude):
-    """The statistics of the site's rows without ``exclude``.
-
-    Stand-in until client.stats.site_statistics (helper flclient) lands — then this function is
-    replaced by that import, which computes φ the way the training round does."""
-    from tangent.exact_head import SufficientStats
-
-    keep = np.setdiff1d(np.arange(len(data.labels)), exclude)
-    spec = extractor.spec
-    total = SufficientStats.zeros(extractor.dim, num_classes, spec.clip_norm, spec.frac_bits)
-    for start in range(0, len(keep), 1024):  # bounds the float32 φ held at once
-        rows = keep[start:start + 1024]
-        phi = extractor.compute(data.inputs[rows], tokens=False)
-        total = total + SufficientStats.from_features(phi, data.labels[rows], num_classes, spec.clip_norm,
-                                                      spec.frac_bits)
-    return total
 
 
 def _site_data(path: Path, img_size: int):
