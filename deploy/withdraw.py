@@ -17,7 +17,8 @@ Without Flower (e.g. while no run can be submitted), verify and subtract directl
     python -m deploy.withdraw apply ~/.local/state/taft-fl/server/requests/withdraw-3.json
 
 `apply` exits 0 when the site was removed and 1 (printing why) when the request was refused;
-the ledger is untouched in that case. `verify` only checks (no nonce consumed, no ledger).
+the ledger is untouched in that case. The site leaves the exact head's statistics ledger too
+(`--exact-head-ledger`, default `exact_head.sqlite` beside `--ledger`, when that file exists). `verify` only checks (no nonce consumed, no ledger).
 A request is valid for 15 minutes and once. The operator's own decision to remove a site is a
 request signed with the operator key (`python -m deploy.pki operator-key`, recorded with
 `python -m deploy.register --admin`):
@@ -41,7 +42,8 @@ from server.withdrawal import (
     MAX_AGE_S,
     SiteRegistry,
     WithdrawalRefused,
-    apply_withdrawal_file,
+    WithdrawalRequest,
+    apply_withdrawal,
     create_request,
     load_private_key,
     read_request,
@@ -69,6 +71,9 @@ def main(argv: list[str] | None = None) -> int:
         if name == "apply":
             p.add_argument("--ledger", type=Path, default=DEFAULT_STATE / "ledger.sqlite",
                            help="the ledger (default %(default)s)")
+            p.add_argument("--exact-head-ledger", type=Path, default=None,
+                           help="the exact head's statistics ledger: the site leaves it too, when it exists "
+                                "(default: exact_head.sqlite beside --ledger)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -89,12 +94,31 @@ def main(argv: list[str] | None = None) -> int:
                                      max_age_s=args.max_age_s)
             print(f"valid: site {request.site_id}, signer {request.signer}, nonce {request.nonce}")
         else:
-            request = apply_withdrawal_file(args.request, args.ledger, args.registry, max_age_s=args.max_age_s)
-            print(f"removed site {request.site_id} from {args.ledger}")
+            stats_path = args.exact_head_ledger or args.ledger.with_name("exact_head.sqlite")
+            request = _apply(args, stats_path if stats_path.exists() else None)
+            print(f"removed site {request.site_id} from {args.ledger}" + (f" and {stats_path}" if stats_path.exists() else ""))
     except WithdrawalRefused as err:
         print(f"REFUSED: {err}", file=sys.stderr)
         return 1
     return 0
+
+
+def _apply(args, stats_path: Path | None) -> WithdrawalRequest:
+    """One request, one nonce, both ledgers (server.ledgers.Ledgers): a withdrawn site leaves the
+    TAFT Δ ledger and, when there is one, the exact head's statistics ledger."""
+    from contextlib import ExitStack
+
+    from server.ledger import Ledger
+    from server.ledgers import Ledgers
+    from server.withdrawal import NonceStore, nonce_store_path
+
+    document = read_request(args.request)
+    registry = SiteRegistry(args.registry)
+    with ExitStack() as opened:
+        delta = opened.enter_context(Ledger.open(args.ledger))
+        stats = None if stats_path is None else opened.enter_context(Ledger.open(stats_path, create=False))
+        nonces = opened.enter_context(NonceStore(nonce_store_path(args.ledger)))
+        return apply_withdrawal(document, Ledgers(delta, stats), registry, nonces, max_age_s=args.max_age_s)
 
 
 if __name__ == "__main__":

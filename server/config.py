@@ -4,10 +4,11 @@ Every key lives in ``[tool.flwr.app.config]`` of pyproject.toml (kebab-case, ove
 ``flwr run . --run-config "key=value"``).
 
 The run config comes from whoever submitted the run, so the file paths in it are confined: every
-path (``ledger-path``, ``report-path``, ``site-registry``, ``withdrawal-requests``) is resolved
-against ``state-dir`` — symlinks followed — and refused when it lands outside it, and a report can
-never overwrite the ledger or one of its companion files (WAL, signing key, signed head, the
-withdrawal nonce store), whatever name or link points there.
+path (``ledger-path``, ``exact-head-ledger-path``, ``report-path``, ``site-registry``,
+``withdrawal-requests``) is resolved against ``state-dir`` — symlinks followed — and refused when it
+lands outside it, and a report can never overwrite either ledger or one of its companion files
+(WAL, signing key, signed head, the withdrawal nonce store), whatever name or link points there.
+The exact head's statistics ledger (issue 15) can never be, or share a file with, the Δ ledger.
 """
 from __future__ import annotations
 
@@ -25,6 +26,7 @@ MODES = ("train", "unlearn")
 FEDERATION_MODES = ("deployment", "simulation")
 DEFAULT_STATE_DIR = "~/.local/state/taft-fl/server"
 DEFAULT_LEDGER = "ledger.sqlite"
+DEFAULT_EXACT_HEAD_LEDGER = "exact_head.sqlite"
 
 
 class PathRefused(ValueError):
@@ -47,10 +49,35 @@ def federation_mode(run_config: Mapping[str, Any]) -> str:
     return mode
 
 
+def _flag(run_config: Mapping[str, Any], key: str) -> bool:
+    value = run_config.get(key, False)
+    return value is True or str(value).strip().lower() in ("true", "1")
+
+
 def dp_required(run_config: Mapping[str, Any]) -> bool:
     """A run with ``dp=true`` accepts only differentially private replies."""
-    value = run_config.get("dp", False)
-    return value is True or str(value).strip().lower() in ("true", "1")
+    return _flag(run_config, "dp")
+
+
+def exact_head_requested(run_config: Mapping[str, Any]) -> bool:
+    """``exact-head`` as written in the run config (absent: off, as before issue 15)."""
+    return _flag(run_config, "exact-head")
+
+
+def exact_head_enabled(run_config: Mapping[str, Any]) -> bool:
+    """Whether the sites send exact-head statistics this run: ``exact-head=true`` and not a DP run.
+
+    A DP run (``dp=true``) asks for no statistics (contract 7b): the Gaussian release of the
+    statistics is measured offline (benchmarks/exact_head.py), not wired into Flower yet.
+    """
+    return exact_head_requested(run_config) and not dp_required(run_config)
+
+
+def feature_spec(run_config: Mapping[str, Any]):
+    """The exact head's ``tangent.features.FeatureSpec`` from the run config's keys (its KEYS)."""
+    from tangent.features import FeatureSpec  # imports torch: only when the exact head is on
+
+    return FeatureSpec.from_config(run_config)
 
 
 def _comma_list(run_config: Mapping[str, Any], key: str) -> list[str]:
@@ -97,6 +124,29 @@ def ledger_path(run_config: Mapping[str, Any], state: Path) -> Path:
     return confine(state, str(run_config.get("ledger-path", "") or DEFAULT_LEDGER), "ledger-path")
 
 
+def exact_head_ledger_path(run_config: Mapping[str, Any], state: Path, ledger: Path) -> Path:
+    """``exact-head-ledger-path`` (default "exact_head.sqlite"), confined like ``ledger-path``.
+
+    Refused when it, or any of its companion files, is the Δ ledger or one of the Δ ledger's
+    companions (or the other way round): two ledgers writing one file would corrupt both, and
+    a shared signing key or head file would let one ledger's head stand for the other's.
+    """
+    value = str(run_config.get("exact-head-ledger-path", "") or DEFAULT_EXACT_HEAD_LEDGER)
+    path = confine(state, value, "exact-head-ledger-path")
+    if _ledgers_collide(path, ledger):
+        raise PathRefused(f"exact-head-ledger-path={value!r} names {path}, which collides with the Δ ledger "
+                          f"{ledger} or its companion files: refused")
+    return path
+
+
+def _ledgers_collide(a: Path, b: Path) -> bool:
+    """Whether two ledgers would share a file: one's name is a prefix of the other's in the same
+    directory (every companion is ``<ledger name><suffix>``), or their file lists meet."""
+    if a.parent == b.parent and (a.name.startswith(b.name) or b.name.startswith(a.name)):
+        return True
+    return bool({p.resolve() for p in ledger_files(a)} & {p.resolve() for p in ledger_files(b)})
+
+
 def site_registry_path(run_config: Mapping[str, Any], state: Path) -> Path | None:
     value = str(run_config.get("site-registry", "") or "")
     return confine(state, value, "site-registry") if value else None
@@ -116,19 +166,20 @@ def ledger_files(ledger: Path) -> list[Path]:
 
 
 def report_path(run_config: Mapping[str, Any], state: Path, ledger: Path, run_id: Any, mode: str,
-                protected: tuple[Path, ...] = ()) -> Path:
+                protected: tuple[Path, ...] = (), other_ledgers: tuple[Path, ...] = ()) -> Path:
     """``report-path`` if set, else ``<ledger dir>/reports/<mode>-<run id>.json``.
 
-    Refused when it would name the ledger, one of its companion files (any file whose name starts
-    with the ledger's, beside it: that covers companions added later too) or a ``protected`` file
-    (the site registry, a withdrawal request).
+    Refused when it would name the ledger (or one of ``other_ledgers``: the exact head's), one of
+    its companion files (any file whose name starts with the ledger's, beside it: that covers
+    companions added later too) or a ``protected`` file (the site registry, a withdrawal request).
     """
     value = str(run_config.get("report-path", "") or "")
     if not value:
         return ledger.parent / "reports" / f"{mode}-{run_id}.json"
     path = confine(state, value, "report-path")
-    named = path.parent == ledger.parent and path.name.startswith(ledger.name)
-    if named or path in ledger_files(ledger) or path in {p.resolve() for p in protected}:
+    kept = (ledger, *other_ledgers)
+    named = any(path.parent == led.parent and path.name.startswith(led.name) for led in kept)
+    if named or any(path in ledger_files(led) for led in kept) or path in {p.resolve() for p in protected}:
         raise PathRefused(f"report-path={value!r} names {path}, a file the server keeps (the ledger, its "
                           "companions, the site registry or a request): refused")
     return path

@@ -14,6 +14,21 @@ Two train-reply forms are accepted (the site's DP policy decides which it sends)
 - DP: ``metrics`` = {num-examples, epsilon, delta} only; ``meta`` = {site-id, base-digest,
   contribution-id, dp=True, dp-target-epsilon, dp-max-grad-norm, dp-noise-multiplier,
   train-config}. shard-fingerprint, data-digest, source, from-cache and pid are optional.
+
+With the exact head on (issue 15, contract 7c) a non-DP reply also carries the site's sufficient
+statistics: ``stats`` (ArrayRecord of int64 n [1], counts [k], sums [p], gram [p(p+1)/2],
+cross [p, k]) and ``stats-meta`` (num-features, num-classes, clip-norm, frac-bits,
+feature-digest). Every problem with them refuses the WHOLE reply with a reason prefixed
+``stats_`` — neither model records it — so the Δ ledger and the statistics ledger never disagree
+about a site: a missing ``stats-meta`` (``stats_meta_missing``), a record of the wrong type
+(``stats_malformed``), keys or values of the wrong type (``stats_bad_meta``), a grid or shape
+other than the server's (``stats_grid_mismatch``), another feature digest
+(``stats_feature_digest_mismatch``), array names, dtypes, shapes or bytes that are not exactly
+the five int64 arrays (``stats_wrong_names``, ``stats_wrong_dtype``, ``stats_wrong_shape``,
+``stats_bad_arrays``), n ≠ num-examples (``stats_n_mismatch``), statistics in a DP reply — they
+would be an unprotected release of the site's data — (``stats_in_dp_reply``, whatever the run),
+and none in a non-DP reply while the exact head is on (``stats_missing``). With the exact head
+off, a non-DP reply's statistics are ignored (never stored).
 """
 from __future__ import annotations
 
@@ -23,13 +38,16 @@ import re
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 from flwr.app import ArrayRecord, Message
 
 from server import safejson
 from tangent.protocol import check_site_id
+
+if TYPE_CHECKING:  # tangent.exact_head itself is imported where statistics are parsed
+    from tangent.exact_head import SufficientStats
 
 MAX_TRAIN_CONFIG_BYTES = 64 * 1024
 MAX_JSON_DEPTH = 8
@@ -52,6 +70,7 @@ class Rejected(Exception):
     def __init__(self, reason: str, detail: str = "", site_id: str | None = None):
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason, self.detail, self.site_id = reason, detail, site_id
+        self.retracted = False  # the site was taken out of both ledgers (server.strategy.record)
 
 
 @dataclass
@@ -63,14 +82,44 @@ class Contribution:
     meta: dict  # keyword arguments of Ledger.add/replace
     metrics: dict
     dp: bool = False
+    stats: "SufficientStats | None" = None  # the exact head's statistics (None: none sent / exact head off)
+    stats_bytes: int = 0  # bytes of the stats arrays as received
+    feature_digest: str | None = None  # φ's digest the statistics were checked against
+
+
+#: the arrays of a statistics record (tangent.exact_head.SufficientStats.to_arrays)
+STATS_ARRAYS = ("n", "counts", "sums", "gram", "cross")
+STATS_META_KEYS = ("num-features", "num-classes", "clip-norm", "frac-bits", "feature-digest")
+
+
+@dataclass(frozen=True)
+class StatsExpectation:
+    """What the server asked for (the train message's spec): the statistics' grid and φ's digest."""
+    feature_digest: str
+    num_features: int
+    num_classes: int
+    clip_norm: float
+    frac_bits: int
+
+    @property
+    def grid(self) -> dict[str, Any]:
+        return {"num-features": self.num_features, "num-classes": self.num_classes,
+                "clip-norm": float(self.clip_norm), "frac-bits": self.frac_bits}
+
+    def shapes(self) -> dict[str, tuple[int, ...]]:
+        p, k = self.num_features, self.num_classes
+        return {"n": (1,), "counts": (k,), "sums": (p,), "gram": (p * (p + 1) // 2,), "cross": (p, k)}
 
 
 @contextmanager
 def stage(reason: str, site_id: str | None = None) -> Iterator[None]:
-    """Any exception but :class:`Rejected` inside becomes ``Rejected(reason)``."""
+    """Any exception but :class:`Rejected` inside becomes ``Rejected(reason)``; a Rejected without a
+    site gets ``site_id``."""
     try:
         yield
-    except Rejected:
+    except Rejected as err:
+        if err.site_id is None:
+            err.site_id = site_id
         raise
     except Exception as err:  # noqa: BLE001 - hostile input: anything it triggers is a rejection
         raise Rejected(reason, f"{type(err).__name__}: {str(err)[:MAX_DETAIL]}", site_id) from None
@@ -179,38 +228,45 @@ def decode_arrays(record: ArrayRecord, site: str | None) -> dict[str, np.ndarray
     return arrays
 
 
-def _decode(name: str, array) -> np.ndarray:
+def _decode(name: str, array, dtype: str = "float32", reason: str = "bad_arrays", *,
+            dtype_reason: str | None = None, copy: bool = True) -> np.ndarray:
+    """One Array of ``dtype`` (little-endian, C order), its header and size checked against its
+    declared shape before anything is allocated. ``copy=False`` returns a read-only view of the
+    received bytes (the statistics: 49 MiB that need not exist twice)."""
     if array.stype != "numpy.ndarray":
-        raise Rejected("bad_arrays", f"{shown(name)}: serialization type {shown(array.stype)}")
-    if array.dtype != "float32":
-        raise Rejected("bad_arrays", f"{shown(name)}: dtype {shown(array.dtype)}, expected float32")
+        raise Rejected(reason, f"{shown(name)}: serialization type {shown(array.stype)}")
+    if array.dtype != dtype:
+        raise Rejected(dtype_reason or reason, f"{shown(name)}: dtype {shown(array.dtype)}, expected {dtype}")
     shape = tuple(array.shape)
     if not all(isinstance(d, int) and d >= 0 for d in shape):
-        raise Rejected("bad_arrays", f"{shown(name)}: shape {shown(shape)}")
+        raise Rejected(reason, f"{shown(name)}: shape {shown(shape)}")
+    wanted = np.dtype(dtype).newbyteorder("<")
     data = array.data
     buffer = io.BytesIO(data)
     version = np.lib.format.read_magic(buffer)
     header = (np.lib.format.read_array_header_1_0 if version == (1, 0) else
               np.lib.format.read_array_header_2_0)(buffer, max_header_size=1024)
-    header_shape, fortran_order, dtype = header
-    if dtype != np.dtype("<f4") or fortran_order or tuple(header_shape) != shape:
-        raise Rejected("bad_arrays", f"{shown(name)}: header {shown(header)} does not match "
-                                     f"float32 {shape}")
-    expected = 4 * math.prod(shape)
+    header_shape, fortran_order, header_dtype = header
+    if header_dtype != wanted or fortran_order or tuple(header_shape) != shape:
+        raise Rejected(reason, f"{shown(name)}: header {shown(header)} does not match {dtype} {shape}")
+    expected = wanted.itemsize * math.prod(shape)
     body = memoryview(data)[buffer.tell():]
     if len(body) != expected:
-        raise Rejected("bad_arrays", f"{shown(name)}: {len(body)} bytes for {expected}")
-    return np.frombuffer(body, dtype="<f4").reshape(shape).copy()
+        raise Rejected(reason, f"{shown(name)}: {len(body)} bytes for {expected}")
+    out = np.frombuffer(body, dtype=wanted).reshape(shape)
+    return out.copy() if copy else out
 
 
 # ----------------------------------------------------------------------------- train
 
 def parse_train_reply(msg: Message, expected_base_digest: str, *, require_dp: bool = False,
-                      bind: Callable[[str], str] | None = None) -> Contribution:
+                      bind: Callable[[str], str] | None = None,
+                      stats: StatsExpectation | None = None) -> Contribution:
     """Validate one train reply; raises :class:`Rejected`. (The ledger checks the tensors' spec.)
 
     ``bind`` maps the declared site id to the sender's registered one (or rejects it); it runs
     right after the site id is read, so an impostor is reported as such whatever else is wrong.
+    ``stats``: the exact head is on and a non-DP reply must carry statistics on this grid.
     """
     raise_if_error(msg)
     found = records(msg, delta="array", metrics="metric", meta="config")
@@ -235,7 +291,9 @@ def parse_train_reply(msg: Message, expected_base_digest: str, *, require_dp: bo
     with stage("bad_meta", site):
         ledger_meta = _ledger_meta(meta, kept, dp, site)
     delta = decode_arrays(found["delta"], site)
-    return Contribution(site, delta, num_examples, ledger_meta, kept, dp)
+    sufficient, stats_bytes = parse_stats(msg, stats, dp=dp, num_examples=num_examples, site=site)
+    return Contribution(site, delta, num_examples, ledger_meta, kept, dp, sufficient, stats_bytes,
+                        None if sufficient is None else stats.feature_digest)
 
 
 def _ledger_meta(meta, metrics: dict, dp: bool, site: str) -> dict[str, Any]:
@@ -279,6 +337,88 @@ def _optional_string(meta, key: str, site: str) -> str | None:
     if not isinstance(value, str) or len(value) > MAX_META_STRING:
         raise Rejected("bad_meta", f"{key} = {shown(value)} is not a string of at most {MAX_META_STRING}", site)
     return value
+
+
+# ----------------------------------------------------------------------------- exact-head statistics
+
+def parse_stats(msg: Message, expected: StatsExpectation | None, *, dp: bool, num_examples: int,
+                site: str) -> tuple["SufficientStats | None", int]:
+    """(statistics, bytes received) of a train reply; see the module docstring for the reasons."""
+    with stage("stats_malformed", site):
+        content = msg.content
+        present = {name: name in content for name in ("stats", "stats-meta")}
+        record = content.array_records.get("stats")
+        meta = content.config_records.get("stats-meta")
+    if dp and any(present.values()):
+        raise Rejected("stats_in_dp_reply", "a DP reply carries statistics (an unprotected release): refused",
+                       site)
+    if expected is None or dp:
+        return None, 0  # exact head off: a non-DP site's statistics are not asked for and not kept
+    if not any(present.values()):
+        raise Rejected("stats_missing", "the exact head is on: a non-DP reply must carry stats and stats-meta",
+                       site)
+    if present["stats"] and record is None:
+        raise Rejected("stats_malformed", "stats is not an ArrayRecord", site)
+    if present["stats-meta"] and meta is None:
+        raise Rejected("stats_malformed", "stats-meta is not a ConfigRecord", site)
+    if record is None:
+        raise Rejected("stats_missing", "stats-meta without the stats record", site)
+    if meta is None:
+        raise Rejected("stats_meta_missing", "stats without the stats-meta record", site)
+    with stage("stats_bad_meta", site):
+        _check_stats_meta(dict(meta.items()), expected, site)
+    arrays, received = _stats_arrays(record, expected, site)
+    n = int(arrays["n"][0])
+    if n != num_examples:
+        raise Rejected("stats_n_mismatch", f"statistics of n = {n} examples, num-examples = {num_examples}", site)
+    from tangent.exact_head import SufficientStats
+
+    with stage("stats_bad_arrays", site):
+        return SufficientStats.from_arrays(arrays, expected.grid), received
+
+
+def _check_stats_meta(meta: dict, expected: StatsExpectation, site: str) -> None:
+    missing = [key for key in STATS_META_KEYS if key not in meta]
+    if missing:
+        raise Rejected("stats_meta_missing", f"stats-meta lacks {', '.join(missing)}", site)
+    unknown = sorted(set(meta) - set(STATS_META_KEYS))
+    if unknown:
+        raise Rejected("stats_bad_meta", f"stats-meta has unknown keys {shown(unknown)}", site)
+    for key in ("num-features", "num-classes", "frac-bits"):
+        if not isinstance(meta[key], int) or isinstance(meta[key], bool):
+            raise Rejected("stats_bad_meta", f"{key} = {shown(meta[key])} is not an integer", site)
+    if not _number(meta["clip-norm"]) or not math.isfinite(meta["clip-norm"]):
+        raise Rejected("stats_bad_meta", f"clip-norm = {shown(meta['clip-norm'])} is not a finite number", site)
+    if not isinstance(meta["feature-digest"], str):
+        raise Rejected("stats_bad_meta", f"feature-digest = {shown(meta['feature-digest'])} is not a string", site)
+    grid = {key: meta[key] for key in expected.grid}
+    if grid != expected.grid:
+        raise Rejected("stats_grid_mismatch", f"{shown(grid, 200)} != the server's {expected.grid}", site)
+    if meta["feature-digest"] != expected.feature_digest:
+        raise Rejected("stats_feature_digest_mismatch",
+                       f"{shown(meta['feature-digest'])} != {expected.feature_digest}", site)
+
+
+def _stats_arrays(record: ArrayRecord, expected: StatsExpectation, site: str) -> tuple[dict[str, np.ndarray], int]:
+    """The five int64 arrays, names, dtypes, declared shapes and bytes checked before decoding."""
+    with stage("stats_bad_arrays", site):
+        items = dict(record.items())
+    if sorted(items) != sorted(STATS_ARRAYS):
+        raise Rejected("stats_wrong_names", f"{shown(sorted(items), 200)}, expected {list(STATS_ARRAYS)}", site)
+    shapes = expected.shapes()
+    arrays, received = {}, 0
+    for name in STATS_ARRAYS:
+        array = items[name]
+        with stage("stats_bad_arrays", site):
+            declared, dtype = tuple(array.shape), array.dtype
+            received += len(array.data)
+        if dtype != "int64":
+            raise Rejected("stats_wrong_dtype", f"{name}: dtype {shown(dtype)}, expected int64", site)
+        if declared != shapes[name]:
+            raise Rejected("stats_wrong_shape", f"{name}: shape {shown(declared)}, expected {shapes[name]}", site)
+        with stage("stats_bad_arrays", site):
+            arrays[name] = _decode(name, array, "int64", "stats_bad_arrays", copy=False)
+    return arrays, received
 
 
 # ----------------------------------------------------------------------------- evaluate

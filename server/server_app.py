@@ -19,6 +19,16 @@ reply to the SuperNode that sent it (server.identity) and ``remove-sites`` is re
 withdrawal request signed by the site or by the operator's admin key removes a site. The local
 simulation keeps partition ids and obeys ``remove-sites``. Every path in the run config lives in
 ``state-dir`` (server.config).
+
+Exact head (issue 15, ``exact-head=true``, off in a DP run): the train message also announces φ
+(FeatureSpec keys + ``feature-digest``), every non-DP reply carries the site's sufficient
+statistics beside its Δw, and they go to a second ledger (``exact-head-ledger-path``); central
+evaluation reports ``accuracy_exact_head`` beside the TAFT accuracy. Removal (``remove-sites``,
+withdrawals) takes a site out of both ledgers (server.ledgers). An unlearning run opens the
+statistics ledger whenever its file exists, whatever ``exact-head`` says, so no removal can leave a
+site's statistics behind. A training run with the exact head off (``exact-head=false`` or a DP run)
+leaves the statistics ledger as it is: it keeps each site's last exact-head statistics (their ε is
+∞ in its privacy totals) until the site contributes with the exact head on again or is removed.
 """
 from __future__ import annotations
 
@@ -26,6 +36,7 @@ import json
 import logging
 import os
 import time
+from contextlib import ExitStack
 from pathlib import Path
 
 import numpy as np
@@ -34,8 +45,10 @@ from flwr.serverapp import Grid, ServerApp
 
 from server import config as cfg
 from server.evaluation import CentralEvaluation
+from server.exact_head import ExactHead
 from server.identity import SenderBinding
 from server.ledger import Ledger
+from server.ledgers import Ledgers
 from server.strategy import LedgerFedAvg, StreamingGrid
 from server.withdrawal import (NonceStore, SiteRegistry, WithdrawalRefused, apply_withdrawal, nonce_store_path,
                                read_request)
@@ -83,10 +96,12 @@ def main(grid: Grid, context: Context) -> None:
         if mode not in cfg.MODES:
             raise ValueError(f"run config mode={mode!r}: use one of {cfg.MODES}")
         ledger_path = cfg.ledger_path(run_config, state)
+        stats_path = cfg.exact_head_ledger_path(run_config, state, ledger_path)
         registry_path = cfg.site_registry_path(run_config, state)
         path = cfg.report_path(run_config, state, ledger_path, context.run_id, mode,
-                               protected=tuple(p for p in (registry_path,) if p is not None))
-        _run(grid, context.run_id, run_config, mode, state, ledger_path, registry_path, report)
+                               protected=tuple(p for p in (registry_path,) if p is not None),
+                               other_ledgers=(stats_path,))
+        _run(grid, context.run_id, run_config, mode, state, ledger_path, registry_path, report, stats_path)
     except BaseException as err:  # recorded, then re-raised: the run still fails
         report["error"] = {"type": type(err).__name__, "message": str(err)[:4000]}
         log.error("%s run %s failed: %s: %s", mode, context.run_id, type(err).__name__, err)
@@ -97,7 +112,7 @@ def main(grid: Grid, context: Context) -> None:
 
 
 def _run(grid: Grid, run_id, run_config, mode: str, state: Path, ledger_path: Path,
-         registry_path: Path | None, report: dict) -> None:
+         registry_path: Path | None, report: dict, stats_path: Path | None = None) -> None:
     """The run itself; fills ``report`` as it goes, so a failure keeps what was done before it."""
     from tangent.spec import build_model
 
@@ -114,24 +129,62 @@ def _run(grid: Grid, run_id, run_config, mode: str, state: Path, ledger_path: Pa
                "base_digest": base_digest, "ledger_path": str(ledger_path),
                "site_registry": None if registry_path is None else str(registry_path)}
     log.info("%s run %s (%s): ledger %s, base digest %s", mode, run_id, federation, ledger_path, base_digest)
-    evaluation = CentralEvaluation.start(model, base_digest, spec.img_size, run_config)  # builds in the background
+    exact_head = _exact_head(spec, run_config, mode, stats_path, report)
+    evaluation = CentralEvaluation.start(model, base_digest, spec.img_size, run_config,  # builds in the background
+                                         extractor=None if exact_head is None else exact_head.extractor)
+    if exact_head is not None:
+        exact_head.extractor = None  # the evaluation holds it until φ of the test rows exists
 
-    with Ledger.open(ledger_path, max_delta_norm=max_norm, expected_base_digest=base_digest,
-                     weighting=str(run_config.get("weighting", "examples")),
-                     expected_spec=expected_spec) as ledger:
+    with ExitStack() as opened:  # both ledgers open before anything changes: a removal reaches both
+        ledger = opened.enter_context(Ledger.open(ledger_path, max_delta_norm=max_norm, expected_base_digest=base_digest,
+                                                  weighting=str(run_config.get("weighting", "examples")),
+                                                  expected_spec=expected_spec))
+        stats_ledger = None if exact_head is None else opened.enter_context(Ledger.open(
+            stats_path, family="stats", model_card=exact_head.model_card,
+            expected_base_digest=exact_head.feature_digest))
+        ledgers = Ledgers(ledger, stats_ledger)
         if mode == "unlearn":
-            report |= _unlearn(ledger, cfg.remove_sites(run_config), evaluation, run_id,
+            report |= _unlearn(ledgers, cfg.remove_sites(run_config), evaluation, run_id,
                                requests=cfg.withdrawal_requests(run_config), registry=registry,
                                ledger_path=ledger_path, state=state, federation=federation)
         else:
             binding = SenderBinding(registry) if federation == "deployment" else None
-            _train(grid, ledger, spec, base_digest, evaluation, run_config, binding, report)
-        version = ledger.current_version()
-        report["ledger"] = {"version": version.version, "event": version.event,
-                            "active_sites": sorted((s.site_id for s in ledger.sites()
-                                                    if s.active_contribution_id is not None), key=site_order),
-                            "total_weight": version.total_weight}
+            _train(grid, ledgers, spec, base_digest, evaluation, run_config, binding, report, exact_head=exact_head)
+        report["ledger"] = _ledger_summary(ledger)
+        if stats_ledger is not None:
+            report["exact_head_ledger"] = _ledger_summary(stats_ledger)
     report["central_evaluation"] = evaluation.summary()
+
+
+def _ledger_summary(ledger: Ledger) -> dict:
+    version = ledger.current_version()
+    return {"path": str(ledger.path), "version": version.version, "event": version.event,
+            "active_sites": sorted((s.site_id for s in ledger.sites() if s.active_contribution_id is not None),
+                                   key=site_order),
+            "withdrawn_sites": sorted(ledger.withdrawn_sites(), key=site_order),
+            "total_weight": version.total_weight}
+
+
+def _exact_head(spec, run_config, mode: str, stats_path: Path | None, report: dict) -> ExactHead | None:
+    """The exact head of this run, or None. Training: ``exact-head=true`` outside DP runs.
+    Unlearning: also whenever the statistics ledger exists (a removal must reach it)."""
+    enabled = cfg.exact_head_enabled(run_config)
+    if cfg.exact_head_requested(run_config) and cfg.dp_required(run_config):
+        log.warning("exact head OFF in this DP run (dp=true): the sites send no statistics; DP statistics are "
+                    "measured offline only (benchmarks/exact_head.py)")
+        report["exact_head"] = {"enabled": False, "reason": "dp run: no statistics are sent"}
+    if stats_path is None or not (enabled or (mode == "unlearn" and stats_path.exists())):
+        report.setdefault("exact_head", {"enabled": False})
+        return None
+    started = time.perf_counter()
+    exact_head = ExactHead.build(spec, run_config)
+    report["exact_head"] = exact_head.report() | {"enabled": enabled, "ledger_open": True,
+                                                 "ledger_path": str(stats_path),
+                                                 "setup_s": time.perf_counter() - started}
+    log.info("exact head: p = %d features (%.1f MiB of statistics per site), feature digest %s…, ledger %s",
+             exact_head.expectation.num_features, exact_head.bytes_per_site / 2 ** 20, exact_head.feature_digest[:12],
+             stats_path)
+    return exact_head
 
 
 def _fallback_report_path(state: Path | None, run_id, mode: str) -> Path | None:
@@ -158,11 +211,16 @@ def _write_report(report: dict, path: Path | None) -> None:
         log.error("could not write the report to %s: %s", path, err)
 
 
-def _train(grid: Grid, ledger: Ledger, spec, base_digest: str, evaluation, run_config,
-           binding: SenderBinding | None, report: dict) -> None:
+def _train(grid: Grid, ledgers: Ledger | Ledgers, spec, base_digest: str, evaluation, run_config,
+           binding: SenderBinding | None, report: dict, *, exact_head: ExactHead | None = None) -> None:
+    ledgers = Ledgers.of(ledgers)
+    ledger = ledgers.delta
     min_nodes = int(run_config.get("min-nodes", 2))
-    strategy = LedgerFedAvg(ledger, spec.to_config(), base_digest, binding=binding,
+    announced = spec.to_config() | (exact_head.spec_keys() if exact_head is not None else {"exact-head": False})
+    strategy = LedgerFedAvg(ledger, announced, base_digest, binding=binding,
                             require_dp=cfg.dp_required(run_config),
+                            stats_ledger=ledgers.stats if exact_head is not None else None,
+                            exact_head=None if exact_head is None else exact_head.expectation,
                             fraction_train=float(run_config.get("fraction-train", 1.0)),
                             fraction_evaluate=float(run_config.get("fraction-evaluate", 1.0)),
                             min_train_nodes=min_nodes, min_evaluate_nodes=min_nodes,
@@ -174,11 +232,11 @@ def _train(grid: Grid, ledger: Ledger, spec, base_digest: str, evaluation, run_c
         # reported by it: evaluating it here would make the sites wait for the test inputs.
         if server_round == 0 or len(arrays) == 0 or not evaluation.enabled:
             return None
-        if (result := evaluation(_delta(arrays))) is None:
+        if (result := evaluation(_delta(arrays), stats=_composed_stats(ledgers))) is None:
             return None
         central[server_round] = result
-        log.info("round %d: central accuracy %.4f on %d test images", server_round,
-                 central[server_round]["accuracy"], central[server_round]["num-examples"])
+        log.info("round %d: central accuracy %.4f on %d test images%s", server_round,
+                 central[server_round]["accuracy"], central[server_round]["num-examples"], _exact_line(result))
         return MetricRecord(central[server_round])
 
     initial = ArrayRecord(ledger.composed_delta()) if ledger.current_version().total_weight else ArrayRecord()
@@ -192,7 +250,21 @@ def _train(grid: Grid, ledger: Ledger, spec, base_digest: str, evaluation, run_c
         last = max(central) if central else None
         report |= {"rounds": rounds, "central": {str(k): v for k, v in central.items()},
                    "accuracy": central[last]["accuracy"] if last else None,
+                   "accuracy_exact_head": central[last].get("accuracy_exact_head") if last else None,
+                   "exact_head_lambda": central[last].get("exact_head_lambda") if last else None,
                    "rejected": sum(len(r["rejections"]) for r in rounds)}
+
+
+def _composed_stats(ledgers: Ledgers):
+    """The statistics ledger's composed statistics (None: exact head off, or nothing active)."""
+    return None if ledgers.stats is None else ledgers.stats.composed_stats()
+
+
+def _exact_line(result: dict) -> str:
+    if "accuracy_exact_head" not in result:
+        return ""
+    return (f"; exact head {result['accuracy_exact_head']:.4f} (λ = {result['exact_head_lambda']:.3g}, "
+            f"n = {result['exact_head_examples']})")
 
 
 REMOVE_SITES_REFUSED = ("federation-mode='deployment' does not obey remove-sites: whoever can submit a run "
@@ -200,9 +272,12 @@ REMOVE_SITES_REFUSED = ("federation-mode='deployment' does not obey remove-sites
                         "admin key (signer='admin', deploy.withdraw) and passes it as withdrawal-requests")
 
 
-def _unlearn(ledger: Ledger, sites: list[str], evaluation, run_id, *, requests: list[str] = (),
+def _unlearn(ledgers: Ledger | Ledgers, sites: list[str], evaluation, run_id, *, requests: list[str] = (),
              registry: SiteRegistry | None = None, ledger_path: Path | None = None, state: Path | None = None,
              federation: str = "simulation") -> dict:
+    """Remove the listed sites and the sites of the accepted withdrawal requests from every ledger."""
+    ledgers = Ledgers.of(ledgers)
+    ledger = ledgers.delta
     if not sites and not requests:
         raise ValueError("mode='unlearn' needs remove-sites='<id>,<id>,...' or "
                          "withdrawal-requests='<file>,<file>,...'")
@@ -213,7 +288,7 @@ def _unlearn(ledger: Ledger, sites: list[str], evaluation, run_id, *, requests: 
         log.warning("remove-sites=%s REFUSED: %s", ",".join(sites), REMOVE_SITES_REFUSED)
         result["remove_sites_refused"] = {"sites": sites, "reason": REMOVE_SITES_REFUSED}
         sites = []
-    withdrawals = _apply_withdrawals(ledger, list(requests), registry, ledger_path, state) if requests else []
+    withdrawals = _apply_withdrawals(ledgers, list(requests), registry, ledger_path, state) if requests else []
     result["removed_sites"] += [w["site_id"] for w in withdrawals if w["accepted"]]
     for site in sites:
         try:
@@ -222,8 +297,8 @@ def _unlearn(ledger: Ledger, sites: list[str], evaluation, run_id, *, requests: 
             result.setdefault("invalid_site_ids", []).append(str(err))
             log.warning("remove-sites: %s", err)
             continue
-        had_contribution = bool(ledger.contributions(site_id=site, status="active"))
-        ledger.remove(site, reason=f"unlearning run {run_id}")  # also marks it withdrawn (sticky)
+        had_contribution = ledgers.has_active(site)
+        ledgers.remove(site, reason=f"unlearning run {run_id}")  # from both ledgers; marks it withdrawn (sticky)
         if had_contribution:
             result["removed_sites"].append(site)
             log.info("removed site %s from the ledger", site)
@@ -231,19 +306,22 @@ def _unlearn(ledger: Ledger, sites: list[str], evaluation, run_id, *, requests: 
             result["not_found"].append(site)
             log.warning("site %s has no active contribution: nothing to subtract (it stays withdrawn)", site)
     result |= {"withdrawals": withdrawals, "withdrawals_refused": sum(not w["accepted"] for w in withdrawals)}
-    if ledger.current_version().total_weight and (central := evaluation(ledger.composed_delta())) is not None:
+    if ledger.current_version().total_weight and (
+            central := evaluation(ledger.composed_delta(), stats=_composed_stats(ledgers))) is not None:
         result["central"] = {"0": central}
         result["accuracy"] = central["accuracy"]
-        log.info("after removal: central accuracy %.4f", result["accuracy"])
+        result["accuracy_exact_head"] = central.get("accuracy_exact_head")
+        result["exact_head_lambda"] = central.get("exact_head_lambda")
+        log.info("after removal: central accuracy %.4f%s", result["accuracy"], _exact_line(central))
     else:
         result["accuracy"] = None
         log.warning("nothing evaluated after removal (empty ledger or no test data)")
     return result
 
 
-def _apply_withdrawals(ledger: Ledger, requests: list[str], registry: SiteRegistry, ledger_path: Path,
+def _apply_withdrawals(ledger: Ledgers, requests: list[str], registry: SiteRegistry, ledger_path: Path,
                        state: Path) -> list[dict]:
-    """Verify each signed request and subtract its site; a refused one changes nothing.
+    """Verify each signed request and subtract its site from every ledger; a refused one changes nothing.
 
     Every request file is hostile input: a path outside the state directory, an unreadable file
     and any error while one request is handled are refusals in the report, never an aborted run.

@@ -10,6 +10,16 @@ In a deployment the site id a reply declares is bound to the SuperNode that sent
 site registry (server.identity): impostors, unregistered nodes, revoked keys and example counts
 over the registered cap are refused, and withdrawn or revoked sites are not sampled.
 
+With the exact head on (issue 15) one reply carries both models: the site's Δw and its
+sufficient statistics. :func:`record` writes the Δw to the Δ ledger, then the statistics to the
+statistics ledger; when the statistics ledger refuses after the Δ ledger accepted (its own
+checks: bounds, overflow, a site withdrawn there), the new Δw is retracted again — and the site's
+older statistics with it — so that a site is in both models or in neither (a refused reply can
+cost the site its earlier contribution, never make the two models disagree). A non-DP site's
+reply without statistics cannot happen (refused as ``stats_missing``); a DP reply (which never
+carries statistics) retracts the site's older statistics, so that both models hold the site's
+current contribution only.
+
 Replies are never trusted and no reply can abort a round: a Flower error, a site's error record,
 anything malformed, a base digest other than the server's, a non-DP reply in a DP run, a second
 reply for the same site in one round, everything the ledger itself refuses (shapes, NaN, norm,
@@ -28,6 +38,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import numpy as np
 from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.app.message_type import MessageType
 from flwr.serverapp import Grid
@@ -36,8 +47,9 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
 from server.identity import SenderBinding
 from server.ledger import Ledger, RejectedContribution
-from server.replies import (MAX_DETAIL, Contribution, Rejected, parse_evaluate_reply, parse_train_reply,
-                            shown)
+from server.ledgers import Ledgers
+from server.replies import (MAX_DETAIL, Contribution, Rejected, StatsExpectation, parse_evaluate_reply,
+                            parse_train_reply, shown)
 
 __all__ = ["LedgerFedAvg", "RoundSummary", "Rejected", "Contribution", "parse_train_reply", "record",
            "StreamingGrid", "composed_arrays"]
@@ -51,6 +63,11 @@ class RoundSummary:
     sent: int = 0
     recorded: list[str] = field(default_factory=list)  # site ids, in order
     replaced: list[str] = field(default_factory=list)
+    stats_recorded: list[str] = field(default_factory=list)  # sites whose statistics were recorded too
+    stats_bytes: int = 0  # bytes of exact-head statistics received in the recorded replies
+    stats_version: int | None = None  # the statistics ledger's version after the round
+    # sites taken out of both ledgers because the statistics ledger refused after the Δ ledger accepted
+    retracted: list[str] = field(default_factory=list)
     # {"site_id", "node_id", "reason", "detail"} (+ "declared_site_id" when the claim differs)
     rejections: list[dict] = field(default_factory=list)
     not_sampled: list[dict] = field(default_factory=list)  # {"node_id", "site_id", "reason"}
@@ -73,16 +90,68 @@ class RoundSummary:
         return out
 
 
-def record(ledger: Ledger, contribution: Contribution) -> tuple[Any, bool]:
-    """Add (or replace, for a site that contributed before). Returns (ModelVersion, replaced)."""
-    active = ledger.contributions(site_id=contribution.site_id, status="active")
+def record(ledgers: Ledger | Ledgers, contribution: Contribution) -> tuple[Any, bool]:
+    """Add (or replace, for a site that contributed before) the Δw, then the statistics (module
+    docstring). Returns (the Δ ledger's ModelVersion, replaced)."""
+    ledgers = Ledgers.of(ledgers)
+    ledger, site = ledgers.delta, contribution.site_id
+    active = ledger.contributions(site_id=site, status="active")
     method = ledger.replace if active else ledger.add
     try:
-        version = method(contribution.site_id, contribution.delta, contribution.num_examples,
-                         **contribution.meta)
+        version = method(site, contribution.delta, contribution.num_examples, **contribution.meta)
     except RejectedContribution as err:
-        raise Rejected(err.reason, err.detail, contribution.site_id) from None
+        raise Rejected(err.reason, err.detail, site) from None
+    if ledgers.stats is not None:
+        _record_stats(ledgers, contribution, version)
     return version, bool(active)
+
+
+def _record_stats(ledgers: Ledgers, contribution: Contribution, delta_version) -> None:
+    stats_ledger, site = ledgers.stats, contribution.site_id
+    active = stats_ledger.contributions(site_id=site, status="active")
+    if contribution.stats is None:  # a DP reply: the site's older (non-DP) statistics go too
+        if active:
+            stats_ledger.retract(site, reason=f"replaced by Δ ledger version {delta_version.version}, "
+                                              "a contribution without statistics")
+        return
+    arrays = contribution.stats.to_arrays()
+    if active and _same_arrays(stats_ledger.contribution_delta(active[0].id), arrays):
+        return  # the same data gives the same integers: the site's statistics stand unchanged
+    method = stats_ledger.replace if active else stats_ledger.add
+    try:
+        method(site, arrays, num_examples=contribution.stats.n,
+               base_digest=contribution.feature_digest,
+               extra={"delta_model_version": delta_version.version,
+                      **{k: v for k, v in (contribution.meta.get("extra") or {}).items() if v is not None}})
+    except Exception as err:
+        _take_back(ledgers, site, err)
+        if isinstance(err, RejectedContribution):
+            reason = err.reason if err.reason.startswith("stats_") else f"stats_{err.reason}"
+            refusal = Rejected(reason, err.detail, site)
+        else:
+            log.exception("site %s: the statistics ledger failed", site)
+            refusal = Rejected("internal", f"statistics ledger: {type(err).__name__}: {str(err)[:MAX_DETAIL]}", site)
+        refusal.retracted = True
+        raise refusal from None
+
+
+def _take_back(ledgers: Ledgers, site: str, err: Exception) -> None:
+    """The statistics were refused after the Δw was recorded: the site leaves both models (its
+    new Δw and any older statistics), so the two ledgers agree. (Restoring the replaced Δw is not
+    possible: the Δ ledger erased its bytes and refuses a Δ it has seen before.)"""
+    why = f"statistics refused ({type(err).__name__}: {str(err)[:200]}): the reply is refused as a whole"
+    for ledger in ledgers.all():
+        try:
+            if ledger.contributions(site_id=site, status="active"):
+                ledger.retract(site, reason=why)
+        except Exception:  # noqa: BLE001 - try the other ledger; the refusal is raised by the caller
+            log.exception("site %s: could not retract it from %s: the ledgers may DISAGREE about it", site,
+                          ledger.path)
+    log.warning("site %s: %s; retracted from both ledgers", site, why)
+
+
+def _same_arrays(old: dict, new: dict) -> bool:
+    return old.keys() == new.keys() and all(np.array_equal(old[k], new[k]) for k in new)
 
 
 def _sender(msg: Message) -> int | None:
@@ -99,12 +168,19 @@ class LedgerFedAvg(FedAvg):
     it by the digest); evaluate messages add the composed Δ as ``"delta"``. ``binding`` (the
     deployment's site registry) ties each reply to its sender node; None in the simulation.
     ``require_dp`` (a ``dp=true`` run) refuses non-DP replies as ``not_private``.
+    ``stats_ledger`` + ``exact_head`` (the grid and feature digest the spec announces): the exact
+    head is on, every non-DP reply must carry its statistics and both are recorded.
     """
 
     def __init__(self, ledger: Ledger, spec: dict, base_digest: str, *, binding: SenderBinding | None = None,
-                 require_dp: bool = False, **fedavg_kwargs):
+                 require_dp: bool = False, stats_ledger: Ledger | None = None,
+                 exact_head: StatsExpectation | None = None, **fedavg_kwargs):
         super().__init__(weighted_by_key="num-examples", arrayrecord_key="delta", **fedavg_kwargs)
+        if (stats_ledger is None) != (exact_head is None):
+            raise ValueError("the exact head needs both its statistics ledger and its StatsExpectation")
         self.ledger = ledger
+        self.ledgers = Ledgers(ledger, stats_ledger)
+        self.exact_head = exact_head
         self.spec = ConfigRecord(dict(spec) | {"base-digest": base_digest})
         self.base_digest = base_digest
         self.binding = binding
@@ -116,6 +192,9 @@ class LedgerFedAvg(FedAvg):
         log.info("\t└──> ledger %s (base digest %s…), %s, %s", self.ledger.path, self.base_digest[:12],
                  "replies bound to registered nodes" if self.binding else "simulation: partition ids",
                  "DP replies only" if self.require_dp else "DP optional")
+        if self.exact_head is not None:
+            log.info("\t└──> exact head: statistics ledger %s (feature digest %s…, p = %d)", self.ledgers.stats.path,
+                     self.exact_head.feature_digest[:12], self.exact_head.num_features)
 
     # ------------------------------------------------------------------ sampling
     def _messages(self, record: RecordDict, fraction: float, min_nodes: int, grid: Grid,
@@ -133,7 +212,7 @@ class LedgerFedAvg(FedAvg):
                          summary: RoundSummary | None) -> list[int]:
         """FedAvg's sampling over the nodes whose site is neither withdrawn nor revoked."""
         _, connected = sample_nodes(grid, self.min_available_nodes, 0)  # waits for enough nodes
-        withdrawn = set(self.ledger.withdrawn_sites())
+        withdrawn = set(self.ledgers.withdrawn_sites())
         eligible, excluded = [], []
         for node in connected:
             why = self.binding.not_eligible(node, withdrawn)
@@ -167,13 +246,13 @@ class LedgerFedAvg(FedAvg):
 
     def _train_reply(self, msg: Message, node_id: int | None, seen: set[str]) -> tuple[Contribution, Any, bool]:
         contribution = parse_train_reply(msg, self.base_digest, require_dp=self.require_dp,
-                                         bind=self._bind(node_id))
+                                         bind=self._bind(node_id), stats=self.exact_head)
         if self.binding is not None:
             self.binding.check_cap(contribution.site_id, contribution.num_examples)
         if contribution.site_id in seen:
             raise Rejected("duplicate_site_in_round", "a second reply for this site", contribution.site_id)
         seen.add(contribution.site_id)
-        version, replaced = record(self.ledger, contribution)
+        version, replaced = record(self.ledgers, contribution)
         return contribution, version, replaced
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
@@ -186,6 +265,8 @@ class LedgerFedAvg(FedAvg):
                 contribution, version, replaced = self._train_reply(msg, node_id, seen)
             except Exception as err:  # noqa: BLE001 - one reply never aborts the round (see module doc)
                 summary.rejections.append(self._rejection(server_round, "train", node_id, err))
+                if getattr(err, "retracted", False):
+                    summary.retracted.append(err.site_id)
                 continue
             summary.recorded.append(contribution.site_id)
             if replaced:
@@ -193,13 +274,22 @@ class LedgerFedAvg(FedAvg):
             summary.model_version = version.version
             summary.total_examples += contribution.num_examples
             summary.site_metrics[contribution.site_id] = contribution.metrics
+            if contribution.stats is not None and self.ledgers.stats is not None:
+                summary.stats_recorded.append(contribution.site_id)
+                summary.stats_bytes += contribution.stats_bytes
         if summary.sent_at is not None:
             summary.train_round_trip_s = time.monotonic() - summary.sent_at
+        if self.ledgers.stats is not None:
+            summary.stats_version = self.ledgers.stats.current_version().version
         summary.train_metrics = _weighted_means(summary.site_metrics.values(),
                                                 ("train-loss", "train-accuracy", "wall-s"))
         log.info("round %d: recorded %d (%d replaced), rejected %d %s; ledger version %s; round trip %.1f s",
                  server_round, len(summary.recorded), len(summary.replaced), len(summary.rejections),
                  summary.rejected_by_reason or "", summary.model_version, summary.train_round_trip_s or 0.0)
+        if self.ledgers.stats is not None:
+            log.info("round %d: exact-head statistics of %d sites recorded (%.1f MiB received); statistics "
+                     "ledger version %s", server_round, len(summary.stats_recorded), summary.stats_bytes / 2 ** 20,
+                     summary.stats_version)
         metrics = MetricRecord(summary.train_metrics | {"recorded": len(summary.recorded),
                                                         "rejected": len(summary.rejections)})
         if not summary.recorded and summary.model_version is None:

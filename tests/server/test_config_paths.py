@@ -162,3 +162,84 @@ def test_an_invalid_mode_is_refused_with_a_report_that_stays_in_the_state_dir(tm
     report = json.loads((state / "reports" / "refused-6.json").read_text())
     assert report["mode"] == "../../../x" and "mode" in report["error"]["message"]
     assert not list(tmp_path.glob("x-6.json"))
+
+
+# ----------------------------------------------------------------------------- exact head (contract 7a)
+
+def _app_config() -> dict:
+    import tomllib
+
+    pyproject = Path(__file__).resolve().parents[2] / "pyproject.toml"
+    return tomllib.loads(pyproject.read_text())["tool"]["flwr"]["app"]["config"]
+
+
+def test_the_app_config_carries_the_exact_head_keys_of_contract_7a():
+    config = _app_config()
+    assert {k: config[k] for k in ("exact-head", "feature-pieces", "random-features", "random-seed", "clip-norm",
+                                   "frac-bits", "exact-head-ledger-path")} == {
+        "exact-head": True, "feature-pieces": "final_cls,final_mean,input_cls,input_mean", "random-features": 2048,
+        "random-seed": 0, "clip-norm": 2.0, "frac-bits": 16, "exact-head-ledger-path": "exact_head.sqlite"}
+    spec = cfg.feature_spec(config)
+    assert spec.dim() == 3584 and spec.clip_norm == 2.0 and spec.frac_bits == 16 and spec.random_seed == 0
+    assert cfg.exact_head_enabled(config)
+
+
+def test_exact_head_is_off_when_absent_or_false_and_in_a_dp_run():
+    assert not cfg.exact_head_enabled({})
+    assert not cfg.exact_head_enabled({"exact-head": False}) and not cfg.exact_head_enabled({"exact-head": "false"})
+    assert cfg.exact_head_enabled({"exact-head": "true"})
+    assert not cfg.exact_head_enabled({"exact-head": True, "dp": True})
+    assert cfg.exact_head_requested({"exact-head": True, "dp": True})
+
+
+def test_exact_head_ledger_path_default_and_confinement(state):
+    ledger = cfg.ledger_path({}, state)
+    assert cfg.exact_head_ledger_path({}, state, ledger) == state / "exact_head.sqlite"
+    assert cfg.exact_head_ledger_path({"exact-head-ledger-path": "eh/stats.sqlite"}, state, ledger) == \
+        state / "eh/stats.sqlite"
+    for value in ("../escape.sqlite", "/tmp/x.sqlite", "~/x.sqlite", "."):
+        with pytest.raises(cfg.PathRefused):
+            cfg.exact_head_ledger_path({"exact-head-ledger-path": value}, state, ledger)
+
+
+@pytest.mark.parametrize("name", ["ledger.sqlite", "ledger.sqlite-wal", "ledger.sqlite-journal",
+                                  "ledger.sqlite.withdrawals.sqlite", "ledger.sqlite.head.json",
+                                  "ledger.sqlite.signing-key.pem", "ledger.sqlite.stats", "ledger", "./x/../ledger.sqlite"])
+def test_the_statistics_ledger_never_shares_a_file_with_the_delta_ledger(state, name):
+    ledger = cfg.ledger_path({}, state)
+    with pytest.raises(cfg.PathRefused, match="collides with the Δ ledger"):
+        cfg.exact_head_ledger_path({"exact-head-ledger-path": name}, state, ledger)
+
+
+def test_the_statistics_ledger_can_not_reach_the_delta_ledger_through_a_link(state):
+    ledger = cfg.ledger_path({}, state)
+    ledger.write_bytes(b"SQLite format 3\x00")
+    (state / "stats.sqlite").symlink_to(ledger)
+    with pytest.raises(cfg.PathRefused):
+        cfg.exact_head_ledger_path({"exact-head-ledger-path": "stats.sqlite"}, state, ledger)
+    # and the other way round: a Δ ledger path whose companions would be the statistics ledger's
+    (state / "sub").mkdir()
+    with pytest.raises(cfg.PathRefused):
+        cfg.exact_head_ledger_path({"exact-head-ledger-path": "sub/l.sqlite-wal"}, state, state / "sub" / "l.sqlite")
+
+
+@pytest.mark.parametrize("name", ["exact_head.sqlite", "exact_head.sqlite-wal", "exact_head.sqlite.head.json",
+                                  "exact_head.sqlite.signing-key.pem", "exact_head.sqlite.later"])
+def test_report_path_can_never_name_the_statistics_ledger_or_its_companions(state, name):
+    ledger = cfg.ledger_path({}, state)
+    stats = cfg.exact_head_ledger_path({}, state, ledger)
+    with pytest.raises(cfg.PathRefused, match="a file the server keeps"):
+        cfg.report_path({"report-path": name}, state, ledger, 1, "train", other_ledgers=(stats,))
+
+
+def test_the_serverapp_refuses_a_report_over_the_statistics_ledger(tmp_path):
+    from flwr.app import Context, RecordDict
+
+    from server.server_app import main
+
+    state = tmp_path / "state"
+    context = Context(run_id=43, node_id=0, node_config={}, state=RecordDict(),
+                      run_config={"mode": "train", "state-dir": str(state), "report-path": "exact_head.sqlite-wal"})
+    with pytest.raises(cfg.PathRefused, match="a file the server keeps"):
+        main(None, context)
+    assert not (state / "exact_head.sqlite-wal").exists()

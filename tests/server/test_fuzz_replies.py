@@ -10,6 +10,14 @@ round and, in deployment mode, replies from the wrong, unregistered or revoked n
 (both the non-DP and the DP form) are interleaved. For every round: it completes, each corrupted
 reply is a counted rejection with a machine-readable reason, each valid one is recorded, and the
 round summary serialises. Afterwards the ledger verifies and holds exactly the valid sites.
+
+The exact head is on (issue 15): every valid non-DP reply also carries its sufficient statistics,
+and the corruptions include statistics records that are missing, of the wrong record type, with
+wrong meta, grid or feature digest, array names, dtypes, shapes and bytes, n != num-examples,
+statistics in a DP reply, and statistics the statistics ledger itself refuses (counts that do not
+sum to n, a negative Gram diagonal) after the Δ ledger accepted the Δw. Afterwards both ledgers
+verify, the statistics ledger holds exactly the sites whose current contribution carried
+statistics, and its composed statistics are the sum of exactly those sites' statistics.
 """
 from __future__ import annotations
 
@@ -27,7 +35,10 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
 from server.ledger import Ledger
+from server.replies import Rejected, _decode
 from server.strategy import LedgerFedAvg
+from tangent.exact_head import SufficientStats
+from tests.server.exact_head_replies import EXPECT, FEATURE_DIGEST, open_stats_ledger, site_stats
 
 BASE = "b" * 64
 SHAPES = {"a.weight": (2, 3), "b.bias": (4,)}
@@ -67,7 +78,18 @@ def valid_parts(rng: np.random.Generator, site: str, dp: bool) -> dict:
                 "source": "test", "from-cache": False, "dp": False, "dp-target-epsilon": 8.0,
                 "dp-max-grad-norm": 1.0, "dp-noise-multiplier": 0.0, "train-config": json.dumps({"epochs": 1}),
                 "pid": 4242}
-    return {"delta": ("array", arrays), "metrics": ("metric", metrics), "meta": ("config", meta)}
+    parts = {"delta": ("array", arrays), "metrics": ("metric", metrics), "meta": ("config", meta)}
+    if not dp:  # contract 7c: a non-DP reply carries the exact head's statistics too
+        stats = site_stats(int(rng.integers(2 ** 31)), metrics["num-examples"])
+        parts["stats"] = ("array", {k: Array(v) for k, v in stats.to_arrays().items()})
+        parts["stats-meta"] = ("config", stats.meta() | {"feature-digest": FEATURE_DIGEST})
+    return parts
+
+
+def sent_stats(parts: dict) -> SufficientStats:
+    """The statistics a (valid) reply carries, as the server must have recorded them."""
+    arrays = {name: array.numpy() for name, array in parts["stats"][1].items()}
+    return SufficientStats.from_arrays(arrays, EXPECT.grid)
 
 
 def build(parts: dict, node_id: int, kind: str = "train") -> Message:
@@ -157,6 +179,76 @@ def corrupt_array(rng: np.random.Generator, name: str, shape: tuple) -> Array:
     return Array(dtype="float32", shape=(), stype="numpy.ndarray", data=data)
 
 
+def corrupt_stats(rng: np.random.Generator, parts: dict) -> str:
+    """Corrupt (or, in a DP reply, add) the exact head's statistics; returns the corruption."""
+    if parts.get("stats", ("",))[0] != "array" or parts.get("stats-meta", ("",))[0] != "config":
+        good = site_stats(int(rng.integers(2 ** 31)), 10)  # a DP reply, or records already retyped/dropped
+        parts["stats"] = ("array", {k: Array(v) for k, v in good.to_arrays().items()})
+        parts["stats-meta"] = ("config", good.meta() | {"feature-digest": FEATURE_DIGEST})
+        return "stats_added"
+    arrays, meta = parts["stats"][1], parts["stats-meta"][1]
+
+    def value(name: str) -> np.ndarray:
+        """The array's int64 values, or — when an earlier corruption broke it — a stand-in (never
+        ``Array.numpy()`` on a corrupted header: it would allocate what the header declares)."""
+        try:
+            return _decode(name, arrays[name], "int64").copy()
+        except (Rejected, KeyError, ValueError, TypeError):
+            return np.zeros(3, np.int64)
+
+    how = int(rng.integers(12))
+    if how == 0:
+        parts.pop(str(rng.choice(["stats", "stats-meta"])))
+    elif how == 1:
+        key = str(rng.choice(sorted(meta)))
+        value = rng.choice(np.array([None, "x", -1, True, b"\x00", [1], 2 ** 40, math.nan], dtype=object))
+        if value is None:
+            meta.pop(key)
+        else:
+            meta[key] = value
+    elif how == 2:
+        key = str(rng.choice(["feature-digest", "frac-bits", "num-features", "num-classes", "clip-norm"]))
+        meta[key] = {"feature-digest": "e" * 64, "frac-bits": 12, "num-features": 7, "num-classes": 2,
+                     "clip-norm": 3.0}[key]
+    elif how == 3:
+        meta[str(rng.choice(["extra", "dp", "__metadata__"]))] = "x"
+    elif how == 4:
+        name = str(rng.choice(sorted(arrays)))
+        arrays[name] = Array(value(name).astype(str(rng.choice(["float64", "int32", "uint64", "float32"]))))
+    elif how == 5:
+        name = str(rng.choice(sorted(arrays)))
+        arrays[name] = Array(np.zeros((2,) + tuple(arrays[name].shape), np.int64))
+    elif how == 6:
+        name = str(rng.choice(sorted(arrays)))
+        a = arrays[name]
+        data = {0: a.data[:-8], 1: a.data + b"\x00" * 8, 2: _header_bytes((10 ** 12,)),
+                3: _header_bytes(tuple(a.shape), descr=">i8", body=value(name).astype(">i8").tobytes())}[
+            int(rng.integers(4))]
+        arrays[name] = Array(dtype="int64", shape=tuple(a.shape), stype=str(rng.choice(["numpy.ndarray", "pickle"])),
+                             data=data)
+    elif how == 7:
+        if rng.random() < 0.5:
+            arrays.pop(str(rng.choice(sorted(arrays))))
+        else:
+            arrays[str(rng.choice(["x", "__metadata__", "gram2"]))] = Array(np.zeros(3, np.int64))
+    elif how == 8:
+        arrays["n"] = Array(value("n") + int(rng.choice([-1, 1, 2 ** 40])))
+    elif how == 9:  # passes every reply check; the statistics ledger refuses it (contract 7d bounds)
+        counts = value("counts")
+        counts[int(rng.integers(len(counts)))] += 1
+        arrays["counts"] = Array(counts)
+        return "stats_out_of_bounds_counts"
+    elif how == 10:
+        gram = value("gram")
+        gram[0] = -1  # G's first diagonal entry: a sum of squares cannot be negative
+        arrays["gram"] = Array(gram)
+        return "stats_out_of_bounds_gram"
+    else:
+        name = str(rng.choice(["stats", "stats-meta"]))
+        parts[name] = ("metric", {"a": 1}) if name == "stats" else ("array", {"x": Array(np.zeros(2, np.int64))})
+    return f"stats_{how}"
+
+
 def mutate(rng: np.random.Generator, parts: dict, kind: str) -> str:
     """Corrupt ``parts`` in place; returns the name of the corruption."""
     # a record already dropped or retyped by an earlier corruption is left alone (throwaway dicts)
@@ -166,7 +258,7 @@ def mutate(rng: np.random.Generator, parts: dict, kind: str) -> str:
     options = ["drop_record", "record_type", "num_examples", "site_id", "metric_value", "error_record"]
     if kind == "train":
         options += ["base_digest", "dp_flag", "dp_epsilon", "train_config", "meta_strings", "array", "array",
-                    "array_names"]
+                    "array_names", "stats", "stats"]
     choice = str(rng.choice(options))
     if choice == "drop_record":
         parts.pop(str(rng.choice([name for name in parts if name != "error"] or ["error"])))
@@ -215,6 +307,8 @@ def mutate(rng: np.random.Generator, parts: dict, kind: str) -> str:
                   "dp-target-epsilon": ["8", b"x", [1.0], True],
                   "data-digest": [3.5, ["a"], "d" * 2000]}[key]
         meta[key] = values[int(rng.integers(len(values)))]
+    elif choice == "stats":
+        return corrupt_stats(rng, parts)
     elif choice == "array":
         name = str(rng.choice(list(arrays) or ["a.weight"]))
         arrays[name] = corrupt_array(rng, name, SHAPES.get(name, (3,)))
@@ -265,14 +359,16 @@ def test_no_corrupted_reply_aborts_a_round_and_each_is_a_counted_rejection(tmp_p
     withdrawn: set[str] = set()
     sticky = hasattr(Ledger, "withdrawn_sites")  # the ledger's sticky withdrawal (contract 2) is there
     start = time.perf_counter()
+    current_stats: dict[str, SufficientStats] = {}  # site -> the statistics its active contribution carried
     with Ledger.open(tmp_path / "ledger.sqlite", expected_base_digest=BASE, max_delta_norm=10.0,
-                     expected_spec=SHAPES) as ledger:
+                     expected_spec=SHAPES) as ledger, open_stats_ledger(tmp_path / "stats.sqlite") as stats_ledger:
         strategy = LedgerFedAvg(ledger, SPEC, BASE, min_available_nodes=1, min_train_nodes=1, min_evaluate_nodes=1,
+                                stats_ledger=stats_ledger, exact_head=EXPECT,
                                 **({"binding": binding} if binding else {}))
         case = 0
         for server_round in range(1, CASES // ROUND_SIZE + 1):
             strategy.require_dp = server_round % 5 == 0  # every fifth round is a DP run
-            replies, good_nodes, bad_senders, in_round, applied = [], set(), Counter(), set(), {}
+            replies, good_nodes, bad_senders, in_round, applied, valid_stats = [], set(), Counter(), set(), {}, {}
             for _ in range(ROUND_SIZE):
                 site = sites[case]
                 case += 1
@@ -281,7 +377,9 @@ def test_no_corrupted_reply_aborts_a_round_and_each_is_a_counted_rejection(tmp_p
                 node = nodes[site]
                 dp = strategy.require_dp or rng.random() < 0.3
                 if rng.random() < 0.08 and site not in in_round:
-                    replies.append(build(valid_parts(rng, site, dp), node))
+                    parts = valid_parts(rng, site, dp)
+                    valid_stats[site] = None if dp else sent_stats(parts)
+                    replies.append(build(parts, node))
                     good_nodes.add(node)
                     in_round.add(site)
                     continue
@@ -295,6 +393,9 @@ def test_no_corrupted_reply_aborts_a_round_and_each_is_a_counted_rejection(tmp_p
                     corruptions[applied[node][-1]] += 1
                 replies.append(_odd_sender(rng, parts, node, federation, nodes, revoked_site, corruptions))
                 bad_senders[replies[-1].metadata.src_node_id] += 1
+                # a reply the ledger refuses still took the site's one reply of the round: a valid one
+                # after it is a duplicate (a SuperNode answers each message once; only the fuzz sends two)
+                in_round.add(site)
             if sticky and withdrawn:  # a withdrawn site whose SuperNode still runs: never re-added
                 site = str(rng.choice(sorted(withdrawn)))
                 replies.append(build(valid_parts(rng, site, strategy.require_dp), nodes[site]))
@@ -326,10 +427,22 @@ def test_no_corrupted_reply_aborts_a_round_and_each_is_a_counted_rejection(tmp_p
             json.dumps(summary.as_dict(), default=str)  # the report survives whatever the replies held
             reasons.update(summary.rejected_by_reason)
             expected_active |= set(summary.recorded)
+            # a reply the statistics ledger refused after the Δ ledger accepted it: the site left both
+            assert all(any(r["site_id"] == site and r["reason"].startswith("stats_") for r in summary.rejections)
+                       for site in summary.retracted)
+            expected_active -= set(summary.retracted)
+            for site in summary.retracted:
+                current_stats.pop(site, None)
+            for site in summary.recorded:
+                current_stats.pop(site, None)
+                if valid_stats[site] is not None:
+                    current_stats[site] = valid_stats[site]
+            assert summary.stats_recorded == [s for s in summary.recorded if valid_stats[s] is not None]
             if sticky and server_round % 10 == 0 and expected_active:  # a site withdraws (ledger contract 2)
                 site = sorted(expected_active)[0]
-                assert ledger.remove(site, reason="fuzz: withdrawal")
+                assert strategy.ledgers.remove(site, reason="fuzz: withdrawal")  # from both ledgers
                 expected_active.discard(site)
+                current_stats.pop(site, None)
                 withdrawn.add(site)
 
             evaluate_replies, evaluate_good = _evaluate_replies(rng, sites, nodes, corruptions)
@@ -341,7 +454,12 @@ def test_no_corrupted_reply_aborts_a_round_and_each_is_a_counted_rejection(tmp_p
             json.dumps(strategy.rounds[server_round].as_dict(), default=str)
 
         ledger.verify()  # raises LedgerCorrupt on any inconsistency
+        stats_ledger.verify()
         assert {c.site_id for c in ledger.contributions(status="active")} == expected_active
+        assert {c.site_id for c in stats_ledger.contributions(status="active")} == set(current_stats)
+        assert set(current_stats) <= expected_active
+        composed = stats_ledger.composed_stats()
+        assert (composed is None and not current_stats) or composed == SufficientStats.total(current_stats.values())
     elapsed = time.perf_counter() - start
     total = sum(reasons.values())
     train_reasons = sorted(k for k in reasons if not k.startswith("evaluate:"))

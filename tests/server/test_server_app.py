@@ -13,7 +13,7 @@ from server.server_app import REMOVE_SITES_REFUSED, _train, _unlearn
 from server.withdrawal import SiteRegistry, create_request, key_fingerprint, load_private_key, load_public_key
 
 
-def central(delta) -> dict:
+def central(delta, stats=None) -> dict:
     """Stands in for CentralEvaluation (the ViT): the test is about which sites are removed."""
     return {"accuracy": 0.5, "loss": 1.0, "num-examples": 1}
 
@@ -89,3 +89,97 @@ def test_a_failing_round_keeps_its_summary_in_the_report(state, flower_server_id
     assert [r["server_round"] for r in report["rounds"]] == [1] and report["rounds"][0]["sent"] == 2
     assert report["accuracy"] is None
     json.dumps(report, default=str)
+
+
+# ----------------------------------------------------------------------------- exact head: both ledgers
+
+@pytest.fixture
+def both(state):
+    """The state's Δ ledger and a statistics ledger holding the same three sites."""
+    from server.ledgers import Ledgers
+    from tests.server.exact_head_replies import FEATURE_DIGEST, open_stats_ledger, site_stats
+
+    with open_stats_ledger(state / "exact_head.sqlite") as stats:
+        for site in ("1", "2", "3"):
+            stats.add(site, site_stats(int(site), 20).to_arrays(), num_examples=20, base_digest=FEATURE_DIGEST)
+    with Ledger.open(state / "ledger.sqlite") as delta, open_stats_ledger(state / "exact_head.sqlite") as stats:
+        yield Ledgers(delta, stats)
+
+
+def _active(ledger) -> list[str]:
+    return sorted(c.site_id for c in ledger.contributions(status="active"))
+
+
+def test_a_signed_withdrawal_removes_the_site_from_both_ledgers(state, both):
+    registry = SiteRegistry(state / "registry.json")
+    request = create_request("2", load_private_key(state / "keys" / "site-2.key"), "leaving")
+    (state / "w2.json").write_text(json.dumps(request))
+    result = _unlearn(both, [], central, 9, requests=["w2.json"], registry=registry,
+                      ledger_path=state / "ledger.sqlite", state=state, federation="deployment")
+    assert result["removed_sites"] == ["2"]
+    assert _active(both.delta) == _active(both.stats) == ["1", "3"]
+    assert both.delta.withdrawn_sites() == both.stats.withdrawn_sites() == ["2"]
+    # the same request again is a replay; a fresh one for a site withdrawn in both is refused
+    again = create_request("2", load_private_key(state / "keys" / "site-2.key"), "again")
+    (state / "w2b.json").write_text(json.dumps(again))
+    result = _unlearn(both, [], central, 9, requests=["w2.json", "w2b.json"], registry=registry,
+                      ledger_path=state / "ledger.sqlite", state=state, federation="deployment")
+    assert result["removed_sites"] == [] and result["withdrawals_refused"] == 2
+    assert "already withdrawn" in result["withdrawals"][1]["detail"]
+
+
+def test_simulation_remove_sites_removes_from_both_ledgers(state, both):
+    from tangent.exact_head import SufficientStats
+    from tests.server.exact_head_replies import site_stats
+
+    seen = []
+
+    def evaluation(delta, stats=None):
+        seen.append(stats)
+        return central(delta)
+
+    result = _unlearn(both, ["3"], evaluation, 9, ledger_path=state / "ledger.sqlite", state=state,
+                      federation="simulation")
+    assert result["removed_sites"] == ["3"]
+    assert _active(both.delta) == _active(both.stats) == ["1", "2"]
+    # the evaluation after removal got the composed statistics of the rest, exactly
+    assert seen == [SufficientStats.total([site_stats(1, 20), site_stats(2, 20)])]
+
+
+def test_a_site_only_in_the_statistics_ledger_is_still_removed(state, both):
+    both.delta.remove("1", reason="test: gone from the Δ ledger earlier")
+    result = _unlearn(both, ["1"], central, 9, ledger_path=state / "ledger.sqlite", state=state,
+                      federation="simulation")
+    assert result["removed_sites"] == ["1"] and _active(both.stats) == ["2", "3"]
+
+
+def test_a_dp_run_turns_the_exact_head_off_and_says_so(tmp_path):
+    from server.server_app import _exact_head
+    from tangent.spec import ModelSpec
+
+    report: dict = {}
+    assert _exact_head(ModelSpec.from_config({}), {"exact-head": True, "dp": True}, "train",
+                       tmp_path / "exact_head.sqlite", report) is None
+    assert report["exact_head"] == {"enabled": False, "reason": "dp run: no statistics are sent"}
+    report = {}
+    assert _exact_head(ModelSpec.from_config({}), {"exact-head": False}, "unlearn", tmp_path / "exact_head.sqlite",
+                       report) is None  # no statistics ledger there: nothing to remove from
+    assert report["exact_head"] == {"enabled": False}
+
+
+def test_the_withdrawal_cli_removes_the_site_from_both_ledgers(state, both, capsys):
+    """`python -m deploy.withdraw apply` (no Flower) reaches the statistics ledger beside the ledger too."""
+    from deploy.withdraw import main as withdraw
+
+    for ledger in both.all():
+        ledger.close()
+    request = create_request("1", load_private_key(state / "keys" / "site-1.key"), "leaving")
+    (state / "w1.json").write_text(json.dumps(request))
+    assert withdraw(["apply", str(state / "w1.json"), "--ledger", str(state / "ledger.sqlite"),
+                     "--registry", str(state / "registry.json")]) == 0
+    from tests.server.exact_head_replies import open_stats_ledger
+
+    with Ledger.open(state / "ledger.sqlite") as delta, open_stats_ledger(state / "exact_head.sqlite") as stats:
+        assert _active(delta) == _active(stats) == ["2", "3"]
+        assert delta.withdrawn_sites() == stats.withdrawn_sites() == ["1"]
+    assert "exact_head.sqlite" in capsys.readouterr().out
