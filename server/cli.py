@@ -245,15 +245,14 @@ def _add_forget_command(sub) -> None:
 
 
 def _cmd_forget(args) -> int:
-    from types import SimpleNamespace
-
     from server.forgetting import MAX_AGE_S, ForgetRefused, apply_forget_file
+    from server.ledgers import Ledgers
 
     stats_path = args.stats_ledger or args.ledger.with_name("exact_head.sqlite")
     with Ledger.open(args.ledger, create=False, signing_key=args.signing_key) as delta, \
             Ledger.open(stats_path, create=False, family="stats") as stats:
         try:
-            request = apply_forget_file(args.request, args.stats, args.delta, SimpleNamespace(delta=delta, stats=stats),
+            request = apply_forget_file(args.request, args.stats, args.delta, Ledgers(delta, stats),
                                         args.ledger, args.registry, max_age_s=args.max_age_s or MAX_AGE_S)
         except ForgetRefused as err:
             print(f"REFUSED: {err}", file=sys.stderr)

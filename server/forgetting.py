@@ -37,8 +37,9 @@ import logging
 import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
+from server.ledgers import Ledgers
 from server.withdrawal import (
     MAX_AGE_S, NonceStore, SiteRegistry, WithdrawalRefused, nonce_store_path, read_request, split_document,
     verify_signed,
@@ -117,12 +118,6 @@ def verify_forget(document: Any, registry: SiteRegistry, max_age_s: float = MAX_
 
 # ----------------------------------------------------------------------------- apply
 
-class _Ledgers(Protocol):
-    """server.ledgers.Ledgers (contract 7f): the TAFT Δ ledger and the stats ledger (None: exact head off)."""
-    delta: Any
-    stats: Any
-
-
 def _read_file(path: str | Path, limit: int, what: str) -> bytes:
     path = Path(path)
     try:
@@ -197,7 +192,7 @@ def _checked_delta(data: bytes) -> tuple[dict, str | None]:
     return arrays, meta.get("base-digest")
 
 
-def apply_forget(document: Any, stats_file: str | Path, delta_file: str | Path | None, ledgers: _Ledgers,
+def apply_forget(document: Any, stats_file: str | Path, delta_file: str | Path | None, ledgers: Ledgers,
                  registry: SiteRegistry, nonces: NonceStore, max_age_s: float = MAX_AGE_S,
                  now: dt.datetime | None = None) -> ForgetRequest:
     """Verify a forget request and, only if every check passes, update both ledgers.
@@ -237,7 +232,7 @@ def apply_forget(document: Any, stats_file: str | Path, delta_file: str | Path |
     return request
 
 
-def _update_ledgers(request: ForgetRequest, stats, feature_digest: str, delta, ledgers: _Ledgers) -> str:
+def _update_ledgers(request: ForgetRequest, stats, feature_digest: str, delta, ledgers: Ledgers) -> str:
     from server.ledger import RejectedContribution
 
     site, reason = request.site_id, _ledger_reason(request)
@@ -280,7 +275,7 @@ def _ledger_reason(request: ForgetRequest) -> str:
 
 
 def apply_forget_file(request_path: str | Path, stats_path: str | Path, delta_path: str | Path | None,
-                      ledgers: _Ledgers, ledger_path: str | Path, registry_path: str | Path,
+                      ledgers: Ledgers, ledger_path: str | Path, registry_path: str | Path,
                       max_age_s: float = MAX_AGE_S) -> ForgetRequest:
     """For the CLI: read the request (bounded, server.withdrawal.read_request), verify, apply; the
     nonces live in the withdrawal store of the Δ ledger at ``ledger_path``."""

@@ -13,6 +13,7 @@ from client.forget import _site_data, main, site_statistics
 from deploy.pki import create_site_key
 from server.forgetting import apply_forget_file
 from server.ledger import Ledger
+from server.ledgers import Ledgers
 from server.withdrawal import NonceStore
 from tangent.data import load_fashion_mnist, preprocess
 from tangent.exact_head import SufficientStats
@@ -60,7 +61,7 @@ def test_the_tool_forgets_rows_and_the_server_accepts_it_bit_for_bit(site):
         request, stats_file = out / "forget-3.json", out / "stats-3.safetensors"
         assert all(oct(p.stat().st_mode & 0o777) == "0o600" for p in (request, stats_file))
         assert json.loads(request.read_text())["payload"]["forgotten"] == 3
-        apply_forget_file(request, stats_file, None, types.SimpleNamespace(delta=delta_ledger, stats=stats_ledger),
+        apply_forget_file(request, stats_file, None, Ledgers(delta_ledger, stats_ledger),
                           state / "ledger.sqlite", tmp / "registry.json")
         composed = stats_ledger.composed_stats()
         assert delta_ledger.contributions(site_id="3", status="active") == []

@@ -20,6 +20,7 @@ from safetensors.numpy import save
 from deploy.pki import create_site_key
 from server.forgetting import ForgetRefused, apply_forget, apply_forget_file, verify_forget
 from server.ledger import Ledger
+from server.ledgers import Ledgers
 from server.withdrawal import (
     SIGNING_CONTEXT as WITHDRAWAL_CONTEXT, NonceStore, SiteRegistry, WithdrawalRefused, apply_withdrawal,
     create_request, load_private_key,
@@ -58,12 +59,11 @@ def delta(seed: int) -> dict[str, np.ndarray]:
     return {k: (rng.standard_normal(s) * 1e-2).astype(np.float32) for k, s in SHAPES.items()}
 
 
-def open_ledgers(directory: Path) -> types.SimpleNamespace:
-    """The Δ ledger and the stats ledger, as server.ledgers.Ledgers holds them."""
+def open_ledgers(directory: Path) -> Ledgers:
+    """The Δ ledger and the stats ledger, as the ServerApp holds them."""
     directory.mkdir(parents=True, exist_ok=True)
-    return types.SimpleNamespace(delta=Ledger.open(directory / "ledger.sqlite"),
-                                 stats=Ledger.open(directory / "exact_head.sqlite", family="stats",
-                                                   model_card=model_card()))
+    return Ledgers(delta=Ledger.open(directory / "ledger.sqlite"),
+                   stats=Ledger.open(directory / "exact_head.sqlite", family="stats", model_card=model_card()))
 
 
 def contribute(ledgers, site: str, stats: SufficientStats, seed: int) -> None:
@@ -223,7 +223,7 @@ def test_property_forgetting_any_subset_in_any_order_is_bit_identical(tmp_path_f
                             num_examples=len(kept[s]), base_digest=FEATURE_DIGEST)
     assert ledgers.stats.verify().accumulator_sha256 == reference.stats.verify().accumulator_sha256
     assert ledgers.stats.current_version().composed_sha256 == reference.stats.current_version().composed_sha256
-    for ledger in (*vars(ledgers).values(), *vars(reference).values()):
+    for ledger in (*ledgers.all(), *reference.all()):
         ledger.close()
 
 
