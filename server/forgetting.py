@@ -206,7 +206,7 @@ def apply_forget(document: Any, stats_file: str | Path, delta_file: str | Path |
         if not nonces.consume(request):
             raise ForgetRefused(f"replayed request: nonce {request.nonce} was already used")
         # From here the request is spent, whatever happens next (as for withdrawals).
-        if getattr(ledgers, "stats", None) is None:
+        if ledgers.stats is None:
             raise ForgetRefused("the exact head is off (no stats ledger): there are no statistics to replace")
         stats_data = _read_file(stats_file, MAX_STATS_BYTES, "statistics")
         _check_hash(stats_data, request.stats_sha256, "statistics")
