@@ -15,6 +15,9 @@
                                           (signed head, signed export statement)
     taft-ledger verify-export DIR --public-key PEM
                                           check an export against the server's public key
+    taft-ledger forget REQUEST.json --stats FILE [--delta FILE] --registry R [--stats-ledger PATH]
+                                          apply a site's signed forget-samples request to the Δ
+                                          ledger and the exact head's stats ledger
 
 Every subcommand works on both ledger families ("delta": TAFT Δw, "stats": exact-head statistics).
 The ledger file is ``--ledger PATH``, else ``$TAFT_LEDGER``, else ``runs/ledger.sqlite``.
@@ -223,6 +226,42 @@ def _cmd_verify_export(args) -> int:
     return 0
 
 
+def _add_forget_command(sub) -> None:
+    """``taft-ledger forget``: sample-level forgetting (server/forgetting.py; deploy/README.md)."""
+    p = sub.add_parser("forget", help="apply a site's signed forget-samples request to both ledgers",
+                       description="Verify a signed forget-samples request (python -m client.forget writes it) and, "
+                                   "only if every check passes, replace the site's statistics in the stats ledger "
+                                   "and retract its TAFT Δw from --ledger (or replace it with the retrained --delta "
+                                   "the request signs). Exit 0: applied; 1: refused (both ledgers unchanged; the "
+                                   "reason is printed and kept in <ledger>.withdrawals.sqlite).")
+    p.add_argument("request", type=Path, metavar="REQUEST.json")
+    p.add_argument("--stats", type=Path, required=True, metavar="FILE", help="the replacement statistics file")
+    p.add_argument("--delta", type=Path, default=None, metavar="FILE", help="the retrained Δw the request signs")
+    p.add_argument("--registry", type=Path, required=True, metavar="R", help="the site registry (deploy.register)")
+    p.add_argument("--stats-ledger", type=Path, default=None, metavar="PATH",
+                   help="the exact head's stats ledger (default: exact_head.sqlite beside --ledger)")
+    p.add_argument("--max-age-s", type=float, default=None, help="request validity (default: 15 minutes)")
+    p.set_defaults(run=None, run_without_ledger=_cmd_forget)
+
+
+def _cmd_forget(args) -> int:
+    from server.forgetting import MAX_AGE_S, ForgetRefused, apply_forget_file
+    from server.ledgers import Ledgers
+
+    stats_path = args.stats_ledger or args.ledger.with_name("exact_head.sqlite")
+    with Ledger.open(args.ledger, create=False, signing_key=args.signing_key) as delta, \
+            Ledger.open(stats_path, create=False, family="stats") as stats:
+        try:
+            request = apply_forget_file(args.request, args.stats, args.delta, Ledgers(delta, stats),
+                                        args.ledger, args.registry, max_age_s=args.max_age_s or MAX_AGE_S)
+        except ForgetRefused as err:
+            print(f"REFUSED: {err}", file=sys.stderr)
+            return 1
+        print(f"site {request.site_id} forgot {request.forgotten} sample(s): stats ledger {stats_path} "
+              f"version {stats.current_version().version}, Δ ledger version {delta.current_version().version}")
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="taft-ledger", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -274,6 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("directory", type=Path, metavar="DIR")
     p.add_argument("--public-key", type=Path, metavar="PEM", required=True, help="the server's public key")
     p.set_defaults(run=None, run_without_ledger=_cmd_verify_export)
+
+    _add_forget_command(sub)
     return parser
 
 

@@ -25,19 +25,19 @@ import datetime as dt
 import json
 import logging
 import os
-import secrets
 import sqlite3
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
-from cryptography.exceptions import InvalidSignature
-from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from server import safejson
 from server.ledger.audit import fingerprint
+from tangent import signed_requests
 from tangent.protocol import check_site_id
+# the signing rule and key loading are shared with the site tools (client/forget.py)
+from tangent.signed_requests import load_private_key, load_public_key  # noqa: F401  (re-exported)
 
 log = logging.getLogger("taft.withdrawal")
 
@@ -46,7 +46,7 @@ REQUEST_VERSION = 1
 SIGNING_CONTEXT = b"taft-fl/withdrawal/v1\n"
 MAX_AGE_S = 15 * 60
 MAX_CLOCK_SKEW_S = 60
-SIGNERS = ("site", "admin")
+SIGNERS = signed_requests.SIGNERS
 ADMIN = "admin"
 
 
@@ -65,53 +65,16 @@ class WithdrawalRequest:
 
     def signed_bytes(self) -> bytes:
         """Canonical bytes covered by the signature (sorted-key compact JSON)."""
-        body = json.dumps(asdict(self), sort_keys=True, separators=(",", ":"), ensure_ascii=True)
-        return SIGNING_CONTEXT + body.encode("ascii")
+        return signed_requests.signed_bytes(SIGNING_CONTEXT, asdict(self))
 
     @property
     def issued_at(self) -> dt.datetime:
-        ts = dt.datetime.fromisoformat(self.timestamp.replace("Z", "+00:00"))
-        if ts.tzinfo is None:
-            raise ValueError("timestamp has no time zone")
-        return ts
-
-
-# ----------------------------------------------------------------------------- keys
-
-def load_private_key(path: str | Path) -> ec.EllipticCurvePrivateKey:
-    """An EC private key in OpenSSH (SuperNode auth key) or PEM format."""
-    data = Path(path).read_bytes()
-    if b"OPENSSH PRIVATE KEY" in data:
-        key = serialization.load_ssh_private_key(data, None)
-    else:
-        key = serialization.load_pem_private_key(data, None)
-    if not isinstance(key, ec.EllipticCurvePrivateKey):
-        raise ValueError(f"{path}: not an EC private key")
-    return key
-
-
-def load_public_key(path: str | Path) -> ec.EllipticCurvePublicKey:
-    """An EC public key in OpenSSH (`ecdsa-sha2-nistp384 …`) or PEM format."""
-    data = Path(path).read_bytes()
-    if data.lstrip().startswith(b"ecdsa-"):
-        key = serialization.load_ssh_public_key(data)
-    else:
-        key = serialization.load_pem_public_key(data)
-    if not isinstance(key, ec.EllipticCurvePublicKey):
-        raise ValueError(f"{path}: not an EC public key")
-    return key
-
-
-def _hash_for(key: ec.EllipticCurvePublicKey | ec.EllipticCurvePrivateKey) -> hashes.HashAlgorithm:
-    # Match the digest to the curve strength (P-384 -> SHA-384), as SSH does.
-    size = key.curve.key_size
-    return hashes.SHA256() if size <= 256 else hashes.SHA384() if size <= 384 else hashes.SHA512()
+        return signed_requests.parse_timestamp(self.timestamp)
 
 
 # ----------------------------------------------------------------------------- create
 
-def _utc_now() -> dt.datetime:
-    return dt.datetime.now(dt.timezone.utc)
+_utc_now = signed_requests.utc_now
 
 
 def create_request(
@@ -127,13 +90,12 @@ def create_request(
         raise ValueError(f"signer must be one of {SIGNERS}, got {signer!r}")
     request = WithdrawalRequest(
         site_id=str(site_id),
-        nonce=nonce or secrets.token_hex(16),
-        timestamp=(now or _utc_now()).astimezone(dt.timezone.utc).isoformat().replace("+00:00", "Z"),
+        nonce=nonce or signed_requests.new_nonce(),
+        timestamp=signed_requests.timestamp(now),
         reason=reason,
         signer=signer,
     )
-    signature = private_key.sign(request.signed_bytes(), ec.ECDSA(_hash_for(private_key)))
-    return {"payload": asdict(request), "signature": base64.b64encode(signature).decode("ascii")}
+    return signed_requests.sign(SIGNING_CONTEXT, asdict(request), private_key)
 
 
 # ----------------------------------------------------------------------------- registry
@@ -356,18 +318,22 @@ def _s(value: Any) -> str | None:
 
 # ----------------------------------------------------------------------------- verify / apply
 
-def parse_request(document: Any) -> tuple[WithdrawalRequest, bytes]:
-    """The request and its raw signature; WithdrawalRefused when malformed or unsigned."""
+def split_document(document: Any) -> tuple[dict[str, Any], bytes]:
+    """``(payload, raw signature)`` of any signed request document; WithdrawalRefused when malformed."""
     if not isinstance(document, dict) or not isinstance(document.get("payload"), dict):
         raise WithdrawalRefused("malformed request: expected {'payload': {...}, 'signature': ...}")
     signature = document.get("signature")
     if not signature or not isinstance(signature, str):
         raise WithdrawalRefused("unsigned request")
     try:
-        raw_signature = base64.b64decode(signature, validate=True)
+        return document["payload"], base64.b64decode(signature, validate=True)
     except (binascii.Error, ValueError) as err:
         raise WithdrawalRefused("malformed signature (not base64)") from err
-    payload = document["payload"]
+
+
+def parse_request(document: Any) -> tuple[WithdrawalRequest, bytes]:
+    """The request and its raw signature; WithdrawalRefused when malformed or unsigned."""
+    payload, raw_signature = split_document(document)
     fields = {"site_id", "nonce", "timestamp", "reason", "signer", "version"}
     if set(payload) != fields:
         raise WithdrawalRefused(f"malformed request: payload fields must be {sorted(fields)}")
@@ -386,7 +352,7 @@ def parse_request(document: Any) -> tuple[WithdrawalRequest, bytes]:
     return WithdrawalRequest(**payload), raw_signature
 
 
-def _signer_key(request: WithdrawalRequest, registry: SiteRegistry) -> ec.EllipticCurvePublicKey:
+def _signer_key(request: Any, registry: SiteRegistry) -> ec.EllipticCurvePublicKey:
     """The registered key that must have signed ``request``; WithdrawalRefused when there is none."""
     if request.signer == ADMIN:
         key = registry.admin_public_key()
@@ -411,26 +377,32 @@ def verify_request(
 ) -> WithdrawalRequest:
     """Check format, signer key and freshness (not the nonce). Raises WithdrawalRefused."""
     request, signature = parse_request(document)
+    verify_signed(request, SIGNING_CONTEXT, asdict(request), signature, registry, max_age_s=max_age_s, now=now)
+    return request
+
+
+def verify_signed(request: Any, context: bytes, payload: dict[str, Any], signature: bytes, registry: SiteRegistry,
+                  max_age_s: float = MAX_AGE_S, now: dt.datetime | None = None) -> None:
+    """Signer key (registered, not revoked), signature under ``context`` and freshness of any parsed
+    request with ``site_id``, ``signer`` and ``timestamp`` (withdrawal, forget-samples: one rule).
+    Raises WithdrawalRefused."""
     try:
         key = _signer_key(request, registry)
     except (OSError, ValueError) as err:  # a missing or swapped key file refuses, never crashes the run
         raise WithdrawalRefused(f"cannot load the registered {request.signer} key: {err}") from None
-    try:
-        key.verify(signature, request.signed_bytes(), ec.ECDSA(_hash_for(key)))
-    except InvalidSignature as err:
+    if not signed_requests.signature_valid(key, signature, context, payload):
         raise WithdrawalRefused(
             f"bad signature: not signed by the registered {request.signer} key"
             + ("" if request.signer == ADMIN else f" of site {request.site_id!r}")
-        ) from err
+        )
     try:
-        age = ((now or _utc_now()) - request.issued_at).total_seconds()
+        age = ((now or _utc_now()) - signed_requests.parse_timestamp(request.timestamp)).total_seconds()
     except (ValueError, OverflowError) as err:
         raise WithdrawalRefused(f"malformed timestamp {request.timestamp[:40]!r}") from err
     if age > max_age_s:
         raise WithdrawalRefused(f"stale request: signed {age:.0f} s ago (limit {max_age_s:.0f} s)")
     if age < -MAX_CLOCK_SKEW_S:
         raise WithdrawalRefused(f"request dated {-age:.0f} s in the future (clock skew?)")
-    return request
 
 
 class _Ledger(Protocol):

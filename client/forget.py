@@ -1,0 +1,154 @@
+r"""Forget samples at a site: recompute its exact-head statistics without them and sign a request.
+
+    python -m client.forget --site 3 --key keys/site-3.key --data /data/site-3.npz \
+        --forget-indices forget.txt --replaces <sha256> --out forget-3/
+
+- ``--data``: the site's data set as its SuperNode reads it (``data-path``: ``.npz`` with
+  ``images``/``labels`` or an ImageFolder directory).
+- ``--forget-indices``: the rows to forget, as 0-based positions in that data set (one integer per
+  line, ``#`` comments allowed, or a ``.npy`` integer array). Afterwards delete those rows from
+  ``--data`` too, or the next training round contributes them again.
+- ``--replaces``: the sha256 the server's stats ledger recorded for the site's current statistics
+  (the operator reads it with ``taft-ledger --ledger <state>/exact_head.sqlite show SITE``, field
+  ``delta_sha256``). A request against statistics that have changed since is refused as stale.
+- The feature options must be the run's (``--feature-digest``, the server's FeatureExtractor digest
+  from the stats ledger's model card, makes the tool refuse a mismatch before anything is signed).
+- ``--delta FILE``: a Δw safetensors the site retrained on its remaining samples; the request then
+  signs its sha256 and the server replaces the site's TAFT Δw instead of retracting it.
+
+Writes, in ``--out`` (created 0700, files 0600): ``forget-<site>.json`` (the signed request,
+valid for 15 minutes and once) and ``stats-<site>.safetensors`` (the statistics of the remaining
+rows, tangent/stats_file.py). Send both (and ``--delta``) to the operator, who runs:
+
+    taft-ledger --ledger <state>/ledger.sqlite forget forget-3.json \
+        --stats stats-3.safetensors [--delta delta-3.safetensors] --registry <state>/registry.json
+
+The key is the site's SuperNode key (the one registered with deploy.register); the signing rule is
+tangent/signed_requests.py, the same as deploy/withdraw.py's. Exit 0: written; 2: bad input.
+"""
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+
+from client.stats import site_statistics  # the training round's statistics: same φ, same integers
+from tangent.features import KEYS as FEATURE_KEYS, PIECES, FeatureSpec
+from tangent.signed_requests import SIGNERS, forget_request, load_private_key
+from tangent.spec import ModelSpec
+
+DEFAULTS = FeatureSpec(random_features=2048)  # the Flower path's default spec (contract 7)
+
+
+def read_indices(path: Path, num_rows: int) -> np.ndarray:
+    """Distinct row positions in [0, num_rows); ValueError naming the problem."""
+    if path.suffix == ".npy":
+        values = np.load(path, allow_pickle=False)
+        if not np.issubdtype(values.dtype, np.integer) or values.ndim != 1:
+            raise ValueError(f"{path}: expected a 1-D integer array, got {values.dtype} {values.shape}")
+        rows = [int(v) for v in values]
+    else:
+        rows = []
+        for number, line in enumerate(path.read_text().splitlines(), start=1):
+            text = line.split("#", 1)[0].strip()
+            if text:
+                try:
+                    rows.append(int(text))
+                except ValueError:
+                    raise ValueError(f"{path}:{number}: {text[:40]!r} is not a row number") from None
+    if not rows:
+        raise ValueError(f"{path} names no rows to forget")
+    if len(set(rows)) != len(rows):
+        raise ValueError(f"{path} names a row more than once")
+    if min(rows) < 0 or max(rows) >= num_rows:
+        raise ValueError(f"{path} names rows outside 0..{num_rows - 1} (the data set has {num_rows})")
+    return np.asarray(sorted(rows), dtype=np.int64)
+
+
+def _site_data(path: Path, img_size: int):
+    """The site's rows as the SuperNode reads them without a token cache (client.site)."""
+    from client.site import SiteData
+    from tangent.data import dataset_digest, load_site_data, preprocess
+
+    images, labels = load_site_data(path)
+    return SiteData(preprocess(images, img_size), labels, False, dataset_digest(images, labels),
+                    np.arange(len(labels)), str(path))
+
+
+def _private_write(path: Path, data: bytes) -> None:
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(data)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m client.forget", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--site", required=True, help="this site's id (as registered)")
+    parser.add_argument("--key", required=True, type=Path, help="the site's SuperNode key (or the operator key)")
+    parser.add_argument("--signer", choices=SIGNERS, default="site")
+    parser.add_argument("--data", required=True, type=Path, help="the site's data set (.npz or ImageFolder)")
+    parser.add_argument("--forget-indices", required=True, type=Path, metavar="FILE",
+                        help="0-based rows of --data to forget (text, one per line, or .npy)")
+    parser.add_argument("--replaces", required=True, metavar="SHA256",
+                        help="the stats ledger's sha256 of the site's current statistics")
+    parser.add_argument("--out", required=True, type=Path, metavar="DIR")
+    parser.add_argument("--delta", type=Path, default=None, help="a Δw retrained without the forgotten rows")
+    parser.add_argument("--feature-digest", default=None, help="the run's feature digest: refuse if ours differs")
+    model = ModelSpec()
+    parser.add_argument("--backbone", default=model.backbone)
+    parser.add_argument("--img-size", type=int, default=model.img_size)
+    parser.add_argument("--num-classes", type=int, default=model.num_classes)
+    for field, key in FEATURE_KEYS.items():
+        default = getattr(DEFAULTS, field)
+        parser.add_argument(f"--{key}", default=",".join(default) if field == "pieces" else default,
+                            type=type(default) if field != "pieces" else str,
+                            help=f"(run config {key}; default %(default)s)" + (f", from {PIECES}" if field == "pieces" else ""))
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        from tangent.features import FeatureExtractor
+        from tangent.stats_file import stats_bytes
+
+        if not re.fullmatch(r"[0-9a-f]{64}", args.replaces):
+            raise ValueError(f"--replaces must be a lowercase hex sha256, got {args.replaces[:70]!r}")
+        feature_spec = FeatureSpec.from_config({key: getattr(args, key.replace("-", "_"))
+                                                for key in FEATURE_KEYS.values()})
+        data = _site_data(args.data, args.img_size)
+        exclude = read_indices(args.forget_indices, len(data.labels))
+        key = load_private_key(args.key)
+        delta_sha = hashlib.sha256(args.delta.read_bytes()).hexdigest() if args.delta else None
+        extractor = FeatureExtractor.from_spec(ModelSpec(backbone=args.backbone, img_size=args.img_size,
+                                                         num_classes=args.num_classes), feature_spec)
+        digest = extractor.digest()
+        if args.feature_digest and args.feature_digest != digest:
+            raise ValueError(f"our feature digest {digest} is not the run's {args.feature_digest}: "
+                             "check the feature options and the backbone weights")
+        stats = site_statistics(extractor, data, args.num_classes, exclude=exclude)
+        blob = stats_bytes(stats, digest)
+        document = forget_request(args.site, key, signer=args.signer, forgotten=len(exclude),
+                                  stats_sha256=hashlib.sha256(blob).hexdigest(), stats_replaces=args.replaces,
+                                  delta_sha256=delta_sha)
+    except (OSError, ValueError) as err:  # DataError and StatsError are ValueErrors
+        print(f"client.forget: {err}", file=sys.stderr)
+        return 2
+    args.out.mkdir(mode=0o700, parents=True, exist_ok=True)
+    request_path, stats_path = args.out / f"forget-{args.site}.json", args.out / f"stats-{args.site}.safetensors"
+    _private_write(stats_path, blob)
+    _private_write(request_path, (json.dumps(document, indent=2) + "\n").encode())
+    print(f"wrote {request_path} and {stats_path}: {len(exclude)} row(s) forgotten, {stats.n} remain "
+          f"(nonce {document['payload']['nonce']}, valid 15 minutes)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

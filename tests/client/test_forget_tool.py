@@ -1,0 +1,103 @@
+"""python -m client.forget: a site's statistics without the forgotten rows, signed, accepted by the
+server, and equal to statistics computed independently from the remaining rows only."""
+from __future__ import annotations
+
+import hashlib
+import json
+import types
+
+import numpy as np
+import pytest
+
+from client.forget import _site_data, main, site_statistics
+from deploy.pki import create_site_key
+from server.forgetting import apply_forget_file
+from server.ledger import Ledger
+from server.ledgers import Ledgers
+from server.withdrawal import NonceStore
+from tangent.data import load_fashion_mnist, preprocess
+from tangent.exact_head import SufficientStats
+from tangent.features import FeatureExtractor, FeatureSpec
+from tangent.spec import ModelSpec
+from tests.deploy.test_withdrawal import registry_entry, write_registry
+
+SPEC = FeatureSpec(pieces=("final_cls", "input_mean"), random_features=16, random_seed=5, frac_bits=12)
+OPTIONS = ["--feature-pieces", "final_cls,input_mean", "--random-features", "16", "--random-seed", "5",
+           "--frac-bits", "12"]
+FORGET = [2, 7, 11]
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory, pretrained_vit):
+    tmp = tmp_path_factory.mktemp("site")
+    images, labels = load_fashion_mnist("test")
+    images, labels = images[:14], labels[:14]
+    np.savez(tmp / "site-3.npz", images=images, labels=labels)
+    (tmp / "forget.txt").write_text("# rows the data subjects asked us to forget\n" + "\n".join(map(str, FORGET)) + "\n")
+    _, pub = create_site_key(tmp / "keys", "3")
+    write_registry(tmp / "registry.json", {"3": registry_entry(pub)})
+    extractor = FeatureExtractor(pretrained_vit, SPEC, img_size=56)
+    return types.SimpleNamespace(tmp=tmp, images=images, labels=labels, extractor=extractor)
+
+
+def test_the_tool_forgets_rows_and_the_server_accepts_it_bit_for_bit(site):
+    tmp, extractor = site.tmp, site.extractor
+    digest = extractor.digest()
+    card = {"stats-meta": SufficientStats.zeros(extractor.dim, 10, SPEC.clip_norm, SPEC.frac_bits).meta(),
+            "feature-spec": SPEC.to_config(), "model-spec": ModelSpec().to_config(), "feature-digest": digest}
+    # the site's earlier contribution: statistics of all 14 rows, computed by the training path's function
+    everything = site_statistics(extractor, _site_data(tmp / "site-3.npz", 56), 10, exclude=[])
+    state = tmp / "state"
+    state.mkdir()
+    with Ledger.open(state / "exact_head.sqlite", family="stats", model_card=card) as stats_ledger, \
+            Ledger.open(state / "ledger.sqlite") as delta_ledger:
+        stats_ledger.add("3", everything.to_arrays(), num_examples=14, base_digest=digest)
+        delta_ledger.add("3", {"w": np.ones(3, np.float32)}, 14)
+        replaces = stats_ledger.contributions(site_id="3", status="active")[0].delta_sha256
+        out = tmp / "out"
+        assert main(["--site", "3", "--key", str(tmp / "keys" / "site-3.key"), "--data", str(tmp / "site-3.npz"),
+                     "--forget-indices", str(tmp / "forget.txt"), "--replaces", replaces, "--out", str(out),
+                     "--feature-digest", digest, *OPTIONS]) == 0
+        request, stats_file = out / "forget-3.json", out / "stats-3.safetensors"
+        assert all(oct(p.stat().st_mode & 0o777) == "0o600" for p in (request, stats_file))
+        assert json.loads(request.read_text())["payload"]["forgotten"] == 3
+        apply_forget_file(request, stats_file, None, Ledgers(delta_ledger, stats_ledger),
+                          state / "ledger.sqlite", tmp / "registry.json")
+        composed = stats_ledger.composed_stats()
+        assert delta_ledger.contributions(site_id="3", status="active") == []
+    keep = np.setdiff1d(np.arange(14), FORGET)
+    # independent: φ of the remaining images alone (they never shared a batch with the forgotten ones) …
+    alone = SufficientStats.from_features(extractor.compute(preprocess(site.images[keep], 56), tokens=False),
+                                          site.labels[keep], 10, SPEC.clip_norm, SPEC.frac_bits)
+    # … and the rows of φ computed over all 14 images
+    phi_all = extractor.compute(preprocess(site.images, 56), tokens=False)
+    subset = SufficientStats.from_features(phi_all[keep], site.labels[keep], 10, SPEC.clip_norm, SPEC.frac_bits)
+    assert composed == alone == subset and composed.n == 11
+    assert hashlib.sha256(stats_file.read_bytes()).hexdigest() == json.loads(request.read_text())["payload"]["stats_sha256"]
+
+
+@pytest.mark.parametrize("rows, message", [("3\n99\n", "outside 0..13"), ("3\n3\n", "more than once"),
+                                           ("# none\n", "names no rows"), ("x\n", "is not a row number")])
+def test_bad_forget_indices_are_refused_before_anything_is_signed(site, capsys, rows, message):
+    bad = site.tmp / "bad.txt"
+    bad.write_text(rows)
+    out = site.tmp / "bad-out"
+    assert main(["--site", "3", "--key", str(site.tmp / "keys" / "site-3.key"), "--data", str(site.tmp / "site-3.npz"),
+                 "--forget-indices", str(bad), "--replaces", "a" * 64, "--out", str(out), *OPTIONS]) == 2
+    assert message in capsys.readouterr().err and not out.exists()
+
+
+def test_a_feature_digest_mismatch_is_refused(site, capsys):
+    out = site.tmp / "mismatch-out"
+    assert main(["--site", "3", "--key", str(site.tmp / "keys" / "site-3.key"), "--data", str(site.tmp / "site-3.npz"),
+                 "--forget-indices", str(site.tmp / "forget.txt"), "--replaces", "a" * 64, "--out", str(out),
+                 "--feature-digest", "0" * 64, *OPTIONS]) == 2
+    assert "is not the run's" in capsys.readouterr().err and not out.exists()
+
+
+def test_help_explains_the_steps(capsys):
+    with pytest.raises(SystemExit) as exit_:
+        main(["--help"])
+    text = capsys.readouterr().out
+    assert exit_.value.code == 0
+    assert "--forget-indices" in text and "taft-ledger" in text and "--replaces" in text
