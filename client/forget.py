@@ -39,7 +39,7 @@ from pathlib import Path
 import numpy as np
 
 from client.stats import site_statistics  # the training round's statistics: same φ, same integers
-from tangent.features import KEYS as FEATURE_KEYS, PIECES, FeatureSpec
+from tangent.feature_spec import KEYS as FEATURE_KEYS, PIECES, FeatureSpec
 from tangent.signed_requests import SIGNERS, forget_request, load_private_key
 from tangent.spec import ModelSpec
 

@@ -136,7 +136,7 @@ def feature_extractor(spec: ModelSpec, feature_spec):
 def _check_features(content: RecordDict, spec: ModelSpec):
     """The FeatureExtractor the spec asks for (None when exact-head is off), refused unless our
     feature digest equals the server's."""
-    from tangent.features import FeatureSpec
+    from tangent.feature_spec import FeatureSpec
 
     record = content.config_records["spec"]
     if not bool(record.get("exact-head", False)):

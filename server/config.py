@@ -75,7 +75,7 @@ def exact_head_enabled(run_config: Mapping[str, Any]) -> bool:
 
 def feature_spec(run_config: Mapping[str, Any]):
     """The exact head's ``tangent.features.FeatureSpec`` from the run config's keys (its KEYS)."""
-    from tangent.features import FeatureSpec  # imports torch: only when the exact head is on
+    from tangent.feature_spec import FeatureSpec
 
     return FeatureSpec.from_config(run_config)
 

@@ -28,7 +28,7 @@ CHUNK_ROWS = 2048
 def feature_config(config: dict) -> dict | None:
     """The run config's feature spec keys when the exact head is on (not in DP runs: sites send
     no statistics there), else None."""
-    from tangent.features import KEYS
+    from tangent.feature_spec import KEYS
 
     if not _truthy(config.get("exact-head", False)) or _truthy(config.get("dp", False)):
         return None

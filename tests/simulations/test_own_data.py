@@ -153,3 +153,17 @@ def test_the_driver_checks_data_without_importing_torch(tmp_path):
                          cwd=Path(driver.__file__).resolve().parents[1])
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
+
+
+def test_the_driver_reads_the_exact_head_spec_without_importing_torch():
+    """The driver resolves the feature spec (simulations.exact_head_check.feature_config) in its
+    own process; torch there would add ~500 MiB to make simulate's peak for the whole run."""
+    import subprocess
+    import sys
+
+    code = ("import sys; from simulations.exact_head_check import feature_config; "
+            "from server.config import feature_spec; "
+            "c = feature_config({'exact-head': True, 'feature-pieces': 'final_cls,input_quad'}); "
+            "assert c is not None and feature_spec(c).dim() == 384 * 5; print('torch' in sys.modules)")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "False", out.stdout + out.stderr
