@@ -293,8 +293,18 @@ class Context:
         return HeadModel(self.nlft().linearized.head).train()
 
     def taft_rich(self):
-        """TAFT-1 whose head also reads the frozen RICH_PIECES (inputs: ``rich_inputs``)."""
-        return self.taft().read_frozen_rows(len(RICH_PIECES))
+        """TAFT-1 whose head also reads the frozen RICH_PIECES (inputs: ``rich_inputs``): a
+        private model (the cached TAFT model of tangent.spec stays plain), built once, Δ reset."""
+        if getattr(self, "_taft_rich", None) is None:
+            from tangent.spec import build_model
+
+            model, _ = build_model(self.spec, cached=False)
+            model.read_frozen_rows(len(RICH_PIECES))
+            self._taft_rich = (model, {k: torch.zeros_like(v) for k, v in model.delta_state_dict().items()})
+        model, zeros = self._taft_rich
+        model.load_delta(zeros)
+        model.train()
+        return model
 
     def model(self, kind: str):
         if kind not in (*KINDS, "taft_rich"):
