@@ -373,6 +373,32 @@ class TangentTail(DeltaModule):
         self.norm = _tangent_norm(vit.norm)
         self.fc_norm = _tangent_norm(vit.fc_norm)
         self.head = TangentLinear(vit.head)
+        self.frozen_rows = 0  # see read_frozen_rows (off by default)
+
+    def read_frozen_rows(self, rows: int) -> None:
+        """Let the head also read ``rows`` frozen feature vectors [B, rows, d] that the caller
+        appends after the token rows (e.g. pooled pieces of the pretrained backbone).
+
+        They skip the blocks and norms and are concatenated to the head's input with a zero
+        tangent; the head is widened by zero columns at w0, so f(x; w0) is unchanged and the
+        model stays linear in Δ (the new columns' Δ multiplies a primal input that does not
+        depend on Δ): composition by averaging Δ is still exact. Experiments only (the
+        issue-15 question whether TAFT gains from a richer head); off by default.
+        """
+        if self.frozen_rows:
+            raise RuntimeError("the head already reads frozen rows")
+        if not (isinstance(rows, int) and rows > 0):
+            raise ValueError(f"rows must be an int > 0, got {rows!r}")
+        old = self.head
+        wide = nn.Linear(old.weight.shape[1] * (1 + rows), old.weight.shape[0], bias=old.bias is not None,
+                         **_factory(old.weight))
+        with torch.no_grad():
+            wide.weight.zero_()
+            wide.weight[:, :old.weight.shape[1]] = old.weight
+            if old.bias is not None:
+                wide.bias.copy_(old.bias)
+        self.head = TangentLinear(wide)
+        self.frozen_rows = rows
 
     @property
     def output_mode(self) -> str:
@@ -385,6 +411,9 @@ class TangentTail(DeltaModule):
         self._output_mode = mode
 
     def forward(self, tokens: Tensor) -> Tensor:
+        frozen = None
+        if self.frozen_rows:
+            tokens, frozen = tokens[:, :-self.frozen_rows], tokens[:, -self.frozen_rows:].flatten(1)
         x, dx = tokens, None
         if self.cls_token is not None:
             dx = self.cls_token(tokens)
@@ -394,6 +423,10 @@ class TangentTail(DeltaModule):
         if not self.cls_only:  # the CLS-only block already returned the pooled row
             x, dx = self._pool(x), self._pool(dx)
         x, dx = self.fc_norm(x, dx)
+        if frozen is not None:
+            frozen = frozen.to(x)
+            x = torch.cat([x, frozen], dim=1)
+            dx = None if dx is None else torch.cat([dx, torch.zeros_like(frozen)], dim=1)
         y, dy = self.head(x, dx)
         return dy if self.output_mode == "jvp" else y + dy
 
@@ -566,6 +599,9 @@ class _FineTunedViT(nn.Module):
         self._base = None
 
     def forward(self, images: Tensor) -> Tensor:
+        if getattr(self.linearized, "frozen_rows", 0):
+            raise RuntimeError("this tail reads frozen rows appended to the tokens: call "
+                               "model.linearized on tokens with those rows")
         return self.linearized(self.trunk(images))
 
     def delta_state_dict(self) -> dict[str, Tensor]:
@@ -626,6 +662,12 @@ class TangentViT(_FineTunedViT):
                    "reinit": reinit, "linearize_cls": linearize_cls, "seed": seed,
                    "pool": base.global_pool, "first_block": first}
         return cls(base, Trunk(base, first), tail, options)
+
+    def read_frozen_rows(self, rows: int) -> "TangentViT":
+        """TangentTail.read_frozen_rows, recorded in the options (and so in the base digest)."""
+        self.linearized.read_frozen_rows(rows)
+        self.options["frozen_rows"] = rows
+        return self
 
     @property
     def output_mode(self) -> str:

@@ -23,18 +23,23 @@ def _epilog() -> str:
                N = {F.dirichlet_shards} [{Q.dirichlet_shards}] Dirichlet shards (alpha = {', '.join(f'{a:g}' for a in F.dirichlet_alphas)});
                per shard TAFT-1 and NLFT-1 from w0. Compares TAFT composed (tangent.compose),
                the TAFT ensemble (weighted logit average), the NLFT Model Soup, the
-               federated ridge head (sufficient statistics) and TAFT / NLFT / ridge on all data.
+               federated ridge head (sufficient statistics), the exact head (issue 15: integer
+               statistics of the default FeatureSpec, asserted == central bit for bit), TAFT whose
+               head also reads the frozen pieces, the hybrid (TAFT logits / kappa + exact head) and
+               TAFT / NLFT / ridge / exact head on all data.
   removal      paper Fig. 1a/1b. From the N = {F.removal_shards} [{Q.removal_shards}] IID shards of composition
                (shard store, retrained only if missing or trained with other settings) remove
                k = {', '.join(map(str, F.removal_ks))} [{', '.join(map(str, Q.removal_ks))}] shards in {F.removal_orders} [{Q.removal_orders}] random orders: TAFT by
                subtraction vs. SISA (softmax average of the remaining NLFT shard models) vs.
-               the exact ridge head on the remaining statistics.
+               the exact ridge head and the exact head (issue 15) on the remaining statistics.
   retraining   paper Fig. 1c. Forget x = {', '.join(f'{x:g}' for x in F.forget_percents)} % [{', '.join(f'{x:g}' for x in Q.forget_percents)}] of the training subset by
                retraining only the affected shards (N = {', '.join(map(str, F.retrain_shards))} [{', '.join(map(str, Q.retrain_shards))}]) from w0 vs. the
-               paragon (TAFT on all remaining data): accuracy and wall-time speed-up.
+               paragon (TAFT on all remaining data) vs. the exact head's forgetting (subtract
+               the forgotten samples' statistics, solve): accuracy and wall-time speed-up.
   privacy      paper Table 3. DP-SGD (Opacus) TAFT-1 vs. NLFT-1 vs. NLFT head only at
                eps = {', '.join(f'{e:g}' for e in F.dp_epsilons)} [{', '.join(f'{e:g}' for e in Q.dp_epsilons)}] on {F.dp_train} [{Q.dp_train}] images, {F.dp_epochs} [{Q.dp_epochs}] epochs: central,
-               and federated over {F.dp_clients} [{Q.dp_clients}] DP clients composed / souped; plus no DP.
+               and federated over {F.dp_clients} [{Q.dp_clients}] DP clients composed / souped; plus no DP;
+               and the DP exact head (statistics perturbation, 64-dim projection).
 
 shared settings: pretrained DINOv2 ViT-S/14, reinit=false, img {F.img_size}, cached trunk tokens,
 test on a fixed {F.test} [{Q.test}]-image subset of the 10k test split, {F.epochs} [{Q.epochs}] epochs,

@@ -23,7 +23,9 @@ from tqdm.auto import tqdm
 from tangent.nlft import NLFTTail
 
 KINDS = ("taft", "nlft", "head")
-KIND_LABELS = {"taft": "TAFT-1", "nlft": "NLFT-1 (last block)", "head": "NLFT head only"}
+KIND_LABELS = {"taft": "TAFT-1", "nlft": "NLFT-1 (last block)", "head": "NLFT head only",
+               "taft_rich": "TAFT-1 + frozen pieces in the head",
+               "exact_head": "exact head (SSP, 64-d projection)"}
 
 
 @dataclass(frozen=True)
@@ -290,16 +292,31 @@ class Context:
     def head(self):
         return HeadModel(self.nlft().linearized.head).train()
 
+    def taft_rich(self):
+        """TAFT-1 whose head also reads the frozen RICH_PIECES (inputs: ``rich_inputs``): a
+        private model (the cached TAFT model of tangent.spec stays plain), built once, Δ reset."""
+        if getattr(self, "_taft_rich", None) is None:
+            from tangent.spec import build_model
+
+            model, _ = build_model(self.spec, cached=False)
+            model.read_frozen_rows(len(RICH_PIECES))
+            self._taft_rich = (model, {k: torch.zeros_like(v) for k, v in model.delta_state_dict().items()})
+        model, zeros = self._taft_rich
+        model.load_delta(zeros)
+        model.train()
+        return model
+
     def model(self, kind: str):
-        if kind not in KINDS:
+        if kind not in (*KINDS, "taft_rich"):
             raise ValueError(f"unknown model kind {kind!r}")
-        return {"taft": self.taft, "nlft": self.nlft, "head": self.head}[kind]()
+        return {"taft": self.taft, "nlft": self.nlft, "head": self.head,
+                "taft_rich": self.taft_rich}[kind]()
 
     def train_config(self, kind: str, epochs: int | None = None, **overrides):
         from tangent.train import TrainConfig
 
         s = self.settings
-        lr, loss = {"taft": (s.taft_lr, s.taft_loss), "nlft": (s.nlft_lr, s.nlft_loss),
+        lr, loss = {"taft": (s.taft_lr, s.taft_loss), "taft_rich": (s.taft_lr, s.taft_loss), "nlft": (s.nlft_lr, s.nlft_loss),
                     "head": (s.head_lr, "ce")}[kind]
         values = dict(epochs=epochs or s.epochs, batch_size=s.batch_size, lr=lr, loss=loss,
                       seed=s.seed)
@@ -532,3 +549,112 @@ def expected_hit_fraction(sizes, forgotten: int, total: int) -> float:
     return float(np.mean([1.0 if total - n < forgotten else
                           1.0 - np.exp(log_comb(total - n, forgotten) - log_comb(total, forgotten))
                           for n in sizes]))
+
+
+# ------------------------------------------------------------------------------ exact head
+
+def exact_spec():
+    """The exact head's default feature spec (docs/design.md contract 7): the four pieces +
+    2,048 seeded random features, clip C = 2, b = 16 (p = 3,584)."""
+    from tangent.features import FeatureSpec
+
+    return FeatureSpec(random_features=2048)
+
+
+def dp_exact_spec():
+    """The DP exact head benchmarks/exact_head.py found best: a seeded 64-dim projection of the
+    four pieces, clip 1 (imported from the benchmark, not copied)."""
+    from benchmarks.exact_head import DP_SPECS
+
+    return next(spec for spec in DP_SPECS if spec.projection == 64)
+
+
+#: the pieces beside the linearized CLS that the richer TAFT head reads (final_cls is already the
+#: TAFT head's input: with reinit=false its primal at w0 is that piece)
+RICH_PIECES = ("final_mean", "input_cls", "input_mean")
+
+
+def _exact(ctx: "Context"):
+    """Per-context store of the exact head's extractors and pieces (one backbone, shared)."""
+    if not hasattr(ctx, "_exact_store"):
+        from tangent.features import FeatureExtractor, FeatureSpec
+
+        base = FeatureExtractor.from_spec(ctx.spec, FeatureSpec())
+        if not base.trunk_matches(ctx.taft().trunk):
+            raise RuntimeError("the TAFT trunk differs from the pretrained one: cached tokens do not apply")
+        ctx._exact_store = {"base": base, "extractors": {}, "pieces": {}}
+    return ctx._exact_store
+
+
+def exact_extractor(ctx: "Context", spec):
+    from tangent.features import FeatureExtractor
+
+    store = _exact(ctx)
+    if spec not in store["extractors"]:
+        base = store["base"]
+        store["extractors"][spec] = FeatureExtractor(base.backbone, spec, img_size=base.img_size,
+                                                     backbone_name=base.backbone_name)
+    return store["extractors"][spec]
+
+
+@torch.no_grad()
+def exact_pieces(ctx: "Context", name: str, tokens: torch.Tensor, batch: int = 250) -> np.ndarray:
+    """Every piece (tangent.features.PIECES) of these token rows, [N, 4, d] float32, cached under
+    ``name``. Batches are padded to one size so a row's pieces never depend on its neighbours
+    (as FeatureExtractor.compute)."""
+    from tangent.features import PIECES
+
+    store = _exact(ctx)
+    if name not in store["pieces"]:
+        base = store["base"]
+        out = np.empty((len(tokens), len(PIECES), base.embed_dim), np.float32)
+        for start in range(0, len(tokens), batch):
+            chunk = tokens[start:start + batch]
+            rows = len(chunk)
+            if rows < batch:
+                chunk = torch.cat([chunk, chunk[-1:].expand(batch - rows, *chunk.shape[1:])])
+            got = base.pieces(chunk)
+            out[start:start + rows] = torch.stack([got[p] for p in PIECES], dim=1)[:rows].numpy()
+        store["pieces"][name] = out
+    return store["pieces"][name]
+
+
+@torch.no_grad()
+def exact_features(ctx: "Context", spec, pieces: np.ndarray) -> np.ndarray:
+    """φ [N, p] float32 of cached pieces through the extractor's own ``assemble``."""
+    from tangent.features import PIECES
+
+    extractor = exact_extractor(ctx, spec)
+    out = np.empty((len(pieces), extractor.dim), np.float32)
+    for start in range(0, len(pieces), 1000):
+        chunk = torch.from_numpy(np.ascontiguousarray(pieces[start:start + 1000]))
+        out[start:start + len(chunk)] = extractor.assemble(
+            {p: chunk[:, i] for i, p in enumerate(PIECES)}).numpy()
+    return out
+
+
+def exact_stats(phi: np.ndarray, labels, spec, num_classes: int = 10):
+    """The integer sufficient statistics (tangent.exact_head) of φ rows and their labels."""
+    from tangent.exact_head import SufficientStats
+
+    return SufficientStats.from_features(phi, np.asarray(labels), num_classes, spec.clip_norm, spec.frac_bits)
+
+
+def exact_solve(stats):
+    """The ridge head of summed statistics, λ by GCV on the sums (the server's rule)."""
+    from tangent.exact_head import solve
+
+    return solve(stats)
+
+
+def exact_accuracy(head, phi_test: np.ndarray, labels) -> float:
+    return float((head.predict(phi_test) == np.asarray(labels)).mean())
+
+
+def rich_inputs(ctx: "Context", name: str, tokens: torch.Tensor) -> torch.Tensor:
+    """Token rows with the frozen RICH_PIECES appended as extra rows (TangentTail.read_frozen_rows)."""
+    from tangent.features import PIECES
+
+    pieces = exact_pieces(ctx, name, tokens)
+    keep = [PIECES.index(p) for p in RICH_PIECES]
+    return torch.cat([tokens, torch.from_numpy(pieces[:, keep])], dim=1)

@@ -6,8 +6,16 @@ For each partition of the training subset (IID into N shards; Dirichlet label sk
     composed model by linearity: the measured logit difference is reported);
   * NLFT soup: the same weighted average of the NLFT-1 shard models' weights (Model Soup);
   * ridge head: ridge regression on the frozen pooled feature φ (+ bias), federated through
-    the per-shard sufficient statistics Σ XᵀX, Σ XᵀY (identical to the central solution).
-References: TAFT-1, NLFT-1 and the ridge head trained on all data of the subset.
+    the per-shard sufficient statistics Σ XᵀX, Σ XᵀY (identical to the central solution);
+  * exact head (issue 15, tangent.exact_head): ridge on the frozen multi-level features + 2,048
+    random features (the default FeatureSpec), λ by GCV on the sums; the shards' integer
+    statistics, summed in a random order, are asserted equal to the central ones bit for bit;
+  * TAFT + frozen pieces: TAFT-1 whose head also reads the frozen pieces final_mean, input_cls,
+    input_mean beside its linearized CLS (TangentTail.read_frozen_rows: still linear in Δ),
+    composed like TAFT;
+  * hybrid: argmax of TAFT composed logits / κ + the exact head's scores (a late fusion of two
+    exactly composable models; both regress onto the one-hot target, TAFT's scaled by κ).
+References: TAFT-1, NLFT-1, TAFT + frozen pieces, the ridge and exact heads on all data.
 """
 from __future__ import annotations
 
@@ -22,7 +30,9 @@ from simulations.experiments import report as R
 
 NAME = "composition"
 METHODS = {"taft_composed": "TAFT composed", "taft_ensemble": "TAFT ensemble",
-           "nlft_soup": "NLFT soup", "ridge": "ridge head (federated)"}
+           "nlft_soup": "NLFT soup", "ridge": "ridge head (federated)",
+           "exact_head": "exact head (federated)", "taft_rich_composed": "TAFT + frozen pieces composed",
+           "hybrid": "hybrid (TAFT composed + exact head)"}
 
 
 def partitions(settings: C.Settings):
@@ -63,6 +73,26 @@ def _run(ctx: C.Context, out_root: Path) -> dict:
     rows.append(_row("all data", "all", None, 1, "ridge",
                      C.ridge_accuracy(C.ridge_solve(central, lam), phit, ctx.yt), [len(ctx.y)]))
 
+    # exact head: integer statistics of the default FeatureSpec on the same rows
+    espec = C.exact_spec()
+    ephi = C.exact_features(ctx, espec, C.exact_pieces(ctx, "train", ctx.x))
+    ephit = C.exact_features(ctx, espec, C.exact_pieces(ctx, "test", ctx.xt))
+    start = time.perf_counter()
+    exact_central = C.exact_stats(ephi, ctx.y, espec)
+    central_stats_s = time.perf_counter() - start
+    start = time.perf_counter()
+    exact_head = C.exact_solve(exact_central)
+    solve_s = time.perf_counter() - start
+    exact_scores = {"all": exact_head.scores(ephit)}
+    exact_acc_central = C.exact_accuracy(exact_head, ephit, ctx.yt)
+    checks.update(exact_lambda=exact_head.lam, exact_lambda_over_n=exact_head.lam / exact_central.n,
+                  exact_p=exact_central.num_features, exact_bytes_per_site=exact_central.nbytes,
+                  exact_central_stats_s=round(central_stats_s, 1), exact_solve_s=round(solve_s, 1),
+                  exact_feature_spec=espec.to_config())
+    rows.append(_row("all data", "all", None, 1, "exact_head", exact_acc_central, [len(ctx.y)],
+                     stats_equal_central=True, exact_lambda=exact_head.lam))
+    kappa = ctx.train_config("taft").kappa
+
     parts_of = {}
     for scheme, num, alpha in partitions(s):
         parts_of[(scheme, num, alpha)] = (C.iid_parts(ctx, num) if scheme == "iid"
@@ -97,9 +127,38 @@ def _run(ctx: C.Context, out_root: Path) -> dict:
         rows.append(_row(name, scheme, alpha, num, "ridge",
                          C.ridge_accuracy(C.ridge_solve(total, lam), phit, ctx.yt), sizes,
                          stats_rel_diff_vs_central=ridge_diff))
-        del deltas, composed, ensemble
+        # exact head: the shards' integer statistics summed in a random arrival order
+        order = np.random.default_rng([s.seed, num, len(rows)]).permutation(len(parts))
+        exact_total = None
+        for i in order:
+            part = np.asarray(parts[i])
+            shard = C.exact_stats(ephi[part], ctx.y[torch.as_tensor(part)], espec)
+            exact_total = shard if exact_total is None else exact_total + shard
+        equal = exact_total == exact_central
+        assert equal, f"{name}: summed exact-head statistics differ from the central ones"
+        head = C.exact_solve(exact_total)
+        exact_acc = C.exact_accuracy(head, ephit, ctx.yt)
+        assert exact_acc == exact_acc_central, f"{name}: exact head accuracy differs from central"
+        rows.append(_row(name, scheme, alpha, num, "exact_head", exact_acc, sizes,
+                         stats_equal_central=bool(equal), exact_lambda=head.lam))
+        # hybrid: TAFT composed logits / κ + exact head scores (both compose exactly)
+        hybrid = composed_logits.double() / kappa + torch.from_numpy(head.scores(ephit))
+        rows.append(_row(name, scheme, alpha, num, "hybrid", C.accuracy(hybrid, ctx.yt), sizes))
+        del deltas, composed, ensemble, exact_total, head
     checks["max_rel_logit_diff_ensemble_vs_composed"] = max_logit_diff
     checks["max_rel_diff_ridge_stats_vs_central"] = max_ridge_diff
+
+    # TAFT whose head also reads the frozen pieces (trained per shard here; not stored)
+    rich_x, rich_xt = C.rich_inputs(ctx, "train", ctx.x), C.rich_inputs(ctx, "test", ctx.xt)
+    for key, parts in parts_of.items():
+        scheme, num, alpha = key
+        name = label(*key)
+        deltas, sizes, _, wall = C.train_shards(ctx, "taft_rich", parts, rich_x, ctx.y,
+                                                ctx.train_config("taft_rich"), desc=f"taft+pieces {name}")
+        composed = compose(deltas, C.weights_of(sizes))
+        rows.append(_row(name, scheme, alpha, num, "taft_rich_composed",
+                         C.accuracy(C.logits_of(ctx, "taft_rich", composed, rich_xt), ctx.yt), sizes, wall))
+        del deltas, composed
 
     # NLFT: the shard set experiment 2 needs first (another lane may be waiting for it)
     for key in sorted(parts_of, key=lambda k: k != ("iid", s.removal_shards, None)):
@@ -118,12 +177,16 @@ def _run(ctx: C.Context, out_root: Path) -> dict:
                          C.accuracy(C.logits_of(ctx, "nlft", soup, ctx.xt), ctx.yt), sizes, wall, loaded))
         del deltas, soup
 
-    for kind in ("taft", "nlft"):
+    for kind in ("taft", "nlft", "taft_rich"):
+        x, xt = (rich_x, rich_xt) if kind == "taft_rich" else (ctx.x, ctx.xt)
         start = time.perf_counter()
-        delta, _ = C.train_one(ctx, kind, ctx.x, ctx.y, ctx.train_config(kind))
+        delta, _ = C.train_one(ctx, kind, x, ctx.y, ctx.train_config(kind))
         wall = time.perf_counter() - start
-        rows.append(_row("all data", "all", None, 1, kind,
-                         C.accuracy(C.logits_of(ctx, kind, delta, ctx.xt), ctx.yt), [len(ctx.y)], wall))
+        logits = C.logits_of(ctx, kind, delta, xt)
+        rows.append(_row("all data", "all", None, 1, kind, C.accuracy(logits, ctx.yt), [len(ctx.y)], wall))
+        if kind == "taft":
+            hybrid = logits.double() / kappa + torch.from_numpy(exact_scores["all"])
+            rows.append(_row("all data", "all", None, 1, "hybrid", C.accuracy(hybrid, ctx.yt), [len(ctx.y)]))
 
     out_dir = out_root / NAME
     R.write_csv(out_dir / "results.csv", rows)
@@ -173,24 +236,29 @@ def render(out_dir: Path, meta: dict, results: Path) -> str:
     by = {(r["partition"], r["method"]): r for r in rows}
     names = list(dict.fromkeys(r["partition"] for r in rows if r["scheme"] != "all"))
     body = []
+
+    def cell(n, method):
+        return R.acc(by.get((n, method), {}).get("accuracy"))
+
     for n in names:
-        taft, ridge = by[(n, "taft_composed")]["accuracy"], by[(n, "ridge")]["accuracy"]
+        taft, exact = by[(n, "taft_composed")]["accuracy"], by[(n, "exact_head")]["accuracy"]
         r0 = by[(n, "taft_composed")]
-        body.append([n, f"{r0['min_shard']}–{r0['max_shard']}", R.acc(taft),
-                     R.acc(by[(n, "taft_ensemble")]["accuracy"]),
-                     R.acc(by.get((n, "nlft_soup"), {}).get("accuracy")), R.acc(ridge),
-                     R.signed(taft - ridge)])
+        body.append([n, f"{r0['min_shard']}–{r0['max_shard']}", R.acc(taft), cell(n, "taft_ensemble"),
+                     cell(n, "nlft_soup"), cell(n, "ridge"), cell(n, "exact_head"),
+                     cell(n, "taft_rich_composed"), cell(n, "hybrid"), R.signed(taft - exact)])
     all_taft = by[("all data", "taft")]["accuracy"]
     all_ridge = by[("all data", "ridge")]["accuracy"]
+    all_exact = by[("all data", "exact_head")]["accuracy"]
     body.append([f"**all {s['train']} images (one model)**", s["train"], R.acc(all_taft), "—",
-                 R.acc(by[("all data", "nlft")]["accuracy"]) + " (NLFT)", R.acc(all_ridge),
-                 R.signed(all_taft - all_ridge)])
+                 R.acc(by[("all data", "nlft")]["accuracy"]) + " (NLFT)", R.acc(all_ridge), R.acc(all_exact),
+                 cell("all data", "taft_rich"), cell("all data", "hybrid"), R.signed(all_taft - all_exact)])
     iid = [n for n in names if n.startswith("IID")]
     beats = [by[(n, "taft_composed")]["accuracy"] - by[(n, "ridge")]["accuracy"] for n in names]
     stored = sorted({r["partition"] for r in rows if r.get("shards_from_store")})
     store_note = (f" The shard models of {', '.join(stored)} were read from the shard store of an "
                   "earlier run with identical settings (their training time is not in this run)."
                   if stored else "")
+    exact_text = _render_exact(names, by, checks, s)
     lam_scores = ", ".join(f"{k}: {v:.3f}" for k, v in checks["ridge_val_accuracy"].items())
     text = f"""## 1. Composition (paper Table 2)
 
@@ -204,7 +272,7 @@ cross-entropy. Every shard model is trained from w0 on its shard only; compositi
 examples. Non-IID: `partition_dirichlet` on the same subset, N = {s['dirichlet_shards']}.{store_note}
 {C.TUNING}
 
-{R.table(["partition", "images per shard", "TAFT composed", "TAFT ensemble", "NLFT soup", "ridge head", "TAFT − ridge (pts)"], body)}
+{R.table(["partition", "images per shard", "TAFT composed", "TAFT ensemble", "NLFT soup", "ridge head", "exact head", "TAFT + frozen pieces composed", "hybrid", "TAFT − exact head (pts)"], body)}
 
 - TAFT composed vs. TAFT ensemble (weighted logit average of the N models): max relative logit
   difference {checks['max_rel_logit_diff_ensemble_vs_composed']:.1e} — the composed model *is* the
@@ -218,7 +286,43 @@ examples. Non-IID: `partition_dirichlet` on the same subset, N = {s['dirichlet_s
 - TAFT composed minus the ridge head: {R.signed(min(beats))} to {R.signed(max(beats))} points over
   these partitions (IID: {', '.join(R.signed(by[(n, 'taft_composed')]['accuracy'] - by[(n, 'ridge')]['accuracy']) for n in iid)});
   TAFT trained on all data minus the ridge head: {R.signed(all_taft - all_ridge)} points.
+{exact_text}
 
 ![composition]({R.rel(out_dir / meta['plot'], results)})
 """
     return text
+
+
+def _render_exact(names, by, checks, s) -> str:
+    """The exact head, TAFT + frozen pieces and hybrid bullets (issue 15), from the rows."""
+    exact = by[("all data", "exact_head")]["accuracy"]
+    equal = all(by[(n, "exact_head")]["stats_equal_central"] for n in names)
+    same = all(by[(n, "exact_head")]["accuracy"] == exact for n in names)
+    rich_gain = {n: by[(n, "taft_rich_composed")]["accuracy"] - by[(n, "taft_composed")]["accuracy"]
+                 for n in names if (n, "taft_rich_composed") in by}
+    rich_all = (by[("all data", "taft_rich")]["accuracy"] - by[("all data", "taft")]["accuracy"]
+                if ("all data", "taft_rich") in by else None)
+    hybrid_vs_exact = {n: by[(n, "hybrid")]["accuracy"] - by[(n, "exact_head")]["accuracy"]
+                       for n in names if (n, "hybrid") in by}
+    hybrid_vs_taft = {n: by[(n, "hybrid")]["accuracy"] - by[(n, "taft_composed")]["accuracy"]
+                      for n in names if (n, "hybrid") in by}
+    spec = checks["exact_feature_spec"]
+
+    def span(values):
+        return f"{R.signed(min(values.values()))} to {R.signed(max(values.values()))}"
+
+    return f"""- Exact head (issue 15, `tangent.exact_head`): φ = the four frozen pieces
+  ({spec['feature-pieces']}) + {spec['random-features']} seeded random features, p = {checks['exact_p']:,}
+  ({checks['exact_bytes_per_site'] / 2 ** 20:.1f} MiB of int64 statistics per shard), clip
+  {spec['clip-norm']:g}, {spec['frac-bits']} fraction bits; λ = {checks['exact_lambda']:.3g}
+  ({checks['exact_lambda_over_n']:.1e}·n) by GCV on the summed statistics (central statistics
+  {checks['exact_central_stats_s']:.0f} s, solve {checks['exact_solve_s']:.0f} s). Per partition the shards'
+  integer statistics, summed in a random arrival order, **equal the central statistics bit for
+  bit: {equal}** (asserted in the run), so the accuracy is the central one at every N, IID or not
+  ({'identical everywhere' if same else 'NOT identical'}: {R.acc(exact)}).
+- Does TAFT gain from a richer head? TAFT-1 whose head also reads the frozen pieces final_mean,
+  input_cls and input_mean beside its linearized CLS (zero head columns at w0, so still linear in
+  Δ and composed by averaging): composed minus plain TAFT composed {span(rich_gain) if rich_gain else '—'} points over the
+  partitions; trained on all data {R.signed(rich_all)} points.
+- Hybrid (argmax of TAFT composed logits / κ + exact-head scores): minus the exact head alone
+  {span(hybrid_vs_exact) if hybrid_vs_exact else '—'} points; minus TAFT composed {span(hybrid_vs_taft) if hybrid_vs_taft else '—'} points."""

@@ -8,6 +8,10 @@ fit) and the speed-up. The shard models before forgetting are experiment 1's (sh
 
 Uniform random deletions hit almost every shard once x % of the data is more than a few times
 the number of shards: the expected fraction of shards hit is reported next to the measured one.
+
+Exact head (issue 15): the forgotten samples' integer statistics are computed and subtracted from
+the total, and the head solved again (λ by GCV) — no training at all. The result is checked bit
+for bit against the statistics of the remaining samples computed from scratch.
 """
 from __future__ import annotations
 
@@ -21,6 +25,7 @@ from simulations.experiments import common as C
 from simulations.experiments import report as R
 
 NAME = "retraining"
+EXACT = "exact head (subtract + solve)"
 
 
 def run(ctx: C.Context, out_root: Path) -> dict:
@@ -37,6 +42,15 @@ def run(ctx: C.Context, out_root: Path) -> dict:
         acc = C.accuracy(C.logits_of(ctx, "taft", compose(deltas, C.weights_of(sizes)), ctx.xt), ctx.yt)
         rows.append(_row(0.0, 0, f"shards N={num}", num, None, None, None, None, acc, None, None))
 
+    # exact head: the default FeatureSpec's statistics of the whole subset (before forgetting)
+    espec = C.exact_spec()
+    ephi = C.exact_features(ctx, espec, C.exact_pieces(ctx, "train", ctx.x))
+    ephit = C.exact_features(ctx, espec, C.exact_pieces(ctx, "test", ctx.xt))
+    exact_total = C.exact_stats(ephi, ctx.y, espec)
+    rows.append(_row(0.0, 0, EXACT, None, None, None, None, None,
+                     C.exact_accuracy(C.exact_solve(exact_total), ephit, ctx.yt), None, None))
+    bit_identical = {}
+
     perm = np.random.default_rng(s.seed + 4).permutation(total)
     for pct in s.forget_percents:
         m = max(1, int(round(pct / 100 * total)))
@@ -48,6 +62,22 @@ def run(ctx: C.Context, out_root: Path) -> dict:
         acc = C.accuracy(C.logits_of(ctx, "taft", delta, ctx.xt), ctx.yt)
         rows.append(_row(pct, m, "paragon (all remaining data)", None, None, None, len(keep),
                          paragon_s, acc, 1.0, 1.0))
+        # exact head: subtract the forgotten samples' statistics, solve again
+        start = time.perf_counter()
+        forgotten_stats = C.exact_stats(ephi[forget], ctx.y[torch.as_tensor(forget)], espec)
+        stats_s = time.perf_counter() - start
+        remaining = exact_total - forgotten_stats
+        subtract_s = time.perf_counter() - start - stats_s
+        head = C.exact_solve(remaining)
+        exact_s = time.perf_counter() - start
+        fresh = C.exact_stats(ephi[keep.numpy()], ctx.y[keep], espec)
+        bit_identical[f"{pct:g}"] = bool(remaining == fresh)
+        row = _row(pct, m, EXACT, None, None, None, 0, exact_s, C.exact_accuracy(head, ephit, ctx.yt),
+                   paragon_s / exact_s, None)
+        row.update(forgotten_stats_s=round(stats_s, 2), subtract_s=round(subtract_s, 3),
+                   solve_s=round(exact_s - stats_s - subtract_s, 2), bit_identical=bool(remaining == fresh),
+                   exact_lambda=head.lam)
+        rows.append(row)
         for num, (parts, deltas, sizes, _, _) in originals.items():
             new_deltas, new_sizes, hit, images = [], [], 0, 0
             start = time.perf_counter()
@@ -76,7 +106,8 @@ def run(ctx: C.Context, out_root: Path) -> dict:
     R.write_csv(out_dir / "results.csv", rows)
     plot(rows, out_dir / "retraining.png")
     return {"plot": "retraining.png",
-            "checks": {"shards_from_store": {str(n): bool(v[4]) for n, v in originals.items()}}}
+            "checks": {"shards_from_store": {str(n): bool(v[4]) for n, v in originals.items()},
+                       "exact_bit_identical": bit_identical, "exact_p": exact_total.num_features}}
 
 
 def _row(pct, forgotten, method, shards, hit, expected, images, wall, acc, speedup, work_ratio):
@@ -103,8 +134,9 @@ def plot(rows, path: Path) -> None:
         left.plot(xs, [r["accuracy"] for r in sel], marker="o", label=method)
         if not method.startswith("paragon"):
             right.plot(xs, [r["speedup"] for r in sel], marker="o", label=f"{method}: wall time")
-            right.plot(xs, [r["work_ratio"] for r in sel], marker="x", linestyle=":",
-                       label=f"{method}: images trained")
+            if all(r["work_ratio"] is not None for r in sel):
+                right.plot(xs, [r["work_ratio"] for r in sel], marker="x", linestyle=":",
+                           label=f"{method}: images trained")
     xs = sorted({r["forget_percent"] for r in rows if r["forget_percent"] > 0})
     for ax in (left, right):
         ax.set_xscale("log")
@@ -123,16 +155,21 @@ def plot(rows, path: Path) -> None:
 def render(out_dir: Path, meta: dict, results: Path) -> str:
     rows = R.read_csv(out_dir / "results.csv")
     s = meta["settings"]
-    before = {r["shards"]: r["accuracy"] for r in rows if r["forget_percent"] == 0}
+    before = {r["shards"]: r["accuracy"] for r in rows if r["forget_percent"] == 0 and r["method"] != EXACT}
+    exact_before = next((r["accuracy"] for r in rows if r["forget_percent"] == 0 and r["method"] == EXACT), None)
     body = []
     for r in rows:
         if r["forget_percent"] == 0:
             continue
         hit = ("—" if r["shards"] is None else
                f"{r['shards_retrained']}/{r['shards']} (expected {100 * r['expected_fraction_hit']:.0f} %)")
+        exact = r["method"] == EXACT
+        if exact:
+            hit = "— (bit-identical to fresh: " + str(r["bit_identical"]) + ")"
         body.append([f"{r['forget_percent']:g} % ({r['forgotten']})", r["method"], hit,
-                     r["images_retrained"], R.seconds(r["wall_s"]), R.acc(r["accuracy"]),
-                     "—" if r["shards"] is None else f"{r['speedup']:.2f}×",
+                     r["images_retrained"], f"{r['wall_s']:.1f} s" if exact else R.seconds(r["wall_s"]),
+                     R.acc(r["accuracy"]),
+                     "—" if r["shards"] is None and not exact else f"{r['speedup']:.2f}×",
                      "—" if r["shards"] is None else f"{r['work_ratio']:.2f}×"])
     shard_rows = [r for r in rows if r["forget_percent"] > 0 and r["shards"] is not None]
     best = max(shard_rows, key=lambda r: r["speedup"])
@@ -142,6 +179,17 @@ def render(out_dir: Path, meta: dict, results: Path) -> str:
         f"N={n}: " + ", ".join(f"{r['forget_percent']:g} % → {100 * r['expected_fraction_hit']:.0f} %"
                                for r in shard_rows if r["shards"] == n)
         for n in dict.fromkeys(r["shards"] for r in shard_rows))
+    exact_rows = [r for r in rows if r["forget_percent"] > 0 and r["method"] == EXACT]
+    exact_text = ""
+    if exact_rows:
+        exact_text = f"""
+- Exact head (issue 15; default FeatureSpec, p = {meta['checks'].get('exact_p', '—')}): forgetting = computing the
+  forgotten samples' integer statistics, subtracting them, and solving again (λ by GCV): wall time
+  {', '.join(f"{r['forget_percent']:g} % → {r['wall_s']:.1f} s (stats {r['forgotten_stats_s']:.2f} s, subtract {r['subtract_s']:.3f} s, solve {r['solve_s']:.1f} s)" for r in exact_rows)}.
+  The remaining statistics equal those computed from scratch on the remaining samples bit for bit:
+  {all(r['bit_identical'] for r in exact_rows)} (every x). Accuracy before forgetting {R.acc(exact_before)}, after:
+  {', '.join(f"{r['forget_percent']:g} % → {R.acc(r['accuracy'])}" for r in exact_rows)}; minus the TAFT paragon:
+  {', '.join(f"{r['forget_percent']:g} % → {R.signed(r['accuracy'] - paragon[r['forget_percent']])}" for r in exact_rows)} points."""
     gaps = "; ".join(
         f"N={n}: {R.signed(np.mean([r['accuracy'] - paragon[r['forget_percent']] for r in shard_rows if r['shards'] == n]))}"
         for n in dict.fromkeys(r["shards"] for r in shard_rows))
@@ -164,7 +212,7 @@ trained is the load-independent measure of the speed-up.
   shards to retrain — {expected}. Once it nears 100 %, shard retraining is retraining everything
   (N small models instead of one large: no gain). Largest measured wall-time speed-up:
   {best['speedup']:.2f}× (x = {best['forget_percent']:g} %, N = {best['shards']}).
-- Accuracy of shard retraining minus the paragon's, mean over x (points): {gaps}.
+- Accuracy of shard retraining minus the paragon's, mean over x (points): {gaps}.{exact_text}
 
 ![retraining]({R.rel(out_dir / meta['plot'], results)})
 """

@@ -76,6 +76,77 @@ def test_cls_only_nlft_equals_stock_forward_and_gradients():
         assert torch.allclose(ga[name], gb[name], rtol=1e-4, atol=1e-6), name
 
 
+def _tiny_taft():
+    import timm
+    from tangent.model import TangentViT
+
+    torch.manual_seed(0)
+    vit = timm.create_model("vit_small_patch14_dinov2", pretrained=False, img_size=28,
+                            num_classes=0, depth=2, embed_dim=48, num_heads=3).eval()
+    return TangentViT.from_timm(vit, 10, linearized_blocks=1, reinit=True, seed=0)
+
+
+def _random_delta(model, seed):
+    gen = torch.Generator().manual_seed(seed)
+    return {k: torch.randn(v.shape, generator=gen) * 0.05 for k, v in model.delta_state_dict().items()}
+
+
+def test_taft_head_reading_frozen_rows_is_unchanged_at_w0_and_linear_in_delta():
+    from tangent import compose
+
+    model = _tiny_taft()
+    images = torch.randn(5, 3, 28, 28, generator=torch.Generator().manual_seed(1))
+    tokens = model.trunk(images)
+    with torch.no_grad():
+        plain = model.linearized(tokens)
+    digest = model.base_digest()
+    model.read_frozen_rows(3)
+    assert model.base_digest() != digest  # the option is part of w0's identity
+    frozen = torch.randn(5, 3, 48, generator=torch.Generator().manual_seed(2)) * 3
+    inputs = torch.cat([tokens, frozen], dim=1)
+    with torch.no_grad():
+        assert torch.allclose(model.linearized(inputs), plain, atol=1e-6)  # zero columns at w0
+        # the frozen rows reach the logits through the head's Δ (and only linearly)
+        d1, d2 = _random_delta(model, 3), _random_delta(model, 4)
+        assert d1["head.weight"].shape == (10, 48 * 4)
+        outs = []
+        for d in (d1, d2, compose([d1, d2], [1.0, 3.0])):
+            model.load_delta(d)
+            outs.append(model.linearized(inputs).double())
+        # composing Δs (weights 1:3) == the same average of the two models' logits: exact TAFT
+        assert torch.allclose(outs[2], (outs[0] + 3 * outs[1]) / 4, atol=1e-5)
+        moved = inputs.clone()
+        moved[:, -3:] += 1.0
+        assert not torch.allclose(model.linearized(moved), outs[2].float(), atol=1e-3)
+    with pytest.raises(RuntimeError, match="frozen rows"):
+        model(images)
+    with pytest.raises(RuntimeError, match="already"):
+        model.read_frozen_rows(1)
+
+
+def test_exact_head_helpers_sum_subtract_and_fuse(tmp_path):
+    from tangent.features import FeatureSpec
+
+    spec = FeatureSpec(clip_norm=2.0, frac_bits=16)
+    rng = np.random.default_rng(0)
+    phi = rng.standard_normal((300, 12)).astype(np.float32) / 4
+    labels = rng.integers(0, 10, 300)
+    central = C.exact_stats(phi, labels, spec)
+    parts = np.array_split(rng.permutation(300), 7)
+    total = None
+    for i in rng.permutation(7):
+        shard = C.exact_stats(phi[parts[i]], labels[parts[i]], spec)
+        total = shard if total is None else total + shard
+    assert total == central
+    keep = np.setdiff1d(np.arange(300), parts[3])
+    assert central - C.exact_stats(phi[parts[3]], labels[parts[3]], spec) == C.exact_stats(phi[keep], labels[keep], spec)
+    assert not central - C.exact_stats(phi[parts[3][1:]], labels[parts[3][1:]], spec) == C.exact_stats(
+        phi[keep], labels[keep], spec)
+    head = C.exact_solve(central)
+    assert 0.0 <= C.exact_accuracy(head, phi, labels) <= 1.0 and head.lam > 0
+    assert C.exact_spec().dim() == 3584 and C.dp_exact_spec().projection == 64
+
+
 def test_sections_replace_only_their_own_block():
     text = R.HEADER + "\nhand-written notes\n"
     text = R.replace_section(text, "privacy", "P1")
@@ -120,12 +191,24 @@ def test_quick_suite_writes_csvs_plots_and_generated_sections(tmp_path):
     assert len(ridge) == 1 + 4 and len({r["accuracy"] for r in ridge}) == 1  # exact: same everywhere
     assert all(r["stats_rel_diff_vs_central"] <= 1e-12 for r in ridge if r["scheme"] != "all")
     assert "python -m simulations.experiments --quick" in comp
+    # exact head: bit for bit the central statistics at every partition, hence the same accuracy
+    exact = [r for r in rows if r["method"] == "exact_head"]
+    assert len(exact) == 1 + 4 and len({r["accuracy"] for r in exact}) == 1
+    assert all(r["stats_equal_central"] is True for r in exact)
+    for method in ("taft_rich_composed", "hybrid"):
+        assert len([r for r in rows if r["method"] == method]) == 4 + (method == "hybrid")
+    assert any(r["method"] == "taft_rich" and r["scheme"] == "all" for r in rows)
+    for r in rows:
+        if r["method"] in ("exact_head", "taft_rich_composed", "hybrid"):
+            assert R.acc(r["accuracy"]) in comp
+    assert "bit for\n  bit: True" in comp or "bit for bit: True" in comp.replace("\n  ", " ")
 
     # removal: reused composition's shards; subtraction == fresh composition; averages from CSV
     meta = R.read_json(out / "removal" / "meta.json")
     assert meta["checks"]["shards_from_store"] is True
     assert meta["checks"]["max_abs_diff_subtraction_vs_fresh_compose"] <= 1e-6
     assert meta["checks"]["max_rel_diff_ridge_subtraction_vs_fresh_stats"] <= 1e-12
+    assert meta["checks"]["exact_bit_identical"] is True and meta["checks"]["exact_removals_checked"] == 6
     rows = R.read_csv(out / "removal" / "results.csv")
     taft_avg = np.mean([np.mean([r["accuracy"] for r in rows if r["method"] == "taft_subtraction"
                                  and r["removed_shards"] == k]) for k in (0, 1, 2)])
@@ -140,13 +223,20 @@ def test_quick_suite_writes_csvs_plots_and_generated_sections(tmp_path):
     assert {r["forget_percent"] for r in rows} == {0, 2, 20}
     assert all(r["speedup"] > 0 for r in rows if r["forget_percent"] and r["shards"])
     assert all(r["images_retrained"] <= 240 - r["forgotten"] for r in rows if r["forget_percent"])
+    exact = [r for r in rows if r["method"].startswith("exact head") and r["forget_percent"]]
+    assert len(exact) == 2 and all(r["bit_identical"] is True and r["wall_s"] > 0 for r in exact)
 
     # privacy: three methods x (no DP, ε) x (central, federated), ε measured
     rows = R.read_csv(out / "privacy" / "results.csv")
-    assert len(rows) == 3 * 2 * 2
+    assert len(rows) == 4 * 2 * 2
     assert all(r["epsilon_spent"] > 0 for r in rows if r["target_epsilon"])
+    exact = [r for r in rows if r["method"] == "exact_head"]
+    assert {(r["setting"], r["target_epsilon"]) for r in exact} == {(st, e) for st in ("central", "federated")
+                                                                    for e in (None, 8.0)}
+    assert all(r["repeats"] == 5 and r["delta"] > 0 for r in exact if r["target_epsilon"])
     for r in rows:
         assert R.acc(r["accuracy"]) in section("privacy")
+    assert "Exact head (SSP" in section("privacy")
 
     # regenerating from the CSVs reproduces the file; a changed CSV changes only its section
     assert main(["--report-only", "--quick", "--out", str(out), "--results", str(results)]) == 0
