@@ -50,7 +50,7 @@ from server.exact_head import ExactHead, describe_features
 from server.identity import SenderBinding
 from server.ledger import Ledger
 from server.ledgers import Ledgers
-from server.strategy import LedgerFedAvg, StreamingGrid
+from server.strategy import LedgerFedAvg, StreamingGrid, composed_arrays
 from server.withdrawal import (NonceStore, SiteRegistry, WithdrawalRefused, apply_withdrawal, nonce_store_path,
                                read_request)
 from tangent.protocol import check_site_id, site_order
@@ -256,7 +256,7 @@ def _train(grid: Grid, ledgers: Ledger | Ledgers, spec, base_digest: str, evalua
                  central[server_round]["accuracy"], central[server_round]["num-examples"], _exact_line(result))
         return MetricRecord(central[server_round])
 
-    initial = ArrayRecord(ledger.composed_delta()) if ledger.current_version().total_weight else ArrayRecord()
+    initial = composed_arrays(ledger) if ledger.current_version().total_weight else ArrayRecord()
     try:
         strategy.start(grid=StreamingGrid(grid), initial_arrays=initial,
                        num_rounds=int(run_config.get("num-rounds", 1)),
@@ -324,7 +324,7 @@ def _unlearn(ledgers: Ledger | Ledgers, sites: list[str], evaluation, run_id, *,
             log.warning("site %s has no active contribution: nothing to subtract (it stays withdrawn)", site)
     result |= {"withdrawals": withdrawals, "withdrawals_refused": sum(not w["accepted"] for w in withdrawals)}
     if ledger.current_version().total_weight and (
-            central := evaluation(ledger.composed_delta(), stats=_composed_stats(ledgers))) is not None:
+            central := evaluation(ledger.composed_arrays(), stats=_composed_stats(ledgers))) is not None:
         result["central"] = {"0": central}
         result["accuracy"] = central["accuracy"]
         result["accuracy_exact_head"] = central.get("accuracy_exact_head")
