@@ -5,16 +5,25 @@ default the Fashion-MNIST test split while ``dataset`` is Fashion-MNIST; ``"none
 ``dataset`` of one's own without a ``test-dataset`` = no test data, and then there is no
 central evaluation at all), optionally a seeded ``eval-subset`` of it.
 
-Its inputs are built in a background thread started with the ServerApp: reading the token
-cache, or — without a ``cache-dir`` — running the frozen trunk over every test image (~2 min for
-10,000 images on two cores). The train messages go out at once and the sites train while it
-builds; only the first evaluation waits for it. The model's frozen weights are freed once the
-inputs exist (only the linearized tail runs on cached tokens afterwards).
+No torch in the ServerApp's process (issue 16 item 6): every step that runs the model happens in
+a short-lived child process (server.model_process), which exits with all of torch's memory.
+:func:`prepare_test_inputs` runs once, in a child waited on by a background thread started with
+the ServerApp: it builds the token cache of the test rows in ``cache-dir`` when it is cold (or,
+without a ``cache-dir``, runs the frozen trunk over every test image, ~2 min for 10,000 images on
+two cores) and φ's (below), and keeps what the evaluations read in a private directory under the
+state directory (0700, removed at the end of the run): labels, φ, and — only without a
+``cache-dir`` — the trunk tokens, so the trunk runs once per run, not once per evaluation. The
+train messages go out at once and the sites train while it builds; only the first evaluation
+waits for it. Each evaluation (:func:`evaluate_composed`) is one more child: it loads w0 and the
+stored (or cached) test rows, runs the linearized tail with the composed Δ (numpy arrays) and
+returns the figures. A child's error comes back as its exception's type and text (the run goes
+on without that evaluation, ``evaluation_errors`` in the report); no child runs longer than the
+run config's ``round-timeout``.
 
-With the exact head on (issue 15) the same thread also computes φ of the test rows
+With the exact head on (issue 15) the same child also computes φ of the test rows
 (tangent.features.FeatureExtractor.compute): from the cached trunk tokens when the model's trunk
 is the extractor's (the token rows entering the last pretrained block; TAFT with one linearized
-block), else from the test images; the extractor is freed afterwards. Each evaluation then also
+block), else from the test images. Each evaluation then also
 solves the ridge head from the statistics ledger's composed statistics (λ by GCV on the sums
 alone, tangent.exact_head.solve) and reports ``accuracy_exact_head`` and ``exact_head_lambda``
 beside the TAFT accuracy. A φ cache of the test set in ``cache-dir`` (tangent/phi_cache.py, when
