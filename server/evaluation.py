@@ -321,7 +321,8 @@ class CentralEvaluation:
                 log.info("exact head: φ of the test rows in %.1f s (from %s)", self.facts["phi_s"],
                          self.facts["phi_from"])
         except Exception as err:  # noqa: BLE001 — a run without its evaluation still records and reports
-            self.error = str(err) if isinstance(err, model_process.ModelProcessError) else f"{type(err).__name__}: {err}"
+            failed = err if isinstance(err, model_process.ModelProcessError) else f"{type(err).__name__}: {err}"
+            self.error = str(failed)  # a ModelProcessError reads "<the child's exception type>: <its text>"
             log.error("central evaluation unavailable (%s): %s", self.source, self.error)
         finally:
             self.build_s = time.perf_counter() - start
