@@ -3,9 +3,9 @@
 Python cannot unload a module: once the ServerApp process imports torch (535 MiB resident for the
 CUDA wheel's libraries alone, timm another 119 MiB), every byte of it stays for the whole run,
 beside the Ray workers at the simulation's memory peak. :func:`call` runs one module-level
-function in a fresh ``multiprocessing`` "spawn" process (never "fork": the ServerApp hosts Ray's
-and Flower's threads) and returns its result: plain Python and numpy values only, pickled back
-through a pipe. The child exits after the one call, and its memory with it.
+function in a fresh Python process (never a fork: the ServerApp hosts Ray's and Flower's threads)
+and returns its result: plain Python and numpy values only, pickled back. The child exits after
+the one call, and its memory with it.
 
 Errors never hang the ServerApp and never raise anything but :class:`ModelProcessError`: the
 child's own exception comes back as its type name and text; a child that runs past ``timeout``
@@ -14,11 +14,17 @@ code.
 """
 from __future__ import annotations
 
-import multiprocessing
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+import tempfile
 import traceback
+from pathlib import Path
 from typing import Any, Callable
 
-#: seconds a killed child gets to go before it is killed hard
+#: seconds a child gets to exit after its answer (or after it was told to stop) before it is killed
 _TERMINATE_GRACE_S = 5.0
 
 
@@ -31,57 +37,71 @@ class ModelProcessError(RuntimeError):
         self.child_traceback = child_traceback
 
 
-def _child(connection, function: Callable, args: tuple, kwargs: dict) -> None:
-    try:
-        result = function(*args, **kwargs)
-    except BaseException as err:  # noqa: BLE001 — everything goes back to the parent as text
-        connection.send(("error", type(err).__name__, str(err)[:4000], traceback.format_exc()[-8000:]))
-    else:
-        connection.send(("ok", result))
-    finally:
-        connection.close()
-
-
 def call(function: Callable, *args: Any, timeout: float, **kwargs: Any) -> Any:
-    """``function(*args, **kwargs)`` in a fresh spawned process; its result, or ModelProcessError.
+    """``function(*args, **kwargs)`` in a fresh Python process; its result, or ModelProcessError.
 
     ``function`` must be a module-level function (the child imports it by name) and its
-    arguments and result picklable.
+    arguments and result picklable. The child is ``python -m server.model_process``, not a
+    ``multiprocessing`` child: those import the parent's ``__main__`` again (in a simulation the
+    ``flwr-simulation`` script, hence Flower and Ray: hundreds of MiB for nothing). The call goes
+    in on the child's stdin, the answer comes back in a file of a private temporary directory;
+    the child's stdout and stderr are the parent's (its log lines land in the run's log).
     """
-    context = multiprocessing.get_context("spawn")
-    receiver, sender = context.Pipe(duplex=False)
-    process = context.Process(target=_child, args=(sender, function, args, kwargs),
-                              name=f"taft-model-{getattr(function, '__name__', 'call')}", daemon=True)
-    process.start()
-    sender.close()  # only the child writes: EOF on the receiver once the child is gone
+    request = pickle.dumps((function, args, kwargs), protocol=pickle.HIGHEST_PROTOCOL)
+    name = getattr(function, "__name__", "call")
+    directory = Path(tempfile.mkdtemp(prefix="taft-model-process-"))  # 0700
+    answer_path = directory / "answer.pickle"
+    # the child finds what this process finds (Flower puts the app's directory on sys.path)
+    env = os.environ | {"PYTHONPATH": os.pathsep.join(p for p in sys.path if p)}
     try:
-        if not receiver.poll(timeout):
-            process.terminate()
-            raise ModelProcessError("Timeout", f"{function.__name__} ran past its timeout of {timeout:.0f} s "
-                                               "(round-timeout); the child process was killed")
+        process = subprocess.Popen([sys.executable, "-m", "server.model_process", str(answer_path)],
+                                   stdin=subprocess.PIPE, env=env)
         try:
-            answer = receiver.recv()
-        except EOFError:
-            process.join(_TERMINATE_GRACE_S)
-            raise ModelProcessError("Died", f"{function.__name__}: the child process ended without an answer "
-                                            f"(exit code {process.exitcode})") from None
+            try:
+                process.stdin.write(request)
+                process.stdin.close()
+            except BrokenPipeError:
+                pass  # the child is gone already: its exit code says more
+            process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            _end(process)
+            raise ModelProcessError("Timeout", f"{name} ran past its timeout of {timeout:.0f} s (round-timeout); "
+                                               "the child process was killed") from None
+        finally:
+            _end(process)
+        if not answer_path.exists():
+            raise ModelProcessError("Died", f"{name}: the child process ended without an answer "
+                                            f"(exit code {process.returncode})")
+        with answer_path.open("rb") as handle:
+            answer = pickle.load(handle)  # written by our own child, in our own private directory
     finally:
-        receiver.close()
-        _end(process)
+        shutil.rmtree(directory, ignore_errors=True)
     if answer[0] == "error":
         raise ModelProcessError(answer[1], answer[2], answer[3])
     return answer[1]
 
 
-def _end(process) -> None:
-    process.join(_TERMINATE_GRACE_S)
-    if process.is_alive():
+def _end(process: subprocess.Popen) -> None:
+    if process.poll() is None:
         process.terminate()
-        process.join(_TERMINATE_GRACE_S)
-    if process.is_alive():
-        process.kill()
-        process.join()
-    process.close()
+        try:
+            process.wait(_TERMINATE_GRACE_S)
+        except subprocess.TimeoutExpired:
+            process.kill()
+            process.wait()
+
+
+def _child(answer_path: str) -> None:
+    """The child's side: one call read from stdin, its answer (or error) pickled to ``answer_path``."""
+    try:
+        function, args, kwargs = pickle.loads(sys.stdin.buffer.read())
+        answer = ("ok", function(*args, **kwargs))
+    except BaseException as err:  # noqa: BLE001 — everything goes back to the parent as text
+        answer = ("error", type(err).__name__, str(err)[:4000], traceback.format_exc()[-8000:])
+    temporary = f"{answer_path}.tmp"
+    with open(temporary, "wb") as handle:
+        pickle.dump(answer, handle, protocol=pickle.HIGHEST_PROTOCOL)
+    os.replace(temporary, answer_path)  # complete or absent: a child killed mid-write leaves no answer
 
 
 # ----------------------------------------------------------------------------- jobs (they run in the child)
@@ -99,3 +119,7 @@ def describe_model(spec_config: dict, run_config: dict, exact_head: bool) -> dic
 
         features = describe_features(spec_config, run_config)
     return {"base_digest": base_digest, "delta_shapes": shapes, "exact_head": features}
+
+
+if __name__ == "__main__":
+    _child(sys.argv[1])
