@@ -16,7 +16,8 @@ state directory (0700, removed at the end of the run): labels, φ, and — only 
 train messages go out at once and the sites train while it builds; only the first evaluation
 waits for it. Each evaluation (:func:`evaluate_composed`) is one more child: it loads w0 and the
 stored (or cached) test rows, runs the linearized tail with the composed Δ (numpy arrays) and
-returns the figures. A child's error comes back as its exception's type and text (the run goes
+returns the figures; the exact head's solve is a numpy-only child after it
+(:func:`evaluate_exact_head`), so its memory never adds to torch's. A child's error comes back as its exception's type and text (the run goes
 on without that evaluation, ``evaluation_errors`` in the report); no child runs longer than the
 run config's ``round-timeout``.
 
@@ -180,9 +181,8 @@ def prepare_test_inputs(spec_config: dict, base_digest: str, run_config: dict, s
 
 
 def evaluate_composed(spec_config: dict, base_digest: str, run_config: dict, source: str, device_setting: str,
-                      workdir: str, delta: dict, stats=None) -> dict:
-    """Accuracy of w0 + ``delta`` (numpy arrays) on the stored test rows, and of the ridge head
-    solved from ``stats`` (tangent.exact_head.SufficientStats) on their φ."""
+                      workdir: str, delta: dict) -> dict:
+    """Accuracy of w0 + ``delta`` (numpy arrays) on the stored test rows."""
     import torch
 
     from tangent.device import resolve_device
@@ -203,10 +203,17 @@ def evaluate_composed(spec_config: dict, base_digest: str, run_config: dict, sou
         inputs, labels, from_cache = build_inputs(model, base_digest, spec.img_size, run_config, source)
     model.load_delta({k: torch.from_numpy(np.asarray(v)) for k, v in delta.items()})
     loss, accuracy = evaluate(model, inputs, labels, from_cache=from_cache)
-    result = {"accuracy": accuracy, "loss": loss, "num-examples": len(labels), "eval-s": time.perf_counter() - start}
-    if stats is not None and (directory / "phi.npy").exists():
-        result |= exact_head_accuracy(stats, np.load(directory / "phi.npy", mmap_mode="r"), labels)
-    return result
+    return {"accuracy": accuracy, "loss": loss, "num-examples": len(labels), "eval-s": time.perf_counter() - start}
+
+
+def evaluate_exact_head(workdir: str, stats) -> dict:
+    """:func:`exact_head_accuracy` on the stored φ of the test rows ({} without them). numpy
+    only: its own child, after the TAFT one has gone — the solve's ~500 MiB at p = 3,072 and
+    torch's are never resident at the same time."""
+    directory = Path(workdir)
+    if not (directory / "phi.npy").exists():
+        return {}
+    return exact_head_accuracy(stats, np.load(directory / "phi.npy", mmap_mode="r"), np.load(directory / "labels.npy"))
 
 
 def exact_head_accuracy(stats, phi: np.ndarray, labels: np.ndarray) -> dict:
@@ -360,13 +367,20 @@ class CentralEvaluation:
             return None
         with self._lock:
             try:
-                return model_process.call(evaluate_composed, self.spec_config, self.base_digest, self.run_config,
-                                          self.source, self.device_setting, str(self.workdir),
-                                          {k: np.asarray(v) for k, v in delta.items()}, stats, timeout=self.timeout)
+                result = model_process.call(evaluate_composed, self.spec_config, self.base_digest, self.run_config,
+                                            self.source, self.device_setting, str(self.workdir),
+                                            {k: np.asarray(v) for k, v in delta.items()}, timeout=self.timeout)
             except model_process.ModelProcessError as err:
                 self.errors.append(str(err))
                 log.error("central evaluation failed: %s", err)
                 return None
+            if stats is not None:
+                try:
+                    result |= model_process.call(evaluate_exact_head, str(self.workdir), stats, timeout=self.timeout)
+                except model_process.ModelProcessError as err:  # the TAFT figures stand
+                    self.errors.append(f"exact head: {err}")
+                    log.error("exact-head evaluation failed: %s", err)
+            return result
 
     def close(self) -> None:
         """Remove the stored test rows (after the build, if one is still running)."""
