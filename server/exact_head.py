@@ -1,7 +1,8 @@
 """The server's side of the exact head (issue 15): φ's extractor and digest, what the train message
 announces, what a reply's statistics must match, and the statistics ledger's model card.
 
-The server builds the same ``tangent.features.FeatureExtractor`` the sites build (pretrained
+The server builds (in a child process: torch never enters the ServerApp, server.model_process) the
+same ``tangent.features.FeatureExtractor`` the sites build (pretrained
 backbone of the model spec + the run config's FeatureSpec) and sends its digest in the train
 message's spec (contract 7b): a site whose φ differs refuses (``feature_digest_mismatch``), and a
 reply whose statistics name another digest is refused here (server.replies). The statistics
@@ -13,37 +14,47 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Mapping
 
-from server import config as cfg
 from server.replies import StatsExpectation
+
+
+def describe_features(model_spec_config: Mapping[str, Any], run_config: Mapping[str, Any]) -> dict[str, Any]:
+    """What the ServerApp needs of φ, computed in a child process (server.model_process): the
+    FeatureExtractor loads the pretrained backbone and imports torch. Plain values only."""
+    from server import config as cfg
+    from tangent.exact_head import SufficientStats
+    from tangent.features import FeatureExtractor
+    from tangent.spec import ModelSpec
+
+    model_spec = ModelSpec.from_config(dict(model_spec_config))
+    feature_spec = cfg.feature_spec(run_config)
+    extractor = FeatureExtractor.from_spec(model_spec, feature_spec)
+    grid = SufficientStats.zeros(extractor.dim, model_spec.num_classes, feature_spec.clip_norm,
+                                 feature_spec.frac_bits).meta()
+    return {"feature-spec": feature_spec.to_config(), "feature-digest": extractor.digest(),
+            "num-features": int(extractor.dim), "num-classes": int(model_spec.num_classes),
+            "clip-norm": float(feature_spec.clip_norm), "frac-bits": int(feature_spec.frac_bits), "stats-meta": grid}
 
 
 @dataclass
 class ExactHead:
-    extractor: Any  # tangent.features.FeatureExtractor (freed by the evaluation once φ exists)
-    feature_spec: Any  # tangent.features.FeatureSpec
+    feature_config: dict  # tangent.features.FeatureSpec.to_config() (the spec itself imports torch)
     feature_digest: str
     expectation: StatsExpectation
     model_card: dict
 
     @classmethod
-    def build(cls, model_spec, run_config: Mapping[str, Any]) -> "ExactHead":
-        from tangent.exact_head import SufficientStats
-        from tangent.features import FeatureExtractor
-
-        feature_spec = cfg.feature_spec(run_config)
-        extractor = FeatureExtractor.from_spec(model_spec, feature_spec)
-        digest = extractor.digest()
-        grid = SufficientStats.zeros(extractor.dim, model_spec.num_classes, feature_spec.clip_norm,
-                                     feature_spec.frac_bits).meta()
-        expectation = StatsExpectation(digest, extractor.dim, model_spec.num_classes, feature_spec.clip_norm,
-                                       feature_spec.frac_bits)
-        card = {"stats-meta": grid, "feature-spec": feature_spec.to_config(), "model-spec": model_spec.to_config(),
-                "feature-digest": digest}
-        return cls(extractor, feature_spec, digest, expectation, card)
+    def from_description(cls, description: Mapping[str, Any], model_spec_config: Mapping[str, Any]) -> "ExactHead":
+        """From :func:`describe_features`' answer (run in a child process)."""
+        digest = str(description["feature-digest"])
+        expectation = StatsExpectation(digest, int(description["num-features"]), int(description["num-classes"]),
+                                       float(description["clip-norm"]), int(description["frac-bits"]))
+        card = {"stats-meta": dict(description["stats-meta"]), "feature-spec": dict(description["feature-spec"]),
+                "model-spec": dict(model_spec_config), "feature-digest": digest}
+        return cls(dict(description["feature-spec"]), digest, expectation, card)
 
     def spec_keys(self) -> dict[str, Any]:
         """What the train message's "spec" ConfigRecord adds (contract 7b)."""
-        return {"exact-head": True, **self.feature_spec.to_config(), "feature-digest": self.feature_digest}
+        return {"exact-head": True, **self.feature_config, "feature-digest": self.feature_digest}
 
     @property
     def bytes_per_site(self) -> int:
@@ -53,4 +64,4 @@ class ExactHead:
 
     def report(self) -> dict[str, Any]:
         return {"feature_digest": self.feature_digest, "num_features": self.expectation.num_features,
-                "bytes_per_site": self.bytes_per_site, "feature_spec": self.feature_spec.to_config()}
+                "bytes_per_site": self.bytes_per_site, "feature_spec": self.feature_config}

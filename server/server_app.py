@@ -20,6 +20,11 @@ withdrawal request signed by the site or by the operator's admin key removes a s
 simulation keeps partition ids and obeys ``remove-sites``. Every path in the run config lives in
 ``state-dir`` (server.config).
 
+The ServerApp's own process never imports torch (issue 16 item 6: 535 MiB resident for the
+library alone, kept for the whole run once imported): w0's digest and Δ shapes, φ's digest and
+every central evaluation are computed in short-lived child processes (server.model_process,
+server.evaluation); the composed Δ stays numpy here.
+
 Exact head (issue 15, ``exact-head=true``, off in a DP run): the train message also announces φ
 (FeatureSpec keys + ``feature-digest``), every non-DP reply carries the site's sufficient
 statistics beside its Δw, and they go to a second ledger (``exact-head-ledger-path``); central
@@ -44,12 +49,13 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from server import config as cfg
+from server import model_process
 from server.evaluation import CentralEvaluation
-from server.exact_head import ExactHead
+from server.exact_head import ExactHead, describe_features
 from server.identity import SenderBinding
 from server.ledger import Ledger
 from server.ledgers import Ledgers
-from server.strategy import LedgerFedAvg, StreamingGrid
+from server.strategy import LedgerFedAvg, StreamingGrid, composed_arrays
 from server.withdrawal import (NonceStore, SiteRegistry, WithdrawalRefused, apply_withdrawal, nonce_store_path,
                                read_request)
 from tangent.protocol import check_site_id, site_order
@@ -78,9 +84,8 @@ _show_project_logs()
 app = ServerApp()
 
 
-def _delta(arrays: ArrayRecord) -> dict:
-    import torch
-    return {k: torch.from_numpy(v.numpy()) for k, v in arrays.items()}
+def _delta(arrays: ArrayRecord) -> dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in arrays.items()}
 
 
 @app.main()
@@ -113,29 +118,34 @@ def main(grid: Grid, context: Context) -> None:
 
 def _run(grid: Grid, run_id, run_config, mode: str, state: Path, ledger_path: Path,
          registry_path: Path | None, report: dict, stats_path: Path | None = None) -> None:
-    """The run itself; fills ``report`` as it goes, so a failure keeps what was done before it."""
-    from tangent.spec import build_model
+    """The run itself; fills ``report`` as it goes, so a failure keeps what was done before it.
 
+    Everything that needs torch (w0, φ's backbone, the evaluation) runs in child processes
+    (server.model_process): this process never imports it, so none of it stays resident."""
     federation = cfg.federation_mode(run_config)
     registry = SiteRegistry(registry_path) if registry_path is not None else None
     if federation == "deployment" and mode == "train" and registry is None:
         raise ValueError("federation-mode='deployment' trains only with a site-registry (written by "
                          "deploy.register): every reply is bound to its SuperNode through it")
     spec = cfg.model_spec(run_config)
-    model, base_digest = build_model(spec, cached=False)
-    expected_spec = {k: tuple(v.shape) for k, v in model.delta_state_dict().items()}
+    timeout = float(run_config.get("round-timeout", 3600))
+    started = time.perf_counter()
+    described = model_process.call(model_process.describe_model, spec.to_config(), dict(run_config),
+                                   _exact_head_wanted(run_config, mode, stats_path), timeout=timeout)
+    base_digest = described["base_digest"]
+    expected_spec = {k: tuple(v) for k, v in described["delta_shapes"].items()}
+    report["model_setup_s"] = time.perf_counter() - started
     max_norm = float(run_config.get("max-delta-norm", 0.0) or 0.0) or None
     report |= {"federation_mode": federation, "state_dir": str(state), "spec": spec.to_config(),
                "base_digest": base_digest, "ledger_path": str(ledger_path),
                "site_registry": None if registry_path is None else str(registry_path)}
     log.info("%s run %s (%s): ledger %s, base digest %s", mode, run_id, federation, ledger_path, base_digest)
-    exact_head = _exact_head(spec, run_config, mode, stats_path, report)
-    evaluation = CentralEvaluation.start(model, base_digest, spec.img_size, run_config,  # builds in the background
-                                         extractor=None if exact_head is None else exact_head.extractor)
-    if exact_head is not None:
-        exact_head.extractor = None  # the evaluation holds it until φ of the test rows exists
+    exact_head = _exact_head(spec, run_config, mode, stats_path, report, described=described["exact_head"])
+    evaluation = CentralEvaluation.start(spec.to_config(), base_digest, run_config,  # builds in the background
+                                         exact_head=exact_head is not None, timeout=timeout, workdir=state)
 
-    with ExitStack() as opened:  # both ledgers open before anything changes: a removal reaches both
+    with ExitStack() as opened:
+        opened.callback(evaluation.close)  # its private copy of the test rows goes with the run  # both ledgers open before anything changes: a removal reaches both
         ledger = opened.enter_context(Ledger.open(ledger_path, max_delta_norm=max_norm, expected_base_digest=base_digest,
                                                   weighting=str(run_config.get("weighting", "examples")),
                                                   expected_spec=expected_spec))
@@ -165,19 +175,31 @@ def _ledger_summary(ledger: Ledger) -> dict:
             "total_weight": version.total_weight}
 
 
-def _exact_head(spec, run_config, mode: str, stats_path: Path | None, report: dict) -> ExactHead | None:
-    """The exact head of this run, or None. Training: ``exact-head=true`` outside DP runs.
-    Unlearning: also whenever the statistics ledger exists (a removal must reach it)."""
+def _exact_head_wanted(run_config, mode: str, stats_path: Path | None) -> bool:
+    """Training: ``exact-head=true`` outside DP runs. Unlearning: also whenever the statistics
+    ledger exists (a removal must reach it)."""
+    return stats_path is not None and (cfg.exact_head_enabled(run_config)
+                                       or (mode == "unlearn" and stats_path.exists()))
+
+
+def _exact_head(spec, run_config, mode: str, stats_path: Path | None, report: dict, *,
+                described: dict | None = None) -> ExactHead | None:
+    """The exact head of this run (:func:`_exact_head_wanted`), or None. ``described``:
+    server.exact_head.describe_features' answer when the caller has it, else it is computed in a
+    child process."""
     enabled = cfg.exact_head_enabled(run_config)
     if cfg.exact_head_requested(run_config) and cfg.dp_required(run_config):
         log.warning("exact head OFF in this DP run (dp=true): the sites send no statistics; DP statistics are "
                     "measured offline only (benchmarks/exact_head.py)")
         report["exact_head"] = {"enabled": False, "reason": "dp run: no statistics are sent"}
-    if stats_path is None or not (enabled or (mode == "unlearn" and stats_path.exists())):
+    if not _exact_head_wanted(run_config, mode, stats_path):
         report.setdefault("exact_head", {"enabled": False})
         return None
     started = time.perf_counter()
-    exact_head = ExactHead.build(spec, run_config)
+    if described is None:
+        described = model_process.call(describe_features, spec.to_config(), dict(run_config),
+                                       timeout=float(run_config.get("round-timeout", 3600)))
+    exact_head = ExactHead.from_description(described, spec.to_config())
     report["exact_head"] = exact_head.report() | {"enabled": enabled, "ledger_open": True,
                                                  "ledger_path": str(stats_path),
                                                  "setup_s": time.perf_counter() - started}
@@ -239,7 +261,7 @@ def _train(grid: Grid, ledgers: Ledger | Ledgers, spec, base_digest: str, evalua
                  central[server_round]["accuracy"], central[server_round]["num-examples"], _exact_line(result))
         return MetricRecord(central[server_round])
 
-    initial = ArrayRecord(ledger.composed_delta()) if ledger.current_version().total_weight else ArrayRecord()
+    initial = composed_arrays(ledger) if ledger.current_version().total_weight else ArrayRecord()
     try:
         strategy.start(grid=StreamingGrid(grid), initial_arrays=initial,
                        num_rounds=int(run_config.get("num-rounds", 1)),
@@ -307,7 +329,7 @@ def _unlearn(ledgers: Ledger | Ledgers, sites: list[str], evaluation, run_id, *,
             log.warning("site %s has no active contribution: nothing to subtract (it stays withdrawn)", site)
     result |= {"withdrawals": withdrawals, "withdrawals_refused": sum(not w["accepted"] for w in withdrawals)}
     if ledger.current_version().total_weight and (
-            central := evaluation(ledger.composed_delta(), stats=_composed_stats(ledgers))) is not None:
+            central := evaluation(ledger.composed_arrays(), stats=_composed_stats(ledgers))) is not None:
         result["central"] = {"0": central}
         result["accuracy"] = central["accuracy"]
         result["accuracy_exact_head"] = central.get("accuracy_exact_head")

@@ -39,7 +39,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 import numpy as np
-from flwr.app import ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
+from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 from flwr.app.message_type import MessageType
 from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
@@ -340,7 +340,8 @@ class LedgerFedAvg(FedAvg):
 
 
 def composed_arrays(ledger: Ledger) -> ArrayRecord:
-    return ArrayRecord(ledger.composed_delta())
+    # numpy, not ledger.composed_delta() (torch tensors): the ServerApp process never imports torch
+    return ArrayRecord({name: Array(value) for name, value in ledger.composed_arrays().items()})
 
 
 def _weighted_means(rows: Iterable[dict], keys: tuple[str, ...]) -> dict[str, float]:

@@ -4,11 +4,14 @@ the real strategy and ledger, real Flower messages and the real pretrained w0.
 
 The only stand-in is the network: ``SitesGrid`` (a Flower ``Grid``) answers every train message
 at once with a real train reply, as three sites would, and notes when each message was pushed.
+The evaluation's builds run in child processes (server.model_process): a replaced build is a
+module-level function of this file, and it reports through files, not through this process's memory.
 """
 from __future__ import annotations
 
 import json
 import math
+import os
 import threading
 import time
 from pathlib import Path
@@ -98,20 +101,25 @@ def _delta_shapes(spec) -> dict:
     return _SHAPES[key]
 
 
+_REAL_BUILD = evaluation_module.build_inputs
+
+
+def slow_build_inputs(*args):
+    """The real input build, made BUILD_DELAY_S slower; notes when it finished (in the child)."""
+    time.sleep(BUILD_DELAY_S)
+    out = _REAL_BUILD(*args)
+    with open(os.environ["TAFT_TEST_BUILD_LOG"], "a") as log:
+        log.write(f"{time.time()}\n")
+    return out
+
+
 @pytest.fixture
-def slow_build(monkeypatch):
-    """The real input build, made BUILD_DELAY_S slower; records when it finished."""
-    finished: list[float] = []
-    real = evaluation_module.build_inputs
-
-    def build(*args):
-        time.sleep(BUILD_DELAY_S)
-        out = real(*args)
-        finished.append(time.time())
-        return out
-
-    monkeypatch.setattr(evaluation_module, "build_inputs", build)
-    return finished
+def slow_build(monkeypatch, tmp_path_factory):
+    """Makes the ServerApp's build :func:`slow_build_inputs`; returns the finish times so far."""
+    log = tmp_path_factory.mktemp("builds") / "finished.log"
+    monkeypatch.setenv("TAFT_TEST_BUILD_LOG", str(log))
+    monkeypatch.setattr(evaluation_module, "build_inputs", slow_build_inputs)
+    return lambda: [float(t) for t in log.read_text().split()] if log.exists() else []
 
 
 def run_main(tmp_path: Path, **overrides) -> tuple[dict, SitesGrid]:
@@ -133,8 +141,9 @@ def first_train_push(grid: SitesGrid) -> float:
 def test_train_messages_go_out_before_the_evaluation_is_built(tmp_path, slow_build):
     for run in (1, 2):  # a fresh ledger, then one that already holds a composed model
         report, grid = run_main(tmp_path)
-        assert len(slow_build) == run, "the build ran once per run"
-        assert first_train_push(grid) < slow_build[-1] - BUILD_DELAY_S / 2, (grid.pushed, slow_build)
+        finished = slow_build()
+        assert len(finished) == run, "the build ran once per run"
+        assert first_train_push(grid) < finished[-1] - BUILD_DELAY_S / 2, (grid.pushed, finished)
         # ... and the evaluation still happened once the inputs were there
         assert report["central"]["1"]["num-examples"] == 64
         assert 0.0 <= report["accuracy"] <= 1.0
@@ -166,23 +175,48 @@ def test_a_broken_test_set_is_reported_not_fatal(tmp_path):
     assert report["accuracy"] is None and len(report["rounds"][0]["recorded"]) == 3
 
 
-def test_start_returns_at_once_and_the_first_call_waits(tmp_path):
-    """The class on its own, with a stand-in build: nothing of Flower involved."""
-    import torch
+def gated_build_inputs(*args):
+    """The real input build, once the file TAFT_TEST_RELEASE exists (at most 60 s from now)."""
+    release, deadline = Path(os.environ["TAFT_TEST_RELEASE"]), time.time() + 60
+    while not release.exists() and time.time() < deadline:
+        time.sleep(0.05)
+    return _REAL_BUILD(*args)
 
-    from tests.tangent.test_cache import tiny_model
 
-    model = tiny_model()
-    release = threading.Event()
+SPEC = {"img-size": 28, "reinit": False, "num-classes": 10}
 
-    def build(model, base_digest, img_size, run_config, source):
-        release.wait(10)
-        model.drop_frozen()
-        return torch.zeros(8, 17, 32), np.arange(8) % 10, True
 
+def test_start_returns_at_once_and_the_first_call_waits(tmp_path, monkeypatch):
+    """The class on its own: nothing of Flower involved."""
+    from server import config as cfg
+    from server.model_process import call, describe_model
+
+    spec = cfg.model_spec(SPEC).to_config()
+    described = call(describe_model, spec, {}, False, timeout=300)
+    release = tmp_path / "release"
+    monkeypatch.setenv("TAFT_TEST_RELEASE", str(release))
     started = time.perf_counter()
-    evaluation = evaluation_module.CentralEvaluation.start(model, "digest", 28, {"eval-subset": 8}, build=build)
-    assert time.perf_counter() - started < 0.5 and not evaluation.wait(timeout=0.2)
-    threading.Timer(0.3, release.set).start()
-    result = evaluation({k: torch.zeros_like(v) for k, v in model.delta_state_dict().items()})
+    evaluation = evaluation_module.CentralEvaluation.start(spec, described["base_digest"], SPEC | {"eval-subset": 8},
+                                                           build=gated_build_inputs, workdir=tmp_path / "state")
+    assert time.perf_counter() - started < 0.5 and not evaluation.wait(timeout=0.5)
+    threading.Timer(0.3, release.touch).start()
+    result = evaluation({k: np.zeros(s, np.float32) for k, s in described["delta_shapes"].items()})
     assert result["num-examples"] == 8 and evaluation.error is None
+    workdir = evaluation.workdir
+    assert workdir.parent == tmp_path / "state" and (workdir.stat().st_mode & 0o777) == 0o700
+    evaluation.close()
+    assert not workdir.exists()
+
+
+def test_a_failing_evaluation_is_reported_not_raised(tmp_path):
+    """Δ arrays of the wrong shapes: the child's error comes back as text, the run goes on."""
+    from server import config as cfg
+
+    spec = cfg.model_spec(SPEC).to_config()
+    evaluation = evaluation_module.CentralEvaluation.start(spec, "digest", SPEC | {"eval-subset": 8},
+                                                           workdir=tmp_path)
+    assert evaluation({"no-such-tensor": np.zeros(3, np.float32)}) is None
+    assert evaluation.error is None and len(evaluation.errors) == 1
+    assert evaluation.errors[0].split(":")[0] in ("KeyError", "ValueError", "RuntimeError"), evaluation.errors
+    assert evaluation.summary()["evaluation_errors"] == evaluation.errors
+    evaluation.close()

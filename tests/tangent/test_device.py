@@ -199,14 +199,12 @@ def test_a_train_message_for_cuda_on_a_cpu_site_is_refused_before_any_work():
 
 
 @no_cuda
-def test_central_evaluation_without_the_named_gpu_loses_the_evaluation_not_the_run():
+def test_central_evaluation_without_the_named_gpu_loses_the_evaluation_not_the_run(tmp_path):
     from server.evaluation import CentralEvaluation
 
-    def build(*_args):
-        raise AssertionError("must not be reached: the device is resolved first")
-
-    evaluation = CentralEvaluation.start(tiny_model(), "digest", IMG, {"device": "cuda"}, build=build)
-    assert evaluation.wait(30)
+    # the child process resolves the device before it builds anything
+    evaluation = CentralEvaluation.start({}, "digest", {"device": "cuda"}, workdir=tmp_path)
+    assert evaluation.wait(120)
     assert evaluation({}) is None and "CUDA is not available" in evaluation.error
 
 
