@@ -177,10 +177,10 @@ def test_the_app_config_carries_the_exact_head_keys_of_contract_7a():
     config = _app_config()
     assert {k: config[k] for k in ("exact-head", "feature-pieces", "random-features", "random-seed", "clip-norm",
                                    "frac-bits", "exact-head-ledger-path")} == {
-        "exact-head": True, "feature-pieces": "final_cls,final_mean,input_cls,input_mean", "random-features": 2048,
+        "exact-head": True, "feature-pieces": "final_cls,final_mean,input_cls,input_mean,input_quad", "random-features": 0,
         "random-seed": 0, "clip-norm": 2.0, "frac-bits": 16, "exact-head-ledger-path": "exact_head.sqlite"}
     spec = cfg.feature_spec(config)
-    assert spec.dim() == 3584 and spec.clip_norm == 2.0 and spec.frac_bits == 16 and spec.random_seed == 0
+    assert spec.dim() == 3072 and spec.clip_norm == 2.0 and spec.frac_bits == 16 and spec.random_seed == 0
     assert cfg.exact_head_enabled(config)
 
 
