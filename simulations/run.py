@@ -304,6 +304,13 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="test images for the ensemble-vs-composed check (each site's model runs on them)")
     p.add_argument("--remove", type=int, default=3, help="how many sites to unlearn (chosen by seed)")
     p.add_argument("--remove-sites", default="", help="explicit comma-separated site ids to unlearn")
+    p.add_argument("--evaluation", choices=("driver", "server"), default="driver",
+                   help="who evaluates the composed models on the test set: 'driver' (default) = this "
+                        "driver, from the ledgers, after each run's processes have stopped (the run "
+                        "config gets test-dataset='none', so the ServerApp skips its central "
+                        "evaluation); 'server' = the ServerApp, as in a deployment. Same numbers; "
+                        "'driver' keeps make simulate under its 4 GiB peak-RSS budget (the evaluation "
+                        "needs torch, and Flower keeps both Ray workers resident until a run ends)")
     p.add_argument("--fraction-evaluate", type=float, default=0.0,
                    help="fraction of sites that evaluate the composed model on their slice of the test "
                         "split through Flower's evaluate round. Default 0: in the simulation those slices "
@@ -430,34 +437,49 @@ def build_caches(spec, directory: Path, sources: dict | None = None, device: str
     return time.perf_counter() - start, built
 
 
-def ensemble_check(spec, ledger_path: Path, cache_dir: Path | None, subset: int, seed: int,
-                   test_source: str = "fashion-mnist") -> dict:
-    """Each site's model on the same test images, weighted logit average vs the composed model."""
+def _test_rows(spec, cache_dir: Path | None, test_source: str, pick, read: bool = False):
+    """(model at w0, base digest, test inputs, labels tensor, from_cache) for the rows ``pick(N)``
+    of the test set: cached trunk tokens when there is a cache (read into memory with ``read``),
+    else the trunk run over the images."""
     import torch
 
-    from tangent.inputs import model_inputs
-    from tangent.spec import fresh_model
-    from server.ledger import Ledger
     from tangent.cache import images_digest
     from tangent.data import load_dataset
-    from tangent.train import predict_logits
+    from tangent.inputs import model_inputs
+    from tangent.spec import fresh_model
 
     model, digest = fresh_model(spec)
     images, labels = load_dataset(test_source, "test")
-    indices = np.arange(len(labels))
-    if 0 < subset < len(labels):
-        indices = np.sort(np.random.default_rng(seed).choice(len(labels), subset, replace=False))
-    labels = torch.as_tensor(labels[indices])
+    indices = pick(len(labels))
     if cache_dir is not None:
         inputs, from_cache = model_inputs(model, digest, images, indices, spec.img_size, cache_dir,
-                                     data_digest=images_digest(images))
-        inputs = inputs[np.arange(len(indices))]  # a few thousand rows: read them once
+                                          data_digest=images_digest(images))
+        if read:
+            inputs = inputs[np.arange(len(indices))]
     else:
         from tangent.data import preprocess
         with torch.no_grad():
             inputs = torch.cat([model.trunk(preprocess(images[indices[i:i + 256]], spec.img_size))
                                 for i in range(0, len(indices), 256)])
         from_cache = True
+    return model, digest, inputs, torch.as_tensor(labels[indices]), from_cache
+
+
+def ensemble_check(spec, ledger_path: Path, cache_dir: Path | None, subset: int, seed: int,
+                   test_source: str = "fashion-mnist") -> dict:
+    """Each site's model on the same test images, weighted logit average vs the composed model."""
+    import torch
+
+    from server.ledger import Ledger
+    from tangent.train import predict_logits
+
+    def pick(num_rows: int) -> np.ndarray:
+        if 0 < subset < num_rows:
+            return np.sort(np.random.default_rng(seed).choice(num_rows, subset, replace=False))
+        return np.arange(num_rows)
+
+    model, _, inputs, labels, from_cache = _test_rows(spec, cache_dir, test_source, pick, read=True)
+    indices = np.arange(len(labels))
 
     sites = active_deltas(ledger_path)
     total = float(sum(n for _, n, _ in sites))
@@ -479,6 +501,26 @@ def ensemble_check(spec, ledger_path: Path, cache_dir: Path | None, subset: int,
             "accuracy_composed_on_subset": float((composed_logits.argmax(-1) == labels).float().mean()),
             "max_rel_logit_diff_composed_vs_ensemble": rel, "ensemble_test_images": len(indices),
             "per_site": per_site, "ensemble_s": time.perf_counter() - start}
+
+
+def composed_accuracy(spec, ledger_path: Path, cache_dir: Path | None, test_source: str,
+                      run_config: dict) -> dict:
+    """Accuracy of w0 + the ledger's composed Δ on the server's test rows (the ServerApp's
+    central evaluation, run by the driver: ``--evaluation driver``)."""
+    import torch
+
+    from server.evaluation import evaluation_indices
+    from server.ledger import Ledger
+    from tangent.train import predict_logits
+
+    model, _, inputs, labels, from_cache = _test_rows(spec, cache_dir, test_source,
+                                                      lambda n: evaluation_indices(n, run_config))
+    start = time.perf_counter()
+    with Ledger.open(ledger_path, create=False) as ledger:
+        model.load_delta(ledger.composed_delta())
+    logits = predict_logits(model, inputs, from_cache=from_cache, batch_size=500)
+    return {"accuracy": float((logits.argmax(-1) == labels).float().mean()), "test_images": len(labels),
+            "evaluate_s": time.perf_counter() - start}
 
 
 def removal_check(ledger_path: Path) -> dict:
@@ -567,8 +609,8 @@ def plot(summary: dict, path: Path) -> None:
     full = summary.get("central_test_images") or summary.get("eval_subset")
     lines = (("accuracy_composed_on_subset", "-", "tab:blue", f"composed, same {subset} images"),
              ("accuracy_ensemble", ":", "tab:orange", f"ensemble of all sites, same {subset} images"),
-             ("accuracy_composed", "-", "tab:purple", f"composed, {full} test images (server)"),
-             ("accuracy_after_removal", "--", "tab:green", f"after removal, {full} test images (server)"),
+             ("accuracy_composed", "-", "tab:purple", f"composed, {full} test images (central)"),
+             ("accuracy_after_removal", "--", "tab:green", f"after removal, {full} test images (central)"),
              ("accuracy_exact_head", "-", "tab:brown",
               f"exact head (ridge on frozen φ), {summary.get('exact_head_test_images')} test images"),
              ("accuracy_exact_head_after_removal", "--", "tab:olive", "exact head after removal"))
@@ -624,6 +666,8 @@ def main(argv=None) -> int:
         if value is not None:
             run_config[key] = value
     run_config |= user_config  # explicit --run-config keys win over the flags above, as before
+    # what the ServerApp is given: with --evaluation driver it skips its central evaluation
+    server_config = run_config | ({"test-dataset": "none"} if args.evaluation == "driver" else {})
     ray_address = args.ray_address or os.environ.get("RAY_ADDRESS") or "local"
     spec = ModelSpec.from_config(defaults | run_config)
     from simulations.exact_head_check import feature_config, stats_ledger_path
@@ -657,7 +701,8 @@ def main(argv=None) -> int:
                      "cache_dir": str(cache_dir) if cache_dir else None,
                      "dataset": data["sources"]["train"], "test_dataset": data["sources"]["test"],
                      "num_classes": spec.num_classes, "ray_address": ray_address,
-                     "exact_head": features is not None, "feature_spec": features}
+                     "exact_head": features is not None, "feature_spec": features,
+                     "evaluation": args.evaluation}
     try:
         print(f"[1/5] trunk-token cache{' and φ cache' if features else ''} in {cache_dir}")
         if cache_dir is not None:
@@ -669,7 +714,7 @@ def main(argv=None) -> int:
 
         print(f"[2/5] flwr run: {args.num_clients} sites train TAFT-1 from w0 (log: {run_dir / 'train.log'})")
         train_report = run_dir / "train-report.json"
-        summary["train_run_s"] = flwr_run(run_config | {"mode": "train", "report-path": str(train_report)},
+        summary["train_run_s"] = flwr_run(server_config | {"mode": "train", "report-path": str(train_report)},
                                           federation, env, run_dir / "train.log", watch, flwr_home, args.timeout)
         report = json.loads(train_report.read_text())
         last_round = report["rounds"][-1]
@@ -682,6 +727,10 @@ def main(argv=None) -> int:
                     "federated_evaluation": ({k: v for k, v in last_round["evaluate"].items() if k != "sites"}
                                              if last_round["evaluate"].get("num-examples") else None)}
         active = report["ledger"]["active_sites"]
+        test_source = data["sources"]["test"]
+        if args.evaluation == "driver" and test_source is not None:
+            central = in_subprocess(composed_accuracy, spec, ledger_path, cache_dir, test_source, run_config)
+            summary |= {"accuracy_composed": central["accuracy"], "central_test_images": central["test_images"]}
 
         if data["sources"]["test"] is not None:
             print(f"[3/5] ensemble of {len(active)} site models vs the composed model")
@@ -700,12 +749,15 @@ def main(argv=None) -> int:
 
         print(f"[4/5] flwr run: unlearn sites {','.join(removed)} (log: {run_dir / 'unlearn.log'})")
         unlearn_report = run_dir / "unlearn-report.json"
-        unlearn_config = run_config | {"mode": "unlearn", "remove-sites": ",".join(removed),
+        unlearn_config = server_config | {"mode": "unlearn", "remove-sites": ",".join(removed),
                                        "report-path": str(unlearn_report)}
         summary["unlearn_run_s"] = flwr_run(unlearn_config, federation, env, run_dir / "unlearn.log", watch,
                                             flwr_home, args.timeout)
         ureport = json.loads(unlearn_report.read_text())
         summary |= {"removed_sites": ureport["removed_sites"], "accuracy_after_removal": ureport["accuracy"]}
+        if args.evaluation == "driver" and test_source is not None:
+            summary["accuracy_after_removal"] = in_subprocess(composed_accuracy, spec, ledger_path, cache_dir,
+                                                              test_source, run_config)["accuracy"]
 
         print("[5/5] removal vs fresh aggregation of the remaining sites")
         summary |= removal_check(ledger_path)

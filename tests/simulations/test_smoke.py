@@ -19,7 +19,8 @@ def test_smoke_simulation_train_then_unlearn(tmp_path):
     before = {p.pid for p in psutil.process_iter()}
     cmd = [sys.executable, "-m", "simulations.run", "--num-clients", "3", "--train-subset", "600",
            "--epochs", "3", "--img-size", "28", "--no-cache", "--eval-subset", "500",
-           "--ensemble-subset", "300", "--remove", "1", "--fraction-evaluate", "1", "--runs-dir", str(tmp_path),
+           "--ensemble-subset", "300", "--remove", "1", "--fraction-evaluate", "1", "--evaluation", "server",
+           "--runs-dir", str(tmp_path),
            "--run-config", "reinit=false", "--timeout", "600"]
     env = os.environ | {"FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1", "PYTHONPATH": str(REPO)}
     out = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
