@@ -290,7 +290,10 @@ def stage_federated(work: Path, spec: FeatureSpec, only: str | None = None) -> d
     pieces, labels = _load(work, "train")
     pieces_t, labels_t = _load(work, "test")
     extractor = _extractor(spec)
-    path = work / "federated.json"
+    quads = quads_t = None
+    if set(spec.pieces) & set(QUAD_PIECES):  # stage "quad" stored them
+        quads, quads_t = np.load(work / "quad_train.npy", mmap_mode="r"), np.load(work / "quad_test.npy")
+    path = work / ("federated-quad.json" if quads is not None else "federated.json")
     out = json.loads(path.read_text()) if path.is_file() else {}
     if out.get("p") != extractor.dim:
         out = {}
@@ -306,7 +309,7 @@ def stage_federated(work: Path, spec: FeatureSpec, only: str | None = None) -> d
         del q
     if central is None:
         t0 = time.perf_counter()
-        central = eh.SufficientStats.from_features(features(extractor, pieces), labels, NUM_CLASSES,
+        central = eh.SufficientStats.from_features(features(extractor, pieces, quads=quads), labels, NUM_CLASSES,
                                                    spec.clip_norm, spec.frac_bits)
         out["central_stats_s"] = round(time.perf_counter() - t0, 1)
     partitions = {"iid-50": partition_iid(len(labels), 50, seed=0),
@@ -320,7 +323,7 @@ def stage_federated(work: Path, spec: FeatureSpec, only: str | None = None) -> d
         order = rng.permutation(len(parts))  # arrival order: random
         for i in order:
             s0 = time.perf_counter()
-            site = eh.SufficientStats.from_features(features(extractor, pieces, parts[i]), labels[parts[i]],
+            site = eh.SufficientStats.from_features(features(extractor, pieces, parts[i], quads), labels[parts[i]],
                                                     NUM_CLASSES, spec.clip_norm, spec.frac_bits)
             site_times.append(time.perf_counter() - s0)
             site_bytes.append(site.nbytes)
@@ -334,12 +337,12 @@ def stage_federated(work: Path, spec: FeatureSpec, only: str | None = None) -> d
         removal_ok = None
         if name == "iid-50":  # one full Gram product more: done for one partition
             rest = np.sort(np.concatenate([parts[i] for i in order[1:]]))
-            fresh = eh.SufficientStats.from_features(features(extractor, pieces, rest), labels[rest],
+            fresh = eh.SufficientStats.from_features(features(extractor, pieces, rest, quads), labels[rest],
                                                      NUM_CLASSES, spec.clip_norm, spec.frac_bits)
             removal_ok = bool((total - removed) == fresh)
             del fresh
         head = eh.solve(total)
-        acc = float((head.predict(features(extractor, pieces_t)) == labels_t).mean())
+        acc = float((head.predict(features(extractor, pieces_t, quads=quads_t)) == labels_t).mean())
         sizes = [len(p) for p in parts]
         out[name] = {"sites": len(parts), "site_sizes_min_max": [min(sizes), max(sizes)],
                      "composed_equals_central_bit_for_bit": bool(equal and bitwise),
@@ -578,7 +581,10 @@ def main(argv=None):
                         help="federated: one partition only (default: both)")
     parser.add_argument("--work", type=Path, default=Path("/tmp/exacthead"))
     parser.add_argument("--random-features", type=int, default=4096,
-                        help="federated stage: the spec (4 pieces + this many random features)")
+                        help="federated stage: the spec (--pieces + this many random features)")
+    parser.add_argument("--pieces", type=str, default=",".join(PIECES),
+                        help="federated stage: the spec's pieces (comma-separated; quadrant pieces need "
+                             "stage 'quad' first)")
     args = parser.parse_args(argv)
     args.work.mkdir(parents=True, exist_ok=True)
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -593,7 +599,8 @@ def main(argv=None):
     elif args.stage == "frontier-rf":
         stage_frontier_rf(args.work, tuple(int(k) for k in args.ks.split(",")))
     elif args.stage == "federated":
-        stage_federated(args.work, FeatureSpec(random_features=args.random_features), args.partition)
+        stage_federated(args.work, FeatureSpec(pieces=tuple(args.pieces.split(",")),
+                                               random_features=args.random_features), args.partition)
     elif args.stage == "dp":
         stage_dp(args.work)
     elif args.stage == "ablation":
