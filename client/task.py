@@ -32,7 +32,8 @@ CONTRIBUTIONS_FILE = "contributions.jsonl"
 
 #: config keys -> TrainConfig fields
 TRAIN_KEYS = {"epochs": "epochs", "batch-size": "batch_size", "lr": "lr", "loss": "loss",
-              "kappa": "kappa", "rsl-alpha": "alpha", "l2": "l2", "radius": "radius"}
+              "kappa": "kappa", "rsl-alpha": "alpha", "l2": "l2", "radius": "radius",
+              "guard-ridge": "guard_ridge"}
 
 
 def error_reply(code: str, reason: str, site: str | None = None) -> RecordDict:
@@ -172,6 +173,8 @@ def train_config(config: Mapping[str, Any]):
     values = {field: config[key] for key, field in TRAIN_KEYS.items() if key in config}
     if "radius" in values:
         values["radius"] = float(values["radius"]) or None  # 0 = no projection
+    if "guard_ridge" in values:
+        values["guard_ridge"] = float(values["guard_ridge"])
     for field in ("epochs", "batch_size"):
         if field in values:
             values[field] = int(values[field])
@@ -235,7 +238,9 @@ def train(content: RecordDict, node_config, run_config, site: str) -> RecordDict
         return RecordDict({"delta": ArrayRecord(delta), **dp_reply(
             site, digest, contribution_id, privacy, result, train_config_json)})
     metrics = MetricRecord({
-        "num-examples": int(result.num_examples), "train-loss": float(result.loss),
+        # the loss of the Δ actually sent: after the short-schedule guard when it moved it
+        "num-examples": int(result.num_examples),
+        "train-loss": float(result.guard["loss"] if result.guard else result.loss),
         "train-accuracy": float(result.accuracy),
         "epsilon": math.inf, "delta": 0.0,  # no DP: no guarantee
         "wall-s": time.perf_counter() - start, "fit-s": float(result.wall_s),

@@ -18,7 +18,7 @@ from typing import Any, Mapping
 from tangent.spec import ModelSpec
 
 #: run-config keys forwarded to the sites in the train ``config`` ConfigRecord
-TRAIN_CONFIG_KEYS = ("epochs", "batch-size", "lr", "loss", "kappa", "rsl-alpha", "l2", "radius", "seed",
+TRAIN_CONFIG_KEYS = ("epochs", "batch-size", "lr", "loss", "kappa", "rsl-alpha", "l2", "radius", "guard-ridge", "seed",
                      "dp", "dp-epsilon", "dp-delta", "dp-max-grad-norm")
 MODES = ("train", "unlearn")
 #: deployment: replies are bound to their authenticated SuperNode through the site registry;

@@ -70,6 +70,9 @@ class TrainConfig:
             raise ValueError(f"schedule must be one of {SCHEDULES}, got {self.schedule!r}")
         if self.warmup < 0:
             raise ValueError("warmup must be >= 0 steps")
+        if not (isinstance(self.guard_ridge, (int, float)) and math.isfinite(self.guard_ridge)
+                and self.guard_ridge >= 0):
+            raise ValueError(f"guard_ridge must be a finite number >= 0 (0 = no guard), got {self.guard_ridge!r}")
 
     def lr_at(self, step: int, total_steps: int) -> float:
         """Learning rate of step ``step`` (0-based) of ``total_steps``."""

@@ -15,56 +15,24 @@ import os
 import threading
 import time
 from pathlib import Path
-from uuid import uuid4
 
 import numpy as np
 import pytest
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
-from flwr.serverapp import Grid
-from flwr.supercore.run import Run
 
 import server.evaluation as evaluation_module
 from server import server_app
+from tests.server.local_grid import LocalGrid
 
 pytestmark = pytest.mark.usefixtures("flower_server_identity")
 SITES = (101, 102, 103)
 BUILD_DELAY_S = 4.0
 
 
-class SitesGrid(Grid):
+class SitesGrid(LocalGrid):
     """Three sites that reply to a train message immediately with a small real Δw."""
 
-    def __init__(self):
-        self.pushed: list[tuple[str, float]] = []
-        self._replies: dict[str, Message] = {}
-
-    def set_run(self, run: Run) -> None:  # pragma: no cover - the ServerApp main never calls it
-        pass
-
-    @property
-    def run(self) -> Run:
-        return Run.create_empty(run_id=1)
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:
-        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
-
-    def get_node_ids(self):
-        return list(SITES)
-
-    def push_messages(self, messages):
-        ids = []
-        for msg in messages:
-            self.pushed.append((msg.metadata.message_type, time.time()))
-            msg.metadata.__dict__["_message_id"] = uuid4().hex  # what Flower's grids do on push
-            self._replies[msg.metadata.message_id] = self._answer(msg)
-            ids.append(msg.metadata.message_id)
-        return ids
-
-    def pull_messages(self, message_ids):
-        return [self._replies.pop(i) for i in list(message_ids) if i in self._replies]
-
-    def send_and_receive(self, messages, *, timeout=None):
-        return self.pull_messages(self.push_messages(messages))
+    sites = SITES
 
     @staticmethod
     def _answer(msg: Message) -> Message:

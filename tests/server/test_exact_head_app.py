@@ -11,15 +11,13 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from uuid import uuid4
 
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
-from flwr.serverapp import Grid
-from flwr.supercore.run import Run
 
 from server import server_app
+from tests.server.local_grid import LocalGrid
 
 pytestmark = [pytest.mark.usefixtures("flower_server_identity"), pytest.mark.slow]
 SITES = (101, 102, 103)
@@ -31,39 +29,14 @@ RUN_CONFIG = {"img-size": 28, "reinit": False, "num-classes": 10, "seed": 0, "ep
               "clip-norm": 2.0, "frac-bits": 16}
 
 
-class StatsSitesGrid(Grid):
+class StatsSitesGrid(LocalGrid):
+    sites = SITES
+
     def __init__(self):
-        self._replies: dict[str, Message] = {}
+        super().__init__()
         self.site_stats: dict[str, object] = {}
         self.specs: list[dict] = []
         self._extractor = None
-
-    def set_run(self, run: Run) -> None:  # pragma: no cover
-        pass
-
-    @property
-    def run(self) -> Run:
-        return Run.create_empty(run_id=1)
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None) -> Message:
-        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
-
-    def get_node_ids(self):
-        return list(SITES)
-
-    def push_messages(self, messages):
-        ids = []
-        for msg in messages:
-            msg.metadata.__dict__["_message_id"] = uuid4().hex
-            self._replies[msg.metadata.message_id] = self._answer(msg)
-            ids.append(msg.metadata.message_id)
-        return ids
-
-    def pull_messages(self, message_ids):
-        return [self._replies.pop(i) for i in list(message_ids) if i in self._replies]
-
-    def send_and_receive(self, messages, *, timeout=None):
-        return self.pull_messages(self.push_messages(messages))
 
     def extractor(self, spec):
         from tangent.features import FeatureExtractor, FeatureSpec

@@ -16,7 +16,6 @@ import subprocess
 import sys
 import time
 from pathlib import Path
-from uuid import uuid4
 
 import numpy as np
 import pytest
@@ -56,51 +55,25 @@ def test_a_child_that_dies_without_an_answer_is_reported():
 
 SCRIPT = r"""
 import json, math, sys
-from uuid import uuid4
 
 import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
-from flwr.serverapp import Grid
-from flwr.supercore.run import Run
 from flwr.supercore.task_identity import TaskIdentity
 
 from server import model_process, server_app
+from tests.server.local_grid import LocalGrid
 
 TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
 SITES = (101, 102, 103)
 state = sys.argv[1]
 
 
-class NumpySitesGrid(Grid):
+class NumpySitesGrid(LocalGrid):
+    sites = SITES
+
     def __init__(self):
-        self._replies, self._shapes = {}, None
-
-    def set_run(self, run):
-        pass
-
-    @property
-    def run(self):
-        return Run.create_empty(run_id=1)
-
-    def create_message(self, content, message_type, dst_node_id, group_id, ttl=None):
-        return Message(content, dst_node_id, message_type, ttl=ttl, group_id=group_id)
-
-    def get_node_ids(self):
-        return list(SITES)
-
-    def push_messages(self, messages):
-        ids = []
-        for msg in messages:
-            msg.metadata.__dict__["_message_id"] = uuid4().hex
-            self._replies[msg.metadata.message_id] = self._answer(msg)
-            ids.append(msg.metadata.message_id)
-        return ids
-
-    def pull_messages(self, message_ids):
-        return [self._replies.pop(i) for i in list(message_ids) if i in self._replies]
-
-    def send_and_receive(self, messages, *, timeout=None):
-        return self.pull_messages(self.push_messages(messages))
+        super().__init__()
+        self._shapes = None
 
     def _answer(self, msg):
         spec = dict(msg.content.config_records["spec"].items())
