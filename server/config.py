@@ -59,6 +59,14 @@ def dp_required(run_config: Mapping[str, Any]) -> bool:
     return _flag(run_config, "dp")
 
 
+def central_evaluation_enabled(run_config: Mapping[str, Any]) -> bool:
+    """``central-evaluation`` (default true): whether the ServerApp evaluates the composed models on
+    its test set. The simulation driver turns it off and evaluates from the ledgers itself, after
+    the run's processes have stopped (``simulations.run --evaluation driver``)."""
+    value = run_config.get("central-evaluation", True)
+    return value is True or str(value).strip().lower() in ("true", "1")
+
+
 def exact_head_requested(run_config: Mapping[str, Any]) -> bool:
     """``exact-head`` as written in the run config (absent: off, as before issue 15)."""
     return _flag(run_config, "exact-head")

@@ -274,7 +274,10 @@ class CentralEvaluation:
         self.base_digest = base_digest
         self.run_config = dict(run_config)
         self.exact_head_on = bool(exact_head)
-        self.source = dataset_source(run_config, "test")
+        from server.config import central_evaluation_enabled
+
+        self.switched_off = not central_evaluation_enabled(run_config)
+        self.source = None if self.switched_off else dataset_source(run_config, "test")
         self.device_setting = str(device or run_config.get("device", DEFAULT_DEVICE) or DEFAULT_DEVICE)
         self.timeout = float(timeout if timeout is not None else run_config.get("round-timeout", 3600))
         self._build = build or build_inputs  # read here: a test may replace the module's build_inputs
@@ -295,6 +298,8 @@ class CentralEvaluation:
         evaluation = cls(spec_config, base_digest, run_config, **options)
         if evaluation.enabled:
             evaluation._thread.start()
+        elif evaluation.switched_off:
+            log.info("central evaluation off: central-evaluation=false")
         else:
             log.info("central evaluation off: no test data set (dataset=%r, test-dataset=%r)",
                      run_config.get("dataset"), run_config.get("test-dataset"))

@@ -307,7 +307,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--evaluation", choices=("driver", "server"), default="driver",
                    help="who evaluates the composed models on the test set: 'driver' (default) = this "
                         "driver, from the ledgers, after each run's processes have stopped (the run "
-                        "config gets test-dataset='none', so the ServerApp skips its central "
+                        "config gets central-evaluation=false, so the ServerApp skips its central "
                         "evaluation); 'server' = the ServerApp, as in a deployment. Same numbers; "
                         "'driver' keeps make simulate under its 4 GiB peak-RSS budget (the evaluation "
                         "needs torch, and Flower keeps both Ray workers resident until a run ends)")
@@ -667,7 +667,7 @@ def main(argv=None) -> int:
             run_config[key] = value
     run_config |= user_config  # explicit --run-config keys win over the flags above, as before
     # what the ServerApp is given: with --evaluation driver it skips its central evaluation
-    server_config = run_config | ({"test-dataset": "none"} if args.evaluation == "driver" else {})
+    server_config = run_config | ({"central-evaluation": False} if args.evaluation == "driver" else {})
     ray_address = args.ray_address or os.environ.get("RAY_ADDRESS") or "local"
     spec = ModelSpec.from_config(defaults | run_config)
     from simulations.exact_head_check import feature_config, stats_ledger_path

@@ -243,3 +243,10 @@ def test_the_serverapp_refuses_a_report_over_the_statistics_ledger(tmp_path):
     with pytest.raises(cfg.PathRefused, match="a file the server keeps"):
         main(None, context)
     assert not (state / "exact_head.sqlite-wal").exists()
+
+
+def test_central_evaluation_is_on_unless_switched_off():
+    assert cfg.central_evaluation_enabled({}) and cfg.central_evaluation_enabled({"central-evaluation": "true"})
+    assert not cfg.central_evaluation_enabled({"central-evaluation": False})
+    assert not cfg.central_evaluation_enabled({"central-evaluation": "false"})
+    assert _app_config()["central-evaluation"] is True

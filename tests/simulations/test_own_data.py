@@ -103,13 +103,16 @@ def simulate(tmp_path: Path, *args) -> dict:
     return summary
 
 
-def check_run(summary: dict, num_classes: int, num_test: int) -> None:
+def check_run(summary: dict, num_classes: int, num_test: int, evaluation: str) -> None:
     report = summary["_train_report"]
     assert summary["num_classes"] == num_classes and report["spec"]["num-classes"] == num_classes
     assert summary["recorded_sites"] == 3 and summary["rejected"] == {}
-    # the server evaluated the composed model on the given test set, every image of it
-    assert report["central_evaluation"]["error"] is None
-    assert report["central"]["1"]["num-examples"] == num_test and summary["central_test_images"] == num_test
+    assert summary["evaluation"] == evaluation and summary["central_test_images"] == num_test
+    if evaluation == "server":  # the ServerApp evaluated the composed model on the given test set, all of it
+        assert report["central_evaluation"]["error"] is None
+        assert report["central"]["1"]["num-examples"] == num_test
+    else:  # the ServerApp was given no test set; the driver evaluated the ledger's model on it
+        assert report["accuracy"] is None and not report["central"]
     assert 0.0 <= summary["accuracy_composed"] <= 1.0 and summary["accuracy_after_removal"] is not None
     # the sites' federated evaluation split the same test set
     assert summary["federated_evaluation"]["num-examples"] == num_test
@@ -123,8 +126,9 @@ def test_simulation_on_an_npz_with_four_classes(tmp_path):
     test_images, test_labels = pattern_images(40, 4, 20, seed=2, rgb=True)
     np.savez(tmp_path / "train.npz", images=train_images, labels=train_labels)
     np.savez(tmp_path / "test.npz", images=test_images, labels=test_labels)
-    summary = simulate(tmp_path, "--dataset", str(tmp_path / "train.npz"), "--test-dataset", str(tmp_path / "test.npz"))
-    check_run(summary, num_classes=4, num_test=40)
+    summary = simulate(tmp_path, "--dataset", str(tmp_path / "train.npz"), "--test-dataset", str(tmp_path / "test.npz"),
+                       "--evaluation", "server")
+    check_run(summary, num_classes=4, num_test=40, evaluation="server")
     assert summary["_train_report"]["central_evaluation"]["test_dataset"] == str(tmp_path / "test.npz")
 
 
@@ -134,7 +138,7 @@ def test_simulation_on_an_image_folder_with_three_classes(tmp_path):
     train = write_image_folder(tmp_path / "train", *pattern_images(60, 3, 18, seed=3), names)
     test = write_image_folder(tmp_path / "test", *pattern_images(24, 3, 18, seed=4), names)
     summary = simulate(tmp_path, "--dataset", str(train), "--test-dataset", str(test))
-    check_run(summary, num_classes=3, num_test=24)
+    check_run(summary, num_classes=3, num_test=24, evaluation="driver")
 
 
 def test_the_driver_checks_data_without_importing_torch(tmp_path):
