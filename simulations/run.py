@@ -127,22 +127,28 @@ class ProcessWatch:
         """SIGTERM every process we started or saw (children first), SIGKILL what is left."""
         procs = {p.pid: p for p in self.tree() if p.pid != os.getpid()}
         procs.update({pid: p for pid, p in self.seen.items() if pid not in procs})
-        alive = []
-        for proc in sorted(procs.values(), key=lambda p: -p.pid):
-            try:
-                if proc.is_running():  # also guards against PID reuse (create time)
-                    proc.terminate()
-                    alive.append(proc)
-            except psutil.NoSuchProcess:
-                pass
-        _, still = psutil.wait_procs(alive, timeout=timeout)
-        for proc in still:
-            try:
-                proc.kill()
-            except psutil.NoSuchProcess:
-                pass
-        psutil.wait_procs(still, timeout=5)
-        return [p.pid for p in alive]
+        return [p.pid for p in stop_processes(procs.values(), timeout)]
+
+
+def stop_processes(procs, timeout: float) -> list[psutil.Process]:
+    """SIGTERM the running ones (highest PID, i.e. children, first), wait ``timeout`` s, SIGKILL
+    what is left. Returns the processes that were signalled."""
+    alive = []
+    for proc in sorted(procs, key=lambda p: -p.pid):
+        try:
+            if proc.is_running():  # also guards against PID reuse (create time)
+                proc.terminate()
+                alive.append(proc)
+        except psutil.Error:
+            pass
+    _, still = psutil.wait_procs(alive, timeout=timeout)
+    for proc in still:
+        try:
+            proc.kill()
+        except psutil.Error:
+            pass
+    psutil.wait_procs(still, timeout=5)
+    return alive
 
 
 def _rss_parts(pid: int) -> dict[str, float]:
@@ -235,19 +241,7 @@ def stop_finished_run(watch: ProcessWatch, timeout: float = 15.0) -> int:
                 victims.update({c.pid: c for c in proc.children(recursive=True)})
         except psutil.Error:
             continue
-    for proc in sorted(victims.values(), key=lambda p: -p.pid):
-        try:
-            proc.terminate()
-        except psutil.Error:
-            pass
-    _, alive = psutil.wait_procs(list(victims.values()), timeout=timeout)
-    for proc in alive:
-        try:
-            proc.kill()
-        except psutil.Error:
-            pass
-    psutil.wait_procs(alive, timeout=5)
-    return len(victims)
+    return len(stop_processes(victims.values(), timeout))
 
 
 # ---------------------------------------------------------------- ledger reads
