@@ -16,7 +16,7 @@ import torch
 
 
 def features(model, images, img_size, batch_size=128):
-    from tangent.data import preprocess
+    from tangent.data.sets import preprocess
     chunks = []
     with torch.inference_mode():
         for start in range(0, len(images), batch_size):
@@ -32,9 +32,9 @@ def main(argv=None):
     args = parser.parse_args(argv)
 
     from sklearn.linear_model import LogisticRegression
-    from tangent.data import load_fashion_mnist
-    from tangent.partition import partition_iid
-    from tangent.pretrained import load_pretrained
+    from tangent.data.sets import load_fashion_mnist
+    from tangent.data.partition import partition_iid
+    from tangent.model.pretrained import load_pretrained
 
     train_x, train_y = load_fashion_mnist("train")
     test_x, test_y = load_fashion_mnist("test")

@@ -29,9 +29,9 @@ import time
 
 import torch
 
-from tangent.losses import rsl_loss
-from tangent.model import TangentViT
-from tangent.nlft import NLFTViT
+from tangent.training.losses import rsl_loss
+from tangent.model.vit import TangentViT
+from tangent.model.nlft import NLFTViT
 
 NUM_CLASSES = 10
 
@@ -39,7 +39,7 @@ NUM_CLASSES = 10
 def load_backbone(img_size: int):
     """The real DINOv2 ViT-S/14 when available, else the same architecture with random weights."""
     try:
-        from tangent.pretrained import load_pretrained
+        from tangent.model.pretrained import load_pretrained
         return load_pretrained(img_size=img_size), "dinov2-pretrained"
     except Exception:  # noqa: BLE001 - any failure to get real weights falls back to random ones
         import timm
@@ -49,7 +49,7 @@ def load_backbone(img_size: int):
 
 def default_img_size() -> int:
     try:
-        from tangent.data import DEFAULT_IMG_SIZE
+        from tangent.data.sets import DEFAULT_IMG_SIZE
         return DEFAULT_IMG_SIZE
     except ImportError:
         return 56
@@ -91,7 +91,7 @@ def compiled_tail(tail, mode: str | None):
 def main(argv=None) -> dict:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch-size", type=int, default=32)
-    parser.add_argument("--img-size", type=int, default=None, help="default: tangent.data.DEFAULT_IMG_SIZE")
+    parser.add_argument("--img-size", type=int, default=None, help="default: tangent.data.sets.DEFAULT_IMG_SIZE")
     parser.add_argument("--repeats", type=int, default=5, help="timed rounds (after --warmup rounds)")
     parser.add_argument("--epoch-batches", type=int, default=4, help="batches in a timed epoch")
     # One intra-op thread by default: on a small shared machine a second thread turns every small
@@ -106,7 +106,7 @@ def main(argv=None) -> dict:
                         help="untimed rounds first (compiling and graph recording happen there; 5 with "
                              "--compile/--cuda-graphs is plenty)")
     args = parser.parse_args(argv)
-    from tangent.device import resolve_device
+    from tangent.data.device import resolve_device
 
     try:
         device = resolve_device(args.device, setting="--device")

@@ -18,13 +18,13 @@ r"""Forget samples at a site: recompute its exact-head statistics without them a
 
 Writes, in ``--out`` (created 0700, files 0600): ``forget-<site>.json`` (the signed request,
 valid for 15 minutes and once) and ``stats-<site>.safetensors`` (the statistics of the remaining
-rows, tangent/stats_file.py). Send both (and ``--delta``) to the operator, who runs:
+rows, tangent/exact_head/stats_file.py). Send both (and ``--delta``) to the operator, who runs:
 
     taft-ledger --ledger <state>/ledger.sqlite forget forget-3.json \
         --stats stats-3.safetensors [--delta delta-3.safetensors] --registry <state>/registry.json
 
 The key is the site's SuperNode key (the one registered with deploy.register); the signing rule is
-tangent/signed_requests.py, the same as deploy/withdraw.py's. Exit 0: written; 2: bad input.
+tangent/protocol/signed_requests.py, the same as deploy/withdraw.py's. Exit 0: written; 2: bad input.
 """
 from __future__ import annotations
 
@@ -39,9 +39,9 @@ from pathlib import Path
 import numpy as np
 
 from client.stats import site_statistics  # the training round's statistics: same φ, same integers
-from tangent.feature_spec import KEYS as FEATURE_KEYS, PIECES, FeatureSpec
-from tangent.signed_requests import SIGNERS, forget_request, load_private_key
-from tangent.spec import ModelSpec
+from tangent.exact_head.feature_spec import KEYS as FEATURE_KEYS, PIECES, FeatureSpec
+from tangent.protocol.signed_requests import SIGNERS, forget_request, load_private_key
+from tangent.protocol.spec import ModelSpec
 
 DEFAULTS = FeatureSpec(random_features=2048)  # the Flower path's default spec (contract 7)
 
@@ -74,7 +74,7 @@ def read_indices(path: Path, num_rows: int) -> np.ndarray:
 def _site_data(path: Path, img_size: int):
     """The site's rows as the SuperNode reads them without a token cache (client.site)."""
     from client.site import SiteData
-    from tangent.data import dataset_digest, load_site_data, preprocess
+    from tangent.data.sets import dataset_digest, load_site_data, preprocess
 
     images, labels = load_site_data(path)
     return SiteData(preprocess(images, img_size), labels, False, dataset_digest(images, labels),
@@ -116,8 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        from tangent.features import FeatureExtractor
-        from tangent.stats_file import stats_bytes
+        from tangent.exact_head.features import FeatureExtractor
+        from tangent.exact_head.stats_file import stats_bytes
 
         if not re.fullmatch(r"[0-9a-f]{64}", args.replaces):
             raise ValueError(f"--replaces must be a lowercase hex sha256, got {args.replaces[:70]!r}")

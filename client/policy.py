@@ -56,7 +56,7 @@ class SitePolicy:
     @classmethod
     def from_node_config(cls, node_config: Mapping[str, Any]) -> "SitePolicy":
         """Parse the node config; a malformed value is refused (``bad_node_config``)."""
-        from tangent.budget import PrivacyBudget
+        from tangent.training.budget import PrivacyBudget
 
         epsilon_budget = _positive(node_config, "epsilon-budget")
         state_dir = str(node_config.get("state-dir", "") or "")
@@ -77,7 +77,7 @@ class SitePolicy:
 
     @property
     def delta_ceiling(self) -> float:
-        from tangent.privacy import DELTA_CAP
+        from tangent.training.privacy import DELTA_CAP
 
         return self.max_delta if self.max_delta is not None else DELTA_CAP
 
@@ -115,7 +115,7 @@ class SitePolicy:
         """The site's PrivacyBudget: with an ``epsilon-budget`` or a record in ``state-dir``."""
         if self.epsilon_budget is None and not self.has_record:
             return None
-        from tangent.budget import PrivacyBudget
+        from tangent.training.budget import PrivacyBudget
 
         if self.state_dir is None:
             raise SiteError("budget_missing", "node config sets 'epsilon-budget' but no 'state-dir': "

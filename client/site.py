@@ -4,11 +4,11 @@ Two sources:
 
 - **simulation**: the node config holds ``partition-id``/``num-partitions`` (set by Flower's
   simulation engine); the site's shard of the run config's data set (``dataset`` for train,
-  ``test-dataset`` for evaluate; Fashion-MNIST by default, see ``tangent.data.dataset_source``)
-  is cut with the run config's partition scheme and seed (``tangent.partition``), optionally
+  ``test-dataset`` for evaluate; Fashion-MNIST by default, see ``tangent.data.sets.dataset_source``)
+  is cut with the run config's partition scheme and seed (``tangent.data.partition``), optionally
   after a seeded ``train-subset``.
 - **deployment**: the node config holds ``site-id`` and ``data-path`` (``.npz`` or ImageFolder,
-  ``tangent.data.load_site_data``), and optionally ``test-data-path`` for evaluation.
+  ``tangent.data.sets.load_site_data``), and optionally ``test-data-path`` for evaluation.
 
 Inputs are cached trunk tokens whenever a cache directory is configured (node config
 ``cache-dir``, else run config ``cache-dir``): the cache covers the *whole* data set and a site
@@ -25,7 +25,7 @@ from typing import Any, Mapping
 
 import numpy as np
 
-from tangent.inputs import model_inputs
+from tangent.data.inputs import model_inputs
 
 
 class SiteError(Exception):
@@ -55,7 +55,7 @@ class SiteData:
 
     @property
     def shard_fingerprint(self) -> str:
-        from tangent.partition import partition_fingerprint
+        from tangent.data.partition import partition_fingerprint
         return partition_fingerprint(self.data_digest, self.indices)
 
 
@@ -96,8 +96,8 @@ def load_split(split: str, model, base_digest: str, img_size: int, node_config: 
 
 def _site_file(path: Path, key: str, model, base_digest: str, img_size: int,
                directory: Path | None) -> SiteData:
-    from tangent.cache import images_digest
-    from tangent.data import DataError, dataset_digest, load_site_data
+    from tangent.data.token_cache import images_digest
+    from tangent.data.sets import DataError, dataset_digest, load_site_data
 
     if not path.exists():
         raise SiteError("missing_data", f"{key} {path} does not exist on this site")
@@ -132,8 +132,8 @@ def _dataset_index(source: str, split: str) -> tuple[np.ndarray, str, str]:
     The images themselves are dropped: with a cache only the labels and the digests are needed.
     """
     if (source, split) not in _DATASETS:
-        from tangent.cache import images_digest
-        from tangent.data import DataError, dataset_digest, load_dataset
+        from tangent.data.token_cache import images_digest
+        from tangent.data.sets import DataError, dataset_digest, load_dataset
 
         try:
             images, labels = load_dataset(source, split)
@@ -150,7 +150,7 @@ def simulated_indices(split: str, labels: np.ndarray, partition_id: int, num_par
     train: an optional seeded subset of ``train-subset`` rows, then the run config's partition
     scheme over the sites. test: the same scheme over the whole test split.
     """
-    from tangent.partition import partition
+    from tangent.data.partition import partition
 
     seed = int(run_config.get("seed", 0))
     pool = np.arange(len(labels))
@@ -163,7 +163,7 @@ def simulated_indices(split: str, labels: np.ndarray, partition_id: int, num_par
 
 
 def _simulated(split, model, base_digest, img_size, node_config, run_config, directory) -> SiteData:
-    from tangent.data import dataset_source
+    from tangent.data.sets import dataset_source
 
     source = dataset_source(run_config, split)
     if source is None:

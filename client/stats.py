@@ -1,11 +1,11 @@
 """A site's exact-head statistics (docs/exact_head.md): integer sums over its φ rows.
 
-φ comes from the φ cache (tangent/phi_cache.py) when one exists for this data set and feature
+φ comes from the φ cache (tangent/exact_head/phi_cache.py) when one exists for this data set and feature
 spec, else from the site's own token rows (or images) through FeatureExtractor.compute. Both
 follow compute's batching rule keyed on the rows' data-set indices, so they give the same float32
 φ and the same integers: the statistics of a site equal the central statistics of its rows, bit
 for bit, and forgetting rows leaves the others' φ unchanged. φ is computed on the CPU whatever
-device the site trains on (a GPU's φ differs in the last bits: tangent/features.py).
+device the site trains on (a GPU's φ differs in the last bits: tangent/exact_head/features.py).
 """
 from __future__ import annotations
 
@@ -14,8 +14,8 @@ from typing import Iterable
 import numpy as np
 from torch import Tensor
 
-from tangent.exact_head import FLOAT64_EXACT, SufficientStats, exact_cross, quantize, triu_size
-from tangent.phi_cache import BATCH_SIZE, CHUNK_ROWS, PhiCache
+from tangent.exact_head.statistics import FLOAT64_EXACT, SufficientStats, exact_cross, quantize, triu_size
+from tangent.exact_head.phi_cache import BATCH_SIZE, CHUNK_ROWS, PhiCache
 
 #: rows of G computed per float64 product (bounds the temporary to GRAM_BLOCK × p float64)
 GRAM_BLOCK = 256
@@ -75,7 +75,7 @@ def features_statistics(phi: np.ndarray, labels: np.ndarray, num_classes: int, c
     arrays (≈ 300 MiB at p = 3,584) on top of a Ray worker's training peak (measured: +309 MiB
     peak RSS per site). Here the only large array is the packed int64 result (p(p+1)/2), and only
     the upper triangle is multiplied. Every float64 product is of at most 2^(53−2b) rows of
-    integers |q| ≤ 2^b, so each entry is an exact integer (tangent/exact_head.py's bound)."""
+    integers |q| ≤ 2^b, so each entry is an exact integer (tangent/exact_head/statistics.py's bound)."""
     q = quantize(phi, clip_norm, frac_bits)
     labels = np.asarray(labels)
     n, p = q.shape

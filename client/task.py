@@ -23,7 +23,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from client.policy import SitePolicy
 from client.site import SiteError, load_split, site_id
-from tangent.spec import ModelSpec, fresh_model
+from tangent.protocol.spec import ModelSpec, fresh_model
 
 log = logging.getLogger("taft.client")
 
@@ -56,7 +56,7 @@ def _refusals(handler):
             log.warning("site %s refuses: %s", site, err)
             return error_reply(err.code, str(err), site)
         except Exception as err:  # noqa: BLE001 — reported to the server, not swallowed
-            from tangent.budget import BudgetExhausted, BudgetMissing
+            from tangent.training.budget import BudgetExhausted, BudgetMissing
 
             for kind, code in ((BudgetExhausted, "budget_exhausted"), (BudgetMissing, "budget_missing")):
                 if isinstance(err, kind):
@@ -105,7 +105,7 @@ def _check_spec(content: RecordDict) -> tuple[ModelSpec, Any, str]:
 
 def site_device(node_config: Mapping[str, Any], run_config: Mapping[str, Any]):
     """Where this site runs the model: node config ``device``, else the run config's (auto)."""
-    from tangent.device import DEFAULT, resolve_device
+    from tangent.data.device import DEFAULT, resolve_device
 
     if str(node_config.get("device", "") or ""):
         value, setting = node_config["device"], "node config device"
@@ -123,7 +123,7 @@ _EXTRACTORS: dict[tuple, Any] = {}
 def feature_extractor(spec: ModelSpec, feature_spec):
     """The exact head's FeatureExtractor for (model spec, feature spec), built once per process
     (a Ray worker serves many sites) and its digest hashed once; one at a time."""
-    from tangent.features import FeatureExtractor
+    from tangent.exact_head.features import FeatureExtractor
 
     key = (spec.backbone, spec.img_size, feature_spec)
     if key not in _EXTRACTORS:
@@ -137,7 +137,7 @@ def feature_extractor(spec: ModelSpec, feature_spec):
 def _check_features(content: RecordDict, spec: ModelSpec):
     """The FeatureExtractor the spec asks for (None when exact-head is off), refused unless our
     feature digest equals the server's."""
-    from tangent.feature_spec import FeatureSpec
+    from tangent.exact_head.feature_spec import FeatureSpec
 
     record = content.config_records["spec"]
     if not bool(record.get("exact-head", False)):
@@ -168,7 +168,7 @@ def stats_records(extractor, data, num_classes: int) -> dict:
 
 
 def train_config(config: Mapping[str, Any]):
-    from tangent.train import TrainConfig
+    from tangent.training.trainer import TrainConfig
 
     values = {field: config[key] for key, field in TRAIN_KEYS.items() if key in config}
     if "radius" in values:
@@ -183,7 +183,7 @@ def train_config(config: Mapping[str, Any]):
 
 def privacy_setup(request, policy, num_examples: int):
     """The PrivacyConfig for an accepted DP request: N_pub (declared or bucketed) and δ."""
-    from tangent.privacy import PrivacyConfig, default_delta, public_count
+    from tangent.training.privacy import PrivacyConfig, default_delta, public_count
 
     num_public = public_count(num_examples, policy.declared_examples)
     delta = min(request.requested_delta or default_delta(num_public), request.delta_ceiling)
@@ -199,12 +199,12 @@ def train(content: RecordDict, node_config, run_config, site: str) -> RecordDict
     """TAFT from w0 (never from the global model) on the local data; reply with Δw only.
 
     The site's policy (client.policy) is checked before any data is touched, and a budgeted
-    site's (ε, δ) is charged atomically before the first step (tangent.budget). A DP reply holds
+    site's (ε, δ) is charged atomically before the first step (tangent.training.budget). A DP reply holds
     only the mechanism's output and public values (contract in README, "Differential privacy").
     """
     import torch
 
-    from tangent.train import fit
+    from tangent.training.trainer import fit
 
     start = time.perf_counter()
     # the site's policy first: a request it refuses costs no model build and touches no data
@@ -299,7 +299,7 @@ def evaluate(content: RecordDict, node_config, run_config, site: str) -> RecordD
     """The composed model (w0 + the Δ the server sends) on the site's local test split."""
     import torch
 
-    from tangent.train import evaluate as evaluate_model
+    from tangent.training.trainer import evaluate as evaluate_model
 
     device = site_device(node_config, run_config)
     spec, model, digest = _check_spec(content)

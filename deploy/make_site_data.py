@@ -28,7 +28,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--out", type=Path, default=state_root() / "demo-data",
                         help="output directory (default %(default)s)")
     args = parser.parse_args(argv)
-    from tangent.data import load_fashion_mnist
+    from tangent.data.sets import load_fashion_mnist
 
     images, labels = load_fashion_mnist("train")
     for i, site in enumerate(args.sites):

@@ -42,8 +42,8 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from deploy.connection import DEFAULT_STATE, make_private_dir, state_root
-from server.withdrawal import load_private_key
-from tangent.protocol import check_site_id
+from server.trust.withdrawal import load_private_key
+from tangent.protocol.limits import check_site_id
 
 CA_CERT = "ca.crt"
 CA_KEY = "ca.key"

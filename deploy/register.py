@@ -11,7 +11,7 @@ SuperLink assigns is what the ServerApp later sees as `msg.metadata.src_node_id`
 registry binds site id <-> key <-> node id, and the ServerApp refuses a reply whose declared
 site id is not the one registered for its sending node.
 
-The registry, `<state>/registry.json` (version 2, read by server.withdrawal.SiteRegistry):
+The registry, `<state>/registry.json` (version 2, read by server.trust.withdrawal.SiteRegistry):
 
     {"version": 2,
      "sites": {"3": {"public_key": "keys/site-3.key.pub", "fingerprint": "SHA256:<hex>",
@@ -41,8 +41,8 @@ from pathlib import Path
 from typing import Any
 
 from deploy.connection import DEFAULT_NAME, DEFAULT_STATE, flwr_env, make_private_dir, wait_for_superlink
-from server.withdrawal import key_fingerprint as server_key_fingerprint, load_public_key
-from tangent.protocol import check_site_id
+from server.trust.withdrawal import key_fingerprint as server_key_fingerprint, load_public_key
+from tangent.protocol.limits import check_site_id
 
 REGISTRY_VERSION = 2
 MAX_EXAMPLES_LIMIT = 2**24  # the ledger's per-contribution ceiling on num_examples

@@ -36,8 +36,8 @@ import threading
 from pathlib import Path
 
 from deploy.connection import make_private_dir, site_state_dir
-from server.withdrawal import load_private_key
-from tangent.protocol import check_site_id
+from server.trust.withdrawal import load_private_key
+from tangent.protocol.limits import check_site_id
 
 REPO = Path(__file__).resolve().parents[1]
 BUDGET_FILE = "privacy-budget.json"
@@ -149,8 +149,8 @@ def prepare_state_dir(state_dir: Path, site_id: str, epsilon_budget: float | Non
     if epsilon_budget is None:
         return f"state dir {state_dir} created"
     try:
-        from tangent.privacy import PrivacyBudget
-    except ImportError:  # the budget record API (tangent.privacy.PrivacyBudget) is not in this tree
+        from tangent.training.privacy import PrivacyBudget
+    except ImportError:  # the budget record API (tangent.training.privacy.PrivacyBudget) is not in this tree
         return f"state dir {state_dir} created (no PrivacyBudget API here: budget record not initialised)"
     PrivacyBudget.create(state_dir / BUDGET_FILE, site_id, epsilon_budget, delta_budget)
     return (f"state dir {state_dir} created; privacy budget epsilon={epsilon_budget}"

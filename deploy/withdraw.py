@@ -1,4 +1,4 @@
-r"""Signed withdrawal requests (see server/withdrawal.py for the format and the checks).
+r"""Signed withdrawal requests (see server/trust/withdrawal.py for the format and the checks).
 
 At a site (with the same key its SuperNode authenticates with):
 
@@ -38,7 +38,7 @@ import sys
 from pathlib import Path
 
 from deploy.connection import DEFAULT_STATE, make_private_dir
-from server.withdrawal import (
+from server.trust.withdrawal import (
     MAX_AGE_S,
     SiteRegistry,
     WithdrawalRefused,
@@ -104,13 +104,13 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _apply(args, stats_path: Path | None) -> WithdrawalRequest:
-    """One request, one nonce, both ledgers (server.ledgers.Ledgers): a withdrawn site leaves the
+    """One request, one nonce, both ledgers (server.ledger.ledgers.Ledgers): a withdrawn site leaves the
     TAFT Δ ledger and, when there is one, the exact head's statistics ledger."""
     from contextlib import ExitStack
 
     from server.ledger import Ledger
-    from server.ledgers import Ledgers
-    from server.withdrawal import NonceStore, nonce_store_path
+    from server.ledger.ledgers import Ledgers
+    from server.trust.withdrawal import NonceStore, nonce_store_path
 
     document = read_request(args.request)
     registry = SiteRegistry(args.registry)

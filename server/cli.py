@@ -227,7 +227,7 @@ def _cmd_verify_export(args) -> int:
 
 
 def _add_forget_command(sub) -> None:
-    """``taft-ledger forget``: sample-level forgetting (server/forgetting.py; deploy/README.md)."""
+    """``taft-ledger forget``: sample-level forgetting (server/trust/forgetting.py; deploy/README.md)."""
     p = sub.add_parser("forget", help="apply a site's signed forget-samples request to both ledgers",
                        description="Verify a signed forget-samples request (python -m client.forget writes it) and, "
                                    "only if every check passes, replace the site's statistics in the stats ledger "
@@ -245,8 +245,8 @@ def _add_forget_command(sub) -> None:
 
 
 def _cmd_forget(args) -> int:
-    from server.forgetting import MAX_AGE_S, ForgetRefused, apply_forget_file
-    from server.ledgers import Ledgers
+    from server.trust.forgetting import MAX_AGE_S, ForgetRefused, apply_forget_file
+    from server.ledger.ledgers import Ledgers
 
     stats_path = args.stats_ledger or args.ledger.with_name("exact_head.sqlite")
     with Ledger.open(args.ledger, create=False, signing_key=args.signing_key) as delta, \

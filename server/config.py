@@ -15,7 +15,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Mapping
 
-from tangent.spec import ModelSpec
+from tangent.protocol.spec import ModelSpec
 
 #: run-config keys forwarded to the sites in the train ``config`` ConfigRecord
 TRAIN_CONFIG_KEYS = ("epochs", "batch-size", "lr", "loss", "kappa", "rsl-alpha", "l2", "radius", "guard-ridge", "seed",
@@ -82,8 +82,8 @@ def exact_head_enabled(run_config: Mapping[str, Any]) -> bool:
 
 
 def feature_spec(run_config: Mapping[str, Any]):
-    """The exact head's ``tangent.features.FeatureSpec`` from the run config's keys (its KEYS)."""
-    from tangent.feature_spec import FeatureSpec
+    """The exact head's ``tangent.exact_head.features.FeatureSpec`` from the run config's keys (its KEYS)."""
+    from tangent.exact_head.feature_spec import FeatureSpec
 
     return FeatureSpec.from_config(run_config)
 
@@ -168,7 +168,7 @@ def ledger_files(ledger: Path) -> list[Path]:
     """The ledger's own files (database, SQLite companions, signed head, signing key) and the
     withdrawals' nonce store with its companions."""
     from server.ledger import ledger_file_paths
-    from server.withdrawal import nonce_store_path
+    from server.trust.withdrawal import nonce_store_path
 
     return [*ledger_file_paths(ledger), *ledger_file_paths(nonce_store_path(ledger))]
 

@@ -1,6 +1,6 @@
 """The ServerApp's central evaluation: accuracy of w0 + Δ on the server's own test set.
 
-The test set is the run config's ``test-dataset`` (see ``tangent.data.dataset_source``: by
+The test set is the run config's ``test-dataset`` (see ``tangent.data.sets.dataset_source``: by
 default the Fashion-MNIST test split while ``dataset`` is Fashion-MNIST; ``"none"`` or a
 ``dataset`` of one's own without a ``test-dataset`` = no test data, and then there is no
 central evaluation at all), optionally a seeded ``eval-subset`` of it.
@@ -22,12 +22,12 @@ on without that evaluation, ``evaluation_errors`` in the report); no child runs 
 run config's ``round-timeout``.
 
 With the exact head on (issue 15) the same child also computes φ of the test rows
-(tangent.features.FeatureExtractor.compute): from the cached trunk tokens when the model's trunk
+(tangent.exact_head.features.FeatureExtractor.compute): from the cached trunk tokens when the model's trunk
 is the extractor's (the token rows entering the last pretrained block; TAFT with one linearized
 block), else from the test images. Each evaluation then also
 solves the ridge head from the statistics ledger's composed statistics (λ by GCV on the sums
-alone, tangent.exact_head.solve) and reports ``accuracy_exact_head`` and ``exact_head_lambda``
-beside the TAFT accuracy. A φ cache of the test set in ``cache-dir`` (tangent/phi_cache.py, when
+alone, tangent.exact_head.statistics.solve) and reports ``accuracy_exact_head`` and ``exact_head_lambda``
+beside the TAFT accuracy. A φ cache of the test set in ``cache-dir`` (tangent/exact_head/phi_cache.py, when
 present) is read instead of recomputing φ.
 """
 from __future__ import annotations
@@ -44,14 +44,14 @@ from typing import Any, Callable, Mapping
 import numpy as np
 
 log = logging.getLogger("taft.server")
-DEFAULT_DEVICE = "auto"  # tangent.device.DEFAULT (not imported here: tangent.device imports torch)
+DEFAULT_DEVICE = "auto"  # tangent.data.device.DEFAULT (not imported here: tangent.data.device imports torch)
 
 
 def build_inputs(model, base_digest: str, img_size: int, run_config: Mapping[str, Any], source: str):
     """(inputs, labels, from_cache) of the server's test rows; frees the model's frozen part."""
-    from tangent.cache import images_digest
-    from tangent.data import load_dataset
-    from tangent.inputs import model_inputs
+    from tangent.data.token_cache import images_digest
+    from tangent.data.sets import load_dataset
+    from tangent.data.inputs import model_inputs
 
     images, labels = load_dataset(source, "test")
     num_classes = int(model.options["num_classes"])
@@ -66,9 +66,9 @@ def build_inputs(model, base_digest: str, img_size: int, run_config: Mapping[str
     else:
         import torch
 
-        from tangent.data import preprocess
+        from tangent.data.sets import preprocess
         log.info("central evaluation: no cache-dir, running the trunk over %d test images", len(indices))
-        from tangent.device import module_device
+        from tangent.data.device import module_device
 
         device = module_device(model.trunk)
         with torch.no_grad():
@@ -94,7 +94,7 @@ def evaluation_features(extractor, inputs, from_tokens: bool, img_size: int, run
     """(φ [N, p] float32 of the test rows, where it came from): the φ cache of the test set in
     ``cache-dir`` when there is one, else the rows' trunk tokens when ``from_tokens``, else the
     images (the rows :func:`evaluation_indices` picks, in the same order)."""
-    from tangent.data import load_dataset, preprocess
+    from tangent.data.sets import load_dataset, preprocess
 
     directory = str(run_config.get("cache-dir", "") or "")
     if directory or not from_tokens:
@@ -112,13 +112,13 @@ def evaluation_features(extractor, inputs, from_tokens: bool, img_size: int, run
 
 
 def _cached_features(extractor, directory: Path, images, indices) -> np.ndarray | None:
-    """φ of ``indices`` from the φ cache (tangent/phi_cache.py: z of every row, keyed on the
+    """φ of ``indices`` from the φ cache (tangent/exact_head/phi_cache.py: z of every row, keyed on the
     feature digest and the images digest), or None when there is none (or no φ cache module)."""
     try:
-        from tangent.phi_cache import PhiCache
+        from tangent.exact_head.phi_cache import PhiCache
     except ImportError:  # the φ cache comes with the sites' side of issue 15
         return None
-    from tangent.cache import images_digest
+    from tangent.data.token_cache import images_digest
 
     try:
         cache = PhiCache.open(directory, extractor.digest(), images_digest(images))
@@ -142,8 +142,8 @@ def prepare_test_inputs(spec_config: dict, base_digest: str, run_config: dict, s
                         exact_head: bool, workdir: str, build: Callable | None = None) -> dict:
     """Build the test rows once (the token cache and the φ cache when cold), store what the
     evaluations read in ``workdir``; returns the figures of the report."""
-    from tangent.device import resolve_device
-    from tangent.spec import ModelSpec, build_model
+    from tangent.data.device import resolve_device
+    from tangent.protocol.spec import ModelSpec, build_model
 
     start = time.perf_counter()
     # resolved first: a server without the GPU the run config names loses only its evaluation
@@ -152,7 +152,7 @@ def prepare_test_inputs(spec_config: dict, base_digest: str, run_config: dict, s
     model, _ = build_model(spec, cached=False)
     extractor = phi_from_tokens = None
     if exact_head:
-        from tangent.features import FeatureExtractor
+        from tangent.exact_head.features import FeatureExtractor
 
         extractor = FeatureExtractor.from_spec(spec, cfg_feature_spec(run_config))
         phi_from_tokens = extractor.trunk_matches(model.trunk)  # decided before the build frees the trunk
@@ -185,9 +185,9 @@ def evaluate_composed(spec_config: dict, base_digest: str, run_config: dict, sou
     """Accuracy of w0 + ``delta`` (numpy arrays) on the stored test rows."""
     import torch
 
-    from tangent.device import resolve_device
-    from tangent.spec import ModelSpec, build_model
-    from tangent.train import evaluate
+    from tangent.data.device import resolve_device
+    from tangent.protocol.spec import ModelSpec, build_model
+    from tangent.training.trainer import evaluate
 
     start = time.perf_counter()
     directory = Path(workdir)
@@ -219,7 +219,7 @@ def evaluate_exact_head(workdir: str, stats) -> dict:
 def exact_head_accuracy(stats, phi: np.ndarray, labels: np.ndarray) -> dict:
     """Accuracy of the ridge head solved from ``stats`` (SufficientStats) on the rows ``phi``;
     {} when the statistics cannot be solved (fewer than 2 examples). numpy only."""
-    from tangent.exact_head import StatsError, solve
+    from tangent.exact_head.statistics import StatsError, solve
 
     start = time.perf_counter()
     try:
@@ -255,8 +255,8 @@ class CentralEvaluation:
     Use :meth:`start`: it returns at once and builds the test rows in a child process, waited on
     by a background thread. Every evaluation is another child process (server.model_process):
     this process never imports torch. ``delta``: {name: numpy array}; ``stats``: the composed
-    tangent.exact_head.SufficientStats (or None). ``device``: where the model runs (a setting, see
-    tangent.device; default the run config's ``device``), resolved in the child, so a server
+    tangent.exact_head.statistics.SufficientStats (or None). ``device``: where the model runs (a setting, see
+    tangent.data.device; default the run config's ``device``), resolved in the child, so a server
     without the GPU the run config names loses its evaluation, not the run. ``exact_head``: also
     compute φ of the test rows and evaluate the exact head. ``build`` replaces
     :func:`build_inputs` (same arguments; a module-level function, it runs in the child).
@@ -268,7 +268,7 @@ class CentralEvaluation:
     def __init__(self, spec_config: Mapping[str, Any], base_digest: str, run_config: Mapping[str, Any], *,
                  exact_head: bool = False, build: Callable | None = None, device: str | None = None,
                  timeout: float | None = None, workdir: Path | str | None = None):
-        from tangent.data import dataset_source
+        from tangent.data.sets import dataset_source
 
         self.spec_config = dict(spec_config)
         self.base_digest = base_digest

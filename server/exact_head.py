@@ -2,7 +2,7 @@
 announces, what a reply's statistics must match, and the statistics ledger's model card.
 
 The server builds (in a child process: torch never enters the ServerApp, server.model_process) the
-same ``tangent.features.FeatureExtractor`` the sites build (pretrained
+same ``tangent.exact_head.features.FeatureExtractor`` the sites build (pretrained
 backbone of the model spec + the run config's FeatureSpec) and sends its digest in the train
 message's spec (contract 7b): a site whose φ differs refuses (``feature_digest_mismatch``), and a
 reply whose statistics name another digest is refused here (server.replies). The statistics
@@ -21,9 +21,9 @@ def describe_features(model_spec_config: Mapping[str, Any], run_config: Mapping[
     """What the ServerApp needs of φ, computed in a child process (server.model_process): the
     FeatureExtractor loads the pretrained backbone and imports torch. Plain values only."""
     from server import config as cfg
-    from tangent.exact_head import SufficientStats
-    from tangent.features import FeatureExtractor
-    from tangent.spec import ModelSpec
+    from tangent.exact_head.statistics import SufficientStats
+    from tangent.exact_head.features import FeatureExtractor
+    from tangent.protocol.spec import ModelSpec
 
     model_spec = ModelSpec.from_config(dict(model_spec_config))
     feature_spec = cfg.feature_spec(run_config)
@@ -37,7 +37,7 @@ def describe_features(model_spec_config: Mapping[str, Any], run_config: Mapping[
 
 @dataclass
 class ExactHead:
-    feature_config: dict  # tangent.features.FeatureSpec.to_config() (the spec itself imports torch)
+    feature_config: dict  # tangent.exact_head.features.FeatureSpec.to_config() (the spec itself imports torch)
     feature_digest: str
     expectation: StatsExpectation
     model_card: dict

@@ -109,7 +109,7 @@ def _child(answer_path: str) -> None:
 def describe_model(spec_config: dict, run_config: dict, exact_head: bool) -> dict:
     """What the ServerApp needs of w0 (and of φ with the exact head): the base digest, the
     expected Δ shapes (name -> shape) and server.exact_head.describe_features' answer or None."""
-    from tangent.spec import ModelSpec, build_model
+    from tangent.protocol.spec import ModelSpec, build_model
 
     model, base_digest = build_model(ModelSpec.from_config(spec_config), cached=False)
     shapes = {name: tuple(int(n) for n in value.shape) for name, value in model.delta_state_dict().items()}

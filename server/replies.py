@@ -43,11 +43,11 @@ from typing import TYPE_CHECKING, Any
 import numpy as np
 from flwr.app import ArrayRecord, Message
 
-from server import safejson
-from tangent.protocol import check_site_id
+from server.trust import safejson
+from tangent.protocol.limits import check_site_id
 
-if TYPE_CHECKING:  # tangent.exact_head itself is imported where statistics are parsed
-    from tangent.exact_head import SufficientStats
+if TYPE_CHECKING:  # tangent.exact_head.statistics itself is imported where statistics are parsed
+    from tangent.exact_head.statistics import SufficientStats
 
 MAX_TRAIN_CONFIG_BYTES = 64 * 1024
 MAX_JSON_DEPTH = 8
@@ -87,7 +87,7 @@ class Contribution:
     feature_digest: str | None = None  # φ's digest the statistics were checked against
 
 
-#: the arrays of a statistics record (tangent.exact_head.SufficientStats.to_arrays)
+#: the arrays of a statistics record (tangent.exact_head.statistics.SufficientStats.to_arrays)
 STATS_ARRAYS = ("n", "counts", "sums", "gram", "cross")
 STATS_META_KEYS = ("num-features", "num-classes", "clip-norm", "frac-bits", "feature-digest")
 
@@ -371,7 +371,7 @@ def parse_stats(msg: Message, expected: StatsExpectation | None, *, dp: bool, nu
     n = int(arrays["n"][0])
     if n != num_examples:
         raise Rejected("stats_n_mismatch", f"statistics of n = {n} examples, num-examples = {num_examples}", site)
-    from tangent.exact_head import SufficientStats
+    from tangent.exact_head.statistics import SufficientStats
 
     with stage("stats_bad_arrays", site):
         return SufficientStats.from_arrays(arrays, expected.grid), received

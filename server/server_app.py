@@ -10,12 +10,12 @@ publishes the composed Δ, the sites evaluate it on their local test splits, and
 evaluates it centrally on its test set (server.evaluation: ``test-dataset``, Fashion-MNIST by default).
 Unlearn: no site trains; the listed sites (``remove-sites``: the operator's own decision) and the
 sites of the signed withdrawal requests (``withdrawal-requests``: files on the server, verified
-against ``site-registry`` by server.withdrawal; refused ones change nothing and are reported)
+against ``site-registry`` by server.trust.withdrawal; refused ones change nothing and are reported)
 are subtracted from the ledger and the new model is evaluated. Either way a JSON report is written
 (``report-path``; also when the run fails, with the error).
 
 ``federation-mode`` says who a site is. In a deployment (the default) the site registry binds each
-reply to the SuperNode that sent it (server.identity) and ``remove-sites`` is refused: only a
+reply to the SuperNode that sent it (server.trust.identity) and ``remove-sites`` is refused: only a
 withdrawal request signed by the site or by the operator's admin key removes a site. The local
 simulation keeps partition ids and obeys ``remove-sites``. Every path in the run config lives in
 ``state-dir`` (server.config).
@@ -29,7 +29,7 @@ Exact head (issue 15, ``exact-head=true``, off in a DP run): the train message a
 (FeatureSpec keys + ``feature-digest``), every non-DP reply carries the site's sufficient
 statistics beside its Δw, and they go to a second ledger (``exact-head-ledger-path``); central
 evaluation reports ``accuracy_exact_head`` beside the TAFT accuracy. Removal (``remove-sites``,
-withdrawals) takes a site out of both ledgers (server.ledgers). An unlearning run opens the
+withdrawals) takes a site out of both ledgers (server.ledger.ledgers). An unlearning run opens the
 statistics ledger whenever its file exists, whatever ``exact-head`` says, so no removal can leave a
 site's statistics behind. A training run with the exact head off (``exact-head=false`` or a DP run)
 leaves the statistics ledger as it is: it keeps each site's last exact-head statistics (their ε is
@@ -52,13 +52,13 @@ from server import config as cfg
 from server import model_process
 from server.evaluation import CentralEvaluation
 from server.exact_head import ExactHead, describe_features
-from server.identity import SenderBinding
+from server.trust.identity import SenderBinding
 from server.ledger import Ledger
-from server.ledgers import Ledgers
+from server.ledger.ledgers import Ledgers
 from server.strategy import LedgerFedAvg, StreamingGrid, composed_arrays
-from server.withdrawal import (NonceStore, SiteRegistry, WithdrawalRefused, apply_withdrawal, nonce_store_path,
+from server.trust.withdrawal import (NonceStore, SiteRegistry, WithdrawalRefused, apply_withdrawal, nonce_store_path,
                                read_request)
-from tangent.protocol import check_site_id, site_order
+from tangent.protocol.limits import check_site_id, site_order
 
 log = logging.getLogger("taft.server")
 

@@ -7,7 +7,7 @@ for a tangent model the example-weighted average of the Δ's is exactly the ense
 sites' models, and any site can later be removed by subtraction.
 
 In a deployment the site id a reply declares is bound to the SuperNode that sent it through the
-site registry (server.identity): impostors, unregistered nodes, revoked keys and example counts
+site registry (server.trust.identity): impostors, unregistered nodes, revoked keys and example counts
 over the registered cap are refused, and withdrawn or revoked sites are not sampled.
 
 With the exact head on (issue 15) one reply carries both models: the site's Δw and its
@@ -45,9 +45,9 @@ from flwr.serverapp import Grid
 from flwr.serverapp.strategy import FedAvg
 from flwr.serverapp.strategy.strategy_utils import sample_nodes
 
-from server.identity import SenderBinding
+from server.trust.identity import SenderBinding
 from server.ledger import Ledger, RejectedContribution
-from server.ledgers import Ledgers
+from server.ledger.ledgers import Ledgers
 from server.replies import (MAX_DETAIL, Contribution, Rejected, StatsExpectation, parse_evaluate_reply,
                             parse_train_reply, shown)
 

@@ -31,14 +31,14 @@ def main(argv=None):
     parser.add_argument("--cache-dir", default=None, help="trunk-token cache (default: ~/.cache/taft/features)")
     args = parser.parse_args(argv)
 
-    from tangent.spec import ModelSpec, fresh_model
-    from tangent.cache import FeatureCache
-    from tangent.cache import images_digest
-    from tangent.data import load_fashion_mnist
-    from tangent.partition import partition_iid
-    from tangent.pretrained import cache_dir
-    from tangent.privacy import PrivacyConfig
-    from tangent.train import TrainConfig, evaluate, fit
+    from tangent.protocol.spec import ModelSpec, fresh_model
+    from tangent.data.token_cache import FeatureCache
+    from tangent.data.token_cache import images_digest
+    from tangent.data.sets import load_fashion_mnist
+    from tangent.data.partition import partition_iid
+    from tangent.model.pretrained import cache_dir
+    from tangent.training.privacy import PrivacyConfig
+    from tangent.training.trainer import TrainConfig, evaluate, fit
 
     spec = ModelSpec(reinit=args.reinit == "true")
     directory = args.cache_dir or str(cache_dir() / "features")

@@ -28,7 +28,7 @@ CHUNK_ROWS = 2048
 def feature_config(config: dict) -> dict | None:
     """The run config's feature spec keys when the exact head is on (not in DP runs: sites send
     no statistics there), else None."""
-    from tangent.feature_spec import KEYS
+    from tangent.exact_head.feature_spec import KEYS
 
     if not _truthy(config.get("exact-head", False)) or _truthy(config.get("dp", False)):
         return None
@@ -41,14 +41,14 @@ def stats_ledger_path(config: dict, state_dir: Path) -> Path:
 
 
 def extractor_for(spec, features: dict):
-    from tangent.features import FeatureExtractor, FeatureSpec
+    from tangent.exact_head.features import FeatureExtractor, FeatureSpec
 
     return FeatureExtractor.from_spec(spec, FeatureSpec.from_config(features))
 
 
 def build_phi_caches(extractor, token_caches: dict, cache_dir: Path) -> dict:
     """The φ cache next to each split's token cache (progress bar); {split: PhiCache}."""
-    from tangent.phi_cache import PhiCache
+    from tangent.exact_head.phi_cache import PhiCache
 
     out = {}
     for split, cache in token_caches.items():
@@ -64,9 +64,9 @@ class PhiRows:
     rule, as the sites compute them)."""
 
     def __init__(self, extractor, source: str, split: str, cache_dir: Path | None):
-        from tangent.cache import images_digest
-        from tangent.data import load_dataset
-        from tangent.phi_cache import PhiCache
+        from tangent.data.token_cache import images_digest
+        from tangent.data.sets import load_dataset
+        from tangent.exact_head.phi_cache import PhiCache
 
         self.extractor = extractor
         images, self.labels = load_dataset(source, split)
@@ -80,7 +80,7 @@ class PhiRows:
 
     def chunks(self, rows: np.ndarray, chunk_rows: int = CHUNK_ROWS):
         """(rows of the chunk, φ float32) over ``rows`` (sorted data-set indices)."""
-        from tangent.data import preprocess
+        from tangent.data.sets import preprocess
 
         for start in range(0, len(rows), chunk_rows):
             chunk = rows[start:start + chunk_rows]
@@ -107,7 +107,7 @@ def open_stats_ledger(path: Path):
 def test_accuracy(extractor, stats, source: str, config: dict, cache_dir: Path | None) -> tuple[float, float, int]:
     """(accuracy, λ, test images) of the ridge head of ``stats`` (λ by GCV) on the test set (the
     server's ``eval-subset`` rule: a seeded subset, else all of it)."""
-    from tangent.exact_head import solve
+    from tangent.exact_head.statistics import solve
 
     head = solve(stats)
     test = PhiRows(extractor, source, "test", cache_dir)
@@ -127,7 +127,7 @@ def central_check(spec, features: dict, ledger_path: Path, cache_dir: Path | Non
     row; the head's accuracy (unless ``evaluate`` is False: the ServerApp's report has it); the
     statistics of the rows that stay are saved for after removal."""
     from client.stats import features_statistics
-    from tangent.exact_head import SufficientStats
+    from tangent.exact_head.statistics import SufficientStats
 
     start = time.perf_counter()
     extractor = extractor_for(spec, features)
@@ -174,7 +174,7 @@ def removal_check(spec, features: dict, ledger_path: Path, cache_dir: Path | Non
     sites' rows (saved by :func:`central_check`) and == a fresh stats ledger fed only the
     remaining contributions; the head's accuracy after removal."""
     from server.ledger import Ledger
-    from tangent.exact_head import SufficientStats
+    from tangent.exact_head.statistics import SufficientStats
 
     start = time.perf_counter()
     with open_stats_ledger(ledger_path) as ledger:

@@ -10,7 +10,7 @@ What it does, in order:
 1. builds the trunk-token cache of the train + test sets once (progress bar) in
    ``--cache-dir``; every virtual client later opens it memory-mapped (no copies in Ray workers);
    with the exact head on (run config ``exact-head``, not in DP runs) also the φ cache of both
-   (tangent/phi_cache.py), from which the sites read their features;
+   (tangent/exact_head/phi_cache.py), from which the sites read their features;
 2. ``flwr run .`` (mode='train') against Flower's *local simulation federation*. Flower 1.41 has no
    ``flower-simulation`` command: the local connection starts a detached SuperLink in simulation
    mode and the size comes from ``--federation-config``::
@@ -348,7 +348,7 @@ def in_subprocess(fn, *args):
 
 
 def default_cache_dir() -> Path:
-    from tangent.pretrained import cache_dir
+    from tangent.model.pretrained import cache_dir
     return cache_dir() / "features"
 
 
@@ -359,7 +359,7 @@ def pyproject_config() -> dict:
 
 def inspect_data(train_source: str, test_source: str | None) -> dict:
     """Load and check the data sets before anything starts: class count, sizes (DataError if bad)."""
-    from tangent.data import check_test_matches, inspect_dataset
+    from tangent.data.sets import check_test_matches, inspect_dataset
 
     train = inspect_dataset(train_source, "train")
     out = {"num_classes": train.num_classes, "train_examples": train.num_examples, "classes": train.classes}
@@ -374,7 +374,7 @@ def prepare_data(args, defaults: dict, run_config: dict) -> dict:
     """Resolve --dataset/--test-dataset into ``run_config`` (absolute paths: the ServerApp and the
     Ray workers run elsewhere), check both data sets in a child process and set ``num-classes``
     from the data. Raises DataError (what is wrong, which file) before any process starts."""
-    from tangent.data import FASHION_MNIST, NO_DATASET, DataError, dataset_source
+    from tangent.data.sets import FASHION_MNIST, NO_DATASET, DataError, dataset_source
 
     for key, value in (("dataset", args.dataset), ("test-dataset", args.test_dataset)):
         if value is not None:
@@ -403,11 +403,11 @@ def build_caches(spec, directory: Path, sources: dict | None = None, device: str
     """Trunk tokens of the train and test data sets, once, and with ``features`` (the exact head's
     feature spec keys) the φ cache of each next to them; returns (seconds, built anything).
     ``sources``: split -> data set source (None = no data for that split); default Fashion-MNIST.
-    ``device``: where the trunk runs (a setting, see tangent.device; None = the CPU); the φ cache
+    ``device``: where the trunk runs (a setting, see tangent.data.device; None = the CPU); the φ cache
     is computed on the CPU, as the sites compute φ when they have no cache."""
-    from tangent.spec import build_model
-    from tangent.cache import FeatureCache
-    from tangent.data import FASHION_MNIST, load_dataset
+    from tangent.protocol.spec import build_model
+    from tangent.data.token_cache import FeatureCache
+    from tangent.data.sets import FASHION_MNIST, load_dataset
 
     start, built = time.perf_counter(), False
     model, _ = build_model(spec)
@@ -437,10 +437,10 @@ def _test_rows(spec, cache_dir: Path | None, test_source: str, pick, read: bool 
     else the trunk run over the images."""
     import torch
 
-    from tangent.cache import images_digest
-    from tangent.data import load_dataset
-    from tangent.inputs import model_inputs
-    from tangent.spec import fresh_model
+    from tangent.data.token_cache import images_digest
+    from tangent.data.sets import load_dataset
+    from tangent.data.inputs import model_inputs
+    from tangent.protocol.spec import fresh_model
 
     model, digest = fresh_model(spec)
     images, labels = load_dataset(test_source, "test")
@@ -451,7 +451,7 @@ def _test_rows(spec, cache_dir: Path | None, test_source: str, pick, read: bool 
         if read:
             inputs = inputs[np.arange(len(indices))]
     else:
-        from tangent.data import preprocess
+        from tangent.data.sets import preprocess
         with torch.no_grad():
             inputs = torch.cat([model.trunk(preprocess(images[indices[i:i + 256]], spec.img_size))
                                 for i in range(0, len(indices), 256)])
@@ -465,7 +465,7 @@ def ensemble_check(spec, ledger_path: Path, cache_dir: Path | None, subset: int,
     import torch
 
     from server.ledger import Ledger
-    from tangent.train import predict_logits
+    from tangent.training.trainer import predict_logits
 
     def pick(num_rows: int) -> np.ndarray:
         if 0 < subset < num_rows:
@@ -505,7 +505,7 @@ def composed_accuracy(spec, ledger_path: Path, cache_dir: Path | None, test_sour
 
     from server.evaluation import evaluation_indices
     from server.ledger import Ledger
-    from tangent.train import predict_logits
+    from tangent.training.trainer import predict_logits
 
     model, _, inputs, labels, from_cache = _test_rows(spec, cache_dir, test_source,
                                                       lambda n: evaluation_indices(n, run_config))
@@ -627,11 +627,11 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     t0 = time.perf_counter()
     os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
-    from tangent.spec import ModelSpec  # no torch here: the driver stays small (see in_subprocess)
+    from tangent.protocol.spec import ModelSpec  # no torch here: the driver stays small (see in_subprocess)
 
     defaults = pyproject_config()
     from flwr.common.config import parse_config_args
-    from tangent.data import DataError
+    from tangent.data.sets import DataError
 
     # --run-config, plus the data set keys prepare_data resolves (absolute paths, num-classes)
     user_config = parse_config_args([args.run_config]) if args.run_config else {}

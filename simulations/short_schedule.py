@@ -28,8 +28,8 @@ def composed_fitted_heads(model, train, train_labels, shards, test_tokens, test_
                           ridge: float = RIDGE_LAMBDA) -> float:
     """Accuracy of the composed "w0 head fitted on the same data": per site, w0 with only its
     head's Δ fitted in closed form (ridge regression of the loss target minus f(x; w0) on w0's
-    head features, :func:`tangent.train.ridge_head`), composed by the example-weighted mean."""
-    from tangent.train import ArrayDataset, head_pass, ridge_head, square_loss_target
+    head features, :func:`tangent.training.trainer.ridge_head`), composed by the example-weighted mean."""
+    from tangent.training.trainer import ArrayDataset, head_pass, ridge_head, square_loss_target
 
     total = sum(len(s) for s in shards)
     model.load_delta({k: torch.zeros_like(v) for k, v in model.delta_state_dict().items()})
@@ -45,7 +45,7 @@ def composed_fitted_heads(model, train, train_labels, shards, test_tokens, test_
 
 def composed_taft(model, train_tokens, train_labels, shards, test_tokens, test_labels, config) -> dict:
     """Train one Δ per shard from w0, compose (weighted mean), evaluate; plus per-site figures."""
-    from tangent.train import evaluate, fit
+    from tangent.training.trainer import evaluate, fit
 
     zero = {k: torch.zeros_like(v) for k, v in model.delta_state_dict().items()}
     total = sum(len(s) for s in shards)
@@ -69,10 +69,10 @@ def composed_taft(model, train_tokens, train_labels, shards, test_tokens, test_l
 
 def load_cached(spec, test_size: int, seed: int = 0):
     """(model at w0, train FeatureCache, train labels, test tokens [test_size], test labels)."""
-    from tangent.cache import FeatureCache
-    from tangent.data import load_fashion_mnist
-    from tangent.pretrained import cache_dir
-    from tangent.spec import fresh_model
+    from tangent.data.token_cache import FeatureCache
+    from tangent.data.sets import load_fashion_mnist
+    from tangent.model.pretrained import cache_dir
+    from tangent.protocol.spec import fresh_model
 
     model, _ = fresh_model(spec)
     caches = {}
@@ -92,8 +92,8 @@ def iid_shards(num_labels: int, shards: int, per_shard: int, seed: int) -> list[
 
 
 def main(argv=None) -> int:
-    from tangent.spec import ModelSpec
-    from tangent.train import TrainConfig
+    from tangent.protocol.spec import ModelSpec
+    from tangent.training.trainer import TrainConfig
     from simulations.run import pyproject_config
 
     p = argparse.ArgumentParser(prog="python -m simulations.short_schedule", description=__doc__,

@@ -11,7 +11,7 @@ os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
 @pytest.fixture(scope="session")
 def pretrained_vit():
     """The real DINOv2 ViT-S/14 at the default resolution (converted once, cached)."""
-    from tangent.pretrained import load_pretrained
+    from tangent.model.pretrained import load_pretrained
     return load_pretrained()
 
 

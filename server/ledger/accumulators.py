@@ -1,7 +1,7 @@
 """Exact integer sums of named float32 arrays (any model family whose aggregate is a weighted sum).
 
 ``Accumulators`` holds, per tensor name, ``S = Σ wᵢ·qᵢ`` on the fixed-point grid of
-:mod:`server.fixedpoint` as two int64 limbs. Adding and subtracting are exact integer operations,
+:mod:`server.ledger.fixedpoint` as two int64 limbs. Adding and subtracting are exact integer operations,
 so the bytes (:meth:`Accumulators.encoded`) depend only on *which* contributions are in, never on
 the order, and subtracting one leaves exactly the bytes of never having added it. A TAFT Δw is one
 such mapping; additive sufficient statistics (n, Σφ, Σφφᵀ, …) are another.
@@ -14,7 +14,7 @@ from collections.abc import Iterable, Mapping
 
 import numpy as np
 
-from server import fixedpoint
+from server.ledger import fixedpoint
 from server.ledger.records import canonical_json
 
 Quantized = dict[str, tuple[np.ndarray, np.ndarray]]

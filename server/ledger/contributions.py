@@ -41,7 +41,7 @@ from typing import Any
 import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
-from server import fixedpoint
+from server.ledger import fixedpoint
 from server.ledger import audit, families, validation
 from server.ledger.accumulators import Accumulators, Quantized
 from server.ledger.records import (
@@ -50,7 +50,7 @@ from server.ledger.records import (
 )
 from server.ledger.storage import SCHEMA_VERSION, SQLITE_COMPANIONS, Store, connect
 from server.ledger.verification import verify_ledger
-from tangent.protocol import check_site_id
+from tangent.protocol.limits import check_site_id
 
 WEIGHTINGS = ("examples", "uniform")
 log = logging.getLogger("taft.ledger")
@@ -550,7 +550,7 @@ class Ledger:
         """A stats ledger's composed statistics (``None`` while no site is active)."""
         if self._family.name != "stats":
             raise LedgerError(f"{self.path} is a {self._family.name!r} ledger; it holds no statistics")
-        from tangent.exact_head import SufficientStats  # numpy only; imported where it is needed
+        from tangent.exact_head.statistics import SufficientStats  # numpy only; imported where it is needed
         with self.snapshot():
             if not self._store.meta()["total_weight"]:
                 return None

@@ -2,7 +2,7 @@
 
 A delta ledger exports the composed Δ (``composed_delta.safetensors``); a stats ledger exports the
 exact head solved from its composed statistics (``exact_head.safetensors``: ``weight`` [p, k],
-``bias`` [k], float32; λ by GCV, tangent.exact_head.solve). The statistics themselves stay in the
+``bias`` [k], float32; λ by GCV, tangent.exact_head.statistics.solve). The statistics themselves stay in the
 ledger.
 
 The manifest carries the ledger's signed head for the exported version and the server's public
@@ -88,7 +88,7 @@ def export(ledger: Ledger, out: Path, *, model_spec: Mapping[str, Any] | None = 
     if ledger.family == "stats":
         if stats is None:
             raise LedgerError(f"{ledger.path}: no site is active; there is no exact head to export")
-        from tangent.exact_head import solve  # numpy only
+        from tangent.exact_head.statistics import solve  # numpy only
 
         assert stats_digest(stats.to_arrays()) == version.composed_sha256 == head["composed_sha256"]
         ridge = solve(stats)

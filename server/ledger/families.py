@@ -13,8 +13,8 @@ same for every family whose aggregate is a sum; only these parts differ:
 Families:
 
 - ``"delta"`` — a TAFT Δw (float32), the weighted mean ``Σ wᵢΔᵢ / Σ wᵢ`` on the 2^-32 grid of
-  :mod:`server.fixedpoint`;
-- ``"stats"`` — exact-head sufficient statistics (:class:`tangent.exact_head.SufficientStats`,
+  :mod:`server.ledger.fixedpoint`;
+- ``"stats"`` — exact-head sufficient statistics (:class:`tangent.exact_head.statistics.SufficientStats`,
   int64 arrays ``n, counts, sums, gram, cross``); weight 1, the composed model is the exact int64
   sum of the active sites' statistics.
 
@@ -169,7 +169,7 @@ class StatsFamily:
         return math.sqrt(squares)
 
     def _check_exact(self, a: dict[str, np.ndarray], num_examples: int) -> None:
-        """What exact statistics of n examples must satisfy (tangent/exact_head.py's bounds): the
+        """What exact statistics of n examples must satisfy (tangent/exact_head/statistics.py's bounds): the
         noise of a DP release may break these, so they apply only to non-DP contributions."""
         n = int(a["n"][0])
         unit, unit2 = 2 ** self.frac_bits, 2 ** (2 * self.frac_bits)

@@ -9,7 +9,7 @@ from typing import Any
 
 # Machine-readable reasons carried by RejectedContribution.reason.
 REASONS = frozenset({
-    "bad_site_id",            # not a string matching tangent.protocol.SITE_ID_RULE
+    "bad_site_id",            # not a string matching tangent.protocol.limits.SITE_ID_RULE
     "unknown_site",           # not in known_sites
     "site_withdrawn",         # the site was removed and has not been re-admitted (Ledger.readmit)
     "bad_num_examples",       # not an int, <= 0 or > MAX_NUM_EXAMPLES

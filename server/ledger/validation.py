@@ -13,9 +13,9 @@ from typing import Any
 
 import numpy as np
 
-from server import fixedpoint
+from server.ledger import fixedpoint
 from server.ledger.records import RejectedContribution, canonical_json
-from tangent.protocol import check_site_id
+from tangent.protocol.limits import check_site_id
 
 MAX_NUM_EXAMPLES = fixedpoint.MAX_WEIGHT
 MAX_META_BYTES = 64 * 1024   # canonical JSON of all metadata of one contribution

@@ -20,7 +20,7 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from tangent.nlft import NLFTTail
+from tangent.model.nlft import NLFTTail
 
 KINDS = ("taft", "nlft", "head")
 KIND_LABELS = {"taft": "TAFT-1", "nlft": "NLFT-1 (last block)", "head": "NLFT head only",
@@ -98,7 +98,7 @@ QUICK = Settings(train=240, test=200, epochs=1, shards=(2, 4), dirichlet_shards=
 
 def subset_indices(num: int, size: int, seed: int) -> np.ndarray:
     """The IID subset rule of simulations/dp_accuracy.py: first shard of a seeded partition."""
-    from tangent.partition import partition_iid
+    from tangent.data.partition import partition_iid
 
     if size >= num:
         return np.arange(num)
@@ -161,7 +161,7 @@ def _check_cls_block(block: nn.Module) -> None:
 def cls_only_nlft(model):
     """Make an NLFT-1 model (token pooling) evaluate its last block on the CLS row only.
 
-    tangent.nlft runs the trainable block on all tokens although only the CLS row reaches the
+    tangent.model.nlft runs the trainable block on all tokens although only the CLS row reaches the
     head; this computes the identical function (checked here against the stock forward) at a
     third of the cost. Parameters, Δ and Opacus layout are unchanged (same nn.Linear modules).
     """
@@ -197,9 +197,9 @@ class Context:
 
     def __init__(self, settings: Settings, *, cache_dir: str | None = None,
                  build_cache: bool = True, progress: bool = True):
-        from tangent.spec import ModelSpec, fresh_model
-        from tangent.data import load_fashion_mnist
-        from tangent.pretrained import cache_dir as default_cache_dir
+        from tangent.protocol.spec import ModelSpec, fresh_model
+        from tangent.data.sets import load_fashion_mnist
+        from tangent.model.pretrained import cache_dir as default_cache_dir
 
         self.settings = settings
         self.progress = progress
@@ -224,7 +224,7 @@ class Context:
     def _split_tokens(self, split: str):
         """The whole split's cached tokens (memmap), or None when no cache may be built."""
         if split not in self._tokens:
-            from tangent.cache import MANIFEST_FILE, FeatureCache, cache_key, images_digest
+            from tangent.data.token_cache import MANIFEST_FILE, FeatureCache, cache_key, images_digest
 
             images, _ = self._images[split]
             data_digest = images_digest(images)
@@ -246,7 +246,7 @@ class Context:
         if cached is not None:
             x = torch.from_numpy(np.ascontiguousarray(cached[index]))
         else:  # quick runs on a machine without the cache: run the frozen trunk on the subset
-            from tangent.data import preprocess
+            from tangent.data.sets import preprocess
 
             trunk = self.taft().trunk
             x = torch.cat([trunk(preprocess(images[index[i:i + 64]], self.settings.img_size))
@@ -273,8 +273,8 @@ class Context:
     def nlft(self):
         """NLFT-1 at w0 (Δ = 0), built once; its trunk equals TAFT's (same cached tokens)."""
         if self._nlft is None:
-            from tangent.nlft import NLFTViT
-            from tangent.pretrained import load_pretrained
+            from tangent.model.nlft import NLFTViT
+            from tangent.model.pretrained import load_pretrained
 
             backbone = load_pretrained(self.spec.backbone, img_size=self.spec.img_size)
             model = cls_only_nlft(NLFTViT.from_timm(backbone, self.spec.num_classes,
@@ -294,9 +294,9 @@ class Context:
 
     def taft_rich(self):
         """TAFT-1 whose head also reads the frozen RICH_PIECES (inputs: ``rich_inputs``): a
-        private model (the cached TAFT model of tangent.spec stays plain), built once, Δ reset."""
+        private model (the cached TAFT model of tangent.protocol.spec stays plain), built once, Δ reset."""
         if getattr(self, "_taft_rich", None) is None:
-            from tangent.spec import build_model
+            from tangent.protocol.spec import build_model
 
             model, _ = build_model(self.spec, cached=False)
             model.read_frozen_rows(len(RICH_PIECES))
@@ -313,7 +313,7 @@ class Context:
                 "taft_rich": self.taft_rich}[kind]()
 
     def train_config(self, kind: str, epochs: int | None = None, **overrides):
-        from tangent.train import TrainConfig
+        from tangent.training.trainer import TrainConfig
 
         s = self.settings
         lr, loss = {"taft": (s.taft_lr, s.taft_loss), "taft_rich": (s.taft_lr, s.taft_loss), "nlft": (s.nlft_lr, s.nlft_loss),
@@ -328,7 +328,7 @@ class Context:
 
 def train_one(ctx: Context, kind: str, inputs, labels, config, privacy=None):
     """Train one model of ``kind`` from w0; returns (Δ, TrainResult)."""
-    from tangent.train import fit
+    from tangent.training.trainer import fit
 
     model = ctx.model(kind)
     result = fit(model, inputs, labels, config, privacy=privacy, from_cache=True, progress=False)
@@ -350,7 +350,7 @@ def train_shards(ctx: Context, kind: str, parts, inputs, labels, config, *, desc
 
 
 def logits_of(ctx: Context, kind: str, delta: dict, inputs) -> torch.Tensor:
-    from tangent.train import predict_logits
+    from tangent.training.trainer import predict_logits
 
     model = ctx.model(kind)
     model.load_delta(delta)
@@ -419,13 +419,13 @@ def load_shards(path: Path, fingerprint: str):
 
 def iid_parts(ctx: Context, num: int) -> list[np.ndarray]:
     """Positions (into the training subset) of ``num`` IID shards."""
-    from tangent.partition import partition_iid
+    from tangent.data.partition import partition_iid
 
     return partition_iid(len(ctx.y), num, seed=ctx.settings.seed)
 
 
 def dirichlet_parts(ctx: Context, num: int, alpha: float) -> list[np.ndarray]:
-    from tangent.partition import partition_dirichlet
+    from tangent.data.partition import partition_dirichlet
 
     return partition_dirichlet(ctx.y.numpy(), num, alpha=alpha, seed=ctx.settings.seed)
 
@@ -556,7 +556,7 @@ def expected_hit_fraction(sizes, forgotten: int, total: int) -> float:
 def exact_spec():
     """The exact head's default feature spec (docs/design.md contract 7): the four pieces +
     2,048 seeded random features, clip C = 2, b = 16 (p = 3,584)."""
-    from tangent.features import FeatureSpec
+    from tangent.exact_head.features import FeatureSpec
 
     return FeatureSpec(random_features=2048)
 
@@ -577,7 +577,7 @@ RICH_PIECES = ("final_mean", "input_cls", "input_mean")
 def _exact(ctx: "Context"):
     """Per-context store of the exact head's extractors and pieces (one backbone, shared)."""
     if not hasattr(ctx, "_exact_store"):
-        from tangent.features import FeatureExtractor, FeatureSpec
+        from tangent.exact_head.features import FeatureExtractor, FeatureSpec
 
         base = FeatureExtractor.from_spec(ctx.spec, FeatureSpec())
         if not base.trunk_matches(ctx.taft().trunk):
@@ -587,7 +587,7 @@ def _exact(ctx: "Context"):
 
 
 def exact_extractor(ctx: "Context", spec):
-    from tangent.features import FeatureExtractor
+    from tangent.exact_head.features import FeatureExtractor
 
     store = _exact(ctx)
     if spec not in store["extractors"]:
@@ -599,10 +599,10 @@ def exact_extractor(ctx: "Context", spec):
 
 @torch.no_grad()
 def exact_pieces(ctx: "Context", name: str, tokens: torch.Tensor, batch: int = 250) -> np.ndarray:
-    """Every piece (tangent.features.PIECES) of these token rows, [N, 4, d] float32, cached under
+    """Every piece (tangent.exact_head.features.PIECES) of these token rows, [N, 4, d] float32, cached under
     ``name``. Batches are padded to one size so a row's pieces never depend on its neighbours
     (as FeatureExtractor.compute)."""
-    from tangent.features import PIECES
+    from tangent.exact_head.features import PIECES
 
     store = _exact(ctx)
     if name not in store["pieces"]:
@@ -622,7 +622,7 @@ def exact_pieces(ctx: "Context", name: str, tokens: torch.Tensor, batch: int = 2
 @torch.no_grad()
 def exact_features(ctx: "Context", spec, pieces: np.ndarray) -> np.ndarray:
     """φ [N, p] float32 of cached pieces through the extractor's own ``assemble``."""
-    from tangent.features import PIECES
+    from tangent.exact_head.features import PIECES
 
     extractor = exact_extractor(ctx, spec)
     out = np.empty((len(pieces), extractor.dim), np.float32)
@@ -634,15 +634,15 @@ def exact_features(ctx: "Context", spec, pieces: np.ndarray) -> np.ndarray:
 
 
 def exact_stats(phi: np.ndarray, labels, spec, num_classes: int = 10):
-    """The integer sufficient statistics (tangent.exact_head) of φ rows and their labels."""
-    from tangent.exact_head import SufficientStats
+    """The integer sufficient statistics (tangent.exact_head.statistics) of φ rows and their labels."""
+    from tangent.exact_head.statistics import SufficientStats
 
     return SufficientStats.from_features(phi, np.asarray(labels), num_classes, spec.clip_norm, spec.frac_bits)
 
 
 def exact_solve(stats):
     """The ridge head of summed statistics, λ by GCV on the sums (the server's rule)."""
-    from tangent.exact_head import solve
+    from tangent.exact_head.statistics import solve
 
     return solve(stats)
 
@@ -653,7 +653,7 @@ def exact_accuracy(head, phi_test: np.ndarray, labels) -> float:
 
 def rich_inputs(ctx: "Context", name: str, tokens: torch.Tensor) -> torch.Tensor:
     """Token rows with the frozen RICH_PIECES appended as extra rows (TangentTail.read_frozen_rows)."""
-    from tangent.features import PIECES
+    from tangent.exact_head.features import PIECES
 
     pieces = exact_pieces(ctx, name, tokens)
     keep = [PIECES.index(p) for p in RICH_PIECES]

@@ -1,6 +1,6 @@
 """Experiment 4 — differential privacy (paper Table 3).
 
-DP-SGD (Opacus through ``tangent.train.fit(..., privacy=PrivacyConfig)``: Poisson sampling,
+DP-SGD (Opacus through ``tangent.training.trainer.fit(..., privacy=PrivacyConfig)``: Poisson sampling,
 per-sample clipping, Gaussian noise for the whole schedule, PRV accountant, cross-entropy) on
   * TAFT-1 (the tangent model of the last block, final norm and head),
   * NLFT-1 (the same parameters, non-linear: last block, final norm and head),
@@ -9,7 +9,7 @@ at several ε, centrally (one model on the whole DP subset) and federated (the s
 over DP clients, each trained privately on its own data, then composed / souped weighted by
 examples). Non-DP references (ε = ∞) use each method's usual recipe.
 
-Exact head (issue 15): sufficient-statistics perturbation (``tangent.exact_head.privatize``: each
+Exact head (issue 15): sufficient-statistics perturbation (``tangent.exact_head.statistics.privatize``: each
 model's data releases its integer statistics once through the analytic Gaussian mechanism at
 (ε, δ) with the same δ rule) on the 64-dim seeded projection of the four pieces that
 benchmarks/exact_head.py found best; central = one release of the whole DP subset, federated =
@@ -40,7 +40,7 @@ def noise_multiplier(epsilon: float, num: int, batch: int, epochs: int, accounta
     calibrated once per setting instead of once per client (the PRV search takes seconds)."""
     from opacus.accountants.utils import get_noise_multiplier
 
-    from tangent.privacy import default_delta
+    from tangent.training.privacy import default_delta
 
     return float(get_noise_multiplier(target_epsilon=epsilon, target_delta=default_delta(num),
                                       sample_rate=1.0 / math.ceil(num / batch), epochs=epochs,
@@ -48,7 +48,7 @@ def noise_multiplier(epsilon: float, num: int, batch: int, epochs: int, accounta
 
 
 def privacy_config(settings: C.Settings, epsilon: float, num: int, batch: int):
-    from tangent.privacy import PrivacyConfig
+    from tangent.training.privacy import PrivacyConfig
 
     sigma = settings.dp_sigma or noise_multiplier(epsilon, num, batch, settings.dp_epochs,
                                                   settings.dp_accountant)
@@ -58,7 +58,7 @@ def privacy_config(settings: C.Settings, epsilon: float, num: int, batch: int):
 
 def run(ctx: C.Context, out_root: Path) -> dict:
     from tangent import compose
-    from tangent.partition import partition_iid
+    from tangent.data.partition import partition_iid
 
     s = ctx.settings
     x, y = ctx.tokens("train", ctx.dp_index)
@@ -104,8 +104,8 @@ def exact_head_rows(ctx: C.Context, x, y, clients) -> list[dict]:
     """The DP exact head (SSP) at each ε, central and federated, and without DP."""
     import time
 
-    from tangent import exact_head as eh
-    from tangent.privacy import default_delta
+    from tangent.exact_head import statistics as eh
+    from tangent.training.privacy import default_delta
 
     s = ctx.settings
     spec = C.dp_exact_spec()
@@ -220,7 +220,7 @@ def render(out_dir: Path, meta: dict, results: Path) -> str:
 
 Settings (reduced): {meta['checks']['dp_images']} training images (the IID subset rule of
 `simulations/dp_accuracy.py`), test on the same {s['test']} images as above, {s['dp_epochs']} epochs.
-DP-SGD through `tangent.train.fit(..., privacy=PrivacyConfig(...))` (Opacus: Poisson sampling,
+DP-SGD through `tangent.training.trainer.fit(..., privacy=PrivacyConfig(...))` (Opacus: Poisson sampling,
 per-sample clipping to {s['dp_max_grad_norm']:g}, {s['dp_accountant'].upper()} accountant, cross-entropy, Adam): central
 expected batch {s['dp_batch']}; federated = {s['dp_clients']} IID DP clients of
 {client['images_per_model'] if client else '—'} images each, expected batch {s['dp_client_batch']}, each

@@ -13,8 +13,8 @@ import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, RecordDict
 
 from client.client_app import app
-from tangent.budget import PrivacyBudget
-from tangent.spec import ModelSpec, build_model
+from tangent.training.budget import PrivacyBudget
+from tangent.protocol.spec import ModelSpec, build_model
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("flower_server_identity")]
 
@@ -26,7 +26,7 @@ TRAIN = {"epochs": 5, "batch-size": 32, "lr": 1e-3, "loss": "rsl", "kappa": 15.0
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
-    from tangent.data import load_fashion_mnist
+    from tangent.data.sets import load_fashion_mnist
 
     root = tmp_path_factory.mktemp("site")
     x, y = load_fashion_mnist("train")

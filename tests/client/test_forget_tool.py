@@ -11,14 +11,14 @@ import pytest
 
 from client.forget import _site_data, main, site_statistics
 from deploy.pki import create_site_key
-from server.forgetting import apply_forget_file
+from server.trust.forgetting import apply_forget_file
 from server.ledger import Ledger
-from server.ledgers import Ledgers
-from server.withdrawal import NonceStore
-from tangent.data import load_fashion_mnist, preprocess
-from tangent.exact_head import SufficientStats
-from tangent.features import FeatureExtractor, FeatureSpec
-from tangent.spec import ModelSpec
+from server.ledger.ledgers import Ledgers
+from server.trust.withdrawal import NonceStore
+from tangent.data.sets import load_fashion_mnist, preprocess
+from tangent.exact_head.statistics import SufficientStats
+from tangent.exact_head.features import FeatureExtractor, FeatureSpec
+from tangent.protocol.spec import ModelSpec
 from tests.deploy.test_withdrawal import registry_entry, write_registry
 
 SPEC = FeatureSpec(pieces=("final_cls", "input_mean"), random_features=16, random_seed=5, frac_bits=12)

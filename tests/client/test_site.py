@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from client.site import SiteError, load_split
-from tests.tangent.test_cache import tiny_model
+from tests.tangent.data.test_cache import tiny_model
 
 
 def test_labels_beyond_the_models_classes_are_refused(tmp_path):

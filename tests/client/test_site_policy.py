@@ -7,7 +7,7 @@ import pytest
 from flwr.app import ConfigRecord, RecordDict
 
 from client import task
-from tangent.budget import PrivacyBudget
+from tangent.training.budget import PrivacyBudget
 
 DP = {"dp": True, "dp-epsilon": 1.0, "dp-delta": 0.0, "dp-max-grad-norm": 1.0}
 

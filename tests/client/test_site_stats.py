@@ -11,12 +11,12 @@ from flwr.app import ConfigRecord, Context, Message, RecordDict
 from client.client_app import app
 from client.site import load_split
 from client.stats import site_statistics
-from tangent.budget import PrivacyBudget
-from tangent.cache import FeatureCache
-from tangent.exact_head import SufficientStats
-from tangent.features import FeatureExtractor, FeatureSpec
-from tangent.phi_cache import PhiCache
-from tangent.spec import ModelSpec, build_model
+from tangent.training.budget import PrivacyBudget
+from tangent.data.token_cache import FeatureCache
+from tangent.exact_head.statistics import SufficientStats
+from tangent.exact_head.features import FeatureExtractor, FeatureSpec
+from tangent.exact_head.phi_cache import PhiCache
+from tangent.protocol.spec import ModelSpec, build_model
 
 pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("flower_server_identity")]
 
@@ -31,7 +31,7 @@ N = 70
 
 @pytest.fixture(scope="module")
 def site(tmp_path_factory):
-    from tangent.data import load_fashion_mnist
+    from tangent.data.sets import load_fashion_mnist
 
     root = tmp_path_factory.mktemp("site")
     x, y = load_fashion_mnist("train")
@@ -89,7 +89,7 @@ def test_train_reply_adds_the_sites_statistics_and_is_otherwise_unchanged(site):
 
 
 def test_excluded_rows_leave_exactly_the_statistics_of_the_rest(site):
-    from tangent.spec import fresh_model
+    from tangent.protocol.spec import fresh_model
 
     model, digest = fresh_model(SPEC)
     data = load_split("train", model, digest, SPEC.img_size, site["node_config"], {})

@@ -2,7 +2,7 @@
 import numpy as np
 import pytest
 
-from tangent.exact_head import SufficientStats
+from tangent.exact_head.statistics import SufficientStats
 
 
 @pytest.mark.parametrize("frac_bits", [8, 16, 24])

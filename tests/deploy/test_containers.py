@@ -102,7 +102,7 @@ SECRETS_AND_STATE = [
     "tangent/__pycache__/model.cpython-311.pyc", "taft_fl.egg-info/PKG-INFO", "tests/conftest.py",
     ".env", "deploy/compose.env", "app.fab", ".hypothesis/examples/x",
 ]
-CODE = ["pyproject.toml", "README.md", "tangent/model.py", "client/client_app.py", "server/server_app.py",
+CODE = ["pyproject.toml", "README.md", "tangent/model/vit.py", "client/client_app.py", "server/server_app.py",
         "server/strategy.py", "deploy/supernode.py", "deploy/Caddyfile"]
 CODE_SUFFIXES = (".py", ".toml", ".md", ".sh", ".yaml", ".yml")
 

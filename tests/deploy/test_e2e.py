@@ -65,7 +65,7 @@ def federation(tmp_path_factory):
 
         # The one-time ONNX -> timm conversion (tens of seconds, shared through the TAFT cache dir)
         # is done here, not by four processes at once inside the timed training run.
-        from tangent.pretrained import load_pretrained
+        from tangent.model.pretrained import load_pretrained
         load_pretrained(img_size=28)
 
         # sites: a few hundred real Fashion-MNIST images each, made by the documented step
@@ -243,7 +243,7 @@ def test_unsigned_remove_sites_is_refused(federation, trained):
 
 def test_withdrawals_revoked_and_unregistered_keys_refused_operator_and_site_accepted(federation, trained):
     from server.ledger import Ledger
-    from server.withdrawal import create_request, load_private_key
+    from server.trust.withdrawal import create_request, load_private_key
 
     f, state = federation, federation["state"]
     before = _snapshot(f)

@@ -6,7 +6,7 @@ from cryptography.hazmat.primitives import serialization
 from deploy.health import refused_supernodes, rejected_replies, render
 from deploy.pki import create_site_key
 from deploy.register import key_fingerprint, read_registry, record_site, write_registry
-from server.withdrawal import load_public_key
+from server.trust.withdrawal import load_public_key
 
 
 def _pem(pub_path):

@@ -20,9 +20,9 @@ def test_a_state_dir_inside_the_app_directory_is_refused():
 
 
 def test_the_budget_record_is_created_once_with_the_fresh_dir(tmp_path):
-    privacy = pytest.importorskip("tangent.privacy")
+    privacy = pytest.importorskip("tangent.training.privacy")
     if not hasattr(privacy, "PrivacyBudget"):
-        pytest.skip("tangent.privacy.PrivacyBudget (helper dp) not in this tree")
+        pytest.skip("tangent.training.privacy.PrivacyBudget (helper dp) not in this tree")
     path = tmp_path / "site-3"
     prepare_state_dir(path, "3", 8.0, 1e-5)
     record = path / BUDGET_FILE

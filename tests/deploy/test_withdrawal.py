@@ -5,7 +5,7 @@ import json
 import pytest
 
 from deploy.pki import create_site_key
-from server.withdrawal import (
+from server.trust.withdrawal import (
     NonceStore,
     SiteRegistry,
     WithdrawalRefused,
@@ -151,7 +151,7 @@ def test_apply_file_on_a_real_ledger(tmp_path):
     import numpy as np
 
     from server.ledger import Ledger
-    from server.withdrawal import apply_withdrawal_file, nonce_store_path
+    from server.trust.withdrawal import apply_withdrawal_file, nonce_store_path
 
     keys = tmp_path / "keys"
     rng = np.random.default_rng(0)
@@ -190,7 +190,7 @@ def test_unlearning_run_applies_good_requests_and_reports_refusals(tmp_path):
 
     from server.ledger import Ledger
     from server.server_app import _apply_withdrawals
-    from server.withdrawal import load_private_key
+    from server.trust.withdrawal import load_private_key
 
     keys = tmp_path / "keys"
     sites = {}

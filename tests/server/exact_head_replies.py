@@ -10,7 +10,7 @@ import numpy as np
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MetricRecord, RecordDict
 
 from server.replies import StatsExpectation
-from tangent.exact_head import SufficientStats
+from tangent.exact_head.statistics import SufficientStats
 
 BASE = "b" * 64
 FEATURE_DIGEST = "f" * 64

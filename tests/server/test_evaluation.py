@@ -60,7 +60,7 @@ _SHAPES: dict = {}
 
 
 def _delta_shapes(spec) -> dict:
-    from tangent.spec import ModelSpec, build_model
+    from tangent.protocol.spec import ModelSpec, build_model
 
     key = ModelSpec.from_config(spec)
     if key not in _SHAPES:

@@ -39,8 +39,8 @@ class StatsSitesGrid(LocalGrid):
         self._extractor = None
 
     def extractor(self, spec):
-        from tangent.features import FeatureExtractor, FeatureSpec
-        from tangent.spec import ModelSpec
+        from tangent.exact_head.features import FeatureExtractor, FeatureSpec
+        from tangent.protocol.spec import ModelSpec
 
         if self._extractor is None:
             self._extractor = FeatureExtractor.from_spec(ModelSpec.from_config(spec), FeatureSpec.from_config(spec))
@@ -49,8 +49,8 @@ class StatsSitesGrid(LocalGrid):
     def _answer(self, msg: Message) -> Message:
         import torch
 
-        from tangent.data import load_dataset, preprocess
-        from tangent.exact_head import SufficientStats
+        from tangent.data.sets import load_dataset, preprocess
+        from tangent.exact_head.statistics import SufficientStats
         from tests.server.test_evaluation import _delta_shapes
 
         spec = dict(msg.content.config_records["spec"].items())
@@ -88,7 +88,7 @@ def run_main(state: Path, grid, **overrides) -> dict:
 
 
 def test_one_round_both_models_and_removal_through_the_serverapp(tmp_path):
-    from tangent.exact_head import SufficientStats, solve
+    from tangent.exact_head.statistics import SufficientStats, solve
 
     grid = StatsSitesGrid()
     report = run_main(tmp_path, grid, mode="train")
@@ -121,8 +121,8 @@ def test_phi_of_the_test_rows_is_the_same_from_the_cached_tokens_and_from_the_im
     """The evaluation computes φ from the model's trunk tokens when that trunk is φ's (one
     linearized block), else from the images; both give the same features."""
     from server.evaluation import build_inputs, evaluation_features
-    from tangent.features import FeatureExtractor, FeatureSpec
-    from tangent.spec import ModelSpec, build_model
+    from tangent.exact_head.features import FeatureExtractor, FeatureSpec
+    from tangent.protocol.spec import ModelSpec, build_model
 
     spec = ModelSpec.from_config(RUN_CONFIG)
     model, digest = build_model(spec, cached=False)
@@ -142,17 +142,17 @@ def test_phi_of_the_test_rows_is_the_same_from_the_cached_tokens_and_from_the_im
 
 
 def test_the_evaluation_reads_phi_from_the_phi_cache_of_the_test_set(tmp_path):
-    """With a φ cache of the test set in cache-dir (tangent/phi_cache.py, the sites' side of issue
+    """With a φ cache of the test set in cache-dir (tangent/exact_head/phi_cache.py, the sites' side of issue
     15), the evaluation reads φ from it instead of recomputing it; the values are φ's."""
-    pytest.importorskip("tangent.phi_cache")
+    pytest.importorskip("tangent.exact_head.phi_cache")
     import torch
 
     from server.evaluation import evaluation_features, evaluation_indices
-    from tangent.cache import images_digest
-    from tangent.data import load_dataset, load_fashion_mnist, preprocess
-    from tangent.features import FeatureExtractor, FeatureSpec
-    from tangent.phi_cache import PhiCache
-    from tangent.spec import ModelSpec
+    from tangent.data.token_cache import images_digest
+    from tangent.data.sets import load_dataset, load_fashion_mnist, preprocess
+    from tangent.exact_head.features import FeatureExtractor, FeatureSpec
+    from tangent.exact_head.phi_cache import PhiCache
+    from tangent.protocol.spec import ModelSpec
 
     x, y = load_fashion_mnist("test")
     np.savez(tmp_path / "test.npz", images=x[:60], labels=y[:60])

@@ -37,7 +37,7 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRec
 from server.ledger import Ledger
 from server.replies import Rejected, _decode
 from server.strategy import LedgerFedAvg
-from tangent.exact_head import SufficientStats
+from tangent.exact_head.statistics import SufficientStats
 from tests.server.exact_head_replies import EXPECT, FEATURE_DIGEST, open_stats_ledger, site_stats
 
 BASE = "b" * 64
@@ -333,7 +333,7 @@ def mutate(rng: np.random.Generator, parts: dict, kind: str) -> str:
 # ----------------------------------------------------------------------------- the fuzz
 
 def _registry(tmp_path: Path, sites: dict[str, int], revoked: set[str]) -> "object":
-    from server.withdrawal import SiteRegistry
+    from server.trust.withdrawal import SiteRegistry
 
     registry = {"version": 2, "sites": {
         site: {"public_key": f"keys/{site}.pub", "fingerprint": f"SHA256:{i:064x}", "node_id": node,
@@ -351,7 +351,7 @@ def test_no_corrupted_reply_aborts_a_round_and_each_is_a_counted_rejection(tmp_p
     revoked_site = "revoked-site"
     binding = None
     if federation == "deployment":
-        from server.identity import SenderBinding
+        from server.trust.identity import SenderBinding
         binding = SenderBinding(_registry(tmp_path, nodes | {revoked_site: 99}, {revoked_site}))
     reasons: Counter = Counter()
     corruptions: Counter = Counter()

@@ -10,7 +10,7 @@ import pytest
 from deploy.pki import create_site_key
 from server.ledger import Ledger
 from server.server_app import REMOVE_SITES_REFUSED, _train, _unlearn
-from server.withdrawal import SiteRegistry, create_request, key_fingerprint, load_private_key, load_public_key
+from server.trust.withdrawal import SiteRegistry, create_request, key_fingerprint, load_private_key, load_public_key
 
 
 def central(delta, stats=None) -> dict:
@@ -80,7 +80,7 @@ class UnreachableGrid:
 
 
 def test_a_failing_round_keeps_its_summary_in_the_report(state, flower_server_identity):
-    from tangent.spec import ModelSpec
+    from tangent.protocol.spec import ModelSpec
 
     report: dict = {}
     with Ledger.open(state / "ledger.sqlite") as ledger, pytest.raises(ConnectionError):
@@ -96,7 +96,7 @@ def test_a_failing_round_keeps_its_summary_in_the_report(state, flower_server_id
 @pytest.fixture
 def both(state):
     """The state's Δ ledger and a statistics ledger holding the same three sites."""
-    from server.ledgers import Ledgers
+    from server.ledger.ledgers import Ledgers
     from tests.server.exact_head_replies import FEATURE_DIGEST, open_stats_ledger, site_stats
 
     with open_stats_ledger(state / "exact_head.sqlite") as stats:
@@ -129,7 +129,7 @@ def test_a_signed_withdrawal_removes_the_site_from_both_ledgers(state, both):
 
 
 def test_simulation_remove_sites_removes_from_both_ledgers(state, both):
-    from tangent.exact_head import SufficientStats
+    from tangent.exact_head.statistics import SufficientStats
     from tests.server.exact_head_replies import site_stats
 
     seen = []
@@ -155,7 +155,7 @@ def test_a_site_only_in_the_statistics_ledger_is_still_removed(state, both):
 
 def test_a_dp_run_turns_the_exact_head_off_and_says_so(tmp_path):
     from server.server_app import _exact_head
-    from tangent.spec import ModelSpec
+    from tangent.protocol.spec import ModelSpec
 
     report: dict = {}
     assert _exact_head(ModelSpec.from_config({}), {"exact-head": True, "dp": True}, "train",

@@ -1,6 +1,6 @@
 """One reply, both models (issue 15 item 5): LedgerFedAvg records each site's Δw and its exact-head
 statistics in two real ledgers, keeps them consistent when the statistics ledger refuses, and
-:class:`server.ledgers.Ledgers` removes a site from both — bit-identical to ledgers that never had it."""
+:class:`server.ledger.ledgers.Ledgers` removes a site from both — bit-identical to ledgers that never had it."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 
 from server.ledger import Ledger
-from server.ledgers import Ledgers
+from server.ledger.ledgers import Ledgers
 from server.strategy import LedgerFedAvg
-from tangent.exact_head import SufficientStats
+from tangent.exact_head.statistics import SufficientStats
 from tests.server.exact_head_replies import (BASE, EXPECT, SHAPES, SPEC, build, delta, npy, open_stats_ledger,
                                              reply_parts, site_stats, train_reply)
 

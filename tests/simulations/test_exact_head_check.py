@@ -10,8 +10,8 @@ import pytest
 from client.site import load_split
 from client.stats import site_statistics
 from simulations.exact_head_check import central_check, removal_check
-from tangent.features import FeatureSpec
-from tangent.spec import ModelSpec, fresh_model
+from tangent.exact_head.features import FeatureSpec
+from tangent.protocol.spec import ModelSpec, fresh_model
 
 pytestmark = pytest.mark.slow
 
@@ -22,8 +22,8 @@ SITES = 3
 
 @pytest.fixture(scope="module")
 def world(tmp_path_factory):
-    from tangent.data import load_fashion_mnist
-    from tangent.features import FeatureExtractor
+    from tangent.data.sets import load_fashion_mnist
+    from tangent.exact_head.features import FeatureExtractor
 
     root = tmp_path_factory.mktemp("world")
     x, y = load_fashion_mnist("train")

@@ -51,7 +51,7 @@ def test_expected_hit_fraction_matches_combinatorics():
 
 def test_cls_only_nlft_equals_stock_forward_and_gradients():
     import timm
-    from tangent.nlft import NLFTTail, NLFTViT
+    from tangent.model.nlft import NLFTTail, NLFTViT
 
     torch.manual_seed(0)
     vit = timm.create_model("vit_small_patch14_dinov2", pretrained=False, img_size=28,
@@ -78,7 +78,7 @@ def test_cls_only_nlft_equals_stock_forward_and_gradients():
 
 def _tiny_taft():
     import timm
-    from tangent.model import TangentViT
+    from tangent.model.vit import TangentViT
 
     torch.manual_seed(0)
     vit = timm.create_model("vit_small_patch14_dinov2", pretrained=False, img_size=28,
@@ -125,7 +125,7 @@ def test_taft_head_reading_frozen_rows_is_unchanged_at_w0_and_linear_in_delta():
 
 
 def test_exact_head_helpers_sum_subtract_and_fuse(tmp_path):
-    from tangent.features import FeatureSpec
+    from tangent.exact_head.features import FeatureSpec
 
     spec = FeatureSpec(clip_norm=2.0, frac_bits=16)
     rng = np.random.default_rng(0)

@@ -143,7 +143,7 @@ def test_simulation_on_an_image_folder_with_three_classes(tmp_path):
 
 def test_the_driver_checks_data_without_importing_torch(tmp_path):
     """The driver stays a small process: reading and checking the data sets must not import torch
-    in it (importing tangent.data used to: ~640 MiB more peak RSS in `make simulate`)."""
+    in it (importing tangent.data.sets used to: ~640 MiB more peak RSS in `make simulate`)."""
     images, labels = pattern_images(40, 4, 28, seed=0)
     path = tmp_path / "four.npz"
     np.savez(path, images=images, labels=labels)

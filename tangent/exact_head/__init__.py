@@ -1,0 +1,8 @@
+"""The exact head: ridge regression on frozen features φ of w0, from summed integer statistics.
+
+- :mod:`.feature_spec` — which frozen pieces and fixed-point grid make φ (torch-free).
+- :mod:`.features` — the extractor of φ from the pretrained backbone.
+- :mod:`.phi_cache` — on-disk cache of the base features next to the token cache.
+- :mod:`.statistics` — quantization, the exact integer statistics, the solver (λ by GCV), DP release.
+- :mod:`.stats_file` — a site's statistics as one safetensors file.
+"""

@@ -1,0 +1,6 @@
+"""What the sites and the server agree on, without Flower: the model spec, limits, signed requests.
+
+- :mod:`.spec` — the base-model spec the server sends and w0 built from it.
+- :mod:`.limits` — protocol limits and site-id rules every side enforces.
+- :mod:`.signed_requests` — keys, canonical bytes and signatures of withdrawal / forget requests.
+"""

@@ -1,0 +1,1 @@
+"""Serving an exported model: :mod:`.predict` is the ``taft-predict`` command."""

@@ -1,0 +1,225 @@
+"""Differential privacy for local training: Opacus DP-SGD over the whole local schedule, the
+site's δ rule, and its durable (ε, δ) budget (:mod:`tangent.training.budget`, re-exported here).
+
+:func:`make_private` wraps the module, optimizer, criterion and data loader that
+:func:`tangent.training.trainer.fit` already uses, so DP training is the same loop with Opacus's pieces
+swapped in: Poisson sampling, per-sample clipping to ``max_grad_norm`` (ghost clipping when
+Opacus can, per-sample gradients through hooks otherwise) and Gaussian noise calibrated so
+that the full schedule (all epochs) spends at most ``target_epsilon`` at δ.
+As in the TAFT paper's DP experiments the loss is cross-entropy.
+
+What the server may know and what it must not:
+
+* **Randomness.** The Gaussian noise and the Poisson sampling draw from one ``torch.Generator``
+  seeded with 64 bits from the OS (:func:`secret_generator`) per contribution; nothing in any
+  message (the server's ``seed`` included) determines it, so the server cannot regenerate the
+  noise or refit the update. Opacus' ``secure_mode`` would need torchcsprng, which no longer
+  builds against current torch. On a GPU the noise is drawn on the GPU (Opacus draws it where
+  the gradients are) from a CUDA generator seeded the same way, independent of the CPU one that
+  drives the Poisson sampling.
+* **Public count.** Everything the accountant and the optimizer use is a function of a *public*
+  example count ``N_pub`` (the count the site declared, or a public bucket of n — see
+  :func:`public_count`), never of the secret n: the sample rate q = 1/⌈N_pub/B⌉, the steps per
+  epoch ⌈N_pub/B⌉, the gradient scale 1/⌊q·N_pub⌋, hence σ and ε, and the default δ. So σ, ε
+  and δ in a reply reveal nothing about n beyond N_pub.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import secrets
+from dataclasses import dataclass
+
+import torch
+from opacus import PrivacyEngine
+from opacus.accountants import create_accountant
+from opacus.data_loader import DPDataLoader
+from torch import nn
+
+from tangent.training.budget import BudgetExhausted, BudgetMissing, PrivacyBudget
+
+log = logging.getLogger(__name__)
+
+ACCOUNTANTS = ("prv", "rdp")
+__all__ = ["ACCOUNTANTS", "BudgetExhausted", "BudgetMissing", "PrivacyBudget", "PrivacyConfig",
+           "PrivateTraining", "default_delta", "make_private", "public_count", "secret_generator"]
+
+#: the default δ never exceeds this, whatever N_pub is
+DELTA_CAP = 1e-5
+
+
+def default_delta(num_public: int) -> float:
+    """δ = min(1e-5, 1/(10·N_pub)).
+
+    δ is the probability that the ε guarantee fails outright, so it must be far below 1/n (a
+    mechanism that publishes one random record in full has δ = 1/n). 1/(10·N_pub) alone would be
+    1e-3 at N_pub = 100; the 1e-5 cap keeps it small for every realistic site. It uses the public
+    count, not the secret n, so δ reveals nothing about n.
+    """
+    if num_public < 1:
+        raise ValueError(f"the public example count must be positive, got {num_public}")
+    return min(DELTA_CAP, 1.0 / (10 * num_public))
+
+
+def public_count(num_examples: int, declared: int | None = None) -> int:
+    """The example count a DP site may reveal: the declared count if any, else n rounded down
+    to a power of two.
+
+    A power of two changes only when n crosses 2^k: adding or removing one record changes it
+    only if n is exactly 2^k or 2^k − 1, and it never reveals more than ⌊log2 n⌋. Rounding to
+    significant digits would reveal small n exactly (2 digits: every n < 100) and change every
+    100 records above 1,000. The price is a weight off by less than 2×, the same for everyone
+    whose shards have similar size. A registered/declared count reveals nothing at all.
+    """
+    if declared is not None:
+        if int(declared) < 1:
+            raise ValueError(f"declared example count must be positive, got {declared}")
+        return int(declared)
+    if num_examples < 1:
+        raise ValueError("cannot train on an empty data set")
+    return 1 << (int(num_examples).bit_length() - 1)
+
+
+def secret_generator(device: torch.device | str = "cpu") -> torch.Generator:
+    """A generator on ``device`` seeded with 64 bits of OS entropy (``secrets``): unknown to
+    everyone, fresh for every contribution."""
+    return torch.Generator(device=device).manual_seed(secrets.randbits(64))
+
+
+@dataclass
+class PrivacyConfig:
+    target_epsilon: float
+    #: None: :func:`default_delta` of the public count (must stay below 1/N_pub)
+    target_delta: float | None = None
+    max_grad_norm: float = 1.0
+    accountant: str = "prv"
+    #: ghost clipping (no per-sample gradients materialised); falls back to hooks if Opacus
+    #: cannot wrap the module that way
+    ghost: bool = True
+    #: a fixed noise multiplier instead of one calibrated to target_epsilon (ε is still reported)
+    noise_multiplier: float | None = None
+    #: N_pub: the example count the sample rate, gradient scale and default δ are computed from.
+    #: None: the data set's own size is public (central experiments); a site always sets it.
+    public_examples: int | None = None
+
+    def __post_init__(self):
+        if not (self.target_epsilon > 0 and math.isfinite(self.target_epsilon)):
+            raise ValueError(f"target_epsilon must be a positive finite number, got {self.target_epsilon}")
+        if self.accountant not in ACCOUNTANTS:
+            raise ValueError(f"accountant must be one of {ACCOUNTANTS}, got {self.accountant!r}")
+        if not self.max_grad_norm > 0:
+            raise ValueError("max_grad_norm must be positive")
+        if self.target_delta is not None and not 0 < self.target_delta < 1:
+            raise ValueError(f"target_delta must be in (0, 1), got {self.target_delta}")
+        if self.public_examples is not None and self.public_examples < 1:
+            raise ValueError(f"public_examples must be positive, got {self.public_examples}")
+
+    def num_public(self, num_examples: int) -> int:
+        return self.public_examples if self.public_examples is not None else num_examples
+
+    def delta_for(self, num_public: int) -> float:
+        """δ for a public count ``num_public``: the configured one, else :func:`default_delta`."""
+        delta = self.target_delta or default_delta(num_public)
+        if delta >= 1.0 / num_public:
+            raise ValueError(f"target_delta={delta} must be below 1/N_pub = {1.0 / num_public}")
+        return delta
+
+
+@dataclass
+class PrivateTraining:
+    """Opacus's replacements for the training loop's pieces, and what they spend."""
+
+    engine: PrivacyEngine
+    module: nn.Module
+    optimizer: torch.optim.Optimizer
+    criterion: object
+    data_loader: torch.utils.data.DataLoader
+    noise_multiplier: float
+    grad_sample_mode: str
+    delta: float
+    sample_rate: float
+    accountant: str
+
+    def epsilon(self) -> float:
+        """ε spent so far at ``delta`` (by the configured accountant)."""
+        return float(self.engine.accountant.get_epsilon(delta=self.delta))
+
+    def planned_epsilon(self, steps: int) -> float:
+        """ε that ``steps`` steps will spend: the same accountant over (σ, q, steps), before any
+        step is taken — so a budget can be charged before training."""
+        accountant = create_accountant(self.accountant)
+        accountant.history = [(self.noise_multiplier, self.sample_rate, int(steps))]
+        return float(accountant.get_epsilon(delta=self.delta))
+
+    def close(self) -> nn.Module:
+        """Remove Opacus's hooks and per-sample buffers; returns the plain module."""
+        return self.module.to_standard_module()
+
+
+def poisson_loader(dataset, expected_batch: int, num_public: int,
+                   generator: torch.Generator) -> DPDataLoader:
+    """Poisson sampling at q = 1/⌈N_pub/B⌉ for ⌈N_pub/B⌉ steps per epoch, drawn from ``generator``.
+
+    (Opacus derives q and the steps from the loader's length, i.e. from n; and its sampler takes
+    int(1/q) steps, which is one short for some q, e.g. 1/93. Both are fixed here.)"""
+    steps = math.ceil(num_public / expected_batch)
+    loader = DPDataLoader(dataset, sample_rate=1.0 / steps, generator=generator)
+    loader.batch_sampler.steps = steps
+    return loader
+
+
+def make_private(module: nn.Module, optimizer: torch.optim.Optimizer,
+                 data_loader: torch.utils.data.DataLoader, config: PrivacyConfig, *,
+                 epochs: int) -> PrivateTraining:
+    """Wrap (module, optimizer, data_loader) for DP-SGD over ``epochs`` epochs.
+
+    Only ``data_loader.dataset`` and its ``batch_size`` (the expected Poisson batch B) are used:
+    the sampling and the noise draw from a fresh :func:`secret_generator`, never from the
+    loader's (server-seeded) generator. The noise is drawn where ``module``'s parameters are:
+    on a GPU from a second secret generator on that GPU (a CPU generator cannot draw there).
+    """
+    from tangent.data.device import module_device
+
+    num_public = config.num_public(len(data_loader.dataset))
+    delta = config.delta_for(num_public)
+    generator = secret_generator()  # the Poisson sampler draws on the CPU
+    device = module_device(module)
+    noise_generator = generator if device.type == "cpu" else secret_generator(device)
+    loader = poisson_loader(data_loader.dataset, data_loader.batch_size, num_public, generator)
+    sample_rate = 1.0 / len(loader)
+    # the gradient sum is divided by this: a function of N_pub, never of n
+    expected_batch = max(1, int(num_public * sample_rate))
+    modes = ["ghost", "hooks"] if config.ghost else ["hooks"]
+    for mode in modes:
+        engine = PrivacyEngine(accountant=config.accountant)
+        criterion = nn.CrossEntropyLoss()
+        kwargs = dict(module=module, optimizer=optimizer, data_loader=loader,
+                      criterion=criterion, max_grad_norm=config.max_grad_norm,
+                      poisson_sampling=False,  # the loader above already samples (secretly)
+                      grad_sample_mode=mode, noise_generator=noise_generator)
+        try:
+            if config.noise_multiplier is None:
+                wrapped = engine.make_private_with_epsilon(
+                    target_epsilon=config.target_epsilon, target_delta=delta, epochs=epochs,
+                    **kwargs)
+            else:
+                wrapped = engine.make_private(noise_multiplier=config.noise_multiplier, **kwargs)
+        except (NotImplementedError, ValueError, RuntimeError) as error:
+            if mode == modes[-1]:
+                raise
+            log.warning("Opacus cannot use %s clipping here (%s); falling back to hooks",
+                        mode, error)
+            continue
+        if mode == "ghost":
+            dp_module, dp_optimizer, criterion, dp_loader = wrapped
+        else:
+            dp_module, dp_optimizer, dp_loader = wrapped
+        dp_optimizer.expected_batch_size = expected_batch
+        if hasattr(dp_module, "forbid_grad_accumulation"):
+            dp_module.forbid_grad_accumulation()  # what Opacus does for its own Poisson loader
+        return PrivateTraining(engine=engine, module=dp_module, optimizer=dp_optimizer,
+                               criterion=criterion, data_loader=dp_loader,
+                               noise_multiplier=float(dp_optimizer.noise_multiplier),
+                               grad_sample_mode=mode, delta=delta, sample_rate=sample_rate,
+                               accountant=config.accountant)
+    raise AssertionError("unreachable")
