@@ -44,8 +44,10 @@ CONFIG_FILES = {"pyproject.toml", "README.md"}
 # What must never be in a bundle: secrets, registries, requests, ledgers, data, other bundles.
 FORBIDDEN_SUFFIXES = (".key", ".pem", ".pub", ".crt", ".sqlite", ".sqlite-wal", ".db", ".npz",
                       ".fab", ".safetensors")
+# ("data" is not among them: tangent/data/ is a code package, and a site's data files are caught by
+# the suffix rule and by "only .py under a code package")
 FORBIDDEN_PARTS = ("state", "runs", "keys", "certs", "requests", "flwr-home", "apps", ".venv",
-                   ".cache", "data", "tests")
+                   ".cache", "tests")
 
 # Bait planted into a copy of the app: what an operator's or a site's machine may hold under the
 # repository (the old default deploy/state, a run directory, a venv, a state dir, a cache).
