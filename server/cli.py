@@ -7,8 +7,9 @@
     taft-ledger retract SITE --reason TXT subtract a site's contribution without withdrawing it
     taft-ledger verify [--public-key PEM] [--export DIR]
                                           recompute sums and digests, check the chain, the signed
-                                          heads (against PEM when given) and that an earlier
-                                          export's signed head is still in the ledger
+                                          heads (against PEM when given), the witness (--witness)
+                                          and that an earlier export's signed head is still in the ledger
+    taft-ledger witness-init PATH         create an empty witness file (outside the state directory)
     taft-ledger export --out DIR [--model-spec JSON]
                                           delta ledger: composed Δ as safetensors; stats ledger:
                                           the exact head (weight, bias; λ by GCV); + manifest.json
@@ -20,7 +21,10 @@
                                           ledger and the exact head's stats ledger
 
 Every subcommand works on both ledger families ("delta": TAFT Δw, "stats": exact-head statistics).
-The ledger file is ``--ledger PATH``, else ``$TAFT_LEDGER``, else ``runs/ledger.sqlite``.
+The ledger file is ``--ledger PATH``, else ``$TAFT_LEDGER``, else ``runs/ledger.sqlite``. The
+witness is ``--witness PATH``, else ``$TAFT_WITNESS``: every head a command signs is appended to
+it, and ``verify`` fails when the ledger is behind it (rolled back) or contradicts it. Without a
+witness, a rollback of the database together with its head file passes ``verify``.
 Exit status: 0 success, 1 verification failed, 2 usage error or no ledger.
 """
 from __future__ import annotations
@@ -33,7 +37,7 @@ import sys
 from dataclasses import asdict
 from pathlib import Path
 
-from server.ledger import Contribution, Ledger, LedgerCorrupt, LedgerError
+from server.ledger import Contribution, Ledger, LedgerCorrupt, LedgerError, witness
 from server.ledger.export import MANIFEST_FILE, export, verify_export
 
 DEFAULT_LEDGER = "runs/ledger.sqlite"
@@ -164,6 +168,14 @@ def _cmd_verify(ledger: Ledger, args) -> int:
     print(f"      signed by {report.public_key_fingerprint}"
           + (" (the given public key)" if args.public_key else " (the ledger's own key: pass --public-key to check "
                                                                "against a copy you trust)"))
+    if report.witness_version is None:
+        print("note: no witness checked (--witness or $TAFT_WITNESS): a rollback of the ledger and its head "
+              "file together would pass")
+    elif report.witness_version < report.current_version:
+        print(f"note: the witness holds versions up to {report.witness_version}; versions "
+              f"{report.witness_version + 1}..{report.current_version} were written without it")
+    else:
+        print(f"witness: holds version {report.witness_version}, as the ledger does")
     if report.head_file_version != report.current_version:
         print(f"note: the head file names version {report.head_file_version} (a write or crash in between; "
               f"the next open brings it up to date)")
@@ -226,6 +238,12 @@ def _cmd_verify_export(args) -> int:
     return 0
 
 
+def _cmd_witness_init(args) -> int:
+    witness.init(args.path)
+    print(f"created the witness {args.path}; set TAFT_WITNESS={args.path} for the server and the tools")
+    return 0
+
+
 def _add_forget_command(sub) -> None:
     """``taft-ledger forget``: sample-level forgetting (server/trust/forgetting.py; deploy/README.md)."""
     p = sub.add_parser("forget", help="apply a site's signed forget-samples request to both ledgers",
@@ -249,8 +267,8 @@ def _cmd_forget(args) -> int:
     from server.ledger.ledgers import Ledgers
 
     stats_path = args.stats_ledger or args.ledger.with_name("exact_head.sqlite")
-    with Ledger.open(args.ledger, create=False, signing_key=args.signing_key) as delta, \
-            Ledger.open(stats_path, create=False, family="stats") as stats:
+    with Ledger.open(args.ledger, create=False, signing_key=args.signing_key, witness=args.witness) as delta, \
+            Ledger.open(stats_path, create=False, family="stats", witness=args.witness) as stats:
         try:
             request = apply_forget_file(args.request, args.stats, args.delta, Ledgers(delta, stats),
                                         args.ledger, args.registry, max_age_s=args.max_age_s or MAX_AGE_S)
@@ -267,6 +285,8 @@ def build_parser() -> argparse.ArgumentParser:
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--ledger", type=Path, metavar="PATH", default=Path(os.environ.get("TAFT_LEDGER", DEFAULT_LEDGER)),
                         help="ledger file (default: $TAFT_LEDGER or %(default)s)")
+    parser.add_argument("--witness", type=Path, metavar="PATH", default=None,
+                        help="append-only witness of signed heads (default: $TAFT_WITNESS; none when unset)")
     parser.add_argument("--signing-key", type=Path, metavar="PEM", default=None,
                         help="the ledger's Ed25519 signing key (default: <ledger>.signing-key.pem)")
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
@@ -303,6 +323,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(run=_cmd_verify)
 
+    p = sub.add_parser("witness-init", help="create an empty witness file for signed heads")
+    p.add_argument("path", type=Path, metavar="PATH", help="a new file, outside the server's state directory")
+    p.set_defaults(run=None, run_without_ledger=_cmd_witness_init)
+
     p = sub.add_parser("export", help="write the model (composed Δ or exact head) and manifest.json with the signed head")
     p.add_argument("--out", type=Path, required=True, metavar="DIR", help="output directory")
     p.add_argument("--model-spec", metavar="JSON", default=None,
@@ -323,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.run is None:
             return args.run_without_ledger(args)
-        with Ledger.open(args.ledger, create=False, signing_key=args.signing_key) as ledger:
+        with Ledger.open(args.ledger, create=False, signing_key=args.signing_key, witness=args.witness) as ledger:
             return args.run(ledger, args)
     except (LedgerError, ValueError) as e:
         print(f"taft-ledger: {e}", file=sys.stderr)

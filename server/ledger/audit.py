@@ -8,7 +8,8 @@ Ed25519 key, stores the signature beside the version, and writes the signed head
 ``<ledger>.head.json``. Rewriting history then breaks a signature; cutting it off leaves the
 database behind the head file; both make ``verify`` fail. What remains (README): whoever holds the
 signing key can re-sign a rewritten history, and replacing the head file and the database by an
-older pair (a rollback) is only caught against a head kept elsewhere (an export, a report).
+older pair (a rollback) needs no key and is only caught against a head kept where the writer
+cannot reach: the witness (:mod:`server.ledger.witness`) or an earlier export.
 """
 from __future__ import annotations
 

@@ -42,7 +42,7 @@ import numpy as np
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from server.ledger import fixedpoint
-from server.ledger import audit, families, validation
+from server.ledger import audit, families, validation, witness as witnesses
 from server.ledger.accumulators import Accumulators, Quantized
 from server.ledger.records import (
     CONTRIBUTION_COLUMNS, Contribution, LedgerError, ModelVersion, RejectedContribution, Site, VerifyReport,
@@ -88,7 +88,7 @@ class Ledger:
     """Open with :meth:`Ledger.open`. See the module docstring for the file layout."""
 
     def __init__(self, store: Store, *, max_delta_norm, expected_base_digest, known_sites, expected_spec,
-                 signing_key: Ed25519PrivateKey | None):
+                 signing_key: Ed25519PrivateKey | None, witness: Path | None = None):
         self._store = store
         self._db = store.db
         self._signer = signing_key
@@ -97,6 +97,7 @@ class Ledger:
             f"it can be read and verified, not changed")
         self.path = store.path
         self.head_path = audit.head_file_path(store.path)
+        self.witness = witness
         self.max_delta_norm = max_delta_norm
         self.expected_base_digest = expected_base_digest
         self.known_sites = None if known_sites is None else frozenset(known_sites)
@@ -110,7 +111,8 @@ class Ledger:
              expected_base_digest: str | None = None, known_sites: Collection[str] | None = None,
              weighting: str | None = None, expected_spec: Mapping[str, tuple[int, ...]] | None = None,
              create: bool = True, signing_key: str | Path | Ed25519PrivateKey | None = None,
-             family: str | None = None, model_card: Mapping[str, Any] | None = None) -> "Ledger":
+             family: str | None = None, model_card: Mapping[str, Any] | None = None,
+             witness: str | Path | None = None) -> "Ledger":
         """Open (or create) the ledger at ``path``.
 
         ``max_delta_norm``, ``known_sites`` and ``expected_spec`` (tensor name → shape) are this
@@ -125,6 +127,11 @@ class Ledger:
         sufficient statistics, which needs ``model_card``), pinned with the card when the file is
         created (default for a new file: ``"delta"``). Opening a ledger with another family or
         card than the pinned ones is a LedgerError; ``None`` accepts whatever the file holds.
+
+        ``witness`` (:mod:`server.ledger.witness`; default ``$TAFT_WITNESS``, none when unset): an
+        append-only file outside the state directory that receives every head this ledger
+        publishes. A ledger behind its witness (rolled back) or contradicting it (forked) opens
+        read-only: it can be verified, which names the problem, but never changed.
         """
         if family is not None and family not in families.FAMILIES:
             raise ValueError(f"family must be one of {families.FAMILIES}, got {family!r}")
@@ -142,8 +149,10 @@ class Ledger:
                 key_path = signing_key_path(path) if signing_key is None else Path(signing_key)
                 key = audit.load_signing_key(key_path, create=create and uninitialised)
             ledger = cls(store, max_delta_norm=max_delta_norm, expected_base_digest=expected_base_digest,
-                         known_sites=known_sites, expected_spec=expected_spec, signing_key=key)
+                         known_sites=known_sites, expected_spec=expected_spec, signing_key=key,
+                         witness=witnesses.configured(witness))
             ledger._init_or_check(weighting, create, family, model_card)
+            ledger._check_witness()
             ledger._publish_head(recover=True)
         except BaseException:
             store.close()
@@ -260,6 +269,29 @@ class Ledger:
         """The key this ledger's heads are signed with, as recorded in the file."""
         return audit.load_public_key(self.settings()["signing_public_key"])
 
+    def _held_heads(self) -> dict[int, tuple[dict[str, Any], str]]:
+        with self.snapshot():
+            rows = self._db.execute("SELECT version, head, signature FROM signed_heads").fetchall()
+        return {r["version"]: (json.loads(r["head"]), r["signature"]) for r in rows}
+
+    def _check_witness(self) -> None:
+        """Writing on top of a rolled-back or forked history would bury the evidence: refuse."""
+        if self.witness is None:
+            return
+        witnesses.read(self.witness, audit.fingerprint(self.public_key()))  # unusable: LedgerError
+        held = self._held_heads()
+        found, _ = witnesses.problems(self.witness, held, self.public_key(), newest_held=max(held, default=-1))
+        if found:
+            log.error("%s: %s", self.path, "; ".join(found))
+            self._refuse_writes = f"{self.path} contradicts its witness ({'; '.join(found)}); it is read-only"
+
+    def _witness_head(self, head: dict[str, Any], signature: str) -> None:
+        """Append ``head`` to the witness unless the witness already holds that version or a newer one."""
+        if self.witness is None or self._refuse_writes:
+            return
+        if witnesses.newest_version(self.witness, head["public_key"]) < head["version"]:
+            witnesses.append(self.witness, head, signature)
+
     def _publish_head(self, recover: bool = False) -> None:
         """Bring ``<ledger>.head.json`` up to the database's newest signed head.
 
@@ -274,7 +306,12 @@ class Ledger:
                 audit.write_head_file(self.head_path, head, signature)
             except OSError as e:  # the change is committed; the next open catches the file up
                 log.warning("%s: could not write the head file (%s); it lags until the next open", self.path, e)
+            # A witness that cannot be written is an error the operator must see: the change is
+            # committed, and the next open appends the head it missed.
+            self._witness_head(head, signature)
             return
+        if self._signer is not None:
+            self._witness_head(head, signature)
         try:
             on_file = audit.read_head_file(self.head_path)
         except LedgerError:  # unreadable: verify reports it; never overwrite the evidence
@@ -644,14 +681,19 @@ class Ledger:
             return [dict(r) for r in self._db.execute("SELECT * FROM audit ORDER BY seq")]
 
     # ------------------------------------------------------------------ verification
-    def verify(self, public_key: Ed25519PublicKey | str | Path | None = None) -> VerifyReport:
+    def verify(self, public_key: Ed25519PublicKey | str | Path | None = None,
+               witness: str | Path | None = None) -> VerifyReport:
         """Recompute everything the file claims and compare; raise :class:`LedgerCorrupt` on any
         mismatch. ``public_key`` (a key, PEM text or a PEM file) is the trust anchor for the
-        signatures; by default the signing key's own public key, else the one the file records."""
+        signatures; by default the signing key's own public key, else the one the file records.
+        ``witness`` (default: the ledger's own, see :meth:`open`) must not hold a newer or a
+        different head than the ledger: without one, a rollback of the database and its head file
+        together passes."""
         if public_key is not None and not isinstance(public_key, Ed25519PublicKey):
             public_key = audit.load_public_key(public_key)
         signer = None if self._signer is None else self._signer.public_key()
-        return verify_ledger(self._store, self.head_path, trusted_key=public_key, signer_key=signer)
+        return verify_ledger(self._store, self.head_path, trusted_key=public_key, signer_key=signer,
+                             witness=Path(witness) if witness is not None else self.witness)
 
 
 def _check_site_and_reason(site_id: Any, reason: Any) -> str:

@@ -111,6 +111,7 @@ class VerifyReport:
     head_signature: str           # hex Ed25519 signature over the head
     public_key_fingerprint: str   # "SHA256:<hex>" of the key the signatures were checked against
     head_file_version: int        # the version the head file names (≤ current_version)
+    witness_version: int | None = None  # the newest version the witness holds (None: no witness checked)
 
 
 CONTRIBUTION_COLUMNS = tuple(Contribution.__dataclass_fields__)

@@ -4,7 +4,9 @@ Checks, in order: SQLite's own page check; the audit hash chain; that versions a
 (0…N, one audit entry and one signed head each) and that every head is signed by the trusted key
 and names its version's audit entry, composed digest and total weight; that the head file is a
 validly signed head the database holds (it may lag by the changes whose file write a crash cut
-off, never lead); that replaying the audit log gives exactly the stored versions, contribution
+off, never lead); with a witness (:mod:`server.ledger.witness`), that the ledger holds every
+witnessed head unchanged and none is newer than the ledger (a rollback passes every other check);
+that replaying the audit log gives exactly the stored versions, contribution
 rows (immutable fields), statuses and withdrawn flags; each active Δ's sha256; and accumulators
 rebuilt from the active Δ bytes, compared byte for byte with the stored ones, together with the
 total weight and the current composed digest.
@@ -17,14 +19,14 @@ from pathlib import Path
 
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 
-from server.ledger import audit, families
+from server.ledger import audit, families, witness as witnesses
 from server.ledger.accumulators import Accumulators
 from server.ledger.records import LedgerCorrupt, LedgerError, VerifyReport, row_digest, version_from_row
 from server.ledger.storage import Store
 
 
 def verify_ledger(store: Store, head_path: Path, *, trusted_key: Ed25519PublicKey | None,
-                  signer_key: Ed25519PublicKey | None) -> VerifyReport:
+                  signer_key: Ed25519PublicKey | None, witness: Path | None = None) -> VerifyReport:
     with store.snapshot():
         problems: list[str] = []
         check = [r[0] for r in store.execute("PRAGMA quick_check").fetchall()]
@@ -40,6 +42,12 @@ def verify_ledger(store: Store, head_path: Path, *, trusted_key: Ed25519PublicKe
         key = _trusted_key(meta, trusted_key, signer_key, problems)
         head, signature = _check_heads(store, entries, key, problems)
         head_file_version = _check_head_file(store, head_path, head, key, problems)
+        witness_version = None
+        if witness is not None:
+            held = {r["version"]: (json.loads(r["head"]), r["signature"])
+                    for r in store.execute("SELECT version, head, signature FROM signed_heads")}
+            found, witness_version = witnesses.problems(witness, held, key, newest_held=head["version"])
+            problems += found
         versions = _replay(store, meta, family, entries, problems)
         rebuilt, total_weight, active = _rebuild(store, meta, family, problems)
         current = versions[-1] if versions else None
@@ -54,7 +62,8 @@ def verify_ledger(store: Store, head_path: Path, *, trusted_key: Ed25519PublicKe
         current_version=current["version"], active_contributions=len(active), audit_entries=len(entries),
         total_weight=total_weight, composed_sha256=composed_sha, accumulator_sha256=rebuilt.digest(),
         head_audit_hash=head["audit_hash"], head_signature=signature,
-        public_key_fingerprint=audit.fingerprint(key), head_file_version=head_file_version)
+        public_key_fingerprint=audit.fingerprint(key), head_file_version=head_file_version,
+        witness_version=witness_version)
 
 
 def _trusted_key(meta: dict, trusted: Ed25519PublicKey | None, signer: Ed25519PublicKey | None,
