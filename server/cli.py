@@ -14,8 +14,10 @@
                                           delta ledger: composed Δ as safetensors; stats ledger:
                                           the exact head (weight, bias; λ by GCV); + manifest.json
                                           (signed head, signed export statement)
-    taft-ledger verify-export DIR --public-key PEM
-                                          check an export against the server's public key
+    taft-ledger verify-export DIR [--public-key PEM | --fingerprint SHA256:HEX]
+                                          check an export's signed head, its signed statement
+                                          (the whole manifest and every file's sha256); pinning
+                                          the key gives authenticity, the embedded key integrity
     taft-ledger forget REQUEST.json --stats FILE [--delta FILE] --registry R [--stats-ledger PATH]
                                           apply a site's signed forget-samples request to the Δ
                                           ledger and the exact head's stats ledger
@@ -38,7 +40,8 @@ from dataclasses import asdict
 from pathlib import Path
 
 from server.ledger import Contribution, Ledger, LedgerCorrupt, LedgerError, witness
-from server.ledger.export import MANIFEST_FILE, export, verify_export
+from server.ledger.export import MANIFEST_FILE, export
+from tangent.serving import export_check
 
 DEFAULT_LEDGER = "runs/ledger.sqlite"
 
@@ -227,14 +230,20 @@ def _cmd_export(ledger: Ledger, args) -> int:
 
 def _cmd_verify_export(args) -> int:
     try:
-        head = verify_export(args.directory, args.public_key)
-    except LedgerCorrupt as e:
+        verified = export_check.verify_export(args.directory, public_key=args.public_key, fingerprint=args.fingerprint)
+    except export_check.ExportRefused as e:
         print("FAILED")
         for problem in e.problems:
             print(f"  {problem}")
         return 1
+    except export_check.ExportError as e:
+        raise LedgerError(str(e)) from None
+    head = verified.head
     print(f"OK: model version {head['version']}, composed sha256 {head['composed_sha256']}, "
-          f"signed by {head['public_key']}")
+          f"signed by {verified.fingerprint}")
+    if not verified.pinned:
+        print("note: checked against the key the export carries: this shows the export is intact, not who "
+              "signed it. Pin the server's key with --fingerprint or --public-key for that.")
     return 0
 
 
@@ -333,9 +342,12 @@ def build_parser() -> argparse.ArgumentParser:
                    help="delta ledger: the ModelSpec config (JSON text or file) w0 is rebuilt from, for taft-predict")
     p.set_defaults(run=_cmd_export)
 
-    p = sub.add_parser("verify-export", help="check an export's signed head and composed file (no ledger needed)")
+    p = sub.add_parser("verify-export", help="check an export's signatures, manifest and files (no ledger needed)")
     p.add_argument("directory", type=Path, metavar="DIR")
-    p.add_argument("--public-key", type=Path, metavar="PEM", required=True, help="the server's public key")
+    p.add_argument("--public-key", type=Path, metavar="PEM", default=None,
+                   help="the server's public key, obtained from the operator (pins the signer)")
+    p.add_argument("--fingerprint", metavar="SHA256:HEX", default=None,
+                   help="the server's key fingerprint, as the operator publishes it (pins the signer)")
     p.set_defaults(run=None, run_without_ledger=_cmd_verify_export)
 
     _add_forget_command(sub)

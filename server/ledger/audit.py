@@ -20,12 +20,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 from server.ledger.records import LedgerError, canonical_json
 from server.ledger.storage import FILE_MODE, make_private_dirs
+from tangent.protocol import signatures
 
 GENESIS_HASH = "0" * 64
 HEAD_FORMAT = "taft-fl ledger head 1"
@@ -66,11 +66,8 @@ def public_key_pem(key: Ed25519PublicKey) -> str:
     return key.public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo).decode()
 
 
-def fingerprint(key) -> str:
-    """SHA-256 of a public key's DER SubjectPublicKeyInfo (stable across OpenSSH/PEM encodings).
-    The one fingerprint rule of the project: ledger signing keys, site and operator keys."""
-    der = key.public_bytes(serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo)
-    return "SHA256:" + hashlib.sha256(der).hexdigest()
+# The one fingerprint rule of the project (ledger signing keys, site and operator keys).
+fingerprint = signatures.fingerprint
 
 
 def load_public_key(pem: str | bytes | Path) -> Ed25519PublicKey:
@@ -123,12 +120,7 @@ def sign_head(key: Ed25519PrivateKey, head: dict[str, Any]) -> str:
     return key.sign(canonical_json(head).encode()).hex()
 
 
-def signature_valid(key: Ed25519PublicKey, head: dict[str, Any], signature_hex: str) -> bool:
-    try:
-        key.verify(bytes.fromhex(signature_hex), canonical_json(head).encode())
-    except (InvalidSignature, ValueError, TypeError):
-        return False
-    return True
+signature_valid = signatures.ed25519_valid
 
 
 def head_file_path(ledger_path: Path) -> Path:

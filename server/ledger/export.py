@@ -5,17 +5,18 @@ exact head solved from its composed statistics (``exact_head.safetensors``: ``we
 ``bias`` [k], float32; λ by GCV, tangent.exact_head.statistics.solve). The statistics themselves stay in the
 ledger.
 
-The manifest carries the ledger's signed head for the exported version and the server's public
-key, and a *signed export statement* (same key, its own format string) binding what the head
-does not cover: the head file's digest and λ (stats), the base digest and model spec (both), so
-that ``taft-predict`` rebuilds exactly the model that was signed. :func:`verify_export` checks,
-with a public key obtained *independently* of the export (the operator publishes it), that the
-head and the statement are signed by that key and that the files are the ones they name. A kept
-export is also the external copy that exposes a later rollback of the ledger: its signed version
-must still be in the ledger, with the same head.
+The manifest carries the ledger's signed head for the exported version, the server's public key
+and a *signed export statement* (same key, its own format string) covering the whole manifest
+(its canonical JSON: privacy claims, site list, model spec, base digest, model card, λ …) and
+the sha256 of every file (tangent/serving/export_check.py has the format and the check, so that
+``taft-predict`` needs no server code). ``public-key.pem`` is written beside the manifest. A
+consumer pins the signer with that key obtained from the operator, or with its fingerprint;
+the embedded key alone proves integrity, not who signed. A kept export is also an external copy
+that exposes a later rollback of the ledger: its signed version must still be in the ledger.
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -30,11 +31,11 @@ from server.ledger.accumulators import arrays_digest
 from server.ledger.contributions import Ledger
 from server.ledger.families import stats_digest
 from server.ledger.records import LedgerCorrupt, LedgerError
+from tangent.serving import export_check
 
 COMPOSED_FILE = "composed_delta.safetensors"
 HEAD_FILE = "exact_head.safetensors"
-MANIFEST_FILE = "manifest.json"
-STATEMENT_FORMAT = "taft-fl export statement 1"
+MANIFEST_FILE = export_check.MANIFEST_FILE
 
 
 def _finite_or_none(x: float) -> float | None:
@@ -83,8 +84,6 @@ def export(ledger: Ledger, out: Path, *, model_spec: Mapping[str, Any] | None = 
         "public_key": audit.public_key_pem(public_key),
         "public_key_fingerprint": audit.fingerprint(public_key),
     }
-    statement = {"format": STATEMENT_FORMAT, "family": ledger.family, "model_version": version.version,
-                 "composed_sha256": version.composed_sha256, "base_digest": settings.get("base_digest")}
     if ledger.family == "stats":
         if stats is None:
             raise LedgerError(f"{ledger.path}: no site is active; there is no exact head to export")
@@ -98,88 +97,35 @@ def export(ledger: Ledger, out: Path, *, model_spec: Mapping[str, Any] | None = 
         manifest.update({"model": "exact-head", "head_file": HEAD_FILE, "head_sha256": head_sha,
                          "model_card": card, "model_spec": card["model-spec"], "lambda": ridge.lam,
                          "n": stats.n, "num_features": stats.num_features, "num_classes": stats.num_classes})
-        statement.update({"head_sha256": head_sha, "lambda": ridge.lam, "n": stats.n, "model_card": card})
         files = {HEAD_FILE: arrays}
     else:
         assert arrays_digest(composed) == version.composed_sha256 == head["composed_sha256"]
         manifest.update({"model": "taft-delta", "composed_file": COMPOSED_FILE,
                          "model_spec": None if model_spec is None else dict(model_spec)})
-        statement["model_spec"] = manifest["model_spec"]
         files = {COMPOSED_FILE: composed}
-    manifest["statement"] = {"statement": statement, "signature": ledger.sign_statement(statement)}
     out.mkdir(parents=True, exist_ok=True)
+    file_digests = {}
     for name, arrays in files.items():
-        safetensors.numpy.save_file(arrays, out / name, metadata={"model_version": str(version.version),
-                                                                  "composed_sha256": version.composed_sha256})
+        data = safetensors.numpy.save(arrays, metadata={"model_version": str(version.version),
+                                                        "composed_sha256": version.composed_sha256})
+        (out / name).write_bytes(data)
+        file_digests[name] = hashlib.sha256(data).hexdigest()
+    statement = {"format": export_check.STATEMENT_FORMAT, "model_version": version.version,
+                 "composed_sha256": version.composed_sha256,
+                 "manifest_sha256": export_check.manifest_digest(manifest), "files": file_digests}
+    manifest["statement"] = {"statement": statement, "signature": ledger.sign_statement(statement)}
     (out / MANIFEST_FILE).write_text(json.dumps(manifest, indent=2, allow_nan=False) + "\n")
+    (out / export_check.PUBLIC_KEY_FILE).write_text(manifest["public_key"])
     return manifest
 
 
-def verify_export(directory: Path, public_key: Ed25519PublicKey | str | Path) -> dict[str, Any]:
-    """Check an export against the server's public key; returns the signed head. Raises
-    :class:`LedgerCorrupt` listing every problem, LedgerError when the export cannot be read."""
-    if not isinstance(public_key, Ed25519PublicKey):
-        public_key = audit.load_public_key(public_key)
+def verify_export(directory: Path, public_key: Ed25519PublicKey | str | Path | None = None, *,
+                  fingerprint: str | None = None) -> dict[str, Any]:
+    """Check an export (tangent.serving.export_check.verify_export); returns the signed head.
+    Raises :class:`LedgerCorrupt` listing every problem, LedgerError when it cannot be read."""
     try:
-        manifest = json.loads((directory / MANIFEST_FILE).read_text())
-        head, signature = manifest["signed_head"]["head"], manifest["signed_head"]["signature"]
-        family = manifest.get("family", "delta")  # exports from before families hold a Δ
-        model_file = manifest["head_file"] if family == "stats" else manifest["composed_file"]
-        if Path(model_file).name != model_file:
-            raise ValueError(f"the model file {model_file!r} is not a plain name in the export")
-        model = safetensors.numpy.load_file(directory / model_file)
-    except (OSError, ValueError, KeyError, TypeError) as e:
-        raise LedgerError(f"cannot read the export in {directory}: {type(e).__name__}: {e}") from None
-    problems = []
-    fp = audit.fingerprint(public_key)
-    if not isinstance(head, dict) or not audit.signature_valid(public_key, head, signature):
-        problems.append(f"the manifest's head is not signed by {fp}")
-        head = head if isinstance(head, dict) else {}
-    if head.get("public_key") != fp:
-        problems.append(f"the head names signing key {head.get('public_key')}, not {fp}")
-    for key, head_key in (("model_version", "version"), ("composed_sha256", "composed_sha256"),
-                          ("total_weight", "total_weight"), ("audit_head", "audit_hash")):
-        if manifest.get(key) != head.get(head_key):
-            problems.append(f"manifest {key} = {manifest.get(key)!r}, the signed head says {head.get(head_key)!r}")
-    statement = _statement(manifest, public_key, fp, required=family == "stats", problems=problems)
-    digest = arrays_digest(model)
-    if family == "stats":
-        if digest != statement.get("head_sha256"):
-            problems.append(f"the head file's digest {digest} is not the signed {statement.get('head_sha256')}")
-    elif digest != head.get("composed_sha256"):
-        problems.append(f"the composed file's digest {digest} is not the signed {head.get('composed_sha256')}")
-    if statement:
-        if statement.get("composed_sha256") != head.get("composed_sha256") or statement.get("model_version") != head.get("version"):
-            problems.append("the signed export statement names another model version than the signed head")
-        bound = ("family", "base_digest") + (("head_sha256", "lambda", "n", "model_card") if family == "stats"
-                                             else ("model_spec",))
-        for key in bound:
-            if manifest.get(key) != statement.get(key):
-                problems.append(f"manifest {key} = {manifest.get(key)!r:.80}, the signed statement says "
-                                f"{statement.get(key)!r:.80}")
-        if family == "stats" and manifest.get("model_spec") != (statement.get("model_card") or {}).get("model-spec"):
-            problems.append("manifest model_spec differs from the signed model card's")
-    if problems:
-        raise LedgerCorrupt(problems)
-    return head
-
-
-def _statement(manifest: dict, key: Ed25519PublicKey, fp: str, *, required: bool, problems: list[str]) -> dict:
-    """The signed export statement, checked; ``{}`` when absent (delta exports before statements)."""
-    entry = manifest.get("statement")
-    if entry is None:
-        if required:
-            problems.append("the export carries no signed statement")
-        return {}
-    try:
-        statement, signature = entry["statement"], entry["signature"]
-    except (KeyError, TypeError):
-        problems.append("the export statement is malformed")
-        return {}
-    if not isinstance(statement, dict) or statement.get("format") != STATEMENT_FORMAT:
-        problems.append("the export statement has no valid format")
-        return {}
-    if not audit.signature_valid(key, statement, signature):
-        problems.append(f"the export statement is not signed by {fp}")
-        return {}
-    return statement
+        return export_check.verify_export(directory, public_key=public_key, fingerprint=fingerprint).head
+    except export_check.ExportRefused as e:
+        raise LedgerCorrupt(e.problems) from None
+    except (export_check.ExportError, ValueError) as e:
+        raise LedgerError(str(e)) from None

@@ -7,6 +7,8 @@ import sqlite3
 from dataclasses import dataclass
 from typing import Any
 
+from tangent.protocol.signatures import canonical_json  # noqa: F401  (the ledger's one JSON encoding)
+
 # Machine-readable reasons carried by RejectedContribution.reason.
 REASONS = frozenset({
     "bad_site_id",            # not a string matching tangent.protocol.limits.SITE_ID_RULE
@@ -121,11 +123,6 @@ IMMUTABLE_FIELDS = (
     "shard_fingerprint", "base_digest", "train_config", "extra", "delta_sha256", "delta_norm",
     "added_at", "added_in_version",
 )
-
-
-def canonical_json(obj: Any) -> str:
-    """The one JSON encoding the ledger hashes and stores: sorted keys, no spaces, no NaN."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False)
 
 
 def row_digest(row) -> str:

@@ -1,6 +1,7 @@
 """``taft-predict``: classify images with an exported model (``taft-ledger export``).
 
     taft-predict EXPORT_DIR DATA [--out preds.csv] [--batch-size N]
+                 [--fingerprint SHA256:HEX | --public-key PEM | --no-verify]
 
 EXPORT_DIR holds ``manifest.json`` and the model file; which model it is comes from the manifest:
 
@@ -11,10 +12,14 @@ EXPORT_DIR holds ``manifest.json`` and the model file; which model it is comes f
   ``FeatureExtractor.from_spec`` from the model card and the ridge head applied (φ clipped and put
   on the statistics' grid, as in training); scores are the ridge outputs.
 
+Before anything is loaded the export is verified (tangent/serving/export_check.py): the signed
+head, and the signed statement over the whole manifest and the model file's bytes; the bytes that
+are served are the ones checked. ``--fingerprint`` (the ``SHA256:…`` the operator publishes) or
+``--public-key`` pins the signer (authenticity); without either, the key the export carries is
+used, which proves only that the export is intact. ``--no-verify`` skips the check, with a warning.
 Either way the rebuilt base (the w0 digest, or the feature digest) must equal the manifest's: a
 different backbone, spec or feature generator is refused rather than silently giving other
-predictions. Check the export's signatures first with ``taft-ledger verify-export DIR
---public-key PEM`` (this tool has no server code and does not check them).
+predictions.
 
 DATA is an ``.npz`` with ``images`` (uint8 [N,H,W] or [N,H,W,3]) and optional ``labels``, or an
 image directory: ImageFolder (one sub-directory per class, sorted names = class ids: labels known)
@@ -33,7 +38,9 @@ from typing import Any
 
 import numpy as np
 
-MANIFEST_FILE = "manifest.json"
+from tangent.serving import export_check
+
+MANIFEST_FILE = export_check.MANIFEST_FILE
 
 
 class PredictError(ValueError):
@@ -106,15 +113,19 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
     return manifest
 
 
-def _model_file(directory: Path, manifest: dict, key: str) -> dict[str, np.ndarray]:
+def _model_file(directory: Path, manifest: dict, key: str, verified: dict[str, bytes] | None) -> dict[str, np.ndarray]:
+    """The arrays of the file the manifest names under ``key``: from ``verified`` (the bytes whose
+    signed digest was checked) when given, else read from the directory."""
     import safetensors.numpy
 
     name = manifest.get(key)
     if not isinstance(name, str) or Path(name).name != name:
         raise PredictError(f"the manifest's {key} {name!r} is not a file name in the export")
     try:
+        if verified is not None:
+            return safetensors.numpy.load(verified[name])
         return safetensors.numpy.load_file(directory / name)
-    except FileNotFoundError:
+    except (FileNotFoundError, KeyError):
         raise PredictError(f"the export lacks {name}") from None
     except Exception as err:
         raise PredictError(f"{directory / name} is not a readable safetensors file: {err}") from err
@@ -125,7 +136,7 @@ class ExactHeadModel:
 
     kind = "exact-head"
 
-    def __init__(self, directory: Path, manifest: dict):
+    def __init__(self, directory: Path, manifest: dict, verified: dict[str, bytes] | None = None):
         from tangent.exact_head.features import FeatureExtractor, FeatureSpec
         from tangent.protocol.spec import ModelSpec
 
@@ -138,7 +149,7 @@ class ExactHeadModel:
             expected = card["feature-digest"]
         except (KeyError, TypeError, ValueError) as err:
             raise PredictError(f"the manifest's model card is incomplete or invalid: {err}") from err
-        head = _model_file(directory, manifest, "head_file")
+        head = _model_file(directory, manifest, "head_file", verified)
         if set(head) != {"weight", "bias"}:
             raise PredictError(f"the head file must hold 'weight' and 'bias', holds {sorted(head)}")
         self.extractor = FeatureExtractor.from_spec(model_spec, feature_spec)
@@ -166,7 +177,7 @@ class DeltaModel:
 
     kind = "taft-delta"
 
-    def __init__(self, directory: Path, manifest: dict):
+    def __init__(self, directory: Path, manifest: dict, verified: dict[str, bytes] | None = None):
         import torch
 
         from tangent.protocol.spec import ModelSpec, build_model
@@ -178,7 +189,7 @@ class DeltaModel:
             spec = ModelSpec.from_config(manifest["model_spec"])
         except (TypeError, ValueError) as err:
             raise PredictError(f"the manifest's model spec is invalid: {err}") from err
-        composed = _model_file(directory, manifest, "composed_file")
+        composed = _model_file(directory, manifest, "composed_file", verified)
         model, digest = build_model(spec, cached=False)
         if digest != manifest.get("base_digest"):
             raise PredictError(f"the rebuilt w0's digest {digest} differs from the export's base digest "
@@ -198,15 +209,17 @@ class DeltaModel:
             return torch.softmax(self.model(batch).float(), dim=1).numpy().astype(np.float64)
 
 
-def load_model(directory: str | Path):
-    """The model an export holds (see the module docstring)."""
+def load_model(directory: str | Path, verified: export_check.VerifiedExport | None = None):
+    """The model an export holds (see the module docstring): the verified manifest and bytes when
+    ``verified`` is given, else the directory's files unchecked."""
     directory = Path(directory)
-    manifest = read_manifest(directory)
+    manifest = read_manifest(directory) if verified is None else verified.manifest
+    files = None if verified is None else verified.files
     family = manifest.get("family", "delta")  # exports from before families hold a Δ
     if family == "stats":
-        return ExactHeadModel(directory, manifest)
+        return ExactHeadModel(directory, manifest, files)
     if family == "delta":
-        return DeltaModel(directory, manifest)
+        return DeltaModel(directory, manifest, files)
     raise PredictError(f"unknown model family {family!r} in {directory / MANIFEST_FILE}")
 
 
@@ -244,7 +257,33 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", type=Path, default=Path("preds.csv"), help="CSV to write (default: %(default)s)")
     parser.add_argument("--batch-size", type=int, default=64, metavar="N", help="images per batch (default: %(default)s)")
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    pin = parser.add_argument_group("verification (before anything is served)")
+    pin.add_argument("--fingerprint", metavar="SHA256:HEX", default=None,
+                     help="the server's key fingerprint as the operator publishes it (pins the signer)")
+    pin.add_argument("--public-key", type=Path, metavar="PEM", default=None,
+                     help="the server's public key obtained from the operator (pins the signer)")
+    pin.add_argument("--no-verify", action="store_true", help="serve without checking the signatures (warns)")
     return parser
+
+
+def verify(args) -> export_check.VerifiedExport | None:
+    """The verified export, or None with a warning under ``--no-verify``; PredictError when it fails."""
+    if args.no_verify:
+        print("taft-predict: WARNING: --no-verify: the export's signatures are not checked; its predictions, "
+              "privacy claims and site list may have been changed by anyone who could write it", file=sys.stderr)
+        return None
+    if not args.export.is_dir():
+        raise PredictError(f"{args.export} is not a directory (expected a `taft-ledger export` output)")
+    try:
+        verified = export_check.verify_export(args.export, public_key=args.public_key, fingerprint=args.fingerprint)
+    except export_check.ExportRefused as err:
+        raise PredictError("the export fails verification, nothing served:\n  " + "\n  ".join(err.problems)) from None
+    except (export_check.ExportError, ValueError) as err:
+        raise PredictError(str(err)) from None
+    if not verified.pinned:
+        print(f"note: verified against the key the export carries ({verified.fingerprint}): the export is intact; "
+              f"pin the signer with --fingerprint to know who signed it", file=sys.stderr)
+    return verified
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -255,7 +294,9 @@ def main(argv: list[str] | None = None) -> int:
     from tangent.data.sets import DataError
 
     try:
-        model = load_model(args.export)
+        if args.no_verify and (args.fingerprint or args.public_key):
+            raise PredictError("--no-verify contradicts --fingerprint/--public-key")
+        model = load_model(args.export, verify(args))
         images, labels = load_images(args.data)
         predicted, score = predict(model, images, args.batch_size, progress=not args.no_progress)
         write_csv(args.out, predicted, score)

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+import safetensors.numpy
 import torch
 
 from server.ledger import Ledger
@@ -84,6 +85,10 @@ def test_predict_refuses_a_feature_digest_mismatch(head_export, data, tmp_path, 
     manifest["model_card"]["feature-spec"]["random-seed"] = 2  # other random features, same shapes
     (forged / "manifest.json").write_text(json.dumps(manifest))
     assert taft_predict.main([str(forged), str(data[0]), "--out", str(tmp_path / "p.csv"), "--no-progress"]) == 2
+    assert "fails verification" in capsys.readouterr().err and not (tmp_path / "p.csv").exists()
+    # unverified, the rebuilt extractor's digest still catches this edit
+    assert taft_predict.main([str(forged), str(data[0]), "--out", str(tmp_path / "p.csv"), "--no-progress",
+                              "--no-verify"]) == 2
     assert "digest" in capsys.readouterr().err and not (tmp_path / "p.csv").exists()
 
 
@@ -111,6 +116,8 @@ def test_delta_round_trip_and_base_digest_mismatch(data, tmp_path, capsys):
     manifest = json.loads((tmp_path / "export" / "manifest.json").read_text())
     (tmp_path / "export" / "manifest.json").write_text(json.dumps({**manifest, "model_spec": {**manifest["model_spec"], "seed": 1}}))
     assert taft_predict.main([str(tmp_path / "export"), str(npz), "--out", str(out), "--no-progress"]) == 2
+    assert "fails verification" in capsys.readouterr().err
+    assert taft_predict.main([str(tmp_path / "export"), str(npz), "--out", str(out), "--no-progress", "--no-verify"]) == 2
     assert "digest" in capsys.readouterr().err
 
 
@@ -133,3 +140,40 @@ def test_unlabelled_npz_predicts_without_accuracy(head_export, data, tmp_path, c
     out = tmp_path / "u.csv"
     assert taft_predict.main([str(out_dir), str(unlabelled), "--out", str(out), "--no-progress"]) == 0
     assert len(rows(out)) == 5 and "accuracy" not in capsys.readouterr().out
+
+
+def test_predict_refuses_tampered_weights_that_would_change_every_prediction(head_export, data, tmp_path, capsys):
+    out_dir, _, _ = head_export
+    npz = str(data[0])
+    honest = tmp_path / "honest.csv"
+    fingerprint = json.loads((out_dir / "manifest.json").read_text())["public_key_fingerprint"]
+    assert taft_predict.main([str(out_dir), npz, "--out", str(honest), "--no-progress", "--fingerprint", fingerprint]) == 0
+    forged = tmp_path / "forged"
+    shutil.copytree(out_dir, forged)
+    head = safetensors.numpy.load_file(forged / "exact_head.safetensors")
+    shift = np.roll(np.arange(head["bias"].size), 1)  # class c's scores become class c+1's
+    safetensors.numpy.save_file({"weight": head["weight"][:, shift], "bias": head["bias"][shift]},
+                                forged / "exact_head.safetensors")
+    capsys.readouterr()
+    out = tmp_path / "forged.csv"
+    assert taft_predict.main([str(forged), npz, "--out", str(out), "--no-progress"]) == 2
+    assert "sha256 is not the signed one" in capsys.readouterr().err and not out.exists()
+    assert taft_predict.main([str(forged), npz, "--out", str(out), "--no-progress", "--no-verify"]) == 0
+    assert "WARNING: --no-verify" in capsys.readouterr().err
+    changed = sum(a["predicted"] != b["predicted"] for a, b in zip(rows(honest), rows(out)))
+    assert changed >= N // 2, changed  # what verification keeps from being served (36 of 40 measured)
+
+
+def test_predict_refuses_edited_privacy_claims_and_another_signer(head_export, data, tmp_path, capsys):
+    out_dir, _, _ = head_export
+    forged = tmp_path / "forged"
+    shutil.copytree(out_dir, forged)
+    manifest = json.loads((forged / "manifest.json").read_text())
+    manifest["max_epsilon"] = 1.0
+    (forged / "manifest.json").write_text(json.dumps(manifest))
+    assert taft_predict.main([str(forged), str(data[0]), "--out", str(tmp_path / "p.csv"), "--no-progress"]) == 2
+    assert "manifest differs" in capsys.readouterr().err
+    other = "SHA256:" + "ab" * 32
+    assert taft_predict.main([str(out_dir), str(data[0]), "--out", str(tmp_path / "p.csv"), "--no-progress",
+                              "--fingerprint", other]) == 2
+    assert "not the pinned" in capsys.readouterr().err and not (tmp_path / "p.csv").exists()
