@@ -26,6 +26,15 @@ never deleted, so past signatures stay checkable and the key cannot come back un
 a revoked site can be registered again only with a new key. The public key is copied into
 `<state>/keys/`. Re-registering the same key for the same site is a no-op (it may update
 `--max-examples`).
+
+Every write is signed with the operator key (`--operator-key`, default `<state>/keys/operator.key`,
+made by `deploy.pki operator-key` and recorded with `--admin`): `registry.json.sig` holds its
+signature over the registry's exact bytes, and the ServerApp of a deployment refuses a registry
+that is unsigned or differs from what was signed (a swapped node id, a raised cap, a replaced key).
+Until the operator key is registered the registry stays unsigned (a note says so); `--sign`
+signs the current file (e.g. with a key kept offline). Set `TAFT_OPERATOR_FINGERPRINT` in the
+ServerApp's environment to pin the operator key: without the pin, someone who can write the state
+directory could replace the admin key in the file and sign with their own.
 """
 
 from __future__ import annotations
@@ -41,7 +50,9 @@ from pathlib import Path
 from typing import Any
 
 from deploy.connection import DEFAULT_NAME, DEFAULT_STATE, flwr_env, make_private_dir, wait_for_superlink
-from server.trust.withdrawal import key_fingerprint as server_key_fingerprint, load_public_key
+from server.trust.withdrawal import (
+    key_fingerprint as server_key_fingerprint, load_private_key, load_public_key, registry_signature_path, sign_registry,
+)
 from tangent.protocol.limits import check_site_id
 
 REGISTRY_VERSION = 2
@@ -88,17 +99,41 @@ def read_registry(state: Path) -> dict[str, Any]:
     return data
 
 
-def write_registry(state: Path, data: dict[str, Any]) -> Path:
-    """Atomic replace, 0600 (the registry decides who may contribute and withdraw)."""
+def operator_key_path(state: Path) -> Path:
+    return Path(state) / "keys" / "operator.key"
+
+
+def write_registry(state: Path, data: dict[str, Any], operator_key: Path | None = None) -> Path:
+    """Atomic replace, 0600 (the registry decides who may contribute and withdraw), then signed
+    with the operator key (:func:`sign`)."""
     path = registry_path(state)
     make_private_dir(path.parent)
     tmp = path.with_suffix(".json.tmp")
     tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
     with os.fdopen(fd, "w") as f:
         f.write(json.dumps(data, indent=2, sort_keys=True) + "\n")
     os.replace(tmp, path)
+    sign(state, operator_key)
     return path
+
+
+def sign(state: Path, operator_key: Path | None = None) -> Path | None:
+    """Sign the registry with the operator key when that key is the registered admin key; else
+    drop a stale signature (it would not match anyway) and say why. Returns the signature file."""
+    path, key_path = registry_path(state), operator_key or operator_key_path(state)
+    data = read_registry(state)
+    admin = (data.get("admin") or {}).get("fingerprint")
+    signature = registry_signature_path(path)
+    if admin is None or not key_path.exists():
+        signature.unlink(missing_ok=True)
+        print(f"note: {path} is unsigned (no operator key registered, or {key_path} absent); a deployment's "
+              f"ServerApp refuses it until `python -m deploy.register --admin` or `--sign`", file=sys.stderr)
+        return None
+    key = load_private_key(key_path)
+    if server_key_fingerprint(key.public_key()) != admin:
+        raise RegistryError(f"{key_path} is not the registered operator key {admin}; the registry is left unsigned")
+    return sign_registry(path, key)
 
 
 def _owner_of(registry: dict[str, Any], fingerprint: str) -> str | None:
@@ -182,7 +217,7 @@ def _keep_copy(state: Path, public_key: Path, name: str) -> str:
 
 
 def register_site(state: Path, site_id: str, public_key: Path, max_examples: int,
-                  connection: str = DEFAULT_NAME) -> dict[str, Any]:
+                  connection: str = DEFAULT_NAME, operator_key: Path | None = None) -> dict[str, Any]:
     """Check the rules, register `public_key` at the SuperLink, then record it in the registry."""
     fingerprint = key_fingerprint(public_key)
     registry = read_registry(state)
@@ -196,11 +231,12 @@ def register_site(state: Path, site_id: str, public_key: Path, max_examples: int
         raise RegistryError(f"the SuperLink refused site {site_id}'s key: {result.get('error-message', result)}")
     entry = record_site(registry, site_id, _keep_copy(state, public_key, f"site-{site_id}.key.pub"),
                         fingerprint, node_id, max_examples, existing)
-    write_registry(state, registry)
+    write_registry(state, registry, operator_key)
     return entry
 
 
-def unregister_site(state: Path, site_id: str, connection: str = DEFAULT_NAME) -> dict[str, Any]:
+def unregister_site(state: Path, site_id: str, connection: str = DEFAULT_NAME,
+                    operator_key: Path | None = None) -> dict[str, Any]:
     """Mark the site revoked in the registry first (what the ServerApp enforces), then remove its
     key at the SuperLink. The entry stays: its key can never be registered again."""
     registry = read_registry(state)
@@ -210,7 +246,7 @@ def unregister_site(state: Path, site_id: str, connection: str = DEFAULT_NAME) -
     if not entry.get("revoked"):
         entry["revoked"] = True
         entry["revoked_at"] = _now()
-        write_registry(state, registry)
+        write_registry(state, registry, operator_key)
     if entry.get("node_id") is not None:
         result = _flwr_json(["supernode", "unregister", str(entry["node_id"]), connection], state)
         if not result.get("success") and "not found" not in str(result.get("error-message", "")).lower():
@@ -219,7 +255,7 @@ def unregister_site(state: Path, site_id: str, connection: str = DEFAULT_NAME) -
     return entry
 
 
-def register_admin(state: Path, public_key: Path) -> dict[str, Any]:
+def register_admin(state: Path, public_key: Path, operator_key: Path | None = None) -> dict[str, Any]:
     """Record the operator's signing key (signer "admin"); it may not be any site's key."""
     fingerprint = key_fingerprint(public_key)
     registry = read_registry(state)
@@ -228,7 +264,7 @@ def register_admin(state: Path, public_key: Path) -> dict[str, Any]:
         raise RegistryError(f"key {fingerprint} is already registered for {owner}: one key, one role")
     registry["admin"] = {"public_key": _keep_copy(state, public_key, "operator.key.pub"),
                          "fingerprint": fingerprint}
-    write_registry(state, registry)
+    write_registry(state, registry, operator_key)
     return registry["admin"]
 
 
@@ -238,6 +274,7 @@ def main(argv: list[str] | None = None) -> int:
     who = parser.add_mutually_exclusive_group(required=True)
     who.add_argument("--site-id")
     who.add_argument("--admin", action="store_true", help="record the operator's signing key")
+    who.add_argument("--sign", action="store_true", help="sign the current registry with the operator key")
     parser.add_argument("--public-key", type=Path,
                         help="OpenSSH public key (default <state>/keys/site-<id>.key.pub, "
                              "or <state>/keys/operator.key.pub with --admin)")
@@ -245,18 +282,25 @@ def main(argv: list[str] | None = None) -> int:
                         help="most examples one reply of this site may claim (required to register)")
     parser.add_argument("--unregister", action="store_true",
                         help="revoke the site: registry `revoked: true` + unregister at the SuperLink")
+    parser.add_argument("--operator-key", type=Path, default=None,
+                        help="the operator's private key that signs the registry (default <state>/keys/operator.key)")
     parser.add_argument("--connection", default=DEFAULT_NAME)
     parser.add_argument("--state", type=Path, default=DEFAULT_STATE, help="operator state dir (default %(default)s)")
     args = parser.parse_args(argv)
 
     try:
-        if args.admin:
+        if args.sign:
+            signature = sign(args.state, args.operator_key)
+            if signature is None:
+                return 1
+            print(f"signed {registry_path(args.state)}: {signature}")
+        elif args.admin:
             pub = args.public_key or args.state / "keys" / "operator.key.pub"
             if not pub.exists():
                 parser.error(f"{pub} does not exist: run `python -m deploy.pki operator-key --out {args.state / 'keys'}`")
-            print(json.dumps(register_admin(args.state, pub), indent=2))
+            print(json.dumps(register_admin(args.state, pub, args.operator_key), indent=2))
         elif args.unregister:
-            entry = unregister_site(args.state, args.site_id, args.connection)
+            entry = unregister_site(args.state, args.site_id, args.connection, args.operator_key)
             print(f"site {args.site_id} revoked (key {entry['fingerprint']}, node {entry.get('node_id')})")
         else:
             if args.max_examples is None:
@@ -266,7 +310,8 @@ def main(argv: list[str] | None = None) -> int:
             if not pub.exists():
                 parser.error(f"{pub} does not exist: the site creates it with "
                              f"`python -m deploy.pki site-key --site-id {args.site_id}` and sends the .pub")
-            entry = register_site(args.state, args.site_id, pub, args.max_examples, args.connection)
+            entry = register_site(args.state, args.site_id, pub, args.max_examples, args.connection,
+                                  args.operator_key)
             print(f"site {args.site_id} registered: node {entry['node_id']}, key {entry['fingerprint']}, "
                   f"max examples {entry['max_examples']}")
     except (RegistryError, ValueError) as err:

@@ -123,7 +123,8 @@ def _run(grid: Grid, run_id, run_config, mode: str, state: Path, ledger_path: Pa
     Everything that needs torch (w0, φ's backbone, the evaluation) runs in child processes
     (server.model_process): this process never imports it, so none of it stays resident."""
     federation = cfg.federation_mode(run_config)
-    registry = SiteRegistry(registry_path) if registry_path is not None else None
+    # A deployment trusts the registry only as the operator signed it (deploy.register).
+    registry = SiteRegistry(registry_path, signed=federation == "deployment") if registry_path is not None else None
     if federation == "deployment" and mode == "train" and registry is None:
         raise ValueError("federation-mode='deployment' trains only with a site-registry (written by "
                          "deploy.register): every reply is bound to its SuperNode through it")

@@ -22,10 +22,12 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime as dt
+import hashlib
 import json
 import logging
 import os
 import sqlite3
+import stat
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -101,6 +103,35 @@ def create_request(
 # ----------------------------------------------------------------------------- registry
 
 REGISTRY_VERSION = 2
+#: Domain separation: the operator's registry signature can pass for no request.
+REGISTRY_SIGNATURE_CONTEXT = b"taft-fl/site-registry/v1\n"
+#: environment variable pinning the operator key that must sign the registry ("SHA256:<hex>")
+OPERATOR_FINGERPRINT_ENV = "TAFT_OPERATOR_FINGERPRINT"
+MAX_SIGNATURE_BYTES = 64 * 1024
+
+
+def registry_signature_path(registry_path: str | Path) -> Path:
+    """The operator's detached signature of the registry file: ``registry.json.sig``."""
+    return Path(f"{registry_path}.sig")
+
+
+def registry_statement(raw: bytes) -> dict[str, Any]:
+    """What the operator signs: the registry file's exact bytes, by digest."""
+    return {"kind": "site-registry", "version": REGISTRY_VERSION, "sha256": hashlib.sha256(raw).hexdigest()}
+
+
+def sign_registry(registry_path: str | Path, private_key: ec.EllipticCurvePrivateKey) -> Path:
+    """Write ``registry.json.sig``: the operator key's signature over the registry's bytes."""
+    path = registry_signature_path(registry_path)
+    document = signed_requests.sign(REGISTRY_SIGNATURE_CONTEXT, registry_statement(Path(registry_path).read_bytes()),
+                                    private_key)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.unlink(missing_ok=True)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(json.dumps(document, indent=2, sort_keys=True) + "\n")
+    os.replace(tmp, path)
+    return path
 
 
 def key_fingerprint(key: ec.EllipticCurvePublicKey) -> str:
@@ -122,14 +153,24 @@ class SiteRegistry:
     whole file is checked when it is read (ValueError saying what is wrong), so a later lookup
     never meets a malformed entry; a key file whose fingerprint is not the registered one is
     refused when it is loaded.
+
+    ``signed=True`` (the ServerApp in a deployment): the file must carry the operator's signature
+    (``registry.json.sig``, written by ``deploy.register`` with the operator key) over its exact
+    bytes, made by the registered admin key — and, when ``operator_fingerprint`` or
+    ``$TAFT_OPERATOR_FINGERPRINT`` pins one, by that key. Unsigned or edited (a node id swapped,
+    a cap raised, a key replaced): ValueError. Without a pin, someone who replaces the admin key
+    in the file and re-signs with their own passes: the pin is what makes the signature the
+    operator's.
     """
 
-    def __init__(self, path: str | Path):
+    def __init__(self, path: str | Path, *, signed: bool = False, operator_fingerprint: str | None = None):
         self.path = Path(path)
         try:
-            raw = self.path.read_bytes()
+            raw = _read_no_follow(self.path, MAX_REGISTRY_BYTES + 1)
         except FileNotFoundError:
             raise ValueError(f"site registry {self.path} does not exist (written by deploy.register)") from None
+        except OSError as err:
+            raise ValueError(f"site registry {self.path} cannot be read (a symbolic link is refused): {err}") from None
         if len(raw) > MAX_REGISTRY_BYTES:
             raise ValueError(f"site registry {self.path} is larger than {MAX_REGISTRY_BYTES} bytes")
         try:
@@ -139,6 +180,37 @@ class SiteRegistry:
         self.data = _checked_registry(data, self.path)
         self._by_node = {entry["node_id"]: site for site, entry in self.data["sites"].items()
                          if entry.get("node_id") is not None}
+        self.signed_by: str | None = None
+        if signed:
+            self.signed_by = self._check_signature(raw, operator_fingerprint or os.environ.get(OPERATOR_FINGERPRINT_ENV))
+
+    def _check_signature(self, raw: bytes, pinned: str | None) -> str:
+        """The fingerprint of the operator key that signed exactly ``raw``; ValueError otherwise."""
+        sig_path = registry_signature_path(self.path)
+        try:
+            document = safejson.loads(_read_no_follow(sig_path, MAX_SIGNATURE_BYTES + 1),
+                                      max_bytes=MAX_SIGNATURE_BYTES, max_depth=4)
+        except FileNotFoundError:
+            raise ValueError(f"site registry {self.path} is not signed ({sig_path} is missing): sign it with "
+                             f"python -m deploy.register --sign") from None
+        except (OSError, ValueError) as err:
+            raise ValueError(f"the registry signature {sig_path} is unreadable: {err}") from None
+        try:
+            payload, signature = split_document(document)
+        except WithdrawalRefused as err:
+            raise ValueError(f"the registry signature {sig_path} is malformed: {err}") from None
+        if payload != registry_statement(raw):
+            raise ValueError(f"site registry {self.path} differs from the file the operator signed (edited?)")
+        admin = self.admin_public_key()
+        if admin is None:
+            raise ValueError(f"site registry {self.path} names no operator (admin) key to check its signature")
+        signer = key_fingerprint(admin)
+        if pinned is not None and signer != pinned.strip():
+            raise ValueError(f"site registry {self.path}: its admin key is {signer}, not the pinned operator key "
+                             f"{pinned.strip()}")
+        if not signed_requests.signature_valid(admin, signature, REGISTRY_SIGNATURE_CONTEXT, payload):
+            raise ValueError(f"site registry {self.path}: the signature is not the registered operator key's")
+        return signer
 
     def sites(self) -> list[str]:
         return sorted(self.data["sites"])
@@ -181,6 +253,15 @@ class SiteRegistry:
 
 
 MAX_REGISTRY_BYTES = 16 * 1024 * 1024
+
+
+def _read_no_follow(path: Path, limit: int) -> bytes:
+    """At most ``limit`` bytes of a regular file, refusing a symbolic link as the last component."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as f:
+        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
+            raise OSError(f"{path} is not a regular file")
+        return f.read(limit)
 
 
 def _checked_registry(data: Any, path: Path) -> dict[str, Any]:
