@@ -173,21 +173,49 @@ def ledger_files(ledger: Path) -> list[Path]:
     return [*ledger_file_paths(ledger), *ledger_file_paths(nonce_store_path(ledger))]
 
 
+#: directories of the state dir that hold keys, certificates, requests and Flower's own state: no report goes there
+KEPT_DIRECTORIES = ("keys", "certs", "public-keys", "requests", "flwr-home")
+MAX_REPORT_CHECK_BYTES = 64 * 1024 * 1024
+
+
 def report_path(run_config: Mapping[str, Any], state: Path, ledger: Path, run_id: Any, mode: str,
                 protected: tuple[Path, ...] = (), other_ledgers: tuple[Path, ...] = ()) -> Path:
-    """``report-path`` if set, else ``<ledger dir>/reports/<mode>-<run id>.json``.
+    """``report-path`` if set, else ``<ledger dir>/reports/<mode>-<run id>.json``, both confined to
+    the state directory with links resolved (a ``reports`` link out of it is refused).
 
     Refused when it would name the ledger (or one of ``other_ledgers``: the exact head's), one of
     its companion files (any file whose name starts with the ledger's, beside it: that covers
-    companions added later too) or a ``protected`` file (the site registry, a withdrawal request).
+    companions added later too), a ``protected`` file (the site registry, a withdrawal request),
+    anything in the directories that hold keys, certificates and requests
+    (:data:`KEPT_DIRECTORIES`), a name not ending in ``.json``, or an existing file that is not
+    an earlier report: a report may replace only a report.
     """
     value = str(run_config.get("report-path", "") or "")
     if not value:
-        return ledger.parent / "reports" / f"{mode}-{run_id}.json"
+        return confine(state, str(ledger.parent / "reports" / f"{mode}-{run_id}.json"), "report-path (default)")
     path = confine(state, value, "report-path")
     kept = (ledger, *other_ledgers)
     named = any(path.parent == led.parent and path.name.startswith(led.name) for led in kept)
-    if named or any(path in ledger_files(led) for led in kept) or path in {p.resolve() for p in protected}:
+    registry_files = {p.resolve() for p in protected} | {Path(f"{p}.sig").resolve() for p in protected}
+    in_kept_directory = path.relative_to(state).parts[0] in KEPT_DIRECTORIES
+    if named or any(path in ledger_files(led) for led in kept) or path in registry_files or in_kept_directory \
+            or path.suffix != ".json" or not _is_report_or_absent(path):
         raise PathRefused(f"report-path={value!r} names {path}, a file the server keeps (the ledger, its "
-                          "companions, the site registry or a request): refused")
+                          "companions, the site registry, a key, a certificate or a request) or not a report: refused")
     return path
+
+
+def _is_report_or_absent(path: Path) -> bool:
+    """Whether ``path`` does not exist, or is a regular file holding a run report (JSON object
+    with ``mode`` and ``run_id``): a pending request or any other file is never overwritten."""
+    import json
+
+    try:
+        if path.is_symlink() or not path.is_file():
+            return not path.exists() and not path.is_symlink()
+        if path.stat().st_size > MAX_REPORT_CHECK_BYTES:
+            return False
+        document = json.loads(path.read_bytes())
+    except (OSError, ValueError, RecursionError):
+        return False
+    return isinstance(document, dict) and {"mode", "run_id"} <= document.keys()

@@ -135,7 +135,9 @@ def write_head_file(path: Path, head: dict[str, Any], signature: str) -> None:
 def read_head_file(path: Path) -> tuple[dict[str, Any], str] | None:
     """(head, signature) from the head file; None when there is none; LedgerError when unreadable."""
     try:
-        document = json.loads(path.read_text())
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW)  # a link planted in its place is refused
+        with os.fdopen(fd, "rb") as f:
+            document = json.loads(f.read())
         return dict(document["head"]), str(document["signature"])
     except FileNotFoundError:
         return None

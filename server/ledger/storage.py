@@ -124,7 +124,7 @@ def make_private_dirs(directory: Path) -> None:
 def create_private_file(path: Path) -> None:
     """Create ``path`` empty with mode 0600 unless it exists."""
     try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, FILE_MODE)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, FILE_MODE)
     except FileExistsError:
         return
     os.fchmod(fd, FILE_MODE)  # O_CREAT's mode is masked by the umask too
@@ -141,7 +141,16 @@ def restrict_existing(path: Path) -> None:
             continue
 
 
+def refuse_links(path: Path) -> None:
+    """LedgerError when the ledger file or one of SQLite's companions is a symbolic link: a link
+    planted in the state directory would move the ledger's bytes out of it."""
+    for p in (path, *(Path(f"{path}{suffix}") for suffix in SQLITE_COMPANIONS)):
+        if p.is_symlink():
+            raise LedgerError(f"{p} is a symbolic link: refused (the ledger's files are never links)")
+
+
 def connect(path: Path, create: bool) -> sqlite3.Connection:
+    refuse_links(path)
     if not create and not path.exists():
         raise LedgerError(f"no ledger at {path}")
     make_private_dirs(path.parent)

@@ -328,8 +328,13 @@ class NonceStore:
     def __init__(self, path: str | Path):
         self.path = Path(path)
         self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
+        # A link planted in the state directory must not move the nonces (and the replay
+        # protection with them) elsewhere: the file and SQLite's companions are never links.
+        for file in (self.path, *(Path(f"{self.path}{suffix}") for suffix in ("-wal", "-shm", "-journal"))):
+            if file.is_symlink():
+                raise ValueError(f"the nonce store {file} is a symbolic link: refused")
         # created private before SQLite opens it (its -wal/-shm files copy these permissions)
-        os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT, 0o600))
+        os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600))
         self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
         self.db.execute("PRAGMA journal_mode=WAL")
         with self._tx():
