@@ -173,6 +173,22 @@ def ledger_files(ledger: Path) -> list[Path]:
     return [*ledger_file_paths(ledger), *ledger_file_paths(nonce_store_path(ledger))]
 
 
+def witness_path(state: Path) -> Path | None:
+    """The ledgers' witness, ``$TAFT_WITNESS`` (server.ledger.witness): an operator setting, never
+    a run-config key, so whoever submits a run cannot turn it off or point it elsewhere. Refused
+    inside the state directory: whoever can rewrite the ledger there could rewrite it too."""
+    from server.ledger import witness
+
+    path = witness.configured()
+    if path is None:
+        return None
+    resolved = path.resolve()
+    if resolved.is_relative_to(state):
+        raise PathRefused(f"${witness.WITNESS_ENV}={path} lies inside the state directory {state}: a witness must be "
+                          f"kept where the state directory's writer cannot reach")
+    return path
+
+
 #: directories of the state dir that hold keys, certificates, requests and Flower's own state: no report goes there
 KEPT_DIRECTORIES = ("keys", "certs", "public-keys", "requests", "flwr-home")
 MAX_REPORT_CHECK_BYTES = 64 * 1024 * 1024

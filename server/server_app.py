@@ -123,6 +123,10 @@ def _run(grid: Grid, run_id, run_config, mode: str, state: Path, ledger_path: Pa
     Everything that needs torch (w0, φ's backbone, the evaluation) runs in child processes
     (server.model_process): this process never imports it, so none of it stays resident."""
     federation = cfg.federation_mode(run_config)
+    witness = cfg.witness_path(state)
+    report["witness"] = None if witness is None else str(witness)
+    if witness is None and federation == "deployment":
+        log.warning("no witness ($TAFT_WITNESS): a rollback of the ledger and its head file would pass `verify`")
     # A deployment trusts the registry only as the operator signed it (deploy.register).
     registry = SiteRegistry(registry_path, signed=federation == "deployment") if registry_path is not None else None
     if federation == "deployment" and mode == "train" and registry is None:
@@ -149,10 +153,10 @@ def _run(grid: Grid, run_id, run_config, mode: str, state: Path, ledger_path: Pa
         opened.callback(evaluation.close)  # its private copy of the test rows goes with the run  # both ledgers open before anything changes: a removal reaches both
         ledger = opened.enter_context(Ledger.open(ledger_path, max_delta_norm=max_norm, expected_base_digest=base_digest,
                                                   weighting=str(run_config.get("weighting", "examples")),
-                                                  expected_spec=expected_spec))
+                                                  expected_spec=expected_spec, witness=witness))
         stats_ledger = None if exact_head is None else opened.enter_context(Ledger.open(
             stats_path, family="stats", model_card=exact_head.model_card,
-            expected_base_digest=exact_head.feature_digest))
+            expected_base_digest=exact_head.feature_digest, witness=witness))
         ledgers = Ledgers(ledger, stats_ledger)
         if mode == "unlearn":
             report |= _unlearn(ledgers, cfg.remove_sites(run_config), evaluation, run_id,

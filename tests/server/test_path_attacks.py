@@ -83,3 +83,15 @@ def test_a_head_file_link_is_not_followed(state, tmp_path):
     with Ledger.open(ledger, create=False) as opened:
         with pytest.raises(Exception, match="head file"):
             opened.verify()
+
+
+def test_a_witness_inside_the_state_dir_is_refused(state, tmp_path, monkeypatch):
+    from server.ledger import witness
+
+    monkeypatch.setenv(witness.WITNESS_ENV, str(state / "heads.witness"))
+    with pytest.raises(cfg.PathRefused, match="inside the state directory"):
+        cfg.witness_path(state)
+    monkeypatch.setenv(witness.WITNESS_ENV, str(tmp_path / "heads.witness"))
+    assert cfg.witness_path(state) == tmp_path / "heads.witness"
+    monkeypatch.delenv(witness.WITNESS_ENV)
+    assert cfg.witness_path(state) is None

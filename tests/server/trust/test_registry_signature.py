@@ -98,3 +98,18 @@ def test_a_registry_or_signature_behind_a_symlink_is_refused(state, tmp_path):
     path.symlink_to(moved)
     with pytest.raises(ValueError, match="symbolic link"):
         SiteRegistry(path)
+
+
+def test_a_deployment_serverapp_refuses_the_swapped_registry_before_anything_runs(state):
+    from flwr.app import Context, RecordDict
+
+    from server.server_app import main
+
+    edit(state, swap_nodes)
+    context = Context(run_id=8, node_id=0, node_config={}, state=RecordDict(),
+                      run_config={"mode": "train", "state-dir": str(state), "site-registry": "registry.json"})
+    with pytest.raises(ValueError, match="differs from the file the operator signed"):
+        main(None, context)
+    report = json.loads((state / "reports" / "train-8.json").read_text())
+    assert "operator signed" in report["error"]["message"]
+    assert not (state / "ledger.sqlite").exists()  # refused before any ledger was opened
