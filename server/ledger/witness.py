@@ -29,7 +29,7 @@ from typing import Any
 
 from server.ledger import audit
 from server.ledger.records import LedgerError, canonical_json
-from server.ledger.storage import FILE_MODE
+from server.ledger.storage import FILE_MODE, make_private_dirs
 
 WITNESS_FORMAT = "taft-fl witness 1"
 HEADER = (canonical_json({"format": WITNESS_FORMAT}) + "\n").encode()
@@ -44,7 +44,9 @@ def configured(explicit: str | Path | None = None) -> Path | None:
 
 
 def init(path: Path) -> None:
-    """Create an empty witness (exclusive: an existing file, or a link, is never reused)."""
+    """Create an empty witness (exclusive: an existing file, or a link, is never reused); missing
+    parent directories are created 0700."""
+    make_private_dirs(path.parent)
     try:
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, FILE_MODE)
     except FileExistsError:
