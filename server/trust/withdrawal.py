@@ -160,10 +160,12 @@ class SiteRegistry:
     ``$TAFT_OPERATOR_FINGERPRINT`` pins one, by that key. Unsigned or edited (a node id swapped,
     a cap raised, a key replaced): ValueError. Without a pin, someone who replaces the admin key
     in the file and re-signs with their own passes: the pin is what makes the signature the
-    operator's.
+    operator's. ``signed=None`` (the default: the operator's tools, ``deploy.withdraw``,
+    ``taft-ledger forget``) checks whenever a pin is set, so an operator who pins the key has
+    every tool refuse an edited registry.
     """
 
-    def __init__(self, path: str | Path, *, signed: bool = False, operator_fingerprint: str | None = None):
+    def __init__(self, path: str | Path, *, signed: bool | None = None, operator_fingerprint: str | None = None):
         self.path = Path(path)
         try:
             raw = _read_no_follow(self.path, MAX_REGISTRY_BYTES + 1)
@@ -181,8 +183,9 @@ class SiteRegistry:
         self._by_node = {entry["node_id"]: site for site, entry in self.data["sites"].items()
                          if entry.get("node_id") is not None}
         self.signed_by: str | None = None
-        if signed:
-            self.signed_by = self._check_signature(raw, operator_fingerprint or os.environ.get(OPERATOR_FINGERPRINT_ENV))
+        pinned = operator_fingerprint or os.environ.get(OPERATOR_FINGERPRINT_ENV) or None
+        if signed or (signed is None and pinned):
+            self.signed_by = self._check_signature(raw, pinned)
 
     def _check_signature(self, raw: bytes, pinned: str | None) -> str:
         """The fingerprint of the operator key that signed exactly ``raw``; ValueError otherwise."""

@@ -113,3 +113,21 @@ def test_a_deployment_serverapp_refuses_the_swapped_registry_before_anything_run
     report = json.loads((state / "reports" / "train-8.json").read_text())
     assert "operator signed" in report["error"]["message"]
     assert not (state / "ledger.sqlite").exists()  # refused before any ledger was opened
+
+
+def test_with_the_operator_key_pinned_the_withdrawal_tool_refuses_a_key_swapped_into_the_registry(state, tmp_path,
+                                                                                                  monkeypatch, capsys):
+    """A state-dir writer puts their own key in as site A's and signs a withdrawal of A with it."""
+    from deploy.withdraw import main as withdraw
+    from server.trust.withdrawal import create_request, load_private_key
+
+    rogue_key, rogue_pub = create_site_key(tmp_path / "rogue", "A")
+    edit(state, lambda d: d["sites"]["A"].update(public_key=str(rogue_pub),
+                                                 fingerprint=key_fingerprint(load_public_key(rogue_pub))))
+    request = tmp_path / "withdraw-A.json"
+    request.write_text(json.dumps(create_request("A", load_private_key(rogue_key), "not A's wish")))
+    registry = str(register.registry_path(state))
+    assert withdraw(["verify", str(request), "--registry", registry]) == 0  # unpinned: the tool believes the file
+    monkeypatch.setenv(OPERATOR_FINGERPRINT_ENV, key_fingerprint(load_public_key(state / "keys" / "operator.key.pub")))
+    with pytest.raises(ValueError, match="differs from the file the operator signed"):
+        withdraw(["verify", str(request), "--registry", registry])
