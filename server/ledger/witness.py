@@ -64,7 +64,7 @@ def _open(path: Path, flags: int) -> int:
     """A file descriptor on the witness; LedgerError unless it is a regular file (not a link)
     starting with the witness header."""
     try:
-        fd = os.open(path, flags | os.O_NOFOLLOW)
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK)  # a FIFO planted there never blocks
     except FileNotFoundError:
         raise LedgerError(f"the witness {path} does not exist (create it once with `taft-ledger witness-init`)") from None
     except OSError as e:  # ELOOP: the last component is a symbolic link
