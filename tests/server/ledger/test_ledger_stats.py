@@ -182,6 +182,8 @@ def _hostile():
 
     gram_neg_diag = good["gram"].copy()
     gram_neg_diag[0] = -1
+    cross_not_summing = good["cross"].copy()
+    cross_not_summing[0, 0] += 1
     yield "float arrays", "wrong_dtype", {k: v.astype(np.float32) for k, v in good.items()}, s.n, {}
     yield "int32 counts", "wrong_dtype", edit(counts=good["counts"].astype(np.int32)), s.n, {}
     yield "missing gram", "missing_keys", {k: v for k, v in good.items() if k != "gram"}, s.n, {}
@@ -194,7 +196,7 @@ def _hostile():
                                                           cross=good["cross"]), s.n, {}
     yield "gram beyond n·2^2b", "stats_out_of_bounds", edit(gram=good["gram"] + s.n * 4**BITS + 1), s.n, {}
     yield "negative Gram diagonal", "stats_out_of_bounds", edit(gram=gram_neg_diag), s.n, {}
-    yield "labels not one-hot", "stats_out_of_bounds", edit(cross=good["cross"] * 2), s.n, {}
+    yield "labels not one-hot", "stats_inconsistent", edit(cross=cross_not_summing), s.n, {}
     yield "int64 min entry (DP)", "total_overflow", edit(gram=np.full_like(good["gram"], np.iinfo(np.int64).min)), s.n, {"epsilon": 1.0}
     yield "wrong feature digest", "base_digest_mismatch", good, s.n, {"base_digest": "other"}
     yield "not a mapping", "bad_structure", [1, 2], s.n, {}
