@@ -5,6 +5,8 @@
     taft-ledger remove SITE --reason TXT  withdraw a site (exact subtraction; it stays withdrawn)
     taft-ledger readmit SITE --reason TXT let a withdrawn site contribute again (audited)
     taft-ledger retract SITE --reason TXT subtract a site's contribution without withdrawing it
+                                          (remove, readmit, retract: --ledger is the state's Δ ledger;
+                                          they act on it and on the statistics ledger it names)
     taft-ledger verify [--public-key PEM] [--export DIR]
                                           recompute sums and digests, check the chain, the signed
                                           heads (against PEM when given) and that an earlier
@@ -35,6 +37,7 @@ from pathlib import Path
 
 from server.ledger import Contribution, Ledger, LedgerCorrupt, LedgerError
 from server.ledger.export import MANIFEST_FILE, export, verify_export
+from server.ledger.ledgers import Ledgers, open_pair
 
 DEFAULT_LEDGER = "runs/ledger.sqlite"
 
@@ -109,32 +112,39 @@ def _print_contribution(c: Contribution) -> None:
             print(f"  {field:<18} {json.dumps(value) if isinstance(value, dict) else value}")
 
 
-def _cmd_remove(ledger: Ledger, args) -> int:
-    if not ledger.remove(args.site, reason=args.reason):
+def _versions(ledgers: Ledgers) -> str:
+    return "; ".join(f"{led.family} ledger version {led.current_version().version}, composed sha256 "
+                     f"{led.current_version().composed_sha256}" for led in ledgers.all())
+
+
+def _cmd_remove(ledgers: Ledgers, args) -> int:
+    if not ledgers.remove(args.site, reason=args.reason):
         print(f"{args.site} is already withdrawn; nothing to do")
         return 0
-    v = ledger.current_version()
-    if v.event == "remove":
-        print(f"removed {args.site}: model version {v.version}, composed sha256 {v.composed_sha256}; "
-              f"the site stays withdrawn until readmitted")
-    else:
-        print(f"{args.site} had no active contribution; it is now withdrawn (model version {v.version})")
+    for led in ledgers.all():
+        v = led.current_version()
+        if v.event == "remove":
+            print(f"removed {args.site} from the {led.family} ledger: model version {v.version}, composed sha256 "
+                  f"{v.composed_sha256}")
+        else:
+            print(f"{args.site} had no active contribution in the {led.family} ledger; it is now withdrawn there "
+                  f"(model version {v.version})")
+    print(f"{args.site} stays withdrawn from every model family until readmitted")
     return 0
 
 
-def _cmd_readmit(ledger: Ledger, args) -> int:
-    if ledger.readmit(args.site, reason=args.reason):
-        print(f"readmitted {args.site}: model version {ledger.current_version().version} (model unchanged)")
+def _cmd_readmit(ledgers: Ledgers, args) -> int:
+    if ledgers.readmit(args.site, reason=args.reason):
+        print(f"readmitted {args.site} in {len(ledgers.all())} ledger(s): {_versions(ledgers)} (models unchanged)")
     else:
         print(f"{args.site} is not withdrawn; nothing to do")
     return 0
 
 
-def _cmd_retract(ledger: Ledger, args) -> int:
-    if ledger.retract(args.site, reason=args.reason):
-        v = ledger.current_version()
-        print(f"retracted {args.site}'s contribution: model version {v.version}, composed sha256 "
-              f"{v.composed_sha256}; the site is not withdrawn")
+def _cmd_retract(ledgers: Ledgers, args) -> int:
+    if ledgers.retract(args.site, reason=args.reason):
+        print(f"retracted {args.site}'s contribution from {len(ledgers.all())} ledger(s): {_versions(ledgers)}; "
+              f"the site is not withdrawn")
     else:
         print(f"{args.site} has no active contribution; nothing to do")
     return 0
@@ -239,26 +249,26 @@ def _add_forget_command(sub) -> None:
     p.add_argument("--delta", type=Path, default=None, metavar="FILE", help="the retrained Δw the request signs")
     p.add_argument("--registry", type=Path, required=True, metavar="R", help="the site registry (deploy.register)")
     p.add_argument("--stats-ledger", type=Path, default=None, metavar="PATH",
-                   help="the exact head's stats ledger (default: exact_head.sqlite beside --ledger)")
+                   help="the exact head's stats ledger (default: the one --ledger names)")
     p.add_argument("--max-age-s", type=float, default=None, help="request validity (default: 15 minutes)")
     p.set_defaults(run=None, run_without_ledger=_cmd_forget)
 
 
 def _cmd_forget(args) -> int:
     from server.trust.forgetting import MAX_AGE_S, ForgetRefused, apply_forget_file
-    from server.ledger.ledgers import Ledgers
 
-    stats_path = args.stats_ledger or args.ledger.with_name("exact_head.sqlite")
-    with Ledger.open(args.ledger, create=False, signing_key=args.signing_key) as delta, \
-            Ledger.open(stats_path, create=False, family="stats") as stats:
+    with open_pair(args.ledger, signing_key=args.signing_key, stats_path=args.stats_ledger) as ledgers:
+        if ledgers.stats is None:
+            raise LedgerError(f"{args.ledger} has no statistics ledger: nothing to forget from")
         try:
-            request = apply_forget_file(args.request, args.stats, args.delta, Ledgers(delta, stats),
+            request = apply_forget_file(args.request, args.stats, args.delta, ledgers,
                                         args.ledger, args.registry, max_age_s=args.max_age_s or MAX_AGE_S)
         except ForgetRefused as err:
             print(f"REFUSED: {err}", file=sys.stderr)
             return 1
-        print(f"site {request.site_id} forgot {request.forgotten} sample(s): stats ledger {stats_path} "
-              f"version {stats.current_version().version}, Δ ledger version {delta.current_version().version}")
+        print(f"site {request.site_id} forgot {request.forgotten} sample(s): stats ledger {ledgers.stats.path} "
+              f"version {ledgers.stats.current_version().version}, Δ ledger version "
+              f"{ledgers.delta.current_version().version}")
     return 0
 
 
@@ -283,17 +293,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("remove", help="withdraw a site: subtract its contribution, refuse it until readmitted")
     p.add_argument("site", metavar="SITE")
     p.add_argument("--reason", required=True, help="why, recorded in the audit log")
-    p.set_defaults(run=_cmd_remove)
+    p.set_defaults(run=_cmd_remove, both_families=True)
 
     p = sub.add_parser("readmit", help="let a withdrawn site contribute again (audited)")
     p.add_argument("site", metavar="SITE")
     p.add_argument("--reason", required=True, help="why, recorded in the audit log")
-    p.set_defaults(run=_cmd_readmit)
+    p.set_defaults(run=_cmd_readmit, both_families=True)
 
     p = sub.add_parser("retract", help="subtract a site's active contribution without withdrawing the site (audited)")
     p.add_argument("site", metavar="SITE")
     p.add_argument("--reason", required=True, help="why, recorded in the audit log")
-    p.set_defaults(run=_cmd_retract)
+    p.set_defaults(run=_cmd_retract, both_families=True)
 
     p = sub.add_parser("verify", help="recompute accumulators and digests, check the audit chain and signatures")
     p.add_argument("--public-key", type=Path, metavar="PEM", default=None,
@@ -323,6 +333,9 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.run is None:
             return args.run_without_ledger(args)
+        if getattr(args, "both_families", False):  # a site leaves (or rejoins) every model family at once
+            with open_pair(args.ledger, signing_key=args.signing_key) as ledgers:
+                return args.run(ledgers, args)
         with Ledger.open(args.ledger, create=False, signing_key=args.signing_key) as ledger:
             return args.run(ledger, args)
     except (LedgerError, ValueError) as e:

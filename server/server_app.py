@@ -53,8 +53,8 @@ from server import model_process
 from server.evaluation import CentralEvaluation
 from server.exact_head import ExactHead, describe_features
 from server.trust.identity import SenderBinding
-from server.ledger import Ledger
-from server.ledger.ledgers import Ledgers
+from server.ledger import Ledger, LedgerError
+from server.ledger.ledgers import Ledgers, link, stats_path_of
 from server.strategy import LedgerFedAvg, StreamingGrid, composed_arrays
 from server.trust.withdrawal import (NonceStore, SiteRegistry, WithdrawalRefused, apply_withdrawal, nonce_store_path,
                                read_request)
@@ -152,6 +152,11 @@ def _run(grid: Grid, run_id, run_config, mode: str, state: Path, ledger_path: Pa
         stats_ledger = None if exact_head is None else opened.enter_context(Ledger.open(
             stats_path, family="stats", model_card=exact_head.model_card,
             expected_base_digest=exact_head.feature_digest))
+        if stats_ledger is not None:
+            link(ledger, stats_ledger)  # the operator's tools find it from the Δ ledger
+        elif mode == "unlearn" and (unopened := stats_path_of(ledger)) is not None:
+            raise LedgerError(f"this state's statistics ledger is {unopened}, not the run's exact-head-ledger-path: "
+                              f"a removal must reach both model families")
         ledgers = Ledgers(ledger, stats_ledger)
         if mode == "unlearn":
             report |= _unlearn(ledgers, cfg.remove_sites(run_config), evaluation, run_id,

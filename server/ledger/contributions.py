@@ -528,6 +528,23 @@ class Ledger:
         self._publish_head()
         return True
 
+    def link_ledger(self, key: str, relative_path: str) -> None:
+        """Record in ``meta`` where a companion ledger of this state lives (``key`` → a path relative
+        to this file's folder): the operator's tools find every model family from the Δ ledger
+        instead of guessing. A different existing link is a LedgerError (one companion per family)."""
+        with self._store.write():
+            links = dict(self._store.meta().get("linked_ledgers") or {})
+            if links.get(key, relative_path) != relative_path:
+                raise LedgerError(f"{self.path} is linked to the {key} ledger {links[key]!r}, not {relative_path!r}: "
+                                  f"one state directory holds one ledger per model family")
+            if links.get(key) != relative_path:
+                self._store.set_meta("linked_ledgers", {**links, key: relative_path})
+
+    def linked_ledgers(self) -> dict[str, str]:
+        """The companion ledgers :meth:`link_ledger` recorded (key → path relative to this folder)."""
+        with self._store.snapshot():
+            return dict(self._store.meta().get("linked_ledgers") or {})
+
     # ------------------------------------------------------------------ reading
     @property
     def family(self) -> str:

@@ -368,10 +368,19 @@ def test_every_taft_ledger_subcommand_works_on_a_stats_ledger(tmp_path):
     r = _cli(*L, "list")
     assert r.returncode == 0 and "stats ledger" in r.stdout and "site-a" in r.stdout, r.stderr
     assert _cli(*L, "show", "site-b").returncode == 0
-    r = _cli(*L, "retract", "site-c", "--reason", "forgotten samples")
+    # changes go through the state's Δ ledger, which names its statistics ledger: the statistics
+    # ledger alone is refused (a removal there would leave the site in the other family)
+    r = _cli(*L, "remove", "site-b", "--reason", "withdrawn")
+    assert r.returncode == 2 and "give the Δ ledger" in r.stderr, r.stdout + r.stderr
+    from server.ledger.ledgers import link
+    delta_path = tmp_path / "ledger.sqlite"
+    with Ledger.open(delta_path) as delta, Ledger.open(path) as stats:
+        link(delta, stats)
+    D = ("--ledger", str(delta_path))
+    r = _cli(*D, "retract", "site-c", "--reason", "forgotten samples")
     assert r.returncode == 0 and "retracted" in r.stdout, r.stderr
-    assert _cli(*L, "remove", "site-b", "--reason", "withdrawn").returncode == 0
-    assert _cli(*L, "readmit", "site-b", "--reason", "back").returncode == 0
+    assert _cli(*D, "remove", "site-b", "--reason", "withdrawn").returncode == 0
+    assert _cli(*D, "readmit", "site-b", "--reason", "back").returncode == 0
     r = _cli(*L, "verify", "--public-key", str(pem))
     assert r.returncode == 0 and r.stdout.startswith("OK"), r.stdout + r.stderr
     out = tmp_path / "export"
