@@ -152,6 +152,7 @@ def _run(grid: Grid, run_id, run_config, mode: str, state: Path, ledger_path: Pa
         stats_ledger = None if exact_head is None else opened.enter_context(Ledger.open(
             stats_path, family="stats", model_card=exact_head.model_card,
             expected_base_digest=exact_head.feature_digest))
+        ledger.set_admission_policy(max_delta_norm=max_norm)  # every later path in applies it too
         if stats_ledger is not None:
             link(ledger, stats_ledger)  # the operator's tools find it from the Δ ledger
         elif mode == "unlearn" and (unopened := stats_path_of(ledger)) is not None:

@@ -144,6 +144,8 @@ class Ledger:
             ledger = cls(store, max_delta_norm=max_delta_norm, expected_base_digest=expected_base_digest,
                          known_sites=known_sites, expected_spec=expected_spec, signing_key=key)
             ledger._init_or_check(weighting, create, family, model_card)
+            if max_delta_norm is None:  # the policy the server recorded applies to every later path in
+                ledger.max_delta_norm = ledger.admission_policy().get("max_delta_norm")
             ledger._publish_head(recover=True)
         except BaseException:
             store.close()
@@ -527,6 +529,31 @@ class Ledger:
             self._record(_now(), "readmit", site_id, last[0], last[1], {"reason": reason})
         self._publish_head()
         return True
+
+    def set_admission_policy(self, *, max_delta_norm: float | None) -> None:
+        """Apply this server's admission policy and record it in ``meta``: every later path into the
+        ledger — ``taft-ledger forget``, a tool or a run that gives none — opens with the same one
+        (:meth:`open` reads it when its caller gives no ``max_delta_norm``), so no path admits what
+        a reply would be refused for. (The tensor spec and the base digest are pinned by the ledger
+        itself at its first contribution.)"""
+        if max_delta_norm is not None and not (isinstance(max_delta_norm, (int, float)) and max_delta_norm > 0
+                                               and math.isfinite(max_delta_norm)):
+            raise ValueError(f"max_delta_norm must be a finite number > 0 or None, got {max_delta_norm!r}")
+        self.max_delta_norm = None if max_delta_norm is None else float(max_delta_norm)
+        with self._store.write():
+            self._store.set_meta("admission_policy", {"max_delta_norm": self.max_delta_norm})
+
+    def admission_policy(self) -> dict[str, Any]:
+        """The policy :meth:`set_admission_policy` recorded (``{}`` when none was)."""
+        with self._store.snapshot():
+            policy = self._store.meta().get("admission_policy")
+        if not isinstance(policy, dict):
+            return {}
+        norm = policy.get("max_delta_norm")
+        if norm is not None and not (isinstance(norm, (int, float)) and not isinstance(norm, bool)
+                                     and math.isfinite(norm) and norm > 0):
+            raise LedgerError(f"{self.path}: the recorded admission policy is unusable ({policy!r})")
+        return {"max_delta_norm": None if norm is None else float(norm)}
 
     def link_ledger(self, key: str, relative_path: str) -> None:
         """Record in ``meta`` where a companion ledger of this state lives (``key`` → a path relative
