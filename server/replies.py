@@ -423,8 +423,17 @@ def _stats_arrays(record: ArrayRecord, expected: StatsExpectation, site: str) ->
 
 # ----------------------------------------------------------------------------- evaluate
 
+#: the largest evaluate loss a reply may report: a mean cross-entropy of 100 nats is a probability of
+#: e^-100 on the true class, far beyond any model the run composes; a larger value is a lie, and it
+#: would dominate the federated mean
+MAX_EVAL_LOSS = 100.0
+
+
 def parse_evaluate_reply(msg: Message, bind: Callable[[str], str] | None = None) -> tuple[str, dict[str, float]]:
-    """(site id, {num-examples, eval-loss, eval-accuracy}); raises :class:`Rejected`."""
+    """(site id, {num-examples, eval-loss, eval-accuracy}); raises :class:`Rejected`.
+
+    ``bad_metrics`` unless eval-accuracy is in [0, 1] and eval-loss in [0, MAX_EVAL_LOSS] (each where
+    present); num-examples in [1, MAX_EXAMPLES] (the strategy also holds it to the site's registered cap)."""
     raise_if_error(msg)
     found = records(msg, metrics="metric", meta="config")
     site = declared_site(found["meta"])
@@ -434,4 +443,8 @@ def parse_evaluate_reply(msg: Message, bind: Callable[[str], str] | None = None)
         metrics = found["metrics"]
         num_examples = count(metrics.get("num-examples"), site)
         kept = finite_metrics(metrics, EVALUATE_METRICS, site)
+    if not 0.0 <= kept.get("eval-accuracy", 0.0) <= 1.0:
+        raise Rejected("bad_metrics", f"eval-accuracy = {shown(kept['eval-accuracy'])} is not in [0, 1]", site)
+    if not 0.0 <= kept.get("eval-loss", 0.0) <= MAX_EVAL_LOSS:
+        raise Rejected("bad_metrics", f"eval-loss = {shown(kept['eval-loss'])} is not in [0, {MAX_EVAL_LOSS:g}]", site)
     return site, kept | {"num-examples": num_examples}

@@ -323,6 +323,8 @@ class LedgerFedAvg(FedAvg):
             node_id = _sender(msg)
             try:
                 site, metrics = parse_evaluate_reply(msg, bind=self._bind(node_id))
+                if self.binding is not None:  # one site weighs at most its registered cap, as in training
+                    self.binding.check_cap(site, metrics["num-examples"])
                 if site in per_site:
                     raise Rejected("duplicate_site_in_round", "a second evaluate reply for this site", site)
             except Exception as err:  # noqa: BLE001 - one reply never aborts the round
