@@ -41,6 +41,7 @@ from pathlib import Path
 
 from deploy.connection import DEFAULT_STATE, make_private_dir
 from server.ledger import LedgerError
+from tangent.protocol.text import escape_controls
 from server.trust.withdrawal import (
     MAX_AGE_S,
     SiteRegistry,
@@ -95,15 +96,15 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "verify":
             request = verify_request(read_request(args.request), SiteRegistry(args.registry),
                                      max_age_s=args.max_age_s)
-            print(f"valid: site {request.site_id}, signer {request.signer}, nonce {request.nonce}")
+            print(escape_controls(f"valid: site {request.site_id}, signer {request.signer}, nonce {request.nonce}"))
         else:
             request, paths = _apply(args)
             print(f"removed site {request.site_id} from {' and '.join(map(str, paths))}")
     except WithdrawalRefused as err:
-        print(f"REFUSED: {err}", file=sys.stderr)
+        print(f"REFUSED: {escape_controls(str(err))}", file=sys.stderr)
         return 1
     except LedgerError as err:
-        print(f"REFUSED: {err}", file=sys.stderr)
+        print(f"REFUSED: {escape_controls(str(err))}", file=sys.stderr)
         return 1
     return 0
 

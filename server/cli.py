@@ -38,8 +38,16 @@ from pathlib import Path
 from server.ledger import Contribution, Ledger, LedgerCorrupt, LedgerError
 from server.ledger.export import MANIFEST_FILE, export, verify_export
 from server.ledger.ledgers import Ledgers, open_pair
+from tangent.protocol.text import escape_controls
 
 DEFAULT_LEDGER = "runs/ledger.sqlite"
+
+
+def _say(text: str = "", file=None) -> None:
+    """Print one line for the operator: every string in it may come from a site (fingerprints, reasons,
+    metadata), so control characters are shown escaped, never sent to the terminal. (``--json``
+    output needs nothing: json.dumps escapes them.)"""
+    print(escape_controls(text), file=file)
 
 
 def _epsilon_text(epsilon: float | None) -> str:
@@ -64,17 +72,17 @@ def _cmd_list(ledger: Ledger, args) -> int:
                           "sites": [{**asdict(s), "active": asdict(active[s.site_id]) if s.site_id in active else None}
                                     for s in sites]}, indent=2))
         return 0
-    print(f"{ledger.family} ledger, model version {current.version}, {len(active)} active site(s), "
+    _say(f"{ledger.family} ledger, model version {current.version}, {len(active)} active site(s), "
           f"total weight {current.total_weight}")
-    print(f"{'site':<20} {'status':<9} {'ver':>4} {'examples':>9} {'epsilon':>8} {'Σ epsilon':>9}  delta sha256")
+    _say(f"{'site':<20} {'status':<9} {'ver':>4} {'examples':>9} {'epsilon':>8} {'Σ epsilon':>9}  delta sha256")
     for s in sites:
         c = active.get(s.site_id)
         total = _epsilon_text(privacy[s.site_id]["epsilon"]) if s.site_id in privacy else "-"
         status = "withdrawn" if s.withdrawn else ("active" if c else "inactive")
         if c is None:
-            print(f"{s.site_id:<20} {status:<9} {'-':>4} {'-':>9} {'-':>8} {total:>9}  -")
+            _say(f"{s.site_id:<20} {status:<9} {'-':>4} {'-':>9} {'-':>8} {total:>9}  -")
         else:
-            print(f"{s.site_id:<20} {status:<9} {c.version:>4} {c.num_examples:>9} "
+            _say(f"{s.site_id:<20} {status:<9} {c.version:>4} {c.num_examples:>9} "
                   f"{_epsilon_text(c.epsilon):>8} {total:>9}  {c.delta_sha256[:16]}")
     return 0
 
@@ -85,16 +93,16 @@ def _cmd_show(ledger: Ledger, args) -> int:
         withdrawn = args.site in ledger.withdrawn_sites()
         privacy = ledger.privacy_totals().get(args.site)
     if not contributions and not withdrawn:
-        print(f"no contributions from site {args.site!r}", file=sys.stderr)
+        _say(f"no contributions from site {args.site!r}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps({"site_id": args.site, "withdrawn": withdrawn,
                           "privacy": _json_privacy({args.site: privacy})[args.site] if privacy else None,
                           "contributions": [asdict(c) for c in contributions]}, indent=2))
         return 0
-    print(f"site {args.site}: {'WITHDRAWN (readmit to accept contributions again)' if withdrawn else 'admitted'}")
+    _say(f"site {args.site}: {'WITHDRAWN (readmit to accept contributions again)' if withdrawn else 'admitted'}")
     if privacy:
-        print(f"  privacy total over {privacy['contributions']} contribution(s): ε = "
+        _say(f"  privacy total over {privacy['contributions']} contribution(s): ε = "
               f"{_epsilon_text(privacy['epsilon'])}, δ = {privacy['delta']:.3g}"
               + (f" ({privacy['non_dp']} without DP)" if privacy["non_dp"] else ""))
     for c in contributions:
@@ -103,13 +111,13 @@ def _cmd_show(ledger: Ledger, args) -> int:
 
 
 def _print_contribution(c: Contribution) -> None:
-    print(f"contribution {c.id}: site {c.site_id} version {c.version} [{c.status}]")
+    _say(f"contribution {c.id}: site {c.site_id} version {c.version} [{c.status}]")
     for field in ("num_examples", "weight", "epsilon", "delta_dp", "dp_settings", "shard_fingerprint",
                   "base_digest", "train_config", "extra", "delta_sha256", "delta_norm", "added_at",
                   "added_in_version", "ended_at", "ended_in_version", "end_reason"):
         value = getattr(c, field)
         if value is not None:
-            print(f"  {field:<18} {json.dumps(value) if isinstance(value, dict) else value}")
+            _say(f"  {field:<18} {json.dumps(value) if isinstance(value, dict) else value}")
 
 
 def _versions(ledgers: Ledgers) -> str:
@@ -119,34 +127,34 @@ def _versions(ledgers: Ledgers) -> str:
 
 def _cmd_remove(ledgers: Ledgers, args) -> int:
     if not ledgers.remove(args.site, reason=args.reason):
-        print(f"{args.site} is already withdrawn; nothing to do")
+        _say(f"{args.site} is already withdrawn; nothing to do")
         return 0
     for led in ledgers.all():
         v = led.current_version()
         if v.event == "remove":
-            print(f"removed {args.site} from the {led.family} ledger: model version {v.version}, composed sha256 "
+            _say(f"removed {args.site} from the {led.family} ledger: model version {v.version}, composed sha256 "
                   f"{v.composed_sha256}")
         else:
-            print(f"{args.site} had no active contribution in the {led.family} ledger; it is now withdrawn there "
+            _say(f"{args.site} had no active contribution in the {led.family} ledger; it is now withdrawn there "
                   f"(model version {v.version})")
-    print(f"{args.site} stays withdrawn from every model family until readmitted")
+    _say(f"{args.site} stays withdrawn from every model family until readmitted")
     return 0
 
 
 def _cmd_readmit(ledgers: Ledgers, args) -> int:
     if ledgers.readmit(args.site, reason=args.reason):
-        print(f"readmitted {args.site} in {len(ledgers.all())} ledger(s): {_versions(ledgers)} (models unchanged)")
+        _say(f"readmitted {args.site} in {len(ledgers.all())} ledger(s): {_versions(ledgers)} (models unchanged)")
     else:
-        print(f"{args.site} is not withdrawn; nothing to do")
+        _say(f"{args.site} is not withdrawn; nothing to do")
     return 0
 
 
 def _cmd_retract(ledgers: Ledgers, args) -> int:
     if ledgers.retract(args.site, reason=args.reason):
-        print(f"retracted {args.site}'s contribution from {len(ledgers.all())} ledger(s): {_versions(ledgers)}; "
+        _say(f"retracted {args.site}'s contribution from {len(ledgers.all())} ledger(s): {_versions(ledgers)}; "
               f"the site is not withdrawn")
     else:
-        print(f"{args.site} has no active contribution; nothing to do")
+        _say(f"{args.site} has no active contribution; nothing to do")
     return 0
 
 
@@ -160,22 +168,22 @@ def _cmd_verify(ledger: Ledger, args) -> int:
         if args.json:
             print(json.dumps({"ok": False, "problems": e.problems}, indent=2))
         else:
-            print("FAILED")
+            _say("FAILED")
             for problem in e.problems:
-                print(f"  {problem}")
+                _say(f"  {problem}")
         return 1
     if args.json:
         print(json.dumps({"ok": True, **asdict(report)}, indent=2))
         return 0
-    print(f"OK: model version {report.current_version}, {report.active_contributions} active contribution(s), "
+    _say(f"OK: model version {report.current_version}, {report.active_contributions} active contribution(s), "
           f"{report.audit_entries} audit entries, composed sha256 {report.composed_sha256}")
-    print(f"head: audit hash {report.head_audit_hash}")
-    print(f"      signature {report.head_signature}")
-    print(f"      signed by {report.public_key_fingerprint}"
+    _say(f"head: audit hash {report.head_audit_hash}")
+    _say(f"      signature {report.head_signature}")
+    _say(f"      signed by {report.public_key_fingerprint}"
           + (" (the given public key)" if args.public_key else " (the ledger's own key: pass --public-key to check "
                                                                "against a copy you trust)"))
     if report.head_file_version != report.current_version:
-        print(f"note: the head file names version {report.head_file_version} (a write or crash in between; "
+        _say(f"note: the head file names version {report.head_file_version} (a write or crash in between; "
               f"the next open brings it up to date)")
     return 0
 
@@ -218,7 +226,7 @@ def _cmd_export(ledger: Ledger, args) -> int:
     manifest = export(ledger, args.out, model_spec=spec)
     what = (f"exact head (p = {manifest['num_features']}, k = {manifest['num_classes']}, n = {manifest['n']}, "
             f"λ = {manifest['lambda']:.4g})" if manifest["family"] == "stats" else "composed Δ")
-    print(f"exported model version {manifest['model_version']} ({len(manifest['sites'])} site(s)), {what}, to "
+    _say(f"exported model version {manifest['model_version']} ({len(manifest['sites'])} site(s)), {what}, to "
           f"{args.out}; signed by {manifest['public_key_fingerprint']}")
     return 0
 
@@ -227,11 +235,11 @@ def _cmd_verify_export(args) -> int:
     try:
         head = verify_export(args.directory, args.public_key)
     except LedgerCorrupt as e:
-        print("FAILED")
+        _say("FAILED")
         for problem in e.problems:
-            print(f"  {problem}")
+            _say(f"  {problem}")
         return 1
-    print(f"OK: model version {head['version']}, composed sha256 {head['composed_sha256']}, "
+    _say(f"OK: model version {head['version']}, composed sha256 {head['composed_sha256']}, "
           f"signed by {head['public_key']}")
     return 0
 
@@ -264,9 +272,9 @@ def _cmd_forget(args) -> int:
             request = apply_forget_file(args.request, args.stats, args.delta, ledgers,
                                         args.ledger, args.registry, max_age_s=args.max_age_s or MAX_AGE_S)
         except ForgetRefused as err:
-            print(f"REFUSED: {err}", file=sys.stderr)
+            _say(f"REFUSED: {err}", file=sys.stderr)
             return 1
-        print(f"site {request.site_id} forgot {request.forgotten} sample(s): stats ledger {ledgers.stats.path} "
+        _say(f"site {request.site_id} forgot {request.forgotten} sample(s): stats ledger {ledgers.stats.path} "
               f"version {ledgers.stats.current_version().version}, Δ ledger version "
               f"{ledgers.delta.current_version().version}")
     return 0
@@ -339,7 +347,7 @@ def main(argv: list[str] | None = None) -> int:
         with Ledger.open(args.ledger, create=False, signing_key=args.signing_key) as ledger:
             return args.run(ledger, args)
     except (LedgerError, ValueError) as e:
-        print(f"taft-ledger: {e}", file=sys.stderr)
+        _say(f"taft-ledger: {e}", file=sys.stderr)
         return 2
 
 

@@ -50,6 +50,7 @@ from server.ledger.records import (
 )
 from server.ledger.storage import SCHEMA_VERSION, SQLITE_COMPANIONS, Store, connect
 from server.ledger.verification import verify_ledger
+from tangent.protocol.text import escape_controls, is_printable
 from tangent.protocol.limits import check_site_id
 
 WEIGHTINGS = ("examples", "uniform")
@@ -701,6 +702,8 @@ class Ledger:
 def _check_site_and_reason(site_id: Any, reason: Any) -> str:
     if not isinstance(reason, str) or not reason:
         raise ValueError("reason must be a non-empty string")
+    if not is_printable(reason):  # shown by taft-ledger show and in exports: no escape sequences
+        raise ValueError(f"reason {escape_controls(reason[:80])!r} holds control characters")
     return check_site_id(site_id)
 
 
