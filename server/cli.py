@@ -6,7 +6,9 @@
     taft-ledger readmit SITE --reason TXT let a withdrawn site contribute again (audited)
     taft-ledger retract SITE --reason TXT subtract a site's contribution without withdrawing it
                                           (remove, readmit, retract: --ledger is the state's Δ ledger;
-                                          they act on it and on the statistics ledger it names)
+                                          they act on it, the statistics ledger and the quarantine it names)
+    taft-ledger held                      sites whose contribution waits in quarantine
+    taft-ledger admit SITE --reason TXT   move a site's held contribution into the composed models
     taft-ledger verify [--public-key PEM] [--export DIR]
                                           recompute sums and digests, check the chain, the signed
                                           heads (against PEM when given) and that an earlier
@@ -132,10 +134,10 @@ def _cmd_remove(ledgers: Ledgers, args) -> int:
     for led in ledgers.all():
         v = led.current_version()
         if v.event == "remove":
-            _say(f"removed {args.site} from the {led.family} ledger: model version {v.version}, composed sha256 "
+            _say(f"removed {args.site} from the {led.family} ledger {led.path}: model version {v.version}, composed sha256 "
                   f"{v.composed_sha256}")
         else:
-            _say(f"{args.site} had no active contribution in the {led.family} ledger; it is now withdrawn there "
+            _say(f"{args.site} had no active contribution in the {led.family} ledger {led.path}; it is now withdrawn there "
                   f"(model version {v.version})")
     _say(f"{args.site} stays withdrawn from every model family until readmitted")
     return 0
@@ -155,6 +157,28 @@ def _cmd_retract(ledgers: Ledgers, args) -> int:
               f"the site is not withdrawn")
     else:
         _say(f"{args.site} has no active contribution; nothing to do")
+    return 0
+
+
+def _cmd_held(ledgers: Ledgers, args) -> int:
+    from server.quarantine import held_sites
+
+    if ledgers.held is None:
+        _say("no quarantine: the runs of this state admit every accepted reply (run config quarantine = false)")
+        return 0
+    for site in held_sites(ledgers):
+        c = ledgers.held.delta.contributions(site_id=site, status="active")[0]
+        _say(f"{site:<20} held since {c.added_at}: {c.num_examples} examples, ‖Δ‖ = {c.delta_norm:.4g}, "
+             f"ε = {_epsilon_text(c.epsilon)}")
+    return 0
+
+
+def _cmd_admit(ledgers: Ledgers, args) -> int:
+    from server.quarantine import admit
+
+    version = admit(ledgers, args.site, args.reason)
+    _say(f"admitted {args.site}'s held contribution: Δ ledger version {version.version}"
+         + (f", statistics ledger version {ledgers.stats.current_version().version}" if ledgers.stats else ""))
     return 0
 
 
@@ -312,6 +336,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("site", metavar="SITE")
     p.add_argument("--reason", required=True, help="why, recorded in the audit log")
     p.set_defaults(run=_cmd_retract, both_families=True)
+
+    p = sub.add_parser("held", help="sites whose contribution waits in quarantine (run config quarantine = true)")
+    p.set_defaults(run=_cmd_held, both_families=True)
+
+    p = sub.add_parser("admit", help="move a site's held contribution into the composed models (audited)")
+    p.add_argument("site", metavar="SITE")
+    p.add_argument("--reason", required=True, help="why (your review), recorded in the audit log")
+    p.set_defaults(run=_cmd_admit, both_families=True)
 
     p = sub.add_parser("verify", help="recompute accumulators and digests, check the audit chain and signatures")
     p.add_argument("--public-key", type=Path, metavar="PEM", default=None,

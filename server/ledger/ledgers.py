@@ -31,15 +31,18 @@ log = logging.getLogger("taft.server")
 
 #: the key of the statistics ledger in the Δ ledger's links (Ledger.link_ledger)
 STATS_LINK = "stats"
+#: the key of the quarantine's Δ ledger (which links its own statistics ledger)
+HELD_LINK = "quarantine"
 #: the statistics ledger's file name when the run config names none (server.config)
 DEFAULT_STATS_NAME = "exact_head.sqlite"
 
 
-def link(delta: "Ledger", stats: "Ledger") -> None:
-    """Record ``stats``' path in ``delta`` (relative to ``delta``'s folder); a different recorded
-    link is a LedgerError: one state directory holds one statistics ledger."""
-    relative = os.path.relpath(Path(stats.path).resolve(), Path(delta.path).resolve().parent)
-    delta.link_ledger(STATS_LINK, relative)
+def link(delta: "Ledger", other: "Ledger", key: str = STATS_LINK) -> None:
+    """Record ``other``'s path in ``delta`` (relative to ``delta``'s folder) under ``key``
+    (STATS_LINK, HELD_LINK); a different recorded link is a LedgerError: one state directory holds
+    one ledger of each kind."""
+    relative = os.path.relpath(Path(other.path).resolve(), Path(delta.path).resolve().parent)
+    delta.link_ledger(key, relative)
 
 
 def stats_path_of(delta: "Ledger", given: Path | None = None) -> Path | None:
@@ -105,7 +108,24 @@ def open_pair(delta_path: Path, *, signing_key: Path | None = None, stats_path: 
         path = stats_path_of(delta, stats_path)
         stats = None if path is None else opened.enter_context(
             Ledger.open(path, create=False, family="stats", signing_key=stats_signing_key))
-        yield Ledgers(delta, stats)
+        held_path = held_path_of(delta)
+        held = None if held_path is None else opened.enter_context(open_pair(held_path))
+        yield Ledgers(delta, stats, held)
+
+
+def held_path_of(delta: "Ledger") -> Path | None:
+    """The quarantine's Δ ledger that ``delta`` names (server.quarantine), or None; a named one that is
+    missing is a LedgerError (its contributions would escape a removal)."""
+    from server.ledger import LedgerError
+
+    linked = delta.linked_ledgers().get(HELD_LINK)
+    if linked is None:
+        return None
+    path = (Path(delta.path).resolve().parent / linked).resolve()
+    if not path.is_file():
+        raise LedgerError(f"the quarantine ledger {path} that {delta.path} names is missing: refusing to act on "
+                          f"part of the state only")
+    return path
 
 
 @dataclass
@@ -114,6 +134,8 @@ class Ledgers:
 
     delta: "Ledger"
     stats: "Ledger | None" = None
+    #: the quarantine's pair (contributions recorded but not composed until admitted), when the state has one
+    held: "Ledgers | None" = None
 
     @classmethod
     def of(cls, ledger: "Ledger | Ledgers") -> "Ledgers":
@@ -121,7 +143,8 @@ class Ledgers:
         return ledger if isinstance(ledger, Ledgers) else cls(ledger)
 
     def all(self) -> list["Ledger"]:
-        return [led for led in (self.delta, self.stats) if led is not None]
+        """Every ledger of the state, the quarantine's included: a removal reaches them all."""
+        return [led for led in (self.delta, self.stats) if led is not None] + (self.held.all() if self.held else [])
 
     def remove(self, site_id: str, reason: str = "withdrawn") -> bool:
         """Subtract ``site_id`` from every ledger and mark it withdrawn there (``Ledger.remove``).
@@ -155,7 +178,7 @@ class Ledgers:
         return changed
 
     def withdrawn_sites(self) -> list[str]:
-        """Sites withdrawn in either ledger (neither is sampled)."""
+        """Sites withdrawn in any ledger (none of them is sampled)."""
         return sorted({site for ledger in self.all() for site in ledger.withdrawn_sites()})
 
     def has_active(self, site_id: str) -> bool:
