@@ -62,6 +62,26 @@ def admit(ledgers: Ledgers, site_id: str, reason: str):
     return version
 
 
+def validation_admits(current, candidate, features, labels, tolerance: float = 0.01) -> tuple[bool, float, float]:
+    """A server-held validation check for the exact head: (admit?, accuracy without, accuracy with).
+
+    ``current``: the composed statistics (SufficientStats, or None when nothing is composed yet);
+    ``candidate``: the held statistics; ``features``/``labels``: a validation split the *server* holds
+    (φ rows, never a site's). Admit when the head solved with the candidate loses at most ``tolerance``
+    of validation accuracy. A rule for the operator's review, not a proof: a poisoner that costs less
+    than ``tolerance`` passes (benchmarks/poisoning.py measures it)."""
+    import numpy as np
+
+    from tangent.exact_head.statistics import solve
+
+    def accuracy(stats) -> float:
+        return float((solve(stats).predict(features) == np.asarray(labels)).mean())
+
+    without = accuracy(current) if current is not None and current.n > 1 else 0.0
+    with_candidate = accuracy(candidate if current is None else current + candidate)
+    return with_candidate >= without - tolerance, without, with_candidate
+
+
 def held_sites(ledgers: Ledgers) -> list[str]:
     """Sites with a contribution waiting in quarantine."""
     if ledgers.held is None:

@@ -175,3 +175,13 @@ def test_a_consistent_label_flipper_is_accepted_and_its_pull_is_bounded_by_its_s
     clean = accuracy(honest)
     small, large = accuracy(honest + label_flip(40)), accuracy(honest + label_flip(400))
     assert clean > 0.9 and small >= large and large < clean
+
+
+def test_the_server_held_validation_check_holds_back_a_large_label_flipper():
+    from server.quarantine import validation_admits
+
+    honest = SufficientStats.total(HONEST)
+    validation = data(555, 200)
+    admitted, without, with_flipper = validation_admits(honest, label_flip(400), *validation)
+    assert not admitted and with_flipper < without - 0.01
+    assert validation_admits(SufficientStats.total(HONEST[:3]), HONEST[3], *validation)[0]
