@@ -9,9 +9,10 @@ both and marks it withdrawn in both, so neither model can take it back without t
 Finding the statistics ledger. The ServerApp records the statistics ledger's path (relative to the
 Δ ledger's folder) in the Δ ledger's ``meta`` the first time it opens both (:func:`link`). Every tool
 opens the pair with :func:`open_pair` from the Δ ledger alone: the linked file, or — for state written
-before links existed — ``exact_head.sqlite`` beside the Δ ledger. A statistics ledger anywhere in that
-folder that is neither is a refusal, never skipped: a removal that reached one family only would leave
-the site's data in the other.
+before links existed — ``exact_head.sqlite`` beside the Δ ledger. A statistics ledger in that folder
+that is neither is a refusal, never skipped: a removal that reached one family only would leave the
+site's data in the other. The quarantine's pair (server.quarantine), when the Δ ledger names one, is
+opened the same way and is part of :meth:`Ledgers.all`: a removal reaches held contributions too.
 """
 from __future__ import annotations
 
