@@ -16,7 +16,6 @@ Defaults: --state is the operator state dir, --ledger `<state>/ledger.sqlite`.
 Exit status 1 when the SuperLink cannot be reached or a registered, unrevoked site is offline,
 so it can serve as a monitoring probe.
 """
-
 from __future__ import annotations
 
 import argparse
@@ -33,6 +32,7 @@ from typing import Any
 
 from deploy.connection import DEFAULT_NAME, DEFAULT_STATE, flwr_env
 from deploy.register import read_registry
+from tangent.protocol.text import escape_controls
 
 
 def list_supernodes(state: Path, connection: str = DEFAULT_NAME) -> tuple[list[dict[str, Any]] | None, str]:
@@ -201,7 +201,8 @@ def render(report: dict[str, Any]) -> str:
         out.append(f"ledger: version {led['version']} ({led['event']}"
                    + (f" {led['site_id']}" if led["site_id"] else "") + f", {led['created_at']}); "
                    f"active sites: {', '.join(led['active_sites']) or 'none'}")
-    return "\n".join(out)
+    # names, reasons and details come from sites, request files and SuperNode logs: shown, never obeyed
+    return "\n".join(escape_controls(line) for line in out)
 
 
 def _short(fingerprint: str | None) -> str:

@@ -17,8 +17,10 @@ Without Flower (e.g. while no run can be submitted), verify and subtract directl
     python -m deploy.withdraw apply ~/.local/state/taft-fl/server/requests/withdraw-3.json
 
 `apply` exits 0 when the site was removed and 1 (printing why) when the request was refused;
-the ledger is untouched in that case. The site leaves the exact head's statistics ledger too
-(`--exact-head-ledger`, default `exact_head.sqlite` beside `--ledger`, when that file exists). `verify` only checks (no nonce consumed, no ledger).
+the ledgers are untouched in that case. The site leaves the exact head's statistics ledger too: the
+one `--ledger` names (the ServerApp records it there), or `--exact-head-ledger` when the Δ ledger
+names none; a statistics ledger beside `--ledger` that nothing names is a refusal, never skipped.
+`verify` only checks (no nonce consumed, no ledger).
 A request is valid for 15 minutes and once. The operator's own decision to remove a site is a
 request signed with the operator key (`python -m deploy.pki operator-key`, recorded with
 `python -m deploy.register --admin`):
@@ -38,6 +40,8 @@ import sys
 from pathlib import Path
 
 from deploy.connection import DEFAULT_STATE, make_private_dir
+from server.ledger import LedgerError
+from tangent.protocol.text import escape_controls
 from server.trust.withdrawal import (
     MAX_AGE_S,
     SiteRegistry,
@@ -72,8 +76,8 @@ def main(argv: list[str] | None = None) -> int:
             p.add_argument("--ledger", type=Path, default=DEFAULT_STATE / "ledger.sqlite",
                            help="the ledger (default %(default)s)")
             p.add_argument("--exact-head-ledger", type=Path, default=None,
-                           help="the exact head's statistics ledger: the site leaves it too, when it exists "
-                                "(default: exact_head.sqlite beside --ledger)")
+                           help="the exact head's statistics ledger: the site leaves it too (default: the one "
+                                "--ledger names; must agree with it)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
 
@@ -92,33 +96,31 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "verify":
             request = verify_request(read_request(args.request), SiteRegistry(args.registry),
                                      max_age_s=args.max_age_s)
-            print(f"valid: site {request.site_id}, signer {request.signer}, nonce {request.nonce}")
+            print(escape_controls(f"valid: site {request.site_id}, signer {request.signer}, nonce {request.nonce}"))
         else:
-            stats_path = args.exact_head_ledger or args.ledger.with_name("exact_head.sqlite")
-            request = _apply(args, stats_path if stats_path.exists() else None)
-            print(f"removed site {request.site_id} from {args.ledger}" + (f" and {stats_path}" if stats_path.exists() else ""))
+            request, paths = _apply(args)
+            print(f"removed site {request.site_id} from {' and '.join(map(str, paths))}")
     except WithdrawalRefused as err:
-        print(f"REFUSED: {err}", file=sys.stderr)
+        print(f"REFUSED: {escape_controls(str(err))}", file=sys.stderr)
+        return 1
+    except LedgerError as err:
+        print(f"REFUSED: {escape_controls(str(err))}", file=sys.stderr)
         return 1
     return 0
 
 
-def _apply(args, stats_path: Path | None) -> WithdrawalRequest:
-    """One request, one nonce, both ledgers (server.ledger.ledgers.Ledgers): a withdrawn site leaves the
-    TAFT Δ ledger and, when there is one, the exact head's statistics ledger."""
-    from contextlib import ExitStack
-
-    from server.ledger import Ledger
-    from server.ledger.ledgers import Ledgers
+def _apply(args) -> tuple[WithdrawalRequest, list[Path]]:
+    """One request, one nonce, both ledgers (server.ledger.ledgers.open_pair): a withdrawn site leaves the
+    TAFT Δ ledger and the statistics ledger that belongs with it, or nothing changes."""
+    from server.ledger.ledgers import open_pair
     from server.trust.withdrawal import NonceStore, nonce_store_path
 
     document = read_request(args.request)
     registry = SiteRegistry(args.registry)
-    with ExitStack() as opened:
-        delta = opened.enter_context(Ledger.open(args.ledger))
-        stats = None if stats_path is None else opened.enter_context(Ledger.open(stats_path, create=False))
-        nonces = opened.enter_context(NonceStore(nonce_store_path(args.ledger)))
-        return apply_withdrawal(document, Ledgers(delta, stats), registry, nonces, max_age_s=args.max_age_s)
+    with open_pair(args.ledger, stats_path=args.exact_head_ledger) as ledgers, \
+            NonceStore(nonce_store_path(args.ledger)) as nonces:
+        request = apply_withdrawal(document, ledgers, registry, nonces, max_age_s=args.max_age_s)
+        return request, [led.path for led in ledgers.all()]
 
 
 if __name__ == "__main__":

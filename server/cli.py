@@ -5,6 +5,10 @@
     taft-ledger remove SITE --reason TXT  withdraw a site (exact subtraction; it stays withdrawn)
     taft-ledger readmit SITE --reason TXT let a withdrawn site contribute again (audited)
     taft-ledger retract SITE --reason TXT subtract a site's contribution without withdrawing it
+                                          (remove, readmit, retract: --ledger is the state's Δ ledger;
+                                          they act on it, the statistics ledger and the quarantine it names)
+    taft-ledger held                      sites whose contribution waits in quarantine
+    taft-ledger admit SITE --reason TXT   move a site's held contribution into the composed models
     taft-ledger verify [--public-key PEM] [--export DIR]
                                           recompute sums and digests, check the chain, the signed
                                           heads (against PEM when given), the witness (--witness)
@@ -41,9 +45,18 @@ from pathlib import Path
 
 from server.ledger import Contribution, Ledger, LedgerCorrupt, LedgerError, witness
 from server.ledger.export import MANIFEST_FILE, export
+from server.ledger.ledgers import Ledgers, open_pair
+from tangent.protocol.text import escape_controls
 from tangent.serving import export_check
 
 DEFAULT_LEDGER = "runs/ledger.sqlite"
+
+
+def _say(text: str = "", file=None) -> None:
+    """Print one line for the operator: every string in it may come from a site (fingerprints, reasons,
+    metadata), so control characters are shown escaped, never sent to the terminal. (``--json``
+    output needs nothing: json.dumps escapes them.)"""
+    print(escape_controls(text), file=file)
 
 
 def _epsilon_text(epsilon: float | None) -> str:
@@ -68,17 +81,17 @@ def _cmd_list(ledger: Ledger, args) -> int:
                           "sites": [{**asdict(s), "active": asdict(active[s.site_id]) if s.site_id in active else None}
                                     for s in sites]}, indent=2))
         return 0
-    print(f"{ledger.family} ledger, model version {current.version}, {len(active)} active site(s), "
+    _say(f"{ledger.family} ledger, model version {current.version}, {len(active)} active site(s), "
           f"total weight {current.total_weight}")
-    print(f"{'site':<20} {'status':<9} {'ver':>4} {'examples':>9} {'epsilon':>8} {'Σ epsilon':>9}  delta sha256")
+    _say(f"{'site':<20} {'status':<9} {'ver':>4} {'examples':>9} {'epsilon':>8} {'Σ epsilon':>9}  delta sha256")
     for s in sites:
         c = active.get(s.site_id)
         total = _epsilon_text(privacy[s.site_id]["epsilon"]) if s.site_id in privacy else "-"
         status = "withdrawn" if s.withdrawn else ("active" if c else "inactive")
         if c is None:
-            print(f"{s.site_id:<20} {status:<9} {'-':>4} {'-':>9} {'-':>8} {total:>9}  -")
+            _say(f"{s.site_id:<20} {status:<9} {'-':>4} {'-':>9} {'-':>8} {total:>9}  -")
         else:
-            print(f"{s.site_id:<20} {status:<9} {c.version:>4} {c.num_examples:>9} "
+            _say(f"{s.site_id:<20} {status:<9} {c.version:>4} {c.num_examples:>9} "
                   f"{_epsilon_text(c.epsilon):>8} {total:>9}  {c.delta_sha256[:16]}")
     return 0
 
@@ -89,16 +102,16 @@ def _cmd_show(ledger: Ledger, args) -> int:
         withdrawn = args.site in ledger.withdrawn_sites()
         privacy = ledger.privacy_totals().get(args.site)
     if not contributions and not withdrawn:
-        print(f"no contributions from site {args.site!r}", file=sys.stderr)
+        _say(f"no contributions from site {args.site!r}", file=sys.stderr)
         return 2
     if args.json:
         print(json.dumps({"site_id": args.site, "withdrawn": withdrawn,
                           "privacy": _json_privacy({args.site: privacy})[args.site] if privacy else None,
                           "contributions": [asdict(c) for c in contributions]}, indent=2))
         return 0
-    print(f"site {args.site}: {'WITHDRAWN (readmit to accept contributions again)' if withdrawn else 'admitted'}")
+    _say(f"site {args.site}: {'WITHDRAWN (readmit to accept contributions again)' if withdrawn else 'admitted'}")
     if privacy:
-        print(f"  privacy total over {privacy['contributions']} contribution(s): ε = "
+        _say(f"  privacy total over {privacy['contributions']} contribution(s): ε = "
               f"{_epsilon_text(privacy['epsilon'])}, δ = {privacy['delta']:.3g}"
               + (f" ({privacy['non_dp']} without DP)" if privacy["non_dp"] else ""))
     for c in contributions:
@@ -107,43 +120,72 @@ def _cmd_show(ledger: Ledger, args) -> int:
 
 
 def _print_contribution(c: Contribution) -> None:
-    print(f"contribution {c.id}: site {c.site_id} version {c.version} [{c.status}]")
+    _say(f"contribution {c.id}: site {c.site_id} version {c.version} [{c.status}]")
     for field in ("num_examples", "weight", "epsilon", "delta_dp", "dp_settings", "shard_fingerprint",
                   "base_digest", "train_config", "extra", "delta_sha256", "delta_norm", "added_at",
                   "added_in_version", "ended_at", "ended_in_version", "end_reason"):
         value = getattr(c, field)
         if value is not None:
-            print(f"  {field:<18} {json.dumps(value) if isinstance(value, dict) else value}")
+            _say(f"  {field:<18} {json.dumps(value) if isinstance(value, dict) else value}")
 
 
-def _cmd_remove(ledger: Ledger, args) -> int:
-    if not ledger.remove(args.site, reason=args.reason):
-        print(f"{args.site} is already withdrawn; nothing to do")
+def _versions(ledgers: Ledgers) -> str:
+    return "; ".join(f"{led.family} ledger version {led.current_version().version}, composed sha256 "
+                     f"{led.current_version().composed_sha256}" for led in ledgers.all())
+
+
+def _cmd_remove(ledgers: Ledgers, args) -> int:
+    if not ledgers.remove(args.site, reason=args.reason):
+        _say(f"{args.site} is already withdrawn; nothing to do")
         return 0
-    v = ledger.current_version()
-    if v.event == "remove":
-        print(f"removed {args.site}: model version {v.version}, composed sha256 {v.composed_sha256}; "
-              f"the site stays withdrawn until readmitted")
-    else:
-        print(f"{args.site} had no active contribution; it is now withdrawn (model version {v.version})")
+    for led in ledgers.all():
+        v = led.current_version()
+        if v.event == "remove":
+            _say(f"removed {args.site} from the {led.family} ledger {led.path}: model version {v.version}, composed sha256 "
+                  f"{v.composed_sha256}")
+        else:
+            _say(f"{args.site} had no active contribution in the {led.family} ledger {led.path}; it is now withdrawn there "
+                  f"(model version {v.version})")
+    _say(f"{args.site} stays withdrawn from every model family until readmitted")
     return 0
 
 
-def _cmd_readmit(ledger: Ledger, args) -> int:
-    if ledger.readmit(args.site, reason=args.reason):
-        print(f"readmitted {args.site}: model version {ledger.current_version().version} (model unchanged)")
+def _cmd_readmit(ledgers: Ledgers, args) -> int:
+    if ledgers.readmit(args.site, reason=args.reason):
+        _say(f"readmitted {args.site} in {len(ledgers.all())} ledger(s): {_versions(ledgers)} (models unchanged)")
     else:
-        print(f"{args.site} is not withdrawn; nothing to do")
+        _say(f"{args.site} is not withdrawn; nothing to do")
     return 0
 
 
-def _cmd_retract(ledger: Ledger, args) -> int:
-    if ledger.retract(args.site, reason=args.reason):
-        v = ledger.current_version()
-        print(f"retracted {args.site}'s contribution: model version {v.version}, composed sha256 "
-              f"{v.composed_sha256}; the site is not withdrawn")
+def _cmd_retract(ledgers: Ledgers, args) -> int:
+    if ledgers.retract(args.site, reason=args.reason):
+        _say(f"retracted {args.site}'s contribution from {len(ledgers.all())} ledger(s): {_versions(ledgers)}; "
+              f"the site is not withdrawn")
     else:
-        print(f"{args.site} has no active contribution; nothing to do")
+        _say(f"{args.site} has no active contribution; nothing to do")
+    return 0
+
+
+def _cmd_held(ledgers: Ledgers, args) -> int:
+    from server.quarantine import held_sites
+
+    if ledgers.held is None:
+        _say("no quarantine: the runs of this state admit every accepted reply (run config quarantine = false)")
+        return 0
+    for site in held_sites(ledgers):
+        c = ledgers.held.delta.contributions(site_id=site, status="active")[0]
+        _say(f"{site:<20} held since {c.added_at}: {c.num_examples} examples, ‖Δ‖ = {c.delta_norm:.4g}, "
+             f"ε = {_epsilon_text(c.epsilon)}")
+    return 0
+
+
+def _cmd_admit(ledgers: Ledgers, args) -> int:
+    from server.quarantine import admit
+
+    version = admit(ledgers, args.site, args.reason)
+    _say(f"admitted {args.site}'s held contribution: Δ ledger version {version.version}"
+         + (f", statistics ledger version {ledgers.stats.current_version().version}" if ledgers.stats else ""))
     return 0
 
 
@@ -157,18 +199,18 @@ def _cmd_verify(ledger: Ledger, args) -> int:
         if args.json:
             print(json.dumps({"ok": False, "problems": e.problems}, indent=2))
         else:
-            print("FAILED")
+            _say("FAILED")
             for problem in e.problems:
-                print(f"  {problem}")
+                _say(f"  {problem}")
         return 1
     if args.json:
         print(json.dumps({"ok": True, **asdict(report)}, indent=2))
         return 0
-    print(f"OK: model version {report.current_version}, {report.active_contributions} active contribution(s), "
+    _say(f"OK: model version {report.current_version}, {report.active_contributions} active contribution(s), "
           f"{report.audit_entries} audit entries, composed sha256 {report.composed_sha256}")
-    print(f"head: audit hash {report.head_audit_hash}")
-    print(f"      signature {report.head_signature}")
-    print(f"      signed by {report.public_key_fingerprint}"
+    _say(f"head: audit hash {report.head_audit_hash}")
+    _say(f"      signature {report.head_signature}")
+    _say(f"      signed by {report.public_key_fingerprint}"
           + (" (the given public key)" if args.public_key else " (the ledger's own key: pass --public-key to check "
                                                                "against a copy you trust)"))
     if report.witness_version is None:
@@ -180,7 +222,7 @@ def _cmd_verify(ledger: Ledger, args) -> int:
     else:
         print(f"witness: holds version {report.witness_version}, as the ledger does")
     if report.head_file_version != report.current_version:
-        print(f"note: the head file names version {report.head_file_version} (a write or crash in between; "
+        _say(f"note: the head file names version {report.head_file_version} (a write or crash in between; "
               f"the next open brings it up to date)")
     return 0
 
@@ -223,7 +265,7 @@ def _cmd_export(ledger: Ledger, args) -> int:
     manifest = export(ledger, args.out, model_spec=spec)
     what = (f"exact head (p = {manifest['num_features']}, k = {manifest['num_classes']}, n = {manifest['n']}, "
             f"λ = {manifest['lambda']:.4g})" if manifest["family"] == "stats" else "composed Δ")
-    print(f"exported model version {manifest['model_version']} ({len(manifest['sites'])} site(s)), {what}, to "
+    _say(f"exported model version {manifest['model_version']} ({len(manifest['sites'])} site(s)), {what}, to "
           f"{args.out}; signed by {manifest['public_key_fingerprint']}")
     return 0
 
@@ -232,15 +274,15 @@ def _cmd_verify_export(args) -> int:
     try:
         verified = export_check.verify_export(args.directory, public_key=args.public_key, fingerprint=args.fingerprint)
     except export_check.ExportRefused as e:
-        print("FAILED")
+        _say("FAILED")
         for problem in e.problems:
-            print(f"  {problem}")
+            _say(f"  {problem}")
         return 1
     except export_check.ExportError as e:
         raise LedgerError(str(e)) from None
     head = verified.head
-    print(f"OK: model version {head['version']}, composed sha256 {head['composed_sha256']}, "
-          f"signed by {verified.fingerprint}")
+    _say(f"OK: model version {head['version']}, composed sha256 {head['composed_sha256']}, "
+         f"signed by {verified.fingerprint}")
     if not verified.pinned:
         print("note: checked against the key the export carries: this shows the export is intact, not who "
               "signed it. Pin the server's key with --fingerprint or --public-key for that.")
@@ -249,7 +291,7 @@ def _cmd_verify_export(args) -> int:
 
 def _cmd_witness_init(args) -> int:
     witness.init(args.path)
-    print(f"created the witness {args.path}; set TAFT_WITNESS={args.path} for the server and the tools")
+    _say(f"created the witness {args.path}; set TAFT_WITNESS={args.path} for the server and the tools")
     return 0
 
 
@@ -266,26 +308,27 @@ def _add_forget_command(sub) -> None:
     p.add_argument("--delta", type=Path, default=None, metavar="FILE", help="the retrained Δw the request signs")
     p.add_argument("--registry", type=Path, required=True, metavar="R", help="the site registry (deploy.register)")
     p.add_argument("--stats-ledger", type=Path, default=None, metavar="PATH",
-                   help="the exact head's stats ledger (default: exact_head.sqlite beside --ledger)")
+                   help="the exact head's stats ledger (default: the one --ledger names)")
     p.add_argument("--max-age-s", type=float, default=None, help="request validity (default: 15 minutes)")
     p.set_defaults(run=None, run_without_ledger=_cmd_forget)
 
 
 def _cmd_forget(args) -> int:
     from server.trust.forgetting import MAX_AGE_S, ForgetRefused, apply_forget_file
-    from server.ledger.ledgers import Ledgers
 
-    stats_path = args.stats_ledger or args.ledger.with_name("exact_head.sqlite")
-    with Ledger.open(args.ledger, create=False, signing_key=args.signing_key, witness=args.witness) as delta, \
-            Ledger.open(stats_path, create=False, family="stats", witness=args.witness) as stats:
+    with open_pair(args.ledger, signing_key=args.signing_key, stats_path=args.stats_ledger,
+                   witness=args.witness) as ledgers:
+        if ledgers.stats is None:
+            raise LedgerError(f"{args.ledger} has no statistics ledger: nothing to forget from")
         try:
-            request = apply_forget_file(args.request, args.stats, args.delta, Ledgers(delta, stats),
+            request = apply_forget_file(args.request, args.stats, args.delta, ledgers,
                                         args.ledger, args.registry, max_age_s=args.max_age_s or MAX_AGE_S)
         except ForgetRefused as err:
-            print(f"REFUSED: {err}", file=sys.stderr)
+            _say(f"REFUSED: {err}", file=sys.stderr)
             return 1
-        print(f"site {request.site_id} forgot {request.forgotten} sample(s): stats ledger {stats_path} "
-              f"version {stats.current_version().version}, Δ ledger version {delta.current_version().version}")
+        _say(f"site {request.site_id} forgot {request.forgotten} sample(s): stats ledger {ledgers.stats.path} "
+              f"version {ledgers.stats.current_version().version}, Δ ledger version "
+              f"{ledgers.delta.current_version().version}")
     return 0
 
 
@@ -312,17 +355,25 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("remove", help="withdraw a site: subtract its contribution, refuse it until readmitted")
     p.add_argument("site", metavar="SITE")
     p.add_argument("--reason", required=True, help="why, recorded in the audit log")
-    p.set_defaults(run=_cmd_remove)
+    p.set_defaults(run=_cmd_remove, both_families=True)
 
     p = sub.add_parser("readmit", help="let a withdrawn site contribute again (audited)")
     p.add_argument("site", metavar="SITE")
     p.add_argument("--reason", required=True, help="why, recorded in the audit log")
-    p.set_defaults(run=_cmd_readmit)
+    p.set_defaults(run=_cmd_readmit, both_families=True)
 
     p = sub.add_parser("retract", help="subtract a site's active contribution without withdrawing the site (audited)")
     p.add_argument("site", metavar="SITE")
     p.add_argument("--reason", required=True, help="why, recorded in the audit log")
-    p.set_defaults(run=_cmd_retract)
+    p.set_defaults(run=_cmd_retract, both_families=True)
+
+    p = sub.add_parser("held", help="sites whose contribution waits in quarantine (run config quarantine = true)")
+    p.set_defaults(run=_cmd_held, both_families=True)
+
+    p = sub.add_parser("admit", help="move a site's held contribution into the composed models (audited)")
+    p.add_argument("site", metavar="SITE")
+    p.add_argument("--reason", required=True, help="why (your review), recorded in the audit log")
+    p.set_defaults(run=_cmd_admit, both_families=True)
 
     p = sub.add_parser("verify", help="recompute accumulators and digests, check the audit chain and signatures")
     p.add_argument("--public-key", type=Path, metavar="PEM", default=None,
@@ -359,10 +410,13 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.run is None:
             return args.run_without_ledger(args)
+        if getattr(args, "both_families", False):  # a site leaves (or rejoins) every model family at once
+            with open_pair(args.ledger, signing_key=args.signing_key, witness=args.witness) as ledgers:
+                return args.run(ledgers, args)
         with Ledger.open(args.ledger, create=False, signing_key=args.signing_key, witness=args.witness) as ledger:
             return args.run(ledger, args)
     except (LedgerError, ValueError) as e:
-        print(f"taft-ledger: {e}", file=sys.stderr)
+        _say(f"taft-ledger: {e}", file=sys.stderr)
         return 2
 
 

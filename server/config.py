@@ -59,6 +59,12 @@ def dp_required(run_config: Mapping[str, Any]) -> bool:
     return _flag(run_config, "dp")
 
 
+def quarantine_enabled(run_config: Mapping[str, Any]) -> bool:
+    """``quarantine=true``: replies are held in the quarantine's ledgers until the operator admits
+    them (server.quarantine); default off."""
+    return _flag(run_config, "quarantine")
+
+
 def central_evaluation_enabled(run_config: Mapping[str, Any]) -> bool:
     """``central-evaluation`` (default true): whether the ServerApp evaluates the composed models on
     its test set. The simulation driver turns it off and evaluates from the ledgers itself, after

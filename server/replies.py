@@ -45,6 +45,7 @@ from flwr.app import ArrayRecord, Message
 
 from server.trust import safejson
 from tangent.protocol.limits import check_site_id
+from tangent.protocol.text import escape_controls, is_printable
 
 if TYPE_CHECKING:  # tangent.exact_head.statistics itself is imported where statistics are parsed
     from tangent.exact_head.statistics import SufficientStats
@@ -137,7 +138,7 @@ def raise_if_error(msg: Message) -> None:
     """A Flower error or the site's own error record, as a rejection."""
     if msg.has_error():
         with stage("flower_error"):
-            detail = f"code {msg.error.code}: {str(msg.error.reason)[:MAX_DETAIL]}"
+            detail = f"code {msg.error.code}: {escape_controls(str(msg.error.reason)[:MAX_DETAIL])}"
         raise Rejected("flower_error", detail)
     with stage("malformed"):
         error = msg.content.config_records.get("error")
@@ -147,7 +148,7 @@ def raise_if_error(msg: Message) -> None:
         code, reason, site = error.get("code"), error.get("reason", ""), error.get("site-id")
     code = code if isinstance(code, str) and REASON_PATTERN.fullmatch(code) else "client_error"
     site = site if _valid_site_id(site) else None
-    raise Rejected(code, str(reason)[:MAX_DETAIL], site)
+    raise Rejected(code, escape_controls(str(reason)[:MAX_DETAIL]), site)
 
 
 def records(msg: Message, **kinds: str) -> dict[str, Any]:
@@ -336,6 +337,8 @@ def _optional_string(meta, key: str, site: str) -> str | None:
         return None
     if not isinstance(value, str) or len(value) > MAX_META_STRING:
         raise Rejected("bad_meta", f"{key} = {shown(value)} is not a string of at most {MAX_META_STRING}", site)
+    if not is_printable(value):  # it is printed by taft-ledger show: no escape sequences in
+        raise Rejected("bad_meta", f"{key} = {shown(value)} holds control characters", site)
     return value
 
 
@@ -423,8 +426,17 @@ def _stats_arrays(record: ArrayRecord, expected: StatsExpectation, site: str) ->
 
 # ----------------------------------------------------------------------------- evaluate
 
+#: the largest evaluate loss a reply may report: a mean cross-entropy of 100 nats is a probability of
+#: e^-100 on the true class, far beyond any model the run composes; a larger value is a lie, and it
+#: would dominate the federated mean
+MAX_EVAL_LOSS = 100.0
+
+
 def parse_evaluate_reply(msg: Message, bind: Callable[[str], str] | None = None) -> tuple[str, dict[str, float]]:
-    """(site id, {num-examples, eval-loss, eval-accuracy}); raises :class:`Rejected`."""
+    """(site id, {num-examples, eval-loss, eval-accuracy}); raises :class:`Rejected`.
+
+    ``bad_metrics`` unless eval-accuracy is in [0, 1] and eval-loss in [0, MAX_EVAL_LOSS] (each where
+    present); num-examples in [1, MAX_EXAMPLES] (the strategy also holds it to the site's registered cap)."""
     raise_if_error(msg)
     found = records(msg, metrics="metric", meta="config")
     site = declared_site(found["meta"])
@@ -434,4 +446,8 @@ def parse_evaluate_reply(msg: Message, bind: Callable[[str], str] | None = None)
         metrics = found["metrics"]
         num_examples = count(metrics.get("num-examples"), site)
         kept = finite_metrics(metrics, EVALUATE_METRICS, site)
+    if not 0.0 <= kept.get("eval-accuracy", 0.0) <= 1.0:
+        raise Rejected("bad_metrics", f"eval-accuracy = {shown(kept['eval-accuracy'])} is not in [0, 1]", site)
+    if not 0.0 <= kept.get("eval-loss", 0.0) <= MAX_EVAL_LOSS:
+        raise Rejected("bad_metrics", f"eval-loss = {shown(kept['eval-loss'])} is not in [0, {MAX_EVAL_LOSS:g}]", site)
     return site, kept | {"num-examples": num_examples}

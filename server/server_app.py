@@ -49,12 +49,12 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from server import config as cfg
-from server import model_process
+from server import model_process, quarantine
 from server.evaluation import CentralEvaluation
 from server.exact_head import ExactHead, describe_features
 from server.trust.identity import SenderBinding
-from server.ledger import Ledger
-from server.ledger.ledgers import Ledgers
+from server.ledger import Ledger, LedgerError
+from server.ledger.ledgers import HELD_LINK, Ledgers, held_path_of, link, stats_path_of
 from server.strategy import LedgerFedAvg, StreamingGrid, composed_arrays
 from server.trust.withdrawal import (NonceStore, SiteRegistry, WithdrawalRefused, apply_withdrawal, nonce_store_path,
                                read_request)
@@ -157,7 +157,17 @@ def _run(grid: Grid, run_id, run_config, mode: str, state: Path, ledger_path: Pa
         stats_ledger = None if exact_head is None else opened.enter_context(Ledger.open(
             stats_path, family="stats", model_card=exact_head.model_card,
             expected_base_digest=exact_head.feature_digest, witness=witness))
-        ledgers = Ledgers(ledger, stats_ledger)
+        ledger.set_admission_policy(max_delta_norm=max_norm)  # every later path in applies it too
+        if stats_ledger is not None:
+            link(ledger, stats_ledger)  # the operator's tools find it from the Δ ledger
+        elif mode == "unlearn" and (unopened := stats_path_of(ledger)) is not None:
+            raise LedgerError(f"this state's statistics ledger is {unopened}, not the run's exact-head-ledger-path: "
+                              f"a removal must reach both model families")
+        held = None
+        if cfg.quarantine_enabled(run_config) or held_path_of(ledger) is not None:  # a removal reaches it too
+            held = _open_quarantine(opened, ledger, stats_ledger, exact_head, max_norm, expected_spec, base_digest,
+                                    witness)
+        ledgers = Ledgers(ledger, stats_ledger, held)
         if mode == "unlearn":
             report |= _unlearn(ledgers, cfg.remove_sites(run_config), evaluation, run_id,
                                requests=cfg.withdrawal_requests(run_config), registry=registry,
@@ -169,6 +179,27 @@ def _run(grid: Grid, run_id, run_config, mode: str, state: Path, ledger_path: Pa
         if stats_ledger is not None:
             report["exact_head_ledger"] = _ledger_summary(stats_ledger)
     report["central_evaluation"] = evaluation.summary()
+
+
+def _open_quarantine(opened: ExitStack, ledger: Ledger, stats_ledger: Ledger | None, exact_head, max_norm,
+                     expected_spec, base_digest, witness) -> Ledgers:
+    """The quarantine's pair (server.quarantine), opened with this run's admission policy and linked
+    from the Δ ledger, so every tool finds it."""
+    folder = Path(ledger.path).resolve().parent / quarantine.FOLDER
+    folder.mkdir(mode=0o700, exist_ok=True)
+    held_delta = opened.enter_context(Ledger.open(folder / "ledger.sqlite", max_delta_norm=max_norm,
+                                                  expected_base_digest=base_digest, expected_spec=expected_spec,
+                                                  weighting=ledger.settings()["weighting"], witness=witness))
+    held_delta.set_admission_policy(max_delta_norm=max_norm)
+    held_stats = None
+    if stats_ledger is not None:
+        held_stats = opened.enter_context(Ledger.open(folder / "exact_head.sqlite", family="stats",
+                                                      model_card=stats_ledger.model_card,
+                                                      expected_base_digest=exact_head.feature_digest,
+                                                      witness=witness))
+        link(held_delta, held_stats)
+    link(ledger, held_delta, HELD_LINK)
+    return Ledgers(held_delta, held_stats)
 
 
 def _ledger_summary(ledger: Ledger) -> dict:
@@ -245,6 +276,7 @@ def _train(grid: Grid, ledgers: Ledger | Ledgers, spec, base_digest: str, evalua
     min_nodes = int(run_config.get("min-nodes", 2))
     announced = spec.to_config() | (exact_head.spec_keys() if exact_head is not None else {"exact-head": False})
     strategy = LedgerFedAvg(ledger, announced, base_digest, binding=binding,
+                            quarantine=ledgers.held if cfg.quarantine_enabled(run_config) else None,
                             require_dp=cfg.dp_required(run_config),
                             stats_ledger=ledgers.stats if exact_head is not None else None,
                             exact_head=None if exact_head is None else exact_head.expectation,

@@ -170,16 +170,18 @@ class LedgerFedAvg(FedAvg):
     ``require_dp`` (a ``dp=true`` run) refuses non-DP replies as ``not_private``.
     ``stats_ledger`` + ``exact_head`` (the grid and feature digest the spec announces): the exact
     head is on, every non-DP reply must carry its statistics and both are recorded.
+    ``quarantine``: the held pair of ledgers (server.quarantine); replies are recorded there and enter
+    the composed models only when the operator admits them.
     """
 
     def __init__(self, ledger: Ledger, spec: dict, base_digest: str, *, binding: SenderBinding | None = None,
                  require_dp: bool = False, stats_ledger: Ledger | None = None,
-                 exact_head: StatsExpectation | None = None, **fedavg_kwargs):
+                 exact_head: StatsExpectation | None = None, quarantine: Ledgers | None = None, **fedavg_kwargs):
         super().__init__(weighted_by_key="num-examples", arrayrecord_key="delta", **fedavg_kwargs)
         if (stats_ledger is None) != (exact_head is None):
             raise ValueError("the exact head needs both its statistics ledger and its StatsExpectation")
         self.ledger = ledger
-        self.ledgers = Ledgers(ledger, stats_ledger)
+        self.ledgers = Ledgers(ledger, stats_ledger, quarantine)
         self.exact_head = exact_head
         self.spec = ConfigRecord(dict(spec) | {"base-digest": base_digest})
         self.base_digest = base_digest
@@ -252,7 +254,8 @@ class LedgerFedAvg(FedAvg):
         if contribution.site_id in seen:
             raise Rejected("duplicate_site_in_round", "a second reply for this site", contribution.site_id)
         seen.add(contribution.site_id)
-        version, replaced = record(self.ledgers, contribution)
+        # quarantine (server.quarantine): the same checks, into the held pair; composed only once admitted
+        version, replaced = record(self.ledgers.held or self.ledgers, contribution)
         return contribution, version, replaced
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
@@ -323,6 +326,8 @@ class LedgerFedAvg(FedAvg):
             node_id = _sender(msg)
             try:
                 site, metrics = parse_evaluate_reply(msg, bind=self._bind(node_id))
+                if self.binding is not None:  # one site weighs at most its registered cap, as in training
+                    self.binding.check_cap(site, metrics["num-examples"])
                 if site in per_site:
                     raise Rejected("duplicate_site_in_round", "a second evaluate reply for this site", site)
             except Exception as err:  # noqa: BLE001 - one reply never aborts the round

@@ -50,6 +50,7 @@ from server.ledger.records import (
 )
 from server.ledger.storage import SCHEMA_VERSION, SQLITE_COMPANIONS, Store, connect
 from server.ledger.verification import verify_ledger
+from tangent.protocol.text import escape_controls, is_printable
 from tangent.protocol.limits import check_site_id
 
 WEIGHTINGS = ("examples", "uniform")
@@ -153,6 +154,8 @@ class Ledger:
                          witness=witnesses.configured(witness))
             ledger._init_or_check(weighting, create, family, model_card)
             ledger._check_witness()
+            if max_delta_norm is None:  # the policy the server recorded applies to every later path in
+                ledger.max_delta_norm = ledger.admission_policy().get("max_delta_norm")
             ledger._publish_head(recover=True)
         except BaseException:
             store.close()
@@ -565,6 +568,48 @@ class Ledger:
         self._publish_head()
         return True
 
+    def set_admission_policy(self, *, max_delta_norm: float | None) -> None:
+        """Apply this server's admission policy and record it in ``meta``: every later path into the
+        ledger — ``taft-ledger forget``, a tool or a run that gives none — opens with the same one
+        (:meth:`open` reads it when its caller gives no ``max_delta_norm``), so no path admits what
+        a reply would be refused for. (The tensor spec and the base digest are pinned by the ledger
+        itself at its first contribution.)"""
+        if max_delta_norm is not None and not (isinstance(max_delta_norm, (int, float)) and max_delta_norm > 0
+                                               and math.isfinite(max_delta_norm)):
+            raise ValueError(f"max_delta_norm must be a finite number > 0 or None, got {max_delta_norm!r}")
+        self.max_delta_norm = None if max_delta_norm is None else float(max_delta_norm)
+        with self._store.write():
+            self._store.set_meta("admission_policy", {"max_delta_norm": self.max_delta_norm})
+
+    def admission_policy(self) -> dict[str, Any]:
+        """The policy :meth:`set_admission_policy` recorded (``{}`` when none was)."""
+        with self._store.snapshot():
+            policy = self._store.meta().get("admission_policy")
+        if not isinstance(policy, dict):
+            return {}
+        norm = policy.get("max_delta_norm")
+        if norm is not None and not (isinstance(norm, (int, float)) and not isinstance(norm, bool)
+                                     and math.isfinite(norm) and norm > 0):
+            raise LedgerError(f"{self.path}: the recorded admission policy is unusable ({policy!r})")
+        return {"max_delta_norm": None if norm is None else float(norm)}
+
+    def link_ledger(self, key: str, relative_path: str) -> None:
+        """Record in ``meta`` where a companion ledger of this state lives (``key`` → a path relative
+        to this file's folder): the operator's tools find every model family from the Δ ledger
+        instead of guessing. A different existing link is a LedgerError (one companion per family)."""
+        with self._store.write():
+            links = dict(self._store.meta().get("linked_ledgers") or {})
+            if links.get(key, relative_path) != relative_path:
+                raise LedgerError(f"{self.path} is linked to the {key} ledger {links[key]!r}, not {relative_path!r}: "
+                                  f"one state directory holds one ledger per model family")
+            if links.get(key) != relative_path:
+                self._store.set_meta("linked_ledgers", {**links, key: relative_path})
+
+    def linked_ledgers(self) -> dict[str, str]:
+        """The companion ledgers :meth:`link_ledger` recorded (key → path relative to this folder)."""
+        with self._store.snapshot():
+            return dict(self._store.meta().get("linked_ledgers") or {})
+
     # ------------------------------------------------------------------ reading
     @property
     def family(self) -> str:
@@ -699,6 +744,8 @@ class Ledger:
 def _check_site_and_reason(site_id: Any, reason: Any) -> str:
     if not isinstance(reason, str) or not reason:
         raise ValueError("reason must be a non-empty string")
+    if not is_printable(reason):  # shown by taft-ledger show and in exports: no escape sequences
+        raise ValueError(f"reason {escape_controls(reason[:80])!r} holds control characters")
     return check_site_id(site_id)
 
 

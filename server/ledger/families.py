@@ -169,27 +169,70 @@ class StatsFamily:
         return math.sqrt(squares)
 
     def _check_exact(self, a: dict[str, np.ndarray], num_examples: int) -> None:
-        """What exact statistics of n examples must satisfy (tangent/exact_head/statistics.py's bounds): the
-        noise of a DP release may break these, so they apply only to non-DP contributions."""
+        """Refuse statistics that no data set of n examples on this grid can have.
+
+        Every row q of an honest site has |q_i| ≤ 2^b and ‖q‖ ≤ R (:func:`row_norm_bound`), its
+        label is one class. So, in exact integer arithmetic: the counts are ≥ 0 and sum to n; a
+        class with count_c examples has |B_ic| ≤ count_c·2^b (an empty class has B_:c = 0) and
+        ‖B_:c‖² ≤ count_c²·R²; |s_i| ≤ n·2^b, |G_ij| ≤ n·2^2b, 0 ≤ G_ii and trace(G) ≤ n·R²;
+        Σ_c B_ic = s_i (one-hot labels); and Cauchy–Schwarz ties the sums to the Gram matrix:
+        s_i² ≤ n·G_ii, Σ_c ⌊B_ic²/count_c⌋ ≤ G_ii (per class, (Σ_{x∈c} q_i)² ≤ count_c·Σ_{x∈c} q_i²),
+        ‖s‖² ≤ n·trace(G) and G_ij² ≤ G_ii·G_jj. The noise of a DP release may break these, so they
+        apply only to non-DP contributions. A site can still send *consistent* statistics of data it
+        made up or relabelled: no check on the numbers alone refuses those (see the README's
+        threat model: the bound on what one site moves, and the quarantine option).
+        """
         n = int(a["n"][0])
-        unit, unit2 = 2 ** self.frac_bits, 2 ** (2 * self.frac_bits)
+        b, p = self.frac_bits, self.num_features
+        unit, unit2, row2 = 2 ** b, 2 ** (2 * b), row_norm_bound(p, b) ** 2
+        counts = [int(c) for c in a["counts"]]
 
         def refuse(detail: str):
             raise RejectedContribution("stats_out_of_bounds", detail)
 
+        def inconsistent(detail: str):
+            raise RejectedContribution("stats_inconsistent", detail)
+
         if n != num_examples:
             refuse(f"n = {n}, but num_examples = {num_examples}")
-        if int(a["counts"].min()) < 0 or int(a["counts"].sum(dtype=np.int64)) != n:
-            refuse(f"class counts {a['counts'].tolist()[:20]} are not non-negative with sum n = {n}")
-        for name, bound in (("sums", n * unit), ("cross", n * unit), ("gram", n * unit2)):
+        if min(counts) < 0 or sum(counts) != n:
+            refuse(f"class counts {counts[:20]} are not non-negative with sum n = {n}")
+        for name, bound in (("sums", n * unit), ("gram", n * unit2)):
             if magnitude(a[name]) > bound:
-                refuse(f"{name}: |entry| {magnitude(a[name])} > {bound} (n·2^{self.frac_bits if name != 'gram' else 2 * self.frac_bits})")
-        diagonal = a["gram"][_diagonal_index(self.num_features)]
-        if diagonal.size and int(diagonal.min()) < 0:
+                refuse(f"{name}: |entry| {magnitude(a[name])} > {bound} (n·2^{b if name != 'gram' else 2 * b})")
+        for c, count in enumerate(counts):
+            if magnitude(a["cross"][:, c]) > count * unit:
+                refuse(f"cross of class {c}: |entry| {magnitude(a['cross'][:, c])} > count·2^{b} = {count * unit}")
+        diagonal = [int(v) for v in a["gram"][_diagonal_index(p)]]
+        if min(diagonal) < 0:
             refuse("a diagonal entry of the Gram matrix is negative")
+        trace = sum(diagonal)
+        if trace > n * row2:
+            refuse(f"trace of the Gram matrix {trace} > n·R² = {n * row2} (every row has ‖q‖ ≤ R)")
         # Σ_c B_ic = Σ_x q_i Σ_c y_c = s_i for one-hot labels; |B| ≤ n·2^b keeps the row sums exact
         if not np.array_equal(a["cross"].sum(axis=1, dtype=np.int64), a["sums"]):
-            refuse("the rows of cross do not sum to sums (labels are not one-hot)")
+            inconsistent("the rows of cross do not sum to sums (labels are not one-hot)")
+        # Python integers from here: squares of entries up to 2^63 are exact
+        sums = a["sums"].astype(object)
+        cross = a["cross"].astype(object)
+        gram_diagonal = np.array(diagonal, dtype=object)
+        if (sums * sums > n * gram_diagonal).any():
+            inconsistent("s_i² > n·G_ii for some feature i (Cauchy–Schwarz)")
+        if sum(int(v) ** 2 for v in a["sums"]) > n * trace:
+            inconsistent("‖s‖² > n·trace(G) (Cauchy–Schwarz)")
+        within = np.zeros(p, dtype=object)
+        for c, count in enumerate(counts):
+            if count == 0:
+                continue  # B_:c = 0 was checked above
+            column = cross[:, c]
+            squares = column * column
+            if sum(squares) > count * count * row2:
+                inconsistent(f"‖B_:{c}‖² > count²·R² for class {c}")
+            within += squares // count
+        if (within > gram_diagonal).any():
+            inconsistent("Σ_c B_ic²/count_c > G_ii for some feature i (Cauchy–Schwarz per class)")
+        if not _gram_minors_hold(a["gram"], p):
+            inconsistent("G_ij² > G_ii·G_jj for some pair i, j (the Gram matrix is not PSD)")
 
     def encode(self, arrays: Mapping[str, np.ndarray], site_id: str, site_version: int) -> bytes:
         # The site and its contribution number go into the header: a site may send the same
@@ -219,6 +262,33 @@ class StatsFamily:
     @staticmethod
     def magnitudes(arrays: Mapping[str, np.ndarray]) -> dict[str, int]:
         return {name: magnitude(a) for name, a in arrays.items()}
+
+
+def row_norm_bound(p: int, frac_bits: int) -> int:
+    """An integer R ≥ ‖q‖ for every quantized row (tangent.exact_head.statistics.quantize): the clipped
+    row has ‖x‖ ≤ 2^b (up to float rounding, far below 1 for b ≤ 24) and rounding moves each of its p
+    coordinates by at most 1/2, so ‖q‖ ≤ 2^b + √p/2 < 2^b + ⌈√p/2⌉ + 1; no row has more than
+    √p·2^b either (|q_i| ≤ 2^b)."""
+    half_sqrt_p = (math.isqrt(p - 1) + 2) // 2  # ≥ ⌈√p/2⌉
+    return min(2 ** frac_bits + half_sqrt_p + 1, math.isqrt(p * 4 ** frac_bits) + 1)
+
+
+# relative margin of the float64 test of G_ij² ≤ G_ii·G_jj: far above float64's rounding (2^-52 per
+# operation, a few operations), far below anything that moves a ridge solution
+MINOR_MARGIN = 1e-9
+
+
+def _gram_minors_hold(packed: np.ndarray, p: int) -> bool:
+    """G_ij² ≤ G_ii·G_jj for every pair (every 2×2 principal minor of a PSD matrix is ≥ 0), tested in
+    float64 with a relative margin (never refuses a true Gram matrix), one packed row at a time."""
+    diagonal = packed[_diagonal_index(p)].astype(np.float64)
+    start = 0
+    for i in range(p):
+        row = packed[start:start + p - i].astype(np.float64)
+        start += p - i
+        if (row * row > diagonal[i] * diagonal[i:] * (1 + MINOR_MARGIN)).any():
+            return False
+    return True
 
 
 def _diagonal_index(p: int) -> np.ndarray:

@@ -30,7 +30,8 @@ REASONS = frozenset({
     "site_active",            # add() for a site that already has an active contribution
     "not_active",             # replace() for a site without an active contribution
     "total_weight_overflow",  # Σ wᵢ would exceed fixedpoint.MAX_TOTAL_WEIGHT
-    "stats_out_of_bounds",    # exact-head statistics no set of n examples can have (stats ledger)
+    "stats_out_of_bounds",    # exact-head statistics beyond what n examples on the grid can reach (stats ledger)
+    "stats_inconsistent",     # exact-head statistics whose parts no one data set can have together
     "total_overflow",         # the exact int64 sums of a stats ledger could overflow
 })
 

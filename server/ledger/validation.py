@@ -16,6 +16,7 @@ import numpy as np
 from server.ledger import fixedpoint
 from server.ledger.records import RejectedContribution, canonical_json
 from tangent.protocol.limits import check_site_id
+from tangent.protocol.text import is_printable
 
 MAX_NUM_EXAMPLES = fixedpoint.MAX_WEIGHT
 MAX_META_BYTES = 64 * 1024   # canonical JSON of all metadata of one contribution
@@ -128,6 +129,8 @@ def metadata(meta: Mapping[str, Any]) -> dict[str, Any]:
     for label, value in (("shard_fingerprint", shard_fingerprint), ("base_digest", base_digest)):
         if value is not None and not _encodable(value):
             raise RejectedContribution("bad_meta", f"{label} is not valid UTF-8 text")
+        if value is not None and not is_printable(value):  # printed by taft-ledger show
+            raise RejectedContribution("bad_meta", f"{label} holds control characters")
     return {"epsilon": numbers["epsilon"], "delta_dp": numbers["delta_dp"],
             "dp_settings": encoded["dp_settings"], "shard_fingerprint": shard_fingerprint,
             "base_digest": base_digest, "train_config": encoded["train_config"], "extra": encoded["extra"]}

@@ -50,14 +50,16 @@ class SenderBinding:
                            site)
 
     def not_eligible(self, node_id: int, withdrawn: set[str]) -> str | None:
-        """Why this node must not be sampled ("site_withdrawn", "site_revoked"), None if it may be.
+        """Why this node must not be sampled ("unknown_node", "site_revoked", "site_withdrawn"), None if
+        it may be.
 
-        Unregistered nodes are sampled: their replies are refused as ``unknown_site``, which
-        makes them visible to the operator in the round report.
+        A node the SuperLink authenticated but the registry does not know is not sampled: a train or
+        evaluate message carries the spec and, for evaluation, the composed model, which go to
+        registered sites only. It is listed in the round's ``not_sampled`` for the operator.
         """
         site = self.site_of(node_id)
         if site is None:
-            return None
+            return "unknown_node"
         if self.registry.is_revoked(site):
             return "site_revoked"
         if site in withdrawn:

@@ -38,6 +38,7 @@ from server.trust import safejson
 from server.ledger.audit import fingerprint
 from tangent.protocol import signed_requests
 from tangent.protocol.limits import check_site_id
+from tangent.protocol.text import is_printable
 # the signing rule and key loading are shared with the site tools (client/forget.py)
 from tangent.protocol.signed_requests import load_private_key, load_public_key  # noqa: F401  (re-exported)
 
@@ -48,6 +49,7 @@ REQUEST_VERSION = 1
 SIGNING_CONTEXT = b"taft-fl/withdrawal/v1\n"
 MAX_AGE_S = 15 * 60
 MAX_CLOCK_SKEW_S = 60
+MAX_REASON = 1000  # characters of a withdrawal reason (it goes into the audit log and every report)
 SIGNERS = signed_requests.SIGNERS
 ADMIN = "admin"
 
@@ -438,6 +440,11 @@ def parse_request(document: Any) -> tuple[WithdrawalRequest, bytes]:
         raise WithdrawalRefused(f"malformed request: {err}") from None
     if not 16 <= len(payload["nonce"]) <= 128:
         raise WithdrawalRefused("nonce must be 16 to 128 characters")
+    if not (payload["reason"] and len(payload["reason"]) <= MAX_REASON and is_printable(payload["reason"])
+            and is_printable(payload["nonce"]) and is_printable(payload["timestamp"])):
+        # every field is printed for the operator and kept in the audit log: no escape sequences in
+        raise WithdrawalRefused(f"reason, nonce and timestamp must be printable text (reason: 1 to {MAX_REASON} "
+                                f"characters)")
     return WithdrawalRequest(**payload), raw_signature
 
 

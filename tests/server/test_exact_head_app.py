@@ -116,6 +116,20 @@ def test_one_round_both_models_and_removal_through_the_serverapp(tmp_path):
     rest = solve(grid.site_stats["0"] + grid.site_stats["2"])
     assert removal["exact_head_lambda"] == rest.lam and removal["accuracy_exact_head"] > 0.4
 
+    # the operator's tools find the statistics ledger from the Δ ledger alone (the ServerApp linked it)
+    # and open it under the run's admission policy
+    from server import cli
+    from server.ledger.ledgers import open_pair
+
+    delta_path = Path(report["ledger_path"])
+    with open_pair(delta_path) as ledgers:
+        assert ledgers.stats.path.resolve() == Path(report["exact_head"]["ledger_path"]).resolve()
+        assert ledgers.delta.max_delta_norm == ledgers.delta.admission_policy()["max_delta_norm"]
+    assert cli.main(["--ledger", str(delta_path), "remove", "0", "--reason", "consent withdrawn"]) == 0
+    with open_pair(delta_path) as ledgers:
+        assert [c.site_id for c in ledgers.delta.contributions(status="active")] == ["2"]
+        assert [c.site_id for c in ledgers.stats.contributions(status="active")] == ["2"]
+
 
 def test_phi_of_the_test_rows_is_the_same_from_the_cached_tokens_and_from_the_images():
     """The evaluation computes φ from the model's trunk tokens when that trunk is φ's (one

@@ -6,7 +6,9 @@ and back (what a SuperNode can actually send), with records corrupted at random:
 or of the wrong type, values of the wrong type, nested/huge/NaN JSON, 5,000-digit numbers, odd
 site ids, ArrayRecord arrays with bogus serialization type, dtype, shape and corrupt bytes,
 reserved tensor names, Flower errors and site error records, duplicates, non-DP replies in a DP
-round and, in deployment mode, replies from the wrong, unregistered or revoked node. Valid replies
+round and, in deployment mode, replies from the wrong, unregistered or revoked node; evaluate
+replies with an accuracy outside [0, 1], a negative or huge loss, or (deployment) more examples
+than the site's registered cap. Valid replies
 (both the non-DP and the DP form) are interleaved. For every round: it completes, each corrupted
 reply is a counted rejection with a machine-readable reason, each valid one is recorded, and the
 round summary serialises. Afterwards the ledger verifies and holds exactly the valid sites.
@@ -15,7 +17,8 @@ The exact head is on (issue 15): every valid non-DP reply also carries its suffi
 and the corruptions include statistics records that are missing, of the wrong record type, with
 wrong meta, grid or feature digest, array names, dtypes, shapes and bytes, n != num-examples,
 statistics in a DP reply, and statistics the statistics ledger itself refuses (counts that do not
-sum to n, a negative Gram diagonal) after the Δ ledger accepted the Δw. Afterwards both ledgers
+sum to n, a negative Gram diagonal, cross sums beyond a class's count, a Gram diagonal too small
+for the sums) after the Δ ledger accepted the Δw. Afterwards both ledgers
 verify, the statistics ledger holds exactly the sites whose current contribution carried
 statistics, and its composed statistics are the sum of exactly those sites' statistics.
 """
@@ -196,7 +199,24 @@ def corrupt_stats(rng: np.random.Generator, parts: dict) -> str:
         except (Rejected, KeyError, ValueError, TypeError):
             return np.zeros(3, np.int64)
 
-    how = int(rng.integers(12))
+    how = int(rng.integers(14))
+    if how == 12:  # every entry within n·2^b, rows of cross still summing to s: no data set has these
+        cross, counts, n = value("cross").reshape(-1, 3), value("counts"), int(value("n")[0])
+        if cross.shape[0] and len(counts) == 3:
+            empty = int(np.argmin(counts))
+            shift = (int(counts[empty]) + 1) * 2 ** 16  # beyond count·2^b for that class
+            cross[0, empty] += shift
+            cross[0, (empty + 1) % 3] -= shift
+            arrays["cross"] = Array(cross.reshape(-1, 3).copy())
+            return "stats_inconsistent_cross"
+        how = 13
+    if how == 13:  # the Gram diagonal too small for the sums (Cauchy–Schwarz: s_i² ≤ n·G_ii)
+        gram = value("gram")
+        gram[0] = 0
+        if int(value("sums")[0]) != 0:
+            arrays["gram"] = Array(gram)
+            return "stats_inconsistent_gram"
+        how = 10
     if how == 0:
         parts.pop(str(rng.choice(["stats", "stats-meta"])))
     elif how == 1:
@@ -445,7 +465,7 @@ def test_no_corrupted_reply_aborts_a_round_and_each_is_a_counted_rejection(tmp_p
                 current_stats.pop(site, None)
                 withdrawn.add(site)
 
-            evaluate_replies, evaluate_good = _evaluate_replies(rng, sites, nodes, corruptions)
+            evaluate_replies, evaluate_good = _evaluate_replies(rng, sites, nodes, corruptions, federation)
             strategy.aggregate_evaluate(server_round, evaluate_replies)  # must not raise
             evaluate = strategy.rounds[server_round].evaluate
             assert len(evaluate["sites"]) + len(evaluate["skipped"]) == len(evaluate_replies)
@@ -494,7 +514,7 @@ def _odd_sender(rng, parts, node, federation, nodes, revoked_site, corruptions) 
     return build(parts, node)
 
 
-def _evaluate_replies(rng, sites, nodes, corruptions):
+def _evaluate_replies(rng, sites, nodes, corruptions, federation):
     replies, good = [], set()
     for _ in range(10):
         site = str(rng.choice(sites))
@@ -505,9 +525,25 @@ def _evaluate_replies(rng, sites, nodes, corruptions):
             replies.append(build(parts, nodes[site], "evaluate"))
             good.add(site)
             continue
-        corruptions["evaluate:" + mutate(rng, parts, "evaluate")] += 1
+        if rng.random() < 0.3:  # well-formed, but a value no honest evaluation gives
+            corruptions["evaluate:" + out_of_range(rng, parts["metrics"][1], federation)] += 1
+        else:
+            corruptions["evaluate:" + mutate(rng, parts, "evaluate")] += 1
         replies.append(build(parts, nodes[site], "evaluate"))
     return replies, good
+
+
+def out_of_range(rng, metrics: dict, federation: str) -> str:
+    """An evaluate reply that would move the federated metrics: accuracy outside [0, 1], a loss that is
+    negative or huge, or (deployment) more examples than the site's registered cap."""
+    options = ["accuracy_above_one", "accuracy_negative", "loss_huge", "loss_negative"]
+    if federation == "deployment":
+        options.append("over_cap")
+    how = str(rng.choice(options))
+    metrics.update({"accuracy_above_one": {"eval-accuracy": 17.07}, "accuracy_negative": {"eval-accuracy": -0.5},
+                    "loss_huge": {"eval-loss": 1e6}, "loss_negative": {"eval-loss": -3.0},
+                    "over_cap": {"num-examples": 1001, "eval-accuracy": 1.0}}[how])
+    return how
 
 
 def _record_stats(federation, cases, reasons, corruptions, elapsed) -> None:

@@ -391,7 +391,7 @@ def test_every_malformation_kind_is_rejected_with_its_reason(populated):
         seen.add(reason)
     assert file_state(ledger) == before
     # the stats family's own reasons are swept in tests/server/ledger/test_ledger_stats.py
-    assert seen == REASONS - {"duplicate", "not_active", "total_weight_overflow", "stats_out_of_bounds",
+    assert seen == REASONS - {"duplicate", "not_active", "total_weight_overflow", "stats_out_of_bounds", "stats_inconsistent",
                               "total_overflow"}
 
 

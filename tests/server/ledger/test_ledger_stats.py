@@ -182,6 +182,8 @@ def _hostile():
 
     gram_neg_diag = good["gram"].copy()
     gram_neg_diag[0] = -1
+    cross_not_summing = good["cross"].copy()
+    cross_not_summing[0, 0] += 1
     yield "float arrays", "wrong_dtype", {k: v.astype(np.float32) for k, v in good.items()}, s.n, {}
     yield "int32 counts", "wrong_dtype", edit(counts=good["counts"].astype(np.int32)), s.n, {}
     yield "missing gram", "missing_keys", {k: v for k, v in good.items() if k != "gram"}, s.n, {}
@@ -194,7 +196,7 @@ def _hostile():
                                                           cross=good["cross"]), s.n, {}
     yield "gram beyond n·2^2b", "stats_out_of_bounds", edit(gram=good["gram"] + s.n * 4**BITS + 1), s.n, {}
     yield "negative Gram diagonal", "stats_out_of_bounds", edit(gram=gram_neg_diag), s.n, {}
-    yield "labels not one-hot", "stats_out_of_bounds", edit(cross=good["cross"] * 2), s.n, {}
+    yield "labels not one-hot", "stats_inconsistent", edit(cross=cross_not_summing), s.n, {}
     yield "int64 min entry (DP)", "total_overflow", edit(gram=np.full_like(good["gram"], np.iinfo(np.int64).min)), s.n, {"epsilon": 1.0}
     yield "wrong feature digest", "base_digest_mismatch", good, s.n, {"base_digest": "other"}
     yield "not a mapping", "bad_structure", [1, 2], s.n, {}
@@ -366,10 +368,19 @@ def test_every_taft_ledger_subcommand_works_on_a_stats_ledger(tmp_path):
     r = _cli(*L, "list")
     assert r.returncode == 0 and "stats ledger" in r.stdout and "site-a" in r.stdout, r.stderr
     assert _cli(*L, "show", "site-b").returncode == 0
-    r = _cli(*L, "retract", "site-c", "--reason", "forgotten samples")
+    # changes go through the state's Δ ledger, which names its statistics ledger: the statistics
+    # ledger alone is refused (a removal there would leave the site in the other family)
+    r = _cli(*L, "remove", "site-b", "--reason", "withdrawn")
+    assert r.returncode == 2 and "give the Δ ledger" in r.stderr, r.stdout + r.stderr
+    from server.ledger.ledgers import link
+    delta_path = tmp_path / "ledger.sqlite"
+    with Ledger.open(delta_path) as delta, Ledger.open(path) as stats:
+        link(delta, stats)
+    D = ("--ledger", str(delta_path))
+    r = _cli(*D, "retract", "site-c", "--reason", "forgotten samples")
     assert r.returncode == 0 and "retracted" in r.stdout, r.stderr
-    assert _cli(*L, "remove", "site-b", "--reason", "withdrawn").returncode == 0
-    assert _cli(*L, "readmit", "site-b", "--reason", "back").returncode == 0
+    assert _cli(*D, "remove", "site-b", "--reason", "withdrawn").returncode == 0
+    assert _cli(*D, "readmit", "site-b", "--reason", "back").returncode == 0
     r = _cli(*L, "verify", "--public-key", str(pem))
     assert r.returncode == 0 and r.stdout.startswith("OK"), r.stdout + r.stderr
     out = tmp_path / "export"

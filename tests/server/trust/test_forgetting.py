@@ -390,3 +390,31 @@ def test_taft_ledger_forget_applies_and_refuses(fed, capsys):
     with Ledger.open(fed.tmp / "state" / "exact_head.sqlite") as stats_ledger:
         assert stats_ledger.contributions(site_id="1", status="active")[0].num_examples == 37
     fed.ledgers = open_ledgers(fed.tmp / "state")  # for the fixture's teardown
+
+
+def test_a_forget_request_cannot_store_what_a_reply_would_be_refused_for(fed, capsys):
+    """The ServerApp records its admission policy in the Δ ledger; ``taft-ledger forget`` opens the
+    ledger without any policy of its own and must still refuse a retrained Δw of norm 775 (every entry
+    in range) that a train reply would be refused for at max-delta-norm 10 (norm_too_large), changing
+    neither ledger."""
+    from server.cli import main
+    from server.ledger import RejectedContribution
+
+    fed.ledgers.delta.set_admission_policy(max_delta_norm=10.0)
+    huge = {k: np.full(s, 200.0, np.float32) for k, s in SHAPES.items()}
+    with pytest.raises(RejectedContribution) as err:  # as a reply, through the same ledger check
+        fed.ledgers.delta.replace("1", huge, 40, base_digest=BASE_DIGEST)
+    assert err.value.reason == "norm_too_large"
+    document, stats_path, delta_path = prepare(fed, delta_arrays=huge)
+    request = fed.tmp / "forget.json"
+    request.write_text(json.dumps(document))
+    before = state(fed.ledgers)
+    fed.ledgers.delta.close()
+    fed.ledgers.stats.close()
+    argv = ["--ledger", str(fed.tmp / "state" / "ledger.sqlite"), "forget", str(request), "--stats", str(stats_path),
+            "--delta", str(delta_path), "--registry", str(fed.tmp / "registry.json")]
+    assert main(argv) == 1
+    assert "norm_too_large" in capsys.readouterr().err
+    fed.ledgers = open_ledgers(fed.tmp / "state")
+    assert state(fed.ledgers) == before
+    assert fed.ledgers.delta.max_delta_norm == 10.0  # a tool that names no policy gets the recorded one

@@ -109,6 +109,37 @@ def test_evaluate_replies_are_bound_too(ledger, registry):
     assert s.rounds[1].evaluate["skipped_by_reason"] == {"site_identity_mismatch": 1, "unknown_site": 1}
 
 
+def _evaluate(node: int, site: str, **metrics) -> Message:
+    values = {"num-examples": 10, "eval-loss": 1.0, "eval-accuracy": 0.6} | metrics
+    return Message(RecordDict({"metrics": MetricRecord(values), "meta": ConfigRecord({"site-id": site})}),
+                   reply_to=instruction(node))
+
+
+@pytest.mark.parametrize("lie, reason", [
+    ({"eval-accuracy": 17.07}, "bad_metrics"), ({"eval-accuracy": -0.1}, "bad_metrics"),
+    ({"eval-loss": 1e6}, "bad_metrics"), ({"eval-loss": -1.0}, "bad_metrics"),
+    ({"eval-accuracy": 1.0, "num-examples": CAP + 1}, "num_examples_over_cap"),
+])
+def test_an_evaluate_reply_cannot_move_the_federated_metrics_beyond_its_registered_weight(ledger, registry, lie,
+                                                                                           reason):
+    """Two honest sites at accuracy 0.6; a third site lies. Before: the federated accuracy went to
+    17.07 or (one site with a huge count at 1.0) to ≈ 1.0. Now the lie is refused with a reason and
+    the federated metrics are the honest ones."""
+    s = deployed(ledger, registry)
+    metrics = s.aggregate_evaluate(1, [_evaluate(NODES["1"], "1"), _evaluate(NODES["2"], "2"),
+                                       _evaluate(NODES["3"], "3", **lie)])
+    assert s.rounds[1].evaluate["skipped_by_reason"] == {reason: 1}
+    assert metrics["eval-accuracy"] == pytest.approx(0.6) and metrics["eval-loss"] == pytest.approx(1.0)
+    assert list(s.rounds[1].evaluate["sites"]) == ["1", "2"]
+
+
+def test_evaluate_ranges_hold_in_the_simulation_too(ledger):
+    s = LedgerFedAvg(ledger, SPEC, BASE, min_available_nodes=1, min_train_nodes=1, min_evaluate_nodes=1)
+    metrics = s.aggregate_evaluate(1, [_evaluate(1, "0"), _evaluate(2, "1", **{"eval-accuracy": 17.07})])
+    assert s.rounds[1].evaluate["skipped_by_reason"] == {"bad_metrics": 1}
+    assert metrics["eval-accuracy"] == pytest.approx(0.6)
+
+
 def test_simulation_keeps_partition_ids(ledger):
     s = LedgerFedAvg(ledger, SPEC, BASE, min_available_nodes=1, min_train_nodes=1, min_evaluate_nodes=1)
     s.aggregate_train(1, [train_reply(5, "0", delta(1)), train_reply(6, "1", delta(2), num_examples=10_000)])
@@ -188,11 +219,15 @@ def test_withdrawn_and_revoked_sites_are_not_sampled(ledger, registry):
     s.aggregate_train(1, [train_reply(NODES[x], x, delta(i)) for i, x in enumerate(("1", "2", "3"))])
     ledger.remove("2", reason="withdrawal request")
     grid = NodesGrid([*NODES.values(), 999])
-    assert sampled(s, grid, 2) == {NODES["1"], NODES["3"], 999}
+    assert sampled(s, grid, 2) == {NODES["1"], NODES["3"]}
     assert {(r["site_id"], r["reason"]) for r in s.rounds[2].not_sampled} == {("2", "site_withdrawn"),
-                                                                              ("gone", "site_revoked")}
+                                                                              ("gone", "site_revoked"),
+                                                                              (None, "unknown_node")}
+    # node 999 is authenticated by the SuperLink but unknown to the registry: it is sent neither
+    # the spec nor the composed model
     evaluators = s.configure_evaluate(2, ArrayRecord(), ConfigRecord({}), grid)
-    assert {m.metadata.dst_node_id for m in evaluators} == {NODES["1"], NODES["3"], 999}
+    assert {m.metadata.dst_node_id for m in evaluators} == {NODES["1"], NODES["3"]}
+    assert all(m.metadata.dst_node_id != 999 for m in evaluators)
 
 
 @needs_sticky_ledger
