@@ -124,6 +124,15 @@ class SitePolicy:
                              epsilon_cap=self.epsilon_budget, delta_cap=self.delta_budget)
 
 
+def answers_privately(node_config: Mapping[str, Any], config: Mapping[str, Any]) -> bool:
+    """Does the site answer this message as a DP site: its policy requires DP, or the request
+    asks for it? When either cannot be read, yes: the conservative answer."""
+    try:
+        return SitePolicy.from_node_config(node_config).require_dp or _flag(config, "dp", "bad_request")
+    except SiteError:
+        return True
+
+
 def _number(value: Any, key: str, code: str) -> float:
     try:
         return float(value)

@@ -79,8 +79,14 @@ def cache_dir(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -> 
 
 
 def load_split(split: str, model, base_digest: str, img_size: int, node_config: Mapping[str, Any],
-               run_config: Mapping[str, Any]) -> SiteData:
-    """This site's ``"train"`` or ``"test"`` data as model inputs. Raises SiteError."""
+               run_config: Mapping[str, Any], *, drop_unusable: bool = False) -> SiteData:
+    """This site's ``"train"`` or ``"test"`` data as model inputs. Raises SiteError.
+
+    ``drop_unusable`` (a DP site's training data): rows whose label the model has no class for
+    are left out, one record at a time, instead of refusing the whole data set. Whether such a
+    row exists then changes nothing the server sees but the DP mechanism's output, which its
+    (ε, δ) covers; a refusal would tell the server that one record exists, for free.
+    """
     directory = cache_dir(node_config, run_config)
     if is_simulation(node_config):
         return _simulated(split, model, base_digest, img_size, node_config, run_config, directory)
@@ -91,11 +97,11 @@ def load_split(split: str, model, base_digest: str, img_size: int, node_config: 
                                             "local data (start it with --node-config \"data-path=...\")")
         raise SiteError("no_test_split", "node config has no 'test-data-path': no local test split to evaluate on")
     return _site_file(Path(str(node_config[key])).expanduser(), key, model, base_digest, img_size,
-                      directory)
+                      directory, drop_unusable=drop_unusable)
 
 
 def _site_file(path: Path, key: str, model, base_digest: str, img_size: int,
-               directory: Path | None) -> SiteData:
+               directory: Path | None, *, drop_unusable: bool = False) -> SiteData:
     from tangent.data.token_cache import images_digest
     from tangent.data.sets import DataError, dataset_digest, load_site_data
 
@@ -105,20 +111,29 @@ def _site_file(path: Path, key: str, model, base_digest: str, img_size: int,
         images, labels = load_site_data(path)
     except DataError as err:
         raise SiteError("bad_data", f"{key} {path}: {err}") from err
-    _check_labels(labels, model, f"{key} {path}")
-    indices = np.arange(len(labels))
+    if drop_unusable:
+        indices = np.flatnonzero(usable_labels(labels, model))
+    else:
+        _check_labels(labels, model, f"{key} {path}")
+        indices = np.arange(len(labels))
     images_sha = images_digest(images) if directory is not None else None
     inputs, from_cache = model_inputs(model, base_digest, images, indices, img_size, directory,
                                  data_digest=images_sha)
-    return SiteData(inputs, labels, from_cache, dataset_digest(images, labels), indices, str(path),
-                    directory, images_sha)
+    return SiteData(inputs, labels[indices], from_cache, dataset_digest(images, labels), indices,
+                    str(path), directory, images_sha)
+
+
+def usable_labels(labels: np.ndarray, model) -> np.ndarray:
+    """Per row: does the model have a class for its label (0 <= label < num-classes)?"""
+    return (labels >= 0) & (labels < int(model.options["num_classes"]))
 
 
 def _check_labels(labels: np.ndarray, model, what: str) -> None:
     """Labels beyond the model's classes would fail deep inside the loss: refuse them here."""
     num_classes = int(model.options["num_classes"])
-    if len(labels) and int(labels.max()) >= num_classes:
-        raise SiteError("bad_data", f"{what}: label {int(labels.max())} but the model has {num_classes} "
+    if len(labels) and not usable_labels(labels, model).all():
+        bad = int(labels.max()) if int(labels.max()) >= num_classes else int(labels.min())
+        raise SiteError("bad_data", f"{what}: label {bad} but the model has {num_classes} "
                                     "classes (run config num-classes)")
 
 

@@ -21,7 +21,7 @@ from typing import Any, Mapping
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from client.policy import SitePolicy
+from client.policy import SitePolicy, answers_privately
 from client.site import SiteError, load_split, site_id
 from tangent.protocol.spec import ModelSpec, fresh_model
 
@@ -43,6 +43,37 @@ def error_reply(code: str, reason: str, site: str | None = None) -> RecordDict:
     return RecordDict({"error": ConfigRecord(record)})
 
 
+#: What a DP site may say when it refuses: one fixed text per code, computed from nothing the
+#: site holds. Every other failure (anything once the data is read: a missing or malformed file,
+#: an exception in training) is :data:`PRIVATE_FAILURE`, with its own fixed text: its details
+#: (paths, labels, counts, tracebacks) go to the site's log only.
+PRIVATE_REFUSALS = {
+    "bad_request": "the request is malformed or incomplete",
+    "bad_node_config": "this site's node config is malformed",
+    "dp_required": "this site trains only with differential privacy; the request has dp=false",
+    "epsilon_too_large": "the requested epsilon exceeds this site's per-contribution limit",
+    "delta_too_large": "the requested delta exceeds this site's limit",
+    "budget_exhausted": "this site's privacy budget does not cover the request",
+    "budget_missing": "this site's privacy-budget record is missing, damaged or rolled back",
+    "base_digest_mismatch": "this site's base-model digest differs from the server's",
+    "feature_digest_mismatch": "this site's feature digest differs from the server's",
+    "bad_device": "this site's device setting is invalid",
+    "evaluate_refused": "a DP site does not evaluate: its test data would be released without noise",
+}
+PRIVATE_FAILURE = ("site_failed", "this site could not contribute (details are in its own log)")
+
+
+def _refusal_reply(content: RecordDict, node_config: Mapping[str, Any], code: str, reason: str,
+                   site: str) -> RecordDict:
+    """The error reply for a refusal: as it is, or, on a DP site, with the code's fixed text."""
+    config = content.config_records.get("config", ConfigRecord())
+    if not answers_privately(node_config, config):
+        return error_reply(code, reason, site)
+    if code in PRIVATE_REFUSALS:
+        return error_reply(code, PRIVATE_REFUSALS[code], site)
+    return error_reply(*PRIVATE_FAILURE, site)
+
+
 def _refusals(handler):
     """Turn every failure of ``handler`` into an error reply (known ones with their own code)."""
     def wrapped(content: RecordDict, node_config: Mapping[str, Any], run_config: Mapping[str, Any]):
@@ -54,17 +85,17 @@ def _refusals(handler):
             return handler(content, node_config, run_config, site)
         except SiteError as err:
             log.warning("site %s refuses: %s", site, err)
-            return error_reply(err.code, str(err), site)
+            return _refusal_reply(content, node_config, err.code, str(err), site)
         except Exception as err:  # noqa: BLE001 — reported to the server, not swallowed
             from tangent.training.budget import BudgetExhausted, BudgetMissing
 
             for kind, code in ((BudgetExhausted, "budget_exhausted"), (BudgetMissing, "budget_missing")):
                 if isinstance(err, kind):
                     log.warning("site %s refuses: %s", site, err)
-                    return error_reply(code, str(err), site)
+                    return _refusal_reply(content, node_config, code, str(err), site)
             log.exception("site %s failed", site)
-            return error_reply("internal", f"{type(err).__name__}: {err}\n"
-                                           f"{traceback.format_exc(limit=4)}", site)
+            return _refusal_reply(content, node_config, "internal", f"{type(err).__name__}: {err}\n"
+                                  f"{traceback.format_exc(limit=4)}", site)
         finally:
             # The data loader leaves reference cycles that hold this site's batches and token
             # dataset; a Ray worker runs many sites, so free them now rather than at some later
@@ -222,7 +253,9 @@ def train(content: RecordDict, node_config, run_config, site: str) -> RecordDict
     # DP runs send no statistics (their DP release is measured offline, docs/exact_head.md)
     extractor = _check_features(content, spec) if request is None else None
     model.to(device)  # before load_split: a cache this site has to build is built there too
-    data = load_split("train", model, digest, spec.img_size, node_config, run_config)
+    # a DP site leaves out rows it cannot use one by one (covered by its ε) instead of refusing
+    data = load_split("train", model, digest, spec.img_size, node_config, run_config,
+                      drop_unusable=request is not None)
     privacy = None if request is None else privacy_setup(request, policy, data.num_examples)
     contribution_id = None if privacy is None else secrets.token_hex(16)
     torch.manual_seed(cfg.seed)  # the non-DP path only: DP draws from OS entropy
