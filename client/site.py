@@ -96,8 +96,31 @@ def load_split(split: str, model, base_digest: str, img_size: int, node_config: 
             raise SiteError("missing_data", "node config has no 'data-path': this SuperNode has no "
                                             "local data (start it with --node-config \"data-path=...\")")
         raise SiteError("no_test_split", "node config has no 'test-data-path': no local test split to evaluate on")
-    return _site_file(Path(str(node_config[key])).expanduser(), key, model, base_digest, img_size,
-                      directory, drop_unusable=drop_unusable)
+    path = Path(str(node_config[key])).expanduser()
+    if split == "test":
+        _check_not_training_data(path, node_config)
+    return _site_file(path, key, model, base_digest, img_size, directory, drop_unusable=drop_unusable)
+
+
+def _check_not_training_data(test_path: Path, node_config: Mapping[str, Any]) -> None:
+    """Refuse a test split that is the training data: the same file, or the same rows and labels
+    under another name (by data set digest). Metrics on it would be training metrics."""
+    from tangent.data.sets import DataError, dataset_digest, load_site_data
+
+    if "data-path" not in node_config or not str(node_config["data-path"]):
+        return
+    train_path = Path(str(node_config["data-path"])).expanduser()
+    if not (train_path.exists() and test_path.exists()):
+        return  # the split that is read reports its own absence
+    same = train_path.resolve() == test_path.resolve()
+    if not same:
+        try:
+            same = dataset_digest(*load_site_data(train_path)) == dataset_digest(*load_site_data(test_path))
+        except DataError:
+            return  # the split that is read reports its own problem
+    if same:
+        raise SiteError("test_is_training_data", f"test-data-path {test_path} holds the training data "
+                                                 f"(data-path {train_path}): refusing to evaluate on it")
 
 
 def _site_file(path: Path, key: str, model, base_digest: str, img_size: int,

@@ -329,11 +329,17 @@ def _remember_contribution(policy, contribution_id: str, data, result, privacy) 
 
 @_refusals
 def evaluate(content: RecordDict, node_config, run_config, site: str) -> RecordDict:
-    """The composed model (w0 + the Δ the server sends) on the site's local test split."""
+    """The composed model (w0 + the Δ the server sends) on the site's local test split; refused
+    (``evaluate_refused``) by a site whose policy requires DP, before anything else."""
     import torch
 
     from tangent.training.trainer import evaluate as evaluate_model
 
+    # An exact loss and accuracy on crafted models release the test labels (ten models gave a
+    # site's label counts) and nothing charges them to the budget: a DP site does not evaluate.
+    if SitePolicy.from_node_config(node_config).require_dp:
+        raise SiteError("evaluate_refused", "this site requires differential privacy and does not "
+                                            "answer evaluate messages (exact metrics are not private)")
     device = site_device(node_config, run_config)
     spec, model, digest = _check_spec(content)
     if "delta" not in content.array_records:

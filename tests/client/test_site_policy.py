@@ -93,3 +93,13 @@ def test_deleted_or_absent_budget_record_refuses(budgeted, tmp_path, refusal):
 def test_malformed_policy_is_refused(key, value, refusal):
     code, reason = refusal({"site-id": "s1", key: value}, **DP)
     assert code == "bad_node_config" and key in reason
+
+
+@pytest.mark.parametrize("node", [{"require-dp": True}, {"epsilon-budget": 3.0}])
+def test_a_dp_site_refuses_to_evaluate_before_anything_else(node, tmp_path):
+    # old code: the site evaluated any model the server sent, exactly, on its test labels
+    node = {"site-id": "s1", "state-dir": str(tmp_path)} | node
+    reply = task.evaluate(RecordDict({"config": ConfigRecord({})}), node, {})
+    assert reply["error"]["code"] == "evaluate_refused" and "metrics" not in reply.metric_records
+    # a site without a DP policy gets past it (to the spec check: this message has none)
+    assert task.evaluate(RecordDict({}), {"site-id": "s1"}, {})["error"]["code"] == "bad_request"
