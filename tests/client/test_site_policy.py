@@ -3,6 +3,7 @@ with real Flower records and a real budget record; every refusal here happens be
 is built or any data is read (the messages carry no spec and the sites no data)."""
 from __future__ import annotations
 
+import json
 import logging
 
 import pytest
@@ -103,3 +104,48 @@ def test_a_dp_site_refuses_to_evaluate_before_anything_else(node, tmp_path):
     assert reply["error"]["code"] == "evaluate_refused" and "metrics" not in reply.metric_records
     # a site without a DP policy gets past it (to the spec check: this message has none)
     assert task.evaluate(RecordDict({}), {"site-id": "s1"}, {})["error"]["code"] == "bad_request"
+
+
+def test_deleting_or_editing_the_budget_record_does_not_undo_the_policy(budgeted, tmp_path, refusal):
+    """With only state-dir in the node config: old code trained non-DP once the record was
+    deleted, and trained again once its spending was erased."""
+    node = {"site-id": "s1", "state-dir": budgeted["state-dir"]}
+    record = tmp_path / "state" / PrivacyBudget.FILE_NAME
+    PrivacyBudget(record, "s1").reserve("c0", 2.5, 1e-5)
+    spent = record.read_bytes()
+    assert refusal(node, **DP)[0] == "budget_exhausted"
+    # erase the spending, keep the file valid
+    document = json.loads(spent)
+    for key in ("contributions", "entries"):
+        if key in document:
+            document[key] = []
+    record.write_text(json.dumps(document))
+    assert refusal(node, **DP)[0] == "budget_missing"
+    assert refusal(node, dp=False)[0] == "dp_required"
+    record.unlink()
+    assert refusal(node, dp=False)[0] == "dp_required"  # old code: accepted, trained without DP
+    assert refusal(node, **DP | {"dp-epsilon": 5.0})[0] == "budget_missing"  # old: ε=5, no budget
+    # the record put back as it was binds again: nothing was reset
+    record.write_bytes(spent)
+    assert refusal(node, **DP)[0] == "budget_exhausted"
+
+
+def test_a_record_rolled_back_to_an_older_copy_refuses(budgeted, tmp_path, refusal):
+    record = tmp_path / "state" / PrivacyBudget.FILE_NAME
+    before = record.read_bytes()
+    PrivacyBudget(record, "s1").reserve("c0", 2.5, 1e-5)
+    record.write_bytes(before)  # the copy from before the contribution
+    assert refusal(budgeted, **DP)[0] == "budget_missing"
+
+
+def test_require_dp_without_a_total_gets_the_default_budget_and_needs_state_dir(tmp_path, refusal):
+    from tangent.training.budget import DEFAULT_EPSILON_BUDGET
+
+    node = {"site-id": "s1", "require-dp": True, "state-dir": str(tmp_path / "state")}
+    over = DEFAULT_EPSILON_BUDGET * 1.01
+    assert refusal(node, **DP | {"dp-epsilon": over})[0] == "budget_exhausted"  # old: accepted
+    assert refusal(node, **DP)[0] == "bad_request"  # within it: past the policy (no spec here)
+    record = PrivacyBudget(tmp_path / "state" / PrivacyBudget.FILE_NAME, "s1")
+    assert record.epsilon_budget == DEFAULT_EPSILON_BUDGET and record.spent == (0.0, 0.0)
+    code, log = refusal({"site-id": "s1", "require-dp": True}, **DP)
+    assert code == "budget_missing" and "state-dir" in log
