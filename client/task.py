@@ -213,14 +213,24 @@ def train_config(config: Mapping[str, Any]):
 
 
 def privacy_setup(request, policy, num_examples: int):
-    """The PrivacyConfig for an accepted DP request: N_pub (declared or bucketed) and δ."""
+    """The PrivacyConfig for an accepted DP request: N_pub (declared or bucketed) and δ.
+
+    δ stays below 1/n for the true n, not only for N_pub: a declared count must cover every
+    row the site trains on (``declared_too_small`` otherwise), and a power-of-two bucket
+    N_pub > n/2 needs δ < 1/(2·N_pub). Both checks read N_pub and the site's own setting only."""
     from tangent.training.privacy import PrivacyConfig, default_delta, public_count
 
-    num_public = public_count(num_examples, policy.declared_examples)
+    declared = policy.declared_examples
+    if declared is not None and num_examples > declared:
+        raise SiteError("declared_too_small", f"the site trains on {num_examples} examples but declares "
+                                              f"{declared}: δ would not be below 1/n; raise declared-examples")
+    num_public = public_count(num_examples, declared)
     delta = min(request.requested_delta or default_delta(num_public), request.delta_ceiling)
-    if delta >= 1.0 / num_public:
-        raise SiteError("delta_too_large", f"δ={delta:g} is not below 1/N_pub = {1.0 / num_public:g} "
-                                           f"(N_pub = {num_public}); lower max-delta or dp-delta")
+    bound = num_public if declared is not None else 2 * num_public
+    if delta >= 1.0 / bound:
+        raise SiteError("delta_too_large", f"δ={delta:g} is not below 1/{bound} (N_pub = {num_public}"
+                                           f"{'' if declared is not None else ', n < 2·N_pub'}); lower "
+                                           "max-delta or dp-delta")
     return PrivacyConfig(target_epsilon=request.target_epsilon, target_delta=delta,
                          max_grad_norm=request.max_grad_norm, public_examples=num_public)
 

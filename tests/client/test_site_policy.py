@@ -149,3 +149,22 @@ def test_require_dp_without_a_total_gets_the_default_budget_and_needs_state_dir(
     assert record.epsilon_budget == DEFAULT_EPSILON_BUDGET and record.spent == (0.0, 0.0)
     code, log = refusal({"site-id": "s1", "require-dp": True}, **DP)
     assert code == "budget_missing" and "state-dir" in log
+
+
+def test_delta_stays_below_one_over_the_true_n():
+    """Old code checked δ against N_pub only: a site declaring 100 examples while holding 200,000
+    (or whose bucket 65,536 hides n = 120,000) trained at δ = 1e-5 ≥ 1/n."""
+    from client.site import SiteError
+    from client.policy import SitePolicy
+
+    request = SitePolicy().check_request(DP | {"dp-delta": 1e-5})
+    with pytest.raises(SiteError) as err:
+        task.privacy_setup(request, SitePolicy(declared_examples=100), 200_000)
+    assert err.value.code == "declared_too_small"
+    with pytest.raises(SiteError) as err:
+        task.privacy_setup(request, SitePolicy(), 120_000)
+    assert err.value.code == "delta_too_large"
+    for n, declared in [(120_000, None), (50_000, None), (300, 1000), (1000, 1000), (5, None)]:
+        config = task.privacy_setup(SitePolicy().check_request(DP), SitePolicy(declared_examples=declared), n)
+        assert config.target_delta < 1 / n
+    assert task.privacy_setup(request, SitePolicy(), 50_000).target_delta == 1e-5  # 1/(2·32768) > 1e-5
