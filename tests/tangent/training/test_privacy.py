@@ -141,9 +141,9 @@ def test_public_count_and_default_delta_rules():
     assert PrivacyConfig(target_epsilon=1.0).delta_for(100) == 1e-5
 
 
-# (N_pub, expected batch, epochs): q = 1/⌈N_pub/B⌉ where int(1/q) falls one short for many
-SCHEDULES = [(93, 1, 1), (93, 1, 3), (930, 10, 2), (49, 1, 1), (98, 1, 2), (100, 7, 3), (1000, 32, 1),
-             (4096, 64, 2), (300, 32, 5), (57, 1, 1), (113, 1, 1), (228, 2, 4), (1005, 5, 1), (77, 3, 6)]
+# (N_pub, expected batch, epochs): q = 1/⌈N_pub/B⌉; int(epochs/q) is one short of the steps taken
+# for the first two (old code, RDP, ε = 8: 8.0101 and 8.0015 spent), exact for the others
+SCHEDULES = [(93, 1, 1), (930, 10, 2), (93, 1, 3), (100, 7, 3), (1000, 32, 1), (77, 3, 6)]
 
 
 @pytest.mark.parametrize("num_public,batch,epochs", SCHEDULES)
