@@ -5,7 +5,9 @@ the composed Δ, for evaluate). A train reply is ``RecordDict({"delta", "metrics
 plus ``"stats"`` and ``"stats-meta"`` (the exact head's sufficient statistics, docs/exact_head.md)
 when the spec says ``exact-head`` and the run is not DP; every refusal is a reply
 ``RecordDict({"error": ConfigRecord(code, reason, site-id)})`` so the
-server can record it, never an exception that would cost the round other sites' work.
+server can record it, never an exception that would cost the round other sites' work. A DP
+site's refusal holds only its code and that code's fixed text (:data:`PRIVATE_REFUSALS`): a
+refusal must not depend on the data it protects.
 """
 from __future__ import annotations
 
