@@ -23,6 +23,14 @@ rows, tangent/exact_head/stats_file.py). Send both (and ``--delta``) to the oper
     taft-ledger --ledger <state>/ledger.sqlite forget forget-3.json \
         --stats stats-3.safetensors [--delta delta-3.safetensors] --registry <state>/registry.json
 
+**Not on a DP site.** The statistics are exact (n and every label count) and go to the operator:
+on a site that requires differential privacy they would be a release its budget does not cover.
+The tool refuses (exit 2, before reading the data) when the site's state directory
+(``--state-dir``, its SuperNode's node config ``state-dir``; default
+``$TAFT_STATE_DIR/site-<id>`` as deploy.supernode sets it) holds a privacy-budget record or its
+seal, or when ``--require-dp`` says the site's node config requires DP. There is no DP forget
+mode: a DP site forgets by retraining (its next DP contribution replaces the old one).
+
 The key is the site's SuperNode key (the one registered with deploy.register); the signing rule is
 tangent/protocol/signed_requests.py, the same as deploy/withdraw.py's. Exit 0: written; 2: bad input.
 """
@@ -81,6 +89,22 @@ def _site_data(path: Path, img_size: int):
                     np.arange(len(labels)), str(path))
 
 
+def default_state_dir(site: str) -> Path:
+    """Where deploy.supernode keeps a site's state (deploy.connection.site_state_dir)."""
+    return Path(os.environ.get("TAFT_STATE_DIR") or "~/.local/state/taft-fl").expanduser() / f"site-{site}"
+
+
+def dp_site_reason(site: str, state_dir: Path, require_dp: bool) -> str | None:
+    """Why this site must not release exact statistics (None: it may)."""
+    from tangent.training.budget import PrivacyBudget
+
+    if require_dp:
+        return "--require-dp: the site's node config requires differential privacy"
+    if PrivacyBudget(state_dir / PrivacyBudget.FILE_NAME, site).started():
+        return f"its state directory {state_dir} holds a privacy-budget record"
+    return None
+
+
 def _private_write(path: Path, data: bytes) -> None:
     fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
     with os.fdopen(fd, "wb") as handle:
@@ -101,6 +125,11 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--out", required=True, type=Path, metavar="DIR")
     parser.add_argument("--delta", type=Path, default=None, help="a Δw retrained without the forgotten rows")
     parser.add_argument("--feature-digest", default=None, help="the run's feature digest: refuse if ours differs")
+    parser.add_argument("--state-dir", type=Path, default=None,
+                        help="the site's state directory (node config state-dir; default $TAFT_STATE_DIR/site-<id>): "
+                             "a privacy-budget record there makes the tool refuse")
+    parser.add_argument("--require-dp", action="store_true",
+                        help="the site requires differential privacy: refuse (there is no DP forget mode)")
     model = ModelSpec()
     parser.add_argument("--backbone", default=model.backbone)
     parser.add_argument("--img-size", type=int, default=model.img_size)
@@ -115,6 +144,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
+    why = dp_site_reason(args.site, args.state_dir or default_state_dir(args.site), args.require_dp)
+    if why is not None:
+        print(f"client.forget: site {args.site} is a DP site ({why}). This tool writes exact "
+              "statistics (n and every label count) for the operator, a release no privacy budget "
+              "covers: refusing. Forget on a DP site by retraining: the next DP contribution "
+              "replaces the old one.", file=sys.stderr)
+        return 2
     try:
         from tangent.exact_head.features import FeatureExtractor
         from tangent.exact_head.stats_file import stats_bytes

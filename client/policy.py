@@ -4,17 +4,21 @@ Node config keys (all optional):
 
 | key | meaning |
 |---|---|
-| ``require-dp`` | refuse every non-DP training request (``dp_required``) |
-| ``epsilon-budget`` | total ε over all contributions; implies ``require-dp``; needs ``state-dir`` |
+| ``require-dp`` | refuse every non-DP training request (``dp_required``) and every evaluate message |
+| ``epsilon-budget`` | total ε over all contributions; implies ``require-dp`` |
 | ``delta-budget`` | total δ over all contributions |
 | ``max-epsilon`` | largest ε one contribution may spend (``epsilon_too_large``) |
 | ``max-delta`` | δ ceiling per contribution, default 1e-5 (``delta_too_large``) |
 | ``declared-examples`` | the example count a DP reply reveals and is weighted by |
-| ``state-dir`` | the site's durable state: ``privacy-budget.json``, ``contributions.jsonl`` |
+| ``state-dir`` | the site's durable state: ``privacy-budget.json`` and its seal, ``contributions.jsonl`` |
 
-The budget itself is the record in ``state-dir`` (created by the deploy scripts with
-``PrivacyBudget.create``); ``epsilon-budget``/``delta-budget`` here can only lower it. A record in
-``state-dir`` binds (and implies ``require-dp``) even when the node config names no budget.
+A site that requires DP always has a budget: ``epsilon-budget``, else
+:data:`~tangent.training.budget.DEFAULT_EPSILON_BUDGET` (a site the server could ask forever
+would have no guarantee at all), and it needs a ``state-dir`` to keep its record in. The record
+is created there at the first DP request (or by the deploy scripts, ``PrivacyBudget.create``);
+``epsilon-budget``/``delta-budget`` can then only lower it. Once a record or its seal exists in
+``state-dir`` it binds (and implies ``require-dp``) even when the node config names no budget,
+and deleting the record refuses rather than starting again (tangent.training.budget).
 """
 from __future__ import annotations
 
@@ -50,7 +54,7 @@ class SitePolicy:
     max_delta: float | None = None
     declared_examples: int | None = None
     state_dir: Path | None = None
-    #: a budget record exists in state_dir: it binds even without ``epsilon-budget``
+    #: a budget record (or its seal) exists in state_dir: it binds even without ``epsilon-budget``
     has_record: bool = False
 
     @classmethod
@@ -61,7 +65,7 @@ class SitePolicy:
         epsilon_budget = _positive(node_config, "epsilon-budget")
         state_dir = str(node_config.get("state-dir", "") or "")
         state = Path(state_dir).expanduser() if state_dir else None
-        has_record = state is not None and (state / PrivacyBudget.FILE_NAME).exists()
+        has_record = state is not None and PrivacyBudget(state / PrivacyBudget.FILE_NAME, "").started()
         policy = cls(require_dp=(_flag(node_config, "require-dp") or epsilon_budget is not None
                                  or has_record),
                      epsilon_budget=epsilon_budget,
@@ -112,16 +116,33 @@ class SitePolicy:
                          delta_ceiling=self.delta_ceiling)
 
     def budget(self, site: str):
-        """The site's PrivacyBudget: with an ``epsilon-budget`` or a record in ``state-dir``."""
-        if self.epsilon_budget is None and not self.has_record:
+        """The site's PrivacyBudget (None for a site that does not require DP). A site that
+        requires DP and has never had a record gets one now, with ``epsilon-budget`` or the
+        default total; one that had a record and lost it is refused (BudgetMissing)."""
+        if not self.require_dp:
             return None
-        from tangent.training.budget import PrivacyBudget
+        from tangent.training.budget import DEFAULT_EPSILON_BUDGET, PrivacyBudget
 
         if self.state_dir is None:
-            raise SiteError("budget_missing", "node config sets 'epsilon-budget' but no 'state-dir': "
-                                              "the spent budget has nowhere durable to live")
-        return PrivacyBudget(self.state_dir / PrivacyBudget.FILE_NAME, site,
-                             epsilon_cap=self.epsilon_budget, delta_cap=self.delta_budget)
+            raise SiteError("budget_missing", "this site requires DP but its node config has no "
+                                              "'state-dir': the spent budget has nowhere durable to live")
+        path = self.state_dir / PrivacyBudget.FILE_NAME
+        if not PrivacyBudget(path, site).started():
+            try:
+                PrivacyBudget.create(path, site, self.epsilon_budget or DEFAULT_EPSILON_BUDGET,
+                                     self.delta_budget)
+            except FileExistsError:
+                pass  # another request of this site created it first: it binds all the same
+        return PrivacyBudget(path, site, epsilon_cap=self.epsilon_budget, delta_cap=self.delta_budget)
+
+
+def answers_privately(node_config: Mapping[str, Any], config: Mapping[str, Any]) -> bool:
+    """Does the site answer this message as a DP site: its policy requires DP, or the request
+    asks for it? When either cannot be read, yes: the conservative answer."""
+    try:
+        return SitePolicy.from_node_config(node_config).require_dp or _flag(config, "dp", "bad_request")
+    except SiteError:
+        return True
 
 
 def _number(value: Any, key: str, code: str) -> float:

@@ -79,8 +79,14 @@ def cache_dir(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -> 
 
 
 def load_split(split: str, model, base_digest: str, img_size: int, node_config: Mapping[str, Any],
-               run_config: Mapping[str, Any]) -> SiteData:
-    """This site's ``"train"`` or ``"test"`` data as model inputs. Raises SiteError."""
+               run_config: Mapping[str, Any], *, drop_unusable: bool = False) -> SiteData:
+    """This site's ``"train"`` or ``"test"`` data as model inputs. Raises SiteError.
+
+    ``drop_unusable`` (a DP site's training data): rows whose label the model has no class for
+    are left out, one record at a time, instead of refusing the whole data set. Whether such a
+    row exists then changes nothing the server sees but the DP mechanism's output, which its
+    (ε, δ) covers; a refusal would tell the server that one record exists, for free.
+    """
     directory = cache_dir(node_config, run_config)
     if is_simulation(node_config):
         return _simulated(split, model, base_digest, img_size, node_config, run_config, directory)
@@ -90,12 +96,35 @@ def load_split(split: str, model, base_digest: str, img_size: int, node_config: 
             raise SiteError("missing_data", "node config has no 'data-path': this SuperNode has no "
                                             "local data (start it with --node-config \"data-path=...\")")
         raise SiteError("no_test_split", "node config has no 'test-data-path': no local test split to evaluate on")
-    return _site_file(Path(str(node_config[key])).expanduser(), key, model, base_digest, img_size,
-                      directory)
+    path = Path(str(node_config[key])).expanduser()
+    if split == "test":
+        _check_not_training_data(path, node_config)
+    return _site_file(path, key, model, base_digest, img_size, directory, drop_unusable=drop_unusable)
+
+
+def _check_not_training_data(test_path: Path, node_config: Mapping[str, Any]) -> None:
+    """Refuse a test split that is the training data: the same file, or the same rows and labels
+    under another name (by data set digest). Metrics on it would be training metrics."""
+    from tangent.data.sets import DataError, dataset_digest, load_site_data
+
+    if "data-path" not in node_config or not str(node_config["data-path"]):
+        return
+    train_path = Path(str(node_config["data-path"])).expanduser()
+    if not (train_path.exists() and test_path.exists()):
+        return  # the split that is read reports its own absence
+    same = train_path.resolve() == test_path.resolve()
+    if not same:
+        try:
+            same = dataset_digest(*load_site_data(train_path)) == dataset_digest(*load_site_data(test_path))
+        except DataError:
+            return  # the split that is read reports its own problem
+    if same:
+        raise SiteError("test_is_training_data", f"test-data-path {test_path} holds the training data "
+                                                 f"(data-path {train_path}): refusing to evaluate on it")
 
 
 def _site_file(path: Path, key: str, model, base_digest: str, img_size: int,
-               directory: Path | None) -> SiteData:
+               directory: Path | None, *, drop_unusable: bool = False) -> SiteData:
     from tangent.data.token_cache import images_digest
     from tangent.data.sets import DataError, dataset_digest, load_site_data
 
@@ -105,20 +134,29 @@ def _site_file(path: Path, key: str, model, base_digest: str, img_size: int,
         images, labels = load_site_data(path)
     except DataError as err:
         raise SiteError("bad_data", f"{key} {path}: {err}") from err
-    _check_labels(labels, model, f"{key} {path}")
-    indices = np.arange(len(labels))
+    if drop_unusable:
+        indices = np.flatnonzero(usable_labels(labels, model))
+    else:
+        _check_labels(labels, model, f"{key} {path}")
+        indices = np.arange(len(labels))
     images_sha = images_digest(images) if directory is not None else None
     inputs, from_cache = model_inputs(model, base_digest, images, indices, img_size, directory,
                                  data_digest=images_sha)
-    return SiteData(inputs, labels, from_cache, dataset_digest(images, labels), indices, str(path),
-                    directory, images_sha)
+    return SiteData(inputs, labels[indices], from_cache, dataset_digest(images, labels), indices,
+                    str(path), directory, images_sha)
+
+
+def usable_labels(labels: np.ndarray, model) -> np.ndarray:
+    """Per row: does the model have a class for its label (0 <= label < num-classes)?"""
+    return (labels >= 0) & (labels < int(model.options["num_classes"]))
 
 
 def _check_labels(labels: np.ndarray, model, what: str) -> None:
     """Labels beyond the model's classes would fail deep inside the loss: refuse them here."""
     num_classes = int(model.options["num_classes"])
-    if len(labels) and int(labels.max()) >= num_classes:
-        raise SiteError("bad_data", f"{what}: label {int(labels.max())} but the model has {num_classes} "
+    if len(labels) and not usable_labels(labels, model).all():
+        bad = int(labels.max()) if int(labels.max()) >= num_classes else int(labels.min())
+        raise SiteError("bad_data", f"{what}: label {bad} but the model has {num_classes} "
                                     "classes (run config num-classes)")
 
 

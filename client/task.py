@@ -5,7 +5,9 @@ the composed Δ, for evaluate). A train reply is ``RecordDict({"delta", "metrics
 plus ``"stats"`` and ``"stats-meta"`` (the exact head's sufficient statistics, docs/exact_head.md)
 when the spec says ``exact-head`` and the run is not DP; every refusal is a reply
 ``RecordDict({"error": ConfigRecord(code, reason, site-id)})`` so the
-server can record it, never an exception that would cost the round other sites' work.
+server can record it, never an exception that would cost the round other sites' work. A DP
+site's refusal holds only its code and that code's fixed text (:data:`PRIVATE_REFUSALS`): a
+refusal must not depend on the data it protects.
 """
 from __future__ import annotations
 
@@ -21,7 +23,7 @@ from typing import Any, Mapping
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
-from client.policy import SitePolicy
+from client.policy import SitePolicy, answers_privately
 from client.site import SiteError, load_split, site_id
 from tangent.protocol.spec import ModelSpec, fresh_model
 
@@ -43,6 +45,37 @@ def error_reply(code: str, reason: str, site: str | None = None) -> RecordDict:
     return RecordDict({"error": ConfigRecord(record)})
 
 
+#: What a DP site may say when it refuses: one fixed text per code, computed from nothing the
+#: site holds. Every other failure (anything once the data is read: a missing or malformed file,
+#: an exception in training) is :data:`PRIVATE_FAILURE`, with its own fixed text: its details
+#: (paths, labels, counts, tracebacks) go to the site's log only.
+PRIVATE_REFUSALS = {
+    "bad_request": "the request is malformed or incomplete",
+    "bad_node_config": "this site's node config is malformed",
+    "dp_required": "this site trains only with differential privacy; the request has dp=false",
+    "epsilon_too_large": "the requested epsilon exceeds this site's per-contribution limit",
+    "delta_too_large": "the requested delta exceeds this site's limit",
+    "budget_exhausted": "this site's privacy budget does not cover the request",
+    "budget_missing": "this site's privacy-budget record is missing, damaged or rolled back",
+    "base_digest_mismatch": "this site's base-model digest differs from the server's",
+    "feature_digest_mismatch": "this site's feature digest differs from the server's",
+    "bad_device": "this site's device setting is invalid",
+    "evaluate_refused": "a DP site does not evaluate: its test data would be released without noise",
+}
+PRIVATE_FAILURE = ("site_failed", "this site could not contribute (details are in its own log)")
+
+
+def _refusal_reply(content: RecordDict, node_config: Mapping[str, Any], code: str, reason: str,
+                   site: str) -> RecordDict:
+    """The error reply for a refusal: as it is, or, on a DP site, with the code's fixed text."""
+    config = content.config_records.get("config", ConfigRecord())
+    if not answers_privately(node_config, config):
+        return error_reply(code, reason, site)
+    if code in PRIVATE_REFUSALS:
+        return error_reply(code, PRIVATE_REFUSALS[code], site)
+    return error_reply(*PRIVATE_FAILURE, site)
+
+
 def _refusals(handler):
     """Turn every failure of ``handler`` into an error reply (known ones with their own code)."""
     def wrapped(content: RecordDict, node_config: Mapping[str, Any], run_config: Mapping[str, Any]):
@@ -54,17 +87,17 @@ def _refusals(handler):
             return handler(content, node_config, run_config, site)
         except SiteError as err:
             log.warning("site %s refuses: %s", site, err)
-            return error_reply(err.code, str(err), site)
+            return _refusal_reply(content, node_config, err.code, str(err), site)
         except Exception as err:  # noqa: BLE001 — reported to the server, not swallowed
             from tangent.training.budget import BudgetExhausted, BudgetMissing
 
             for kind, code in ((BudgetExhausted, "budget_exhausted"), (BudgetMissing, "budget_missing")):
                 if isinstance(err, kind):
                     log.warning("site %s refuses: %s", site, err)
-                    return error_reply(code, str(err), site)
+                    return _refusal_reply(content, node_config, code, str(err), site)
             log.exception("site %s failed", site)
-            return error_reply("internal", f"{type(err).__name__}: {err}\n"
-                                           f"{traceback.format_exc(limit=4)}", site)
+            return _refusal_reply(content, node_config, "internal", f"{type(err).__name__}: {err}\n"
+                                  f"{traceback.format_exc(limit=4)}", site)
         finally:
             # The data loader leaves reference cycles that hold this site's batches and token
             # dataset; a Ray worker runs many sites, so free them now rather than at some later
@@ -182,14 +215,24 @@ def train_config(config: Mapping[str, Any]):
 
 
 def privacy_setup(request, policy, num_examples: int):
-    """The PrivacyConfig for an accepted DP request: N_pub (declared or bucketed) and δ."""
+    """The PrivacyConfig for an accepted DP request: N_pub (declared or bucketed) and δ.
+
+    δ stays below 1/n for the true n, not only for N_pub: a declared count must cover every
+    row the site trains on (``declared_too_small`` otherwise), and a power-of-two bucket
+    N_pub > n/2 needs δ < 1/(2·N_pub). Both checks read N_pub and the site's own setting only."""
     from tangent.training.privacy import PrivacyConfig, default_delta, public_count
 
-    num_public = public_count(num_examples, policy.declared_examples)
+    declared = policy.declared_examples
+    if declared is not None and num_examples > declared:
+        raise SiteError("declared_too_small", f"the site trains on {num_examples} examples but declares "
+                                              f"{declared}: δ would not be below 1/n; raise declared-examples")
+    num_public = public_count(num_examples, declared)
     delta = min(request.requested_delta or default_delta(num_public), request.delta_ceiling)
-    if delta >= 1.0 / num_public:
-        raise SiteError("delta_too_large", f"δ={delta:g} is not below 1/N_pub = {1.0 / num_public:g} "
-                                           f"(N_pub = {num_public}); lower max-delta or dp-delta")
+    bound = num_public if declared is not None else 2 * num_public
+    if delta >= 1.0 / bound:
+        raise SiteError("delta_too_large", f"δ={delta:g} is not below 1/{bound} (N_pub = {num_public}"
+                                           f"{'' if declared is not None else ', n < 2·N_pub'}); lower "
+                                           "max-delta or dp-delta")
     return PrivacyConfig(target_epsilon=request.target_epsilon, target_delta=delta,
                          max_grad_norm=request.max_grad_norm, public_examples=num_public)
 
@@ -222,7 +265,9 @@ def train(content: RecordDict, node_config, run_config, site: str) -> RecordDict
     # DP runs send no statistics (their DP release is measured offline, docs/exact_head.md)
     extractor = _check_features(content, spec) if request is None else None
     model.to(device)  # before load_split: a cache this site has to build is built there too
-    data = load_split("train", model, digest, spec.img_size, node_config, run_config)
+    # a DP site leaves out rows it cannot use one by one (covered by its ε) instead of refusing
+    data = load_split("train", model, digest, spec.img_size, node_config, run_config,
+                      drop_unusable=request is not None)
     privacy = None if request is None else privacy_setup(request, policy, data.num_examples)
     contribution_id = None if privacy is None else secrets.token_hex(16)
     torch.manual_seed(cfg.seed)  # the non-DP path only: DP draws from OS entropy
@@ -296,11 +341,17 @@ def _remember_contribution(policy, contribution_id: str, data, result, privacy) 
 
 @_refusals
 def evaluate(content: RecordDict, node_config, run_config, site: str) -> RecordDict:
-    """The composed model (w0 + the Δ the server sends) on the site's local test split."""
+    """The composed model (w0 + the Δ the server sends) on the site's local test split; refused
+    (``evaluate_refused``) by a site whose policy requires DP, before anything else."""
     import torch
 
     from tangent.training.trainer import evaluate as evaluate_model
 
+    # An exact loss and accuracy on crafted models release the test labels (ten models gave a
+    # site's label counts) and nothing charges them to the budget: a DP site does not evaluate.
+    if SitePolicy.from_node_config(node_config).require_dp:
+        raise SiteError("evaluate_refused", "this site requires differential privacy and does not "
+                                            "answer evaluate messages (exact metrics are not private)")
     device = site_device(node_config, run_config)
     spec, model, digest = _check_spec(content)
     if "delta" not in content.array_records:

@@ -260,6 +260,27 @@ def _decode(name: str, array, dtype: str = "float32", reason: str = "bad_arrays"
 
 # ----------------------------------------------------------------------------- train
 
+def released_privacy(msg: Message) -> tuple[float, float] | None:
+    """The privacy loss a train reply claims for what it carries, whether or not the reply is then
+    recorded: the server saw it either way. None: it carries no update (an error, a refusal, a
+    reply without a ``delta``); (ε, δ) of a DP reply; (∞, 0) for anything else with a ``delta``
+    (non-DP, or a DP claim that cannot be read: its loss is unknown)."""
+    try:
+        if msg.has_error() or "delta" not in msg.content.array_records:
+            return None
+        metrics = msg.content.metric_records.get("metrics")
+        meta = msg.content.config_records.get("meta")
+        dp = meta is not None and meta.get("dp", False) is True
+        epsilon = metrics.get("epsilon") if metrics is not None else None
+        delta = metrics.get("delta", 0.0) if metrics is not None else None
+    except Exception:  # noqa: BLE001 - an unreadable reply still carried an update
+        return math.inf, 0.0
+    if (dp and _number(epsilon) and _number(delta) and math.isfinite(epsilon) and epsilon >= 0
+            and 0 <= delta < 1):
+        return float(epsilon), float(delta)
+    return math.inf, 0.0
+
+
 def parse_train_reply(msg: Message, expected_base_digest: str, *, require_dp: bool = False,
                       bind: Callable[[str], str] | None = None,
                       stats: StatsExpectation | None = None) -> Contribution:

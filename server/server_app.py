@@ -55,7 +55,7 @@ from server.exact_head import ExactHead, describe_features
 from server.trust.identity import SenderBinding
 from server.ledger import Ledger, LedgerError
 from server.ledger.ledgers import HELD_LINK, Ledgers, held_path_of, link, stats_path_of
-from server.strategy import LedgerFedAvg, StreamingGrid, composed_arrays
+from server.strategy import LedgerFedAvg, StreamingGrid, composed_arrays, privacy_received
 from server.trust.withdrawal import (NonceStore, SiteRegistry, WithdrawalRefused, apply_withdrawal, nonce_store_path,
                                read_request)
 from tangent.protocol.limits import check_site_id, site_order
@@ -311,7 +311,9 @@ def _train(grid: Grid, ledgers: Ledger | Ledgers, spec, base_digest: str, evalua
                    "accuracy": central[last]["accuracy"] if last else None,
                    "accuracy_exact_head": central[last].get("accuracy_exact_head") if last else None,
                    "exact_head_lambda": central[last].get("exact_head_lambda") if last else None,
-                   "rejected": sum(len(r["rejections"]) for r in rounds)}
+                   "rejected": sum(len(r["rejections"]) for r in rounds),
+                   # every update received, recorded or refused (the ledger's totals: recorded only)
+                   "privacy_received": privacy_received(strategy.rounds.values())}
 
 
 def _composed_stats(ledgers: Ledgers):

@@ -49,7 +49,7 @@ from server.trust.identity import SenderBinding
 from server.ledger import Ledger, RejectedContribution
 from server.ledger.ledgers import Ledgers
 from server.replies import (MAX_DETAIL, Contribution, Rejected, StatsExpectation, parse_evaluate_reply,
-                            parse_train_reply, shown)
+                            declared_site, parse_train_reply, released_privacy, shown)
 
 __all__ = ["LedgerFedAvg", "RoundSummary", "Rejected", "Contribution", "parse_train_reply", "record",
            "StreamingGrid", "composed_arrays"]
@@ -71,6 +71,9 @@ class RoundSummary:
     # {"site_id", "node_id", "reason", "detail"} (+ "declared_site_id" when the claim differs)
     rejections: list[dict] = field(default_factory=list)
     not_sampled: list[dict] = field(default_factory=list)  # {"node_id", "site_id", "reason"}
+    # per sender (registered site, else "node-<id>"): the privacy loss every update it sent
+    # claims, recorded or refused — a refused reply was still released to this server
+    privacy_received: dict = field(default_factory=dict)
     model_version: int | None = None
     total_examples: int = 0
     train_metrics: dict = field(default_factory=dict)
@@ -88,6 +91,25 @@ class RoundSummary:
         out = asdict(self) | {"rejected_by_reason": self.rejected_by_reason}
         out.pop("sent_at")
         return out
+
+
+def _claimed_site(msg: Message) -> str | None:
+    """The site id a reply claims, where no registry binds senders (simulation); None if unreadable."""
+    try:
+        return declared_site(msg.content.config_records["meta"])
+    except Exception:  # noqa: BLE001 - counted under the node id instead
+        return None
+
+
+def privacy_received(rounds: Iterable[RoundSummary]) -> dict[str, dict]:
+    """Per sender, the ``privacy_received`` of every round added up (sequential composition)."""
+    totals: dict[str, dict] = {}
+    for summary in rounds:
+        for sender, counts in summary.privacy_received.items():
+            total = totals.setdefault(sender, {"epsilon": 0.0, "delta": 0.0, "replies": 0, "non_dp": 0})
+            for key, value in counts.items():
+                total[key] += value
+    return totals
 
 
 def record(ledgers: Ledger | Ledgers, contribution: Contribution) -> tuple[Any, bool]:
@@ -264,6 +286,7 @@ class LedgerFedAvg(FedAvg):
         seen: set[str] = set()
         for msg in replies:
             node_id = _sender(msg)
+            self._count_release(summary, msg, node_id)
             try:
                 contribution, version, replaced = self._train_reply(msg, node_id, seen)
             except Exception as err:  # noqa: BLE001 - one reply never aborts the round (see module doc)
@@ -298,6 +321,23 @@ class LedgerFedAvg(FedAvg):
         if not summary.recorded and summary.model_version is None:
             return None, metrics
         return composed_arrays(self.ledger), metrics
+
+    def _count_release(self, summary: RoundSummary, msg: Message, node_id: int | None) -> None:
+        """Add what a train reply released to the round's ``privacy_received``: ``epsilon`` and
+        ``delta`` sum its DP replies, ``non_dp`` counts the updates without a readable DP claim
+        (their loss is unbounded: the sender's ε is then ∞)."""
+        released = released_privacy(msg)
+        if released is None:
+            return
+        sender = self.binding.site_of(node_id) if self.binding is not None else _claimed_site(msg)
+        totals = summary.privacy_received.setdefault(sender or f"node-{node_id}",
+                                                     {"epsilon": 0.0, "delta": 0.0, "replies": 0, "non_dp": 0})
+        totals["replies"] += 1
+        if math.isinf(released[0]):
+            totals["non_dp"] += 1
+        else:
+            totals["epsilon"] += released[0]
+            totals["delta"] += released[1]
 
     def _rejection(self, server_round: int, phase: str, node_id: int | None, err: Exception) -> dict:
         """The report row for a refused reply; the site is the registered one where there is one."""

@@ -40,6 +40,13 @@ def site(tmp_path_factory, pretrained_vit):
     return types.SimpleNamespace(tmp=tmp, images=images, labels=labels, extractor=extractor)
 
 
+@pytest.fixture(autouse=True)
+def site_state_root(tmp_path, monkeypatch):
+    """The deploy scripts' state root, where the tool looks for the site's budget record."""
+    monkeypatch.setenv("TAFT_STATE_DIR", str(tmp_path / "state-root"))
+    return tmp_path / "state-root"
+
+
 def test_the_tool_forgets_rows_and_the_server_accepts_it_bit_for_bit(site):
     tmp, extractor = site.tmp, site.extractor
     digest = extractor.digest()
@@ -101,3 +108,19 @@ def test_help_explains_the_steps(capsys):
     text = capsys.readouterr().out
     assert exit_.value.code == 0
     assert "--forget-indices" in text and "taft-ledger" in text and "--replaces" in text
+
+
+@pytest.mark.parametrize("how", ["default-state-dir", "state-dir", "require-dp"])
+def test_a_dp_site_is_refused_before_its_data_is_read(site, capsys, site_state_root, tmp_path, how):
+    """Old code wrote exact statistics (n, label counts) for the operator on a budgeted DP site."""
+    from tangent.training.budget import PrivacyBudget
+
+    state = {"default-state-dir": site_state_root / "site-3", "state-dir": tmp_path / "elsewhere"}.get(how)
+    if state is not None:
+        PrivacyBudget.create(state / PrivacyBudget.FILE_NAME, "3", 8.0)
+    extra = {"state-dir": ["--state-dir", str(state)], "require-dp": ["--require-dp"]}.get(how, [])
+    out = tmp_path / "out"
+    assert main(["--site", "3", "--key", str(site.tmp / "keys" / "site-3.key"), "--data", str(site.tmp / "site-3.npz"),
+                 "--forget-indices", str(site.tmp / "forget.txt"), "--replaces", "a" * 64, "--out", str(out),
+                 *extra, *OPTIONS]) == 2
+    assert "is a DP site" in capsys.readouterr().err and not out.exists()

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 
 from client.site import SiteError, load_split
-from tests.tangent.data.test_cache import tiny_model
+from tests.tangent.data.test_cache import random_images, tiny_model
 
 
 def test_labels_beyond_the_models_classes_are_refused(tmp_path):
@@ -29,3 +29,19 @@ def test_simulated_sites_cut_the_run_configs_data_set(tmp_path):
     with pytest.raises(SiteError, match="no test data set") as err:
         load_split("test", tiny_model(), "digest", 28, {"partition-id": 0, "num-partitions": 4}, run_config)
     assert err.value.code == "no_test_split"
+
+
+def test_a_test_split_that_is_the_training_data_is_refused(tmp_path):
+    train = tmp_path / "train.npz"
+    np.savez(train, images=random_images(12), labels=np.arange(12) % 10)
+    (tmp_path / "copy.npz").write_bytes(train.read_bytes())
+    (tmp_path / "link.npz").symlink_to(train)
+    for test in ("train.npz", "copy.npz", "link.npz"):
+        node = {"site-id": "a", "data-path": str(train), "test-data-path": str(tmp_path / test)}
+        with pytest.raises(SiteError) as err:
+            load_split("test", tiny_model(), "digest", 28, node, {})
+        assert err.value.code == "test_is_training_data", test
+    other = tmp_path / "test.npz"
+    np.savez(other, images=random_images(12, seed=1), labels=np.arange(12) % 10)
+    node = {"site-id": "a", "data-path": str(train), "test-data-path": str(other)}
+    assert load_split("test", tiny_model(), "digest", 28, node, {}).num_examples == 12

@@ -198,3 +198,27 @@ def test_streaming_grid_stops_at_the_timeout():
     grid = _ScriptedGrid([[_reply("m0")]])
     replies = list(StreamingGrid(grid, pull_interval=0.01).send_and_receive([object()] * 2, timeout=0.1))
     assert [m.metadata.reply_to_message_id for m in replies] == ["m0"]
+
+
+def test_privacy_totals_count_every_dp_reply_received_recorded_or_refused(ledger):
+    """Old code: the server's totals held recorded contributions only, so a DP reply it refused
+    (here a second one from the same site in a round, and one with a wrong base digest) was a
+    release no total showed."""
+    from server.strategy import privacy_received
+
+    s = strategy(ledger)
+    s.aggregate_train(1, [train_reply(901, "3", delta(1), dp=True, epsilon=2.0),
+                          train_reply(901, "3", delta(2), dp=True, epsilon=1.5),  # duplicate: refused
+                          train_reply(902, "7", delta(3), digest="0" * 64, dp=True, epsilon=1.0),  # refused
+                          train_reply(903, "9", delta(4)),  # non-DP: unbounded
+                          error_reply(904, "5", "budget_exhausted")])  # no update: nothing released
+    s.aggregate_train(2, [train_reply(902, "7", delta(5), dp=True, epsilon=0.5)])
+    assert s.rounds[1].rejected_by_reason == {"duplicate_site_in_round": 1, "base_digest_mismatch": 1,
+                                               "budget_exhausted": 1}
+    totals = privacy_received(s.rounds.values())
+    assert totals["3"] == {"epsilon": 3.5, "delta": 2e-5, "replies": 2, "non_dp": 0}
+    assert totals["7"] == {"epsilon": 1.5, "delta": 2e-5, "replies": 2, "non_dp": 0}
+    assert totals["9"] == {"epsilon": 0.0, "delta": 0.0, "replies": 1, "non_dp": 1}
+    assert "5" not in totals
+    # the ledger's own totals hold what it recorded only
+    assert ledger.privacy_totals()["3"]["epsilon"] == 2.0

@@ -29,9 +29,25 @@ def test_create_is_owner_only_and_refuses_to_reset(tmp_path):
     budget.settle("c1", 0.9, 1e-5)
     assert stat.S_IMODE(os.stat(path).st_mode) == 0o600  # rewrites keep 0600
     assert stat.S_IMODE(os.stat(str(path) + ".lock").st_mode) == 0o600
+    assert stat.S_IMODE(os.stat(budget.seal_path).st_mode) == 0o600
     with pytest.raises(FileExistsError):
         PrivacyBudget.create(path, "site-a", 100.0)
     assert PrivacyBudget(path, "site-a").spent == (0.9, 1e-5)  # nothing was reset
+    path.unlink()  # the seal alone still says a record existed
+    with pytest.raises(FileExistsError):
+        PrivacyBudget.create(path, "site-a", 100.0)
+
+
+def test_a_crash_between_the_record_and_its_seal_keeps_the_newer_record(tmp_path):
+    path = record_path(tmp_path)
+    budget = PrivacyBudget.create(path, "site-a", 3.0)
+    budget.reserve("c1", 1.0, 1e-5)
+    old_seal = budget.seal_path.read_bytes()
+    budget.reserve("c2", 1.0, 1e-5)
+    budget.seal_path.write_bytes(old_seal)  # the record was written, the seal not yet
+    assert PrivacyBudget(path, "site-a").spent[0] == 2.0
+    budget.reserve("c3", 0.5, 0.0)  # and the next write seals it again
+    assert json.loads(budget.seal_path.read_text())["entries"] == 3
 
 
 def test_reserve_refuses_past_the_budget_and_survives_restart(tmp_path):
@@ -46,8 +62,8 @@ def test_reserve_refuses_past_the_budget_and_survives_restart(tmp_path):
     restarted.reserve("c2", 1.0, 1e-5)
     with pytest.raises(BudgetExhausted):
         restarted.check(0.01, 0.0)
-    entries = json.loads(path.read_text())["contributions"]
-    assert [(c["id"], c["state"]) for c in entries] == [("c1", "reserved"), ("c2", "reserved")]
+    charges = restarted.charges()
+    assert [(c["id"], c["state"]) for c in charges.values()] == [("c1", "reserved"), ("c2", "reserved")]
 
 
 def test_delta_is_budgeted_and_a_node_config_cap_only_lowers(tmp_path):
@@ -66,10 +82,13 @@ def test_delta_is_budgeted_and_a_node_config_cap_only_lowers(tmp_path):
         raised.check(0.0, 1e-6)
 
 
-@pytest.mark.parametrize("damage", ["delete", "garbage", "other-site", "empty-list-removed"])
+@pytest.mark.parametrize("damage", ["delete", "garbage", "other-site", "empty-list-removed", "erased",
+                                    "edited", "rolled-back", "seal-deleted", "both-replaced"])
 def test_missing_or_damaged_record_refuses_instead_of_resetting(tmp_path, damage):
     path = record_path(tmp_path)
-    PrivacyBudget.create(path, "site-a", 3.0).reserve("c1", 2.9, 1e-5)
+    budget = PrivacyBudget.create(path, "site-a", 3.0)
+    before = path.read_bytes()
+    budget.reserve("c1", 2.9, 1e-5)
     if damage == "delete":
         path.unlink()
     elif damage == "garbage":
@@ -77,10 +96,24 @@ def test_missing_or_damaged_record_refuses_instead_of_resetting(tmp_path, damage
     elif damage == "other-site":
         PrivacyBudget.create(tmp_path / "b" / "r.json", "site-b", 3.0)
         os.replace(tmp_path / "b" / "r.json", path)
-    else:
+    elif damage == "empty-list-removed":
         record = json.loads(path.read_text())
-        del record["contributions"]
+        del record["entries"]
         path.write_text(json.dumps(record))
+    elif damage in ("erased", "edited"):  # a valid record with less spent
+        record = json.loads(path.read_text())
+        if damage == "erased":
+            record["entries"] = []
+        else:
+            record["entries"][0]["epsilon"] = 0.0
+        path.write_text(json.dumps(record))
+    elif damage == "rolled-back":
+        path.write_bytes(before)
+    elif damage == "seal-deleted":
+        budget.seal_path.unlink()
+    else:  # a fresh record of the same site in place of the spent one
+        PrivacyBudget.create(tmp_path / "b" / PrivacyBudget.FILE_NAME, "site-a", 3.0)
+        os.replace(tmp_path / "b" / PrivacyBudget.FILE_NAME, path)
     budget = PrivacyBudget(path, "site-a")
     with pytest.raises(BudgetMissing, match="refusing to train"):
         budget.check(0.1, 0.0)
@@ -150,7 +183,7 @@ def test_concurrent_fits_never_overspend_and_charge_what_was_spent(tmp_path):
         thread.join()
     spent = [eps for eps in outcomes.values() if eps is not None]
     assert len(spent) == 2 and 1.0 < spent[0] < 1.5, outcomes
-    record = json.loads(path.read_text())["contributions"]
+    record = list(PrivacyBudget(path, "site-a").charges().values())
     assert all(c["state"] == "settled" for c in record) and len(record) == 2
     for entry in record:
         assert entry["epsilon"] == pytest.approx(outcomes[entry["id"]], rel=1e-12)
