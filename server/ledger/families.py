@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import safetensors.numpy
 
-from server.ledger import validation
+from server.ledger import stats_forms, validation
 from server.ledger.accumulators import Accumulators, Quantized, arrays_digest, quantize
 from server.ledger.records import LedgerError, RejectedContribution, canonical_json
 
@@ -152,6 +152,8 @@ class StatsFamily:
                 "base_digest": self.model_card["feature-digest"], "weighting": "uniform"}
 
     def arrays(self, contribution: Any) -> dict[str, np.ndarray]:
+        if stats_forms.accepts(contribution):  # the row form: expanded here, stored as the smaller form
+            return stats_forms.expand(contribution, self.model_card["stats-meta"])
         return validation.arrays(contribution, dtype=np.int64)
 
     def check(self, arrays: dict[str, np.ndarray], num_examples: int, columns: dict, max_delta_norm) -> float:
@@ -192,13 +194,10 @@ class StatsFamily:
             refuse("the rows of cross do not sum to sums (labels are not one-hot)")
 
     def encode(self, arrays: Mapping[str, np.ndarray], site_id: str, site_version: int) -> bytes:
-        # The site and its contribution number go into the header: a site may send the same
-        # statistics again (retracted, then re-added), and the stored sha256 must stay unique.
-        return safetensors.numpy.save(dict(sorted(arrays.items())),
-                                      metadata={"site_id": site_id, "site_version": str(site_version)})
+        return stats_forms.encode(arrays, self.model_card["stats-meta"], site_id, site_version)
 
     def decode(self, blob: bytes) -> dict[str, np.ndarray]:
-        return safetensors.numpy.load(blob)
+        return stats_forms.decode(blob, self.model_card["stats-meta"])
 
     def quantize(self, arrays: Mapping[str, np.ndarray]) -> Quantized:
         out = {}
