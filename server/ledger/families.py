@@ -32,7 +32,7 @@ from typing import Any
 import numpy as np
 import safetensors.numpy
 
-from server.ledger import stats_forms, validation
+from server.ledger import blobs, stats_forms, validation
 from server.ledger.accumulators import Accumulators, Quantized, arrays_digest, quantize
 from server.ledger.records import LedgerError, RejectedContribution, canonical_json
 
@@ -61,10 +61,10 @@ class DeltaFamily:
 
     def encode(self, arrays: Mapping[str, np.ndarray], site_id: str, site_version: int) -> bytes:
         # Content only: the same Δ sent twice has the same sha256, which the ledger refuses as a duplicate.
-        return safetensors.numpy.save(dict(sorted(arrays.items())))
+        return blobs.pack(safetensors.numpy.save(dict(sorted(arrays.items()))))
 
     def decode(self, blob: bytes) -> dict[str, np.ndarray]:
-        return safetensors.numpy.load(blob)
+        return safetensors.numpy.load(blobs.unpack(blob))
 
     def quantize(self, arrays: Mapping[str, np.ndarray]) -> Quantized:
         return quantize(arrays)

@@ -6,7 +6,8 @@ integers they are sums of (the row form, :mod:`tangent.exact_head.row_form`: int
 Gram form in both cases: a row form is expanded on arrival with
 ``SufficientStats.from_rows`` — exactly the integers the site would have summed — and kept as
 :class:`RowStats`, the Gram form's arrays that also remember their rows. The stored bytes are the
-smaller of the two forms (the row form while n·p·4 < the Gram's 8·p(p+1)/2, i.e. n ≲ p), so
+smaller of the two forms (the row form while n·p·4 < the Gram's 8·p(p+1)/2, i.e. n ≲ p),
+compressed (:mod:`server.ledger.blobs`), so
 what the server stores for a site follows what the site holds; a stored row form is expanded
 again when it is read (removal, verification), so both stay exact and cost O(that site's size).
 """
@@ -17,6 +18,7 @@ from collections.abc import Mapping
 import numpy as np
 import safetensors.numpy
 
+from server.ledger import blobs
 from server.ledger.records import RejectedContribution
 from tangent.exact_head.row_form import (LABELS_DTYPE, ROWS_DTYPE, is_row_form, row_form_bytes, gram_form_bytes,
                                          stats_of_rows)
@@ -73,13 +75,13 @@ def encode(arrays: Mapping[str, np.ndarray], card_meta: Mapping, site_id: str, s
     rows = getattr(arrays, "rows", None)
     p, k = card_meta["num-features"], card_meta["num-classes"]
     if rows is not None and row_form_bytes(len(rows["labels"]), p) < gram_form_bytes(p, k):
-        return safetensors.numpy.save(dict(sorted(rows.items())), metadata=metadata | {FORM_KEY: "rows"})
-    return safetensors.numpy.save(dict(sorted(arrays.items())), metadata=metadata)
+        return blobs.pack(safetensors.numpy.save(dict(sorted(rows.items())), metadata=metadata | {FORM_KEY: "rows"}))
+    return blobs.pack(safetensors.numpy.save(dict(sorted(arrays.items())), metadata=metadata))
 
 
 def decode(blob: bytes, card_meta: Mapping) -> dict[str, np.ndarray]:
     """The Gram form's arrays of stored bytes (a stored row form is expanded: the same integers)."""
-    arrays = safetensors.numpy.load(blob)
+    arrays = safetensors.numpy.load(blobs.unpack(blob))
     if is_row_form(arrays):
         return dict(stats_of_rows(arrays, card_meta["num-features"], card_meta["num-classes"],
                                   card_meta["clip-norm"], card_meta["frac-bits"]).to_arrays())

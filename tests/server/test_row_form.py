@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from flwr.app import Array
 
-from server.ledger import RejectedContribution
+from server.ledger import RejectedContribution, blobs
 from server.replies import Rejected, parse_train_reply
 from tangent.exact_head.row_form import gram_form_bytes, row_arrays, row_form_bytes, smaller_form
 from tangent.exact_head.statistics import SufficientStats, quantize
@@ -75,7 +75,7 @@ def test_ledger_sums_rows_like_sums_stores_the_smaller_form_and_removes_exactly(
         with by_rows.snapshot():
             stored = {r[0]: bytes(r[1]) for r in by_rows._store.db.execute(
                 "SELECT c.site_id, d.safetensors FROM deltas d JOIN contributions c ON c.id = d.contribution_id")}
-        forms = {site: safetensors_metadata(blob).get("form", "gram") for site, blob in stored.items()}
+        forms = {site: safetensors_metadata(blobs.unpack(blob)).get("form", "gram") for site, blob in stored.items()}
         assert forms == {"0": "rows", "1": "rows", "2": "gram"}
         assert len(stored["0"]) < row_form_bytes(3, P) + 200  # the rows and a header, not the sums
         for site in sites:
@@ -99,3 +99,28 @@ def test_ledger_refuses_a_row_form_off_the_grid(tmp_path):
             ledger.add("1", row_arrays(q, labels, BITS), num_examples=5, base_digest=FEATURE_DIGEST)
         assert err.value.reason == "stats_out_of_bounds"
         assert ledger.composed_stats() is None
+
+
+def test_stored_contributions_are_compressed_losslessly_and_old_plain_blobs_still_read(tmp_path):
+    """A mostly-zero Δ (as TAFT-1's is: the frozen parts get no update) is stored in a fraction of
+    its bytes, read back bit for bit, and a plain safetensors blob (older ledgers) still decodes."""
+    import safetensors.numpy
+
+    from server.ledger import Ledger
+
+    rng = np.random.default_rng(4)
+    d = {"w": np.zeros((300, 200), np.float32), "b": rng.standard_normal(7).astype(np.float32)}
+    d["w"][0] = rng.standard_normal(200)
+    with Ledger.open(tmp_path / "d.sqlite") as ledger:
+        ledger.add("a", d, 5)
+        (c,) = ledger.contributions(status="active")
+        back = ledger.contribution_delta(c.id)
+        assert all(back[k].tobytes() == d[k].tobytes() for k in d)
+        with ledger.snapshot():
+            (size,) = ledger._store.db.execute("SELECT length(safetensors) FROM deltas").fetchone()
+        assert size < 0.1 * sum(a.nbytes for a in d.values())
+        ledger.verify()
+    plain = safetensors.numpy.save(d)
+    assert blobs.unpack(plain) == plain and blobs.unpack(blobs.pack(plain)) == plain
+    with pytest.raises(ValueError):
+        blobs.unpack(blobs.pack(plain)[:-5])  # truncated
