@@ -126,6 +126,7 @@ def central_check(spec, features: dict, ledger_path: Path, cache_dir: Path | Non
     row; the head's accuracy (unless ``evaluate`` is False: the ServerApp's report has it); the
     statistics of the rows that stay are saved for after removal."""
     from client.stats import features_statistics
+    from simulations.run import stored_bytes_per_site
     from tangent.exact_head.statistics import SufficientStats
 
     start = time.perf_counter()
@@ -164,6 +165,7 @@ def central_check(spec, features: dict, ledger_path: Path, cache_dir: Path | Non
             "exact_head_rows": int(central.n), "exact_head_sites": len(active),
             "accuracy_exact_head": accuracy, "exact_head_lambda": lam, "exact_head_test_images": test_images,
             "exact_head_bytes_per_site": int(composed.nbytes), "exact_head_num_features": int(extractor.dim),
+            "exact_head_stored_bytes_per_site": stored_bytes_per_site(ledger_path),
             "exact_head_central_s": central_s, "exact_head_check_s": time.perf_counter() - start}
 
 

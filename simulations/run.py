@@ -235,18 +235,43 @@ def recorded_sites(ledger_path: Path) -> int | None:
         return None
 
 
-#: what `flwr run` prints when its local SuperLink did not start in its fixed 15 s
-SUPERLINK_SLOW_START = "Failed to start local SuperLink within"
+def stored_bytes_per_site(ledger_path: Path) -> float | None:
+    """Mean bytes a ledger stores for one active contribution (as written: compressed, in the
+    form the site sent; server/ledger/blobs.py, server/ledger/stats_forms.py)."""
+    import sqlite3
+
+    with sqlite3.connect(f"file:{ledger_path}?mode=ro", uri=True) as db:
+        return db.execute("SELECT avg(length(safetensors)) FROM deltas").fetchone()[0]
+
+
+#: flwr's own start of its local SuperLink, with a wait of our choosing: `flwr run` waits a fixed
+#: 15 s (flwr.cli.constant.LOCAL_SUPERLINK_STARTUP_TIMEOUT) and then kills it, and on a loaded
+#: machine the SuperLink's imports alone take longer (seen here: every try failed at load 13).
+#: The SuperLink is started detached, so it outlives this helper; `flwr run` then finds it up.
+START_SUPERLINK = """
+import sys
+from flwr.cli import local_superlink
+local_superlink.LOCAL_SUPERLINK_STARTUP_TIMEOUT = float(sys.argv[1])
+if not local_superlink._is_local_superlink_started():
+    local_superlink._start_local_superlink()
+"""
+
+
+def start_superlink(env: dict, wait: float = 300.0) -> None:
+    """Start the local simulation SuperLink of ``env``'s FLWR_HOME and ports before `flwr run`."""
+    subprocess.run([sys.executable, "-c", START_SUPERLINK, str(wait)], env=env, cwd=REPO, check=True,
+                   stdout=subprocess.DEVNULL, timeout=wait + 60)
 
 
 def flwr_run(run_config: dict, federation: dict, env: dict, log_path: Path, watch: ProcessWatch,
-             flwr_home: Path, timeout: float, progress_every: float = 30.0, attempts: int = 3) -> float:
+             flwr_home: Path, timeout: float, progress_every: float = 30.0) -> float:
     """One `flwr run .` against the local simulation federation; returns its wall time. Every
     ``progress_every`` s a line: sites recorded so far, elapsed time, private memory of the tree."""
     cmd = [str(Path(sys.executable).parent / "flwr"), "run", str(REPO),
            "--run-config", " ".join(f"{k}={toml_value(v)}" for k, v in run_config.items()),
            "--federation-config", " ".join(f"{k}={toml_value(v)}" for k, v in federation.items()),
            "--stream"]
+    start_superlink(env)
     start = time.perf_counter()
     with open(log_path, "w") as log:
         log.write("$ " + " ".join(cmd) + "\n")
@@ -271,13 +296,6 @@ def flwr_run(run_config: dict, federation: dict, env: dict, log_path: Path, watc
                 proc.terminate()
                 proc.wait(10)
     if proc.returncode != 0:
-        if attempts > 1 and SUPERLINK_SLOW_START in log_path.read_text(errors="replace"):
-            # flwr gives its local SuperLink 15 s to start (a constant); on a loaded machine its
-            # imports alone take longer. The SuperLink goes on starting; the next try finds it.
-            print(f"      the local SuperLink took over 15 s to start (machine under load): trying again")
-            log_path.rename(log_path.with_suffix(f".try{attempts}.log"))
-            return flwr_run(run_config, federation, env, log_path, watch, flwr_home, timeout, progress_every,
-                            attempts - 1)
         raise RuntimeError(f"`flwr run` exited with {proc.returncode}; see {log_path}")
     wall = time.perf_counter() - start
     stopped = stop_finished_run(watch)
@@ -600,7 +618,8 @@ def ensemble_check(spec, ledger_path: Path, cache_dir: Path | None, subset: int,
     return {"accuracy_ensemble": float((ensemble.argmax(-1) == labels).float().mean()),
             "accuracy_composed_on_subset": float((composed_logits.argmax(-1) == labels).float().mean()),
             "max_rel_logit_diff_composed_vs_ensemble": rel, "ensemble_test_images": len(indices),
-            "ensemble_sites": len(per_site), "per_site": per_site, "ensemble_s": time.perf_counter() - start}
+            "ensemble_sites": len(per_site), "per_site": per_site, "ensemble_s": time.perf_counter() - start,
+            "delta_stored_bytes_per_site": stored_bytes_per_site(ledger_path)}
 
 
 def composed_accuracy(spec, ledger_path: Path, cache_dir: Path | None, test_source: str,
@@ -905,8 +924,9 @@ def print_table(s: dict) -> None:
             ("exact head: composed == central (bit for bit)", s.get("exact_head_equals_central")),
             ("exact head: accuracy after removal", s.get("accuracy_exact_head_after_removal")),
             ("exact head: removal bit-identical", s.get("exact_head_removal_bit_identical")),
-            ("exact head: λ (GCV) / bytes per site", None if s.get("exact_head_lambda") is None else
-             f"{s['exact_head_lambda']:.4g} / {s.get('exact_head_bytes_per_site'):,}"),
+            ("exact head: λ (GCV)", s.get("exact_head_lambda")),
+            ("stored bytes per site: Δ / statistics", f"{s.get('delta_stored_bytes_per_site') or 0:,.0f} / "
+                                                       f"{s.get('exact_head_stored_bytes_per_site') or 0:,.0f}"),
             ("rejected", s.get("rejected")),
             ("cache build s", s.get("cache_build_s")), ("train run s", s.get("train_run_s")),
             ("unlearn run s", s.get("unlearn_run_s")), ("wall s", s.get("wall_s")),
