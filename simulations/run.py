@@ -244,6 +244,10 @@ def stored_bytes_per_site(ledger_path: Path) -> float | None:
         return db.execute("SELECT avg(length(safetensors)) FROM deltas").fetchone()[0]
 
 
+#: what the simulation logs when Ray's raylet did not come up in time
+RAY_SLOW_START = "The current node timed out during startup"
+
+
 #: flwr's own start of its local SuperLink, with a wait of our choosing: `flwr run` waits a fixed
 #: 15 s (flwr.cli.constant.LOCAL_SUPERLINK_STARTUP_TIMEOUT) and then kills it, and on a loaded
 #: machine the SuperLink's imports alone take longer (seen here: every try failed at load 13).
@@ -264,7 +268,7 @@ def start_superlink(env: dict, wait: float = 300.0) -> None:
 
 
 def flwr_run(run_config: dict, federation: dict, env: dict, log_path: Path, watch: ProcessWatch,
-             flwr_home: Path, timeout: float, progress_every: float = 30.0) -> float:
+             flwr_home: Path, timeout: float, progress_every: float = 30.0, attempts: int = 3) -> float:
     """One `flwr run .` against the local simulation federation; returns its wall time. Every
     ``progress_every`` s a line: sites recorded so far, elapsed time, private memory of the tree."""
     cmd = [str(Path(sys.executable).parent / "flwr"), "run", str(REPO),
@@ -301,6 +305,16 @@ def flwr_run(run_config: dict, federation: dict, env: dict, log_path: Path, watc
     stopped = stop_finished_run(watch)
     if stopped:
         print(f"      run done in {wall:.0f} s; stopped its {stopped} lingering processes (ServerApp, Ray)")
+    report = Path(run_config["report-path"])
+    no_rounds = not report.exists() or "rounds" not in json.loads(report.read_text())
+    if no_rounds and RAY_SLOW_START in log_path.read_text(errors="replace") and attempts > 1:
+        # Ray waits a fixed 30 s for its raylet to register (ray/_private/node.py); on a loaded
+        # machine it may not: the simulation ends before any round (the ServerApp's report, if
+        # any, holds only the error) and `flwr run` still exits 0
+        print("      Ray's raylet did not register within its fixed 30 s (machine under load): running again")
+        log_path.rename(log_path.with_name(f"{log_path.stem}.ray-timeout-{attempts}.log"))
+        return flwr_run(run_config, federation, env, log_path, watch, flwr_home, timeout, progress_every,
+                        attempts - 1)
     return wall
 
 
