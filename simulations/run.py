@@ -21,19 +21,25 @@ What it does, in order:
    Each site trains one TAFT contribution from w0 (and sends its exact-head statistics in the same
    reply) and the ServerApp records it in the ledger(s), evaluates the composed model on the test
    split and writes a report;
-3. from the ledger, outside Flower: the ensemble of the sites' models (weighted logit average)
-   against the composed model, on ``--ensemble-subset`` cached test images; the stats ledger's
+3. from the ledger, outside Flower: the ensemble of ``--ensemble-sites`` sites' models (weighted
+   logit average) against the model composed of the same sites, on ``--ensemble-subset`` cached
+   test images; the stats ledger's
    sums against the central statistics of every trained row, computed in one pass over the φ
    cache, and the exact head's test accuracy (simulations/exact_head_check.py);
 4. ``flwr run .`` (mode='unlearn', remove-sites=...): subtraction only, no client trains;
 5. checks the removal is bit-identical to a fresh aggregation of the remaining contributions
-   (both ledgers; the stats ledger also against the central statistics of the remaining rows);
+   (both ledgers, streamed: one contribution in memory at a time; the stats ledger also against
+   the central statistics of the remaining rows);
 6. writes ``runs/<timestamp>/summary.json`` (+ ``runs/latest``), a plot, and prints a table.
 
 The SuperLink runs with a private ``FLWR_HOME`` inside the run directory and on free ports, so
 it never meets another user's local SuperLink; everything started (SuperLink, its ServerApp and
 simulation processes, Ray) is stopped by PID at the end, on failure and on Ctrl-C. Peak memory
-is sampled over that whole process tree.
+is sampled over that whole process tree: ``peak_private_mib`` (RssAnon + RssShmem summed),
+``peak_rss_mib``, ``peak_pss_mib``; ``run_dir_bytes`` is the run directory's size at the end. While
+a `flwr run` runs, a line every 30 s says how many sites the ledger holds.
+
+    python -m simulations.run --num-clients 1000 --remove 100   # 60 images a site (docs/scale.md)
 """
 from __future__ import annotations
 
