@@ -16,7 +16,11 @@ Families:
   :mod:`server.ledger.fixedpoint`;
 - ``"stats"`` — exact-head sufficient statistics (:class:`tangent.exact_head.statistics.SufficientStats`,
   int64 arrays ``n, counts, sums, gram, cross``); weight 1, the composed model is the exact int64
-  sum of the active sites' statistics.
+  sum of the active sites' statistics. A site's statistics may also come as its quantized rows
+  (the row form), formed into the same integers on arrival and stored as the smaller form
+  (:mod:`server.ledger.stats_forms`).
+
+Stored bytes are compressed, losslessly (:mod:`server.ledger.blobs`).
 
 A ledger pins its family (and, for ``"stats"``, the model card) in its ``meta`` table when it is
 created; a ledger without a ``family`` entry predates families and is ``"delta"``.
