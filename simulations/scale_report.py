@@ -1,18 +1,23 @@
 """Where time and memory go as the number of sites grows: a table and a plot from summary.json files.
 
     python -m simulations.scale_report runs/A/summary.json runs/B/summary.json ... \\
-        [--out docs/scale.png] [--label "main 879840f 50"=path ...]
+        [--out docs/scale.png] [--progress driver.log]
 
 Each argument is a ``simulations.run`` summary (``NAME=PATH`` labels it). Prints a Markdown table
 (sites, rows per site, wall and its parts, peak private / RSS / PSS memory, the processes that
 held the private peak, run directory bytes, accuracies, exactness flags) and writes a plot of
-wall time and peak private memory against the number of sites.
+wall time and peak private memory against the number of sites; with ``--progress`` (a driver's
+output, its lines "<s> s: <k>/<N> sites in the ledger, private memory <M> MiB") a third panel of
+sites recorded and private memory over the train run.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import re
 from pathlib import Path
+
+PROGRESS = re.compile(r"^\s*(\d+) s: (\d+)/(\d+) sites in the ledger, private memory ([\d,]+) MiB")
 
 COLUMNS = (("sites", "num_clients"), ("wall s", "wall_s"), ("cache s", "cache_build_s"),
            ("train run s", "train_run_s"), ("unlearn run s", "unlearn_run_s"),
@@ -58,14 +63,41 @@ def table(runs: list[tuple[str, dict]]) -> str:
     return "\n".join(lines)
 
 
-def plot(runs: list[tuple[str, dict]], path: Path) -> None:
+def progress(log: Path) -> list[tuple[int, int, int, float]]:
+    """(seconds, sites recorded, sites in all, private MiB) of a driver's progress lines (the first
+    `flwr run` only: the train run)."""
+    out = []
+    for line in log.read_text(errors="replace").splitlines():
+        if (m := PROGRESS.match(line)) is not None:
+            row = (int(m[1]), int(m[2]), int(m[3]), float(m[4].replace(",", "")))
+            if out and row[0] < out[-1][0]:
+                break  # the unlearn run's lines start again at 30 s
+            out.append(row)
+    return out
+
+
+def plot(runs: list[tuple[str, dict]], path: Path, trace: list | None = None) -> None:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     from simulations.experiments.report import save_figure
 
-    fig, (left, right) = plt.subplots(1, 2, figsize=(10, 4))
+    fig, axes = plt.subplots(1, 3 if trace else 2, figsize=(15 if trace else 10, 4))
+    left, right = axes[0], axes[1]
+    if trace:
+        ax = axes[2]
+        seconds = [t for t, *_ in trace]
+        ax.plot(seconds, [mib for *_, mib in trace], color="tab:purple", label="private MiB (tree)")
+        ax.set_xlabel(f"seconds into the train run of {trace[0][2]} sites (under load)")
+        ax.set_ylabel("private MiB")
+        ax.axhline(3072, linestyle="--", color="tab:red", label="budget 3,072")
+        ax.set_ylim(0, 3500)
+        twin = ax.twinx()
+        twin.plot(seconds, [k for _, k, _, _ in trace], color="tab:blue", label="sites in the ledger")
+        twin.set_ylabel("sites in the ledger")
+        ax.legend(loc="lower left", fontsize=7)
+        twin.legend(loc="lower right", fontsize=7)
     for label, s in runs:
         x = s["num_clients"]
         parts = [(s.get("cache_build_s") or 0, "cache"), (s.get("train_run_s") or 0, "train run"),
@@ -91,11 +123,12 @@ def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("summaries", nargs="+", help="summary.json files, optionally LABEL=PATH")
     p.add_argument("--out", type=Path, default=None, help="the plot (PNG); none: no plot")
+    p.add_argument("--progress", type=Path, default=None, help="a driver's output with progress lines")
     args = p.parse_args(argv)
     runs = [load(spec) for spec in args.summaries]
     print(table(runs))
     if args.out is not None:
-        plot(runs, args.out)
+        plot(runs, args.out, progress(args.progress) if args.progress else None)
     return 0
 
 
