@@ -100,7 +100,10 @@ def plot(runs: list[tuple[str, dict]], path: Path, trace: list | None = None) ->
         twin.legend(loc="lower right", fontsize=7)
     for label, s in runs:
         x = s["num_clients"]
-        parts = [(s.get("cache_build_s") or 0, "cache"), (s.get("train_run_s") or 0, "train run"),
+        train = s.get("train_run_s")
+        if train is None:  # stopped during the train run: the rest of its wall is that run
+            train = max(0.0, (s.get("wall_s") or 0) - (s.get("cache_build_s") or 0))
+        parts = [(s.get("cache_build_s") or 0, "cache"), (train, "train run"),
                  (s.get("unlearn_run_s") or 0, "unlearn run")]
         rest = max(0.0, (s.get("wall_s") or 0) - sum(v for v, _ in parts))
         bottom = 0.0
