@@ -14,11 +14,8 @@ from typing import Iterable
 import numpy as np
 from torch import Tensor
 
-from tangent.exact_head.statistics import FLOAT64_EXACT, SufficientStats, exact_cross, quantize, triu_size
+from tangent.exact_head.statistics import GRAM_BLOCK, SufficientStats, quantize  # noqa: F401 (GRAM_BLOCK: tests)
 from tangent.exact_head.phi_cache import BATCH_SIZE, CHUNK_ROWS, PhiCache
-
-#: rows of G computed per float64 product (bounds the temporary to GRAM_BLOCK × p float64)
-GRAM_BLOCK = 256
 
 
 def keep_positions(num_rows: int, exclude: Iterable[int] = ()) -> np.ndarray:
@@ -66,36 +63,43 @@ def site_statistics(extractor, data, num_classes: int, exclude: Iterable[int] = 
     return total
 
 
+def site_quantized_rows(extractor, data, exclude: Iterable[int] = ()) -> tuple[np.ndarray, np.ndarray]:
+    """(q int32 [n, p], labels [n]) of a site's rows minus ``exclude``: the integers its statistics
+    are sums of (the row form, tangent/exact_head/row_form.py)."""
+    spec = extractor.spec
+    positions = keep_positions(data.num_examples, exclude)
+    q = np.empty((len(positions), extractor.dim), dtype=np.int32)
+    for start in range(0, len(positions), CHUNK_ROWS):
+        chunk = positions[start:start + CHUNK_ROWS]
+        q[start:start + len(chunk)] = quantize(site_features(extractor, data, chunk), spec.clip_norm, spec.frac_bits)
+    return q, np.asarray(data.labels)[positions]
+
+
+def stats_form(node_config, num_rows: int, num_features: int, num_classes: int) -> str:
+    """The form this site sends its statistics in: node config ``stats-form`` = ``"auto"``
+    (default: the smaller one, tangent.exact_head.row_form.smaller_form) or ``"gram"`` (the site
+    insists: the server never sees single rows) or ``"rows"``. Anything else: SiteError."""
+    from client.site import SiteError
+    from tangent.exact_head.row_form import FORMS, smaller_form
+
+    wanted = str(node_config.get("stats-form", "auto") or "auto").strip().lower()
+    if wanted == "auto":
+        return smaller_form(num_rows, num_features, num_classes)
+    if wanted not in FORMS:
+        raise SiteError("bad_node_config", f"stats-form must be auto, rows or gram, got {wanted[:40]!r}")
+    return wanted
+
+
 def features_statistics(phi: np.ndarray, labels: np.ndarray, num_classes: int, clip_norm: float,
                         frac_bits: int) -> SufficientStats:
     """SufficientStats.from_features(...) — the same integers — with the Gram matrix computed
-    straight into its packed upper triangle, GRAM_BLOCK rows at a time.
-
-    from_features builds the full p×p matrix as float64, then int64, then packs it: three p×p
-    arrays (≈ 300 MiB at p = 3,584) on top of a Ray worker's training peak (measured: +309 MiB
-    peak RSS per site). Here the only large array is the packed int64 result (p(p+1)/2), and only
-    the upper triangle is multiplied. Every float64 product is of at most 2^(53−2b) rows of
-    integers |q| ≤ 2^b, so each entry is an exact integer (tangent/exact_head/statistics.py's bound)."""
-    q = quantize(phi, clip_norm, frac_bits)
+    straight into its packed upper triangle (SufficientStats.from_rows): from_features' three p×p
+    arrays (≈ 300 MiB at p = 3,584) would sit on top of a Ray worker's training peak (measured:
+    +309 MiB peak RSS per site)."""
     labels = np.asarray(labels)
-    n, p = q.shape
-    if labels.shape != (n,) or (n and (labels.min() < 0 or labels.max() >= num_classes)):
-        raise ValueError(f"need {n} labels in [0, {num_classes})")
-    exact_rows = max(1, FLOAT64_EXACT // 2 ** (2 * frac_bits))
-    gram = np.zeros(triu_size(p), dtype=np.int64)
-    for start in range(0, n, exact_rows):
-        rows = q[start:start + exact_rows].astype(np.float64)
-        offset = 0
-        for i0 in range(0, p, GRAM_BLOCK):
-            i1 = min(p, i0 + GRAM_BLOCK)
-            block = rows[:, i0:i1].T @ rows[:, i0:]  # G[i0:i1, i0:], integer-valued
-            for r in range(i1 - i0):
-                width = p - i0 - r
-                gram[offset:offset + width] += block[r, r:].astype(np.int64)
-                offset += width
-    return SufficientStats(p, num_classes, float(clip_norm), int(frac_bits), int(n),
-                           np.bincount(labels, minlength=num_classes).astype(np.int64),
-                           q.sum(axis=0, dtype=np.int64), gram, exact_cross(q, labels, num_classes))
+    if labels.shape != (len(phi),) or (len(labels) and (labels.min() < 0 or labels.max() >= num_classes)):
+        raise ValueError(f"need {len(phi)} labels in [0, {num_classes})")
+    return SufficientStats.from_rows(quantize(phi, clip_norm, frac_bits), labels, num_classes, clip_norm, frac_bits)
 
 
 def _phi_cache(extractor, data) -> PhiCache | None:

@@ -189,14 +189,23 @@ def _check_features(content: RecordDict, spec: ModelSpec):
     return extractor
 
 
-def stats_records(extractor, data, num_classes: int) -> dict:
-    """The exact head's part of a train reply (contract: ``stats`` int64 arrays of
-    SufficientStats.to_arrays, ``stats-meta`` = the grid + the feature digest)."""
-    from client.stats import site_statistics
+def stats_records(extractor, data, num_classes: int, node_config: Mapping[str, Any] | None = None) -> dict:
+    """The exact head's part of a train reply: ``stats`` in the Gram form (int64 arrays of
+    SufficientStats.to_arrays) or the row form (int32 ``rows`` + int64 ``labels``,
+    tangent/exact_head/row_form.py; the site's node config ``stats-form`` chooses), and
+    ``stats-meta`` = the grid + the feature digest."""
+    from client.stats import site_quantized_rows, site_statistics, stats_form
+    from tangent.exact_head.row_form import row_arrays
+    from tangent.exact_head.statistics import grid_meta
 
-    stats = site_statistics(extractor, data, num_classes)
-    meta = ConfigRecord(stats.meta() | {"feature-digest": extractor.digest()})
-    record = ArrayRecord({name: Array(array) for name, array in stats.to_arrays().items()}, keep_input=False)
+    spec = extractor.spec
+    meta = ConfigRecord(grid_meta(extractor.dim, num_classes, spec.clip_norm, spec.frac_bits)
+                        | {"feature-digest": extractor.digest()})
+    if stats_form(node_config or {}, data.num_examples, extractor.dim, num_classes) == "rows":
+        arrays = row_arrays(*site_quantized_rows(extractor, data), spec.frac_bits)
+    else:
+        arrays = site_statistics(extractor, data, num_classes).to_arrays()
+    record = ArrayRecord({name: Array(array) for name, array in arrays.items()}, keep_input=False)
     return {"stats": record, "stats-meta": meta}
 
 
@@ -302,7 +311,7 @@ def train(content: RecordDict, node_config, run_config, site: str) -> RecordDict
         del result, delta
         gc.collect()
         _release_free_heap()
-        reply |= stats_records(extractor, data, spec.num_classes)
+        reply |= stats_records(extractor, data, spec.num_classes, node_config)
     return RecordDict(reply)
 
 

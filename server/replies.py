@@ -86,10 +86,15 @@ class Contribution:
     stats: "SufficientStats | None" = None  # the exact head's statistics (None: none sent / exact head off)
     stats_bytes: int = 0  # bytes of the stats arrays as received
     feature_digest: str | None = None  # φ's digest the statistics were checked against
+    #: the row form as received (tangent.exact_head.row_form: int32 rows + labels) when the site
+    #: sent its rows rather than their sums; the statistics ledger stores the smaller form
+    stats_rows: dict | None = None
 
 
-#: the arrays of a statistics record (tangent.exact_head.statistics.SufficientStats.to_arrays)
+#: the arrays of a statistics record in the Gram form (tangent.exact_head.statistics.SufficientStats.to_arrays)
 STATS_ARRAYS = ("n", "counts", "sums", "gram", "cross")
+#: ... and in the row form (tangent.exact_head.row_form): dtype of each
+ROW_FORM_DTYPES = {"labels": "int64", "rows": "int32"}
 STATS_META_KEYS = ("num-features", "num-classes", "clip-norm", "frac-bits", "feature-digest")
 
 
@@ -313,9 +318,9 @@ def parse_train_reply(msg: Message, expected_base_digest: str, *, require_dp: bo
     with stage("bad_meta", site):
         ledger_meta = _ledger_meta(meta, kept, dp, site)
     delta = decode_arrays(found["delta"], site)
-    sufficient, stats_bytes = parse_stats(msg, stats, dp=dp, num_examples=num_examples, site=site)
+    sufficient, stats_bytes, rows = parse_stats(msg, stats, dp=dp, num_examples=num_examples, site=site)
     return Contribution(site, delta, num_examples, ledger_meta, kept, dp, sufficient, stats_bytes,
-                        None if sufficient is None else stats.feature_digest)
+                        None if sufficient is None else stats.feature_digest, rows)
 
 
 def _ledger_meta(meta, metrics: dict, dp: bool, site: str) -> dict[str, Any]:
@@ -366,8 +371,9 @@ def _optional_string(meta, key: str, site: str) -> str | None:
 # ----------------------------------------------------------------------------- exact-head statistics
 
 def parse_stats(msg: Message, expected: StatsExpectation | None, *, dp: bool, num_examples: int,
-                site: str) -> tuple["SufficientStats | None", int]:
-    """(statistics, bytes received) of a train reply; see the module docstring for the reasons."""
+                site: str) -> tuple["SufficientStats | None", int, dict | None]:
+    """(statistics, bytes received, the row form's arrays or None) of a train reply; see the module
+    docstring for the reasons."""
     with stage("stats_malformed", site):
         content = msg.content
         present = {name: name in content for name in ("stats", "stats-meta")}
@@ -377,7 +383,7 @@ def parse_stats(msg: Message, expected: StatsExpectation | None, *, dp: bool, nu
         raise Rejected("stats_in_dp_reply", "a DP reply carries statistics (an unprotected release): refused",
                        site)
     if expected is None or dp:
-        return None, 0  # exact head off: a non-DP site's statistics are not asked for and not kept
+        return None, 0, None  # exact head off: a non-DP site's statistics are not asked for and not kept
     if not any(present.values()):
         raise Rejected("stats_missing", "the exact head is on: a non-DP reply must carry stats and stats-meta",
                        site)
@@ -391,6 +397,10 @@ def parse_stats(msg: Message, expected: StatsExpectation | None, *, dp: bool, nu
         raise Rejected("stats_meta_missing", "stats without the stats-meta record", site)
     with stage("stats_bad_meta", site):
         _check_stats_meta(dict(meta.items()), expected, site)
+    with stage("stats_bad_arrays", site):
+        names = sorted(record.keys())
+    if names == sorted(ROW_FORM_DTYPES):
+        return _row_form(record, expected, num_examples, site)
     arrays, received = _stats_arrays(record, expected, site)
     n = int(arrays["n"][0])
     if n != num_examples:
@@ -398,7 +408,35 @@ def parse_stats(msg: Message, expected: StatsExpectation | None, *, dp: bool, nu
     from tangent.exact_head.statistics import SufficientStats
 
     with stage("stats_bad_arrays", site):
-        return SufficientStats.from_arrays(arrays, expected.grid), received
+        return SufficientStats.from_arrays(arrays, expected.grid), received, None
+
+
+def _row_form(record: ArrayRecord, expected: StatsExpectation, num_examples: int,
+              site: str) -> tuple["SufficientStats", int, dict]:
+    """The row form (int32 rows [n, p], int64 labels [n]): dtypes and declared shapes checked
+    before decoding, then the statistics formed here, exactly as the site would have summed them
+    (values off the grid or labels out of range: ``stats_bad_arrays``)."""
+    from tangent.exact_head.row_form import stats_of_rows
+
+    shapes = {"rows": (num_examples, expected.num_features), "labels": (num_examples,)}
+    arrays, received = {}, 0
+    for name, dtype_wanted in ROW_FORM_DTYPES.items():
+        array = record[name]
+        with stage("stats_bad_arrays", site):
+            declared, dtype = tuple(array.shape), array.dtype
+            received += len(array.data)
+        if dtype != dtype_wanted:
+            raise Rejected("stats_wrong_dtype", f"{name}: dtype {shown(dtype)}, expected {dtype_wanted}", site)
+        if declared != shapes[name]:
+            raise Rejected("stats_n_mismatch" if declared[:1] != shapes[name][:1] else "stats_wrong_shape",
+                           f"{name}: shape {shown(declared)}, expected {shapes[name]} (num-examples = {num_examples})",
+                           site)
+        with stage("stats_bad_arrays", site):
+            arrays[name] = _decode(name, array, dtype_wanted, "stats_bad_arrays", copy=False)
+    with stage("stats_bad_arrays", site):
+        stats = stats_of_rows(arrays, expected.num_features, expected.num_classes, expected.clip_norm,
+                              expected.frac_bits)
+    return stats, received, arrays
 
 
 def _check_stats_meta(meta: dict, expected: StatsExpectation, site: str) -> None:

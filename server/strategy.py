@@ -48,6 +48,7 @@ from flwr.serverapp.strategy.strategy_utils import sample_nodes
 from server.trust.identity import SenderBinding
 from server.ledger import Ledger, RejectedContribution
 from server.ledger.ledgers import Ledgers
+from server.ledger.stats_forms import RowStats
 from server.replies import (MAX_DETAIL, Contribution, Rejected, StatsExpectation, parse_evaluate_reply,
                             declared_site, parse_train_reply, released_privacy, shown)
 
@@ -136,9 +137,11 @@ def _record_stats(ledgers: Ledgers, contribution: Contribution, delta_version) -
             stats_ledger.retract(site, reason=f"replaced by Δ ledger version {delta_version.version}, "
                                               "a contribution without statistics")
         return
-    arrays = contribution.stats.to_arrays()
-    if active and _same_arrays(stats_ledger.contribution_delta(active[0].id), arrays):
+    if active and _same_arrays(stats_ledger.contribution_delta(active[0].id), contribution.stats.to_arrays()):
         return  # the same data gives the same integers: the site's statistics stand unchanged
+    arrays = contribution.stats.to_arrays()
+    if contribution.stats_rows is not None:  # the site sent rows: the ledger stores the smaller form
+        arrays = RowStats(arrays, contribution.stats_rows)
     method = stats_ledger.replace if active else stats_ledger.add
     try:
         method(site, arrays, num_examples=contribution.stats.n,

@@ -4,7 +4,7 @@ After the train run the stats ledger (``<state-dir>/exact_head.sqlite``, written
 must hold, summed, exactly the statistics of every trained row computed centrally in one pass over
 the φ cache (``exact_head_equals_central``); after the unlearn run, exactly the central statistics
 of the remaining sites' rows, and the same sums as a fresh stats ledger fed only the remaining
-contributions (``exact_head_removal_bit_identical``). The ridge head solved from the ledger's sums
+contributions, summed afresh one at a time (``exact_head_removal_bit_identical``). The ridge head solved from the ledger's sums
 (λ by GCV on the sums) is scored on the test set before and after removal.
 
 The central statistics are streamed: φ of a chunk of rows at a time (from the φ cache, or from the
@@ -14,7 +14,6 @@ the driver (simulations.run.in_subprocess): torch and the p×p products never li
 """
 from __future__ import annotations
 
-import tempfile
 import time
 from pathlib import Path
 
@@ -127,6 +126,7 @@ def central_check(spec, features: dict, ledger_path: Path, cache_dir: Path | Non
     row; the head's accuracy (unless ``evaluate`` is False: the ServerApp's report has it); the
     statistics of the rows that stay are saved for after removal."""
     from client.stats import features_statistics
+    from simulations.run import stored_bytes_per_site
     from tangent.exact_head.statistics import SufficientStats
 
     start = time.perf_counter()
@@ -165,6 +165,7 @@ def central_check(spec, features: dict, ledger_path: Path, cache_dir: Path | Non
             "exact_head_rows": int(central.n), "exact_head_sites": len(active),
             "accuracy_exact_head": accuracy, "exact_head_lambda": lam, "exact_head_test_images": test_images,
             "exact_head_bytes_per_site": int(composed.nbytes), "exact_head_num_features": int(extractor.dim),
+            "exact_head_stored_bytes_per_site": stored_bytes_per_site(ledger_path),
             "exact_head_central_s": central_s, "exact_head_check_s": time.perf_counter() - start}
 
 
@@ -173,7 +174,7 @@ def removal_check(spec, features: dict, ledger_path: Path, cache_dir: Path | Non
     """After the unlearn run: the stats ledger's sums == the central statistics of the remaining
     sites' rows (saved by :func:`central_check`) and == a fresh stats ledger fed only the
     remaining contributions; the head's accuracy after removal."""
-    from server.ledger import Ledger
+    from simulations.run import fresh_sums
     from tangent.exact_head.statistics import SufficientStats
 
     start = time.perf_counter()
@@ -181,15 +182,10 @@ def removal_check(spec, features: dict, ledger_path: Path, cache_dir: Path | Non
         after = ledger.composed_stats()
         after_arrays = ledger.composed_arrays()
         card = ledger.model_card
-        remaining = [(c.site_id, c.num_examples, c.base_digest, ledger.contribution_delta(c.id))
-                     for c in ledger.contributions(status="active")]
     kept_arrays = dict(np.load(kept_path))
     kept = SufficientStats.from_arrays(kept_arrays, card["stats-meta"])
-    with tempfile.TemporaryDirectory() as tmp:
-        with Ledger.open(Path(tmp) / "fresh.sqlite", family="stats", model_card=card) as fresh:
-            for site, n, digest, arrays in remaining:
-                fresh.add(site, arrays, num_examples=n, base_digest=digest)
-            expected = fresh.composed_arrays()
+    # a fresh aggregation of the remaining contributions, one at a time (simulations.run.fresh_sums)
+    expected, _, _ = fresh_sums(ledger_path)
     fresh_identical = (after_arrays.keys() == expected.keys()
                        and all(after_arrays[k].tobytes() == expected[k].tobytes() for k in after_arrays))
     central_identical = after is not None and after == kept

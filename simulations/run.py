@@ -21,19 +21,25 @@ What it does, in order:
    Each site trains one TAFT contribution from w0 (and sends its exact-head statistics in the same
    reply) and the ServerApp records it in the ledger(s), evaluates the composed model on the test
    split and writes a report;
-3. from the ledger, outside Flower: the ensemble of the sites' models (weighted logit average)
-   against the composed model, on ``--ensemble-subset`` cached test images; the stats ledger's
+3. from the ledger, outside Flower: the ensemble of ``--ensemble-sites`` sites' models (weighted
+   logit average) against the model composed of the same sites, on ``--ensemble-subset`` cached
+   test images; the stats ledger's
    sums against the central statistics of every trained row, computed in one pass over the φ
    cache, and the exact head's test accuracy (simulations/exact_head_check.py);
 4. ``flwr run .`` (mode='unlearn', remove-sites=...): subtraction only, no client trains;
 5. checks the removal is bit-identical to a fresh aggregation of the remaining contributions
-   (both ledgers; the stats ledger also against the central statistics of the remaining rows);
+   (both ledgers, streamed: one contribution in memory at a time; the stats ledger also against
+   the central statistics of the remaining rows);
 6. writes ``runs/<timestamp>/summary.json`` (+ ``runs/latest``), a plot, and prints a table.
 
 The SuperLink runs with a private ``FLWR_HOME`` inside the run directory and on free ports, so
 it never meets another user's local SuperLink; everything started (SuperLink, its ServerApp and
 simulation processes, Ray) is stopped by PID at the end, on failure and on Ctrl-C. Peak memory
-is sampled over that whole process tree.
+is sampled over that whole process tree: ``peak_private_mib`` (RssAnon + RssShmem summed),
+``peak_rss_mib``, ``peak_pss_mib``; ``run_dir_bytes`` is the run directory's size at the end. While
+a `flwr run` runs, a line every 30 s says how many sites the ledger holds.
+
+    python -m simulations.run --num-clients 1000 --remove 100   # 60 images a site (docs/scale.md)
 """
 from __future__ import annotations
 
@@ -44,7 +50,6 @@ import signal
 import socket
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from datetime import datetime
@@ -66,9 +71,10 @@ class ProcessWatch:
         self.interval = interval
         self.roots: list[psutil.Process] = [psutil.Process()]
         self.seen: dict[int, psutil.Process] = {}
-        self.peak_rss = self.peak_pss = 0
+        self.peak_rss = self.peak_pss = self.peak_private = 0.0  # MiB
         self.peak_time = time.perf_counter()
         self.peak_at: dict[str, float] = {}
+        self.last_private = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="rss-sampler", daemon=True)
 
@@ -88,26 +94,33 @@ class ProcessWatch:
         return list(procs.values())
 
     def sample(self) -> None:
-        rss = pss = 0
+        """One sample of the tree, summed: RSS, PSS (smaps_rollup) and private memory = RssAnon +
+        RssShmem (/proc/PID/status). The budget is on private memory: RSS also counts file-backed
+        pages (the memory-mapped caches, libraries) that depend on the page cache, and PSS splits
+        them among processes. The per-process breakdown is kept at the private peak."""
+        rss = pss = private = 0.0
         names: dict[str, dict] = {}
         for proc in self.tree():
             try:
                 if proc.pid != os.getpid():
                     self.seen.setdefault(proc.pid, proc)
-                mem = proc.memory_full_info()
-                rss += mem.rss
-                pss += getattr(mem, "pss", mem.rss)
+                parts = _rss_parts(proc.pid)
                 name = proc.name()
                 row = names.setdefault(name, {"n": 0, "rss": 0.0, "anon": 0.0, "file": 0.0, "shmem": 0.0})
                 row["n"] += 1
-                row["rss"] += mem.rss / 2**20
-                for key, value in _rss_parts(proc.pid).items():
+                row["rss"] += sum(parts.values())
+                for key, value in parts.items():
                     row[key] += value
+                rss += sum(parts.values())
+                private += parts["anon"] + parts["shmem"]
+                pss += _pss_mib(proc.pid)
             except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
                 continue
-        if rss > self.peak_rss:
-            self.peak_rss, self.peak_at = rss, names
+        self.last_private = private
+        if private > self.peak_private:
+            self.peak_private, self.peak_at = private, names
             self.peak_time = time.perf_counter()
+        self.peak_rss = max(self.peak_rss, rss)
         self.peak_pss = max(self.peak_pss, pss)
 
     def _run(self) -> None:
@@ -165,6 +178,29 @@ def _rss_parts(pid: int) -> dict[str, float]:
     return parts
 
 
+def _pss_mib(pid: int) -> float:
+    """Proportional set size in MiB from /proc/<pid>/smaps_rollup (0 where unreadable)."""
+    try:
+        for line in Path(f"/proc/{pid}/smaps_rollup").read_text().splitlines():
+            if line.startswith("Pss:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return 0.0
+
+
+def directory_bytes(path: Path) -> int:
+    """Bytes of every regular file under ``path`` (apparent sizes, links not followed)."""
+    total = 0
+    for root, _, files in os.walk(path):
+        for name in files:
+            try:
+                total += os.lstat(os.path.join(root, name)).st_size
+            except OSError:
+                continue
+    return total
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -190,24 +226,79 @@ def toml_value(value) -> str:
     return repr(value)
 
 
+def recorded_sites(ledger_path: Path) -> int | None:
+    """How many sites the ServerApp has recorded so far (a read-only look at the Δ ledger while
+    it writes; None before the file exists or while it is locked)."""
+    import sqlite3
+
+    if not ledger_path.exists():
+        return None
+    try:
+        with sqlite3.connect(f"file:{ledger_path}?mode=ro", uri=True, timeout=1.0) as db:
+            return db.execute("SELECT count(*) FROM contributions WHERE status = 'active'").fetchone()[0]
+    except sqlite3.Error:
+        return None
+
+
+def stored_bytes_per_site(ledger_path: Path) -> float | None:
+    """Mean bytes a ledger stores for one active contribution (as written: compressed, in the
+    form the site sent; server/ledger/blobs.py, server/ledger/stats_forms.py)."""
+    import sqlite3
+
+    with sqlite3.connect(f"file:{ledger_path}?mode=ro", uri=True) as db:
+        return db.execute("SELECT avg(length(safetensors)) FROM deltas").fetchone()[0]
+
+
+#: what the simulation logs when Ray's raylet did not come up in time
+RAY_SLOW_START = "The current node timed out during startup"
+
+
+#: flwr's own start of its local SuperLink, with a wait of our choosing: `flwr run` waits a fixed
+#: 15 s (flwr.cli.constant.LOCAL_SUPERLINK_STARTUP_TIMEOUT) and then kills it, and on a loaded
+#: machine the SuperLink's imports alone take longer (seen here: every try failed at load 13).
+#: The SuperLink is started detached, so it outlives this helper; `flwr run` then finds it up.
+START_SUPERLINK = """
+import sys
+from flwr.cli import local_superlink
+local_superlink.LOCAL_SUPERLINK_STARTUP_TIMEOUT = float(sys.argv[1])
+if not local_superlink._is_local_superlink_started():
+    local_superlink._start_local_superlink()
+"""
+
+
+def start_superlink(env: dict, wait: float = 300.0) -> None:
+    """Start the local simulation SuperLink of ``env``'s FLWR_HOME and ports before `flwr run`."""
+    subprocess.run([sys.executable, "-c", START_SUPERLINK, str(wait)], env=env, cwd=REPO, check=True,
+                   stdout=subprocess.DEVNULL, timeout=wait + 60)
+
+
 def flwr_run(run_config: dict, federation: dict, env: dict, log_path: Path, watch: ProcessWatch,
-             flwr_home: Path, timeout: float) -> float:
-    """One `flwr run .` against the local simulation federation; returns its wall time."""
+             flwr_home: Path, timeout: float, progress_every: float = 30.0, attempts: int = 3) -> float:
+    """One `flwr run .` against the local simulation federation; returns its wall time. Every
+    ``progress_every`` s a line: sites recorded so far, elapsed time, private memory of the tree."""
     cmd = [str(Path(sys.executable).parent / "flwr"), "run", str(REPO),
            "--run-config", " ".join(f"{k}={toml_value(v)}" for k, v in run_config.items()),
            "--federation-config", " ".join(f"{k}={toml_value(v)}" for k, v in federation.items()),
            "--stream"]
+    start_superlink(env)
     start = time.perf_counter()
     with open(log_path, "w") as log:
         log.write("$ " + " ".join(cmd) + "\n")
         log.flush()
         proc = subprocess.Popen(cmd, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+        last_progress = start
         try:
             while proc.poll() is None:
                 if len(watch.roots) == 1 and (superlink := find_superlink(flwr_home)) is not None:
                     watch.add_root(superlink)
-                if time.perf_counter() - start > timeout:
+                now = time.perf_counter()
+                if now - start > timeout:
                     raise TimeoutError(f"`flwr run` did not finish in {timeout:.0f} s (log: {log_path})")
+                if now - last_progress >= progress_every:
+                    last_progress = now
+                    done = recorded_sites(Path(run_config["ledger-path"]))
+                    print(f"      {now - start:5.0f} s: {'?' if done is None else done}/{federation['num-supernodes']} "
+                          f"sites in the ledger, private memory {watch.last_private:,.0f} MiB", flush=True)
                 time.sleep(0.5)
         finally:
             if proc.poll() is None:
@@ -219,6 +310,16 @@ def flwr_run(run_config: dict, federation: dict, env: dict, log_path: Path, watc
     stopped = stop_finished_run(watch)
     if stopped:
         print(f"      run done in {wall:.0f} s; stopped its {stopped} lingering processes (ServerApp, Ray)")
+    report = Path(run_config["report-path"])
+    no_rounds = not report.exists() or "rounds" not in json.loads(report.read_text())
+    if no_rounds and RAY_SLOW_START in log_path.read_text(errors="replace") and attempts > 1:
+        # Ray waits a fixed 30 s for its raylet to register (ray/_private/node.py); on a loaded
+        # machine it may not: the simulation ends before any round (the ServerApp's report, if
+        # any, holds only the error) and `flwr run` still exits 0
+        print("      Ray's raylet did not register within its fixed 30 s (machine under load): running again")
+        log_path.rename(log_path.with_name(f"{log_path.stem}.ray-timeout-{attempts}.log"))
+        return flwr_run(run_config, federation, env, log_path, watch, flwr_home, timeout, progress_every,
+                        attempts - 1)
     return wall
 
 
@@ -245,13 +346,37 @@ def stop_finished_run(watch: ProcessWatch, timeout: float = 15.0) -> int:
 
 
 # ---------------------------------------------------------------- ledger reads
-def active_deltas(ledger_path: Path) -> list[tuple[str, int, dict]]:
-    """(site id, num_examples, Δ as numpy) of every active contribution."""
+def iter_active(ledger_path: Path, sites: set[str] | None = None):
+    """(site id, num_examples, weight, arrays) of every active contribution (of ``sites``, when
+    given), one at a time: a check over a thousand sites never holds more than one of them."""
     from server.ledger import Ledger
 
     with Ledger.open(ledger_path, create=False) as ledger:
-        return [(c.site_id, c.num_examples, ledger.contribution_delta(c.id))
-                for c in ledger.contributions(status="active")]
+        for c in ledger.contributions(status="active"):
+            if sites is None or c.site_id in sites:
+                yield c.site_id, c.num_examples, c.weight, ledger.contribution_delta(c.id)
+
+
+def fresh_sums(ledger_path: Path, sites: set[str] | None = None) -> tuple[dict, dict, int]:
+    """A fresh aggregation of the active contributions (of ``sites``): their exact sums built
+    from zero with the ledger's own family (quantize, weigh, add) in memory, one contribution at
+    a time — not a second ledger file, which would write every contribution to disk again (7 GB
+    at 1,000 sites). Returns (composed arrays, canonical accumulator bytes, total weight)."""
+    from server.ledger import Ledger, families
+    from server.ledger.accumulators import Accumulators
+
+    with Ledger.open(ledger_path, create=False) as ledger:
+        meta = ledger.settings()
+    family = families.of_meta(meta)
+    acc, total = None, 0
+    for _, _, weight, arrays in iter_active(ledger_path, sites):
+        if acc is None:
+            acc = Accumulators.zeros(meta.get("key_spec") or {k: list(a.shape) for k, a in arrays.items()})
+        acc.add(family.quantize(arrays), weight)
+        total += weight
+    if acc is None:
+        return {}, {}, 0
+    return family.compose(acc, total), acc.encoded(), total
 
 
 def site_order(site: str):
@@ -296,6 +421,9 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--eval-subset", type=int, default=0, help="server-side test images (0 = all)")
     p.add_argument("--ensemble-subset", type=int, default=2000,
                    help="test images for the ensemble-vs-composed check (each site's model runs on them)")
+    p.add_argument("--ensemble-sites", type=int, default=50,
+                   help="sites in the ensemble-vs-composed check, drawn by --seed (0 = all): each runs its own "
+                        "model on the --ensemble-subset images, ~1 s a site")
     p.add_argument("--remove", type=int, default=3, help="how many sites to unlearn (chosen by seed)")
     p.add_argument("--remove-sites", default="", help="explicit comma-separated site ids to unlearn")
     p.add_argument("--evaluation", choices=("driver", "server"), default="driver",
@@ -459,9 +587,20 @@ def _test_rows(spec, cache_dir: Path | None, test_source: str, pick, read: bool 
     return model, digest, inputs, torch.as_tensor(labels[indices]), from_cache
 
 
+def ensemble_sample(active: list[str], size: int, seed: int) -> list[str]:
+    """The sites of the ensemble check: all when ``size`` is 0 or covers them, else ``size`` of
+    them drawn by ``seed``."""
+    if not 0 < size < len(active):
+        return sorted(active, key=site_order)
+    return sorted(np.random.default_rng(seed).choice(active, size, replace=False).tolist(), key=site_order)
+
+
 def ensemble_check(spec, ledger_path: Path, cache_dir: Path | None, subset: int, seed: int,
-                   test_source: str = "fashion-mnist") -> dict:
-    """Each site's model on the same test images, weighted logit average vs the composed model."""
+                   test_source: str = "fashion-mnist", sites: list[str] | None = None) -> dict:
+    """Each sampled site's model on the same test images; their weighted logit average (the
+    ensemble) vs the model composed from the same sites' Δ (a fresh exact aggregation of them:
+    the ledger's composed model when the sample is every active site). The tangent model is
+    linear in Δ, so the two agree up to float rounding. Sites are streamed: one Δ at a time."""
     import torch
 
     from server.ledger import Ledger
@@ -474,27 +613,32 @@ def ensemble_check(spec, ledger_path: Path, cache_dir: Path | None, subset: int,
 
     model, _, inputs, labels, from_cache = _test_rows(spec, cache_dir, test_source, pick, read=True)
     indices = np.arange(len(labels))
+    sample = None if sites is None else set(sites)
 
-    sites = active_deltas(ledger_path)
-    total = float(sum(n for _, n, _ in sites))
+    def logits_of(delta) -> "torch.Tensor":
+        model.load_delta({k: torch.as_tensor(v) for k, v in delta.items()})
+        return predict_logits(model, inputs, from_cache=from_cache, batch_size=500).double()
+
     ensemble = torch.zeros(len(indices), spec.num_classes, dtype=torch.float64)
-    per_site = {}
+    per_site, total = {}, 0
     start = time.perf_counter()
-    for site, n, delta in sites:
-        model.load_delta({k: torch.from_numpy(v) for k, v in delta.items()})
-        logits = predict_logits(model, inputs, from_cache=from_cache, batch_size=500)
+    for site, n, _, delta in iter_active(ledger_path, sample):
+        logits = logits_of(delta)
         per_site[site] = {"num_examples": n, "accuracy": float((logits.argmax(-1) == labels).float().mean())}
-        ensemble += (n / total) * logits.double()
+        ensemble += n * logits  # weighted by examples, as the ledger weighs them
+        total += n
+    ensemble /= total
+    composed_sample, _, _ = fresh_sums(ledger_path, sample)
+    sample_logits = logits_of(composed_sample)
     with Ledger.open(ledger_path, create=False) as ledger:
-        composed = ledger.composed_delta()
-    model.load_delta(composed)
-    composed_logits = predict_logits(model, inputs, from_cache=from_cache, batch_size=500).double()
+        composed_logits = logits_of(ledger.composed_arrays())
     scale = ensemble.abs().amax(dim=1).clamp_min(1e-12)
-    rel = ((composed_logits - ensemble).abs().amax(dim=1) / scale).max().item()
+    rel = ((sample_logits - ensemble).abs().amax(dim=1) / scale).max().item()
     return {"accuracy_ensemble": float((ensemble.argmax(-1) == labels).float().mean()),
             "accuracy_composed_on_subset": float((composed_logits.argmax(-1) == labels).float().mean()),
             "max_rel_logit_diff_composed_vs_ensemble": rel, "ensemble_test_images": len(indices),
-            "per_site": per_site, "ensemble_s": time.perf_counter() - start}
+            "ensemble_sites": len(per_site), "per_site": per_site, "ensemble_s": time.perf_counter() - start,
+            "delta_stored_bytes_per_site": stored_bytes_per_site(ledger_path)}
 
 
 def composed_accuracy(spec, ledger_path: Path, cache_dir: Path | None, test_source: str,
@@ -518,19 +662,21 @@ def composed_accuracy(spec, ledger_path: Path, cache_dir: Path | None, test_sour
 
 
 def removal_check(ledger_path: Path) -> dict:
-    """The ledger after removal vs a fresh ledger fed only the remaining contributions."""
+    """The ledger after removal vs a fresh aggregation of the remaining contributions (streamed:
+    one contribution in memory at a time): equal accumulator bytes and equal composed bytes."""
     from server.ledger import Ledger
+
+    from server.ledger import families
 
     with Ledger.open(ledger_path, create=False) as ledger:
         after = ledger.composed_arrays()
-        weighting = ledger.settings()["weighting"]
-    with tempfile.TemporaryDirectory() as tmp:
-        with Ledger.open(Path(tmp) / "fresh.sqlite", weighting=weighting) as fresh:
-            for site, n, delta in active_deltas(ledger_path):
-                fresh.add(site, delta, n)
-            expected = fresh.composed_arrays()
-    identical = after.keys() == expected.keys() and all(after[k].tobytes() == expected[k].tobytes() for k in after)
-    return {"removal_bit_identical": bool(identical)}
+        digest = ledger.current_version().composed_sha256
+        family = families.of_meta(ledger.settings())
+    start = time.perf_counter()
+    expected, _, _ = fresh_sums(ledger_path)
+    identical = (after.keys() == expected.keys() and all(after[k].tobytes() == expected[k].tobytes() for k in after)
+                 and family.digest(expected) == digest)
+    return {"removal_bit_identical": bool(identical), "removal_check_s": time.perf_counter() - start}
 
 
 class ExactHeadStep:
@@ -602,7 +748,8 @@ def plot(summary: dict, path: Path) -> None:
     subset = summary.get("ensemble_test_images")
     full = summary.get("central_test_images") or summary.get("eval_subset")
     lines = (("accuracy_composed_on_subset", "-", "tab:blue", f"composed, same {subset} images"),
-             ("accuracy_ensemble", ":", "tab:orange", f"ensemble of all sites, same {subset} images"),
+             ("accuracy_ensemble", ":", "tab:orange",
+              f"ensemble of {summary.get('ensemble_sites', 'all')} sites, same {subset} images"),
              ("accuracy_composed", "-", "tab:purple", f"composed, {full} test images (central)"),
              ("accuracy_after_removal", "--", "tab:green", f"after removal, {full} test images (central)"),
              ("accuracy_exact_head", "-", "tab:brown",
@@ -727,9 +874,11 @@ def main(argv=None) -> int:
             summary |= {"accuracy_composed": central["accuracy"], "central_test_images": central["test_images"]}
 
         if data["sources"]["test"] is not None:
-            print(f"[3/5] ensemble of {len(active)} site models vs the composed model")
+            print(f"[3/5] ensemble of {min(len(active), args.ensemble_sites or len(active))} of {len(active)} "
+                  "site models vs the model composed of the same sites")
+            sample = ensemble_sample(active, args.ensemble_sites, args.seed)
             summary |= in_subprocess(ensemble_check, spec, ledger_path, cache_dir, args.ensemble_subset, args.seed,
-                                     data["sources"]["test"])
+                                     data["sources"]["test"], sample)
         else:
             print("[3/5] no test data set: no ensemble check")
             summary |= {"accuracy_ensemble": None, "max_rel_logit_diff_composed_vs_ensemble": None}
@@ -762,12 +911,14 @@ def main(argv=None) -> int:
         stopped = watch.terminate_all()
         summary["stopped_pids"] = stopped
         summary["wall_s"] = time.perf_counter() - t0
-        summary["peak_rss_mib"] = watch.peak_rss / 2**20
-        summary["peak_pss_mib"] = watch.peak_pss / 2**20
-        summary["peak_rss_at_s"] = watch.peak_time - t0  # seconds after the driver started
-        summary["peak_rss_by_process_mib"] = {
+        summary["peak_private_mib"] = watch.peak_private
+        summary["peak_rss_mib"] = watch.peak_rss
+        summary["peak_pss_mib"] = watch.peak_pss
+        summary["peak_private_at_s"] = watch.peak_time - t0  # seconds after the driver started
+        summary["peak_private_by_process_mib"] = {
             name: {k: round(v, 1) for k, v in row.items()}
-            for name, row in sorted(watch.peak_at.items(), key=lambda kv: -kv[1]["rss"])}
+            for name, row in sorted(watch.peak_at.items(), key=lambda kv: -(kv[1]["anon"] + kv[1]["shmem"]))}
+        summary["run_dir_bytes"] = directory_bytes(run_dir)
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=1, default=str))
     if summary.get("per_site"):
         plot(summary, run_dir / "accuracy.png")
@@ -792,12 +943,15 @@ def print_table(s: dict) -> None:
             ("exact head: composed == central (bit for bit)", s.get("exact_head_equals_central")),
             ("exact head: accuracy after removal", s.get("accuracy_exact_head_after_removal")),
             ("exact head: removal bit-identical", s.get("exact_head_removal_bit_identical")),
-            ("exact head: λ (GCV) / bytes per site", None if s.get("exact_head_lambda") is None else
-             f"{s['exact_head_lambda']:.4g} / {s.get('exact_head_bytes_per_site'):,}"),
+            ("exact head: λ (GCV)", s.get("exact_head_lambda")),
+            ("stored bytes per site: Δ / statistics", f"{s.get('delta_stored_bytes_per_site') or 0:,.0f} / "
+                                                       f"{s.get('exact_head_stored_bytes_per_site') or 0:,.0f}"),
             ("rejected", s.get("rejected")),
             ("cache build s", s.get("cache_build_s")), ("train run s", s.get("train_run_s")),
             ("unlearn run s", s.get("unlearn_run_s")), ("wall s", s.get("wall_s")),
-            ("peak RSS MiB (tree)", s.get("peak_rss_mib")), ("peak PSS MiB (tree)", s.get("peak_pss_mib"))]
+            ("peak private MiB (tree: anon + shmem)", s.get("peak_private_mib")),
+            ("peak RSS MiB (tree)", s.get("peak_rss_mib")), ("peak PSS MiB (tree)", s.get("peak_pss_mib")),
+            ("run directory bytes", s.get("run_dir_bytes"))]
     width = max(len(k) for k, _ in rows)
     print()
     for key, value in rows:

@@ -16,7 +16,11 @@ Families:
   :mod:`server.ledger.fixedpoint`;
 - ``"stats"`` — exact-head sufficient statistics (:class:`tangent.exact_head.statistics.SufficientStats`,
   int64 arrays ``n, counts, sums, gram, cross``); weight 1, the composed model is the exact int64
-  sum of the active sites' statistics.
+  sum of the active sites' statistics. A site's statistics may also come as its quantized rows
+  (the row form), formed into the same integers on arrival and stored as the smaller form
+  (:mod:`server.ledger.stats_forms`).
+
+Stored bytes are compressed, losslessly (:mod:`server.ledger.blobs`).
 
 A ledger pins its family (and, for ``"stats"``, the model card) in its ``meta`` table when it is
 created; a ledger without a ``family`` entry predates families and is ``"delta"``.
@@ -32,7 +36,7 @@ from typing import Any
 import numpy as np
 import safetensors.numpy
 
-from server.ledger import validation
+from server.ledger import blobs, stats_forms, validation
 from server.ledger.accumulators import Accumulators, Quantized, arrays_digest, quantize
 from server.ledger.records import LedgerError, RejectedContribution, canonical_json
 
@@ -61,10 +65,10 @@ class DeltaFamily:
 
     def encode(self, arrays: Mapping[str, np.ndarray], site_id: str, site_version: int) -> bytes:
         # Content only: the same Δ sent twice has the same sha256, which the ledger refuses as a duplicate.
-        return safetensors.numpy.save(dict(sorted(arrays.items())))
+        return blobs.pack(safetensors.numpy.save(dict(sorted(arrays.items()))))
 
     def decode(self, blob: bytes) -> dict[str, np.ndarray]:
-        return safetensors.numpy.load(blob)
+        return safetensors.numpy.load(blobs.unpack(blob))
 
     def quantize(self, arrays: Mapping[str, np.ndarray]) -> Quantized:
         return quantize(arrays)
@@ -152,6 +156,8 @@ class StatsFamily:
                 "base_digest": self.model_card["feature-digest"], "weighting": "uniform"}
 
     def arrays(self, contribution: Any) -> dict[str, np.ndarray]:
+        if stats_forms.accepts(contribution):  # the row form: expanded here, stored as the smaller form
+            return stats_forms.expand(contribution, self.model_card["stats-meta"])
         return validation.arrays(contribution, dtype=np.int64)
 
     def check(self, arrays: dict[str, np.ndarray], num_examples: int, columns: dict, max_delta_norm) -> float:
@@ -235,13 +241,10 @@ class StatsFamily:
             inconsistent("G_ij² > G_ii·G_jj for some pair i, j (the Gram matrix is not PSD)")
 
     def encode(self, arrays: Mapping[str, np.ndarray], site_id: str, site_version: int) -> bytes:
-        # The site and its contribution number go into the header: a site may send the same
-        # statistics again (retracted, then re-added), and the stored sha256 must stay unique.
-        return safetensors.numpy.save(dict(sorted(arrays.items())),
-                                      metadata={"site_id": site_id, "site_version": str(site_version)})
+        return stats_forms.encode(arrays, self.model_card["stats-meta"], site_id, site_version)
 
     def decode(self, blob: bytes) -> dict[str, np.ndarray]:
-        return safetensors.numpy.load(blob)
+        return stats_forms.decode(blob, self.model_card["stats-meta"])
 
     def quantize(self, arrays: Mapping[str, np.ndarray]) -> Quantized:
         out = {}

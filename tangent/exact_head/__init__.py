@@ -5,4 +5,5 @@
 - :mod:`.phi_cache` — on-disk cache of the base features next to the token cache.
 - :mod:`.statistics` — quantization, the exact integer statistics, the solver (λ by GCV), DP release.
 - :mod:`.stats_file` — a site's statistics as one safetensors file.
+- :mod:`.row_form` — a small site's statistics as its quantized rows (the server forms the sums).
 """

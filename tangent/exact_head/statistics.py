@@ -64,6 +64,9 @@ import numpy as np
 INT64_MAX = np.iinfo(np.int64).max
 FLOAT64_EXACT = 2 ** 53  # every integer of magnitude ≤ 2^53 is a float64
 MEMORY_CHUNK_ROWS = 4096  # bounds the float64 copy of q (4096 × 5632 × 8 B = 185 MB)
+#: rows of G computed per float64 product in :func:`packed_gram` (bounds its temporary to
+#: GRAM_BLOCK × p float64)
+GRAM_BLOCK = 256
 
 
 class StatsError(ValueError):
@@ -128,6 +131,28 @@ def exact_cross(q: np.ndarray, labels: np.ndarray, num_classes: int) -> np.ndarr
         if len(rows):
             out[:, c] = rows.sum(axis=0, dtype=np.int64)
     return out
+
+
+def packed_gram(q: np.ndarray, frac_bits: int) -> np.ndarray:
+    """Σ q qᵀ straight into its packed upper triangle (int64 [p(p+1)/2]), GRAM_BLOCK rows of G
+    at a time: the same integers as ``pack_triu(exact_gram(q))`` without the three p×p arrays
+    that path holds (≈ 300 MiB at p = 3,584). Every float64 product is of at most 2^(53−2b) rows
+    of integers |q| ≤ 2^b, so each entry is an exact integer (module docstring)."""
+    q = np.asarray(q)
+    n, p = q.shape
+    gram = np.zeros(triu_size(p), dtype=np.int64)
+    step = min(_chunk_rows(frac_bits), MEMORY_CHUNK_ROWS)  # any smaller chunk stays exact
+    for start in range(0, n, step):
+        rows = q[start:start + step].astype(np.float64)
+        offset = 0
+        for i0 in range(0, p, GRAM_BLOCK):
+            i1 = min(p, i0 + GRAM_BLOCK)
+            block = rows[:, i0:i1].T @ rows[:, i0:]  # G[i0:i1, i0:], integer-valued
+            for r in range(i1 - i0):
+                width = p - i0 - r
+                gram[offset:offset + width] += block[r, r:].astype(np.int64)
+                offset += width
+    return gram
 
 
 def pack_triu(matrix: np.ndarray) -> np.ndarray:
@@ -203,6 +228,25 @@ class SufficientStats:
                    exact_cross(q, labels, num_classes))
 
     @classmethod
+    def from_rows(cls, q: np.ndarray, labels: np.ndarray, num_classes: int, clip_norm: float,
+                  frac_bits: int) -> "SufficientStats":
+        """:meth:`from_quantized`'s integers with the Gram matrix formed packed (:func:`packed_gram`):
+        what a site computes, and what a server forms from a site's rows (row form)."""
+        q, labels = np.asarray(q), np.asarray(labels)
+        if q.ndim != 2 or labels.shape != (len(q),):
+            raise StatsError(f"need q [N, p] and labels [N], got {q.shape} and {labels.shape}")
+        if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+            raise StatsError(f"labels must be in [0, {num_classes})")
+        if q.size and max(abs(int(q.min())), abs(int(q.max()))) > 2 ** frac_bits:
+            raise StatsError(f"|q| exceeds 2^{frac_bits}: not on this grid")
+        if len(q) > max_examples(frac_bits):
+            raise StatsError(f"{len(q)} examples exceed the int64 bound {max_examples(frac_bits)}")
+        return cls(q.shape[1], num_classes, float(clip_norm), int(frac_bits), int(len(q)),
+                   np.bincount(labels, minlength=num_classes).astype(np.int64),
+                   q.sum(axis=0, dtype=np.int64), packed_gram(q, frac_bits),
+                   exact_cross(q, labels, num_classes))
+
+    @classmethod
     def from_features(cls, phi: np.ndarray, labels: np.ndarray, num_classes: int, clip_norm: float,
                       frac_bits: int) -> "SufficientStats":
         return cls.from_quantized(quantize(phi, clip_norm, frac_bits), labels, num_classes,
@@ -264,8 +308,7 @@ class SufficientStats:
                 "gram": self.gram, "cross": self.cross}
 
     def meta(self) -> dict:
-        return {"num-features": self.num_features, "num-classes": self.num_classes,
-                "clip-norm": self.clip_norm, "frac-bits": self.frac_bits}
+        return grid_meta(self.num_features, self.num_classes, self.clip_norm, self.frac_bits)
 
     @classmethod
     def from_arrays(cls, arrays: dict, meta: dict, dp: Optional[dict] = None) -> "SufficientStats":
@@ -295,6 +338,12 @@ class SufficientStats:
         u = self.unit
         gram = unpack_triu(self.gram, self.num_features, dtype=np.float64) * (u * u)
         return (float(self.n), self.counts.astype(np.float64), self.sums * u, gram, self.cross * u)
+
+
+def grid_meta(num_features: int, num_classes: int, clip_norm: float, frac_bits: int) -> dict:
+    """The grid and shape keys that travel with statistics (``stats-meta``) and pin a stats ledger."""
+    return {"num-features": int(num_features), "num-classes": int(num_classes),
+            "clip-norm": float(clip_norm), "frac-bits": int(frac_bits)}
 
 
 def _merge_dp(a: Optional[dict], b: Optional[dict], sign: int) -> Optional[dict]:

@@ -20,3 +20,14 @@ def test_packed_statistics_equal_the_reference_statistics(frac_bits):
     assert ours == SufficientStats.from_features(phi, labels, 7, 3.0, frac_bits)
     empty = features_statistics(phi[:0], labels[:0], 7, 3.0, frac_bits)
     assert empty == SufficientStats.zeros(p, 7, 3.0, frac_bits)
+
+
+def test_a_site_sends_the_smaller_form_unless_it_insists_on_the_gram():
+    """node config stats-form: auto (rows below ~p rows), gram (the server never sees one row)."""
+    from client.site import SiteError
+    from client.stats import stats_form
+
+    assert stats_form({}, 60, 3072, 10) == "rows" and stats_form({}, 20_000, 3072, 10) == "gram"
+    assert stats_form({"stats-form": "gram"}, 60, 3072, 10) == "gram"
+    with pytest.raises(SiteError):
+        stats_form({"stats-form": "everything"}, 60, 3072, 10)

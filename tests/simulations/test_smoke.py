@@ -29,7 +29,7 @@ def test_smoke_simulation_train_then_unlearn(tmp_path):
     summary = json.loads((tmp_path / "latest" / "summary.json").read_text())
     for key in ("num_clients", "accuracy_composed", "accuracy_ensemble", "max_rel_logit_diff_composed_vs_ensemble",
                 "removed_sites", "accuracy_after_removal", "removal_bit_identical", "wall_s", "peak_rss_mib",
-                "cache_build_s"):
+                "peak_private_mib", "peak_pss_mib", "run_dir_bytes", "cache_build_s"):
         assert key in summary, key
     assert summary["num_clients"] == 3 and summary["recorded_sites"] == 3 and summary["rejected"] == {}
     # the default data: Fashion-MNIST, 10 classes, the server evaluates on its test split
@@ -40,7 +40,8 @@ def test_smoke_simulation_train_then_unlearn(tmp_path):
     assert summary["max_rel_logit_diff_composed_vs_ensemble"] <= 1e-5
     assert len(summary["removed_sites"]) == 1 and summary["removal_bit_identical"] is True
     assert summary["accuracy_after_removal"] is not None
-    assert summary["peak_rss_mib"] > 0 and (tmp_path / "latest" / "accuracy.png").is_file()
+    assert summary["peak_rss_mib"] >= summary["peak_private_mib"] > 0 and summary["run_dir_bytes"] > 0
+    assert (tmp_path / "latest" / "accuracy.png").is_file()
     # the exact head (issue 15): same reply, its own ledger; the keys exist in every run, and once
     # the ServerApp keeps a stats ledger they say the composed statistics are the central ones
     for key in ("accuracy_exact_head", "exact_head_equals_central", "exact_head_removal_bit_identical",

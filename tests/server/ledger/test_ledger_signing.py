@@ -60,7 +60,9 @@ def truncate_last_contribution(path: Path) -> None:
     cid, weight = db.execute("SELECT id, weight FROM contributions ORDER BY id DESC LIMIT 1").fetchone()
     blob = db.execute("SELECT safetensors FROM deltas WHERE contribution_id = ?", (cid,)).fetchone()[0]
     import safetensors.numpy
-    arrays = safetensors.numpy.load(blob)
+
+    from server.ledger import blobs
+    arrays = safetensors.numpy.load(blobs.unpack(blob))
     for name, shape, data in db.execute("SELECT name, shape, data FROM accumulators").fetchall():
         hi, lo = fixedpoint.decode(data, int(np.prod(json.loads(shape))))
         fixedpoint.accumulate(hi, lo, *fixedpoint.quantize(arrays[name]), -weight)
