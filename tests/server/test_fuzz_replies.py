@@ -511,7 +511,7 @@ def _evaluate_replies(rng, sites, nodes, corruptions):
 
 
 def _record_stats(federation, cases, reasons, corruptions, elapsed) -> None:
-    """runs/fuzz/fuzz-<mode>.json (git-ignored): the counts the README quotes."""
+    """runs/fuzz/fuzz-<mode>.json (git-ignored): the counts docs/testing.md quotes."""
     out = Path(__file__).resolve().parents[2] / "runs" / "fuzz"
     try:
         out.mkdir(parents=True, exist_ok=True)
