@@ -43,7 +43,7 @@ from tangent.exact_head.feature_spec import KEYS as FEATURE_KEYS, PIECES, Featur
 from tangent.protocol.signed_requests import SIGNERS, forget_request, load_private_key
 from tangent.protocol.spec import ModelSpec
 
-DEFAULTS = FeatureSpec(random_features=2048)  # the Flower path's default spec (contract 7)
+DEFAULTS = FeatureSpec(random_features=2048)  # FeatureSpec's defaults plus 2,048 random features
 
 
 def read_indices(path: Path, num_rows: int) -> np.ndarray:

@@ -15,7 +15,7 @@ Two train-reply forms are accepted (the site's DP policy decides which it sends)
   contribution-id, dp=True, dp-target-epsilon, dp-max-grad-norm, dp-noise-multiplier,
   train-config}. shard-fingerprint, data-digest, source, from-cache and pid are optional.
 
-With the exact head on (issue 15, contract 7c) a non-DP reply also carries the site's sufficient
+With the exact head on, a non-DP reply also carries the site's sufficient
 statistics: ``stats`` (ArrayRecord of int64 n [1], counts [k], sums [p], gram [p(p+1)/2],
 cross [p, k]) and ``stats-meta`` (num-features, num-classes, clip-norm, frac-bits,
 feature-digest). Every problem with them refuses the WHOLE reply with a reason prefixed

@@ -20,12 +20,12 @@ withdrawal request signed by the site or by the operator's admin key removes a s
 simulation keeps partition ids and obeys ``remove-sites``. Every path in the run config lives in
 ``state-dir`` (server.config).
 
-The ServerApp's own process never imports torch (issue 16 item 6: 535 MiB resident for the
+The ServerApp's own process never imports torch (535 MiB resident for the
 library alone, kept for the whole run once imported): w0's digest and Δ shapes, φ's digest and
 every central evaluation are computed in short-lived child processes (server.model_process,
 server.evaluation); the composed Δ stays numpy here.
 
-Exact head (issue 15, ``exact-head=true``, off in a DP run): the train message also announces φ
+Exact head (``exact-head=true``, off in a DP run): the train message also announces φ
 (FeatureSpec keys + ``feature-digest``), every non-DP reply carries the site's sufficient
 statistics beside its Δw, and they go to a second ledger (``exact-head-ledger-path``); central
 evaluation reports ``accuracy_exact_head`` beside the TAFT accuracy. Removal (``remove-sites``,

@@ -1,6 +1,6 @@
 """The server's two ledgers as one: the TAFT Δw ledger and, with the exact head on, the statistics ledger.
 
-A site is in both models or in neither (issue 15, contract 7f): removing a site — ``remove-sites``
+A site is in both models or in neither: removing a site — ``remove-sites``
 in the simulation, a signed withdrawal in a deployment (``server.trust.withdrawal.apply_withdrawal``
 accepts a :class:`Ledgers` as its ledger) — subtracts it from both and marks it withdrawn in both,
 so neither model can take it back without the operator's audited ``readmit``.

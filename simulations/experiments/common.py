@@ -554,7 +554,7 @@ def expected_hit_fraction(sizes, forgotten: int, total: int) -> float:
 # ------------------------------------------------------------------------------ exact head
 
 def exact_spec():
-    """The exact head's default feature spec (docs/design.md contract 7): the four pieces +
+    """The exact head's default feature spec (docs/design.md): the four pieces +
     2,048 seeded random features, clip C = 2, b = 16 (p = 3,584)."""
     from tangent.exact_head.features import FeatureSpec
 

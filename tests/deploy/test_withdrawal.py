@@ -228,7 +228,7 @@ def test_cli_verify_refuses_an_unreadable_request(tmp_path, capsys):
     assert "REFUSED: cannot read request" in capsys.readouterr().err
 
 
-# ----------------------------------------------------------------------------- registry v2 (contract 3)
+# ----------------------------------------------------------------------------- registry v2
 
 def test_registry_lookups(fed):
     registry = fed[1]
@@ -370,7 +370,7 @@ def test_unlearning_run_reports_every_hostile_file_and_path_and_still_applies_th
 
 
 @pytest.mark.skipif(not hasattr(__import__("server.ledger", fromlist=["Ledger"]).Ledger, "withdrawn_sites"),
-                    reason="needs the ledger's sticky withdrawal (contract 2)")
+                    reason="needs the ledger's sticky withdrawal")
 def test_a_withdrawal_sticks_on_a_real_ledger(fed, tmp_path):
     """A signed withdrawal marks the site withdrawn even before it contributed; a second one is
     refused, and the site's next contribution is refused by the ledger."""

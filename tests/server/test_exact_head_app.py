@@ -2,7 +2,7 @@
 the real FeatureExtractor on both sides, real Flower messages, both real ledgers.
 
 ``StatsSitesGrid`` (a Flower ``Grid``) is the only stand-in, for the network: three sites that
-answer each train message as contract 7c's ClientApp does — they build φ from the spec the message
+answer each train message as the real ClientApp does — they build φ from the spec the message
 carries, refuse a feature digest other than their own, and send a small Δw plus the exact integer
 statistics of φ over their 100 Fashion-MNIST training images.
 """
@@ -57,7 +57,7 @@ class StatsSitesGrid(LocalGrid):
         self.specs.append(spec)
         site = str(SITES.index(msg.metadata.dst_node_id))
         extractor = self.extractor(spec)
-        if spec["feature-digest"] != extractor.digest():  # contract 7b: the site's own check
+        if spec["feature-digest"] != extractor.digest():  # the site's own check
             content = RecordDict({"error": ConfigRecord({"code": "feature_digest_mismatch", "site-id": site})})
             return Message(content, reply_to=msg)
         images, labels = load_dataset("fashion-mnist", "train")

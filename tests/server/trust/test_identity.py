@@ -26,7 +26,7 @@ NODES = {"1": 111, "2": 222, "3": 333, "gone": 444}  # site -> the node id it wa
 CAP = 500
 
 needs_sticky_ledger = pytest.mark.skipif(not hasattr(Ledger, "withdrawn_sites"),
-                                         reason="needs the ledger's sticky withdrawal (contract 2)")
+                                         reason="needs the ledger's sticky withdrawal")
 
 
 @pytest.fixture
@@ -123,10 +123,10 @@ def test_odd_site_ids_are_refused_and_the_report_survives_them(ledger, registry)
     json.dumps(s.rounds[1].as_dict())  # no default=str needed: every field is plain
 
 
-# ----------------------------------------------------------------------------- DP runs (contract 4/5)
+# ----------------------------------------------------------------------------- DP runs
 
 def dp_reply(node_id: int, site: str, d: dict, contribution_id: str = "ab" * 16) -> Message:
-    """The DP reply form of contract 5: nothing beyond these fields."""
+    """The DP reply form (server/replies.py): nothing beyond these fields."""
     content = RecordDict({
         "delta": _arrays(d),
         "metrics": MetricRecord({"num-examples": 256, "epsilon": 1.5, "delta": 1e-6}),

@@ -1,4 +1,4 @@
-"""The ``device`` setting (issue 16 item 3): parsing, and the device path of the cache build,
+"""The ``device`` setting: parsing, and the device path of the cache build,
 training (non-DP and DP), evaluation, exact-head features and the ClientApp.
 
 The CPU tests run everywhere: the parsing, refusals, and that naming the CPU changes nothing

@@ -1,4 +1,4 @@
-"""The curious server's refit attack on a DP contribution (issue 14, item 1).
+"""The curious server's refit attack on a DP contribution.
 
 The server knows everything a reply and its own request carry: the model, the training config
 with its ``seed``, σ, the clip norm — and, in the worst case, every record of the site but one.
