@@ -26,6 +26,7 @@ import numpy as np
 import torch
 
 from tangent.exact_head import statistics as eh
+from tangent.exact_head.feature_spec import DP_FEATURE_SPECS
 from tangent.exact_head.features import PIECES, QUAD_PIECES, RANDOM_FEATURE_SCALE as RANDOM_SCALE, FeatureExtractor, FeatureSpec
 
 NUM_CLASSES = 10
@@ -358,9 +359,7 @@ def stage_federated(work: Path, spec: FeatureSpec, only: str | None = None) -> d
 
 # ------------------------------------------------------------------------------ DP
 
-DP_SPECS = (FeatureSpec(pieces=PIECES[:1], clip_norm=1.0), FeatureSpec(pieces=PIECES[:2], clip_norm=1.0),
-            FeatureSpec(clip_norm=1.0), FeatureSpec(projection=32, clip_norm=1.0),
-            FeatureSpec(projection=64, clip_norm=1.0), FeatureSpec(projection=128, clip_norm=1.0))
+DP_SPECS = DP_FEATURE_SPECS
 DP_EPSILONS = (1.0, 3.0, 8.0)
 DP_REPEATS = 5
 

@@ -563,10 +563,11 @@ def exact_spec():
 
 def dp_exact_spec():
     """The DP exact head benchmarks/exact_head.py found best: a seeded 64-dim projection of the
-    four pieces, clip 1 (imported from the benchmark, not copied)."""
-    from benchmarks.exact_head import DP_SPECS
+    four pieces, clip 1 (``tangent.exact_head.feature_spec.DP_FEATURE_SPEC``, which the benchmark
+    measures too)."""
+    from tangent.exact_head.feature_spec import DP_FEATURE_SPEC
 
-    return next(spec for spec in DP_SPECS if spec.projection == 64)
+    return DP_FEATURE_SPEC
 
 
 #: the pieces beside the linearized CLS that the richer TAFT head reads (final_cls is already the
