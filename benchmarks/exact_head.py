@@ -12,6 +12,8 @@ experiments' spec, reinit=false: the trunk is the pretrained blocks 0..10 for ev
     python -m benchmarks.exact_head report      # JSON on stdout + docs/exact_head.md
 
 Run with OMP_NUM_THREADS=1 (shared machine). Every number printed is measured here.
+
+Over 500 lines as one script: its stages share the loaders, the state under ``--work`` and the report.
 """
 from __future__ import annotations
 

@@ -4,6 +4,8 @@ kinds (TAFT-1, NLFT-1, NLFT head only), shard training, the shard store, the exa
 Everything runs on the cached trunk tokens of the pretrained DINOv2 ViT-S/14 (``reinit=false``,
 img 56): the trunk is frozen and identical for TAFT and NLFT (same w0), so a cached epoch costs
 only the last block.
+
+Over 500 lines: the pieces several experiments share; each section below is small and used by more than one.
 """
 from __future__ import annotations
 
