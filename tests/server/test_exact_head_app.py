@@ -51,7 +51,7 @@ class StatsSitesGrid(LocalGrid):
 
         from tangent.data.sets import load_dataset, preprocess
         from tangent.exact_head.statistics import SufficientStats
-        from tests.server.test_evaluation import _delta_shapes
+        from tests.server.train_replies import delta_shapes
 
         spec = dict(msg.content.config_records["spec"].items())
         self.specs.append(spec)
@@ -68,7 +68,7 @@ class StatsSitesGrid(LocalGrid):
         self.site_stats[site] = stats
         rng = np.random.default_rng(int(site))
         delta = {k: torch.from_numpy((1e-3 * rng.standard_normal(s)).astype(np.float32))
-                 for k, s in _delta_shapes(spec).items()}
+                 for k, s in delta_shapes(spec).items()}
         content = RecordDict({
             "delta": ArrayRecord(delta),
             "metrics": MetricRecord({"num-examples": PER_SITE, "train-loss": 1.0, "train-accuracy": 0.5,

@@ -35,7 +35,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
 from server.ledger import Ledger
-from server.replies import Rejected, _decode
+from server.replies import Rejected, decode_array
 from server.strategy import LedgerFedAvg
 from tangent.exact_head.statistics import SufficientStats
 from tests.server.exact_head_replies import EXPECT, FEATURE_DIGEST, open_stats_ledger, site_stats
@@ -192,7 +192,7 @@ def corrupt_stats(rng: np.random.Generator, parts: dict) -> str:
         """The array's int64 values, or — when an earlier corruption broke it — a stand-in (never
         ``Array.numpy()`` on a corrupted header: it would allocate what the header declares)."""
         try:
-            return _decode(name, arrays[name], "int64").copy()
+            return decode_array(name, arrays[name], "int64").copy()
         except (Rejected, KeyError, ValueError, TypeError):
             return np.zeros(3, np.int64)
 

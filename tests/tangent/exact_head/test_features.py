@@ -142,4 +142,4 @@ def test_quadrant_pieces_are_the_means_of_the_four_quadrants_of_timms_final_patc
 
 def test_quadrant_pooling_refuses_a_non_square_grid():
     with pytest.raises(ValueError, match="square patch grid"):
-        FeatureExtractor._quadrants(torch.zeros(2, 6, 8))
+        FeatureExtractor.quadrants(torch.zeros(2, 6, 8))
