@@ -70,6 +70,7 @@ def test_full_fp32_turns_tf32_off_on_cuda_only_and_restores_it():
 
 
 # ------------------------------------------------------------------ CPU: naming the CPU changes nothing
+@pytest.mark.slow
 def test_device_cpu_gives_bit_identical_delta_to_the_default_path():
     """Non-DP from cached tokens, with the guard (whose pass now collects on the CPU)."""
     tokens, labels = random_tokens(48)
@@ -84,6 +85,7 @@ def test_device_cpu_gives_bit_identical_delta_to_the_default_path():
                        predict_logits(named, tokens, from_cache=True, device="cpu"))
 
 
+@pytest.mark.slow
 def test_dp_fit_with_device_cpu_runs_and_keeps_everything_on_the_cpu():
     """(DP cannot be compared bit for bit: its sampling and noise are secret by design.)"""
     tokens, labels = random_tokens(48)
@@ -95,6 +97,7 @@ def test_dp_fit_with_device_cpu_runs_and_keeps_everything_on_the_cpu():
     assert all(v.device.type == "cpu" for v in model.delta_state_dict().values())
 
 
+@pytest.mark.slow
 def test_device_cpu_from_images_is_bit_identical():
     from tangent.data.sets import preprocess
 
@@ -178,6 +181,7 @@ def test_a_train_message_for_cuda_on_a_cpu_site_is_refused_before_any_work():
     assert error["site-id"] == "a"
 
 
+@pytest.mark.slow
 @no_cuda
 def test_central_evaluation_without_the_named_gpu_loses_the_evaluation_not_the_run(tmp_path):
     from server.evaluation import CentralEvaluation

@@ -124,6 +124,7 @@ def test_schedule_warmup_and_cosine():
     assert rates[:3] == [1 / 3, 2 / 3, 1.0] and all(a > b for a, b in zip(rates[2:], rates[3:])) and rates[-1] > 0
 
 
+@pytest.mark.slow
 def test_a_diverged_delta_is_pulled_back_and_a_good_one_is_left_alone(tokens_and_labels):
     tokens, labels = tokens_and_labels
     dataset = ArrayDataset(tokens, labels)
