@@ -40,6 +40,7 @@ def site(tmp_path_factory, pretrained_vit):
     return types.SimpleNamespace(tmp=tmp, images=images, labels=labels, extractor=extractor)
 
 
+@pytest.mark.slow
 def test_the_tool_forgets_rows_and_the_server_accepts_it_bit_for_bit(site):
     tmp, extractor = site.tmp, site.extractor
     digest = extractor.digest()

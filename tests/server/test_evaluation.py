@@ -94,6 +94,7 @@ def first_train_push(grid: SitesGrid) -> float:
     return min(t for kind, t in grid.pushed if kind == "train")
 
 
+@pytest.mark.slow
 def test_train_messages_go_out_before_the_evaluation_is_built(tmp_path, slow_build):
     for run in (1, 2):  # a fresh ledger, then one that already holds a composed model
         report, grid = run_main(tmp_path)

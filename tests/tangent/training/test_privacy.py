@@ -12,6 +12,7 @@ from tangent.training.trainer import ArrayDataset, TrainConfig, delta_norm, fit,
 from tests.helpers import random_tokens, tiny_model
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("accountant", ["prv", "rdp"])
 def test_epsilon_spent_within_target(accountant):
     tokens, labels = random_tokens(64)
@@ -84,6 +85,7 @@ def test_step_decay_applies_under_dp():
     assert [h["lr"] for h in result.history] == pytest.approx([1e-3, 1e-3, 1e-4, 1e-5])
 
 
+@pytest.mark.slow
 def test_epsilon_equals_the_accountant_recomputed_from_sigma_rate_steps():
     """What a reply reports is exactly Opacus' accountant over (σ, q, steps) at δ — recomputed
     here independently with both accountants' own classes."""
@@ -102,6 +104,7 @@ def test_epsilon_equals_the_accountant_recomputed_from_sigma_rate_steps():
         assert result.delta == 1e-5  # min(1e-5, 1/(10·50))
 
 
+@pytest.mark.slow
 def test_sampling_and_scale_depend_on_the_public_count_only():
     """Two sites with different secret n but the same declared count: same q, steps, σ, ε, δ."""
     seen = []

@@ -32,6 +32,7 @@ def deltas_equal(a, b):
     return all(torch.equal(a[k], b[k]) for k in a)
 
 
+@pytest.mark.slow
 def test_learns_digits(tokens_and_labels):
     tokens, labels = tokens_and_labels
     model = tiny_model("avg", spread=True)
@@ -46,6 +47,7 @@ def test_learns_digits(tokens_and_labels):
     assert predict_logits(model, tokens[:5], from_cache=True).shape == (5, 10)
 
 
+@pytest.mark.slow
 def test_step_decay_at_50_and_83_percent():
     config = TrainConfig(epochs=12, lr=1.0)
     assert [config.lr_at(s, 12) for s in range(12)] == pytest.approx(
