@@ -59,6 +59,7 @@ _site_ids = st.one_of(st.text(max_size=80), st.from_regex(SITE_ID_PATTERN, fullm
                       st.binary(max_size=10), st.integers(), st.none(), st.floats(), st.lists(st.text(), max_size=2))
 
 
+@pytest.mark.slow
 @FUZZ
 @given(site_id=_site_ids, seed=st.integers(0, 2 ** 32 - 1))
 def test_any_site_id_is_accepted_only_if_it_follows_the_rule(ledger, site_id, seed):
