@@ -25,7 +25,7 @@ from server import server_app
 from tests.server.local_grid import LocalGrid
 from tests.server.train_replies import delta_shapes
 
-pytestmark = pytest.mark.usefixtures("flower_server_identity")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("flower_server_identity")]  # the pretrained w0
 SITES = (101, 102, 103)
 BUILD_DELAY_S = 4.0
 
@@ -94,7 +94,6 @@ def first_train_push(grid: SitesGrid) -> float:
     return min(t for kind, t in grid.pushed if kind == "train")
 
 
-@pytest.mark.slow
 def test_train_messages_go_out_before_the_evaluation_is_built(tmp_path, slow_build):
     for run in (1, 2):  # a fresh ledger, then one that already holds a composed model
         report, grid = run_main(tmp_path)
