@@ -1,5 +1,6 @@
-# The two commands a newcomer needs: `make simulate` and `make test`.
-# Both create/update .venv idempotently (re-installing only when pyproject.toml changes).
+# The two commands a newcomer needs: `make simulate` and `make test`; `make test-all` runs every
+# test (what CI runs) and `make docs` builds the documentation site.
+# All create/update .venv idempotently (re-installing only when pyproject.toml changes).
 PYTHON ?= python3.11
 VENV   := .venv
 PY     := $(VENV)/bin/python
@@ -7,7 +8,7 @@ STAMP  := $(VENV)/.installed
 DATA   := /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz
 export FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION := 1
 
-.PHONY: setup simulate test bench clean-runs
+.PHONY: setup simulate test test-all docs bench clean-runs
 
 setup: $(STAMP) $(DATA)
 
@@ -30,8 +31,22 @@ $(DATA):
 simulate: setup
 	$(PY) -m simulations.run
 
+# The fast subset a developer runs all day: everything not marked `slow` (pretrained ViT,
+# Flower end to end, or longer than a few seconds), with the slowest tests listed.
 test: setup
-	$(PY) -m pytest
+	$(PY) -m pytest -m "not slow" --durations=15
+
+test-all: setup
+	$(PY) -m pytest --durations=25
+
+# The docs group is installed on first use only, so `make test` stays as fast as before.
+DOCS_STAMP := $(VENV)/.docs-installed
+$(DOCS_STAMP): pyproject.toml $(STAMP)
+	$(PY) -m pip install -q -e ".[docs]"
+	touch $(DOCS_STAMP)
+
+docs: $(DOCS_STAMP)
+	NO_MKDOCS_2_WARNING=1 $(VENV)/bin/mkdocs build --strict
 
 bench: setup
 	$(PY) -m benchmarks.speed

@@ -12,6 +12,8 @@ experiments' spec, reinit=false: the trunk is the pretrained blocks 0..10 for ev
     python -m benchmarks.exact_head report      # JSON on stdout + docs/exact_head.md
 
 Run with OMP_NUM_THREADS=1 (shared machine). Every number printed is measured here.
+
+Over 500 lines as one script: its stages share the loaders, the state under ``--work`` and the report.
 """
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ import numpy as np
 import torch
 
 from tangent.exact_head import statistics as eh
+from tangent.exact_head.feature_spec import DP_FEATURE_SPECS
 from tangent.exact_head.features import PIECES, QUAD_PIECES, RANDOM_FEATURE_SCALE as RANDOM_SCALE, FeatureExtractor, FeatureSpec
 
 NUM_CLASSES = 10
@@ -358,9 +361,7 @@ def stage_federated(work: Path, spec: FeatureSpec, only: str | None = None) -> d
 
 # ------------------------------------------------------------------------------ DP
 
-DP_SPECS = (FeatureSpec(pieces=PIECES[:1], clip_norm=1.0), FeatureSpec(pieces=PIECES[:2], clip_norm=1.0),
-            FeatureSpec(clip_norm=1.0), FeatureSpec(projection=32, clip_norm=1.0),
-            FeatureSpec(projection=64, clip_norm=1.0), FeatureSpec(projection=128, clip_norm=1.0))
+DP_SPECS = DP_FEATURE_SPECS
 DP_EPSILONS = (1.0, 3.0, 8.0)
 DP_REPEATS = 5
 

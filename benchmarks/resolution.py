@@ -3,7 +3,7 @@ vs. time per image on this machine.
 
     python -m benchmarks.resolution [--train 3000 --test 2000 --sizes 28 42 56 84 112]
 
-Prints a Markdown table (the README's) and one JSON line per size.
+Prints a Markdown table (the one in docs/benchmarks.md) and one JSON line per size.
 """
 from __future__ import annotations
 

@@ -51,7 +51,7 @@ from tangent.exact_head.feature_spec import KEYS as FEATURE_KEYS, PIECES, Featur
 from tangent.protocol.signed_requests import SIGNERS, forget_request, load_private_key
 from tangent.protocol.spec import ModelSpec
 
-DEFAULTS = FeatureSpec(random_features=2048)  # the Flower path's default spec (contract 7)
+DEFAULTS = FeatureSpec(random_features=2048)  # FeatureSpec's defaults plus 2,048 random features
 
 
 def read_indices(path: Path, num_rows: int) -> np.ndarray:
@@ -79,7 +79,7 @@ def read_indices(path: Path, num_rows: int) -> np.ndarray:
     return np.asarray(sorted(rows), dtype=np.int64)
 
 
-def _site_data(path: Path, img_size: int):
+def site_data(path: Path, img_size: int):
     """The site's rows as the SuperNode reads them without a token cache (client.site)."""
     from client.site import SiteData
     from tangent.data.sets import dataset_digest, load_site_data, preprocess
@@ -159,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError(f"--replaces must be a lowercase hex sha256, got {args.replaces[:70]!r}")
         feature_spec = FeatureSpec.from_config({key: getattr(args, key.replace("-", "_"))
                                                 for key in FEATURE_KEYS.values()})
-        data = _site_data(args.data, args.img_size)
+        data = site_data(args.data, args.img_size)
         exclude = read_indices(args.forget_indices, len(data.labels))
         key = load_private_key(args.key)
         delta_sha = hashlib.sha256(args.delta.read_bytes()).hexdigest() if args.delta else None

@@ -296,7 +296,7 @@ def _cmd_witness_init(args) -> int:
 
 
 def _add_forget_command(sub) -> None:
-    """``taft-ledger forget``: sample-level forgetting (server/trust/forgetting.py; deploy/README.md)."""
+    """``taft-ledger forget``: sample-level forgetting (server/trust/forgetting.py; docs/deployment.md)."""
     p = sub.add_parser("forget", help="apply a site's signed forget-samples request to both ledgers",
                        description="Verify a signed forget-samples request (python -m client.forget writes it) and, "
                                    "only if every check passes, replace the site's statistics in the stats ledger "

@@ -5,7 +5,7 @@ default the Fashion-MNIST test split while ``dataset`` is Fashion-MNIST; ``"none
 ``dataset`` of one's own without a ``test-dataset`` = no test data, and then there is no
 central evaluation at all), optionally a seeded ``eval-subset`` of it.
 
-No torch in the ServerApp's process (issue 16 item 6): every step that runs the model happens in
+No torch in the ServerApp's process (it would cost ~535 MiB resident): every step that runs the model happens in
 a short-lived child process (server.model_process), which exits with all of torch's memory.
 :func:`prepare_test_inputs` runs once, in a child waited on by a background thread started with
 the ServerApp: it builds the token cache of the test rows in ``cache-dir`` when it is cold (or,
@@ -21,7 +21,7 @@ returns the figures; the exact head's solve is a numpy-only child after it
 on without that evaluation, ``evaluation_errors`` in the report); no child runs longer than the
 run config's ``round-timeout``.
 
-With the exact head on (issue 15) the same child also computes φ of the test rows
+With the exact head on the same child also computes φ of the test rows
 (tangent.exact_head.features.FeatureExtractor.compute): from the cached trunk tokens when the model's trunk
 is the extractor's (the token rows entering the last pretrained block; TAFT with one linearized
 block), else from the test images. Each evaluation then also
@@ -116,7 +116,7 @@ def _cached_features(extractor, directory: Path, images, indices) -> np.ndarray 
     feature digest and the images digest), or None when there is none (or no φ cache module)."""
     try:
         from tangent.exact_head.phi_cache import PhiCache
-    except ImportError:  # the φ cache comes with the sites' side of issue 15
+    except ImportError:  # a checkout without the φ cache module: compute φ from the rows
         return None
     from tangent.data.token_cache import images_digest
 

@@ -1,12 +1,12 @@
-"""The server's side of the exact head (issue 15): φ's extractor and digest, what the train message
+"""The server's side of the exact head: φ's extractor and digest, what the train message
 announces, what a reply's statistics must match, and the statistics ledger's model card.
 
 The server builds (in a child process: torch never enters the ServerApp, server.model_process) the
 same ``tangent.exact_head.features.FeatureExtractor`` the sites build (pretrained
 backbone of the model spec + the run config's FeatureSpec) and sends its digest in the train
-message's spec (contract 7b): a site whose φ differs refuses (``feature_digest_mismatch``), and a
+message's spec: a site whose φ differs refuses (``feature_digest_mismatch``), and a
 reply whose statistics name another digest is refused here (server.replies). The statistics
-ledger pins the model card (contract 7d) when it is created, so statistics of another φ, grid or
+ledger pins the model card when it is created, so statistics of another φ, grid or
 model can never be summed with the ones it holds.
 """
 from __future__ import annotations
@@ -53,7 +53,7 @@ class ExactHead:
         return cls(dict(description["feature-spec"]), digest, expectation, card)
 
     def spec_keys(self) -> dict[str, Any]:
-        """What the train message's "spec" ConfigRecord adds (contract 7b)."""
+        """What the train message's "spec" ConfigRecord adds: the feature spec and its digest."""
         return {"exact-head": True, **self.feature_config, "feature-digest": self.feature_digest}
 
     @property

@@ -15,7 +15,7 @@ Two train-reply forms are accepted (the site's DP policy decides which it sends)
   contribution-id, dp=True, dp-target-epsilon, dp-max-grad-norm, dp-noise-multiplier,
   train-config}. shard-fingerprint, data-digest, source, from-cache and pid are optional.
 
-With the exact head on (issue 15, contract 7c) a non-DP reply also carries the site's sufficient
+With the exact head on, a non-DP reply also carries the site's sufficient
 statistics: ``stats`` (ArrayRecord of int64 n [1], counts [k], sums [p], gram [p(p+1)/2],
 cross [p, k]) and ``stats-meta`` (num-features, num-classes, clip-norm, frac-bits,
 feature-digest). Every problem with them refuses the WHOLE reply with a reason prefixed
@@ -230,11 +230,11 @@ def decode_arrays(record: ArrayRecord, site: str | None) -> dict[str, np.ndarray
         raise Rejected("bad_arrays", "the delta record holds no arrays", site)
     for name, array in items:
         with stage("bad_arrays", site):
-            arrays[name] = _decode(name, array)
+            arrays[name] = decode_array(name, array)
     return arrays
 
 
-def _decode(name: str, array, dtype: str = "float32", reason: str = "bad_arrays", *,
+def decode_array(name: str, array, dtype: str = "float32", reason: str = "bad_arrays", *,
             dtype_reason: str | None = None, copy: bool = True) -> np.ndarray:
     """One Array of ``dtype`` (little-endian, C order), its header and size checked against its
     declared shape before anything is allocated. ``copy=False`` returns a read-only view of the
@@ -479,7 +479,7 @@ def _stats_arrays(record: ArrayRecord, expected: StatsExpectation, site: str) ->
         if declared != shapes[name]:
             raise Rejected("stats_wrong_shape", f"{name}: shape {shown(declared)}, expected {shapes[name]}", site)
         with stage("stats_bad_arrays", site):
-            arrays[name] = _decode(name, array, "int64", "stats_bad_arrays", copy=False)
+            arrays[name] = decode_array(name, array, "int64", "stats_bad_arrays", copy=False)
     return arrays, received
 
 

@@ -20,12 +20,12 @@ withdrawal request signed by the site or by the operator's admin key removes a s
 simulation keeps partition ids and obeys ``remove-sites``. Every path in the run config lives in
 ``state-dir`` (server.config).
 
-The ServerApp's own process never imports torch (issue 16 item 6: 535 MiB resident for the
+The ServerApp's own process never imports torch (535 MiB resident for the
 library alone, kept for the whole run once imported): w0's digest and Δ shapes, φ's digest and
 every central evaluation are computed in short-lived child processes (server.model_process,
 server.evaluation); the composed Δ stays numpy here.
 
-Exact head (issue 15, ``exact-head=true``, off in a DP run): the train message also announces φ
+Exact head (``exact-head=true``, off in a DP run): the train message also announces φ
 (FeatureSpec keys + ``feature-digest``), every non-DP reply carries the site's sufficient
 statistics beside its Δw, and they go to a second ledger (``exact-head-ledger-path``); central
 evaluation reports ``accuracy_exact_head`` beside the TAFT accuracy. Removal (``remove-sites``,
@@ -145,7 +145,7 @@ def _run(grid: Grid, run_id, run_config, mode: str, state: Path, ledger_path: Pa
                "base_digest": base_digest, "ledger_path": str(ledger_path),
                "site_registry": None if registry_path is None else str(registry_path)}
     log.info("%s run %s (%s): ledger %s, base digest %s", mode, run_id, federation, ledger_path, base_digest)
-    exact_head = _exact_head(spec, run_config, mode, stats_path, report, described=described["exact_head"])
+    exact_head = run_exact_head(spec, run_config, mode, stats_path, report, described=described["exact_head"])
     evaluation = CentralEvaluation.start(spec.to_config(), base_digest, run_config,  # builds in the background
                                          exact_head=exact_head is not None, timeout=timeout, workdir=state)
 
@@ -169,12 +169,12 @@ def _run(grid: Grid, run_id, run_config, mode: str, state: Path, ledger_path: Pa
                                     witness)
         ledgers = Ledgers(ledger, stats_ledger, held)
         if mode == "unlearn":
-            report |= _unlearn(ledgers, cfg.remove_sites(run_config), evaluation, run_id,
+            report |= unlearn(ledgers, cfg.remove_sites(run_config), evaluation, run_id,
                                requests=cfg.withdrawal_requests(run_config), registry=registry,
                                ledger_path=ledger_path, state=state, federation=federation)
         else:
             binding = SenderBinding(registry) if federation == "deployment" else None
-            _train(grid, ledgers, spec, base_digest, evaluation, run_config, binding, report, exact_head=exact_head)
+            train(grid, ledgers, spec, base_digest, evaluation, run_config, binding, report, exact_head=exact_head)
         report["ledger"] = _ledger_summary(ledger)
         if stats_ledger is not None:
             report["exact_head_ledger"] = _ledger_summary(stats_ledger)
@@ -218,7 +218,7 @@ def _exact_head_wanted(run_config, mode: str, stats_path: Path | None) -> bool:
                                        or (mode == "unlearn" and stats_path.exists()))
 
 
-def _exact_head(spec, run_config, mode: str, stats_path: Path | None, report: dict, *,
+def run_exact_head(spec, run_config, mode: str, stats_path: Path | None, report: dict, *,
                 described: dict | None = None) -> ExactHead | None:
     """The exact head of this run (:func:`_exact_head_wanted`), or None. ``described``:
     server.exact_head.describe_features' answer when the caller has it, else it is computed in a
@@ -269,7 +269,7 @@ def _write_report(report: dict, path: Path | None) -> None:
         log.error("could not write the report to %s: %s", path, err)
 
 
-def _train(grid: Grid, ledgers: Ledger | Ledgers, spec, base_digest: str, evaluation, run_config,
+def train(grid: Grid, ledgers: Ledger | Ledgers, spec, base_digest: str, evaluation, run_config,
            binding: SenderBinding | None, report: dict, *, exact_head: ExactHead | None = None) -> None:
     ledgers = Ledgers.of(ledgers)
     ledger = ledgers.delta
@@ -333,7 +333,7 @@ REMOVE_SITES_REFUSED = ("federation-mode='deployment' does not obey remove-sites
                         "admin key (signer='admin', deploy.withdraw) and passes it as withdrawal-requests")
 
 
-def _unlearn(ledgers: Ledger | Ledgers, sites: list[str], evaluation, run_id, *, requests: list[str] = (),
+def unlearn(ledgers: Ledger | Ledgers, sites: list[str], evaluation, run_id, *, requests: list[str] = (),
              registry: SiteRegistry | None = None, ledger_path: Path | None = None, state: Path | None = None,
              federation: str = "simulation") -> dict:
     """Remove the listed sites and the sites of the accepted withdrawal requests from every ledger."""
@@ -349,7 +349,7 @@ def _unlearn(ledgers: Ledger | Ledgers, sites: list[str], evaluation, run_id, *,
         log.warning("remove-sites=%s REFUSED: %s", ",".join(sites), REMOVE_SITES_REFUSED)
         result["remove_sites_refused"] = {"sites": sites, "reason": REMOVE_SITES_REFUSED}
         sites = []
-    withdrawals = _apply_withdrawals(ledgers, list(requests), registry, ledger_path, state) if requests else []
+    withdrawals = apply_withdrawals(ledgers, list(requests), registry, ledger_path, state) if requests else []
     result["removed_sites"] += [w["site_id"] for w in withdrawals if w["accepted"]]
     for site in sites:
         try:
@@ -380,7 +380,7 @@ def _unlearn(ledgers: Ledger | Ledgers, sites: list[str], evaluation, run_id, *,
     return result
 
 
-def _apply_withdrawals(ledger: Ledgers, requests: list[str], registry: SiteRegistry, ledger_path: Path,
+def apply_withdrawals(ledger: Ledgers, requests: list[str], registry: SiteRegistry, ledger_path: Path,
                        state: Path) -> list[dict]:
     """Verify each signed request and subtract its site from every ledger; a refused one changes nothing.
 

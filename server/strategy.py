@@ -10,7 +10,7 @@ In a deployment the site id a reply declares is bound to the SuperNode that sent
 site registry (server.trust.identity): impostors, unregistered nodes, revoked keys and example counts
 over the registered cap are refused, and withdrawn or revoked sites are not sampled.
 
-With the exact head on (issue 15) one reply carries both models: the site's Δw and its
+With the exact head on, one reply carries both models: the site's Δw and its
 sufficient statistics. :func:`record` writes the Δw to the Δ ledger, then the statistics to the
 statistics ledger; when the statistics ledger refuses after the Δ ledger accepted (its own
 checks: bounds, overflow, a site withdrawn there), the new Δw is retracted again — and the site's

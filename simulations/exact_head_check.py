@@ -1,4 +1,4 @@
-"""The simulation driver's checks of the exact head (issue 15 item 5; docs/exact_head.md).
+"""The simulation driver's checks of the exact head (docs/exact_head.md).
 
 After the train run the stats ledger (``<state-dir>/exact_head.sqlite``, written by the ServerApp)
 must hold, summed, exactly the statistics of every trained row computed centrally in one pass over

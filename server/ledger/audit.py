@@ -6,7 +6,7 @@ after it, or cut off the newest entries. So after every change the server signs 
 (model version, audit sequence number and hash, composed digest, total weight) with its own
 Ed25519 key, stores the signature beside the version, and writes the signed head atomically to
 ``<ledger>.head.json``. Rewriting history then breaks a signature; cutting it off leaves the
-database behind the head file; both make ``verify`` fail. What remains (README): whoever holds the
+database behind the head file; both make ``verify`` fail. What remains (docs/ledger.md): whoever holds the
 signing key can re-sign a rewritten history, and replacing the head file and the database by an
 older pair (a rollback) needs no key and is only caught against a head kept where the writer
 cannot reach: the witness (:mod:`server.ledger.witness`) or an earlier export.

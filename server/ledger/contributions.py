@@ -25,6 +25,9 @@ contributions are refused (``site_withdrawn``) until :meth:`Ledger.readmit`.
 Families (:mod:`server.ledger.families`): the same file layout holds either TAFT Δw (``"delta"``,
 the above) or exact-head sufficient statistics (``"stats"``: int64 arrays, weight 1, the composed
 model is their exact sum); the family and, for statistics, the model card are pinned at creation.
+
+Over 500 lines: the ``Ledger`` transactions share one validation and locking path; storage, audit,
+accumulators, verification and export are their own modules.
 """
 from __future__ import annotations
 

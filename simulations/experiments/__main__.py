@@ -23,7 +23,7 @@ def _epilog() -> str:
                N = {F.dirichlet_shards} [{Q.dirichlet_shards}] Dirichlet shards (alpha = {', '.join(f'{a:g}' for a in F.dirichlet_alphas)});
                per shard TAFT-1 and NLFT-1 from w0. Compares TAFT composed (tangent.compose),
                the TAFT ensemble (weighted logit average), the NLFT Model Soup, the
-               federated ridge head (sufficient statistics), the exact head (issue 15: integer
+               federated ridge head (sufficient statistics), the exact head (integer
                statistics of the default FeatureSpec, asserted == central bit for bit), TAFT whose
                head also reads the frozen pieces, the hybrid (TAFT logits / kappa + exact head) and
                TAFT / NLFT / ridge / exact head on all data.
@@ -31,7 +31,7 @@ def _epilog() -> str:
                (shard store, retrained only if missing or trained with other settings) remove
                k = {', '.join(map(str, F.removal_ks))} [{', '.join(map(str, Q.removal_ks))}] shards in {F.removal_orders} [{Q.removal_orders}] random orders: TAFT by
                subtraction vs. SISA (softmax average of the remaining NLFT shard models) vs.
-               the exact ridge head and the exact head (issue 15) on the remaining statistics.
+               the exact ridge head and the exact head on the remaining statistics.
   retraining   paper Fig. 1c. Forget x = {', '.join(f'{x:g}' for x in F.forget_percents)} % [{', '.join(f'{x:g}' for x in Q.forget_percents)}] of the training subset by
                retraining only the affected shards (N = {', '.join(map(str, F.retrain_shards))} [{', '.join(map(str, Q.retrain_shards))}]) from w0 vs. the
                paragon (TAFT on all remaining data) vs. the exact head's forgetting (subtract

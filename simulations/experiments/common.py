@@ -4,6 +4,8 @@ kinds (TAFT-1, NLFT-1, NLFT head only), shard training, the shard store, the exa
 Everything runs on the cached trunk tokens of the pretrained DINOv2 ViT-S/14 (``reinit=false``,
 img 56): the trunk is frozen and identical for TAFT and NLFT (same w0), so a cached epoch costs
 only the last block.
+
+Over 500 lines: the pieces several experiments share; each section below is small and used by more than one.
 """
 from __future__ import annotations
 
@@ -554,7 +556,7 @@ def expected_hit_fraction(sizes, forgotten: int, total: int) -> float:
 # ------------------------------------------------------------------------------ exact head
 
 def exact_spec():
-    """The exact head's default feature spec (docs/design.md contract 7): the four pieces +
+    """The exact head's default feature spec (docs/design.md): the four pieces +
     2,048 seeded random features, clip C = 2, b = 16 (p = 3,584)."""
     from tangent.exact_head.features import FeatureSpec
 
@@ -563,10 +565,11 @@ def exact_spec():
 
 def dp_exact_spec():
     """The DP exact head benchmarks/exact_head.py found best: a seeded 64-dim projection of the
-    four pieces, clip 1 (imported from the benchmark, not copied)."""
-    from benchmarks.exact_head import DP_SPECS
+    four pieces, clip 1 (``tangent.exact_head.feature_spec.DP_FEATURE_SPEC``, which the benchmark
+    measures too)."""
+    from tangent.exact_head.feature_spec import DP_FEATURE_SPEC
 
-    return next(spec for spec in DP_SPECS if spec.projection == 64)
+    return DP_FEATURE_SPEC
 
 
 #: the pieces beside the linearized CLS that the richer TAFT head reads (final_cls is already the

@@ -7,7 +7,7 @@ For each partition of the training subset (IID into N shards; Dirichlet label sk
   * NLFT soup: the same weighted average of the NLFT-1 shard models' weights (Model Soup);
   * ridge head: ridge regression on the frozen pooled feature φ (+ bias), federated through
     the per-shard sufficient statistics Σ XᵀX, Σ XᵀY (identical to the central solution);
-  * exact head (issue 15, tangent.exact_head.statistics): ridge on the frozen multi-level features + 2,048
+  * exact head (tangent.exact_head.statistics): ridge on the frozen multi-level features + 2,048
     random features (the default FeatureSpec), λ by GCV on the sums; the shards' integer
     statistics, summed in a random order, are asserted equal to the central ones bit for bit;
   * TAFT + frozen pieces: TAFT-1 whose head also reads the frozen pieces final_mean, input_cls,
@@ -294,7 +294,7 @@ examples. Non-IID: `partition_dirichlet` on the same subset, N = {s['dirichlet_s
 
 
 def _render_exact(names, by, checks, s) -> str:
-    """The exact head, TAFT + frozen pieces and hybrid bullets (issue 15), from the rows."""
+    """The exact head, TAFT + frozen pieces and hybrid bullets, from the rows."""
     exact = by[("all data", "exact_head")]["accuracy"]
     equal = all(by[(n, "exact_head")]["stats_equal_central"] for n in names)
     same = all(by[(n, "exact_head")]["accuracy"] == exact for n in names)
@@ -311,7 +311,7 @@ def _render_exact(names, by, checks, s) -> str:
     def span(values):
         return f"{R.signed(min(values.values()))} to {R.signed(max(values.values()))}"
 
-    return f"""- Exact head (issue 15, `tangent.exact_head.statistics`): φ = the four frozen pieces
+    return f"""- Exact head (`tangent.exact_head.statistics`): φ = the four frozen pieces
   ({spec['feature-pieces']}) + {spec['random-features']} seeded random features, p = {checks['exact_p']:,}
   ({checks['exact_bytes_per_site'] / 2 ** 20:.1f} MiB of int64 statistics per shard), clip
   {spec['clip-norm']:g}, {spec['frac-bits']} fraction bits; λ = {checks['exact_lambda']:.3g}

@@ -9,7 +9,7 @@ at several ε, centrally (one model on the whole DP subset) and federated (the s
 over DP clients, each trained privately on its own data, then composed / souped weighted by
 examples). Non-DP references (ε = ∞) use each method's usual recipe.
 
-Exact head (issue 15): sufficient-statistics perturbation (``tangent.exact_head.statistics.privatize``: each
+Exact head: sufficient-statistics perturbation (``tangent.exact_head.statistics.privatize``: each
 model's data releases its integer statistics once through the analytic Gaussian mechanism at
 (ε, δ) with the same δ rule) on the 64-dim seeded projection of the four pieces that
 benchmarks/exact_head.py found best; central = one release of the whole DP subset, federated =

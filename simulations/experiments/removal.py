@@ -8,7 +8,7 @@ measure the accuracy of:
   * SISA: the example-weighted average of the softmax probabilities of the remaining NLFT-1
     shard models (one forward per remaining model);
   * ridge head: solved from the remaining shards' sufficient statistics (total − removed);
-  * exact head (issue 15, default FeatureSpec): the removed shards' integer statistics subtracted
+  * exact head (default FeatureSpec): the removed shards' integer statistics subtracted
     from the total, solved again (λ by GCV); checked bit for bit against the remaining shards'
     statistics computed from scratch.
 """
@@ -197,7 +197,7 @@ images (mean ± std over the orders).
 def _exact_text(checks) -> str:
     if "exact_bit_identical" not in checks:
         return ""
-    return (f"- Exact head (issue 15; default FeatureSpec, p = {checks['exact_p']:,}, λ by GCV): the total integer\n"
+    return (f"- Exact head (default FeatureSpec, p = {checks['exact_p']:,}, λ by GCV): the total integer\n"
             f"  statistics minus the removed shards' equal the remaining shards' statistics computed from\n"
             f"  scratch **bit for bit: {checks['exact_bit_identical']}** ({checks['exact_removals_checked']} removals\n"
             f"  checked); subtract + solve takes {checks['exact_subtract_solve_s_median']:.0f} s (median; the solve dominates).")

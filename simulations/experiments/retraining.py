@@ -9,7 +9,7 @@ fit) and the speed-up. The shard models before forgetting are experiment 1's (sh
 Uniform random deletions hit almost every shard once x % of the data is more than a few times
 the number of shards: the expected fraction of shards hit is reported next to the measured one.
 
-Exact head (issue 15): the forgotten samples' integer statistics are computed and subtracted from
+Exact head: the forgotten samples' integer statistics are computed and subtracted from
 the total, and the head solved again (λ by GCV) — no training at all. The result is checked bit
 for bit against the statistics of the remaining samples computed from scratch.
 """
@@ -183,7 +183,7 @@ def render(out_dir: Path, meta: dict, results: Path) -> str:
     exact_text = ""
     if exact_rows:
         exact_text = f"""
-- Exact head (issue 15; default FeatureSpec, p = {meta['checks'].get('exact_p', '—')}): forgetting = computing the
+- Exact head (default FeatureSpec, p = {meta['checks'].get('exact_p', '—')}): forgetting = computing the
   forgotten samples' integer statistics, subtracting them, and solving again (λ by GCV): wall time
   {', '.join(f"{r['forget_percent']:g} % → {r['wall_s']:.1f} s (stats {r['forgotten_stats_s']:.2f} s, subtract {r['subtract_s']:.3f} s, solve {r['solve_s']:.1f} s)" for r in exact_rows)}.
   The remaining statistics equal those computed from scratch on the remaining samples bit for bit:

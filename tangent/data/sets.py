@@ -20,7 +20,7 @@ import numpy as np
 if TYPE_CHECKING:
     import torch
 
-# Chosen by measurement (linear probe accuracy vs. time per image on 2 cores): see README.
+# Chosen by measurement (linear probe accuracy vs. time per image on 2 cores): see docs/benchmarks.md.
 DEFAULT_IMG_SIZE = 56
 DINOV2_MEAN = (0.485, 0.456, 0.406)
 DINOV2_STD = (0.229, 0.224, 0.225)

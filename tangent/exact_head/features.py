@@ -124,7 +124,7 @@ class FeatureExtractor:
             where, pool = piece.split("_")
             x = source[where]
             if pool == "quad":
-                v = self._quadrants(x[:, self.num_prefix_tokens:])
+                v = self.quadrants(x[:, self.num_prefix_tokens:])
             else:
                 v = (x[:, 0] if pool == "cls" else x[:, self.num_prefix_tokens:].mean(dim=1))[:, None]
             v = v / v.pow(2).mean(dim=2, keepdim=True).sqrt().clamp_min(1e-12)
@@ -132,7 +132,7 @@ class FeatureExtractor:
         return out
 
     @staticmethod
-    def _quadrants(patches: Tensor) -> Tensor:
+    def quadrants(patches: Tensor) -> Tensor:
         """[B, g·g, d] patch tokens of a square grid -> [B, 4, d]: adaptive 2×2 average pooling
         (any g; at img 56 the grid is 4×4, so each quadrant is the mean of 2×2 patches)."""
         b, n, d = patches.shape

@@ -106,7 +106,7 @@ def max_examples(frac_bits: int) -> int:
     return INT64_MAX // (2 ** (2 * frac_bits))
 
 
-def _chunk_rows(frac_bits: int) -> int:
+def chunk_rows(frac_bits: int) -> int:
     """Rows per float64 product such that every partial sum is an integer ≤ 2^53 (exact)."""
     return max(1, FLOAT64_EXACT // (2 ** (2 * frac_bits)))
 
@@ -116,7 +116,7 @@ def exact_gram(q: np.ndarray, frac_bits: int) -> np.ndarray:
     q = np.asarray(q)
     n, p = q.shape
     out = np.zeros((p, p), dtype=np.int64)
-    step = min(_chunk_rows(frac_bits), MEMORY_CHUNK_ROWS)  # any smaller chunk stays exact
+    step = min(chunk_rows(frac_bits), MEMORY_CHUNK_ROWS)  # any smaller chunk stays exact
     for start in range(0, n, step):
         chunk = q[start:start + step].astype(np.float64)
         out += (chunk.T @ chunk).astype(np.int64)  # integer-valued, exact (see module docstring)
@@ -452,7 +452,7 @@ def solve(stats: SufficientStats, lam: Optional[float] = None, *, standardize: b
 
 # ------------------------------------------------------------------------------ DP
 
-def _gaussian_delta(epsilon: float, sigma: float, sensitivity: float = 1.0) -> float:
+def gaussian_delta(epsilon: float, sigma: float, sensitivity: float = 1.0) -> float:
     """δ(ε) of the Gaussian mechanism N(0, σ²) with L2 sensitivity Δ (Balle & Wang 2018, Thm 8)."""
     a = sensitivity / (2 * sigma)
     b = epsilon * sigma / sensitivity
@@ -470,11 +470,11 @@ def analytic_gaussian_sigma(epsilon: float, delta: float, sensitivity: float = 1
     if not 0 < delta < 1:
         raise ValueError(f"delta must be in (0, 1), got {delta}")
     lo, hi = 1e-6 * sensitivity, sensitivity
-    while _gaussian_delta(epsilon, hi, sensitivity) > delta:
+    while gaussian_delta(epsilon, hi, sensitivity) > delta:
         hi *= 2
     for _ in range(200):  # δ(ε; σ) decreases in σ: bisection
         mid = (lo + hi) / 2
-        if _gaussian_delta(epsilon, mid, sensitivity) > delta:
+        if gaussian_delta(epsilon, mid, sensitivity) > delta:
             lo = mid
         else:
             hi = mid

@@ -168,7 +168,7 @@ def _cached_state_dict(name: str) -> dict[str, torch.Tensor]:
     return state
 
 
-def _import_timm():
+def import_timm():
     """timm, imported without triton where there is no CUDA device.
 
     timm imports ``torch._dynamo``, which imports triton whenever it is installed (the CUDA torch
@@ -190,7 +190,7 @@ def load_pretrained(name: str = "vit_small_patch14_dinov2", img_size: int | None
     ``img_size`` must be a multiple of 14; the 37x37 position grid is resampled bicubically
     (no antialiasing), exactly as the reference ONNX graph does at its input size.
     """
-    timm = _import_timm()
+    timm = import_timm()
     from timm.layers import resample_abs_pos_embed
 
     if name not in SUPPORTED:

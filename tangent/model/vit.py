@@ -14,7 +14,10 @@ no grad sampler for, and it adds d parameters to a block of 12·d².
 CLS-only path: when the model pools the CLS token, the last linearized block needs keys and
 values of all tokens but everything else only on the CLS row; :class:`TangentClsAttention` also
 folds Wk, Wv and their Δ onto the CLS query by associativity, so that no O(N·d²) product is left
-(see docs and ``/work/shared/notes/taft1-cost.md``).
+(measured cost: docs/benchmarks.md, "Speed").
+
+Over 500 lines: the tangent block, its CLS-only path and the model wrapping them are one model; the
+layers' JVPs are in :mod:`tangent.model.layers`.
 """
 
 from __future__ import annotations

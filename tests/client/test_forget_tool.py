@@ -9,7 +9,7 @@ import types
 import numpy as np
 import pytest
 
-from client.forget import _site_data, main, site_statistics
+from client.forget import site_data, main, site_statistics
 from deploy.pki import create_site_key
 from server.trust.forgetting import apply_forget_file
 from server.ledger import Ledger
@@ -19,7 +19,7 @@ from tangent.data.sets import load_fashion_mnist, preprocess
 from tangent.exact_head.statistics import SufficientStats
 from tangent.exact_head.features import FeatureExtractor, FeatureSpec
 from tangent.protocol.spec import ModelSpec
-from tests.deploy.test_withdrawal import registry_entry, write_registry
+from tests.helpers import registry_entry, write_registry
 
 SPEC = FeatureSpec(pieces=("final_cls", "input_mean"), random_features=16, random_seed=5, frac_bits=12)
 OPTIONS = ["--feature-pieces", "final_cls,input_mean", "--random-features", "16", "--random-seed", "5",
@@ -47,13 +47,14 @@ def site_state_root(tmp_path, monkeypatch):
     return tmp_path / "state-root"
 
 
+@pytest.mark.slow
 def test_the_tool_forgets_rows_and_the_server_accepts_it_bit_for_bit(site):
     tmp, extractor = site.tmp, site.extractor
     digest = extractor.digest()
     card = {"stats-meta": SufficientStats.zeros(extractor.dim, 10, SPEC.clip_norm, SPEC.frac_bits).meta(),
             "feature-spec": SPEC.to_config(), "model-spec": ModelSpec().to_config(), "feature-digest": digest}
     # the site's earlier contribution: statistics of all 14 rows, computed by the training path's function
-    everything = site_statistics(extractor, _site_data(tmp / "site-3.npz", 56), 10, exclude=[])
+    everything = site_statistics(extractor, site_data(tmp / "site-3.npz", 56), 10, exclude=[])
     state = tmp / "state"
     state.mkdir()
     with Ledger.open(state / "exact_head.sqlite", family="stats", model_card=card) as stats_ledger, \

@@ -1,4 +1,4 @@
-"""Containers carry no secrets (issue 13, item 7), checked on the files themselves: there is no
+"""Containers carry no secrets, checked on the files themselves: there is no
 Docker daemon here or in CI, so deploy/Dockerfile, /.dockerignore and deploy/compose.yaml are
 parsed and their rules applied to the repository's real files and to planted secrets; the
 proxy's Caddyfile is run for real (slow test) in front of a real TLS SuperLink.

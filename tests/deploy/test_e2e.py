@@ -5,7 +5,7 @@ in front of it (deploy.proxy), and three SuperNodes that know only the proxy's a
 - refusals: an unregistered key (and deploy.health names it by fingerprint), a plain-text
   (--insecure) SuperNode, a wrong CA;
 - a Flower run with a tiny probe app (one round trip to the 3 sites; no ML);
-- the real app, as an attacker and an operator would try it (issue 13 acceptance):
+- the real app, as an attacker and an operator would try it:
   1. training run: 3 sites + a 4th REGISTERED node whose node config claims site 2 -> refused
      (site_identity_mismatch), 3 contributions, the victim's untouched;
   2. an unlearning run with `remove-sites` (unsigned, not the operator) -> refused, ledger unchanged;

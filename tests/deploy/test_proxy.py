@@ -1,4 +1,4 @@
-"""The reverse proxy in front of the SuperLink (issue 13.2), with real processes on 127.0.0.1:
+"""The reverse proxy in front of the SuperLink, with real processes on 127.0.0.1:
 the SuperLink listens on loopback only, Caddy (deploy.proxy, deploy/Caddyfile) terminates TLS
 for the sites. A registered SuperNode that knows only the proxy's address trains a probe round
 (1 MB each way) through it, while every Control and Runtime route, health and docs are refused

@@ -1,4 +1,4 @@
-"""The site registry (contract 3) that deploy.register writes: version 2, one key one site ever,
+"""The site registry that deploy.register writes: version 2, one key one site ever,
 --max-examples required, revocation instead of deletion, the operator key. The SuperLink side
 (`flwr supernode register`) runs in tests/deploy/test_e2e.py; every refusal here happens before
 the SuperLink is asked, so these run without one."""

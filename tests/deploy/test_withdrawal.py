@@ -11,11 +11,10 @@ from server.trust.withdrawal import (
     WithdrawalRefused,
     apply_withdrawal,
     create_request,
-    key_fingerprint,
     load_private_key,
-    load_public_key,
     read_request,
 )
+from tests.helpers import registry_entry, write_registry
 
 
 class FakeLedger:
@@ -32,21 +31,6 @@ class FakeLedger:
         self._sites.remove(site_id)
         self.removed.append((site_id, reason))
         return True
-
-
-def registry_entry(pub, node_id=None, max_examples=1000, revoked=False, base=None) -> dict:
-    """A version-2 registry entry for the public key file ``pub`` (as deploy.register writes it)."""
-    path = f"keys/{pub.name}" if base is None else str(pub)
-    return {"public_key": path, "fingerprint": key_fingerprint(load_public_key(pub)), "node_id": node_id,
-            "max_examples": max_examples, "registered_at": "2026-11-30T00:00:00Z", "revoked": revoked}
-
-
-def write_registry(path, sites: dict, admin_pub=None) -> None:
-    document = {"version": 2, "sites": sites}
-    if admin_pub is not None:
-        document["admin"] = {"public_key": f"keys/{admin_pub.name}",
-                             "fingerprint": key_fingerprint(load_public_key(admin_pub))}
-    path.write_text(json.dumps(document))
 
 
 @pytest.fixture
@@ -189,7 +173,7 @@ def test_unlearning_run_applies_good_requests_and_reports_refusals(tmp_path):
     import numpy as np
 
     from server.ledger import Ledger
-    from server.server_app import _apply_withdrawals
+    from server.server_app import apply_withdrawals
     from server.trust.withdrawal import load_private_key
 
     keys = tmp_path / "keys"
@@ -210,7 +194,7 @@ def test_unlearning_run_applies_good_requests_and_reports_refusals(tmp_path):
         for site in ("1", "2"):
             ledger.add(site, {"w": rng.standard_normal(4).astype(np.float32)}, 10)
         requests = [str(tmp_path / n) for n in ("forged.json", "good.json", "garbage.json", "good.json")]
-        decisions = _apply_withdrawals(ledger, requests, SiteRegistry(tmp_path / "registry.json"), ledger_path,
+        decisions = apply_withdrawals(ledger, requests, SiteRegistry(tmp_path / "registry.json"), ledger_path,
                                        tmp_path)
         assert [d["accepted"] for d in decisions] == [False, True, False, False]
         assert "bad signature" in decisions[0]["detail"] and decisions[0]["site_id"] == "1"
@@ -228,7 +212,7 @@ def test_cli_verify_refuses_an_unreadable_request(tmp_path, capsys):
     assert "REFUSED: cannot read request" in capsys.readouterr().err
 
 
-# ----------------------------------------------------------------------------- registry v2 (contract 3)
+# ----------------------------------------------------------------------------- registry v2
 
 def test_registry_lookups(fed):
     registry = fed[1]
@@ -341,7 +325,7 @@ def test_unlearning_run_reports_every_hostile_file_and_path_and_still_applies_th
     import numpy as np
 
     from server.ledger import Ledger
-    from server.server_app import _apply_withdrawals
+    from server.server_app import apply_withdrawals
 
     state = tmp_path / "state"
     keys = state / "keys"
@@ -359,7 +343,7 @@ def test_unlearning_run_reports_every_hostile_file_and_path_and_still_applies_th
     with Ledger.open(ledger_path) as ledger:
         for site in ("1", "2"):
             ledger.add(site, {"w": rng.standard_normal(4).astype(np.float32)}, 10)
-        decisions = _apply_withdrawals(ledger, requests, SiteRegistry(state / "registry.json"), ledger_path,
+        decisions = apply_withdrawals(ledger, requests, SiteRegistry(state / "registry.json"), ledger_path,
                                        state.resolve())
         assert [d["accepted"] for d in decisions] == [False] * (len(requests) - 1) + [True]
         assert all("cannot read request" in d["detail"] for d in decisions[:len(HOSTILE_FILES)])
@@ -370,7 +354,7 @@ def test_unlearning_run_reports_every_hostile_file_and_path_and_still_applies_th
 
 
 @pytest.mark.skipif(not hasattr(__import__("server.ledger", fromlist=["Ledger"]).Ledger, "withdrawn_sites"),
-                    reason="needs the ledger's sticky withdrawal (contract 2)")
+                    reason="needs the ledger's sticky withdrawal")
 def test_a_withdrawal_sticks_on_a_real_ledger(fed, tmp_path):
     """A signed withdrawal marks the site withdrawn even before it contributed; a second one is
     refused, and the site's next contribution is refused by the ledger."""

@@ -1,5 +1,5 @@
 """Helpers for the exact-head reply tests: real SufficientStats and real Flower train replies carrying
-them (contract 7c), passed through Flower's protobuf serialization like a SuperNode's reply."""
+them, passed through Flower's protobuf serialization like a SuperNode's reply."""
 from __future__ import annotations
 
 import io
@@ -24,7 +24,7 @@ SPEC = {"backbone": "tiny", "img-size": 28, "seed": 0, "num-classes": K}
 
 
 def model_card() -> dict:
-    """The statistics ledger's model card (contract 7d) for the test grid."""
+    """The statistics ledger's model card for the test grid."""
     return {"stats-meta": SufficientStats.zeros(P, K, CLIP, BITS).meta(), "feature-spec": dict(FEATURE_SPEC),
             "model-spec": dict(SPEC), "feature-digest": FEATURE_DIGEST}
 
@@ -60,7 +60,7 @@ def instruction(node_id: int) -> Message:
 
 
 def stats_parts(stats: SufficientStats, digest: str = FEATURE_DIGEST) -> dict:
-    """The two records of contract 7c as editable dicts: name -> (record type, values)."""
+    """The statistics records of a train reply (``stats``, ``stats-meta``) as editable dicts: name -> (record type, values)."""
     return {"stats": ("array", {k: Array(v) for k, v in stats.to_arrays().items()}),
             "stats-meta": ("config", stats.meta() | {"feature-digest": digest})}
 

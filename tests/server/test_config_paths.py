@@ -1,4 +1,4 @@
-"""Run-config paths are confined to the server's state directory (contract 4), attacks included."""
+"""Run-config paths are confined to the server's state directory, attacks included."""
 from __future__ import annotations
 
 import os
@@ -164,7 +164,7 @@ def test_an_invalid_mode_is_refused_with_a_report_that_stays_in_the_state_dir(tm
     assert not list(tmp_path.glob("x-6.json"))
 
 
-# ----------------------------------------------------------------------------- exact head (contract 7a)
+# ----------------------------------------------------------------------------- exact head's ledger path
 
 def _app_config() -> dict:
     import tomllib

@@ -23,8 +23,9 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 import server.evaluation as evaluation_module
 from server import server_app
 from tests.server.local_grid import LocalGrid
+from tests.server.train_replies import delta_shapes
 
-pytestmark = pytest.mark.usefixtures("flower_server_identity")
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("flower_server_identity")]  # the pretrained w0
 SITES = (101, 102, 103)
 BUILD_DELAY_S = 4.0
 
@@ -41,7 +42,7 @@ class SitesGrid(LocalGrid):
         spec = msg.content.config_records["spec"]
         site = str(SITES.index(msg.metadata.dst_node_id))
         rng = np.random.default_rng(int(site))
-        shapes = _delta_shapes(spec)
+        shapes = delta_shapes(spec)
         delta = {k: torch.from_numpy((1e-3 * rng.standard_normal(s)).astype(np.float32)) for k, s in shapes.items()}
         content = RecordDict({
             "delta": ArrayRecord(delta),
@@ -54,19 +55,6 @@ class SitesGrid(LocalGrid):
                                   "dp-max-grad-norm": 0.0, "dp-noise-multiplier": 0.0,
                                   "train-config": json.dumps({"epochs": 1}), "pid": 1})})
         return Message(content, reply_to=msg)
-
-
-_SHAPES: dict = {}
-
-
-def _delta_shapes(spec) -> dict:
-    from tangent.protocol.spec import ModelSpec, build_model
-
-    key = ModelSpec.from_config(spec)
-    if key not in _SHAPES:
-        model, _ = build_model(key)
-        _SHAPES[key] = {k: tuple(v.shape) for k, v in model.delta_state_dict().items()}
-    return _SHAPES[key]
 
 
 _REAL_BUILD = evaluation_module.build_inputs

@@ -2,7 +2,7 @@
 the real FeatureExtractor on both sides, real Flower messages, both real ledgers.
 
 ``StatsSitesGrid`` (a Flower ``Grid``) is the only stand-in, for the network: three sites that
-answer each train message as contract 7c's ClientApp does — they build φ from the spec the message
+answer each train message as the real ClientApp does — they build φ from the spec the message
 carries, refuse a feature digest other than their own, and send a small Δw plus the exact integer
 statistics of φ over their 100 Fashion-MNIST training images.
 """
@@ -51,13 +51,13 @@ class StatsSitesGrid(LocalGrid):
 
         from tangent.data.sets import load_dataset, preprocess
         from tangent.exact_head.statistics import SufficientStats
-        from tests.server.test_evaluation import _delta_shapes
+        from tests.server.train_replies import delta_shapes
 
         spec = dict(msg.content.config_records["spec"].items())
         self.specs.append(spec)
         site = str(SITES.index(msg.metadata.dst_node_id))
         extractor = self.extractor(spec)
-        if spec["feature-digest"] != extractor.digest():  # contract 7b: the site's own check
+        if spec["feature-digest"] != extractor.digest():  # the site's own check
             content = RecordDict({"error": ConfigRecord({"code": "feature_digest_mismatch", "site-id": site})})
             return Message(content, reply_to=msg)
         images, labels = load_dataset("fashion-mnist", "train")
@@ -68,7 +68,7 @@ class StatsSitesGrid(LocalGrid):
         self.site_stats[site] = stats
         rng = np.random.default_rng(int(site))
         delta = {k: torch.from_numpy((1e-3 * rng.standard_normal(s)).astype(np.float32))
-                 for k, s in _delta_shapes(spec).items()}
+                 for k, s in delta_shapes(spec).items()}
         content = RecordDict({
             "delta": ArrayRecord(delta),
             "metrics": MetricRecord({"num-examples": PER_SITE, "train-loss": 1.0, "train-accuracy": 0.5,

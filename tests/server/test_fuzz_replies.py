@@ -13,7 +13,7 @@ than the site's registered cap. Valid replies
 reply is a counted rejection with a machine-readable reason, each valid one is recorded, and the
 round summary serialises. Afterwards the ledger verifies and holds exactly the valid sites.
 
-The exact head is on (issue 15): every valid non-DP reply also carries its sufficient statistics,
+The exact head is on: every valid non-DP reply also carries its sufficient statistics,
 and the corruptions include statistics records that are missing, of the wrong record type, with
 wrong meta, grid or feature digest, array names, dtypes, shapes and bytes, n != num-examples,
 statistics in a DP reply, and statistics the statistics ledger itself refuses (counts that do not
@@ -38,7 +38,7 @@ import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
 
 from server.ledger import Ledger
-from server.replies import Rejected, _decode
+from server.replies import Rejected, decode_array
 from server.strategy import LedgerFedAvg
 from tangent.exact_head.statistics import SufficientStats
 from tests.server.exact_head_replies import EXPECT, FEATURE_DIGEST, open_stats_ledger, site_stats
@@ -69,7 +69,7 @@ def npy(array: np.ndarray) -> bytes:
 def valid_parts(rng: np.random.Generator, site: str, dp: bool) -> dict:
     """The records of a valid train reply as plain dicts, so a mutation can edit them."""
     arrays = {name: Array((0.01 * rng.standard_normal(shape)).astype(np.float32)) for name, shape in SHAPES.items()}
-    if dp:  # contract 5: the DP form carries nothing data-dependent beyond the mechanism
+    if dp:  # the DP form carries nothing data-dependent beyond the mechanism
         metrics = {"num-examples": 128, "epsilon": 2.0, "delta": 1e-6}
         meta = {"site-id": site, "base-digest": BASE, "contribution-id": rng.bytes(16).hex(), "dp": True,
                 "dp-target-epsilon": 2.0, "dp-max-grad-norm": 1.0, "dp-noise-multiplier": 1.1,
@@ -82,7 +82,7 @@ def valid_parts(rng: np.random.Generator, site: str, dp: bool) -> dict:
                 "dp-max-grad-norm": 1.0, "dp-noise-multiplier": 0.0, "train-config": json.dumps({"epochs": 1}),
                 "pid": 4242}
     parts = {"delta": ("array", arrays), "metrics": ("metric", metrics), "meta": ("config", meta)}
-    if not dp:  # contract 7c: a non-DP reply carries the exact head's statistics too
+    if not dp:  # a non-DP reply carries the exact head's statistics too
         stats = site_stats(int(rng.integers(2 ** 31)), metrics["num-examples"])
         parts["stats"] = ("array", {k: Array(v) for k, v in stats.to_arrays().items()})
         parts["stats-meta"] = ("config", stats.meta() | {"feature-digest": FEATURE_DIGEST})
@@ -195,7 +195,7 @@ def corrupt_stats(rng: np.random.Generator, parts: dict) -> str:
         """The array's int64 values, or — when an earlier corruption broke it — a stand-in (never
         ``Array.numpy()`` on a corrupted header: it would allocate what the header declares)."""
         try:
-            return _decode(name, arrays[name], "int64").copy()
+            return decode_array(name, arrays[name], "int64").copy()
         except (Rejected, KeyError, ValueError, TypeError):
             return np.zeros(3, np.int64)
 
@@ -253,7 +253,7 @@ def corrupt_stats(rng: np.random.Generator, parts: dict) -> str:
             arrays[str(rng.choice(["x", "__metadata__", "gram2"]))] = Array(np.zeros(3, np.int64))
     elif how == 8:
         arrays["n"] = Array(value("n") + int(rng.choice([-1, 1, 2 ** 40])))
-    elif how == 9:  # passes every reply check; the statistics ledger refuses it (contract 7d bounds)
+    elif how == 9:  # passes every reply check; the statistics ledger refuses it (out of the model card's bounds)
         counts = value("counts")
         counts[int(rng.integers(len(counts)))] += 1
         arrays["counts"] = Array(counts)
@@ -377,7 +377,7 @@ def test_no_corrupted_reply_aborts_a_round_and_each_is_a_counted_rejection(tmp_p
     corruptions: Counter = Counter()
     expected_active: set[str] = set()
     withdrawn: set[str] = set()
-    sticky = hasattr(Ledger, "withdrawn_sites")  # the ledger's sticky withdrawal (contract 2) is there
+    sticky = hasattr(Ledger, "withdrawn_sites")  # the ledger's sticky withdrawal is there
     start = time.perf_counter()
     current_stats: dict[str, SufficientStats] = {}  # site -> the statistics its active contribution carried
     with Ledger.open(tmp_path / "ledger.sqlite", expected_base_digest=BASE, max_delta_norm=10.0,
@@ -458,7 +458,7 @@ def test_no_corrupted_reply_aborts_a_round_and_each_is_a_counted_rejection(tmp_p
                 if valid_stats[site] is not None:
                     current_stats[site] = valid_stats[site]
             assert summary.stats_recorded == [s for s in summary.recorded if valid_stats[s] is not None]
-            if sticky and server_round % 10 == 0 and expected_active:  # a site withdraws (ledger contract 2)
+            if sticky and server_round % 10 == 0 and expected_active:  # a site withdraws (sticky in the ledger)
                 site = sorted(expected_active)[0]
                 assert strategy.ledgers.remove(site, reason="fuzz: withdrawal")  # from both ledgers
                 expected_active.discard(site)
@@ -547,7 +547,7 @@ def out_of_range(rng, metrics: dict, federation: str) -> str:
 
 
 def _record_stats(federation, cases, reasons, corruptions, elapsed) -> None:
-    """runs/fuzz/fuzz-<mode>.json (git-ignored): the counts the README quotes."""
+    """runs/fuzz/fuzz-<mode>.json (git-ignored): the counts docs/testing.md quotes."""
     out = Path(__file__).resolve().parents[2] / "runs" / "fuzz"
     try:
         out.mkdir(parents=True, exist_ok=True)

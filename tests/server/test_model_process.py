@@ -1,4 +1,4 @@
-"""The ServerApp keeps torch out of its own memory (issue 16 item 6): every torch job runs in a
+"""The ServerApp keeps torch out of its own memory: every torch job runs in a
 short-lived child process (server.model_process), whose errors come back as text, never as a hang.
 
 The end-to-end test runs a real ServerApp main (train, then unlearn) in a fresh Python process on

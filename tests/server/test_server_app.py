@@ -9,7 +9,7 @@ import pytest
 
 from deploy.pki import create_site_key
 from server.ledger import Ledger
-from server.server_app import REMOVE_SITES_REFUSED, _train, _unlearn
+from server.server_app import REMOVE_SITES_REFUSED, train, unlearn
 from server.trust.withdrawal import SiteRegistry, create_request, key_fingerprint, load_private_key, load_public_key
 
 
@@ -44,7 +44,7 @@ def test_deployment_refuses_remove_sites_and_obeys_an_operator_signed_request(st
                                    signer="admin")
     (state / "w3.json").write_text(json.dumps(admin_request))
     with Ledger.open(state / "ledger.sqlite") as ledger:
-        result = _unlearn(ledger, ["1", "2"], central, 9, requests=["w3.json"], registry=registry,
+        result = unlearn(ledger, ["1", "2"], central, 9, requests=["w3.json"], registry=registry,
                           ledger_path=state / "ledger.sqlite", state=state, federation="deployment")
         active = sorted(c.site_id for c in ledger.contributions(status="active"))
     assert result["remove_sites_refused"] == {"sites": ["1", "2"], "reason": REMOVE_SITES_REFUSED}
@@ -55,7 +55,7 @@ def test_deployment_refuses_remove_sites_and_obeys_an_operator_signed_request(st
 def test_deployment_with_only_remove_sites_removes_nothing(state):
     with Ledger.open(state / "ledger.sqlite") as ledger:
         before = ledger.current_version().version
-        result = _unlearn(ledger, ["1"], central, 9, registry=SiteRegistry(state / "registry.json"),
+        result = unlearn(ledger, ["1"], central, 9, registry=SiteRegistry(state / "registry.json"),
                           ledger_path=state / "ledger.sqlite", state=state, federation="deployment")
         assert ledger.current_version().version == before
     assert result["removed_sites"] == [] and result["remove_sites_refused"]["sites"] == ["1"]
@@ -63,7 +63,7 @@ def test_deployment_with_only_remove_sites_removes_nothing(state):
 
 def test_simulation_obeys_remove_sites(state):
     with Ledger.open(state / "ledger.sqlite") as ledger:
-        result = _unlearn(ledger, ["1", "9", "²"], central, 9, ledger_path=state / "ledger.sqlite", state=state,
+        result = unlearn(ledger, ["1", "9", "²"], central, 9, ledger_path=state / "ledger.sqlite", state=state,
                           federation="simulation")
     assert result["removed_sites"] == ["1"] and result["not_found"] == ["9"] and "remove_sites_refused" not in result
     assert len(result["invalid_site_ids"]) == 1 and "not valid" in result["invalid_site_ids"][0]
@@ -84,7 +84,7 @@ def test_a_failing_round_keeps_its_summary_in_the_report(state, flower_server_id
 
     report: dict = {}
     with Ledger.open(state / "ledger.sqlite") as ledger, pytest.raises(ConnectionError):
-        _train(UnreachableGrid(), ledger, ModelSpec.from_config({}), "b" * 64, central,
+        train(UnreachableGrid(), ledger, ModelSpec.from_config({}), "b" * 64, central,
                {"min-nodes": 1, "num-rounds": 2, "round-timeout": 1}, None, report)
     assert [r["server_round"] for r in report["rounds"]] == [1] and report["rounds"][0]["sent"] == 2
     assert report["accuracy"] is None
@@ -114,7 +114,7 @@ def test_a_signed_withdrawal_removes_the_site_from_both_ledgers(state, both):
     registry = SiteRegistry(state / "registry.json")
     request = create_request("2", load_private_key(state / "keys" / "site-2.key"), "leaving")
     (state / "w2.json").write_text(json.dumps(request))
-    result = _unlearn(both, [], central, 9, requests=["w2.json"], registry=registry,
+    result = unlearn(both, [], central, 9, requests=["w2.json"], registry=registry,
                       ledger_path=state / "ledger.sqlite", state=state, federation="deployment")
     assert result["removed_sites"] == ["2"]
     assert _active(both.delta) == _active(both.stats) == ["1", "3"]
@@ -122,7 +122,7 @@ def test_a_signed_withdrawal_removes_the_site_from_both_ledgers(state, both):
     # the same request again is a replay; a fresh one for a site withdrawn in both is refused
     again = create_request("2", load_private_key(state / "keys" / "site-2.key"), "again")
     (state / "w2b.json").write_text(json.dumps(again))
-    result = _unlearn(both, [], central, 9, requests=["w2.json", "w2b.json"], registry=registry,
+    result = unlearn(both, [], central, 9, requests=["w2.json", "w2b.json"], registry=registry,
                       ledger_path=state / "ledger.sqlite", state=state, federation="deployment")
     assert result["removed_sites"] == [] and result["withdrawals_refused"] == 2
     assert "already withdrawn" in result["withdrawals"][1]["detail"]
@@ -138,7 +138,7 @@ def test_simulation_remove_sites_removes_from_both_ledgers(state, both):
         seen.append(stats)
         return central(delta)
 
-    result = _unlearn(both, ["3"], evaluation, 9, ledger_path=state / "ledger.sqlite", state=state,
+    result = unlearn(both, ["3"], evaluation, 9, ledger_path=state / "ledger.sqlite", state=state,
                       federation="simulation")
     assert result["removed_sites"] == ["3"]
     assert _active(both.delta) == _active(both.stats) == ["1", "2"]
@@ -148,21 +148,21 @@ def test_simulation_remove_sites_removes_from_both_ledgers(state, both):
 
 def test_a_site_only_in_the_statistics_ledger_is_still_removed(state, both):
     both.delta.remove("1", reason="test: gone from the Δ ledger earlier")
-    result = _unlearn(both, ["1"], central, 9, ledger_path=state / "ledger.sqlite", state=state,
+    result = unlearn(both, ["1"], central, 9, ledger_path=state / "ledger.sqlite", state=state,
                       federation="simulation")
     assert result["removed_sites"] == ["1"] and _active(both.stats) == ["2", "3"]
 
 
 def test_a_dp_run_turns_the_exact_head_off_and_says_so(tmp_path):
-    from server.server_app import _exact_head
+    from server.server_app import run_exact_head
     from tangent.protocol.spec import ModelSpec
 
     report: dict = {}
-    assert _exact_head(ModelSpec.from_config({}), {"exact-head": True, "dp": True}, "train",
+    assert run_exact_head(ModelSpec.from_config({}), {"exact-head": True, "dp": True}, "train",
                        tmp_path / "exact_head.sqlite", report) is None
     assert report["exact_head"] == {"enabled": False, "reason": "dp run: no statistics are sent"}
     report = {}
-    assert _exact_head(ModelSpec.from_config({}), {"exact-head": False}, "unlearn", tmp_path / "exact_head.sqlite",
+    assert run_exact_head(ModelSpec.from_config({}), {"exact-head": False}, "unlearn", tmp_path / "exact_head.sqlite",
                        report) is None  # no statistics ledger there: nothing to remove from
     assert report["exact_head"] == {"enabled": False}
 

@@ -1,4 +1,4 @@
-"""Exact-head statistics in a train reply (contract 7c): every refusal reason, with real Flower
+"""Exact-head statistics in a train reply: every refusal reason, with real Flower
 messages through Flower's serialization, and the valid form decoded bit for bit."""
 from __future__ import annotations
 

@@ -1,54 +1,16 @@
 """LedgerFedAvg: reply validation and ledger recording, with real Flower messages and a real ledger."""
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
 import numpy as np
 import pytest
-from flwr.app import ArrayRecord, ConfigRecord, Error, Message, MetricRecord, RecordDict
+from flwr.app import ConfigRecord, Error, Message, MetricRecord, RecordDict
 
 from server.ledger import Ledger
 from server.strategy import LedgerFedAvg, Rejected, parse_train_reply
-
-BASE = "b" * 64
-SHAPES = {"blocks.11.attn.qkv.weight": (6, 4), "norm.bias": (4,), "head.weight": (3, 4)}
-SPEC = {"backbone": "vit_small_patch14_dinov2", "img-size": 56, "seed": 0, "linearized-blocks": 1,
-        "reinit": True, "linearize-cls": False, "num-classes": 3}
-
-
-def delta(seed: int, scale: float = 0.01, shapes=SHAPES) -> dict[str, np.ndarray]:
-    rng = np.random.default_rng(seed)
-    return {k: (scale * rng.standard_normal(s)).astype(np.float32) for k, s in shapes.items()}
-
-
-def instruction(node_id: int) -> Message:
-    return Message(RecordDict({"spec": ConfigRecord(SPEC | {"base-digest": BASE})}), dst_node_id=node_id,
-                   message_type="train")
-
-
-def train_reply(node_id: int, site: str, d: dict, num_examples: int = 100, digest: str = BASE,
-                dp: bool = False, epsilon: float = math.inf) -> Message:
-    content = RecordDict({
-        "delta": _arrays(d),
-        "metrics": MetricRecord({"num-examples": num_examples, "train-loss": 1.0, "train-accuracy": 0.5,
-                                 "epsilon": epsilon, "delta": 1e-5 if dp else 0.0, "wall-s": 1.0}),
-        "meta": ConfigRecord({"site-id": site, "shard-fingerprint": f"fp-{site}", "base-digest": digest,
-                              "data-digest": "dd", "source": "test", "dp": dp, "dp-target-epsilon": 8.0,
-                              "dp-max-grad-norm": 1.0, "dp-noise-multiplier": 0.0,
-                              "train-config": json.dumps({"epochs": 1})})})
-    return Message(content, reply_to=instruction(node_id))
-
-
-def _arrays(d: dict) -> ArrayRecord:
-    import torch
-    return ArrayRecord({k: torch.from_numpy(v) for k, v in d.items()})
-
-
-def error_reply(node_id: int, site: str, code: str) -> Message:
-    record = ConfigRecord({"code": code, "reason": f"{code} at {site}", "site-id": site})
-    return Message(RecordDict({"error": record}), reply_to=instruction(node_id))
+from tests.server.train_replies import BASE, SHAPES, SPEC, delta, error_reply, instruction, train_reply
 
 
 pytestmark = pytest.mark.usefixtures("flower_server_identity")

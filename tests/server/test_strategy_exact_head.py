@@ -1,4 +1,4 @@
-"""One reply, both models (issue 15 item 5): LedgerFedAvg records each site's Δw and its exact-head
+"""One reply, both models: LedgerFedAvg records each site's Δw and its exact-head
 statistics in two real ledgers, keeps them consistent when the statistics ledger refuses, and
 :class:`server.ledger.ledgers.Ledgers` removes a site from both — bit-identical to ledgers that never had it."""
 from __future__ import annotations
@@ -99,7 +99,7 @@ def test_a_bad_statistics_record_refuses_the_whole_reply(ledgers):
 
 def _out_of_bounds(site: str, seed: int, n: int):
     """A reply whose statistics pass every reply check but not the statistics ledger's bounds
-    (class counts that do not sum to n: contract 7d ``stats_out_of_bounds``)."""
+    (class counts that do not sum to n: ``stats_out_of_bounds``)."""
     stats = site_stats(seed, n)
     parts = reply_parts(site, delta(seed), n, stats=stats)
     counts = stats.counts.copy()

@@ -16,7 +16,7 @@ from server.ledger import Ledger, RejectedContribution
 from server.replies import Rejected, parse_train_reply, raise_if_error
 from server.trust.withdrawal import WithdrawalRefused, create_request, load_private_key, parse_request
 from tangent.protocol.text import escape_controls, is_printable
-from tests.server.test_strategy import BASE, delta, instruction, train_reply
+from tests.server.train_replies import BASE, delta, instruction, train_reply
 
 CLEAR, CLIPBOARD, BIDI = "\x1b[2J\x1b[H", "\x1b]52;c;cm0gLXJmIH4=\x07", "\u202e"
 HOSTILE = f"fp{CLEAR}{CLIPBOARD}{BIDI}\x9b31m"

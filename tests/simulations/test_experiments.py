@@ -251,3 +251,42 @@ def test_quick_suite_writes_csvs_plots_and_generated_sections(tmp_path):
     assert "0.1235" in new
     strip = re.compile(re.escape(R.begin("retraining")) + ".*?" + re.escape(R.end("retraining")), re.S)
     assert strip.sub("", new) == strip.sub("", text)
+
+
+# ---------------------------------------------------------------- each experiment's own pieces (fast)
+def test_composition_covers_every_iid_and_dirichlet_setting():
+    from simulations.experiments import composition
+
+    settings = C.Settings()
+    parts = composition.partitions(settings)
+    assert [n for scheme, n, _ in parts if scheme == "iid"] == list(settings.shards)
+    assert {a for scheme, _, a in parts if scheme == "dirichlet"} == set(settings.dirichlet_alphas)
+    assert composition.label("iid", 10, None) == "IID, N=10"
+    assert composition.label("dirichlet", 10, 0.5) == "Dirichlet α=0.5, N=10"
+
+
+@pytest.mark.filterwarnings("ignore:Optimal order is the largest alpha")  # the RDP grid, not the test
+def test_privacy_noise_shrinks_as_epsilon_grows():
+    from simulations.experiments.privacy import noise_multiplier
+
+    sigmas = [noise_multiplier(eps, 1000, 100, 2, "rdp") for eps in (1.0, 3.0, 8.0)]
+    assert sigmas[0] > sigmas[1] > sigmas[2] > 0
+
+
+def test_removal_summary_averages_over_orders():
+    from simulations.experiments.removal import METHODS, summary
+
+    rows = [{"method": m, "removed_shards": k, "accuracy": acc}
+            for m in METHODS for k, acc in ((1, 0.5), (1, 0.7), (2, 0.4))]
+    result = summary(rows)
+    for m in METHODS:
+        assert result[m][1] == pytest.approx((0.6, 0.1, 2)) and result[m][2] == (0.4, 0.0, 1)
+
+
+def test_retraining_plots_accuracy_and_cost_per_method(tmp_path):
+    from simulations.experiments.retraining import plot
+
+    rows = [{"forget_percent": pct, "method": method, "accuracy": 0.8, "speedup": speed, "work_ratio": None}
+            for method, speed in (("paragon: retrain all", 1.0), ("TAFT shards", 5.0)) for pct in (0.1, 1.0)]
+    plot(rows, tmp_path / "retraining.png")
+    assert (tmp_path / "retraining.png").read_bytes().startswith(b"\x89PNG")

@@ -42,7 +42,7 @@ def test_smoke_simulation_train_then_unlearn(tmp_path):
     assert summary["accuracy_after_removal"] is not None
     assert summary["peak_rss_mib"] >= summary["peak_private_mib"] > 0 and summary["run_dir_bytes"] > 0
     assert (tmp_path / "latest" / "accuracy.png").is_file()
-    # the exact head (issue 15): same reply, its own ledger; the keys exist in every run, and once
+    # the exact head: same reply, its own ledger; the keys exist in every run, and once
     # the ServerApp keeps a stats ledger they say the composed statistics are the central ones
     for key in ("accuracy_exact_head", "exact_head_equals_central", "exact_head_removal_bit_identical",
                 "exact_head_lambda", "exact_head_bytes_per_site"):

@@ -90,6 +90,7 @@ def test_any_arrival_order_gives_identical_bytes(contribs, random, weighting):
         assert a.current_version().composed_sha256 == b.current_version().composed_sha256
 
 
+@pytest.mark.slow
 @FAST
 @given(contributions.filter(lambda c: len(c) >= 2), st.data())
 def test_add_then_remove_any_subset_equals_never_added(contribs, data):
@@ -109,6 +110,7 @@ def test_add_then_remove_any_subset_equals_never_added(contribs, data):
         a.verify()
 
 
+@pytest.mark.slow
 @FAST
 @given(contributions.filter(lambda c: len(c) >= 2))
 def test_replace_equals_adding_the_new_contribution_only(contribs):

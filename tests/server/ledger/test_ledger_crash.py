@@ -13,6 +13,8 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
+
 from server.ledger import Ledger
 
 ROOT = Path(__file__).resolve().parents[3]
@@ -58,6 +60,7 @@ def _wait_for_line(proc: subprocess.Popen, timeout: float) -> str:
     return proc.stdout.readline()
 
 
+@pytest.mark.slow
 def test_sigkill_at_random_points_never_half_applies_a_change(tmp_path):
     script = tmp_path / "writer.py"
     script.write_text(WRITER)

@@ -66,6 +66,7 @@ def occurrences(path: Path, needles: list[bytes]) -> dict[str, int]:
     return hits
 
 
+@pytest.mark.slow
 def test_a_removed_sites_bytes_are_in_no_file_of_the_ledger(tmp_path):
     path = tmp_path / "ledger.sqlite"
     rng = np.random.default_rng(0)

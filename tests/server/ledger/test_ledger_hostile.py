@@ -59,6 +59,7 @@ _site_ids = st.one_of(st.text(max_size=80), st.from_regex(SITE_ID_PATTERN, fullm
                       st.binary(max_size=10), st.integers(), st.none(), st.floats(), st.lists(st.text(), max_size=2))
 
 
+@pytest.mark.slow
 @FUZZ
 @given(site_id=_site_ids, seed=st.integers(0, 2 ** 32 - 1))
 def test_any_site_id_is_accepted_only_if_it_follows_the_rule(ledger, site_id, seed):
@@ -90,6 +91,7 @@ def _is_clean_json(value, depth: int = 1) -> bool:
     return False
 
 
+@pytest.mark.slow
 @FUZZ
 @given(train_config=_json_ish, extra=_json_ish, seed=st.integers(0, 2 ** 32 - 1))
 def test_any_metadata_is_stored_only_when_it_is_small_clean_json(ledger, train_config, extra, seed):
@@ -119,6 +121,7 @@ def test_any_epsilon_and_delta_are_stored_only_when_finite_and_non_negative(ledg
     assert reason == (None if ok(epsilon) and ok(delta_dp) else "bad_meta")
 
 
+@pytest.mark.slow
 @settings(FUZZ, max_examples=60)
 @given(name=st.one_of(st.text(max_size=40), st.just("__metadata__"), st.integers(), st.none()),
        seed=st.integers(0, 2 ** 32 - 1))

@@ -53,7 +53,7 @@ def raw(path: Path) -> sqlite3.Connection:
 
 
 def truncate_last_contribution(path: Path) -> None:
-    """Issue 13's attack: drop the newest contribution with its audit entry and version row and
+    """The truncation attack: drop the newest contribution with its audit entry and version row and
     subtract it from the accumulators, so that every remaining table is self-consistent."""
     db = raw(path)
     db.execute("BEGIN")

@@ -356,6 +356,7 @@ def _cli(*args: str):
                           capture_output=True, text=True, timeout=120)
 
 
+@pytest.mark.slow
 def test_every_taft_ledger_subcommand_works_on_a_stats_ledger(tmp_path):
     import json
 

@@ -129,6 +129,7 @@ def taft_ledger(*args: str) -> subprocess.CompletedProcess:
                           capture_output=True, text=True, timeout=60)
 
 
+@pytest.mark.slow
 def test_cli_readmit_and_the_withdrawn_state_in_list_and_show(tmp_path):
     path = tmp_path / "l.sqlite"
     rng = np.random.default_rng(7)

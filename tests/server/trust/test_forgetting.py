@@ -30,7 +30,7 @@ from tangent.exact_head.features import FeatureSpec
 from tangent.protocol.signed_requests import FORGET_CONTEXT, forget_request, sign
 from tangent.protocol.spec import ModelSpec
 from tangent.exact_head.stats_file import save_stats, stats_bytes
-from tests.deploy.test_withdrawal import registry_entry, write_registry
+from tests.helpers import registry_entry, write_registry
 
 P, K, CLIP, BITS = 5, 3, 2.0, 8
 FEATURE_DIGEST = "f" * 64

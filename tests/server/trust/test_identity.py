@@ -18,7 +18,7 @@ from server.trust.identity import SenderBinding
 from server.ledger import Ledger
 from server.strategy import LedgerFedAvg
 from server.trust.withdrawal import SiteRegistry, key_fingerprint, load_public_key
-from tests.server.test_strategy import BASE, SHAPES, SPEC, _arrays, delta, error_reply, instruction, train_reply
+from tests.server.train_replies import BASE, SHAPES, SPEC, array_record, delta, error_reply, instruction, train_reply
 
 pytestmark = pytest.mark.usefixtures("flower_server_identity")
 
@@ -26,7 +26,7 @@ NODES = {"1": 111, "2": 222, "3": 333, "gone": 444}  # site -> the node id it wa
 CAP = 500
 
 needs_sticky_ledger = pytest.mark.skipif(not hasattr(Ledger, "withdrawn_sites"),
-                                         reason="needs the ledger's sticky withdrawal (contract 2)")
+                                         reason="needs the ledger's sticky withdrawal")
 
 
 @pytest.fixture
@@ -154,12 +154,12 @@ def test_odd_site_ids_are_refused_and_the_report_survives_them(ledger, registry)
     json.dumps(s.rounds[1].as_dict())  # no default=str needed: every field is plain
 
 
-# ----------------------------------------------------------------------------- DP runs (contract 4/5)
+# ----------------------------------------------------------------------------- DP runs
 
 def dp_reply(node_id: int, site: str, d: dict, contribution_id: str = "ab" * 16) -> Message:
-    """The DP reply form of contract 5: nothing beyond these fields."""
+    """The DP reply form (server/replies.py): nothing beyond these fields."""
     content = RecordDict({
-        "delta": _arrays(d),
+        "delta": array_record(d),
         "metrics": MetricRecord({"num-examples": 256, "epsilon": 1.5, "delta": 1e-6}),
         "meta": ConfigRecord({"site-id": site, "base-digest": BASE, "contribution-id": contribution_id, "dp": True,
                               "dp-target-epsilon": 1.5, "dp-max-grad-norm": 1.0, "dp-noise-multiplier": 1.2,

@@ -8,25 +8,13 @@ import multiprocessing
 import numpy as np
 import pytest
 import torch
-from timm.models.vision_transformer import VisionTransformer
 
 from tangent.data.token_cache import CacheError, FeatureCache
 from tangent.data.sets import preprocess
-from tangent.model.vit import TangentViT
 from tangent.training.trainer import TrainConfig, fit, loss_fn
+from tests.helpers import tiny_model, uint8_images
 
 IMG = 28
-
-
-def tiny_model(seed=0):
-    torch.manual_seed(seed)
-    vit = VisionTransformer(img_size=IMG, patch_size=7, embed_dim=32, depth=3, num_heads=4,
-                            mlp_ratio=2.0, num_classes=0, global_pool="avg")
-    return TangentViT.from_timm(vit, num_classes=10, seed=seed)
-
-
-def random_images(n=40, seed=0):
-    return np.random.default_rng(seed).integers(0, 256, (n, 8, 8), dtype=np.uint8)
 
 
 def count_trunk_calls(model):
@@ -36,7 +24,7 @@ def count_trunk_calls(model):
 
 
 def test_second_build_is_a_hit(tmp_path):
-    model, images = tiny_model(), random_images()
+    model, images = tiny_model("avg"), uint8_images()
     calls = count_trunk_calls(model)
     first = FeatureCache.build_or_open(model, images, img_size=IMG, cache_dir=tmp_path,
                                        batch_size=16, progress=False)
@@ -57,11 +45,11 @@ def test_second_build_is_a_hit(tmp_path):
 
 
 def test_key_covers_weights_preprocessing_data_and_dtype(tmp_path):
-    model, images = tiny_model(), random_images()
+    model, images = tiny_model("avg"), uint8_images()
     build = lambda m, imgs, **kw: FeatureCache.build_or_open(  # noqa: E731
         m, imgs, cache_dir=tmp_path, progress=False, **{"img_size": IMG, **kw})
-    keys = {build(model, images).key, build(tiny_model(seed=1), images).key,
-            build(model, random_images(seed=1)).key, build(model, images, dtype="float16").key}
+    keys = {build(model, images).key, build(tiny_model("avg", seed=1), images).key,
+            build(model, uint8_images(seed=1)).key, build(model, images, dtype="float16").key}
     assert len(keys) == 4
     half = build(model, images, dtype="float16")
     assert half.tokens.dtype == np.float16
@@ -72,7 +60,7 @@ def test_key_covers_weights_preprocessing_data_and_dtype(tmp_path):
 
 
 def test_a_killed_builders_temp_file_is_removed_by_the_next_build(tmp_path):
-    model, images = tiny_model(), random_images()
+    model, images = tiny_model("avg"), uint8_images()
     first = FeatureCache.build_or_open(model, images, img_size=IMG, cache_dir=tmp_path, progress=False)
     (first.directory / "manifest.json").unlink()  # as if the build had been killed before the end
     stale = first.directory / ".tokens.npy.999999.tmp"
@@ -90,9 +78,9 @@ def test_incomplete_directory_is_not_opened(tmp_path):
 
 
 def test_training_from_cache_equals_training_from_images(tmp_path):
-    images = random_images(48)
+    images = uint8_images(48)
     labels = np.arange(48) % 10
-    cached_model, image_model = tiny_model(), tiny_model()
+    cached_model, image_model = tiny_model("avg"), tiny_model("avg")
     cache = FeatureCache.build_or_open(cached_model, images, img_size=IMG, cache_dir=tmp_path,
                                        progress=False)
     pixels = preprocess(images, IMG)
@@ -122,7 +110,7 @@ def _open_in_child(mode, cache_dir, queue):
     """Child process (forked: torch and the model come from the parent, no re-import)."""
     torch.set_num_threads(1)
     if mode == "build":
-        cache = FeatureCache.build_or_open(tiny_model(), random_images(), img_size=IMG,
+        cache = FeatureCache.build_or_open(tiny_model("avg"), uint8_images(), img_size=IMG,
                                            cache_dir=cache_dir, batch_size=8, progress=False)
     else:
         cache = FeatureCache(mode)
@@ -151,7 +139,7 @@ def test_concurrent_builders_build_once(tmp_path):
 
 
 def test_concurrent_readers_read_identical_bytes(tmp_path):
-    cache = FeatureCache.build_or_open(tiny_model(), random_images(), img_size=IMG,
+    cache = FeatureCache.build_or_open(tiny_model("avg"), uint8_images(), img_size=IMG,
                                        cache_dir=tmp_path, progress=False)
     outs = run_concurrently(str(cache.directory), tmp_path)
     expected = hashlib.sha256(cache.tokens.tobytes()).hexdigest()

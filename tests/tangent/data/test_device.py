@@ -1,4 +1,4 @@
-"""The ``device`` setting (issue 16 item 3): parsing, and the device path of the cache build,
+"""The ``device`` setting: parsing, and the device path of the cache build,
 training (non-DP and DP), evaluation, exact-head features and the ClientApp.
 
 The CPU tests run everywhere: the parsing, refusals, and that naming the CPU changes nothing
@@ -12,37 +12,17 @@ import json
 import numpy as np
 import pytest
 import torch
-from timm.models.vision_transformer import VisionTransformer
 
 from tangent.data.token_cache import FeatureCache
 from tangent.data.device import full_fp32, module_device, resolve_device
 from tangent.exact_head.features import FeatureExtractor, FeatureSpec
-from tangent.model.vit import TangentViT
 from tangent.training.privacy import PrivacyConfig
 from tangent.training.trainer import TrainConfig, fit, predict_logits
+from tests.helpers import random_tokens, tiny_model, tiny_vit, uint8_images
 
 IMG = 28
 cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 no_cuda = pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal on a machine without CUDA")
-
-
-def backbone(seed=0):
-    torch.manual_seed(seed)
-    return VisionTransformer(img_size=IMG, patch_size=7, embed_dim=32, depth=3, num_heads=4,
-                             mlp_ratio=2.0, num_classes=0)  # CLS pooling: the CLS-only block
-
-
-def tiny_model(seed=0):
-    return TangentViT.from_timm(backbone(seed), num_classes=10, seed=seed)
-
-
-def tokens_and_labels(n=48, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(n, 17, 32, generator=gen), torch.randint(0, 10, (n,), generator=gen)
-
-
-def random_images(n=40, seed=0):
-    return np.random.default_rng(seed).integers(0, 256, (n, 8, 8), dtype=np.uint8)
 
 
 def assert_delta_close(a: dict, b: dict, rel: float):
@@ -90,9 +70,10 @@ def test_full_fp32_turns_tf32_off_on_cuda_only_and_restores_it():
 
 
 # ------------------------------------------------------------------ CPU: naming the CPU changes nothing
+@pytest.mark.slow
 def test_device_cpu_gives_bit_identical_delta_to_the_default_path():
     """Non-DP from cached tokens, with the guard (whose pass now collects on the CPU)."""
-    tokens, labels = tokens_and_labels()
+    tokens, labels = random_tokens(48)
     config = TrainConfig(epochs=2, batch_size=16, lr=1e-2)
     default, named = tiny_model(), tiny_model()
     a = fit(default, tokens, labels, config, from_cache=True, progress=False)
@@ -104,9 +85,10 @@ def test_device_cpu_gives_bit_identical_delta_to_the_default_path():
                        predict_logits(named, tokens, from_cache=True, device="cpu"))
 
 
+@pytest.mark.slow
 def test_dp_fit_with_device_cpu_runs_and_keeps_everything_on_the_cpu():
     """(DP cannot be compared bit for bit: its sampling and noise are secret by design.)"""
-    tokens, labels = tokens_and_labels()
+    tokens, labels = random_tokens(48)
     model = tiny_model()
     result = fit(model, tokens, labels, TrainConfig(epochs=2, batch_size=16),
                  privacy=PrivacyConfig(target_epsilon=4.0), from_cache=True, progress=False, device="cpu")
@@ -115,10 +97,11 @@ def test_dp_fit_with_device_cpu_runs_and_keeps_everything_on_the_cpu():
     assert all(v.device.type == "cpu" for v in model.delta_state_dict().values())
 
 
+@pytest.mark.slow
 def test_device_cpu_from_images_is_bit_identical():
     from tangent.data.sets import preprocess
 
-    images = preprocess(random_images(24), IMG)
+    images = preprocess(uint8_images(24), IMG)
     labels = torch.arange(24) % 10
     config = TrainConfig(epochs=1, batch_size=8, lr=1e-2)
     default, named = tiny_model(), tiny_model()
@@ -129,7 +112,7 @@ def test_device_cpu_from_images_is_bit_identical():
 
 
 def test_cache_build_on_the_cpu_is_unchanged_and_records_its_device(tmp_path):
-    model, images = tiny_model(), random_images()
+    model, images = tiny_model(), uint8_images()
     default = FeatureCache.build_or_open(model, images, img_size=IMG, cache_dir=tmp_path / "a",
                                          batch_size=16, progress=False)
     named = FeatureCache.build_or_open(model, images, img_size=IMG, cache_dir=tmp_path / "b",
@@ -139,14 +122,14 @@ def test_cache_build_on_the_cpu_is_unchanged_and_records_its_device(tmp_path):
 
 
 def test_features_on_the_cpu_are_unchanged():
-    extractor = FeatureExtractor(backbone(), FeatureSpec(random_features=16, projection=8), img_size=IMG)
-    tokens, _ = tokens_and_labels(10)
+    extractor = FeatureExtractor(tiny_vit(dtype=torch.float32), FeatureSpec(random_features=16, projection=8), img_size=IMG)
+    tokens, _ = random_tokens(10)
     assert np.array_equal(extractor.compute(tokens, batch_size=4),
                           extractor.compute(tokens, batch_size=4, device="cpu"))
 
 
 def test_compile_step_is_refused_under_dp():
-    tokens, labels = tokens_and_labels(16)
+    tokens, labels = random_tokens(16)
     with pytest.raises(ValueError, match="compile_step is for non-DP"):
         fit(tiny_model(), tokens, labels, TrainConfig(epochs=1, compile_step=True),
             privacy=PrivacyConfig(target_epsilon=4.0), from_cache=True, progress=False)
@@ -157,7 +140,7 @@ def test_compiled_step_gives_the_same_training_on_the_cpu():
     """torch.compile (mode reduce-overhead: inductor's C++ code on a CPU) of the per-batch forward
     and loss: the same losses and Δ as eager, up to float reassociation. The last batch has
     another shape (48 = 2·20 + 8): a second graph, same result."""
-    tokens, labels = tokens_and_labels()
+    tokens, labels = random_tokens(48)
     config = TrainConfig(epochs=2, batch_size=20, lr=1e-2, guard_ridge=0.0)
     eager, compiled = tiny_model(), tiny_model()
     a = fit(eager, tokens, labels, config, from_cache=True, progress=False)
@@ -198,6 +181,7 @@ def test_a_train_message_for_cuda_on_a_cpu_site_is_refused_before_any_work():
     assert error["site-id"] == "a"
 
 
+@pytest.mark.slow
 @no_cuda
 def test_central_evaluation_without_the_named_gpu_loses_the_evaluation_not_the_run(tmp_path):
     from server.evaluation import CentralEvaluation
@@ -243,7 +227,7 @@ def test_run_config_default_is_auto():
 # ------------------------------------------------------------------ CUDA (skipped without a GPU)
 @cuda
 def test_cache_build_on_cuda_equals_the_cpu_tokens(tmp_path):
-    model, images = tiny_model(), random_images()
+    model, images = tiny_model(), uint8_images()
     cpu = FeatureCache.build_or_open(model, images, img_size=IMG, cache_dir=tmp_path / "cpu",
                                      batch_size=16, progress=False)
     gpu = FeatureCache.build_or_open(model, images, img_size=IMG, cache_dir=tmp_path / "gpu",
@@ -255,7 +239,7 @@ def test_cache_build_on_cuda_equals_the_cpu_tokens(tmp_path):
 
 @cuda
 def test_non_dp_fit_on_cuda_returns_cpu_delta_close_to_the_cpu_fit():
-    tokens, labels = tokens_and_labels()
+    tokens, labels = random_tokens(48)
     # SGD: the update is linear in the gradient, so the devices differ by rounding only (Adam's
     # normalisation would turn a gradient that is 0 on one and 1e-9 on the other into lr-sized steps)
     config = TrainConfig(epochs=2, batch_size=16, lr=1e-2, optimizer="sgd")
@@ -274,7 +258,7 @@ def test_non_dp_fit_on_cuda_returns_cpu_delta_close_to_the_cpu_fit():
 
 @cuda
 def test_compiled_step_with_cuda_graphs_trains_like_eager():
-    tokens, labels = tokens_and_labels()
+    tokens, labels = random_tokens(48)
     config = TrainConfig(epochs=2, batch_size=20, lr=1e-2, optimizer="sgd", guard_ridge=0.0)
     eager, compiled = tiny_model(), tiny_model()
     a = fit(eager, tokens, labels, config, from_cache=True, progress=False, device="cuda")
@@ -291,7 +275,7 @@ def test_dp_fit_on_cuda_draws_secret_noise_there_and_returns_cpu_delta():
     from tangent.training.privacy import make_private
     from tangent.training.trainer import ArrayDataset, trainable_parameters
 
-    tokens, labels = tokens_and_labels(64)
+    tokens, labels = random_tokens(64)
     config = TrainConfig(epochs=2, batch_size=16)
     models = [tiny_model(), tiny_model()]
     results = [fit(m, tokens, labels, config, privacy=PrivacyConfig(target_epsilon=4.0), from_cache=True,
@@ -319,9 +303,9 @@ def test_dp_fit_on_cuda_draws_secret_noise_there_and_returns_cpu_delta():
 
 @cuda
 def test_feature_extractor_on_cuda_equals_cpu_and_stays_on_the_cpu():
-    extractor = FeatureExtractor(backbone(), FeatureSpec(random_features=16, projection=8), img_size=IMG)
+    extractor = FeatureExtractor(tiny_vit(dtype=torch.float32), FeatureSpec(random_features=16, projection=8), img_size=IMG)
     digest = extractor.digest()
-    tokens, _ = tokens_and_labels(10)
+    tokens, _ = random_tokens(10)
     gpu = extractor.compute(tokens, batch_size=4, device="cuda")
     assert isinstance(gpu, np.ndarray)
     np.testing.assert_allclose(gpu, extractor.compute(tokens, batch_size=4), rtol=1e-4, atol=1e-5)

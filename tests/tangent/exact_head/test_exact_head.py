@@ -76,7 +76,7 @@ def test_gram_is_exact_at_the_grid_bound_where_naive_float64_is_not():
     integer product; one float64 product over all rows loses the low bits."""
     bits = 20
     rng = np.random.default_rng(0)
-    n, p = 3 * eh._chunk_rows(bits) + 17, 3
+    n, p = 3 * eh.chunk_rows(bits) + 17, 3
     q = (2 ** bits - rng.integers(0, 2 ** 10, size=(n, p)) * 2 - 1).astype(np.int64)
     q[:, 1] *= -1
     exact = q.T @ q  # numpy integer matmul (no BLAS): exact, |entries| < 2^63
@@ -212,8 +212,8 @@ def test_analytic_gaussian_sigma_is_tight_against_opacus_prv_accountant(epsilon)
 
     delta = 1e-5
     sigma = eh.analytic_gaussian_sigma(epsilon, delta)
-    assert eh._gaussian_delta(epsilon, sigma) <= delta
-    assert eh._gaussian_delta(epsilon, sigma * (1 - 1e-6)) > delta  # the smallest such σ
+    assert eh.gaussian_delta(epsilon, sigma) <= delta
+    assert eh.gaussian_delta(epsilon, sigma * (1 - 1e-6)) > delta  # the smallest such σ
     prv = PRVAccountant()
     prv.history = [(sigma, 1.0, 1)]  # one full-batch Gaussian release
     assert prv.get_epsilon(delta) == pytest.approx(epsilon, rel=0.02)

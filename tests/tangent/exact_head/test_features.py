@@ -20,6 +20,7 @@ def extractor(pretrained_vit):
     return FeatureExtractor(pretrained_vit, FeatureSpec(random_features=64, random_seed=3), img_size=56)
 
 
+@pytest.mark.slow
 def test_final_pieces_are_the_pretrained_models_own_final_tokens(extractor, pretrained_vit, images):
     """Independent path: timm's forward_features (all 12 pretrained blocks + final norm)."""
     with torch.no_grad():
@@ -35,6 +36,7 @@ def test_final_pieces_are_the_pretrained_models_own_final_tokens(extractor, pret
     torch.testing.assert_close(phi[:, d:2 * d], rms_normed(final[:, 1:].mean(1)), rtol=1e-4, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_features_from_cached_trunk_tokens_equal_features_from_images(extractor, images):
     from tangent.protocol.spec import ModelSpec, build_model
 
@@ -116,6 +118,7 @@ def test_a_projected_spec_has_unit_norm_base_features_and_is_deterministic(pretr
                                                                                    random_seed=2), img_size=56).beta)
 
 
+@pytest.mark.slow
 def test_quadrant_pieces_are_the_means_of_the_four_quadrants_of_timms_final_patch_grid(pretrained_vit, images):
     """Independent path: timm's forward_features, the 4×4 patch grid at img 56 sliced by hand."""
     spec = FeatureSpec(pieces=("final_cls", "final_quad", "input_quad"))
@@ -142,4 +145,4 @@ def test_quadrant_pieces_are_the_means_of_the_four_quadrants_of_timms_final_patc
 
 def test_quadrant_pooling_refuses_a_non_square_grid():
     with pytest.raises(ValueError, match="square patch grid"):
-        FeatureExtractor._quadrants(torch.zeros(2, 6, 8))
+        FeatureExtractor.quadrants(torch.zeros(2, 6, 8))

@@ -8,22 +8,19 @@ import multiprocessing
 import numpy as np
 import pytest
 import torch
-from timm.models.vision_transformer import VisionTransformer
 
 from tangent.data.token_cache import CacheError
 from tangent.exact_head.statistics import SufficientStats
 from tangent.exact_head.features import FeatureExtractor, FeatureSpec
 from tangent.exact_head.phi_cache import BASE_FILE, MANIFEST_FILE, PhiCache, cache_path
+from tests.helpers import tiny_vit
 
 IMG = 28
 SPEC = FeatureSpec(random_features=48, random_seed=7, clip_norm=2.0, frac_bits=12)
 
 
 def tiny_extractor(spec=SPEC, seed=0):
-    torch.manual_seed(seed)
-    vit = VisionTransformer(img_size=IMG, patch_size=7, embed_dim=32, depth=3, num_heads=4,
-                            mlp_ratio=2.0, num_classes=0)
-    return FeatureExtractor(vit, spec, img_size=IMG, backbone_name="tiny")
+    return FeatureExtractor(tiny_vit(seed=seed, dtype=torch.float32), spec, img_size=IMG, backbone_name="tiny")
 
 
 def tokens_of(extractor, n=150, seed=0):

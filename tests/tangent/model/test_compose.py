@@ -6,7 +6,7 @@ import torch
 from tangent.model.composition import compose
 from tangent.training.losses import cross_entropy, l2_penalty, mse_loss, project_to_ball, rsl_loss
 from tangent.model.vit import TangentViT
-from tests.tangent.model.test_model import images, random_delta, rel_err, tiny_vit
+from tests.helpers import images, random_delta, rel_err, tiny_vit
 
 
 def test_compose_is_normalised_weighted_sum():

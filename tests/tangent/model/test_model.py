@@ -3,34 +3,12 @@ the CLS-only path against the full path, and the model contract."""
 
 import pytest
 import torch
-from timm.models.vision_transformer import VisionTransformer
 from torch.func import functional_call, jvp
 
 from tangent.model.vit import CLS_DELTA_KEY, TangentViT, add_cls_delta_hook
+from tests.helpers import images, random_delta, rel_err, tiny_vit
 
 D = torch.float64
-
-
-def tiny_vit(init_values=0.1, pool="token", seed=0, dtype=D):
-    torch.manual_seed(seed)
-    vit = VisionTransformer(img_size=28, patch_size=7, embed_dim=32, depth=3, num_heads=4,
-                            mlp_ratio=2.0, qkv_bias=True, init_values=init_values,
-                            num_classes=0, global_pool=pool)
-    return vit.to(dtype).eval()
-
-
-def images(n=3, seed=1, dtype=D):
-    return torch.randn(n, 3, 28, 28, generator=torch.Generator().manual_seed(seed), dtype=dtype)
-
-
-def random_delta(model, seed=2, scale=0.3):
-    gen = torch.Generator().manual_seed(seed)
-    return {k: scale * torch.randn(v.shape, generator=gen, dtype=v.dtype)
-            for k, v in model.delta_state_dict().items()}
-
-
-def rel_err(a, b):
-    return ((a - b).norm() / b.norm()).item()
 
 
 def reference_jvp(model, x, delta):

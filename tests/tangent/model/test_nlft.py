@@ -4,7 +4,7 @@ import torch
 
 from tangent.model.vit import TangentViT
 from tangent.model.nlft import NLFTViT
-from tests.tangent.model.test_model import images, random_delta, rel_err, tiny_vit
+from tests.helpers import images, random_delta, rel_err, tiny_vit
 
 
 def test_same_w0_and_delta_is_w_minus_w0():

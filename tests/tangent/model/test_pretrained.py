@@ -81,7 +81,7 @@ def test_timm_is_imported_without_mapping_triton():
 
     if importlib.util.find_spec("triton") is None:
         pytest.skip("triton is not installed: nothing to keep out")
-    code = ("from tangent.model.pretrained import _import_timm; _import_timm(); import timm.models; "
+    code = ("from tangent.model.pretrained import import_timm; import_timm(); import timm.models; "
             "print(any('libtriton' in line for line in open('/proc/self/maps')))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.strip() == "False"

@@ -92,6 +92,7 @@ def test_predict_refuses_a_feature_digest_mismatch(head_export, data, tmp_path, 
     assert "digest" in capsys.readouterr().err and not (tmp_path / "p.csv").exists()
 
 
+@pytest.mark.slow
 def test_delta_round_trip_and_base_digest_mismatch(data, tmp_path, capsys):
     npz, images, labels = data
     model, base_digest = build_model(MODEL_SPEC, cached=False)

@@ -13,7 +13,7 @@ import pytest
 from tangent.training.budget import BudgetExhausted, BudgetMissing, PrivacyBudget
 from tangent.training.privacy import PrivacyConfig
 from tangent.training.trainer import TrainConfig, delta_norm, fit
-from tests.tangent.training.test_privacy import data, tiny_model
+from tests.helpers import random_tokens, tiny_model
 
 
 def record_path(tmp_path):
@@ -152,7 +152,7 @@ def test_concurrent_fits_never_overspend_and_charge_what_was_spent(tmp_path):
     train; the charge is the ε each actually spent, planned before its first step."""
     path = record_path(tmp_path)
     PrivacyBudget.create(path, "site-a", 3.0)
-    tokens, labels = data(32)
+    tokens, labels = random_tokens(32)
     # σ = 3, q = 1/2, 2 steps, δ = 1e-5: ε ≈ 1.20 each (RDP), so two fit in 3 and three do not
     privacy = PrivacyConfig(target_epsilon=2.0, noise_multiplier=3.0, accountant="rdp")
     planned, outcomes = {}, {}

@@ -1,4 +1,4 @@
-"""The curious server's refit attack on a DP contribution (issue 14, item 1).
+"""The curious server's refit attack on a DP contribution.
 
 The server knows everything a reply and its own request carry: the model, the training config
 with its ``seed``, σ, the clip norm — and, in the worst case, every record of the site but one.
@@ -14,7 +14,7 @@ import torch
 
 from tangent.training.privacy import PrivacyConfig
 from tangent.training.trainer import TrainConfig, fit
-from tests.tangent.training.test_privacy import data, tiny_model
+from tests.helpers import random_tokens, tiny_model
 
 
 def dp_delta(tokens, labels, optimizer: str) -> torch.Tensor:
@@ -31,7 +31,7 @@ def dp_delta(tokens, labels, optimizer: str) -> torch.Tensor:
 
 @pytest.mark.parametrize("optimizer", ["adam", "sgd"])
 def test_refit_from_the_reply_does_not_reproduce_the_update(optimizer):
-    tokens, labels = data(33)
+    tokens, labels = random_tokens(33)
     member = (tokens, labels)  # the site's data: the other 32 records and the target (last) one
     without = (tokens[:-1], labels[:-1])
     reply = dp_delta(*member, optimizer)
@@ -49,6 +49,6 @@ def test_refit_from_the_reply_does_not_reproduce_the_update(optimizer):
 
 
 def test_same_server_seed_gives_independent_noise():
-    tokens, labels = data(32)
+    tokens, labels = random_tokens(32)
     first, second = dp_delta(tokens, labels, "sgd"), dp_delta(tokens, labels, "sgd")
     assert (first - second).norm() > 0.1 * first.norm()

@@ -11,7 +11,7 @@ from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping
 
 from tangent.training.losses import rsl_loss
 from tangent.model.vit import TangentViT
-from tests.tangent.model.test_model import images, random_delta, tiny_vit
+from tests.helpers import images, random_delta, tiny_vit
 
 B = 5
 

@@ -5,31 +5,17 @@ record is tested in test_budget.py, the refit attack in test_dp_attacks.py."""
 
 import pytest
 import torch
-from timm.models.vision_transformer import VisionTransformer
 from torch.utils.data import DataLoader
 
-from tangent.model.vit import TangentViT
 from tangent.training.privacy import PrivacyConfig, default_delta, make_private, public_count
 from tangent.training.trainer import ArrayDataset, TrainConfig, delta_norm, fit, trainable_parameters
-
-N_TOKENS, DIM = 17, 32
-
-
-def tiny_model(seed=0):
-    torch.manual_seed(seed)
-    vit = VisionTransformer(img_size=28, patch_size=7, embed_dim=DIM, depth=3, num_heads=4,
-                            mlp_ratio=2.0, num_classes=0)  # CLS pooling: the CLS-only block
-    return TangentViT.from_timm(vit, num_classes=10, seed=seed)
+from tests.helpers import random_tokens, tiny_model
 
 
-def data(n, seed=0):
-    gen = torch.Generator().manual_seed(seed)
-    return torch.randn(n, N_TOKENS, DIM, generator=gen), torch.randint(0, 10, (n,), generator=gen)
-
-
+@pytest.mark.slow
 @pytest.mark.parametrize("accountant", ["prv", "rdp"])
 def test_epsilon_spent_within_target(accountant):
-    tokens, labels = data(64)
+    tokens, labels = random_tokens(64)
     model = tiny_model()
     result = fit(model, tokens, labels, TrainConfig(epochs=2, batch_size=16),
                  privacy=PrivacyConfig(target_epsilon=2.0, accountant=accountant),
@@ -47,7 +33,7 @@ def test_epsilon_spent_within_target(accountant):
 def test_per_sample_gradients_are_clipped(ghost):
     """σ=0: the update is Σᵢ clip(gᵢ)/E, so one example's update has norm exactly min(‖gᵢ‖, C)/E."""
     clip, n = 0.05, 8
-    tokens, labels = data(n)
+    tokens, labels = random_tokens(n)
     tokens = 5 * tokens  # large inputs: raw per-sample gradients far above the clip norm
     reference = tiny_model()
     raw = []
@@ -80,7 +66,7 @@ def test_per_sample_gradients_are_clipped(ghost):
 
 
 def test_empty_poisson_batches_do_not_crash():
-    tokens, labels = data(30)
+    tokens, labels = random_tokens(30)
     model = tiny_model()
     # sample rate 1/30: most batches are empty
     result = fit(model, tokens, labels, TrainConfig(epochs=1, batch_size=1),
@@ -92,19 +78,20 @@ def test_empty_poisson_batches_do_not_crash():
 
 
 def test_step_decay_applies_under_dp():
-    tokens, labels = data(32)
+    tokens, labels = random_tokens(32)
     result = fit(tiny_model(), tokens, labels, TrainConfig(epochs=4, batch_size=16),
                  privacy=PrivacyConfig(target_epsilon=4.0, noise_multiplier=1.0, accountant="rdp"),
                  from_cache=True, progress=False)
     assert [h["lr"] for h in result.history] == pytest.approx([1e-3, 1e-3, 1e-4, 1e-5])
 
 
+@pytest.mark.slow
 def test_epsilon_equals_the_accountant_recomputed_from_sigma_rate_steps():
     """What a reply reports is exactly Opacus' accountant over (σ, q, steps) at δ — recomputed
     here independently with both accountants' own classes."""
     from opacus.accountants import PRVAccountant, RDPAccountant
 
-    tokens, labels = data(50)
+    tokens, labels = random_tokens(50)
     for accountant, cls in (("rdp", RDPAccountant), ("prv", PRVAccountant)):
         result = fit(tiny_model(), tokens, labels, TrainConfig(epochs=3, batch_size=10),
                      privacy=PrivacyConfig(target_epsilon=3.0, noise_multiplier=1.3,
@@ -117,11 +104,12 @@ def test_epsilon_equals_the_accountant_recomputed_from_sigma_rate_steps():
         assert result.delta == 1e-5  # min(1e-5, 1/(10·50))
 
 
+@pytest.mark.slow
 def test_sampling_and_scale_depend_on_the_public_count_only():
     """Two sites with different secret n but the same declared count: same q, steps, σ, ε, δ."""
     seen = []
     for n in (40, 70):
-        tokens, labels = data(n)
+        tokens, labels = random_tokens(n)
         result = fit(tiny_model(), tokens, labels, TrainConfig(epochs=1, batch_size=8),
                      privacy=PrivacyConfig(target_epsilon=2.0, accountant="rdp",
                                            public_examples=64),
