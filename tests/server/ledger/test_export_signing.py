@@ -15,7 +15,7 @@ from server import cli
 from server.ledger import Ledger, LedgerCorrupt, export, verify_export
 from server.ledger.audit import fingerprint, public_key_pem, sign_head
 from tangent.serving import export_check
-from tests.server.ledger.test_ledger_signing import delta
+from tests.server.ledger.tampering import delta
 
 SPEC = {"img-size": 56, "num-classes": 3}
 

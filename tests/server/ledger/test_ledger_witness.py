@@ -17,7 +17,7 @@ import pytest
 from server import cli
 from server.ledger import Ledger, LedgerCorrupt, LedgerError, witness
 from server.ledger.audit import write_head_file
-from tests.server.ledger.test_ledger_signing import delta, truncate_last_contribution
+from tests.server.ledger.tampering import delta, truncate_last_contribution
 
 
 @pytest.fixture
