@@ -74,6 +74,46 @@ def seeded_projection(dim: int, out_dim: int, seed: int = 0) -> np.ndarray:
     return q * np.sign(np.diag(r))  # a unique sign per column: the same matrix on every machine
 
 
+@dataclass(frozen=True)
+class RowTransform:
+    """φ → x = P(φ − c)/‖P(φ − c)‖: the DP head's rows, a public function of one example.
+
+    ``centre`` c (the server sends it; public: never one site's data), ``projection_dim`` k and
+    ``seed`` (P = :func:`seeded_projection`; 0: no projection). One row's x depends on no other
+    row, so adding or removing an example changes each released block by at most its sensitivity.
+    """
+
+    centre: Optional[np.ndarray]
+    projection_dim: int = 0
+    seed: int = 0
+
+    def projection(self, dim: int) -> Optional[np.ndarray]:
+        if not self.projection_dim:
+            return None
+        return _projection(dim, self.projection_dim, self.seed)
+
+    def rows(self, phi: np.ndarray) -> np.ndarray:
+        x = np.asarray(phi, np.float64)
+        if self.centre is not None:
+            x = x - self.centre
+        projection = self.projection(x.shape[1])
+        if projection is not None:
+            x = x @ projection
+        norms = np.linalg.norm(x, axis=1, keepdims=True)
+        return x / np.where(norms > 0, norms, 1.0)
+
+
+_PROJECTIONS: dict = {}
+
+
+def _projection(dim: int, out_dim: int, seed: int) -> np.ndarray:
+    key = (dim, out_dim, seed)
+    if key not in _PROJECTIONS:
+        _PROJECTIONS.clear()
+        _PROJECTIONS[key] = seeded_projection(dim, out_dim, seed)
+    return _PROJECTIONS[key]
+
+
 @dataclass
 class Statistics:
     """Float64 statistics of unit-norm rows: Gram [p, p], class sums [p, C], class counts [C], and
@@ -208,3 +248,34 @@ def statistics_view(stats: SufficientStats) -> Statistics:
     _, counts, _, gram, cross = stats.real()
     variance = float(stats.dp["noise_variance"]) if stats.dp else 0.0
     return Statistics(gram, cross, counts, variance)
+
+
+# ------------------------------------------------------------------------------ the server's head
+
+#: the solver's constants (soft threshold τ and λ, both in units of the noise edge), picked on
+#: held-out *training* rows (benchmarks/dp_head.py; docs/privacy.md): the same at every ε
+SHRINK, LAMBDA = 0.5, 0.18
+
+
+@dataclass
+class DPHead:
+    """scores = x W + b for the DP head's rows x of φ (transform, then the release's grid)."""
+
+    transform: RowTransform
+    linear: LinearHead
+    frac_bits: int
+
+    def rows(self, phi: np.ndarray) -> np.ndarray:
+        from tangent.exact_head.statistics import dequantize, quantize
+
+        return dequantize(quantize(self.transform.rows(phi), 1.0, self.frac_bits), 1.0, self.frac_bits)
+
+    def predict(self, phi: np.ndarray) -> np.ndarray:
+        return predict(self.linear, self.rows(phi))
+
+
+def solve_release(total: SufficientStats, transform: RowTransform, *, shrink: float = SHRINK,
+                  lam: float = LAMBDA) -> DPHead:
+    """The head of the summed (noisy) releases: reads only the sums and their declared noise."""
+    return DPHead(transform, solve_spectrum(noisy_spectrum(statistics_view(total)), lam=lam, shrink=shrink),
+                  total.frac_bits)

@@ -136,3 +136,35 @@ def test_noisy_head_learns_from_integer_releases():
     x_test, y_test = draw(2000)
     head = dp.solve_spectrum(dp.noisy_spectrum(dp.statistics_view(total)), lam=0.3, shrink=1.0)
     assert (dp.predict(head, x_test) == y_test).mean() > 0.6  # chance: 0.25
+
+
+def test_the_servers_head_predicts_through_the_transform_and_grid():
+    """solve_release on summed integer releases; DPHead.predict maps raw φ through the same
+    centre, projection, unit norm and grid the sites used."""
+    rng = np.random.default_rng(6)
+    p, classes = 24, 3
+    centres = rng.normal(size=(classes, p)) + 3.0  # a large common offset: what the centre removes
+    transform = dp.RowTransform(np.full(p, 3.0), projection_dim=12, seed=1)
+
+    def draw(n):
+        labels = rng.integers(0, classes, n)
+        return centres[labels] + 0.5 * rng.normal(size=(n, p)), labels
+
+    allocation = dp.Allocation.from_weights(8.0, 1e-5, WEIGHTS)
+    releases = []
+    for _ in range(20):
+        phi, labels = draw(300)
+        releases.append(dp.privatize(dp.exact_release_stats(transform.rows(phi), labels, classes, 16),
+                                     allocation, rng))
+    head = dp.solve_release(SufficientStats.total(releases), transform)
+    phi_test, y_test = draw(1000)
+    assert (head.predict(phi_test) == y_test).mean() > 0.9
+    assert np.allclose(np.linalg.norm(transform.rows(phi_test), axis=1), 1.0)
+
+
+def test_synthetic_centre_images_are_a_function_of_the_seed():
+    from tangent.exact_head.public_centre import synthetic_images
+
+    a, b = synthetic_images(8, seed=0), synthetic_images(8, seed=0)
+    assert a.dtype == np.uint8 and a.shape == (8, 28, 28) and np.array_equal(a, b)
+    assert not np.array_equal(a, synthetic_images(8, seed=1))
