@@ -40,7 +40,7 @@ def load_cache():
     from tangent.model.pretrained import cache_dir
 
     found = {}
-    for manifest in sorted((cache_dir() / "features").glob("*/phi-*/manifest.json")):
+    for manifest in sorted((cache_dir() / "features").glob("phi-*/manifest.json")):
         info = json.loads(manifest.read_text())
         found[int(info["shape"][0])] = manifest.parent
     out = []
@@ -81,6 +81,10 @@ def prepare(z, y, z_eval, *, centre_kind, proj_dim, pieces=None, centre_sigma=0.
         z_eval = z_eval / np.linalg.norm(z_eval, axis=1, keepdims=True)
     if centre_kind == "oracle":
         centre = z.mean(axis=0, dtype=np.float64)
+    elif centre_kind == "synthetic":  # tangent/exact_head/public_centre.py's images (a seed, no data)
+        centre = np.load(SYNTHETIC_Z).astype(np.float64).mean(axis=0)
+        if pieces is not None:
+            raise ValueError("the synthetic centre is of the full base vector")
     elif centre_kind == "dp":
         noise = centre_sigma * np.sqrt(SITES)
         centre = (scale * z.sum(axis=0, dtype=np.float64) + rng.normal(0, noise, z.shape[1])) / (
@@ -104,6 +108,8 @@ def score(exact, xe, ye, allocation, rng, lams, taus, seeds=1):
 
 
 WEIGHTS = (0.05, 0.8, 0.14, 0.01)  # mean, gram, cross, counts
+#: z of public_centre.synthetic_images() (512 images, seed 0), computed once by the driver
+SYNTHETIC_Z = Path("/tmp/dphead/z_synthetic.npy")
 
 
 def load_proxy(out: Path):
@@ -129,19 +135,27 @@ def stage_select(out: Path, proxy: bool = False):
     taus = [0.0, 0.5, 1.0, 1.5]
     centre_sigma = dp.Allocation.from_weights(1.0, DELTA, WEIGHTS).sigma_mean  # ε = 1's: conservative
     rows = []
-    preps = [dict(centre_kind="dp", proj_dim=512), dict(centre_kind="dp", proj_dim=256),
-             dict(centre_kind="none", proj_dim=512), dict(centre_kind="oracle", proj_dim=512),
-             dict(centre_kind="dp", proj_dim=1024), dict(centre_kind="dp", proj_dim=128),
-             dict(centre_kind="dp", proj_dim=0, pieces=np.arange(768)),
-             dict(centre_kind="dp", proj_dim=256, pieces=np.arange(768)),
-             dict(centre_kind="dp", proj_dim=0)]
+    if proxy:
+        preps = [dict(centre_kind="dp", proj_dim=512), dict(centre_kind="dp", proj_dim=256),
+                 dict(centre_kind="none", proj_dim=512), dict(centre_kind="oracle", proj_dim=512),
+                 dict(centre_kind="dp", proj_dim=1024), dict(centre_kind="dp", proj_dim=128),
+                 dict(centre_kind="dp", proj_dim=0, pieces=np.arange(768)),
+                 dict(centre_kind="dp", proj_dim=256, pieces=np.arange(768)),
+                 dict(centre_kind="dp", proj_dim=0)]
+    else:  # the proxy's findings, on all 50k fit rows: the projection size and the centre
+        preps = [dict(centre_kind="synthetic", proj_dim=768), dict(centre_kind="dp", proj_dim=768),
+                 dict(centre_kind="synthetic", proj_dim=512), dict(centre_kind="synthetic", proj_dim=1024),
+                 dict(centre_kind="none", proj_dim=768)]
+        lams = [float(v) for v in np.logspace(-1.5, 0.5, 9)]
+        taus = [0.25, 0.5, 1.0]
     for prep in preps:
         t0 = time.perf_counter()
         exact, xe = prepare(z, y, ze, centre_sigma=centre_sigma, rng=rng, scale=scale, **prep)
         name = {k: (f"{len(v)} of z" if k == "pieces" else v) for k, v in prep.items()}
         _log("prepared", name, round(time.perf_counter() - t0, 1), "s")
-        weight_sets = [WEIGHTS]
-        if prep == dict(centre_kind="dp", proj_dim=512):
+        weight_sets = [WEIGHTS] if proxy else [(0.05, 0.6, 0.34, 0.01) if prep["centre_kind"] == "dp"
+                                                else (0.0, 0.6, 0.39, 0.01)]
+        if proxy and prep == dict(centre_kind="dp", proj_dim=512):
             weight_sets += [(0.05, 0.6, 0.34, 0.01), (0.05, 0.9, 0.04, 0.01)]
         for eps in EPSILONS:
             for weights in weight_sets:
@@ -193,14 +207,54 @@ def stage_final(out: Path, seeds: int = 3, proxy: bool = False):
         (out / ("final-proxy.json" if proxy else "final.json")).write_text(json.dumps(results, indent=1))
 
 
+def stage_federated(out: Path, proj_dim: int, epsilons=EPSILONS, seeds: int = 3):
+    """The integer path end to end on all 60k / 10k: 50 sites × 1,200 rows, each site's rows
+    through the public RowTransform (synthetic centre, seeded projection), exact integer statistics,
+    its own Gaussian release (tangent.exact_head.dp.privatize); the server sums the integer
+    releases and solves with the fixed constants (dp.SHRINK, dp.LAMBDA). Also checks that removing
+    a site leaves exactly the sum of the others."""
+    from tangent.exact_head.statistics import SufficientStats
+
+    zt, yt, ztest, ytest = load_cache()
+    transform = dp.RowTransform(np.load(SYNTHETIC_Z).astype(np.float64).mean(axis=0), proj_dim, 0)
+    sites = np.array_split(np.random.default_rng(0).permutation(len(zt)), SITES)
+    t0 = time.perf_counter()
+    exact = [dp.exact_release_stats(transform.rows(zt[rows]), yt[rows], NUM_CLASSES, 16) for rows in sites]
+    _log("exact site statistics", round(time.perf_counter() - t0, 1), "s")
+    rng = np.random.default_rng(3)
+    results = []
+    for eps in epsilons:
+        allocation = dp.Allocation.from_weights(eps, DELTA, (0.0, 0.6, 0.39, 0.01))
+        accs, removal_exact = [], []
+        for _ in range(seeds):
+            releases = [dp.privatize(st, allocation, rng) for st in exact]
+            total = SufficientStats.total(releases)
+            head = dp.solve_release(total, transform)
+            accs.append(float((head.predict(ztest) == ytest).mean()))
+            removal_exact.append(total - releases[7] == SufficientStats.total(releases[:7] + releases[8:]))
+        row = {"epsilon": eps, "delta": DELTA, "sites": SITES, "rows_per_site": len(sites[0]), "proj_dim": proj_dim,
+               "centre": "synthetic", "weights": allocation.weights, "shrink": dp.SHRINK, "lambda": dp.LAMBDA,
+               "test_accuracy_mean": float(np.mean(accs)), "test_accuracy_std": float(np.std(accs)),
+               "test_accuracies": accs, "removal_exact": all(removal_exact),
+               "bytes_per_site": int(releases[0].nbytes)}
+        results.append(row)
+        _log(json.dumps(row))
+        (out / f"federated-{proj_dim}.json").write_text(json.dumps(results, indent=1))
+    nonprivate = dp.solve_release(SufficientStats.total(exact), transform, lam=1.0, shrink=0.0)
+    _log("non-private (λ = 1):", float((nonprivate.predict(ztest) == ytest).mean()))
+
+
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("stage", choices=("select", "final"))
+    parser.add_argument("stage", choices=("select", "final", "federated"))
+    parser.add_argument("--dim", type=int, default=768, help="federated: the projection size")
     parser.add_argument("--out", type=Path, default=Path("/tmp/dphead"))
     parser.add_argument("--proxy", action="store_true", help="select on the partial z of load_proxy")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
-    if args.stage == "select":
+    if args.stage == "federated":
+        stage_federated(args.out, args.dim)
+    elif args.stage == "select":
         stage_select(args.out, proxy=args.proxy)
     else:
         stage_final(args.out, proxy=args.proxy)

@@ -53,7 +53,8 @@ def train(site, node_config, centre=None, **config) -> RecordDict:
 
 
 def test_a_dp_reply_carries_the_heads_release_and_both_charges(site, tmp_path):
-    node = site["node_config"] | {"epsilon-budget": 7.0, "state-dir": str(tmp_path / "state")}
+    PrivacyBudget.create(tmp_path / "state" / PrivacyBudget.FILE_NAME, "site-a", 7.0)
+    node = site["node_config"] | {"state-dir": str(tmp_path / "state")}
     reply = train(site, node, centre=np.full(FEATURES.dim(), 0.01))
     assert "error" not in reply, reply["error"]["reason"] if "error" in reply else ""
     assert set(reply.keys()) == {"delta", "metrics", "meta", "stats", "stats-meta"}
@@ -73,7 +74,8 @@ def test_a_dp_reply_carries_the_heads_release_and_both_charges(site, tmp_path):
 
 
 def test_a_budget_that_cannot_pay_for_both_refuses_before_any_charge(site, tmp_path):
-    node = site["node_config"] | {"epsilon-budget": 5.0, "state-dir": str(tmp_path / "state")}
+    PrivacyBudget.create(tmp_path / "state" / PrivacyBudget.FILE_NAME, "site-a", 5.0)
+    node = site["node_config"] | {"state-dir": str(tmp_path / "state")}
     reply = train(site, node)  # 4 (DP-TAFT) + 2 (head) > 5
     assert reply["error"]["code"] == "budget_exhausted"
     assert PrivacyBudget(tmp_path / "state" / PrivacyBudget.FILE_NAME, "site-a").spent() == (0.0, 0.0)
