@@ -207,7 +207,8 @@ def stage_final(out: Path, seeds: int = 3, proxy: bool = False):
         (out / ("final-proxy.json" if proxy else "final.json")).write_text(json.dumps(results, indent=1))
 
 
-def stage_federated(out: Path, proj_dim: int, epsilons=EPSILONS, seeds: int = 3):
+def stage_federated(out: Path, proj_dim: int, epsilons=EPSILONS, seeds: int = 3, sites: int = SITES,
+                    rows_per_site: int = 1200, test_rows: int = 10000):
     """The integer path end to end on all 60k / 10k: 50 sites × 1,200 rows, each site's rows
     through the public RowTransform (synthetic centre, seeded projection), exact integer statistics,
     its own Gaussian release (tangent.exact_head.dp.privatize); the server sums the integer
@@ -217,9 +218,11 @@ def stage_federated(out: Path, proj_dim: int, epsilons=EPSILONS, seeds: int = 3)
 
     zt, yt, ztest, ytest = load_cache()
     transform = dp.RowTransform(np.load(SYNTHETIC_Z).astype(np.float64).mean(axis=0), proj_dim, 0)
-    sites = np.array_split(np.random.default_rng(0).permutation(len(zt)), SITES)
+    chosen = np.random.default_rng(0).permutation(len(zt))[:sites * rows_per_site]
+    site_rows = np.array_split(chosen, sites)
+    ztest, ytest = ztest[:test_rows], ytest[:test_rows]
     t0 = time.perf_counter()
-    exact = [dp.exact_release_stats(transform.rows(zt[rows]), yt[rows], NUM_CLASSES, 16) for rows in sites]
+    exact = [dp.exact_release_stats(transform.rows(zt[rows]), yt[rows], NUM_CLASSES, 16) for rows in site_rows]
     _log("exact site statistics", round(time.perf_counter() - t0, 1), "s")
     rng = np.random.default_rng(3)
     results = []
@@ -232,14 +235,15 @@ def stage_federated(out: Path, proj_dim: int, epsilons=EPSILONS, seeds: int = 3)
             head = dp.solve_release(total, transform)
             accs.append(float((head.predict(ztest) == ytest).mean()))
             removal_exact.append(total - releases[7] == SufficientStats.total(releases[:7] + releases[8:]))
-        row = {"epsilon": eps, "delta": DELTA, "sites": SITES, "rows_per_site": len(sites[0]), "proj_dim": proj_dim,
+        row = {"epsilon": eps, "delta": DELTA, "sites": sites, "rows_per_site": rows_per_site, "proj_dim": proj_dim,
+               "test_rows": len(ytest),
                "centre": "synthetic", "weights": allocation.weights, "shrink": dp.SHRINK, "lambda": dp.LAMBDA,
                "test_accuracy_mean": float(np.mean(accs)), "test_accuracy_std": float(np.std(accs)),
                "test_accuracies": accs, "removal_exact": all(removal_exact),
                "bytes_per_site": int(releases[0].nbytes)}
         results.append(row)
         _log(json.dumps(row))
-        (out / f"federated-{proj_dim}.json").write_text(json.dumps(results, indent=1))
+        (out / f"federated-{sites}x{rows_per_site}-{proj_dim}.json").write_text(json.dumps(results, indent=1))
     nonprivate = dp.solve_release(SufficientStats.total(exact), transform, lam=1.0, shrink=0.0)
     _log("non-private (λ = 1):", float((nonprivate.predict(ztest) == ytest).mean()))
 
@@ -248,12 +252,17 @@ def main():
     parser = argparse.ArgumentParser()
     parser.add_argument("stage", choices=("select", "final", "federated"))
     parser.add_argument("--dim", type=int, default=768, help="federated: the projection size")
+    parser.add_argument("--epsilons", default="1,3,8", help="federated: comma-separated ε")
+    parser.add_argument("--sites", type=int, default=SITES)
+    parser.add_argument("--rows-per-site", type=int, default=1200)
+    parser.add_argument("--test-rows", type=int, default=10000)
     parser.add_argument("--out", type=Path, default=Path("/tmp/dphead"))
     parser.add_argument("--proxy", action="store_true", help="select on the partial z of load_proxy")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.stage == "federated":
-        stage_federated(args.out, args.dim)
+        stage_federated(args.out, args.dim, tuple(float(e) for e in args.epsilons.split(",")),
+                        sites=args.sites, rows_per_site=args.rows_per_site, test_rows=args.test_rows)
     elif args.stage == "select":
         stage_select(args.out, proxy=args.proxy)
     else:
