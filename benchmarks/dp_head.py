@@ -208,7 +208,7 @@ def stage_final(out: Path, seeds: int = 3, proxy: bool = False):
 
 
 def stage_federated(out: Path, proj_dim: int, epsilons=EPSILONS, seeds: int = 3, sites: int = SITES,
-                    rows_per_site: int = 1200, test_rows: int = 10000):
+                    rows_per_site: int = 1200, test_rows: int = 10000, centre: str = "synthetic"):
     """The integer path end to end on all 60k / 10k: 50 sites × 1,200 rows, each site's rows
     through the public RowTransform (synthetic centre, seeded projection), exact integer statistics,
     its own Gaussian release (tangent.exact_head.dp.privatize); the server sums the integer
@@ -217,9 +217,21 @@ def stage_federated(out: Path, proj_dim: int, epsilons=EPSILONS, seeds: int = 3,
     from tangent.exact_head.statistics import SufficientStats
 
     zt, yt, ztest, ytest = load_cache()
-    transform = dp.RowTransform(np.load(SYNTHETIC_Z).astype(np.float64).mean(axis=0), proj_dim, 0)
     chosen = np.random.default_rng(0).permutation(len(zt))[:sites * rows_per_site]
     site_rows = np.array_split(chosen, sites)
+    weights = (0.0, 0.6, 0.39, 0.01)
+    if centre == "synthetic":
+        centre_vector = np.load(SYNTHETIC_Z).astype(np.float64).mean(axis=0)
+    else:  # "dp": every site releases Σz and its count first (5% of μ² at the largest ε asked for)
+        if len(epsilons) != 1:
+            raise ValueError("the DP-mean centre is released at one ε: pass one")
+        weights = (0.05, 0.6, 0.34, 0.01)
+        sigma = dp.Allocation.from_weights(epsilons[0], DELTA, weights).sigma_mean
+        mean_rng = np.random.default_rng(4)
+        sums = sum(zt[rows].sum(axis=0, dtype=np.float64) + mean_rng.normal(0, sigma, zt.shape[1]) for rows in site_rows)
+        count = sum(len(rows) + mean_rng.normal(0, sigma) for rows in site_rows)
+        centre_vector = sums / count
+    transform = dp.RowTransform(centre_vector, proj_dim, 0)
     ztest, ytest = ztest[:test_rows], ytest[:test_rows]
     t0 = time.perf_counter()
     exact = [dp.exact_release_stats(transform.rows(zt[rows]), yt[rows], NUM_CLASSES, 16) for rows in site_rows]
@@ -227,7 +239,7 @@ def stage_federated(out: Path, proj_dim: int, epsilons=EPSILONS, seeds: int = 3,
     rng = np.random.default_rng(3)
     results = []
     for eps in epsilons:
-        allocation = dp.Allocation.from_weights(eps, DELTA, (0.0, 0.6, 0.39, 0.01))
+        allocation = dp.Allocation.from_weights(eps, DELTA, weights)
         accs, removal_exact = [], []
         for _ in range(seeds):
             releases = [dp.privatize(st, allocation, rng) for st in exact]
@@ -237,13 +249,13 @@ def stage_federated(out: Path, proj_dim: int, epsilons=EPSILONS, seeds: int = 3,
             removal_exact.append(total - releases[7] == SufficientStats.total(releases[:7] + releases[8:]))
         row = {"epsilon": eps, "delta": DELTA, "sites": sites, "rows_per_site": rows_per_site, "proj_dim": proj_dim,
                "test_rows": len(ytest),
-               "centre": "synthetic", "weights": allocation.weights, "shrink": dp.SHRINK, "lambda": dp.LAMBDA,
+               "centre": centre, "weights": allocation.weights, "shrink": dp.SHRINK, "lambda": dp.LAMBDA,
                "test_accuracy_mean": float(np.mean(accs)), "test_accuracy_std": float(np.std(accs)),
                "test_accuracies": accs, "removal_exact": all(removal_exact),
                "bytes_per_site": int(releases[0].nbytes)}
         results.append(row)
         _log(json.dumps(row))
-        (out / f"federated-{sites}x{rows_per_site}-{proj_dim}.json").write_text(json.dumps(results, indent=1))
+        (out / f"federated-{sites}x{rows_per_site}-{proj_dim}-{centre}.json").write_text(json.dumps(results, indent=1))
     nonprivate = dp.solve_release(SufficientStats.total(exact), transform, lam=1.0, shrink=0.0)
     _log("non-private (λ = 1):", float((nonprivate.predict(ztest) == ytest).mean()))
 
@@ -256,13 +268,15 @@ def main():
     parser.add_argument("--sites", type=int, default=SITES)
     parser.add_argument("--rows-per-site", type=int, default=1200)
     parser.add_argument("--test-rows", type=int, default=10000)
+    parser.add_argument("--centre", choices=("synthetic", "dp"), default="synthetic")
     parser.add_argument("--out", type=Path, default=Path("/tmp/dphead"))
     parser.add_argument("--proxy", action="store_true", help="select on the partial z of load_proxy")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
     if args.stage == "federated":
         stage_federated(args.out, args.dim, tuple(float(e) for e in args.epsilons.split(",")),
-                        sites=args.sites, rows_per_site=args.rows_per_site, test_rows=args.test_rows)
+                        sites=args.sites, rows_per_site=args.rows_per_site, test_rows=args.test_rows,
+                        centre=args.centre)
     elif args.stage == "select":
         stage_select(args.out, proxy=args.proxy)
     else:

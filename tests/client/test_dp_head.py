@@ -69,7 +69,7 @@ def test_a_dp_reply_carries_the_heads_release_and_both_charges(site, tmp_path):
     assert charges[True]["state"] == "settled" and charges[True]["epsilon"] == 2.0
     assert charges[False]["id"] == reply["meta"]["contribution-id"]
     assert charges[True]["id"] == meta["contribution-id"] == f"{charges[False]['id']}:head"
-    spent = PrivacyBudget(tmp_path / "state" / PrivacyBudget.FILE_NAME, "site-a").spent()[0]
+    spent = PrivacyBudget(tmp_path / "state" / PrivacyBudget.FILE_NAME, "site-a").spent[0]
     assert spent == pytest.approx(charges[False]["epsilon"] + 2.0) and spent <= 7.0
 
 
@@ -78,7 +78,7 @@ def test_a_budget_that_cannot_pay_for_both_refuses_before_any_charge(site, tmp_p
     node = site["node_config"] | {"state-dir": str(tmp_path / "state")}
     reply = train(site, node)  # 4 (DP-TAFT) + 2 (head) > 5
     assert reply["error"]["code"] == "budget_exhausted"
-    assert PrivacyBudget(tmp_path / "state" / PrivacyBudget.FILE_NAME, "site-a").spent() == (0.0, 0.0)
+    assert PrivacyBudget(tmp_path / "state" / PrivacyBudget.FILE_NAME, "site-a").spent == (0.0, 0.0)
 
 
 def test_a_head_epsilon_above_the_sites_max_is_refused(site, tmp_path):
