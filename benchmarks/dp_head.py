@@ -86,7 +86,7 @@ def prepare(z, y, z_eval, *, centre_kind, proj_dim, pieces=None, centre_sigma=0.
         if pieces is not None:
             raise ValueError("the synthetic centre is of the full base vector")
     elif centre_kind == "dp":
-        noise = centre_sigma * np.sqrt(SITES)
+        noise = centre_sigma * np.sqrt(2 * SITES)  # (Σz, n) has sensitivity √2
         centre = (scale * z.sum(axis=0, dtype=np.float64) + rng.normal(0, noise, z.shape[1])) / (
             scale * len(z) + rng.normal(0, noise))
     else:
@@ -226,7 +226,8 @@ def stage_federated(out: Path, proj_dim: int, epsilons=EPSILONS, seeds: int = 3,
         if len(epsilons) != 1:
             raise ValueError("the DP-mean centre is released at one ε: pass one")
         weights = (0.05, 0.6, 0.34, 0.01)
-        sigma = dp.Allocation.from_weights(epsilons[0], DELTA, weights).sigma_mean
+        # (Σz, n) of one site has L2 sensitivity √2 (‖z‖ = 1, one count)
+        sigma = dp.Allocation.from_weights(epsilons[0], DELTA, weights).sigma_mean * np.sqrt(2)
         mean_rng = np.random.default_rng(4)
         sums = sum(zt[rows].sum(axis=0, dtype=np.float64) + mean_rng.normal(0, sigma, zt.shape[1]) for rows in site_rows)
         count = sum(len(rows) + mean_rng.normal(0, sigma) for rows in site_rows)
