@@ -224,6 +224,8 @@ def train(content: RecordDict, node_config, run_config, site: str) -> RecordDict
     spec, model, digest = _check_spec(content)
     # a DP run sends statistics only as the DP head's release (client/dp_head.py)
     extractor = _check_features(content, spec) if request is None or head is not None else None
+    if head is not None and extractor is None:  # before any data is read or budget charged
+        raise SiteError("bad_request", "a DP head request needs exact-head in the spec")
     model.to(device)  # before load_split: a cache this site has to build is built there too
     data = load_split("train", model, digest, spec.img_size, node_config, run_config)
     privacy = None if request is None else privacy_setup(request, policy, data.num_examples)
@@ -241,8 +243,6 @@ def train(content: RecordDict, node_config, run_config, site: str) -> RecordDict
         reply = {"delta": ArrayRecord(delta), **dp_reply(site, digest, contribution_id, privacy, result,
                                                          train_config_json)}
         if head is not None:
-            if extractor is None:
-                raise SiteError("bad_request", "a DP head request needs exact-head in the spec")
             reply |= dp_head.release(extractor, data, spec.num_classes, head, privacy.target_delta, budget,
                                      contribution_id)
         return RecordDict(reply)

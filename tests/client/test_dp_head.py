@@ -39,8 +39,8 @@ def site(tmp_path_factory):
                             "cache-dir": str(root / "cache")}}
 
 
-def train(site, node_config, centre=None, **config) -> RecordDict:
-    spec = SPEC.to_config() | {"base-digest": site["digest"], "exact-head": True} | FEATURES.to_config()
+def train(site, node_config, centre=None, exact_head=True, **config) -> RecordDict:
+    spec = SPEC.to_config() | {"base-digest": site["digest"], "exact-head": exact_head} | FEATURES.to_config()
     spec["feature-digest"] = site["feature_digest"]
     records = {"spec": ConfigRecord(spec), "config": ConfigRecord(TRAIN | config)}
     if centre is not None:
@@ -85,3 +85,11 @@ def test_a_head_epsilon_above_the_sites_max_is_refused(site, tmp_path):
     node = site["node_config"] | {"max-epsilon": 4.0}
     reply = train(site, node, **{"dp-head-epsilon": 4.5})
     assert reply["error"]["code"] == "epsilon_too_large"
+
+
+def test_a_head_request_without_the_exact_head_is_refused_before_any_charge(site, tmp_path):
+    PrivacyBudget.create(tmp_path / "state" / PrivacyBudget.FILE_NAME, "site-a", 7.0)
+    node = site["node_config"] | {"state-dir": str(tmp_path / "state")}
+    reply = train(site, node, exact_head=False)
+    assert reply["error"]["code"] == "bad_request"
+    assert PrivacyBudget(tmp_path / "state" / PrivacyBudget.FILE_NAME, "site-a").spent == (0.0, 0.0)
