@@ -82,7 +82,7 @@ def prepare(z, y, z_eval, *, centre_kind, proj_dim, pieces=None, centre_sigma=0.
     if centre_kind == "oracle":
         centre = z.mean(axis=0, dtype=np.float64)
     elif centre_kind == "synthetic":  # tangent/exact_head/public_centre.py's images (a seed, no data)
-        centre = np.load(SYNTHETIC_Z).astype(np.float64).mean(axis=0)
+        centre = synthetic_z().astype(np.float64).mean(axis=0)
         if pieces is not None:
             raise ValueError("the synthetic centre is of the full base vector")
     elif centre_kind == "dp":
@@ -108,8 +108,24 @@ def score(exact, xe, ye, allocation, rng, lams, taus, seeds=1):
 
 
 WEIGHTS = (0.05, 0.8, 0.14, 0.01)  # mean, gram, cross, counts
-#: z of public_centre.synthetic_images() (512 images, seed 0), computed once by the driver
+#: z of public_centre.synthetic_images() (512 images, seed 0), computed once (synthetic_z)
 SYNTHETIC_Z = Path("/tmp/dphead/z_synthetic.npy")
+
+
+def synthetic_z() -> np.ndarray:
+    """z of the public synthetic images (tangent/exact_head/public_centre.py), cached in SYNTHETIC_Z."""
+    if not SYNTHETIC_Z.is_file():
+        from tangent.exact_head.feature_spec import FeatureSpec
+        from tangent.exact_head.features import FeatureExtractor
+        from tangent.exact_head.public_centre import synthetic_images
+        from tangent.data.sets import preprocess
+        from tangent.protocol.spec import ModelSpec
+
+        spec = FeatureSpec(pieces=("final_cls", "final_mean", "input_cls", "input_mean", "input_quad"))
+        extractor = FeatureExtractor.from_spec(ModelSpec(reinit=False), spec)
+        SYNTHETIC_Z.parent.mkdir(parents=True, exist_ok=True)
+        np.save(SYNTHETIC_Z, extractor.compute(preprocess(synthetic_images(), extractor.img_size), tokens=False))
+    return np.load(SYNTHETIC_Z)
 
 
 def load_proxy(out: Path):
@@ -221,7 +237,7 @@ def stage_federated(out: Path, proj_dim: int, epsilons=EPSILONS, seeds: int = 3,
     site_rows = np.array_split(chosen, sites)
     weights = (0.0, 0.6, 0.39, 0.01)
     if centre == "synthetic":
-        centre_vector = np.load(SYNTHETIC_Z).astype(np.float64).mean(axis=0)
+        centre_vector = synthetic_z().astype(np.float64).mean(axis=0)
     else:  # "dp": every site releases Σz and its count first (5% of μ² at the largest ε asked for)
         if len(epsilons) != 1:
             raise ValueError("the DP-mean centre is released at one ε: pass one")
