@@ -58,6 +58,8 @@ def head_request(content: RecordDict, config: Mapping[str, Any], policy) -> Head
         weights = tuple(float(w) for w in str(config[WEIGHTS_KEY]).split(",")) if WEIGHTS_KEY in config \
             else DEFAULT_WEIGHTS
         dp.Allocation.from_weights(epsilon, 0.5, weights)  # validates the shares
+        if min(weights[1:]) <= 0:
+            raise ValueError(f"the Gram, class sums and counts each need a share > 0, got {weights}")
     except (TypeError, ValueError) as err:
         raise SiteError("bad_request", f"DP head: {err}") from err
     if dim < 0 or not 1 <= bits <= 24:
