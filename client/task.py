@@ -23,6 +23,7 @@ from typing import Any, Mapping
 
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
+from client import dp_head
 from client.policy import SitePolicy, answers_privately
 from client.site import SiteError, load_split, site_id
 from tangent.protocol.spec import ModelSpec, fresh_model
@@ -263,16 +264,20 @@ def train(content: RecordDict, node_config, run_config, site: str) -> RecordDict
     policy = SitePolicy.from_node_config(node_config)
     config = content.config_records["config"] if "config" in content.config_records else ConfigRecord()
     request = policy.check_request(config)
+    head = None if request is None else dp_head.head_request(content, config, policy)
     budget = None
     if request is not None:
         budget = policy.budget(site)
-        if budget is not None:
-            budget.check(request.target_epsilon, request.requested_delta or request.delta_ceiling)
+        if budget is not None:  # both releases must fit before any data is touched
+            delta = request.requested_delta or request.delta_ceiling
+            budget.check(request.target_epsilon + (head.epsilon if head else 0.0), delta * (2 if head else 1))
     cfg = train_config(config)
     device = site_device(node_config, run_config)
     spec, model, digest = _check_spec(content)
-    # DP runs send no statistics (their DP release is measured offline, docs/exact_head.md)
-    extractor = _check_features(content, spec) if request is None else None
+    # a DP run sends statistics only as the DP head's release (client/dp_head.py)
+    extractor = _check_features(content, spec) if request is None or head is not None else None
+    if head is not None and extractor is None:  # before any data is read or budget charged
+        raise SiteError("bad_request", "a DP head request needs exact-head in the spec")
     model.to(device)  # before load_split: a cache this site has to build is built there too
     # a DP site leaves out rows it cannot use one by one (covered by its ε) instead of refusing
     data = load_split("train", model, digest, spec.img_size, node_config, run_config,
@@ -289,8 +294,12 @@ def train(content: RecordDict, node_config, run_config, site: str) -> RecordDict
              result.loss, result.accuracy, result.wall_s)
     if privacy is not None:
         _remember_contribution(policy, contribution_id, data, result, privacy)
-        return RecordDict({"delta": ArrayRecord(delta), **dp_reply(
-            site, digest, contribution_id, privacy, result, train_config_json)})
+        reply = {"delta": ArrayRecord(delta), **dp_reply(site, digest, contribution_id, privacy, result,
+                                                         train_config_json)}
+        if head is not None:
+            reply |= dp_head.release(extractor, data, spec.num_classes, head, privacy.target_delta, budget,
+                                     contribution_id)
+        return RecordDict(reply)
     metrics = MetricRecord({
         # the loss of the Δ actually sent: after the short-schedule guard when it moved it
         "num-examples": int(result.num_examples),

@@ -1,0 +1,114 @@
+"""A DP site's exact-head release: Gaussian-perturbed statistics beside its DP-TAFT Δw.
+
+The server asks for it with ``dp-head-epsilon`` in the train config (next to ``dp-epsilon``, the
+DP-TAFT fit's) and sends the public row transform: ``dp-head-dim`` and ``dp-head-seed`` (the
+seeded projection) and the centre as the ArrayRecord ``dp-head-centre`` (tangent/exact_head/dp.py).
+The release is a second mechanism on the same data: the site's policy bounds it like any
+contribution (``max-epsilon``), its budget is checked for both releases together before any data
+is touched, and it is charged under its own entry (``<contribution-id>:head``) before the
+statistics are computed and settled once they are out. Its noise is drawn from OS entropy.
+
+The reply carries only the mechanism's output (tangent.exact_head.dp.privatize: noisy Gram, class
+sums and counts; ``n`` and ``sums`` are post-processing of them) and the public parameters of the
+mechanism, never the site's exact count.
+"""
+from __future__ import annotations
+
+import math
+import secrets
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+import numpy as np
+from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
+
+from client.site import SiteError
+from tangent.exact_head import dp
+
+#: the DP head's train-config keys
+EPSILON_KEY, DIM_KEY, SEED_KEY, WEIGHTS_KEY, BITS_KEY = (
+    "dp-head-epsilon", "dp-head-dim", "dp-head-seed", "dp-head-weights", "dp-head-frac-bits")
+CENTRE_RECORD = "dp-head-centre"
+#: μ² shares of (Gram, class sums, counts): the centre is the server's, so no mean block here
+DEFAULT_WEIGHTS = (0.0, 0.6, 0.39, 0.01)
+DEFAULT_FRAC_BITS = 16
+
+
+@dataclass(frozen=True)
+class HeadRequest:
+    epsilon: float
+    transform: dp.RowTransform
+    weights: tuple
+    frac_bits: int
+
+
+def head_request(content: RecordDict, config: Mapping[str, Any], policy) -> HeadRequest | None:
+    """The DP head's request in a DP train message, after the site's policy; None if not asked."""
+    epsilon = float(config.get(EPSILON_KEY, 0.0) or 0.0)
+    if epsilon == 0.0:
+        return None
+    if not (epsilon > 0 and math.isfinite(epsilon)):
+        raise SiteError("bad_request", f"{EPSILON_KEY} must be a positive finite number, got {epsilon}")
+    if policy.max_epsilon is not None and epsilon > policy.max_epsilon:
+        raise SiteError("epsilon_too_large", f"requested head ε={epsilon:g} exceeds this site's "
+                                             f"max-epsilon={policy.max_epsilon:g}")
+    try:
+        dim, seed = int(config.get(DIM_KEY, 0)), int(config.get(SEED_KEY, 0))
+        bits = int(config.get(BITS_KEY, DEFAULT_FRAC_BITS))
+        weights = tuple(float(w) for w in str(config[WEIGHTS_KEY]).split(",")) if WEIGHTS_KEY in config \
+            else DEFAULT_WEIGHTS
+        dp.Allocation.from_weights(epsilon, 0.5, weights)  # validates the shares
+        if min(weights[1:]) <= 0:
+            raise ValueError(f"the Gram, class sums and counts each need a share > 0, got {weights}")
+    except (TypeError, ValueError) as err:
+        raise SiteError("bad_request", f"DP head: {err}") from err
+    if dim < 0 or not 1 <= bits <= 24:
+        raise SiteError("bad_request", f"DP head: {DIM_KEY} must be ≥ 0 and {BITS_KEY} in [1, 24]")
+    centre = None
+    if CENTRE_RECORD in content.array_records:
+        record = content.array_records[CENTRE_RECORD]
+        centre = np.asarray(record["centre"].numpy(), np.float64)
+        if centre.ndim != 1 or not np.isfinite(centre).all():
+            raise SiteError("bad_request", "DP head: the centre must be a finite vector")
+    return HeadRequest(epsilon, dp.RowTransform(centre, dim, seed), weights, bits)
+
+
+def head_statistics(extractor, data, num_classes: int, request: HeadRequest, *, chunk_rows: int = 2048):
+    """The exact integer statistics of the site's transformed rows (never sent as they are)."""
+    from client.stats import site_features
+
+    positions = np.arange(data.num_examples)
+    labels = np.asarray(data.labels)
+    total = None
+    for start in range(0, len(positions), chunk_rows):
+        chunk = positions[start:start + chunk_rows]
+        phi = site_features(extractor, data, chunk)
+        if request.transform.centre is not None and request.transform.centre.shape != (phi.shape[1],):
+            raise SiteError("bad_request", f"DP head: centre of width {request.transform.centre.shape} "
+                                           f"for φ of width {phi.shape[1]}")
+        part = dp.exact_release_stats(request.transform.rows(phi), labels[chunk], num_classes, request.frac_bits)
+        total = part if total is None else total + part
+    return total
+
+
+def release(extractor, data, num_classes: int, request: HeadRequest, delta: float, budget,
+            contribution_id: str) -> dict:
+    """Charge the site's budget, perturb, and return the reply's ``stats`` and ``stats-meta``."""
+    entry = f"{contribution_id}:head"
+    if budget is not None:  # charged before the data is read: a crash after leaves it spent
+        budget.reserve(entry, request.epsilon, delta, kind="exact-head")
+    allocation = dp.Allocation.from_weights(request.epsilon, delta, request.weights)
+    exact = head_statistics(extractor, data, num_classes, request)
+    noisy = dp.privatize(exact, allocation, np.random.default_rng(secrets.randbits(128)))
+    del exact
+    if budget is not None:
+        budget.settle(entry, request.epsilon, delta, kind="exact-head")
+    meta = noisy.meta() | {
+        "feature-digest": extractor.digest(), "dp": True, "dp-head-epsilon": float(request.epsilon),
+        "dp-head-delta": float(delta), "dp-head-noise-variance": float(noisy.dp["noise_variance"]),
+        "dp-head-sigma-gram": allocation.block_sigma("gram"), "dp-head-sigma-cross": allocation.block_sigma("cross"),
+        "dp-head-sigma-counts": allocation.block_sigma("counts"), "dp-head-mechanism": "gaussian-blocks",
+        DIM_KEY: int(request.transform.projection_dim), SEED_KEY: int(request.transform.seed),
+        "contribution-id": entry}
+    record = ArrayRecord({name: Array(array) for name, array in noisy.to_arrays().items()}, keep_input=False)
+    return {"stats": record, "stats-meta": ConfigRecord(meta)}

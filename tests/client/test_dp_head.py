@@ -1,0 +1,95 @@
+"""A DP site's exact-head release through the real ClientApp (real Flower messages, the real
+pretrained ViT-S/14 at img 28, 70 real Fashion-MNIST images): the reply carries the mechanism's
+output only, the budget is charged for both releases, and a budget that cannot pay refuses."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from flwr.app import Array, ArrayRecord, ConfigRecord, Context, Message, RecordDict
+
+from client.client_app import app
+from tangent.exact_head.features import FeatureExtractor, FeatureSpec
+from tangent.exact_head.statistics import SufficientStats
+from tangent.protocol.spec import ModelSpec, build_model
+from tangent.training.budget import PrivacyBudget
+
+pytestmark = [pytest.mark.slow, pytest.mark.usefixtures("flower_server_identity")]
+
+SPEC = ModelSpec(img_size=28, reinit=False)
+FEATURES = FeatureSpec(pieces=("final_cls", "input_mean"), clip_norm=2.0, frac_bits=14)
+TRAIN = {"epochs": 1, "batch-size": 32, "lr": 0.5, "loss": "ce", "kappa": 15.0, "rsl-alpha": 1.0,
+         "l2": 0.0, "radius": 0.0, "seed": 0, "dp": True, "dp-epsilon": 4.0, "dp-delta": 0.0,
+         "dp-max-grad-norm": 1.0, "dp-head-epsilon": 2.0, "dp-head-dim": 16, "dp-head-seed": 1}
+N = 70
+
+
+@pytest.fixture(scope="module")
+def site(tmp_path_factory):
+    from tangent.data.sets import load_fashion_mnist
+
+    root = tmp_path_factory.mktemp("site")
+    x, y = load_fashion_mnist("train")
+    np.savez(root / "train.npz", images=x[:N], labels=y[:N])
+    _, digest = build_model(SPEC)
+    extractor = FeatureExtractor.from_spec(SPEC, FEATURES)
+    return {"root": root, "digest": digest, "feature_digest": extractor.digest(),
+            "node_config": {"site-id": "site-a", "data-path": str(root / "train.npz"),
+                            "cache-dir": str(root / "cache")}}
+
+
+def train(site, node_config, centre=None, exact_head=True, **config) -> RecordDict:
+    spec = SPEC.to_config() | {"base-digest": site["digest"], "exact-head": exact_head} | FEATURES.to_config()
+    spec["feature-digest"] = site["feature_digest"]
+    records = {"spec": ConfigRecord(spec), "config": ConfigRecord(TRAIN | config)}
+    if centre is not None:
+        records["dp-head-centre"] = ArrayRecord({"centre": Array(centre)})
+    msg = Message(RecordDict(records), dst_node_id=42, message_type="train")
+    context = Context(run_id=1, node_id=42, node_config=node_config, state=RecordDict(), run_config={})
+    reply = app(msg, context)
+    assert not reply.has_error(), reply.error
+    return reply.content
+
+
+def test_a_dp_reply_carries_the_heads_release_and_both_charges(site, tmp_path):
+    PrivacyBudget.create(tmp_path / "state" / PrivacyBudget.FILE_NAME, "site-a", 7.0)
+    node = site["node_config"] | {"state-dir": str(tmp_path / "state")}
+    reply = train(site, node, centre=np.full(FEATURES.dim(), 0.01))
+    assert "error" not in reply, reply["error"]["reason"] if "error" in reply else ""
+    assert set(reply.keys()) == {"delta", "metrics", "meta", "stats", "stats-meta"}
+    meta = dict(reply["stats-meta"])
+    assert meta["dp"] is True and meta["dp-head-epsilon"] == 2.0 and meta["num-features"] == 16
+    stats = SufficientStats.from_arrays({k: reply["stats"][k].numpy() for k in reply["stats"]},
+                                        {k: meta[k] for k in ("num-features", "num-classes", "clip-norm", "frac-bits")})
+    # n and s are the noisy blocks' post-processing, not the site's exact values
+    assert stats.n == stats.counts.sum() and np.array_equal(stats.sums, stats.cross.sum(axis=1))
+    record = json.loads((tmp_path / "state" / PrivacyBudget.FILE_NAME).read_text())
+    charges = {c["id"].endswith(":head"): c for c in record["contributions"]}
+    assert charges[True]["state"] == "settled" and charges[True]["epsilon"] == 2.0
+    assert charges[False]["id"] == reply["meta"]["contribution-id"]
+    assert charges[True]["id"] == meta["contribution-id"] == f"{charges[False]['id']}:head"
+    spent = PrivacyBudget(tmp_path / "state" / PrivacyBudget.FILE_NAME, "site-a").spent[0]
+    assert spent == pytest.approx(charges[False]["epsilon"] + 2.0) and spent <= 7.0
+
+
+def test_a_budget_that_cannot_pay_for_both_refuses_before_any_charge(site, tmp_path):
+    PrivacyBudget.create(tmp_path / "state" / PrivacyBudget.FILE_NAME, "site-a", 5.0)
+    node = site["node_config"] | {"state-dir": str(tmp_path / "state")}
+    reply = train(site, node)  # 4 (DP-TAFT) + 2 (head) > 5
+    assert reply["error"]["code"] == "budget_exhausted"
+    assert PrivacyBudget(tmp_path / "state" / PrivacyBudget.FILE_NAME, "site-a").spent == (0.0, 0.0)
+
+
+def test_a_head_epsilon_above_the_sites_max_is_refused(site, tmp_path):
+    node = site["node_config"] | {"max-epsilon": 4.0}
+    reply = train(site, node, **{"dp-head-epsilon": 4.5})
+    assert reply["error"]["code"] == "epsilon_too_large"
+
+
+def test_a_head_request_without_the_exact_head_is_refused_before_any_charge(site, tmp_path):
+    PrivacyBudget.create(tmp_path / "state" / PrivacyBudget.FILE_NAME, "site-a", 7.0)
+    node = site["node_config"] | {"state-dir": str(tmp_path / "state")}
+    reply = train(site, node, exact_head=False)
+    assert reply["error"]["code"] == "bad_request"
+    assert PrivacyBudget(tmp_path / "state" / PrivacyBudget.FILE_NAME, "site-a").spent == (0.0, 0.0)
