@@ -22,7 +22,8 @@ from typing import Any, Mapping
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from client.policy import SitePolicy
-from client.site import SiteError, load_split, site_id
+from client.site import SiteError, load_split, parse_node_config, parse_run_config, parse_train_request, site_id
+from tangent.protocol.config import ConfigError, TrainRequest, as_run_config, parse_bool
 from tangent.protocol.spec import ModelSpec, fresh_model
 
 log = logging.getLogger("taft.client")
@@ -30,10 +31,8 @@ log = logging.getLogger("taft.client")
 #: the site's private map contribution-id -> shard, in its state-dir
 CONTRIBUTIONS_FILE = "contributions.jsonl"
 
-#: config keys -> TrainConfig fields
-TRAIN_KEYS = {"epochs": "epochs", "batch-size": "batch_size", "lr": "lr", "loss": "loss",
-              "kappa": "kappa", "rsl-alpha": "alpha", "l2": "l2", "radius": "radius",
-              "guard-ridge": "guard_ridge"}
+#: the train request's keys that configure local training (recorded in a reply's train-config)
+TRAINING_KEYS = ("epochs", "batch-size", "lr", "loss", "kappa", "rsl-alpha", "l2", "radius", "guard-ridge", "seed")
 
 
 def error_reply(code: str, reason: str, site: str | None = None) -> RecordDict:
@@ -44,13 +43,18 @@ def error_reply(code: str, reason: str, site: str | None = None) -> RecordDict:
 
 
 def _refusals(handler):
-    """Turn every failure of ``handler`` into an error reply (known ones with their own code)."""
+    """Turn every failure of ``handler`` into an error reply (known ones with their own code).
+
+    The node config and the run config are parsed here, once per message, by the parser the
+    server uses (tangent.protocol.config): a key or value it refuses is refused here too."""
     def wrapped(content: RecordDict, node_config: Mapping[str, Any], run_config: Mapping[str, Any]):
         try:
+            node_config = parse_node_config(node_config).to_config()
             site = site_id(node_config)
         except SiteError as err:
             return error_reply(err.code, str(err))
         try:
+            run_config = parse_run_config(run_config).to_config()
             return handler(content, node_config, run_config, site)
         except SiteError as err:
             log.warning("site %s refuses: %s", site, err)
@@ -93,7 +97,10 @@ def _check_spec(content: RecordDict) -> tuple[ModelSpec, Any, str]:
     if "spec" not in content.config_records:
         raise SiteError("bad_request", "message has no 'spec' ConfigRecord")
     record = content.config_records["spec"]
-    spec = ModelSpec.from_config(record)
+    try:
+        spec = ModelSpec.from_config(record)
+    except ConfigError as err:
+        raise SiteError("bad_request", f"spec {err}") from None
     model, digest = fresh_model(spec)
     expected = str(record.get("base-digest", ""))
     if digest != expected:
@@ -105,12 +112,12 @@ def _check_spec(content: RecordDict) -> tuple[ModelSpec, Any, str]:
 
 def site_device(node_config: Mapping[str, Any], run_config: Mapping[str, Any]):
     """Where this site runs the model: node config ``device``, else the run config's (auto)."""
-    from tangent.data.device import DEFAULT, resolve_device
+    from tangent.data.device import resolve_device
 
-    if str(node_config.get("device", "") or ""):
+    if node_config.get("device"):
         value, setting = node_config["device"], "node config device"
     else:
-        value, setting = run_config.get("device", DEFAULT) or DEFAULT, "run config device"
+        value, setting = as_run_config(run_config).device, "run config device"
     try:
         return resolve_device(str(value), setting=setting)
     except ValueError as err:
@@ -140,8 +147,11 @@ def _check_features(content: RecordDict, spec: ModelSpec):
     from tangent.exact_head.feature_spec import FeatureSpec
 
     record = content.config_records["spec"]
-    if not bool(record.get("exact-head", False)):
-        return None
+    try:
+        if not parse_bool("exact-head", record.get("exact-head", False)):
+            return None
+    except ConfigError as err:
+        raise SiteError("bad_request", f"spec {err}") from None
     try:
         feature_spec = FeatureSpec.from_config(record)
     except (ValueError, TypeError) as err:
@@ -167,18 +177,14 @@ def stats_records(extractor, data, num_classes: int) -> dict:
     return {"stats": record, "stats-meta": meta}
 
 
-def train_config(config: Mapping[str, Any]):
+def train_config(request: TrainRequest):
+    """The TrainConfig of a parsed train request: every field set from the request."""
     from tangent.training.trainer import TrainConfig
 
-    values = {field: config[key] for key, field in TRAIN_KEYS.items() if key in config}
-    if "radius" in values:
-        values["radius"] = float(values["radius"]) or None  # 0 = no projection
-    if "guard_ridge" in values:
-        values["guard_ridge"] = float(values["guard_ridge"])
-    for field in ("epochs", "batch_size"):
-        if field in values:
-            values[field] = int(values[field])
-    return TrainConfig(seed=int(config.get("seed", 0)), **values)
+    return TrainConfig(epochs=request.epochs, batch_size=request.batch_size, lr=request.lr, loss=request.loss,
+                       kappa=request.kappa, alpha=request.rsl_alpha, l2=request.l2,
+                       radius=request.radius or None,  # 0 = no projection
+                       guard_ridge=request.guard_ridge, seed=request.seed)
 
 
 def privacy_setup(request, policy, num_examples: int):
@@ -210,13 +216,14 @@ def train(content: RecordDict, node_config, run_config, site: str) -> RecordDict
     # the site's policy first: a request it refuses costs no model build and touches no data
     policy = SitePolicy.from_node_config(node_config)
     config = content.config_records["config"] if "config" in content.config_records else ConfigRecord()
-    request = policy.check_request(config)
+    train_request = parse_train_request(config)
+    request = policy.check_request(train_request)
     budget = None
     if request is not None:
         budget = policy.budget(site)
         if budget is not None:
             budget.check(request.target_epsilon, request.requested_delta or request.delta_ceiling)
-    cfg = train_config(config)
+    cfg = train_config(train_request)
     device = site_device(node_config, run_config)
     spec, model, digest = _check_spec(content)
     # DP runs send no statistics (their DP release is measured offline, docs/exact_head.md)
@@ -229,8 +236,7 @@ def train(content: RecordDict, node_config, run_config, site: str) -> RecordDict
     result = fit(model, data.inputs, data.labels, cfg, privacy=privacy, from_cache=data.from_cache,
                  budget=budget, contribution_id=contribution_id, progress=False, device=device)
     delta = model.delta_state_dict()
-    train_config_json = json.dumps({k: config[k] for k in TRAIN_KEYS if k in config}
-                                   | {"seed": cfg.seed}, sort_keys=True)
+    train_config_json = json.dumps({k: train_request[k] for k in TRAINING_KEYS}, sort_keys=True)
     log.info("site %s: %d examples, loss %.4f, acc %.3f, %.1f s", site, result.num_examples,
              result.loss, result.accuracy, result.wall_s)
     if privacy is not None:
