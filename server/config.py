@@ -12,6 +12,8 @@ The exact head's statistics ledger can never be, or share a file with, the Δ le
 """
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -91,6 +93,54 @@ def remove_sites(run_config) -> list[str]:
 def withdrawal_requests(run_config) -> list[str]:
     """``withdrawal-requests="a.json,b.json"`` -> paths of signed request files on the server."""
     return _comma_list(run_config, "withdrawal-requests")
+
+
+# ----------------------------------------------------------------------------- federation mode
+
+#: the state directory's record of its federation mode, written at its first run
+FEDERATION_RECORD = "federation-mode.json"
+
+
+class FederationModeRefused(ValueError):
+    """A run whose federation-mode is not the one its state directory was created with."""
+
+
+def pin_federation_mode(state: Path, mode: str, registry: Path | None = None) -> str:
+    """Refuse ``mode`` unless it is the state directory's; the first run of a directory records it.
+
+    ``federation-mode`` comes from whoever submits the run: without the pin, adding
+    ``federation-mode='simulation'`` to a deployment's run made an unsigned ``remove-sites`` remove
+    a site and turned identity binding off. A state directory created before the record existed
+    and holding a site registry (only deployments have one) is a deployment. A record that cannot
+    be read refuses every run (fail closed); the operator restores or deletes it by hand.
+    """
+    record = state / FEDERATION_RECORD
+    if record.is_symlink() or (record.exists() and not record.is_file()):
+        raise FederationModeRefused(f"{record} is not a regular file: refused")
+    if record.exists():
+        try:
+            pinned = json.loads(record.read_text())["federation-mode"]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise FederationModeRefused(f"{record} cannot be read ({type(err).__name__}): every run is "
+                                        "refused until the operator restores it") from None
+        if pinned != mode:
+            raise FederationModeRefused(
+                f"federation-mode={mode!r} refused: the state directory {state} was created by a "
+                f"{pinned!r} run ({record}); a state directory never changes its federation mode")
+        return mode
+    legacy_deployment = any(p is not None and p.exists() for p in (registry, state / "registry.json"))
+    pinned = "deployment" if legacy_deployment else mode
+    try:
+        fd = os.open(record, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except FileExistsError:  # another run recorded it first: check against that one
+        return pin_federation_mode(state, mode, registry)
+    with os.fdopen(fd, "w") as handle:
+        json.dump({"federation-mode": pinned}, handle)
+    if pinned != mode:
+        raise FederationModeRefused(f"federation-mode={mode!r} refused: the state directory {state} holds a "
+                                    "site registry, so it belongs to a deployment (recorded in "
+                                    f"{record})")
+    return mode
 
 
 # ----------------------------------------------------------------------------- paths

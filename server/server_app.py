@@ -104,8 +104,11 @@ def main(grid: Grid, context: Context) -> None:
         ledger_path = cfg.ledger_path(run_config, state)
         stats_path = cfg.exact_head_ledger_path(run_config, state, ledger_path)
         registry_path = cfg.site_registry_path(run_config, state)
+        # before any ledger opens: a run in another federation mode changes nothing
+        cfg.pin_federation_mode(state, run_config.federation_mode, registry_path)
         path = cfg.report_path(run_config, state, ledger_path, context.run_id, mode,
-                               protected=tuple(p for p in (registry_path,) if p is not None),
+                               protected=tuple(p for p in (registry_path, state / cfg.FEDERATION_RECORD)
+                                               if p is not None),
                                other_ledgers=(stats_path,))
         _run(grid, context.run_id, run_config, mode, state, ledger_path, registry_path, report, stats_path)
     except BaseException as err:  # recorded, then re-raised: the run still fails
