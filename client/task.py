@@ -254,7 +254,7 @@ def train(content: RecordDict, node_config, run_config, site: str) -> RecordDict
     meta = ConfigRecord({
         "site-id": site, "shard-fingerprint": data.shard_fingerprint, "base-digest": digest,
         "data-digest": data.data_digest, "source": data.source, "from-cache": data.from_cache,
-        "dp": False, "dp-target-epsilon": 0.0, "dp-max-grad-norm": 0.0, "dp-noise-multiplier": 0.0,
+        "dp": False, "dp-epsilon": 0.0, "dp-max-grad-norm": 0.0, "dp-noise-multiplier": 0.0,
         "train-config": train_config_json, "pid": os.getpid()})
     reply = {"delta": ArrayRecord(delta), "metrics": metrics, "meta": meta}
     if extractor is not None:
@@ -274,7 +274,7 @@ def dp_reply(site: str, digest: str, contribution_id: str, privacy, result,
     metrics = MetricRecord({"num-examples": int(privacy.public_examples),
                             "epsilon": float(result.epsilon), "delta": float(result.delta)})
     meta = ConfigRecord({"site-id": site, "base-digest": digest, "contribution-id": contribution_id,
-                         "dp": True, "dp-target-epsilon": float(privacy.target_epsilon),
+                         "dp": True, "dp-epsilon": float(privacy.target_epsilon),
                          "dp-max-grad-norm": float(privacy.max_grad_norm),
                          "dp-noise-multiplier": float(result.noise_multiplier),
                          "train-config": train_config_json})

@@ -95,18 +95,23 @@ def _cmd_show(ledger: Ledger, args) -> int:
               f"{_epsilon_text(privacy['epsilon'])}, δ = {privacy['delta']:.3g}"
               + (f" ({privacy['non_dp']} without DP)" if privacy["non_dp"] else ""))
     for c in contributions:
-        _print_contribution(c)
+        _print_contribution(c, ledger.family)
     return 0
 
 
-def _print_contribution(c: Contribution) -> None:
+def _print_contribution(c: Contribution, family: str) -> None:
     print(f"contribution {c.id}: site {c.site_id} version {c.version} [{c.status}]")
     for field in ("num_examples", "weight", "epsilon", "delta_dp", "dp_settings", "shard_fingerprint",
                   "base_digest", "train_config", "extra", "delta_sha256", "delta_norm", "added_at",
                   "added_in_version", "ended_at", "ended_in_version", "end_reason"):
         value = getattr(c, field)
         if value is not None:
-            print(f"  {field:<18} {json.dumps(value) if isinstance(value, dict) else value}")
+            print(f"  {_label(field, family):<18} {json.dumps(value) if isinstance(value, dict) else value}")
+
+
+def _label(field: str, family: str) -> str:
+    """In a statistics ledger the ``base_digest`` column holds the feature digest: say so."""
+    return "feature_digest" if field == "base_digest" and family == "stats" else field
 
 
 def _cmd_remove(ledger: Ledger, args) -> int:

@@ -84,3 +84,27 @@ def test_deleted_or_absent_budget_record_refuses(budgeted, tmp_path):
 def test_malformed_policy_is_refused(key, value):
     code, reason = refusal({"site-id": "s1", key: value}, **DP)
     assert code == "bad_node_config" and key in reason
+
+
+# ----------------------------------------------------------------------------- one parser on both sides
+
+@pytest.mark.parametrize("value", ["yes", "1", 1, "on"])
+def test_a_dp_value_the_server_refuses_is_refused_by_the_site_too(value):
+    """dp='yes' once made the sites train with DP while the server did not require it: now the
+    site refuses it (bad_request, naming dp), as the server's run-config parser does."""
+    from tangent.protocol.config import ConfigError, RunConfig
+
+    code, reason = refusal({"site-id": "s1"}, **DP | {"dp": value})
+    assert code == "bad_request" and "dp: " in reason
+    with pytest.raises(ConfigError, match="^dp: "):
+        RunConfig.parse({"dp": value})
+    # in the run config the site receives, the same value is refused the same way
+    reply = task.train(RecordDict({"config": ConfigRecord(DP)}), {"site-id": "s1"}, {"dp": value})
+    assert reply["error"]["code"] == "bad_run_config" and "dp: " in reply["error"]["reason"]
+
+
+def test_an_unknown_key_in_the_train_request_or_node_config_is_refused_naming_it():
+    code, reason = refusal({"site-id": "s1"}, **DP | {"dp-target-epsilon": 1.0})
+    assert code == "bad_request" and "dp-target-epsilon" in reason
+    code, reason = refusal({"site-id": "s1", "max-epsilonn": 1.0}, **DP)
+    assert code == "bad_node_config" and "max-epsilonn" in reason

@@ -128,3 +128,14 @@ def test_missing_ledger_is_an_error_not_a_new_file(tmp_path):
     result = taft_ledger("--ledger", str(path), "list")
     assert result.returncode == 2 and "no ledger" in result.stderr
     assert not path.exists()
+
+
+def test_show_labels_a_statistics_ledgers_digest_as_the_feature_digest(tmp_path):
+    from tests.server.exact_head_replies import FEATURE_DIGEST, open_stats_ledger, site_stats
+
+    path = tmp_path / "exact_head.sqlite"
+    with open_stats_ledger(path) as stats:
+        stats.add("1", site_stats(1, 20).to_arrays(), num_examples=20, base_digest=FEATURE_DIGEST)
+    shown = taft_ledger("--ledger", str(path), "show", "1")
+    assert shown.returncode == 0, shown.stderr
+    assert f"feature_digest     {FEATURE_DIGEST}" in shown.stdout and "base_digest" not in shown.stdout

@@ -50,7 +50,7 @@ class SitesGrid(LocalGrid):
                                      "examples-per-s": 1000.0}),
             "meta": ConfigRecord({"site-id": site, "base-digest": str(spec["base-digest"]),
                                   "shard-fingerprint": f"fp-{site}", "data-digest": "d", "source": "test",
-                                  "from-cache": False, "dp": False, "dp-target-epsilon": 0.0,
+                                  "from-cache": False, "dp": False, "dp-epsilon": 0.0,
                                   "dp-max-grad-norm": 0.0, "dp-noise-multiplier": 0.0,
                                   "train-config": json.dumps({"epochs": 1}), "pid": 1})})
         return Message(content, reply_to=msg)
