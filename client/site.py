@@ -29,6 +29,10 @@ from tangent.data.inputs import model_inputs
 from tangent.protocol.config import ConfigError, NodeConfig, RunConfig, TrainRequest, as_run_config
 
 
+#: the file in a site's state-dir holding the spec of the last exact-head train request it accepted
+RUN_SPEC_FILE = "run-spec.json"
+
+
 class SiteError(Exception):
     """A refusal the server must hear about: ``code`` is machine-readable, the text is for people."""
 

@@ -22,7 +22,7 @@ from typing import Any, Mapping
 from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from client.policy import SitePolicy
-from client.site import SiteError, load_split, parse_node_config, parse_run_config, parse_train_request, site_id
+from client.site import RUN_SPEC_FILE, SiteError, load_split, parse_node_config, parse_run_config, parse_train_request, site_id
 from tangent.protocol.config import ConfigError, TrainRequest, as_run_config, parse_bool
 from tangent.protocol.spec import ModelSpec, fresh_model
 
@@ -228,6 +228,8 @@ def train(content: RecordDict, node_config, run_config, site: str) -> RecordDict
     spec, model, digest = _check_spec(content)
     # DP runs send no statistics (their DP release is measured offline, docs/exact_head.md)
     extractor = _check_features(content, spec) if request is None else None
+    if extractor is not None:
+        remember_run_spec(policy.state_dir, content.config_records["spec"])
     model.to(device)  # before load_split: a cache this site has to build is built there too
     data = load_split("train", model, digest, spec.img_size, node_config, run_config)
     privacy = None if request is None else privacy_setup(request, policy, data.num_examples)
@@ -279,6 +281,21 @@ def dp_reply(site: str, digest: str, contribution_id: str, privacy, result,
                          "dp-noise-multiplier": float(result.noise_multiplier),
                          "train-config": train_config_json})
     return {"metrics": metrics, "meta": meta}
+
+
+def remember_run_spec(state_dir, record) -> None:
+    """Save the spec of an accepted exact-head train request as ``<state-dir>/run-spec.json``
+    (0600): the site's tools (client.forget) read the run's model and feature settings from it,
+    never from defaults of their own. Without a state-dir nothing is saved."""
+    if state_dir is None:
+        return
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path = state_dir / RUN_SPEC_FILE
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        json.dump(dict(record), handle, sort_keys=True)
+    os.replace(temporary, path)
 
 
 def _remember_contribution(policy, contribution_id: str, data, result, privacy) -> None:

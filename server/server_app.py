@@ -153,7 +153,7 @@ def _run(grid: Grid, run_id, run_config, mode: str, state: Path, ledger_path: Pa
         opened.callback(evaluation.close)  # its private copy of the test rows goes with the run  # both ledgers open before anything changes: a removal reaches both
         ledger = opened.enter_context(Ledger.open(ledger_path, max_delta_norm=max_norm, expected_base_digest=base_digest,
                                                   weighting=run_config.weighting,
-                                                  expected_spec=expected_spec))
+                                                  expected_spec=expected_spec, model_spec=spec.to_config()))
         stats_ledger = None if exact_head is None else opened.enter_context(Ledger.open(
             stats_path, family="stats", model_card=exact_head.model_card,
             expected_base_digest=exact_head.feature_digest))
