@@ -12,9 +12,10 @@
     taft-ledger export --out DIR [--model-spec JSON]
                                           delta ledger: composed Δ as safetensors; stats ledger:
                                           the exact head (weight, bias; λ by GCV); + manifest.json
-                                          (signed head, signed export statement)
+                                          (signed head, signed export statement); writes the
+                                          ledger's public key beside it (<ledger>.public-key.pem)
     taft-ledger verify-export DIR --public-key PEM
-                                          check an export against the server's public key
+                                          check an export against the server's public key (that file)
     taft-ledger forget REQUEST.json --stats FILE [--delta FILE] --registry R [--stats-ledger PATH]
                                           apply a site's signed forget-samples request to the Δ
                                           ledger and the exact head's stats ledger
@@ -215,7 +216,26 @@ def _cmd_export(ledger: Ledger, args) -> int:
             f"λ = {manifest['lambda']:.4g})" if manifest["family"] == "stats" else "composed Δ")
     print(f"exported model version {manifest['model_version']} ({len(manifest['sites'])} site(s)), {what}, to "
           f"{args.out}; signed by {manifest['public_key_fingerprint']}")
+    key_file = _write_public_key(ledger.path, manifest["public_key"])
+    print(f"the ledger's public key is {key_file}: hand it to the export's users through a channel they trust; "
+          f"they check the export with `taft-ledger verify-export {args.out} --public-key {key_file.name}`")
     return 0
+
+
+def _write_public_key(ledger_path: Path, pem: str) -> Path:
+    """``<ledger>.public-key.pem``: the key verify-export needs, written beside the ledger (a
+    companion file, so no report can overwrite it); an existing different one is an error."""
+    path = ledger_path.with_name(ledger_path.name + ".public-key.pem")
+    if path.exists() or path.is_symlink():
+        if path.is_symlink() or path.read_text() != pem:
+            raise ValueError(f"{path} exists and is not this ledger's public key: refused")
+        return path
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(pem)
+    os.replace(temporary, path)
+    return path
 
 
 def _cmd_verify_export(args) -> int:
