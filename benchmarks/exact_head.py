@@ -32,7 +32,7 @@ from tangent.exact_head.feature_spec import DP_FEATURE_SPECS
 from tangent.exact_head.features import PIECES, QUAD_PIECES, RANDOM_FEATURE_SCALE as RANDOM_SCALE, FeatureExtractor, FeatureSpec
 
 NUM_CLASSES = 10
-BASE = FeatureSpec()  # the four pieces, C = 2, b = 16
+BASE = FeatureSpec(pieces=PIECES, random_features=0, clip_norm=2.0, frac_bits=16)  # the four pieces, C = 2, b = 16
 RANDOM_KS = (512, 1024, 2048, 3072, 4096)
 FRONTIER = ([FeatureSpec(pieces=PIECES[:1]), FeatureSpec(pieces=PIECES[:2]), BASE]
             + [FeatureSpec(random_features=k) for k in RANDOM_KS])

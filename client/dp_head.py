@@ -28,6 +28,7 @@ from tangent.exact_head import dp
 #: the DP head's train-config keys
 EPSILON_KEY, DIM_KEY, SEED_KEY, WEIGHTS_KEY, BITS_KEY = (
     "dp-head-epsilon", "dp-head-dim", "dp-head-seed", "dp-head-weights", "dp-head-frac-bits")
+REQUEST_KEYS = (EPSILON_KEY, DIM_KEY, SEED_KEY, WEIGHTS_KEY, BITS_KEY)
 CENTRE_RECORD = "dp-head-centre"
 #: μ² shares of (Gram, class sums, counts): the centre is the server's, so no mean block here
 DEFAULT_WEIGHTS = (0.0, 0.6, 0.39, 0.01)

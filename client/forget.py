@@ -1,7 +1,7 @@
 r"""Forget samples at a site: recompute its exact-head statistics without them and sign a request.
 
     python -m client.forget --site 3 --key keys/site-3.key --data /data/site-3.npz \
-        --forget-indices forget.txt --replaces <sha256> --out forget-3/
+        --state-dir /srv/site-3/state --forget-indices forget.txt --replaces <sha256> --out forget-3/
 
 - ``--data``: the site's data set as its SuperNode reads it (``data-path``: ``.npz`` with
   ``images``/``labels`` or an ImageFolder directory).
@@ -11,8 +11,11 @@ r"""Forget samples at a site: recompute its exact-head statistics without them a
 - ``--replaces``: the sha256 the server's stats ledger recorded for the site's current statistics
   (the operator reads it with ``taft-ledger --ledger <state>/exact_head.sqlite show SITE``, field
   ``delta_sha256``). A request against statistics that have changed since is refused as stale.
-- The feature options must be the run's (``--feature-digest``, the server's FeatureExtractor digest
-  from the stats ledger's model card, makes the tool refuse a mismatch before anything is signed).
+- The model and feature settings are the run's own, never defaults of this tool: ``--state-dir``
+  (the site's node-config ``state-dir``, where the SuperNode saved the spec of the last training
+  request it accepted as ``run-spec.json``) or ``--run-spec FILE`` (that file, or one the operator
+  hands out). Our feature digest must equal the one recorded there (and ``--feature-digest``, the
+  stats ledger's, if given) before anything is signed.
 - ``--delta FILE``: a Δw safetensors the site retrained on its remaining samples; the request then
   signs its sha256 and the server replaces the site's TAFT Δw instead of retracting it.
 
@@ -46,12 +49,29 @@ from pathlib import Path
 
 import numpy as np
 
+from client.site import RUN_SPEC_FILE
 from client.stats import site_statistics  # the training round's statistics: same φ, same integers
-from tangent.exact_head.feature_spec import KEYS as FEATURE_KEYS, PIECES, FeatureSpec
+from tangent.exact_head.feature_spec import KEYS as FEATURE_KEYS, FeatureSpec
+from tangent.protocol.config import RUN_KEY
 from tangent.protocol.signed_requests import SIGNERS, forget_request, load_private_key
-from tangent.protocol.spec import ModelSpec
+from tangent.protocol.spec import KEYS as MODEL_KEYS, ModelSpec
 
-DEFAULTS = FeatureSpec(random_features=2048)  # FeatureSpec's defaults plus 2,048 random features
+
+def read_run_spec(path: Path) -> tuple[ModelSpec, FeatureSpec, str]:
+    """(model spec, feature spec, feature digest) of a saved spec record; ValueError if incomplete:
+    every key comes from the run, none from a default."""
+    try:
+        record = json.loads(path.read_text())
+    except (OSError, ValueError) as err:
+        raise ValueError(f"run spec {path}: {err}") from None
+    if not isinstance(record, dict):
+        raise ValueError(f"run spec {path}: not a JSON object")
+    needed = [*MODEL_KEYS.values(), *(key for key in FEATURE_KEYS.values() if key in RUN_KEY), "feature-digest"]
+    missing = [key for key in needed if key not in record]
+    if missing:
+        raise ValueError(f"run spec {path} lacks {', '.join(missing)} (a run without the exact head has no "
+                         "statistics to forget)")
+    return ModelSpec.from_config(record), FeatureSpec.from_config(record), str(record["feature-digest"])
 
 
 def read_indices(path: Path, num_rows: int) -> np.ndarray:
@@ -124,21 +144,16 @@ def build_parser() -> argparse.ArgumentParser:
                         help="the stats ledger's sha256 of the site's current statistics")
     parser.add_argument("--out", required=True, type=Path, metavar="DIR")
     parser.add_argument("--delta", type=Path, default=None, help="a Δw retrained without the forgotten rows")
-    parser.add_argument("--feature-digest", default=None, help="the run's feature digest: refuse if ours differs")
-    parser.add_argument("--state-dir", type=Path, default=None,
-                        help="the site's state directory (node config state-dir; default $TAFT_STATE_DIR/site-<id>): "
-                             "a privacy-budget record there makes the tool refuse")
+    parser.add_argument("--feature-digest", default=None, help="the stats ledger's feature digest: refuse if ours differs")
+    spec = parser.add_mutually_exclusive_group(required=True)
+    spec.add_argument("--state-dir", type=Path, metavar="DIR",
+                      help=f"the site's state-dir (node config state-dir): the run's spec is read from "
+                           f"DIR/{RUN_SPEC_FILE}, and a privacy-budget record there makes the tool refuse")
+    spec.add_argument("--run-spec", type=Path, metavar="FILE",
+                      help="the run's spec record (JSON); the site's budget record is then looked for in "
+                           "$TAFT_STATE_DIR/site-<id>")
     parser.add_argument("--require-dp", action="store_true",
                         help="the site requires differential privacy: refuse (there is no DP forget mode)")
-    model = ModelSpec()
-    parser.add_argument("--backbone", default=model.backbone)
-    parser.add_argument("--img-size", type=int, default=model.img_size)
-    parser.add_argument("--num-classes", type=int, default=model.num_classes)
-    for field, key in FEATURE_KEYS.items():
-        default = getattr(DEFAULTS, field)
-        parser.add_argument(f"--{key}", default=",".join(default) if field == "pieces" else default,
-                            type=type(default) if field != "pieces" else str,
-                            help=f"(run config {key}; default %(default)s)" + (f", from {PIECES}" if field == "pieces" else ""))
     return parser
 
 
@@ -157,19 +172,18 @@ def main(argv: list[str] | None = None) -> int:
 
         if not re.fullmatch(r"[0-9a-f]{64}", args.replaces):
             raise ValueError(f"--replaces must be a lowercase hex sha256, got {args.replaces[:70]!r}")
-        feature_spec = FeatureSpec.from_config({key: getattr(args, key.replace("-", "_"))
-                                                for key in FEATURE_KEYS.values()})
-        data = site_data(args.data, args.img_size)
+        model_spec, feature_spec, run_digest = read_run_spec(args.run_spec or args.state_dir / RUN_SPEC_FILE)
+        data = site_data(args.data, model_spec.img_size)
         exclude = read_indices(args.forget_indices, len(data.labels))
         key = load_private_key(args.key)
         delta_sha = hashlib.sha256(args.delta.read_bytes()).hexdigest() if args.delta else None
-        extractor = FeatureExtractor.from_spec(ModelSpec(backbone=args.backbone, img_size=args.img_size,
-                                                         num_classes=args.num_classes), feature_spec)
+        extractor = FeatureExtractor.from_spec(model_spec, feature_spec)
         digest = extractor.digest()
-        if args.feature_digest and args.feature_digest != digest:
-            raise ValueError(f"our feature digest {digest} is not the run's {args.feature_digest}: "
-                             "check the feature options and the backbone weights")
-        stats = site_statistics(extractor, data, args.num_classes, exclude=exclude)
+        for expected in {run_digest, args.feature_digest} - {None}:
+            if expected != digest:
+                raise ValueError(f"our feature digest {digest} is not the run's {expected}: "
+                                 "other backbone weights or library versions at this site")
+        stats = site_statistics(extractor, data, model_spec.num_classes, exclude=exclude)
         blob = stats_bytes(stats, digest)
         document = forget_request(args.site, key, signer=args.signer, forgotten=len(exclude),
                                   stats_sha256=hashlib.sha256(blob).hexdigest(), stats_replaces=args.replaces,

@@ -26,6 +26,11 @@ from typing import Any, Mapping
 import numpy as np
 
 from tangent.data.inputs import model_inputs
+from tangent.protocol.config import ConfigError, NodeConfig, RunConfig, TrainRequest, as_run_config
+
+
+#: the file in a site's state-dir holding the spec of the last exact-head train request it accepted
+RUN_SPEC_FILE = "run-spec.json"
 
 
 class SiteError(Exception):
@@ -34,6 +39,31 @@ class SiteError(Exception):
     def __init__(self, code: str, message: str):
         super().__init__(message)
         self.code = code
+
+
+def parse_node_config(node_config: Mapping[str, Any]) -> NodeConfig:
+    """The node config, parsed by the one parser; refused (``bad_node_config``) naming the key."""
+    try:
+        return NodeConfig.parse(node_config)
+    except ConfigError as err:
+        raise SiteError("bad_node_config", f"node config {err}") from None
+
+
+def parse_run_config(run_config: Mapping[str, Any]) -> RunConfig:
+    """The run config as Flower hands it to the ClientApp, parsed as the server parses it
+    (``bad_run_config`` naming the key)."""
+    try:
+        return RunConfig.parse(run_config)
+    except ConfigError as err:
+        raise SiteError("bad_run_config", f"run config {err}") from None
+
+
+def parse_train_request(config: Mapping[str, Any]) -> TrainRequest:
+    """A train message's ``config`` record (``bad_request`` naming the key)."""
+    try:
+        return TrainRequest.parse(config)
+    except ConfigError as err:
+        raise SiteError("bad_request", f"train request {err}") from None
 
 
 @dataclass
@@ -74,7 +104,7 @@ def site_id(node_config: Mapping[str, Any]) -> str:
 
 
 def cache_dir(node_config: Mapping[str, Any], run_config: Mapping[str, Any]) -> Path | None:
-    value = str(node_config.get("cache-dir", "") or run_config.get("cache-dir", "") or "")
+    value = node_config.get("cache-dir") or as_run_config(run_config).cache_dir
     return Path(value).expanduser() if value else None
 
 
@@ -190,13 +220,13 @@ def simulated_indices(split: str, labels: np.ndarray, partition_id: int, num_par
     """
     from tangent.data.partition import partition
 
-    seed = int(run_config.get("seed", 0))
+    run = as_run_config(run_config)
+    seed = run.seed
     pool = np.arange(len(labels))
-    subset = int(run_config.get("train-subset", 0) or 0) if split == "train" else 0
+    subset = run.train_subset if split == "train" else 0
     if 0 < subset < len(labels):
         pool = np.sort(np.random.default_rng(seed).choice(len(labels), subset, replace=False))
-    shards = partition(labels[pool], num_partitions, scheme=str(run_config.get("partition", "iid")),
-                       alpha=float(run_config.get("dirichlet-alpha", 1.0)), seed=seed)
+    shards = partition(labels[pool], num_partitions, scheme=run.partition, alpha=run.dirichlet_alpha, seed=seed)
     return pool[shards[partition_id]]
 
 
@@ -205,7 +235,7 @@ def _simulated(split, model, base_digest, img_size, node_config, run_config, dir
 
     source = dataset_source(run_config, split)
     if source is None:
-        raise SiteError("no_test_split", f"the run config names no test data set (dataset={run_config.get('dataset')!r}, "
+        raise SiteError("no_test_split", f"the run config names no test data set (dataset={run_config['dataset']!r}, "
                                          "test-dataset empty or 'none'): nothing to evaluate on")
     partition_id, num_partitions = int(node_config["partition-id"]), int(node_config["num-partitions"])
     labels, images_sha, data_digest = _dataset_index(source, split)

@@ -25,7 +25,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, MetricRecord, RecordDict
 
 from client import dp_head
 from client.policy import SitePolicy, answers_privately
-from client.site import SiteError, load_split, site_id
+from client.site import RUN_SPEC_FILE, SiteError, load_split, parse_node_config, parse_run_config, parse_train_request, site_id
+from tangent.protocol.config import ConfigError, TrainRequest, as_run_config, parse_bool
 from tangent.protocol.spec import ModelSpec, fresh_model
 
 log = logging.getLogger("taft.client")
@@ -33,10 +34,8 @@ log = logging.getLogger("taft.client")
 #: the site's private map contribution-id -> shard, in its state-dir
 CONTRIBUTIONS_FILE = "contributions.jsonl"
 
-#: config keys -> TrainConfig fields
-TRAIN_KEYS = {"epochs": "epochs", "batch-size": "batch_size", "lr": "lr", "loss": "loss",
-              "kappa": "kappa", "rsl-alpha": "alpha", "l2": "l2", "radius": "radius",
-              "guard-ridge": "guard_ridge"}
+#: the train request's keys that configure local training (recorded in a reply's train-config)
+TRAINING_KEYS = ("epochs", "batch-size", "lr", "loss", "kappa", "rsl-alpha", "l2", "radius", "guard-ridge", "seed")
 
 
 def error_reply(code: str, reason: str, site: str | None = None) -> RecordDict:
@@ -53,6 +52,7 @@ def error_reply(code: str, reason: str, site: str | None = None) -> RecordDict:
 PRIVATE_REFUSALS = {
     "bad_request": "the request is malformed or incomplete",
     "bad_node_config": "this site's node config is malformed",
+    "bad_run_config": "the run config is malformed",
     "dp_required": "this site trains only with differential privacy; the request has dp=false",
     "epsilon_too_large": "the requested epsilon exceeds this site's per-contribution limit",
     "delta_too_large": "the requested delta exceeds this site's limit",
@@ -78,13 +78,18 @@ def _refusal_reply(content: RecordDict, node_config: Mapping[str, Any], code: st
 
 
 def _refusals(handler):
-    """Turn every failure of ``handler`` into an error reply (known ones with their own code)."""
+    """Turn every failure of ``handler`` into an error reply (known ones with their own code).
+
+    The node config and the run config are parsed here, once per message, by the parser the
+    server uses (tangent.protocol.config): a key or value it refuses is refused here too."""
     def wrapped(content: RecordDict, node_config: Mapping[str, Any], run_config: Mapping[str, Any]):
         try:
+            node_config = parse_node_config(node_config).to_config()
             site = site_id(node_config)
         except SiteError as err:
             return error_reply(err.code, str(err))
         try:
+            run_config = parse_run_config(run_config).to_config()
             return handler(content, node_config, run_config, site)
         except SiteError as err:
             log.warning("site %s refuses: %s", site, err)
@@ -127,7 +132,10 @@ def _check_spec(content: RecordDict) -> tuple[ModelSpec, Any, str]:
     if "spec" not in content.config_records:
         raise SiteError("bad_request", "message has no 'spec' ConfigRecord")
     record = content.config_records["spec"]
-    spec = ModelSpec.from_config(record)
+    try:
+        spec = ModelSpec.from_config(record)
+    except ConfigError as err:
+        raise SiteError("bad_request", f"spec {err}") from None
     model, digest = fresh_model(spec)
     expected = str(record.get("base-digest", ""))
     if digest != expected:
@@ -139,12 +147,12 @@ def _check_spec(content: RecordDict) -> tuple[ModelSpec, Any, str]:
 
 def site_device(node_config: Mapping[str, Any], run_config: Mapping[str, Any]):
     """Where this site runs the model: node config ``device``, else the run config's (auto)."""
-    from tangent.data.device import DEFAULT, resolve_device
+    from tangent.data.device import resolve_device
 
-    if str(node_config.get("device", "") or ""):
+    if node_config.get("device"):
         value, setting = node_config["device"], "node config device"
     else:
-        value, setting = run_config.get("device", DEFAULT) or DEFAULT, "run config device"
+        value, setting = as_run_config(run_config).device, "run config device"
     try:
         return resolve_device(str(value), setting=setting)
     except ValueError as err:
@@ -174,8 +182,11 @@ def _check_features(content: RecordDict, spec: ModelSpec):
     from tangent.exact_head.feature_spec import FeatureSpec
 
     record = content.config_records["spec"]
-    if not bool(record.get("exact-head", False)):
-        return None
+    try:
+        if not parse_bool("exact-head", record.get("exact-head", False)):
+            return None
+    except ConfigError as err:
+        raise SiteError("bad_request", f"spec {err}") from None
     try:
         feature_spec = FeatureSpec.from_config(record)
     except (ValueError, TypeError) as err:
@@ -210,18 +221,14 @@ def stats_records(extractor, data, num_classes: int, node_config: Mapping[str, A
     return {"stats": record, "stats-meta": meta}
 
 
-def train_config(config: Mapping[str, Any]):
+def train_config(request: TrainRequest):
+    """The TrainConfig of a parsed train request: every field set from the request."""
     from tangent.training.trainer import TrainConfig
 
-    values = {field: config[key] for key, field in TRAIN_KEYS.items() if key in config}
-    if "radius" in values:
-        values["radius"] = float(values["radius"]) or None  # 0 = no projection
-    if "guard_ridge" in values:
-        values["guard_ridge"] = float(values["guard_ridge"])
-    for field in ("epochs", "batch_size"):
-        if field in values:
-            values[field] = int(values[field])
-    return TrainConfig(seed=int(config.get("seed", 0)), **values)
+    return TrainConfig(epochs=request.epochs, batch_size=request.batch_size, lr=request.lr, loss=request.loss,
+                       kappa=request.kappa, alpha=request.rsl_alpha, l2=request.l2,
+                       radius=request.radius or None,  # 0 = no projection
+                       guard_ridge=request.guard_ridge, seed=request.seed)
 
 
 def privacy_setup(request, policy, num_examples: int):
@@ -263,7 +270,9 @@ def train(content: RecordDict, node_config, run_config, site: str) -> RecordDict
     # the site's policy first: a request it refuses costs no model build and touches no data
     policy = SitePolicy.from_node_config(node_config)
     config = content.config_records["config"] if "config" in content.config_records else ConfigRecord()
-    request = policy.check_request(config)
+    # the DP head's request keys are read by client.dp_head; every other key by the one parser
+    train_request = parse_train_request({k: v for k, v in config.items() if k not in dp_head.REQUEST_KEYS})
+    request = policy.check_request(train_request)
     head = None if request is None else dp_head.head_request(content, config, policy)
     budget = None
     if request is not None:
@@ -271,13 +280,15 @@ def train(content: RecordDict, node_config, run_config, site: str) -> RecordDict
         if budget is not None:  # both releases must fit before any data is touched
             delta = request.requested_delta or request.delta_ceiling
             budget.check(request.target_epsilon + (head.epsilon if head else 0.0), delta * (2 if head else 1))
-    cfg = train_config(config)
+    cfg = train_config(train_request)
     device = site_device(node_config, run_config)
     spec, model, digest = _check_spec(content)
     # a DP run sends statistics only as the DP head's release (client/dp_head.py)
     extractor = _check_features(content, spec) if request is None or head is not None else None
     if head is not None and extractor is None:  # before any data is read or budget charged
         raise SiteError("bad_request", "a DP head request needs exact-head in the spec")
+    if extractor is not None and request is None:
+        remember_run_spec(policy.state_dir, content.config_records["spec"])
     model.to(device)  # before load_split: a cache this site has to build is built there too
     # a DP site leaves out rows it cannot use one by one (covered by its ε) instead of refusing
     data = load_split("train", model, digest, spec.img_size, node_config, run_config,
@@ -288,8 +299,7 @@ def train(content: RecordDict, node_config, run_config, site: str) -> RecordDict
     result = fit(model, data.inputs, data.labels, cfg, privacy=privacy, from_cache=data.from_cache,
                  budget=budget, contribution_id=contribution_id, progress=False, device=device)
     delta = model.delta_state_dict()
-    train_config_json = json.dumps({k: config[k] for k in TRAIN_KEYS if k in config}
-                                   | {"seed": cfg.seed}, sort_keys=True)
+    train_config_json = json.dumps({k: train_request[k] for k in TRAINING_KEYS}, sort_keys=True)
     log.info("site %s: %d examples, loss %.4f, acc %.3f, %.1f s", site, result.num_examples,
              result.loss, result.accuracy, result.wall_s)
     if privacy is not None:
@@ -311,7 +321,7 @@ def train(content: RecordDict, node_config, run_config, site: str) -> RecordDict
     meta = ConfigRecord({
         "site-id": site, "shard-fingerprint": data.shard_fingerprint, "base-digest": digest,
         "data-digest": data.data_digest, "source": data.source, "from-cache": data.from_cache,
-        "dp": False, "dp-target-epsilon": 0.0, "dp-max-grad-norm": 0.0, "dp-noise-multiplier": 0.0,
+        "dp": False, "dp-epsilon": 0.0, "dp-max-grad-norm": 0.0, "dp-noise-multiplier": 0.0,
         "train-config": train_config_json, "pid": os.getpid()})
     reply = {"delta": ArrayRecord(delta), "metrics": metrics, "meta": meta}
     if extractor is not None:
@@ -331,11 +341,26 @@ def dp_reply(site: str, digest: str, contribution_id: str, privacy, result,
     metrics = MetricRecord({"num-examples": int(privacy.public_examples),
                             "epsilon": float(result.epsilon), "delta": float(result.delta)})
     meta = ConfigRecord({"site-id": site, "base-digest": digest, "contribution-id": contribution_id,
-                         "dp": True, "dp-target-epsilon": float(privacy.target_epsilon),
+                         "dp": True, "dp-epsilon": float(privacy.target_epsilon),
                          "dp-max-grad-norm": float(privacy.max_grad_norm),
                          "dp-noise-multiplier": float(result.noise_multiplier),
                          "train-config": train_config_json})
     return {"metrics": metrics, "meta": meta}
+
+
+def remember_run_spec(state_dir, record) -> None:
+    """Save the spec of an accepted exact-head train request as ``<state-dir>/run-spec.json``
+    (0600): the site's tools (client.forget) read the run's model and feature settings from it,
+    never from defaults of their own. Without a state-dir nothing is saved."""
+    if state_dir is None:
+        return
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path = state_dir / RUN_SPEC_FILE
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        json.dump(dict(record), handle, sort_keys=True)
+    os.replace(temporary, path)
 
 
 def _remember_contribution(policy, contribution_id: str, data, result, privacy) -> None:

@@ -143,7 +143,7 @@ def ledger_summary(path: Path) -> dict[str, Any] | None:
         for c in ledger.contributions():
             last[c.site_id] = {"contribution": c.id, "status": c.status, "added_at": c.added_at,
                                "num_examples": c.num_examples, "ended_at": c.ended_at,
-                               "end_reason": c.end_reason}
+                               "end_reason": c.end_reason, "delta_sha256": c.delta_sha256}
         withdrawn = ledger.withdrawn_sites() if hasattr(ledger, "withdrawn_sites") else []
         return {"version": version.version, "event": version.event, "site_id": version.site_id,
                 "created_at": version.created_at, "active_sites": sorted(
@@ -190,9 +190,14 @@ def render(report: dict[str, Any]) -> str:
         out.append(f"{'?':>6}  {'?':<23}  {str(n['node_id']):>20}  {n['status']:<20}  unknown site (not in registry)")
     for r in report["refused_supernodes"]:
         out.append(f"REFUSED SuperNode: key {r['fingerprint']} ({r['owner']}), {r['attempts']} attempt(s): {r['reason']}")
+    active = {site: c.get("delta_sha256") for site, c in last.items() if c["status"] == "active"}
     for r in report["rejected_replies"]:
         sender = (f"node {r['node_id']} = site {r['registered_site']} (key {_short(r['fingerprint'])})"
                   if r["registered_site"] else f"node {r['node_id']} (not in the registry)")
+        if _unchanged(r, active):
+            # a re-run whose site sent the very Δ it already has recorded: nothing to do, not a fault
+            out.append(f"UNCHANGED reply from {sender}: the same Δ as its active contribution, x{r['count']} (no-op)")
+            continue
         out.append(f"REJECTED reply from {sender}: {r['reason']} x{r['count']} ({r['detail']})")
     for w in report["refused_withdrawals"]:
         out.append(f"REFUSED withdrawal {w['request']} ({w['report']}): {w['detail']}")
@@ -203,6 +208,14 @@ def render(report: dict[str, Any]) -> str:
                    f"active sites: {', '.join(led['active_sites']) or 'none'}")
     # names, reasons and details come from sites, request files and SuperNode logs: shown, never obeyed
     return "\n".join(escape_controls(line) for line in out)
+
+
+def _unchanged(rejection: dict[str, Any], active: dict[str, str | None]) -> bool:
+    """A ``duplicate`` rejection whose Δ is the sending site's active contribution."""
+    if rejection["reason"] != "duplicate" or rejection["registered_site"] != rejection["site_id"]:
+        return False
+    sha = re.search(r"\b[0-9a-f]{64}\b", rejection["detail"])
+    return sha is not None and active.get(rejection["site_id"]) == sha.group(0)
 
 
 def _short(fingerprint: str | None) -> str:

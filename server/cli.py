@@ -17,7 +17,8 @@
     taft-ledger export --out DIR [--model-spec JSON]
                                           delta ledger: composed Δ as safetensors; stats ledger:
                                           the exact head (weight, bias; λ by GCV); + manifest.json
-                                          (signed head, signed export statement)
+                                          (signed head, signed export statement); writes the
+                                          ledger's public key beside it (<ledger>.public-key.pem)
     taft-ledger verify-export DIR [--public-key PEM | --fingerprint SHA256:HEX]
                                           check an export's signed head, its signed statement
                                           (the whole manifest and every file's sha256); pinning
@@ -115,18 +116,23 @@ def _cmd_show(ledger: Ledger, args) -> int:
               f"{_epsilon_text(privacy['epsilon'])}, δ = {privacy['delta']:.3g}"
               + (f" ({privacy['non_dp']} without DP)" if privacy["non_dp"] else ""))
     for c in contributions:
-        _print_contribution(c)
+        _print_contribution(c, ledger.family)
     return 0
 
 
-def _print_contribution(c: Contribution) -> None:
+def _print_contribution(c: Contribution, family: str) -> None:
     _say(f"contribution {c.id}: site {c.site_id} version {c.version} [{c.status}]")
     for field in ("num_examples", "weight", "epsilon", "delta_dp", "dp_settings", "shard_fingerprint",
                   "base_digest", "train_config", "extra", "delta_sha256", "delta_norm", "added_at",
                   "added_in_version", "ended_at", "ended_in_version", "end_reason"):
         value = getattr(c, field)
         if value is not None:
-            _say(f"  {field:<18} {json.dumps(value) if isinstance(value, dict) else value}")
+            _say(f"  {_label(field, family):<18} {json.dumps(value) if isinstance(value, dict) else value}")
+
+
+def _label(field: str, family: str) -> str:
+    """In a statistics ledger the ``base_digest`` column holds the feature digest: say so."""
+    return "feature_digest" if field == "base_digest" and family == "stats" else field
 
 
 def _versions(ledgers: Ledgers) -> str:
@@ -267,7 +273,26 @@ def _cmd_export(ledger: Ledger, args) -> int:
             f"λ = {manifest['lambda']:.4g})" if manifest["family"] == "stats" else "composed Δ")
     _say(f"exported model version {manifest['model_version']} ({len(manifest['sites'])} site(s)), {what}, to "
           f"{args.out}; signed by {manifest['public_key_fingerprint']}")
+    key_file = _write_public_key(ledger.path, manifest["public_key"])
+    _say(f"the ledger's public key is {key_file}: hand it to the export's users through a channel they trust; "
+          f"they check the export with `taft-ledger verify-export {args.out} --public-key {key_file.name}`")
     return 0
+
+
+def _write_public_key(ledger_path: Path, pem: str) -> Path:
+    """``<ledger>.public-key.pem``: the key verify-export needs, written beside the ledger (a
+    companion file, so no report can overwrite it); an existing different one is an error."""
+    path = ledger_path.with_name(ledger_path.name + ".public-key.pem")
+    if path.exists() or path.is_symlink():
+        if path.is_symlink() or path.read_text() != pem:
+            raise ValueError(f"{path} exists and is not this ledger's public key: refused")
+        return path
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o644)
+    with os.fdopen(fd, "w") as handle:
+        handle.write(pem)
+    os.replace(temporary, path)
+    return path
 
 
 def _cmd_verify_export(args) -> int:

@@ -1,120 +1,159 @@
 """Run-config helpers for the ServerApp: what goes to the sites, which mode is in force, where files go.
 
-Every key lives in ``[tool.flwr.app.config]`` of pyproject.toml (kebab-case, overridable with
-``flwr run . --run-config "key=value"``).
+Every key, its type, range and meaning is defined in tangent.protocol.config; its default is in
+``[tool.flwr.app.config]`` of pyproject.toml (overridable with ``flwr run . --run-config "key=value"``).
 
 The run config comes from whoever submitted the run, so the file paths in it are confined: every
 path (``ledger-path``, ``exact-head-ledger-path``, ``report-path``, ``site-registry``,
 ``withdrawal-requests``) is resolved against ``state-dir`` — symlinks followed — and refused when it
 lands outside it, and a report can never overwrite either ledger or one of its companion files
 (WAL, signing key, signed head, the withdrawal nonce store), whatever name or link points there.
-The exact head's statistics ledger (issue 15) can never be, or share a file with, the Δ ledger.
+The exact head's statistics ledger can never be, or share a file with, the Δ ledger.
 """
 from __future__ import annotations
 
+import json
+import os
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
+from tangent.protocol.config import RUN_KEY, as_run_config
 from tangent.protocol.spec import ModelSpec
 
-#: run-config keys forwarded to the sites in the train ``config`` ConfigRecord
-TRAIN_CONFIG_KEYS = ("epochs", "batch-size", "lr", "loss", "kappa", "rsl-alpha", "l2", "radius", "guard-ridge", "seed",
-                     "dp", "dp-epsilon", "dp-delta", "dp-max-grad-norm")
-MODES = ("train", "unlearn")
+MODES = RUN_KEY["mode"].choices
 #: deployment: replies are bound to their authenticated SuperNode through the site registry;
 #: simulation: the local simulation federation, whose sites are partition ids
-FEDERATION_MODES = ("deployment", "simulation")
-DEFAULT_STATE_DIR = "~/.local/state/taft-fl/server"
-DEFAULT_LEDGER = "ledger.sqlite"
-DEFAULT_EXACT_HEAD_LEDGER = "exact_head.sqlite"
+FEDERATION_MODES = RUN_KEY["federation-mode"].choices
 
 
 class PathRefused(ValueError):
     """A run-config path that the ServerApp will not use (outside the state dir, or the ledger's)."""
 
 
-def model_spec(run_config: Mapping[str, Any]) -> ModelSpec:
-    return ModelSpec.from_config(run_config)
+# Each helper takes the RunConfig the ServerApp parsed at its start (tangent.protocol.config); a
+# plain mapping is parsed by the same parser (tests, the simulation driver).
+
+def model_spec(run_config) -> ModelSpec:
+    return ModelSpec.from_config(as_run_config(run_config).to_config())
 
 
-def train_config(run_config: Mapping[str, Any]) -> dict[str, Any]:
-    return {key: run_config[key] for key in TRAIN_CONFIG_KEYS if key in run_config}
+def train_config(run_config) -> dict[str, Any]:
+    """The train request's ``config`` record: every TRAIN_KEYS value, under its run-config name."""
+    return as_run_config(run_config).train_request().to_config()
 
 
-def federation_mode(run_config: Mapping[str, Any]) -> str:
-    """``federation-mode``: "deployment" (the default for anything but the local simulation)."""
-    mode = str(run_config.get("federation-mode", "deployment") or "deployment")
-    if mode not in FEDERATION_MODES:
-        raise ValueError(f"run config federation-mode={mode!r}: use one of {FEDERATION_MODES}")
-    return mode
+def federation_mode(run_config) -> str:
+    return as_run_config(run_config).federation_mode
 
 
-def _flag(run_config: Mapping[str, Any], key: str) -> bool:
-    value = run_config.get(key, False)
-    return value is True or str(value).strip().lower() in ("true", "1")
-
-
-def dp_required(run_config: Mapping[str, Any]) -> bool:
+def dp_required(run_config) -> bool:
     """A run with ``dp=true`` accepts only differentially private replies."""
-    return _flag(run_config, "dp")
+    return as_run_config(run_config).dp
 
 
-def quarantine_enabled(run_config: Mapping[str, Any]) -> bool:
+def quarantine_enabled(run_config) -> bool:
     """``quarantine=true``: replies are held in the quarantine's ledgers until the operator admits
     them (server.quarantine); default off."""
-    return _flag(run_config, "quarantine")
+    return as_run_config(run_config).quarantine
 
 
-def central_evaluation_enabled(run_config: Mapping[str, Any]) -> bool:
-    """``central-evaluation`` (default true): whether the ServerApp evaluates the composed models on
-    its test set. The simulation driver turns it off and evaluates from the ledgers itself, after
-    the run's processes have stopped (``simulations.run --evaluation driver``)."""
-    value = run_config.get("central-evaluation", True)
-    return value is True or str(value).strip().lower() in ("true", "1")
+def central_evaluation_enabled(run_config) -> bool:
+    """``central-evaluation``: whether the ServerApp evaluates the composed models on its test set.
+    The simulation driver turns it off and evaluates from the ledgers itself, after the run's
+    processes have stopped (``simulations.run --evaluation driver``)."""
+    return as_run_config(run_config).central_evaluation
 
 
-def exact_head_requested(run_config: Mapping[str, Any]) -> bool:
-    """``exact-head`` as written in the run config (absent: off, as before issue 15)."""
-    return _flag(run_config, "exact-head")
+def exact_head_requested(run_config) -> bool:
+    """``exact-head`` as the run config says it."""
+    return as_run_config(run_config).exact_head
 
 
-def exact_head_enabled(run_config: Mapping[str, Any]) -> bool:
+def exact_head_enabled(run_config) -> bool:
     """Whether the sites send exact-head statistics this run: ``exact-head=true`` and not a DP run.
 
-    A DP run (``dp=true``) asks for no statistics (contract 7b): the Gaussian release of the
-    statistics is measured offline (benchmarks/exact_head.py), not wired into Flower yet.
+    A DP run (``dp=true``) asks for no statistics: the Gaussian release of the statistics is
+    measured offline (benchmarks/exact_head.py), not wired into Flower yet.
     """
     return exact_head_requested(run_config) and not dp_required(run_config)
 
 
-def feature_spec(run_config: Mapping[str, Any]):
-    """The exact head's ``tangent.exact_head.features.FeatureSpec`` from the run config's keys (its KEYS)."""
+def feature_spec(run_config):
+    """The exact head's ``tangent.exact_head.feature_spec.FeatureSpec`` from the run config's keys."""
     from tangent.exact_head.feature_spec import FeatureSpec
 
-    return FeatureSpec.from_config(run_config)
+    return FeatureSpec.from_config(as_run_config(run_config).to_config())
 
 
-def _comma_list(run_config: Mapping[str, Any], key: str) -> list[str]:
+def _comma_list(run_config, key: str) -> list[str]:
     """``key="a, b,a"`` -> ["a", "b"]: stripped, empty items and duplicates dropped, order kept."""
-    items = [s.strip() for s in str(run_config.get(key, "")).split(",") if s.strip()]
+    items = [s.strip() for s in as_run_config(run_config)[key].split(",") if s.strip()]
     return list(dict.fromkeys(items))
 
 
-def remove_sites(run_config: Mapping[str, Any]) -> list[str]:
+def remove_sites(run_config) -> list[str]:
     """``remove-sites="3,7"`` -> ["3", "7"] (stable site ids, order kept, duplicates dropped)."""
     return _comma_list(run_config, "remove-sites")
 
 
-def withdrawal_requests(run_config: Mapping[str, Any]) -> list[str]:
+def withdrawal_requests(run_config) -> list[str]:
     """``withdrawal-requests="a.json,b.json"`` -> paths of signed request files on the server."""
     return _comma_list(run_config, "withdrawal-requests")
 
 
+# ----------------------------------------------------------------------------- federation mode
+
+#: the state directory's record of its federation mode, written at its first run
+FEDERATION_RECORD = "federation-mode.json"
+
+
+class FederationModeRefused(ValueError):
+    """A run whose federation-mode is not the one its state directory was created with."""
+
+
+def pin_federation_mode(state: Path, mode: str, registry: Path | None = None) -> str:
+    """Refuse ``mode`` unless it is the state directory's; the first run of a directory records it.
+
+    ``federation-mode`` comes from whoever submits the run: without the pin, adding
+    ``federation-mode='simulation'`` to a deployment's run made an unsigned ``remove-sites`` remove
+    a site and turned identity binding off. A state directory created before the record existed
+    and holding a site registry (only deployments have one) is a deployment. A record that cannot
+    be read refuses every run (fail closed); the operator restores or deletes it by hand.
+    """
+    record = state / FEDERATION_RECORD
+    if record.is_symlink() or (record.exists() and not record.is_file()):
+        raise FederationModeRefused(f"{record} is not a regular file: refused")
+    if record.exists():
+        try:
+            pinned = json.loads(record.read_text())["federation-mode"]
+        except (OSError, ValueError, KeyError, TypeError) as err:
+            raise FederationModeRefused(f"{record} cannot be read ({type(err).__name__}): every run is "
+                                        "refused until the operator restores it") from None
+        if pinned != mode:
+            raise FederationModeRefused(
+                f"federation-mode={mode!r} refused: the state directory {state} was created by a "
+                f"{pinned!r} run ({record}); a state directory never changes its federation mode")
+        return mode
+    legacy_deployment = any(p is not None and p.exists() for p in (registry, state / "registry.json"))
+    pinned = "deployment" if legacy_deployment else mode
+    try:
+        fd = os.open(record, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except FileExistsError:  # another run recorded it first: check against that one
+        return pin_federation_mode(state, mode, registry)
+    with os.fdopen(fd, "w") as handle:
+        json.dump({"federation-mode": pinned}, handle)
+    if pinned != mode:
+        raise FederationModeRefused(f"federation-mode={mode!r} refused: the state directory {state} holds a "
+                                    "site registry, so it belongs to a deployment (recorded in "
+                                    f"{record})")
+    return mode
+
+
 # ----------------------------------------------------------------------------- paths
 
-def state_dir(run_config: Mapping[str, Any]) -> Path:
+def state_dir(run_config) -> Path:
     """``state-dir`` (created 0700 if absent), absolute with symlinks resolved."""
-    value = str(run_config.get("state-dir", "") or DEFAULT_STATE_DIR)
+    value = as_run_config(run_config).state_dir
     path = Path(value).expanduser()
     if not path.is_absolute():
         raise PathRefused(f"state-dir={value!r} must be an absolute path (or start with ~)")
@@ -134,18 +173,18 @@ def confine(state: Path, value: str, key: str) -> Path:
     return resolved
 
 
-def ledger_path(run_config: Mapping[str, Any], state: Path) -> Path:
-    return confine(state, str(run_config.get("ledger-path", "") or DEFAULT_LEDGER), "ledger-path")
+def ledger_path(run_config, state: Path) -> Path:
+    return confine(state, as_run_config(run_config).ledger_path, "ledger-path")
 
 
-def exact_head_ledger_path(run_config: Mapping[str, Any], state: Path, ledger: Path) -> Path:
-    """``exact-head-ledger-path`` (default "exact_head.sqlite"), confined like ``ledger-path``.
+def exact_head_ledger_path(run_config, state: Path, ledger: Path) -> Path:
+    """``exact-head-ledger-path``, confined like ``ledger-path``.
 
     Refused when it, or any of its companion files, is the Δ ledger or one of the Δ ledger's
     companions (or the other way round): two ledgers writing one file would corrupt both, and
     a shared signing key or head file would let one ledger's head stand for the other's.
     """
-    value = str(run_config.get("exact-head-ledger-path", "") or DEFAULT_EXACT_HEAD_LEDGER)
+    value = as_run_config(run_config).exact_head_ledger_path
     path = confine(state, value, "exact-head-ledger-path")
     if _ledgers_collide(path, ledger):
         raise PathRefused(f"exact-head-ledger-path={value!r} names {path}, which collides with the Δ ledger "
@@ -161,8 +200,8 @@ def _ledgers_collide(a: Path, b: Path) -> bool:
     return bool({p.resolve() for p in ledger_files(a)} & {p.resolve() for p in ledger_files(b)})
 
 
-def site_registry_path(run_config: Mapping[str, Any], state: Path) -> Path | None:
-    value = str(run_config.get("site-registry", "") or "")
+def site_registry_path(run_config, state: Path) -> Path | None:
+    value = as_run_config(run_config).site_registry
     return confine(state, value, "site-registry") if value else None
 
 
@@ -200,7 +239,7 @@ KEPT_DIRECTORIES = ("keys", "certs", "public-keys", "requests", "flwr-home")
 MAX_REPORT_CHECK_BYTES = 64 * 1024 * 1024
 
 
-def report_path(run_config: Mapping[str, Any], state: Path, ledger: Path, run_id: Any, mode: str,
+def report_path(run_config, state: Path, ledger: Path, run_id: Any, mode: str,
                 protected: tuple[Path, ...] = (), other_ledgers: tuple[Path, ...] = ()) -> Path:
     """``report-path`` if set, else ``<ledger dir>/reports/<mode>-<run id>.json``, both confined to
     the state directory with links resolved (a ``reports`` link out of it is refused).
@@ -212,7 +251,7 @@ def report_path(run_config: Mapping[str, Any], state: Path, ledger: Path, run_id
     (:data:`KEPT_DIRECTORIES`), a name not ending in ``.json``, or an existing file that is not
     an earlier report: a report may replace only a report.
     """
-    value = str(run_config.get("report-path", "") or "")
+    value = as_run_config(run_config).report_path
     if not value:
         return confine(state, str(ledger.parent / "reports" / f"{mode}-{run_id}.json"), "report-path (default)")
     path = confine(state, value, "report-path")

@@ -43,8 +43,9 @@ from typing import Any, Callable, Mapping
 
 import numpy as np
 
+from tangent.protocol.config import as_run_config
+
 log = logging.getLogger("taft.server")
-DEFAULT_DEVICE = "auto"  # tangent.data.device.DEFAULT (not imported here: tangent.data.device imports torch)
 
 
 def build_inputs(model, base_digest: str, img_size: int, run_config: Mapping[str, Any], source: str):
@@ -59,7 +60,7 @@ def build_inputs(model, base_digest: str, img_size: int, run_config: Mapping[str
         raise ValueError(f"test-dataset {source}: label {int(labels.max())} but the model has {num_classes} "
                          "classes (set num-classes in the run config)")
     indices = evaluation_indices(len(labels), run_config)
-    directory = str(run_config.get("cache-dir", "") or "")
+    directory = as_run_config(run_config).cache_dir
     if directory:
         inputs, from_cache = model_inputs(model, base_digest, images, indices, img_size,
                                           Path(directory).expanduser(), data_digest=images_digest(images))
@@ -81,10 +82,11 @@ def build_inputs(model, base_digest: str, img_size: int, run_config: Mapping[str
 
 def evaluation_indices(num_rows: int, run_config: Mapping[str, Any]) -> np.ndarray:
     """The test rows evaluated: all, or a seeded ``eval-subset`` of them (sorted)."""
-    subset = int(run_config.get("eval-subset", 0) or 0)
+    run = as_run_config(run_config)
+    subset = run.eval_subset
     indices = np.arange(num_rows)
     if 0 < subset < num_rows:
-        rng = np.random.default_rng(int(run_config.get("seed", 0)))
+        rng = np.random.default_rng(run.seed)
         indices = np.sort(rng.choice(num_rows, subset, replace=False))
     return indices
 
@@ -96,7 +98,7 @@ def evaluation_features(extractor, inputs, from_tokens: bool, img_size: int, run
     images (the rows :func:`evaluation_indices` picks, in the same order)."""
     from tangent.data.sets import load_dataset, preprocess
 
-    directory = str(run_config.get("cache-dir", "") or "")
+    directory = as_run_config(run_config).cache_dir
     if directory or not from_tokens:
         images, labels = load_dataset(source, "test")
         indices = evaluation_indices(len(labels), run_config)
@@ -160,7 +162,7 @@ def prepare_test_inputs(spec_config: dict, base_digest: str, run_config: dict, s
     inputs, labels, from_cache = (build or build_inputs)(model, base_digest, spec.img_size, run_config, source)
     directory = Path(workdir)
     np.save(directory / "labels.npy", np.asarray(labels))
-    if not str(run_config.get("cache-dir", "") or ""):
+    if not as_run_config(run_config).cache_dir:
         np.save(directory / "tokens.npy", _numpy(inputs))
     facts = {"num_examples": len(labels), "from_cache": bool(from_cache), "build_s": time.perf_counter() - start,
              "phi_s": None, "phi_from": None, "exact_head_error": None}
@@ -272,14 +274,13 @@ class CentralEvaluation:
 
         self.spec_config = dict(spec_config)
         self.base_digest = base_digest
-        self.run_config = dict(run_config)
+        run = as_run_config(run_config)
+        self.run_config = run.to_config()  # a plain dict for the child processes
         self.exact_head_on = bool(exact_head)
-        from server.config import central_evaluation_enabled
-
-        self.switched_off = not central_evaluation_enabled(run_config)
-        self.source = None if self.switched_off else dataset_source(run_config, "test")
-        self.device_setting = str(device or run_config.get("device", DEFAULT_DEVICE) or DEFAULT_DEVICE)
-        self.timeout = float(timeout if timeout is not None else run_config.get("round-timeout", 3600))
+        self.switched_off = not run.central_evaluation
+        self.source = None if self.switched_off else dataset_source(self.run_config, "test")
+        self.device_setting = str(device or run.device)
+        self.timeout = float(timeout if timeout is not None else run.round_timeout)
         self._build = build or build_inputs  # read here: a test may replace the module's build_inputs
         self._parent = None if workdir is None else Path(workdir)
         self.workdir: Path | None = None
@@ -302,7 +303,7 @@ class CentralEvaluation:
             log.info("central evaluation off: central-evaluation=false")
         else:
             log.info("central evaluation off: no test data set (dataset=%r, test-dataset=%r)",
-                     run_config.get("dataset"), run_config.get("test-dataset"))
+                     evaluation.run_config["dataset"], evaluation.run_config["test-dataset"])
         return evaluation
 
     @property

@@ -12,7 +12,7 @@ Two train-reply forms are accepted (the site's DP policy decides which it sends)
 - non-DP: ``delta`` ArrayRecord; ``metrics`` (num-examples, train-loss, train-accuracy, epsilon=inf,
   delta=0, wall-s, fit-s, examples-per-s); ``meta`` (site-id, base-digest, dp=False, …);
 - DP: ``metrics`` = {num-examples, epsilon, delta} only; ``meta`` = {site-id, base-digest,
-  contribution-id, dp=True, dp-target-epsilon, dp-max-grad-norm, dp-noise-multiplier,
+  contribution-id, dp=True, dp-epsilon, dp-max-grad-norm, dp-noise-multiplier,
   train-config}. shard-fingerprint, data-digest, source, from-cache and pid are optional.
 
 With the exact head on, a non-DP reply also carries the site's sufficient
@@ -335,7 +335,7 @@ def _ledger_meta(meta, metrics: dict, dp: bool, site: str) -> dict[str, Any]:
         raise Rejected("bad_meta", f"contribution-id {shown(optional['contribution-id'])} is not 128-bit hex",
                        site)
     settings = {"dp": dp}
-    for key, name in (("dp-target-epsilon", "target_epsilon"), ("dp-max-grad-norm", "max_grad_norm"),
+    for key, name in (("dp-epsilon", "target_epsilon"), ("dp-max-grad-norm", "max_grad_norm"),
                       ("dp-noise-multiplier", "noise_multiplier")):
         value = meta.get(key)
         if value is not None and not _number(value):
@@ -432,7 +432,7 @@ def _row_form(record: ArrayRecord, expected: StatsExpectation, num_examples: int
                            f"{name}: shape {shown(declared)}, expected {shapes[name]} (num-examples = {num_examples})",
                            site)
         with stage("stats_bad_arrays", site):
-            arrays[name] = _decode(name, array, dtype_wanted, "stats_bad_arrays", copy=False)
+            arrays[name] = decode_array(name, array, dtype_wanted, "stats_bad_arrays", copy=False)
     with stage("stats_bad_arrays", site):
         stats = stats_of_rows(arrays, expected.num_features, expected.num_classes, expected.clip_norm,
                               expected.frac_bits)

@@ -58,6 +58,7 @@ from server.ledger.ledgers import HELD_LINK, Ledgers, held_path_of, link, stats_
 from server.strategy import LedgerFedAvg, StreamingGrid, composed_arrays, privacy_received
 from server.trust.withdrawal import (NonceStore, SiteRegistry, WithdrawalRefused, apply_withdrawal, nonce_store_path,
                                read_request)
+from tangent.protocol.config import RunConfig, as_run_config
 from tangent.protocol.limits import check_site_id, site_order
 
 log = logging.getLogger("taft.server")
@@ -91,20 +92,23 @@ def _delta(arrays: ArrayRecord) -> dict[str, np.ndarray]:
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     """One run; its report is written whatever happens (a failed run's report says why)."""
-    run_config = context.run_config
     started = time.time()
-    mode = str(run_config.get("mode", "train"))
-    report: dict = {"mode": mode, "run_id": context.run_id, "run_config": dict(run_config)}
+    mode = str(context.run_config.get("mode", "train"))
+    report: dict = {"mode": mode, "run_id": context.run_id, "run_config": dict(context.run_config)}
     state, path = None, None
     try:
-        state = cfg.state_dir(run_config)
-        if mode not in cfg.MODES:
-            raise ValueError(f"run config mode={mode!r}: use one of {cfg.MODES}")
+        # the state directory first, so that a refused run config still leaves its report there
+        state = cfg.state_dir({key: context.run_config[key] for key in ("state-dir",) if key in context.run_config})
+        # parsed once, here: an unknown key or a value out of range refuses the run, naming the key
+        run_config = RunConfig.parse(context.run_config)
         ledger_path = cfg.ledger_path(run_config, state)
         stats_path = cfg.exact_head_ledger_path(run_config, state, ledger_path)
         registry_path = cfg.site_registry_path(run_config, state)
+        # before any ledger opens: a run in another federation mode changes nothing
+        cfg.pin_federation_mode(state, run_config.federation_mode, registry_path)
         path = cfg.report_path(run_config, state, ledger_path, context.run_id, mode,
-                               protected=tuple(p for p in (registry_path,) if p is not None),
+                               protected=tuple(p for p in (registry_path, state / cfg.FEDERATION_RECORD)
+                                               if p is not None),
                                other_ledgers=(stats_path,))
         _run(grid, context.run_id, run_config, mode, state, ledger_path, registry_path, report, stats_path)
     except BaseException as err:  # recorded, then re-raised: the run still fails
@@ -122,6 +126,7 @@ def _run(grid: Grid, run_id, run_config, mode: str, state: Path, ledger_path: Pa
 
     Everything that needs torch (w0, φ's backbone, the evaluation) runs in child processes
     (server.model_process): this process never imports it, so none of it stays resident."""
+    run_config = as_run_config(run_config)
     federation = cfg.federation_mode(run_config)
     witness = cfg.witness_path(state)
     report["witness"] = None if witness is None else str(witness)
@@ -133,14 +138,14 @@ def _run(grid: Grid, run_id, run_config, mode: str, state: Path, ledger_path: Pa
         raise ValueError("federation-mode='deployment' trains only with a site-registry (written by "
                          "deploy.register): every reply is bound to its SuperNode through it")
     spec = cfg.model_spec(run_config)
-    timeout = float(run_config.get("round-timeout", 3600))
+    timeout = run_config.round_timeout
     started = time.perf_counter()
-    described = model_process.call(model_process.describe_model, spec.to_config(), dict(run_config),
+    described = model_process.call(model_process.describe_model, spec.to_config(), run_config.to_config(),
                                    _exact_head_wanted(run_config, mode, stats_path), timeout=timeout)
     base_digest = described["base_digest"]
     expected_spec = {k: tuple(v) for k, v in described["delta_shapes"].items()}
     report["model_setup_s"] = time.perf_counter() - started
-    max_norm = float(run_config.get("max-delta-norm", 0.0) or 0.0) or None
+    max_norm = run_config.max_delta_norm or None  # 0 = no bound
     report |= {"federation_mode": federation, "state_dir": str(state), "spec": spec.to_config(),
                "base_digest": base_digest, "ledger_path": str(ledger_path),
                "site_registry": None if registry_path is None else str(registry_path)}
@@ -152,8 +157,8 @@ def _run(grid: Grid, run_id, run_config, mode: str, state: Path, ledger_path: Pa
     with ExitStack() as opened:
         opened.callback(evaluation.close)  # its private copy of the test rows goes with the run  # both ledgers open before anything changes: a removal reaches both
         ledger = opened.enter_context(Ledger.open(ledger_path, max_delta_norm=max_norm, expected_base_digest=base_digest,
-                                                  weighting=str(run_config.get("weighting", "examples")),
-                                                  expected_spec=expected_spec, witness=witness))
+                                                  weighting=run_config.weighting, expected_spec=expected_spec,
+                                                  model_spec=spec.to_config(), witness=witness))
         stats_ledger = None if exact_head is None else opened.enter_context(Ledger.open(
             stats_path, family="stats", model_card=exact_head.model_card,
             expected_base_digest=exact_head.feature_digest, witness=witness))
@@ -233,8 +238,8 @@ def run_exact_head(spec, run_config, mode: str, stats_path: Path | None, report:
         return None
     started = time.perf_counter()
     if described is None:
-        described = model_process.call(describe_features, spec.to_config(), dict(run_config),
-                                       timeout=float(run_config.get("round-timeout", 3600)))
+        described = model_process.call(describe_features, spec.to_config(), run_config.to_config(),
+                                       timeout=run_config.round_timeout)
     exact_head = ExactHead.from_description(described, spec.to_config())
     report["exact_head"] = exact_head.report() | {"enabled": enabled, "ledger_open": True,
                                                  "ledger_path": str(stats_path),
@@ -273,15 +278,16 @@ def train(grid: Grid, ledgers: Ledger | Ledgers, spec, base_digest: str, evaluat
            binding: SenderBinding | None, report: dict, *, exact_head: ExactHead | None = None) -> None:
     ledgers = Ledgers.of(ledgers)
     ledger = ledgers.delta
-    min_nodes = int(run_config.get("min-nodes", 2))
+    run_config = as_run_config(run_config)
+    min_nodes = run_config.min_nodes
     announced = spec.to_config() | (exact_head.spec_keys() if exact_head is not None else {"exact-head": False})
     strategy = LedgerFedAvg(ledger, announced, base_digest, binding=binding,
                             quarantine=ledgers.held if cfg.quarantine_enabled(run_config) else None,
                             require_dp=cfg.dp_required(run_config),
                             stats_ledger=ledgers.stats if exact_head is not None else None,
                             exact_head=None if exact_head is None else exact_head.expectation,
-                            fraction_train=float(run_config.get("fraction-train", 1.0)),
-                            fraction_evaluate=float(run_config.get("fraction-evaluate", 1.0)),
+                            fraction_train=run_config.fraction_train,
+                            fraction_evaluate=run_config.fraction_evaluate,
                             min_train_nodes=min_nodes, min_evaluate_nodes=min_nodes,
                             min_available_nodes=min_nodes)
     central: dict[int, dict] = {}
@@ -301,8 +307,8 @@ def train(grid: Grid, ledgers: Ledger | Ledgers, spec, base_digest: str, evaluat
     initial = composed_arrays(ledger) if ledger.current_version().total_weight else ArrayRecord()
     try:
         strategy.start(grid=StreamingGrid(grid), initial_arrays=initial,
-                       num_rounds=int(run_config.get("num-rounds", 1)),
-                       timeout=float(run_config.get("round-timeout", 3600)),
+                       num_rounds=run_config.num_rounds,
+                       timeout=run_config.round_timeout,
                        train_config=ConfigRecord(cfg.train_config(run_config)), evaluate_fn=evaluate_fn)
     finally:  # a failed round still reports the rounds before it (main adds the error)
         rounds = [strategy.rounds[r].as_dict() for r in sorted(strategy.rounds)]

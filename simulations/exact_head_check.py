@@ -19,8 +19,6 @@ from pathlib import Path
 
 import numpy as np
 
-#: the stats ledger's file name in the state dir (run config ``exact-head-ledger-path``)
-DEFAULT_LEDGER = "exact_head.sqlite"
 CHUNK_ROWS = 2048
 
 
@@ -28,14 +26,18 @@ def feature_config(config: dict) -> dict | None:
     """The run config's feature spec keys when the exact head is on (not in DP runs: sites send
     no statistics there), else None."""
     from tangent.exact_head.feature_spec import KEYS
+    from tangent.protocol.config import as_run_config
 
-    if not _truthy(config.get("exact-head", False)) or _truthy(config.get("dp", False)):
+    run = as_run_config(config)
+    if not run.exact_head or run.dp:
         return None
-    return {key: config[key] for key in KEYS.values() if key in config}
+    return {key: run[key] for key in KEYS.values() if key in run.KEYS}
 
 
 def stats_ledger_path(config: dict, state_dir: Path) -> Path:
-    path = Path(str(config.get("exact-head-ledger-path", "") or DEFAULT_LEDGER)).expanduser()
+    from tangent.protocol.config import as_run_config
+
+    path = Path(as_run_config(config).exact_head_ledger_path).expanduser()
     return path if path.is_absolute() else state_dir / path
 
 
@@ -106,14 +108,12 @@ def open_stats_ledger(path: Path):
 def test_accuracy(extractor, stats, source: str, config: dict, cache_dir: Path | None) -> tuple[float, float, int]:
     """(accuracy, λ, test images) of the ridge head of ``stats`` (λ by GCV) on the test set (the
     server's ``eval-subset`` rule: a seeded subset, else all of it)."""
+    from server.evaluation import evaluation_indices
     from tangent.exact_head.statistics import solve
 
     head = solve(stats)
     test = PhiRows(extractor, source, "test", cache_dir)
-    rows = np.arange(len(test.labels))
-    subset = int(config.get("eval-subset", 0) or 0)
-    if 0 < subset < len(rows):
-        rows = np.sort(np.random.default_rng(int(config.get("seed", 0))).choice(len(rows), subset, replace=False))
+    rows = evaluation_indices(len(test.labels), config)
     correct = 0
     for chunk, phi in test.chunks(rows):
         correct += int((head.predict(phi) == test.labels[chunk]).sum())
@@ -202,7 +202,3 @@ def removal_check(spec, features: dict, ledger_path: Path, cache_dir: Path | Non
 
 def _site_key(site: str):
     return (0, int(site), "") if site.isdigit() else (1, 0, site)
-
-
-def _truthy(value) -> bool:
-    return value is True or str(value).strip().lower() in ("true", "1", "yes")

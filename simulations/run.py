@@ -774,6 +774,7 @@ def main(argv=None) -> int:
     args = parse_args(argv)
     t0 = time.perf_counter()
     os.environ.setdefault("FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION", "1")
+    from tangent.protocol.config import as_run_config
     from tangent.protocol.spec import ModelSpec  # no torch here: the driver stays small (see in_subprocess)
 
     defaults = pyproject_config()
@@ -810,10 +811,16 @@ def main(argv=None) -> int:
     # what the ServerApp is given: with --evaluation driver it skips its central evaluation
     server_config = run_config | ({"central-evaluation": False} if args.evaluation == "driver" else {})
     ray_address = args.ray_address or os.environ.get("RAY_ADDRESS") or "local"
-    spec = ModelSpec.from_config(defaults | run_config)
+    from tangent.protocol.config import ConfigError
+    try:  # the ServerApp's own parser: a value it would refuse stops the driver before anything starts
+        run = as_run_config(server_config)
+    except ConfigError as err:
+        print(f"error: run config {err}", file=sys.stderr)
+        return 2
+    spec = ModelSpec.from_config(run.to_config())
     from simulations.exact_head_check import feature_config, stats_ledger_path
-    features = feature_config(defaults | run_config)  # None: no exact head in this run
-    stats_ledger = stats_ledger_path(defaults | run_config, run_dir)
+    features = feature_config(run)  # None: no exact head in this run
+    stats_ledger = stats_ledger_path(run, run_dir)
     federation = federation_config(args)
     env = os.environ | {"FLWR_HOME": str(flwr_home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
                         "FLWR_LOCAL_SUPERLINK_HTTP_API_PORT": str(free_port()),
@@ -836,8 +843,8 @@ def main(argv=None) -> int:
     signal.signal(signal.SIGTERM, on_signal)
 
     summary: dict = {"num_clients": args.num_clients, "partition": args.partition, "run_dir": str(run_dir),
-                     "spec": spec.to_config(), "reinit": spec.reinit, "epochs": int((defaults | run_config)["epochs"]),
-                     "lr": float((defaults | run_config)["lr"]), "train_subset": args.train_subset,
+                     "spec": spec.to_config(), "reinit": spec.reinit, "epochs": run.epochs,
+                     "lr": run.lr, "train_subset": args.train_subset,
                      "eval_subset": args.eval_subset, "cpus_per_client": args.cpus_per_client,
                      "cache_dir": str(cache_dir) if cache_dir else None,
                      "dataset": data["sources"]["train"], "test_dataset": data["sources"]["test"],
@@ -848,7 +855,7 @@ def main(argv=None) -> int:
         print(f"[1/5] trunk-token cache{' and φ cache' if features else ''} in {cache_dir}")
         if cache_dir is not None:
             summary["cache_build_s"], summary["cache_built"] = in_subprocess(
-                build_caches, spec, cache_dir, data["sources"], str((defaults | run_config).get("device", "auto")),
+                build_caches, spec, cache_dir, data["sources"], run.device,
                 features)
         else:
             summary["cache_build_s"], summary["cache_built"] = 0.0, False

@@ -116,7 +116,7 @@ class Ledger:
              weighting: str | None = None, expected_spec: Mapping[str, tuple[int, ...]] | None = None,
              create: bool = True, signing_key: str | Path | Ed25519PrivateKey | None = None,
              family: str | None = None, model_card: Mapping[str, Any] | None = None,
-             witness: str | Path | None = None) -> "Ledger":
+             witness: str | Path | None = None, model_spec: Mapping[str, Any] | None = None) -> "Ledger":
         """Open (or create) the ledger at ``path``.
 
         ``max_delta_norm``, ``known_sites`` and ``expected_spec`` (tensor name → shape) are this
@@ -136,6 +136,11 @@ class Ledger:
         append-only file outside the state directory that receives every head this ledger
         publishes. A ledger behind its witness (rolled back) or contradicting it (forked) opens
         read-only: it can be verified, which names the problem, but never changed.
+
+        ``model_spec`` (a Δ ledger: the run's ModelSpec config, from which w0 is rebuilt) is
+        recorded with the ledger, in its signed creation record when the file is new, so that every
+        tool (export, taft-predict) reads the run's spec instead of defaults of its own; opening
+        with another spec is a LedgerError. ``None`` accepts whatever the file holds.
         """
         if family is not None and family not in families.FAMILIES:
             raise ValueError(f"family must be one of {families.FAMILIES}, got {family!r}")
@@ -155,7 +160,7 @@ class Ledger:
             ledger = cls(store, max_delta_norm=max_delta_norm, expected_base_digest=expected_base_digest,
                          known_sites=known_sites, expected_spec=expected_spec, signing_key=key,
                          witness=witnesses.configured(witness))
-            ledger._init_or_check(weighting, create, family, model_card)
+            ledger._init_or_check(weighting, create, family, model_card, model_spec)
             ledger._check_witness()
             if max_delta_norm is None:  # the policy the server recorded applies to every later path in
                 ledger.max_delta_norm = ledger.admission_policy().get("max_delta_norm")
@@ -166,7 +171,7 @@ class Ledger:
         return ledger
 
     def _init_or_check(self, weighting: str | None, create: bool, family: str | None,
-                       model_card: Mapping[str, Any] | None) -> None:
+                       model_card: Mapping[str, Any] | None, model_spec: Mapping[str, Any] | None = None) -> None:
         with self._store.write():
             version = self._store.schema_version()
             if version == 0:
@@ -175,7 +180,7 @@ class Ledger:
                 self._family = families.make(family or "delta", model_card)
                 if self._family.name == "stats" and weighting not in (None, "uniform"):
                     raise LedgerError("a stats ledger weighs every site 1 (weighting 'uniform')")
-                self._create(weighting or "examples")
+                self._create(weighting or "examples", model_spec)
                 return
             if version != SCHEMA_VERSION:
                 raise LedgerError(
@@ -197,18 +202,35 @@ class Ledger:
         pinned = meta.get("base_digest")
         if self.expected_base_digest is not None and pinned is not None and pinned != self.expected_base_digest:
             raise LedgerError(f"{self.path} holds contributions for base {pinned}, not {self.expected_base_digest}")
+        if model_spec is not None:
+            self._check_model_spec(meta, model_spec)
         if self._signer is not None and audit.public_key_pem(self._signer.public_key()) != meta["signing_public_key"]:
             # Readable and verifiable (verify names the mismatch), but never signed with this key.
             self._refuse_writes = f"the signing key given for {self.path} is not the key that signed it"
 
-    def _create(self, weighting: str) -> None:
+    def _check_model_spec(self, meta: Mapping[str, Any], model_spec: Mapping[str, Any]) -> None:
+        """The run's model spec against the recorded one; a ledger from before specs were
+        recorded takes this run's."""
+        if self._family.name != "delta":
+            raise LedgerError(f"{self.path}: a model spec is recorded with a Δ ledger (a stats ledger's is in its card)")
+        pinned = meta.get("model_spec")
+        if pinned is None:
+            with self._store.write():
+                self._store.set_meta("model_spec", dict(model_spec))
+        elif canonical_json(pinned) != canonical_json(dict(model_spec)):
+            raise LedgerError(f"{self.path} was created for another model spec ({_card_difference(pinned, model_spec)})")
+
+    def _create(self, weighting: str, model_spec: Mapping[str, Any] | None = None) -> None:
         if self._signer is None:
             raise LedgerError(f"no signing key for the new ledger {self.path}")
+        if model_spec is not None and self._family.name != "delta":
+            raise LedgerError(f"{self.path}: a model spec is recorded with a Δ ledger (a stats ledger's is in its card)")
         self._store.create_schema()
         settings = {"schema_version": SCHEMA_VERSION, "weighting": weighting,
                     "frac_bits": fixedpoint.FRAC_BITS, "max_abs_value": fixedpoint.MAX_ABS_VALUE,
                     "signing_public_key": audit.public_key_pem(self._signer.public_key()),
-                    "family": self._family.name, **self._family.settings()}
+                    "family": self._family.name, **self._family.settings(),
+                    **({} if model_spec is None else {"model_spec": dict(model_spec)})}
         for key, value in settings.items():
             self._store.set_meta(key, value)
         self._store.set_meta("total_weight", 0)

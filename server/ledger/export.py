@@ -45,8 +45,10 @@ def _finite_or_none(x: float) -> float | None:
 def export(ledger: Ledger, out: Path, *, model_spec: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Write the exported model and its manifest into ``out``; returns the manifest.
 
-    ``model_spec`` (delta ledgers: the ModelSpec config w0 is rebuilt from; a stats ledger has it
-    in its model card) goes into the manifest and the signed statement, for ``taft-predict``."""
+    The model spec (delta ledgers: the ModelSpec config w0 is rebuilt from, recorded in the ledger
+    by the run; a stats ledger has it in its model card) goes into the manifest and the signed
+    statement, for ``taft-predict``. ``model_spec``: only for a ledger that recorded none; one that
+    differs from the recorded spec is refused."""
     # One snapshot: the version, the contributions, the sums and the head describe one state.
     with ledger.snapshot():
         version = ledger.current_version()
@@ -100,8 +102,11 @@ def export(ledger: Ledger, out: Path, *, model_spec: Mapping[str, Any] | None = 
         files = {HEAD_FILE: arrays}
     else:
         assert arrays_digest(composed) == version.composed_sha256 == head["composed_sha256"]
-        manifest.update({"model": "taft-delta", "composed_file": COMPOSED_FILE,
-                         "model_spec": None if model_spec is None else dict(model_spec)})
+        recorded = settings.get("model_spec")  # the run's, recorded by the ServerApp
+        if model_spec is not None and recorded is not None and dict(model_spec) != recorded:
+            raise LedgerError(f"{ledger.path}: the given model spec {dict(model_spec)} is not the run's {recorded}")
+        spec = recorded if model_spec is None else dict(model_spec)
+        manifest.update({"model": "taft-delta", "composed_file": COMPOSED_FILE, "model_spec": spec})
         files = {COMPOSED_FILE: composed}
     out.mkdir(parents=True, exist_ok=True)
     file_digests = {}

@@ -580,9 +580,9 @@ RICH_PIECES = ("final_mean", "input_cls", "input_mean")
 def _exact(ctx: "Context"):
     """Per-context store of the exact head's extractors and pieces (one backbone, shared)."""
     if not hasattr(ctx, "_exact_store"):
-        from tangent.exact_head.features import FeatureExtractor, FeatureSpec
+        from tangent.exact_head.features import PIECES, FeatureExtractor, FeatureSpec
 
-        base = FeatureExtractor.from_spec(ctx.spec, FeatureSpec())
+        base = FeatureExtractor.from_spec(ctx.spec, FeatureSpec(pieces=PIECES))
         if not base.trunk_matches(ctx.taft().trunk):
             raise RuntimeError("the TAFT trunk differs from the pretrained one: cached tokens do not apply")
         ctx._exact_store = {"base": base, "extractors": {}, "pieces": {}}

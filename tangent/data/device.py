@@ -16,8 +16,6 @@ from contextlib import contextmanager
 
 import torch
 
-#: the run config's default (pyproject.toml [tool.flwr.app.config] ``device``)
-DEFAULT = "auto"
 _PATTERN = re.compile(r"auto|cpu|cuda(?::(\d+))?")
 
 

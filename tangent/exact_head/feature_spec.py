@@ -11,7 +11,9 @@ from typing import Any, Mapping
 
 import numpy as np
 
-#: the global pieces (each one 384-vector); FeatureSpec's default
+from tangent.protocol.config import RUN_DEFAULTS, RUN_KEY
+
+#: the global pieces (each one 384-vector)
 PIECES = ("final_cls", "final_mean", "input_cls", "input_mean")
 #: the quadrant pieces (each four 384-vectors)
 QUAD_PIECES = ("final_quad", "input_quad")
@@ -35,14 +37,15 @@ class FeatureSpec:
     grid: φ is stored as integers q = round(φ · 2^b / C), so |q_i| ≤ 2^b.
     """
 
-    pieces: tuple[str, ...] = PIECES
+    # the defaults are the run config's (pyproject.toml)
+    pieces: tuple[str, ...] = tuple(RUN_DEFAULTS["feature-pieces"].split(","))
     #: > 0: a seeded Gaussian projection of the base vector to this many dimensions, renormalized
     #: to norm 1 (public, like Ω): fewer statistics and less DP noise (the noise grows with p)
     projection: int = 0
-    random_features: int = 0
-    random_seed: int = 0
-    clip_norm: float = 2.0
-    frac_bits: int = 16
+    random_features: int = RUN_DEFAULTS["random-features"]
+    random_seed: int = RUN_DEFAULTS["random-seed"]
+    clip_norm: float = RUN_DEFAULTS["clip-norm"]
+    frac_bits: int = RUN_DEFAULTS["frac-bits"]
 
     def __post_init__(self):
         pieces = tuple(self.pieces)
@@ -70,14 +73,14 @@ class FeatureSpec:
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> "FeatureSpec":
-        values = {f: config[k] for f, k in KEYS.items() if k in config}
+        """From a run config or a ``spec`` ConfigRecord (missing keys take the defaults); each
+        run-config value parsed by its key's rule (tangent.protocol.config)."""
+        values = {f: RUN_KEY[k].parse(config[k]) if k in RUN_KEY else config[k]
+                  for f, k in KEYS.items() if k in config}
         if isinstance(values.get("pieces"), str):
             values["pieces"] = tuple(p for p in values["pieces"].split(",") if p)
-        for name in ("projection", "random_features", "random_seed", "frac_bits"):
-            if name in values:
-                values[name] = int(values[name])
-        if "clip_norm" in values:
-            values["clip_norm"] = float(values["clip_norm"])
+        if "projection" in values:  # not a run-config key: only tools and benchmarks set it
+            values["projection"] = int(values["projection"])
         return cls(**values)
 
     def to_config(self) -> dict[str, Any]:

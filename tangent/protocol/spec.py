@@ -9,6 +9,8 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Mapping
 
+from tangent.protocol.config import RUN_DEFAULTS, RUN_KEY
+
 #: spec field -> kebab-case key in the run config and in the ``spec`` ConfigRecord
 KEYS = {"backbone": "backbone", "img_size": "img-size", "seed": "seed",
         "linearized_blocks": "linearized-blocks", "reinit": "reinit",
@@ -17,22 +19,21 @@ KEYS = {"backbone": "backbone", "img_size": "img-size", "seed": "seed",
 
 @dataclass(frozen=True)
 class ModelSpec:
-    backbone: str = "vit_small_patch14_dinov2"
-    img_size: int = 56
-    seed: int = 0
-    linearized_blocks: int = 1
-    reinit: bool = True
-    linearize_cls: bool = False
-    num_classes: int = 10
+    """The base model; its defaults are the run config's (pyproject.toml)."""
+
+    backbone: str = RUN_DEFAULTS["backbone"]
+    img_size: int = RUN_DEFAULTS["img-size"]
+    seed: int = RUN_DEFAULTS["seed"]
+    linearized_blocks: int = RUN_DEFAULTS["linearized-blocks"]
+    reinit: bool = RUN_DEFAULTS["reinit"]
+    linearize_cls: bool = RUN_DEFAULTS["linearize-cls"]
+    num_classes: int = RUN_DEFAULTS["num-classes"]
 
     @classmethod
     def from_config(cls, config: Mapping[str, Any]) -> "ModelSpec":
-        """From a run config or a ``spec`` ConfigRecord (missing keys take the defaults)."""
-        values = {field: config[key] for field, key in KEYS.items() if key in config}
-        spec = cls(**values)
-        return cls(backbone=str(spec.backbone), img_size=int(spec.img_size), seed=int(spec.seed),
-                   linearized_blocks=int(spec.linearized_blocks), reinit=bool(spec.reinit),
-                   linearize_cls=bool(spec.linearize_cls), num_classes=int(spec.num_classes))
+        """From a run config or a ``spec`` ConfigRecord (missing keys take the defaults); each
+        value parsed by its key's rule (tangent.protocol.config: ConfigError names a bad one)."""
+        return cls(**{field: RUN_KEY[key].parse(config[key]) for field, key in KEYS.items() if key in config})
 
     def to_config(self) -> dict[str, Any]:
         """kebab-case keys, for a ConfigRecord (add ``base-digest`` to send it)."""

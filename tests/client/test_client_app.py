@@ -96,7 +96,7 @@ def test_missing_data_path_is_refused_with_an_error_reply(site, tmp_path):
     assert reply["error"]["code"] == "missing_data"
 
 
-DP_META = {"site-id", "base-digest", "contribution-id", "dp", "dp-target-epsilon", "dp-max-grad-norm",
+DP_META = {"site-id", "base-digest", "contribution-id", "dp", "dp-epsilon", "dp-max-grad-norm",
            "dp-noise-multiplier", "train-config"}
 
 

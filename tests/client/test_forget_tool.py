@@ -9,7 +9,8 @@ import types
 import numpy as np
 import pytest
 
-from client.forget import site_data, main, site_statistics
+from client.forget import main, read_run_spec, site_data, site_statistics
+from client.task import remember_run_spec
 from deploy.pki import create_site_key
 from server.trust.forgetting import apply_forget_file
 from server.ledger import Ledger
@@ -22,8 +23,6 @@ from tangent.protocol.spec import ModelSpec
 from tests.helpers import registry_entry, write_registry
 
 SPEC = FeatureSpec(pieces=("final_cls", "input_mean"), random_features=16, random_seed=5, frac_bits=12)
-OPTIONS = ["--feature-pieces", "final_cls,input_mean", "--random-features", "16", "--random-seed", "5",
-           "--frac-bits", "12"]
 FORGET = [2, 7, 11]
 
 
@@ -37,7 +36,11 @@ def site(tmp_path_factory, pretrained_vit):
     _, pub = create_site_key(tmp / "keys", "3")
     write_registry(tmp / "registry.json", {"3": registry_entry(pub)})
     extractor = FeatureExtractor(pretrained_vit, SPEC, img_size=56)
-    return types.SimpleNamespace(tmp=tmp, images=images, labels=labels, extractor=extractor)
+    # the spec record the SuperNode saved when it accepted the run's train request (client.task)
+    remember_run_spec(tmp / "site-state", ModelSpec(img_size=56, num_classes=10).to_config() | SPEC.to_config()
+                      | {"exact-head": True, "feature-digest": extractor.digest(), "base-digest": "b" * 64})
+    return types.SimpleNamespace(tmp=tmp, images=images, labels=labels, extractor=extractor,
+                                 options=["--state-dir", str(tmp / "site-state")])
 
 
 @pytest.fixture(autouse=True)
@@ -65,7 +68,7 @@ def test_the_tool_forgets_rows_and_the_server_accepts_it_bit_for_bit(site):
         out = tmp / "out"
         assert main(["--site", "3", "--key", str(tmp / "keys" / "site-3.key"), "--data", str(tmp / "site-3.npz"),
                      "--forget-indices", str(tmp / "forget.txt"), "--replaces", replaces, "--out", str(out),
-                     "--feature-digest", digest, *OPTIONS]) == 0
+                     "--feature-digest", digest, *site.options]) == 0
         request, stats_file = out / "forget-3.json", out / "stats-3.safetensors"
         assert all(oct(p.stat().st_mode & 0o777) == "0o600" for p in (request, stats_file))
         assert json.loads(request.read_text())["payload"]["forgotten"] == 3
@@ -91,7 +94,7 @@ def test_bad_forget_indices_are_refused_before_anything_is_signed(site, capsys, 
     bad.write_text(rows)
     out = site.tmp / "bad-out"
     assert main(["--site", "3", "--key", str(site.tmp / "keys" / "site-3.key"), "--data", str(site.tmp / "site-3.npz"),
-                 "--forget-indices", str(bad), "--replaces", "a" * 64, "--out", str(out), *OPTIONS]) == 2
+                 "--forget-indices", str(bad), "--replaces", "a" * 64, "--out", str(out), *site.options]) == 2
     assert message in capsys.readouterr().err and not out.exists()
 
 
@@ -99,7 +102,7 @@ def test_a_feature_digest_mismatch_is_refused(site, capsys):
     out = site.tmp / "mismatch-out"
     assert main(["--site", "3", "--key", str(site.tmp / "keys" / "site-3.key"), "--data", str(site.tmp / "site-3.npz"),
                  "--forget-indices", str(site.tmp / "forget.txt"), "--replaces", "a" * 64, "--out", str(out),
-                 "--feature-digest", "0" * 64, *OPTIONS]) == 2
+                 "--feature-digest", "0" * 64, *site.options]) == 2
     assert "is not the run's" in capsys.readouterr().err and not out.exists()
 
 
@@ -119,9 +122,30 @@ def test_a_dp_site_is_refused_before_its_data_is_read(site, capsys, site_state_r
     state = {"default-state-dir": site_state_root / "site-3", "state-dir": tmp_path / "elsewhere"}.get(how)
     if state is not None:
         PrivacyBudget.create(state / PrivacyBudget.FILE_NAME, "3", 8.0)
-    extra = {"state-dir": ["--state-dir", str(state)], "require-dp": ["--require-dp"]}.get(how, [])
+    run_spec = ["--run-spec", str(site.tmp / "site-state" / "run-spec.json")]
+    extra = {"state-dir": ["--state-dir", str(state)], "require-dp": ["--require-dp", *run_spec]}.get(how, run_spec)
     out = tmp_path / "out"
     assert main(["--site", "3", "--key", str(site.tmp / "keys" / "site-3.key"), "--data", str(site.tmp / "site-3.npz"),
                  "--forget-indices", str(site.tmp / "forget.txt"), "--replaces", "a" * 64, "--out", str(out),
-                 *extra, *OPTIONS]) == 2
+                 *extra]) == 2
     assert "is a DP site" in capsys.readouterr().err and not out.exists()
+
+
+def test_the_tool_reads_every_setting_from_the_runs_spec_and_refuses_an_incomplete_one(tmp_path, capsys):
+    """The tool once defaulted to 4 pieces + 2,048 random features while the run used input_quad and
+    none: now there is no default to disagree with."""
+    record = ModelSpec(img_size=28, reinit=False).to_config() | FeatureSpec(random_features=0).to_config() \
+        | {"feature-digest": "f" * 64}
+    remember_run_spec(tmp_path / "state", record)
+    assert oct((tmp_path / "state" / "run-spec.json").stat().st_mode & 0o777) == "0o600"
+    model_spec, feature_spec, digest = read_run_spec(tmp_path / "state" / "run-spec.json")
+    assert model_spec == ModelSpec(img_size=28, reinit=False) and digest == "f" * 64
+    assert feature_spec == FeatureSpec(random_features=0) and "input_quad" in feature_spec.pieces
+    (tmp_path / "partial.json").write_text(json.dumps({k: v for k, v in record.items() if k != "random-features"}))
+    with pytest.raises(ValueError, match="lacks random-features"):
+        read_run_spec(tmp_path / "partial.json")
+    (tmp_path / "rows.txt").write_text("1\n")
+    assert main(["--site", "3", "--key", str(tmp_path / "none.key"), "--data", str(tmp_path / "none.npz"),
+                 "--forget-indices", str(tmp_path / "rows.txt"), "--replaces", "a" * 64, "--out",
+                 str(tmp_path / "out"), "--state-dir", str(tmp_path / "empty")]) == 2
+    assert "run-spec.json" in capsys.readouterr().err and not (tmp_path / "out").exists()

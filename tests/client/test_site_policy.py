@@ -168,3 +168,27 @@ def test_delta_stays_below_one_over_the_true_n():
         config = task.privacy_setup(SitePolicy().check_request(DP), SitePolicy(declared_examples=declared), n)
         assert config.target_delta < 1 / n
     assert task.privacy_setup(request, SitePolicy(), 50_000).target_delta == 1e-5  # 1/(2·32768) > 1e-5
+
+
+# ----------------------------------------------------------------------------- one parser on both sides
+
+@pytest.mark.parametrize("value", ["yes", "1", 1, "on"])
+def test_a_dp_value_the_server_refuses_is_refused_by_the_site_too(value, refusal):
+    """dp='yes' once made the sites train with DP while the server did not require it: now the
+    site refuses it (bad_request, naming dp), as the server's run-config parser does."""
+    from tangent.protocol.config import ConfigError, RunConfig
+
+    code, log = refusal({"site-id": "s1"}, **DP | {"dp": value})
+    assert code == "bad_request" and "dp: " in log
+    with pytest.raises(ConfigError, match="^dp: "):
+        RunConfig.parse({"dp": value})
+    # in the run config the site receives, the same value is refused the same way
+    reply = task.train(RecordDict({"config": ConfigRecord(DP)}), {"site-id": "s1"}, {"dp": value})
+    assert reply["error"]["code"] == "bad_run_config"
+
+
+def test_an_unknown_key_in_the_train_request_or_node_config_is_refused_naming_it(refusal):
+    code, log = refusal({"site-id": "s1"}, **DP | {"dp-target-epsilon": 1.0})
+    assert code == "bad_request" and "dp-target-epsilon" in log
+    code, log = refusal({"site-id": "s1", "max-epsilonn": 1.0}, **DP)
+    assert code == "bad_node_config" and "max-epsilonn" in log

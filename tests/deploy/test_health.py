@@ -73,3 +73,30 @@ def test_cli_without_a_superlink_reports_it_and_fails(tmp_path, capsys):
     assert main(["--state", str(tmp_path), "--json", "--wait", "0.5"]) == 1
     report = json.loads(capsys.readouterr().out)
     assert report["superlink_error"] and [s["site_id"] for s in report["sites"]] == ["1", "2"]
+
+
+def test_a_rerun_sending_its_recorded_delta_again_shows_as_unchanged_not_rejected(tmp_path):
+    import numpy as np
+
+    from deploy.health import ledger_summary
+    from server.ledger import Ledger
+
+    registry = _state(tmp_path)
+    with Ledger.open(tmp_path / "ledger.sqlite") as ledger:
+        ledger.add("1", {"w": np.ones(3, np.float32)}, 10)
+        ledger.add("2", {"w": np.full(3, 2, np.float32)}, 10)
+        ledger.replace("2", {"w": np.full(3, 3, np.float32)}, 10)  # site 2's first Δ is replaced
+        recorded = {c.site_id: c.delta_sha256 for c in ledger.contributions()}  # the last per site
+        first_of_2 = next(c.delta_sha256 for c in ledger.contributions() if c.status == "replaced")
+    node = {site: registry["sites"][site]["node_id"] for site in ("1", "2")}
+    (tmp_path / "reports").mkdir()
+    (tmp_path / "reports" / "train-2.json").write_text(json.dumps({"rounds": [{"rejections": [
+        {"site_id": "1", "node_id": node["1"], "reason": "duplicate", "detail": f"Δ {recorded['1']} was recorded before"},
+        {"site_id": "2", "node_id": node["2"], "reason": "duplicate", "detail": f"Δ {first_of_2} was recorded before"},
+    ]}]}))
+    text = render({"superlink_error": None, "sites": [], "unknown_nodes": [], "refused_supernodes": [],
+                   "rejected_replies": rejected_replies(tmp_path, registry), "refused_withdrawals": [],
+                   "ledger": ledger_summary(tmp_path / "ledger.sqlite")})
+    assert "UNCHANGED reply from node" in text and "site 1" in text.split("UNCHANGED")[1].split("\n")[0]
+    # a replayed *old* Δ is not the active one: still a rejection the operator should see
+    assert any(line.startswith("REJECTED reply") and "= site 2" in line for line in text.splitlines())

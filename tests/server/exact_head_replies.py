@@ -70,7 +70,7 @@ def reply_parts(site: str, d: dict, num_examples: int, *, dp: bool = False, stat
     if dp:
         metrics = {"num-examples": num_examples, "epsilon": 2.0, "delta": 1e-6}
         meta = {"site-id": site, "base-digest": digest, "contribution-id": "ab" * 16, "dp": True,
-                "dp-target-epsilon": 2.0, "dp-max-grad-norm": 1.0, "dp-noise-multiplier": 1.1,
+                "dp-epsilon": 2.0, "dp-max-grad-norm": 1.0, "dp-noise-multiplier": 1.1,
                 "train-config": json.dumps({"epochs": 1, "dp": True})}
     else:
         metrics = {"num-examples": num_examples, "train-loss": 1.0, "train-accuracy": 0.5, "epsilon": math.inf,

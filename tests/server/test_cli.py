@@ -129,3 +129,29 @@ def test_missing_ledger_is_an_error_not_a_new_file(tmp_path):
     result = taft_ledger("--ledger", str(path), "list")
     assert result.returncode == 2 and "no ledger" in result.stderr
     assert not path.exists()
+
+
+def test_show_labels_a_statistics_ledgers_digest_as_the_feature_digest(tmp_path):
+    from tests.server.exact_head_replies import FEATURE_DIGEST, open_stats_ledger, site_stats
+
+    path = tmp_path / "exact_head.sqlite"
+    with open_stats_ledger(path) as stats:
+        stats.add("1", site_stats(1, 20).to_arrays(), num_examples=20, base_digest=FEATURE_DIGEST)
+    shown = taft_ledger("--ledger", str(path), "show", "1")
+    assert shown.returncode == 0, shown.stderr
+    assert f"feature_digest     {FEATURE_DIGEST}" in shown.stdout and "base_digest" not in shown.stdout
+
+
+def test_export_writes_the_public_key_that_verify_export_needs(ledger_path, tmp_path):
+    out = tmp_path / "export"
+    result = taft_ledger("--ledger", str(ledger_path), "export", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    key = ledger_path.with_name(ledger_path.name + ".public-key.pem")
+    assert key.name in result.stdout and oct(key.stat().st_mode & 0o777) == "0o644"
+    verified = taft_ledger("verify-export", str(out), "--public-key", str(key))
+    assert verified.returncode == 0 and verified.stdout.startswith("OK"), verified.stdout + verified.stderr
+    # a second export keeps the key file; a different key there is refused, not overwritten
+    assert taft_ledger("--ledger", str(ledger_path), "export", "--out", str(tmp_path / "again")).returncode == 0
+    key.write_text("-----BEGIN PUBLIC KEY-----\nforged\n-----END PUBLIC KEY-----\n")
+    refused = taft_ledger("--ledger", str(ledger_path), "export", "--out", str(tmp_path / "third"))
+    assert refused.returncode != 0 and "public key" in refused.stderr and "forged" in key.read_text()

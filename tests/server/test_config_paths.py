@@ -7,6 +7,7 @@ from pathlib import Path
 import pytest
 
 from server import config as cfg
+from tangent.protocol.config import RUN_DEFAULTS
 
 
 @pytest.fixture
@@ -184,8 +185,8 @@ def test_the_app_config_carries_the_exact_head_keys_of_contract_7a():
     assert cfg.exact_head_enabled(config)
 
 
-def test_exact_head_is_off_when_absent_or_false_and_in_a_dp_run():
-    assert not cfg.exact_head_enabled({})
+def test_exact_head_absent_takes_pyproject_default_and_is_off_when_false_or_in_a_dp_run():
+    assert cfg.exact_head_enabled({}) == RUN_DEFAULTS["exact-head"]  # pyproject's, not a default of the code's
     assert not cfg.exact_head_enabled({"exact-head": False}) and not cfg.exact_head_enabled({"exact-head": "false"})
     assert cfg.exact_head_enabled({"exact-head": "true"})
     assert not cfg.exact_head_enabled({"exact-head": True, "dp": True})

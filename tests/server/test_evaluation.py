@@ -51,7 +51,7 @@ class SitesGrid(LocalGrid):
                                      "examples-per-s": 1000.0}),
             "meta": ConfigRecord({"site-id": site, "base-digest": str(spec["base-digest"]),
                                   "shard-fingerprint": f"fp-{site}", "data-digest": "d", "source": "test",
-                                  "from-cache": False, "dp": False, "dp-target-epsilon": 0.0,
+                                  "from-cache": False, "dp": False, "dp-epsilon": 0.0,
                                   "dp-max-grad-norm": 0.0, "dp-noise-multiplier": 0.0,
                                   "train-config": json.dumps({"epochs": 1}), "pid": 1})})
         return Message(content, reply_to=msg)
@@ -81,7 +81,7 @@ def slow_build(monkeypatch, tmp_path_factory):
 def run_main(tmp_path: Path, **overrides) -> tuple[dict, SitesGrid]:
     run_config = {"mode": "train", "img-size": 28, "reinit": False, "num-classes": 10, "seed": 0,
                   "epochs": 1, "min-nodes": 3, "fraction-evaluate": 0.0, "eval-subset": 64,
-                  "num-rounds": 1, "round-timeout": 60.0, "max-delta-norm": 1000.0, "weighting": "examples",
+                  "num-rounds": 1, "round-timeout": 60.0, "exact-head": False, "max-delta-norm": 1000.0, "weighting": "examples",
                   "ledger-path": str(tmp_path / "ledger.sqlite"), "report-path": str(tmp_path / "report.json"),
                   "federation-mode": "simulation", "state-dir": str(tmp_path), "cache-dir": ""} | overrides
     grid = SitesGrid()

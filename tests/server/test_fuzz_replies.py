@@ -72,13 +72,13 @@ def valid_parts(rng: np.random.Generator, site: str, dp: bool) -> dict:
     if dp:  # the DP form carries nothing data-dependent beyond the mechanism
         metrics = {"num-examples": 128, "epsilon": 2.0, "delta": 1e-6}
         meta = {"site-id": site, "base-digest": BASE, "contribution-id": rng.bytes(16).hex(), "dp": True,
-                "dp-target-epsilon": 2.0, "dp-max-grad-norm": 1.0, "dp-noise-multiplier": 1.1,
+                "dp-epsilon": 2.0, "dp-max-grad-norm": 1.0, "dp-noise-multiplier": 1.1,
                 "train-config": json.dumps({"epochs": 1, "dp": True})}
     else:
         metrics = {"num-examples": int(rng.integers(1, 500)), "train-loss": 1.0, "train-accuracy": 0.5,
                    "epsilon": math.inf, "delta": 0.0, "wall-s": 1.0, "fit-s": 0.5, "examples-per-s": 100.0}
         meta = {"site-id": site, "base-digest": BASE, "shard-fingerprint": f"fp-{site}", "data-digest": "dd",
-                "source": "test", "from-cache": False, "dp": False, "dp-target-epsilon": 8.0,
+                "source": "test", "from-cache": False, "dp": False, "dp-epsilon": 8.0,
                 "dp-max-grad-norm": 1.0, "dp-noise-multiplier": 0.0, "train-config": json.dumps({"epochs": 1}),
                 "pid": 4242}
     parts = {"delta": ("array", arrays), "metrics": ("metric", metrics), "meta": ("config", meta)}
@@ -321,10 +321,10 @@ def mutate(rng: np.random.Generator, parts: dict, kind: str) -> str:
     elif choice == "train_config":
         meta["train-config"] = NOT_JSON_OBJECTS[int(rng.integers(len(NOT_JSON_OBJECTS)))]
     elif choice == "meta_strings":
-        key = str(rng.choice(["shard-fingerprint", "contribution-id", "dp-target-epsilon", "data-digest"]))
+        key = str(rng.choice(["shard-fingerprint", "contribution-id", "dp-epsilon", "data-digest"]))
         values = {"shard-fingerprint": [[1, 2], "x" * 5000, 5, b"\xff"],
                   "contribution-id": ["xyz", "A" * 32, 5, "0" * 33, "g" * 32],
-                  "dp-target-epsilon": ["8", b"x", [1.0], True],
+                  "dp-epsilon": ["8", b"x", [1.0], True],
                   "data-digest": [3.5, ["a"], "d" * 2000]}[key]
         meta[key] = values[int(rng.integers(len(values)))]
     elif choice == "stats":

@@ -95,7 +95,7 @@ class NumpySitesGrid(LocalGrid):
 def run(mode, **overrides):
     run_config = {"mode": mode, "img-size": 28, "reinit": False, "num-classes": 10, "seed": 0, "epochs": 1,
                   "min-nodes": 3, "fraction-evaluate": 0.0, "eval-subset": 32, "num-rounds": 1,
-                  "round-timeout": 300.0, "max-delta-norm": 1000.0, "federation-mode": "simulation",
+                  "round-timeout": 300.0, "exact-head": False, "max-delta-norm": 1000.0, "federation-mode": "simulation",
                   "state-dir": state, "report-path": f"report-{mode}.json", "cache-dir": ""} | overrides
     context = Context(run_id=1, node_id=0, node_config={}, state=RecordDict(), run_config=run_config)
     server_app.main(NumpySitesGrid(), context)

@@ -183,3 +183,61 @@ def test_the_withdrawal_cli_removes_the_site_from_both_ledgers(state, both, caps
         assert _active(delta) == _active(stats) == ["2", "3"]
         assert delta.withdrawn_sites() == stats.withdrawn_sites() == ["1"]
     assert "exact_head.sqlite" in capsys.readouterr().out
+
+
+# ----------------------------------------------------------------------------- federation mode pinned
+
+def _submit(state, **run_config) -> dict:
+    """The ServerApp's main on a run config as Flower hands it over; its report."""
+    from flwr.app import Context, RecordDict
+
+    from server.server_app import main
+
+    context = Context(run_id=41, node_id=0, node_config={}, state=RecordDict(),
+                      run_config={"state-dir": str(state)} | run_config)
+    with pytest.raises(Exception):
+        main(UnreachableGrid(), context)
+    return json.loads(next((state / "reports").glob("*-41.json")).read_text())
+
+
+def _ledger_state(path) -> tuple:
+    with Ledger.open(path) as ledger:
+        return ledger.current_version().version, _active(ledger), sorted(ledger.withdrawn_sites())
+
+
+@pytest.mark.parametrize("pinned_by", ["record", "registry"])
+def test_a_deployment_state_dir_refuses_a_simulation_run_with_unsigned_remove_sites(state, pinned_by):
+    from server import config as cfg
+
+    if pinned_by == "record":  # a deployment's first run recorded its mode
+        cfg.pin_federation_mode(state, "deployment", state / "registry.json")
+    before = _ledger_state(state / "ledger.sqlite")
+    report = _submit(state, **{"federation-mode": "simulation", "mode": "unlearn", "remove-sites": "1"})
+    assert report["error"]["type"] == "FederationModeRefused" and "deployment" in report["error"]["message"]
+    assert _ledger_state(state / "ledger.sqlite") == before == (before[0], ["1", "2", "3"], [])
+    assert json.loads((state / cfg.FEDERATION_RECORD).read_text()) == {"federation-mode": "deployment"}
+    # training in simulation mode (no identity binding) is refused the same way, before any round
+    report = _submit(state, **{"federation-mode": "simulation", "mode": "train"})
+    assert report["error"]["type"] == "FederationModeRefused" and "rounds" not in report
+
+
+def test_the_first_run_records_the_mode_and_later_runs_must_match(tmp_path):
+    from server import config as cfg
+
+    state = tmp_path / "state"
+    state.mkdir()
+    assert cfg.pin_federation_mode(state, "simulation") == "simulation"
+    assert cfg.pin_federation_mode(state, "simulation") == "simulation"
+    with pytest.raises(cfg.FederationModeRefused, match="'simulation' run"):
+        cfg.pin_federation_mode(state, "deployment")
+    (state / cfg.FEDERATION_RECORD).write_text("{")  # a damaged record refuses every run
+    for mode in ("simulation", "deployment"):
+        with pytest.raises(cfg.FederationModeRefused, match="cannot be read"):
+            cfg.pin_federation_mode(state, mode)
+
+
+def test_the_dp_yes_run_config_is_refused_by_the_server_naming_the_key(state):
+    before = _ledger_state(state / "ledger.sqlite")
+    report = _submit(state, **{"dp": "yes"})
+    assert report["error"]["type"] == "ConfigError" and report["error"]["message"].startswith("dp: ")
+    assert _ledger_state(state / "ledger.sqlite") == before

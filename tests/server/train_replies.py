@@ -32,7 +32,7 @@ def train_reply(node_id: int, site: str, d: dict, num_examples: int = 100, diges
         "metrics": MetricRecord({"num-examples": num_examples, "train-loss": 1.0, "train-accuracy": 0.5,
                                  "epsilon": epsilon, "delta": 1e-5 if dp else 0.0, "wall-s": 1.0}),
         "meta": ConfigRecord({"site-id": site, "shard-fingerprint": f"fp-{site}", "base-digest": digest,
-                              "data-digest": "dd", "source": "test", "dp": dp, "dp-target-epsilon": 8.0,
+                              "data-digest": "dd", "source": "test", "dp": dp, "dp-epsilon": 8.0,
                               "dp-max-grad-norm": 1.0, "dp-noise-multiplier": 0.0,
                               "train-config": json.dumps({"epochs": 1})})})
     return Message(content, reply_to=instruction(node_id))

@@ -162,7 +162,7 @@ def dp_reply(node_id: int, site: str, d: dict, contribution_id: str = "ab" * 16)
         "delta": array_record(d),
         "metrics": MetricRecord({"num-examples": 256, "epsilon": 1.5, "delta": 1e-6}),
         "meta": ConfigRecord({"site-id": site, "base-digest": BASE, "contribution-id": contribution_id, "dp": True,
-                              "dp-target-epsilon": 1.5, "dp-max-grad-norm": 1.0, "dp-noise-multiplier": 1.2,
+                              "dp-epsilon": 1.5, "dp-max-grad-norm": 1.0, "dp-noise-multiplier": 1.2,
                               "train-config": json.dumps({"dp": True, "epochs": 1})})})
     return Message(content, reply_to=instruction(node_id))
 

@@ -178,3 +178,26 @@ def test_predict_refuses_edited_privacy_claims_and_another_signer(head_export, d
     assert taft_predict.main([str(out_dir), str(data[0]), "--out", str(tmp_path / "p.csv"), "--no-progress",
                               "--fingerprint", other]) == 2
     assert "not the pinned" in capsys.readouterr().err and not (tmp_path / "p.csv").exists()
+
+
+def test_a_delta_export_carries_the_runs_recorded_spec_and_a_partial_spec_is_refused(tmp_path, capsys):
+    """The run's spec (reinit=false here, as in pyproject) travels from the ledger to the export:
+    taft-predict takes every key from it and assumes none."""
+    run_spec = ModelSpec(img_size=28, reinit=False, num_classes=4).to_config()
+    delta = {"w": np.ones(3, np.float32)}
+    with Ledger.open(tmp_path / "delta.sqlite", model_spec=run_spec) as ledger:
+        ledger.add("1", delta, 10)
+        manifest = export(ledger, tmp_path / "export")  # no --model-spec: the ledger's own record
+        with pytest.raises(Exception, match="not the run's"):
+            export(ledger, tmp_path / "other", model_spec={**run_spec, "reinit": True})
+    assert manifest["model_spec"] == run_spec
+    with pytest.raises(Exception, match="another model spec"):
+        Ledger.open(tmp_path / "delta.sqlite", model_spec={**run_spec, "reinit": True})
+
+    partial = {key: value for key, value in run_spec.items() if key != "reinit"}
+    (tmp_path / "export" / "manifest.json").write_text(json.dumps({**manifest, "model_spec": partial}))
+    np.savez(tmp_path / "x.npz", images=np.zeros((2, 28, 28), np.uint8))
+    # the edit breaks the signed statement; past --no-verify the spec itself is refused
+    assert taft_predict.main([str(tmp_path / "export"), str(tmp_path / "x.npz"), "--no-progress"]) == 2
+    assert taft_predict.main([str(tmp_path / "export"), str(tmp_path / "x.npz"), "--no-progress", "--no-verify"]) == 2
+    assert "lacks reinit" in capsys.readouterr().err
