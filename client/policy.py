@@ -126,6 +126,6 @@ def answers_privately(node_config: Mapping[str, Any], config: Mapping[str, Any])
     """Does the site answer this message as a DP site: its policy requires DP, or the request
     asks for it? When either cannot be read, yes: the conservative answer."""
     try:
-        return SitePolicy.from_node_config(node_config).require_dp or parse_bool("dp", config.get("dp", False))
+        return SitePolicy.from_node_config(node_config).require_dp or ("dp" in config and parse_bool("dp", config["dp"]))
     except (SiteError, ConfigError):
         return True
