@@ -87,7 +87,9 @@ def _refusals(handler):
             node_config = parse_node_config(node_config).to_config()
             site = site_id(node_config)
         except SiteError as err:
-            return error_reply(err.code, str(err))
+            # a node config that cannot be read may hold a DP policy: answer as a DP site would
+            log.warning("site refuses: %s", err)
+            return error_reply(err.code, PRIVATE_REFUSALS.get(err.code, PRIVATE_FAILURE[1]))
         try:
             run_config = parse_run_config(run_config).to_config()
             return handler(content, node_config, run_config, site)

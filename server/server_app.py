@@ -104,6 +104,9 @@ def main(grid: Grid, context: Context) -> None:
         ledger_path = cfg.ledger_path(run_config, state)
         stats_path = cfg.exact_head_ledger_path(run_config, state, ledger_path)
         registry_path = cfg.site_registry_path(run_config, state)
+        if run_config.federation_mode == "deployment" and mode == "train" and registry_path is None:
+            raise ValueError("federation-mode='deployment' trains only with a site-registry (written by "
+                             "deploy.register): every reply is bound to its SuperNode through it")
         # before any ledger opens: a run in another federation mode changes nothing
         cfg.pin_federation_mode(state, run_config.federation_mode, registry_path)
         path = cfg.report_path(run_config, state, ledger_path, context.run_id, mode,
@@ -134,9 +137,6 @@ def _run(grid: Grid, run_id, run_config, mode: str, state: Path, ledger_path: Pa
         log.warning("no witness ($TAFT_WITNESS): a rollback of the ledger and its head file would pass `verify`")
     # A deployment trusts the registry only as the operator signed it (deploy.register).
     registry = SiteRegistry(registry_path, signed=federation == "deployment") if registry_path is not None else None
-    if federation == "deployment" and mode == "train" and registry is None:
-        raise ValueError("federation-mode='deployment' trains only with a site-registry (written by "
-                         "deploy.register): every reply is bound to its SuperNode through it")
     spec = cfg.model_spec(run_config)
     timeout = run_config.round_timeout
     started = time.perf_counter()

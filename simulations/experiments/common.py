@@ -558,9 +558,9 @@ def expected_hit_fraction(sizes, forgotten: int, total: int) -> float:
 def exact_spec():
     """The exact head's default feature spec (docs/design.md): the four pieces +
     2,048 seeded random features, clip C = 2, b = 16 (p = 3,584)."""
-    from tangent.exact_head.features import FeatureSpec
+    from tangent.exact_head.features import PIECES, FeatureSpec
 
-    return FeatureSpec(random_features=2048)
+    return FeatureSpec(pieces=PIECES, random_features=2048)
 
 
 def dp_exact_spec():

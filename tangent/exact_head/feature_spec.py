@@ -92,8 +92,9 @@ class FeatureSpec:
 #: The feature specs the DP exact head is measured with (``python -m benchmarks.exact_head``): small
 #: φ, clipped to norm 1, because the Gaussian release's noise grows with p².
 DP_FEATURE_SPECS = (FeatureSpec(pieces=PIECES[:1], clip_norm=1.0), FeatureSpec(pieces=PIECES[:2], clip_norm=1.0),
-                    FeatureSpec(clip_norm=1.0), FeatureSpec(projection=32, clip_norm=1.0),
-                    FeatureSpec(projection=64, clip_norm=1.0), FeatureSpec(projection=128, clip_norm=1.0))
+                    FeatureSpec(pieces=PIECES, clip_norm=1.0), FeatureSpec(pieces=PIECES, projection=32, clip_norm=1.0),
+                    FeatureSpec(pieces=PIECES, projection=64, clip_norm=1.0),
+                    FeatureSpec(pieces=PIECES, projection=128, clip_norm=1.0))
 #: the best of them there (a seeded 64-dim projection of the four pieces), which the privacy
 #: experiment uses
-DP_FEATURE_SPEC = FeatureSpec(projection=64, clip_norm=1.0)
+DP_FEATURE_SPEC = FeatureSpec(pieces=PIECES, projection=64, clip_norm=1.0)

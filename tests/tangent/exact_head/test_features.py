@@ -17,7 +17,7 @@ def images():
 
 @pytest.fixture(scope="module")
 def extractor(pretrained_vit):
-    return FeatureExtractor(pretrained_vit, FeatureSpec(random_features=64, random_seed=3), img_size=56)
+    return FeatureExtractor(pretrained_vit, FeatureSpec(pieces=PIECES, random_features=64, random_seed=3), img_size=56)
 
 
 @pytest.mark.slow
@@ -74,7 +74,7 @@ def test_spec_round_trips_and_is_validated():
                        clip_norm=1.5, frac_bits=14)
     assert FeatureSpec.from_config(spec.to_config()) == spec
     assert spec.dim() == 2 * 384 + 128
-    projected = FeatureSpec(projection=64, random_features=8)
+    projected = FeatureSpec(pieces=PIECES, projection=64, random_features=8)
     assert FeatureSpec.from_config(projected.to_config()) == projected and projected.dim() == 72
     with pytest.raises(ValueError, match="projection"):
         FeatureSpec(projection=-1)
