@@ -104,15 +104,15 @@ def main(grid: Grid, context: Context) -> None:
         ledger_path = cfg.ledger_path(run_config, state)
         stats_path = cfg.exact_head_ledger_path(run_config, state, ledger_path)
         registry_path = cfg.site_registry_path(run_config, state)
+        path = cfg.report_path(run_config, state, ledger_path, context.run_id, mode,
+                               protected=tuple(p for p in (registry_path, state / cfg.FEDERATION_RECORD)
+                                               if p is not None),
+                               other_ledgers=(stats_path,))
         if run_config.federation_mode == "deployment" and mode == "train" and registry_path is None:
             raise ValueError("federation-mode='deployment' trains only with a site-registry (written by "
                              "deploy.register): every reply is bound to its SuperNode through it")
         # before any ledger opens: a run in another federation mode changes nothing
         cfg.pin_federation_mode(state, run_config.federation_mode, registry_path)
-        path = cfg.report_path(run_config, state, ledger_path, context.run_id, mode,
-                               protected=tuple(p for p in (registry_path, state / cfg.FEDERATION_RECORD)
-                                               if p is not None),
-                               other_ledgers=(stats_path,))
         _run(grid, context.run_id, run_config, mode, state, ledger_path, registry_path, report, stats_path)
     except BaseException as err:  # recorded, then re-raised: the run still fails
         report["error"] = {"type": type(err).__name__, "message": str(err)[:4000]}

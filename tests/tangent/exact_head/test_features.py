@@ -107,7 +107,7 @@ def test_digest_covers_the_spec_and_the_random_map(pretrained_vit):
 
 
 def test_a_projected_spec_has_unit_norm_base_features_and_is_deterministic(pretrained_vit, images):
-    plain = FeatureExtractor(pretrained_vit, FeatureSpec(random_features=4, random_seed=2), img_size=56)
+    plain = FeatureExtractor(pretrained_vit, FeatureSpec(pieces=PIECES, random_features=4, random_seed=2), img_size=56)
     projected = FeatureExtractor(pretrained_vit, FeatureSpec(projection=32, random_features=4, random_seed=2),
                                  img_size=56)
     phi = projected.from_images(images).double()
