@@ -235,6 +235,9 @@ NODE_KEYS: tuple[Key, ...] = (
     Key("max-delta", float, "δ ceiling of one contribution (default 1e-5)", above=0, below=1, optional=True),
     Key("declared-examples", int, "the example count a DP reply reveals and is weighted by", low=1, high=2 ** 24,
         optional=True),
+    Key("stats-form", str, "how this site sends its exact-head statistics: the smaller form (auto), its "
+        "quantized feature rows, or only the Gram matrix (the server never sees a single row)",
+        choices=("auto", "rows", "gram"), optional=True),
     Key("partition-id", int, "simulation only, set by Flower: this site's partition", low=0, optional=True),
     Key("num-partitions", int, "simulation only, set by Flower: number of partitions", low=1, optional=True),
 )
@@ -378,6 +381,7 @@ class NodeConfig(_Keyed):
     max_epsilon: float | None = None
     max_delta: float | None = None
     declared_examples: int | None = None
+    stats_form: str | None = None
     partition_id: int | None = None
     num_partitions: int | None = None
 
