@@ -99,7 +99,12 @@ def _check_spec(content: RecordDict, node_config: Mapping[str, Any]) -> tuple[Mo
     except (ValueError, TypeError) as err:
         raise SiteError("bad_request", f"model spec: {err}") from err
     check_backbone_weights(spec)
-    model, digest = fresh_model(spec)
+    from tangent.model.checkpoint import CheckpointError
+
+    try:
+        model, digest = fresh_model(spec)
+    except CheckpointError as err:  # the file is the run's but does not build here (its config)
+        raise SiteError("bad_backbone", str(err)) from err
     expected = str(record.get("base-digest", ""))
     if digest != expected:
         raise SiteError("base_digest_mismatch",
