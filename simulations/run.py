@@ -628,6 +628,28 @@ def plot(summary: dict, path: Path) -> None:
     save_figure(fig, path)
 
 
+def resolve_backbone(args, defaults: dict, user_config: dict) -> dict:
+    """The run-config keys of --backbone/--backbone-weights, resolved against the file (torch-free):
+    its sha256 pins it for the ServerApp and every site, and img-size 0 (the default with a
+    weights file and no --img-size) becomes the checkpoint's input size. ValueError if refused."""
+    from tangent.model.checkpoint import CheckpointError
+    from tangent.protocol.spec import ModelSpec
+
+    config: dict = {}
+    if args.backbone_weights is not None:
+        config |= {"backbone-weights": str(args.backbone_weights.expanduser().resolve()), "img-size": 0}
+    for key, value in (("backbone", args.backbone), ("img-size", args.img_size)):
+        if value is not None:
+            config[key] = value
+    try:
+        spec = ModelSpec.from_config(defaults | config | user_config).resolved()
+    except CheckpointError as err:
+        raise ValueError(str(err)) from err
+    if spec.backbone_weights:
+        config |= {"img-size": spec.img_size, "backbone-sha256": spec.backbone_sha256}
+    return config
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     t0 = time.perf_counter()
@@ -645,6 +667,11 @@ def main(argv=None) -> int:
     except DataError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    try:
+        backbone_config = resolve_backbone(args, defaults, user_config)
+    except ValueError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     # absolute: it is the ServerApp's state-dir, against which relative run-config paths resolve
     run_dir = (args.runs_dir / datetime.now().strftime("%Y%m%d-%H%M%S")).resolve()
     run_dir.mkdir(parents=True, exist_ok=False)
@@ -660,21 +687,12 @@ def main(argv=None) -> int:
                   "min-nodes": args.num_clients, "fraction-evaluate": args.fraction_evaluate}
     if args.reinit is not None:
         run_config["reinit"] = args.reinit == "true"
-    if args.backbone_weights is not None:
-        run_config |= {"backbone-weights": str(args.backbone_weights.expanduser().resolve()), "img-size": 0}
     for key, value in (("epochs", args.epochs), ("lr", args.lr), ("img-size", args.img_size),
-                       ("device", args.device), ("backbone", args.backbone)):
+                       ("device", args.device)):
         if value is not None:
             run_config[key] = value
-    run_config |= user_config  # explicit --run-config keys win over the flags above, as before
-    from tangent.model.checkpoint import CheckpointError
-    try:  # a weights file: its sha256 pins it for every process, its input size fills img-size 0
-        spec = ModelSpec.from_config(defaults | run_config).resolved()
-    except (CheckpointError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    if spec.backbone_weights:
-        run_config |= {"img-size": spec.img_size, "backbone-sha256": spec.backbone_sha256}
+    run_config |= backbone_config | user_config  # explicit --run-config keys win over the flags above
+    spec = ModelSpec.from_config(defaults | run_config).resolved()
     # what the ServerApp is given: with --evaluation driver it skips its central evaluation
     server_config = run_config | ({"central-evaluation": False} if args.evaluation == "driver" else {})
     ray_address = args.ray_address or os.environ.get("RAY_ADDRESS") or "local"
