@@ -67,6 +67,9 @@ class FeatureExtractor:
         self.trunk = Trunk(self.backbone, len(self.backbone.blocks) - 1)
         self.embed_dim = int(self.backbone.embed_dim)
         self.num_prefix_tokens = int(self.backbone.num_prefix_tokens)
+        if getattr(self.backbone, "cls_token", None) is None and any(p.endswith("_cls") for p in spec.pieces):
+            raise ValueError(f"{backbone_name} has no class token: the pieces {spec.pieces} ask for one "
+                             "(use the _mean and _quad pieces)")
         self.base_dim = spec.base_dim(self.embed_dim)
         pieces_dim = spec.pieces_dim(self.embed_dim)
         # its own stream of the seed, so that the random features' stream is unchanged
