@@ -103,6 +103,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--feature-digest", default=None, help="the run's feature digest: refuse if ours differs")
     model = ModelSpec()
     parser.add_argument("--backbone", default=model.backbone)
+    parser.add_argument("--backbone-weights", default="",
+                        help="this site's copy of the run's backbone weights (docs/backbones.md; default: DINOv2 ViT-S/14)")
     parser.add_argument("--img-size", type=int, default=model.img_size)
     parser.add_argument("--num-classes", type=int, default=model.num_classes)
     for field, key in FEATURE_KEYS.items():
@@ -127,8 +129,9 @@ def main(argv: list[str] | None = None) -> int:
         exclude = read_indices(args.forget_indices, len(data.labels))
         key = load_private_key(args.key)
         delta_sha = hashlib.sha256(args.delta.read_bytes()).hexdigest() if args.delta else None
-        extractor = FeatureExtractor.from_spec(ModelSpec(backbone=args.backbone, img_size=args.img_size,
-                                                         num_classes=args.num_classes), feature_spec)
+        spec = ModelSpec(backbone=args.backbone, img_size=args.img_size, num_classes=args.num_classes,
+                         backbone_weights=args.backbone_weights).resolved()
+        extractor = FeatureExtractor.from_spec(spec, feature_spec)
         digest = extractor.digest()
         if args.feature_digest and args.feature_digest != digest:
             raise ValueError(f"our feature digest {digest} is not the run's {args.feature_digest}: "

@@ -632,7 +632,6 @@ def resolve_backbone(args, defaults: dict, user_config: dict) -> dict:
     """The run-config keys of --backbone/--backbone-weights, resolved against the file (torch-free):
     its sha256 pins it for the ServerApp and every site, and img-size 0 (the default with a
     weights file and no --img-size) becomes the checkpoint's input size. ValueError if refused."""
-    from tangent.model.checkpoint import CheckpointError
     from tangent.protocol.spec import ModelSpec
 
     config: dict = {}
@@ -641,10 +640,7 @@ def resolve_backbone(args, defaults: dict, user_config: dict) -> dict:
     for key, value in (("backbone", args.backbone), ("img-size", args.img_size)):
         if value is not None:
             config[key] = value
-    try:
-        spec = ModelSpec.from_config(defaults | config | user_config).resolved()
-    except CheckpointError as err:
-        raise ValueError(str(err)) from err
+    spec = ModelSpec.from_config(defaults | config | user_config).resolved()  # CheckpointError is a ValueError
     if spec.backbone_weights:
         config |= {"img-size": spec.img_size, "backbone-sha256": spec.backbone_sha256}
     return config

@@ -30,8 +30,9 @@ LAYOUT_WEIGHTS = ("model.safetensors", "pytorch_model.bin")
 STATE_DICT_SUFFIXES = (".pth", ".pt", ".bin", ".ckpt")
 
 
-class CheckpointError(RuntimeError):
-    """The backbone weights could not be found, read or matched (never falls back to anything)."""
+class CheckpointError(RuntimeError, ValueError):
+    """The backbone weights could not be found, read or matched (never falls back to anything).
+    A ValueError too: a bad setting, which the command-line tools report as such."""
 
 
 @dataclass(frozen=True)
