@@ -29,6 +29,15 @@ def build(variant: str, seed: int = 0):
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.02 * torch.randn_like(p))  # LayerScale, biases and norms away from their init
+        # weights of unit gain and LayerScale near 0.5, as in a trained ViT: at timm's init (std
+        # 0.02, LayerScale 1e-5) every block barely moves the residual stream, all images get
+        # nearly the same features, and the short-schedule guard's ridge head leaves the ledger's
+        # fixed-point range (docs/backbones.md, "Checkpoints with untrained weights")
+        for module in model.modules():
+            if isinstance(module, (torch.nn.Linear, torch.nn.Conv2d)):
+                module.weight.copy_(torch.randn_like(module.weight) / module.weight[0].numel() ** 0.5)
+            elif hasattr(module, "gamma"):
+                module.gamma.add_(0.5)
     return model.eval()
 
 
