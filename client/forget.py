@@ -154,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
                            "$TAFT_STATE_DIR/site-<id>")
     parser.add_argument("--require-dp", action="store_true",
                         help="the site requires differential privacy: refuse (there is no DP forget mode)")
+    parser.add_argument("--backbone-weights", default="",
+                        help="this site's copy of the run's backbone weights (node config backbone-weights; "
+                             "docs/backbones.md), when the run brought its own backbone")
     return parser
 
 
@@ -177,6 +180,8 @@ def main(argv: list[str] | None = None) -> int:
         exclude = read_indices(args.forget_indices, len(data.labels))
         key = load_private_key(args.key)
         delta_sha = hashlib.sha256(args.delta.read_bytes()).hexdigest() if args.delta else None
+        if args.backbone_weights:  # this site's own path to the run's weights file
+            model_spec = model_spec.at_site({"backbone-weights": args.backbone_weights})
         extractor = FeatureExtractor.from_spec(model_spec, feature_spec)
         digest = extractor.digest()
         for expected in {run_digest, args.feature_digest} - {None}:

