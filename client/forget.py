@@ -54,7 +54,7 @@ from client.stats import site_statistics  # the training round's statistics: sam
 from tangent.exact_head.feature_spec import KEYS as FEATURE_KEYS, FeatureSpec
 from tangent.protocol.config import RUN_KEY
 from tangent.protocol.signed_requests import SIGNERS, forget_request, load_private_key
-from tangent.protocol.spec import KEYS as MODEL_KEYS, ModelSpec
+from tangent.protocol.spec import BACKBONE_FILE_KEYS, KEYS as MODEL_KEYS, ModelSpec
 
 
 def read_run_spec(path: Path) -> tuple[ModelSpec, FeatureSpec, str]:
@@ -66,7 +66,9 @@ def read_run_spec(path: Path) -> tuple[ModelSpec, FeatureSpec, str]:
         raise ValueError(f"run spec {path}: {err}") from None
     if not isinstance(record, dict):
         raise ValueError(f"run spec {path}: not a JSON object")
-    needed = [*MODEL_KEYS.values(), *(key for key in FEATURE_KEYS.values() if key in RUN_KEY), "feature-digest"]
+    # a brought backbone's keys are in the record only when the run set them
+    needed = [*(key for field, key in MODEL_KEYS.items() if field not in BACKBONE_FILE_KEYS),
+              *(key for key in FEATURE_KEYS.values() if key in RUN_KEY), "feature-digest"]
     missing = [key for key in needed if key not in record]
     if missing:
         raise ValueError(f"run spec {path} lacks {', '.join(missing)} (a run without the exact head has no "

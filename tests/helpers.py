@@ -12,7 +12,9 @@ import numpy as np
 import torch
 from timm.models.vision_transformer import VisionTransformer
 
-from tangent.model.vit import TangentViT
+from torch.func import functional_call, jvp
+
+from tangent.model.vit import CLS_DELTA_KEY, TangentViT, add_cls_delta_hook
 
 TINY_IMG = 28
 TINY_TOKENS, TINY_DIM = 17, 32
@@ -90,3 +92,24 @@ def write_registry(path, sites: dict, admin_pub=None) -> None:
         document["admin"] = {"public_key": f"keys/{admin_pub.name}",
                              "fingerprint": key_fingerprint(load_public_key(admin_pub))}
     path.write_text(json.dumps(document))
+
+
+def reference_jvp(model, x, delta):
+    """(f(w0), J f(w0)·Δ) of the plain timm model, by torch.func.jvp."""
+    base = model.base_model()
+    for m in base.modules():
+        if hasattr(m, "fused_attn"):
+            m.fused_attn = False  # torch.func.jvp has no rule for fused attention on CPU
+    params = dict(base.named_parameters())
+    names = [k for k in delta if k != CLS_DELTA_KEY]
+    cls = delta.get(CLS_DELTA_KEY, torch.zeros(1, 1, base.embed_dim, dtype=x.dtype))
+
+    def f(p, c):
+        handle = add_cls_delta_hook(base, model.options["first_block"], c)
+        try:
+            return functional_call(base, p, (x,))
+        finally:
+            handle.remove()
+
+    return jvp(f, ({k: params[k] for k in names}, torch.zeros_like(cls)),
+               ({k: delta[k] for k in names}, cls))

@@ -251,7 +251,7 @@ def load_backbone(name: str = DEFAULT_BACKBONE, weights: str | os.PathLike = "",
     if expected_sha256 and ckpt.sha256 != expected_sha256:
         raise CheckpointError(f"{where} have sha256 {ckpt.sha256}, the run's backbone weights have "
                               f"{expected_sha256}: a different file")
-    if not _import_timm().is_model(name):
+    if not import_timm().is_model(name):
         raise CheckpointError(f"{where}: {name!r} is not a timm architecture")
     if ckpt.architecture and ckpt.architecture.split(".")[0] != name.split(".")[0]:
         raise CheckpointError(f"{where}: its config names architecture {ckpt.architecture!r}, "
@@ -273,7 +273,7 @@ def load_backbone(name: str = DEFAULT_BACKBONE, weights: str | os.PathLike = "",
 
 
 def _create(name: str, img_size: int, where: str, model_args: dict):
-    timm = _import_timm()
+    timm = import_timm()
     try:
         model = timm.create_model(name, pretrained=False, **(model_args | {"img_size": img_size, "num_classes": 0}))
     except (TypeError, AssertionError, ValueError) as err:

@@ -185,11 +185,13 @@ class DeltaModel:
         if not isinstance(manifest.get("model_spec"), dict):
             raise PredictError("this Δ export names no model spec to rebuild w0 from; export it again with "
                                "`taft-ledger export --model-spec '{...}'` (the run's ModelSpec config)")
-        from tangent.protocol.spec import KEYS
+        from tangent.protocol.spec import BACKBONE_FILE_KEYS, KEYS
 
         # every key from the export, none from a default here: a default (reinit once was one)
-        # that differs from the run's rebuilds another w0
-        missing = sorted(set(KEYS.values()) - set(manifest["model_spec"]))
+        # that differs from the run's rebuilds another w0 (a brought backbone's keys are in the
+        # spec only when the run set them)
+        missing = sorted({key for field, key in KEYS.items() if field not in BACKBONE_FILE_KEYS}
+                         - set(manifest["model_spec"]))
         if missing:
             raise PredictError(f"the manifest's model spec lacks {', '.join(missing)}: export it again from a "
                                "ledger that recorded the run's spec (or with the run's full --model-spec)")

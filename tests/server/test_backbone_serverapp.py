@@ -14,7 +14,7 @@ from simulations import run as driver
 from simulations.exact_head_check import central_check, feature_config, removal_check, stats_ledger_path
 from tests.backbone_files import IMG_SIZE, VARIANTS, save
 from tests.server.local_grid import LocalGrid
-from tests.simulations.test_own_data import pattern_images
+from tests.simulations.own_data import pattern_images
 
 pytestmark = [pytest.mark.usefixtures("flower_server_identity"), pytest.mark.slow]
 

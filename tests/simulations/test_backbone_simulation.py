@@ -8,7 +8,7 @@ import pytest
 
 from simulations import run as driver
 from tests.backbone_files import IMG_SIZE, VARIANTS, save
-from tests.simulations.test_own_data import pattern_images, refused, simulate
+from tests.simulations.own_data import pattern_images, refused, simulate
 
 
 def own_data(tmp_path):

@@ -15,7 +15,7 @@ from tangent.model.pretrained import load_backbone
 from tangent.model.vit import TangentViT, UnsupportedBackbone, check_linearizable_backbone
 from tangent.protocol.spec import ModelSpec, build_model
 from tests.backbone_files import IMG_SIZE, VARIANTS, build, save
-from tests.tangent.model.test_model import random_delta, reference_jvp, rel_err
+from tests.helpers import random_delta, reference_jvp, rel_err
 
 D = torch.float64
 

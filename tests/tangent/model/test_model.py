@@ -3,33 +3,11 @@ the CLS-only path against the full path, and the model contract."""
 
 import pytest
 import torch
-from torch.func import functional_call, jvp
 
-from tangent.model.vit import CLS_DELTA_KEY, TangentViT, add_cls_delta_hook
-from tests.helpers import images, random_delta, rel_err, tiny_vit
+from tangent.model.vit import CLS_DELTA_KEY, TangentViT
+from tests.helpers import images, random_delta, reference_jvp, rel_err, tiny_vit
 
 D = torch.float64
-
-
-def reference_jvp(model, x, delta):
-    """(f(w0), J f(w0)·Δ) of the plain timm model, by torch.func.jvp."""
-    base = model.base_model()
-    for m in base.modules():
-        if hasattr(m, "fused_attn"):
-            m.fused_attn = False  # torch.func.jvp has no rule for fused attention on CPU
-    params = dict(base.named_parameters())
-    names = [k for k in delta if k != CLS_DELTA_KEY]
-    cls = delta.get(CLS_DELTA_KEY, torch.zeros(1, 1, base.embed_dim, dtype=x.dtype))
-
-    def f(p, c):
-        handle = add_cls_delta_hook(base, model.options["first_block"], c)
-        try:
-            return functional_call(base, p, (x,))
-        finally:
-            handle.remove()
-
-    return jvp(f, ({k: params[k] for k in names}, torch.zeros_like(cls)),
-               ({k: delta[k] for k in names}, cls))
 
 
 # every pair of (LayerScale init, k, CLS linearization, pooling) values occurs at least once
