@@ -170,7 +170,7 @@ def test_other_timm_families_are_refused_by_name():
 
 
 def test_spec_resolves_from_the_checkpoint_and_names_it_in_the_digests(checkpoints, tmp_path):
-    from tangent.exact_head.features import FeatureExtractor, FeatureSpec
+    from tangent.exact_head.features import PIECES, FeatureExtractor, FeatureSpec
 
     arch = VARIANTS["registers"][0]
     spec = ModelSpec(backbone=arch, backbone_weights=str(checkpoints["registers"]), img_size=0,
@@ -191,7 +191,7 @@ def test_spec_resolves_from_the_checkpoint_and_names_it_in_the_digests(checkpoin
     other = save(tmp_path / "other", "registers", layout="safetensors", seed=1)
     moved = ModelSpec.from_config(spec.to_config() | {"backbone-weights": str(other), "backbone-sha256": ""}).resolved()
     assert moved.backbone_sha256 != spec.backbone_sha256 and build_model(moved, cached=False)[1] != digest
-    features = [FeatureExtractor.from_spec(s, FeatureSpec()) for s in (spec, other_norm)]
+    features = [FeatureExtractor.from_spec(s, FeatureSpec(pieces=PIECES)) for s in (spec, other_norm)]
     assert features[0].dim == 4 * 32 and features[0].digest() != features[1].digest()
     phi = features[0].compute(images(5, dtype=torch.float32), tokens=False)
     assert phi.shape == (5, 128)
