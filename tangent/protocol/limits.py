@@ -9,6 +9,10 @@ from __future__ import annotations
 
 import re
 
+#: the largest |value| of a Δw entry the ledger records (its fixed-point range,
+#: server.ledger.fixedpoint.MAX_ABS_VALUE); a larger one is refused, never clipped
+MAX_DELTA_VALUE = 2.0 ** 8
+
 SITE_ID_MAX_LEN = 64
 SITE_ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", re.ASCII)
 SITE_ID_RULE = ("1-64 ASCII characters: letters, digits, '.', '_' and '-', starting with a letter "

@@ -387,16 +387,43 @@ def guard(model, dataset, config: TrainConfig, *, from_cache: bool) -> dict:
     alpha, denominator = 1.0, float((class_weight * step * step).sum())
     if loss(trained) > loss(fitted) and denominator > 0:  # a Δ that fits better is left as it is
         alpha = min(1.0, max(0.0, float((class_weight * step * residual).sum()) / denominator))
+    delta = model.linearized.head.delta
+    alpha = max(alpha, _least_alpha_in_range(delta, weight, bias))
 
     if alpha < 1.0:
         for param in trainable_parameters(model):
             param.mul_(alpha)
-        delta = model.linearized.head.delta
         delta.weight.add_(((1 - alpha) * weight.T).to(delta.weight))
         if delta.bias is not None:
             delta.bias.add_(((1 - alpha) * bias).to(delta.bias))
     return {"alpha": alpha, "trained_loss": loss(trained), "fitted_head_loss": loss(fitted),
             "loss": loss(fitted + alpha * step)}
+
+
+def _least_alpha_in_range(delta, weight: torch.Tensor, bias: torch.Tensor) -> float:
+    """The least a in [0, 1] whose head Δ(a) = a·Δ_trained + (1−a)·Δ_fitted has every entry within
+    the ledger's range (tangent.protocol.limits.MAX_DELTA_VALUE); 1.0 when only a = 1 is.
+
+    The fitted head scales like 1 / (feature spread): on a backbone whose features barely vary
+    (a checkpoint near its random initialisation) it reached 570–1,000, and every site's reply
+    was refused ``out_of_range``. max|Δ(a)| is convex in a, so the a within range form an
+    interval that holds 1 whenever the trained Δ is in range: bisect for its lower end."""
+    from tangent.protocol.limits import MAX_DELTA_VALUE
+
+    limit = 0.999 * MAX_DELTA_VALUE  # float32 rounding of the sent values stays inside
+    trained = [delta.weight.double().cpu()] + ([delta.bias.double().cpu()] if delta.bias is not None else [])
+    fitted = [weight.T.double().cpu()] + ([bias.double().cpu()] if delta.bias is not None else [])
+
+    def peak(a: float) -> float:
+        return max(float((a * t + (1 - a) * f).abs().max()) for t, f in zip(trained, fitted))
+
+    if peak(0.0) <= limit or peak(1.0) > limit:
+        return 0.0 if peak(0.0) <= limit else 1.0
+    low, high = 0.0, 1.0  # peak(low) > limit >= peak(high)
+    for _ in range(50):
+        middle = (low + high) / 2
+        low, high = (low, middle) if peak(middle) <= limit else (middle, high)
+    return high
 
 
 def square_loss_target(labels: torch.Tensor, num_classes: int, config: TrainConfig) -> torch.Tensor:

@@ -509,3 +509,11 @@ def test_a_ledger_of_the_previous_schema_is_refused_with_a_clear_message(tmp_pat
     with pytest.raises(LedgerError, match="schema version 1; this code reads version 2"):
         Ledger.open(path)
     assert not Path(f"{path}.signing-key.pem").exists()  # no key is made up for an existing file
+
+
+def test_the_sites_know_the_ledgers_range():
+    """The guard at a site keeps its Δ inside tangent.protocol.limits.MAX_DELTA_VALUE: it must be
+    the range the ledger refuses beyond."""
+    from tangent.protocol.limits import MAX_DELTA_VALUE
+
+    assert fixedpoint.MAX_ABS_VALUE == MAX_DELTA_VALUE

@@ -152,3 +152,26 @@ def test_a_diverged_delta_is_pulled_back_and_a_good_one_is_left_alone(tokens_and
     _, _, now = head_pass(model, dataset, from_cache=True)  # what the model says now
     target = square_loss_target(dataset.labels, now.shape[-1], config)
     assert abs(float((now - target).pow(2).mean()) - report["loss"]) < 1e-3 * report["loss"]
+
+
+def test_the_guard_stays_within_the_ledgers_range_on_features_that_barely_vary(tokens_and_labels):
+    """On a backbone whose features barely vary (a checkpoint near its random initialisation) the
+    fitted head is huge; the guard once sent it as it was and the ledger refused every site
+    (``out_of_range``). Now it stops where the head Δ is still within the range."""
+    from tangent.protocol.limits import MAX_DELTA_VALUE
+
+    tokens, labels = tokens_and_labels[0][:64], tokens_and_labels[1][:64]
+    generator = torch.Generator().manual_seed(1)
+    flat = tokens[:1].expand_as(tokens) + 1e-5 * torch.randn(tokens.shape, generator=generator, dtype=tokens.dtype)
+    dataset = ArrayDataset(flat, labels)
+    config = TrainConfig(guard_ridge=1.0)
+    model = tiny_model("avg", spread=True)
+    features, f0, _ = head_pass(model, dataset, from_cache=True)
+    weight, _ = ridge_head(features, square_loss_target(dataset.labels, 10, config) - f0, 1.0)
+    assert weight.abs().max() > MAX_DELTA_VALUE  # the unbounded fallback would leave the range
+    trained = {k: 3.0 * torch.randn(v.shape, generator=generator, dtype=v.dtype)
+               for k, v in model.delta_state_dict().items()}  # a diverged Δ, itself within range
+    model.load_delta(trained)
+    report = guard(model, dataset, config, from_cache=True)
+    assert 0.0 < report["alpha"] < 1.0 and report["loss"] < report["trained_loss"]
+    assert max(float(v.abs().max()) for v in model.delta_state_dict().values()) <= MAX_DELTA_VALUE
