@@ -19,13 +19,16 @@ VARIANTS = {
 }
 
 
-def build(variant: str, seed: int = 0):
-    """The variant as timm builds it, with seeded random weights (no pretrained init is at zero)."""
+def build(variant: str, seed: int = 0, *, untrained: bool = False):
+    """The variant as timm builds it, with seeded random weights (no pretrained init is at zero);
+    ``untrained``: exactly timm's initialisation."""
     import timm
 
     arch, args = VARIANTS[variant]
     torch.manual_seed(seed)
     model = timm.create_model(arch, pretrained=False, img_size=IMG_SIZE, num_classes=0, **(SMALL | args))
+    if untrained:
+        return model.eval()
     with torch.no_grad():
         for p in model.parameters():
             p.add_(0.02 * torch.randn_like(p))  # LayerScale, biases and norms away from their init
@@ -46,7 +49,7 @@ def model_args(variant: str) -> dict:
 
 
 def save(directory: Path, variant: str, *, seed: int = 0, layout: str = "timm",
-         mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5)) -> Path:
+         mean=(0.5, 0.5, 0.5), std=(0.5, 0.5, 0.5), untrained: bool = False) -> Path:
     """Write the variant's weights; returns what ``backbone-weights`` names.
 
     ``timm``: a directory with config.json (architecture, model_args, pretrained_cfg) and
@@ -56,7 +59,7 @@ def save(directory: Path, variant: str, *, seed: int = 0, layout: str = "timm",
     from safetensors.torch import save_file
 
     arch = VARIANTS[variant][0]
-    state = {k: v.contiguous() for k, v in build(variant, seed).state_dict().items()}
+    state = {k: v.contiguous() for k, v in build(variant, seed, untrained=untrained).state_dict().items()}
     config = {"architecture": arch, "model_args": model_args(variant),
               "pretrained_cfg": {"input_size": [3, IMG_SIZE, IMG_SIZE], "mean": list(mean), "std": list(std)}}
     directory.mkdir(parents=True, exist_ok=True)

@@ -219,6 +219,10 @@ RUN_KEYS: tuple[Key, ...] = (
 RUN_KEY = {key.name: key for key in RUN_KEYS}
 
 #: the run-config keys the server sends to the sites in the train request (``config`` record)
+#: keys Flower's strategies add to every train/evaluate ``config`` record (FedAvg: the round number):
+#: a site accepts and ignores them
+FLOWER_KEYS = ("server-round",)
+
 TRAIN_KEYS = ("epochs", "batch-size", "lr", "loss", "kappa", "rsl-alpha", "l2", "radius", "guard-ridge", "seed",
               "dp", "dp-epsilon", "dp-delta", "dp-max-grad-norm")
 
@@ -338,7 +342,8 @@ class TrainRequest(_Keyed):
     def parse(cls, record: Mapping[str, Any]) -> "TrainRequest":
         """From a received ``config`` record: unknown keys and bad values refused (ConfigError);
         a key the record lacks takes pyproject's default."""
-        return cls(**_parse_keys(cls.KEYS, dict(record), "train request", RUN_DEFAULTS))
+        values = {name: value for name, value in record.items() if name not in FLOWER_KEYS}
+        return cls(**_parse_keys(cls.KEYS, values, "train request", RUN_DEFAULTS))
 
     @property
     def dp_request(self) -> DPRequest | None:

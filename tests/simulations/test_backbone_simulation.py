@@ -20,10 +20,13 @@ def own_data(tmp_path):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("variant,layout", [("registers", "timm"), ("distilled", "safetensors"),
-                                            ("avg-pool", "state-dict")])
-def test_simulation_on_a_brought_backbone(tmp_path, variant, layout):
-    weights = save(tmp_path / "weights", variant, layout=layout)
+@pytest.mark.parametrize("variant,layout,untrained", [("registers", "timm", False), ("distilled", "safetensors", False),
+                                                      ("avg-pool", "state-dict", False),
+                                                      # timm's init: features barely vary (the guard's
+                                                      # fitted head once left the ledger's range)
+                                                      ("no-layerscale-no-qkv-bias", "safetensors", True)])
+def test_simulation_on_a_brought_backbone(tmp_path, variant, layout, untrained):
+    weights = save(tmp_path / "weights", variant, layout=layout, untrained=untrained)
     # no --img-size: the checkpoint's pretrained input size (simulate's own 28 is overridden by 0 here)
     summary = simulate(tmp_path, *own_data(tmp_path), "--backbone", VARIANTS[variant][0],
                        "--backbone-weights", str(weights), "--img-size", "0")
