@@ -432,7 +432,7 @@ def _row_form(record: ArrayRecord, expected: StatsExpectation, num_examples: int
                            f"{name}: shape {shown(declared)}, expected {shapes[name]} (num-examples = {num_examples})",
                            site)
         with stage("stats_bad_arrays", site):
-            arrays[name] = _decode(name, array, dtype_wanted, "stats_bad_arrays", copy=False)
+            arrays[name] = decode_array(name, array, dtype_wanted, "stats_bad_arrays", copy=False)
     with stage("stats_bad_arrays", site):
         stats = stats_of_rows(arrays, expected.num_features, expected.num_classes, expected.clip_norm,
                               expected.frac_bits)

@@ -141,7 +141,7 @@ def packed_gram(q: np.ndarray, frac_bits: int) -> np.ndarray:
     q = np.asarray(q)
     n, p = q.shape
     gram = np.zeros(triu_size(p), dtype=np.int64)
-    step = min(_chunk_rows(frac_bits), MEMORY_CHUNK_ROWS)  # any smaller chunk stays exact
+    step = min(chunk_rows(frac_bits), MEMORY_CHUNK_ROWS)  # any smaller chunk stays exact
     for start in range(0, n, step):
         rows = q[start:start + step].astype(np.float64)
         offset = 0

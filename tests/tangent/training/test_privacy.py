@@ -138,7 +138,7 @@ SCHEDULES = [(93, 1, 1), (930, 10, 2), (93, 1, 3), (100, 7, 3), (1000, 32, 1), (
 def test_the_planned_schedule_never_spends_more_than_the_target(num_public, batch, epochs):
     """σ is calibrated on the steps the sampler takes (old code: on int(epochs/q), one short
     for q = 1/93 and others, so ε exceeded the target)."""
-    tokens, labels = data(8)
+    tokens, labels = random_tokens(8)
     model = tiny_model()
     loader = DataLoader(ArrayDataset(tokens, labels), batch_size=batch)
     optimizer = torch.optim.SGD(trainable_parameters(model), lr=0.1)
@@ -155,7 +155,7 @@ def test_the_planned_schedule_never_spends_more_than_the_target(num_public, batc
 @pytest.mark.slow
 def test_the_prv_accountant_spends_at_most_the_target_at_93_steps():
     """The measured case: PRV, ε = 8, q = 1/93 — old code spent 8.0123."""
-    tokens, labels = data(93)
+    tokens, labels = random_tokens(93)
     result = fit(tiny_model(), tokens, labels, TrainConfig(epochs=1, batch_size=1),
                  privacy=PrivacyConfig(target_epsilon=8.0, public_examples=93),
                  from_cache=True, progress=False)
