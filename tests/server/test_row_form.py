@@ -124,3 +124,23 @@ def test_stored_contributions_are_compressed_losslessly_and_old_plain_blobs_stil
     assert blobs.unpack(plain) == plain and blobs.unpack(blobs.pack(plain)) == plain
     with pytest.raises(ValueError):
         blobs.unpack(blobs.pack(plain)[:-5])  # truncated
+
+
+def rows_off_the_ball(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """One row with every coordinate at 2^b (‖q‖ = √p·2^b, far off the clip ball ‖q‖ ≤ R), the
+    others zero: every entry bound holds and trace(G) = p·4^b ≤ n·R², so only a per-row check sees it."""
+    q = np.zeros((n, P), np.int32)
+    q[0] = 2 ** BITS
+    return q, np.zeros(n, np.int64)
+
+
+def test_a_row_off_the_clip_ball_is_refused_in_a_reply_and_by_the_ledger(tmp_path):
+    q, labels = rows_off_the_ball(9)
+    with pytest.raises(Rejected) as err:
+        parse_train_reply(rows_reply("3", q, labels), BASE, stats=EXPECT)
+    assert err.value.reason == "stats_bad_arrays"
+    with open_stats_ledger(tmp_path / "l.sqlite") as ledger:
+        with pytest.raises(RejectedContribution) as refused:
+            ledger.add("1", row_arrays(q, labels, BITS), num_examples=9, base_digest=FEATURE_DIGEST)
+        assert refused.value.reason == "stats_out_of_bounds"
+        assert ledger.composed_stats() is None
