@@ -279,6 +279,10 @@ class LedgerFedAvg(FedAvg):
         if contribution.site_id in seen:
             raise Rejected("duplicate_site_in_round", "a second reply for this site", contribution.site_id)
         seen.add(contribution.site_id)
+        if self.ledgers.held is not None and contribution.site_id in self.ledgers.withdrawn_sites():
+            # the held pair may be younger than a withdrawal the composed models keep: ask every ledger
+            raise Rejected("site_withdrawn", "this site withdrew; it is readmitted only by the operator",
+                           contribution.site_id)
         # quarantine (server.quarantine): the same checks, into the held pair; composed only once admitted
         version, replaced = record(self.ledgers.held or self.ledgers, contribution)
         return contribution, version, replaced
