@@ -286,7 +286,8 @@ class Ledger:
             return
         witnesses.read(self.witness, audit.fingerprint(self.public_key()))  # unusable: LedgerError
         held = self._held_heads()
-        found, _ = witnesses.problems(self.witness, held, self.public_key(), newest_held=max(held, default=-1))
+        found, _ = witnesses.problems(self.witness, held, self.public_key(), newest_held=max(held, default=-1),
+                                      ledger_path=self.path)
         if found:
             log.error("%s: %s", self.path, "; ".join(found))
             self._refuse_writes = f"{self.path} contradicts its witness ({'; '.join(found)}); it is read-only"
@@ -296,7 +297,7 @@ class Ledger:
         if self.witness is None or self._refuse_writes:
             return
         if witnesses.newest_version(self.witness, head["public_key"]) < head["version"]:
-            witnesses.append(self.witness, head, signature)
+            witnesses.append(self.witness, head, signature, self.path)
 
     def _publish_head(self, recover: bool = False) -> None:
         """Bring ``<ledger>.head.json`` up to the database's newest signed head.
