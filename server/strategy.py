@@ -273,9 +273,8 @@ class LedgerFedAvg(FedAvg):
 
     def _train_reply(self, msg: Message, node_id: int | None, seen: set[str]) -> tuple[Contribution, Any, bool]:
         contribution = parse_train_reply(msg, self.base_digest, require_dp=self.require_dp,
-                                         bind=self._bind(node_id), stats=self.exact_head)
-        if self.binding is not None:
-            self.binding.check_cap(contribution.site_id, contribution.num_examples)
+                                         bind=self._bind(node_id), stats=self.exact_head,
+                                         check_count=None if self.binding is None else self.binding.check_cap)
         if contribution.site_id in seen:
             raise Rejected("duplicate_site_in_round", "a second reply for this site", contribution.site_id)
         seen.add(contribution.site_id)
