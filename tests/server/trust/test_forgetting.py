@@ -532,3 +532,20 @@ def test_a_statistics_path_that_is_not_a_regular_file_is_refused_without_blockin
         path = Path("/dev/zero")
     document, _, _ = prepare(fed)
     refused(fed, document, path, match="cannot read")
+
+
+def test_forgetting_reaches_a_contribution_held_in_quarantine(fed):
+    """Site 1's next contribution (the same data, forgotten samples included) waits in quarantine
+    when the site asks to forget samples: the request replaces the composed statistics — and the
+    held contribution must go too, or `admit` would later bring the forgotten samples back."""
+    held = open_ledgers(fed.tmp / "state" / "quarantine")
+    q, y = fed.rows["1"]
+    contribute(held, "1", stats_of(q, y), 7)
+    ledgers = Ledgers(fed.ledgers.delta, fed.ledgers.stats, held)
+    document, stats_path, _ = prepare(fed)
+    apply_forget(document, stats_path, None, ledgers, fed.registry, fed.nonces)
+    assert held.delta.contributions(site_id="1", status="active") == []
+    assert held.stats.contributions(site_id="1", status="active") == []
+    assert "quarantine" in fed.nonces.decisions()[-1]["detail"]
+    held.delta.close()
+    held.stats.close()
