@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
+import stat
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -102,6 +103,8 @@ def stats_ledgers_in(folder: Path) -> list[Path]:
     """The statistics ledgers among ``folder``'s SQLite files (read-only, nothing created)."""
     found = []
     for path in sorted(folder.glob("*.sqlite")):
+        if not stat.S_ISREG(path.lstat().st_mode):  # a planted FIFO would block the open; a link is not ours
+            continue
         try:
             db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
             try:

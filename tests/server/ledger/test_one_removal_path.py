@@ -174,3 +174,22 @@ def test_a_link_redirected_to_a_decoy_beside_the_real_statistics_ledger_is_refus
     assert cli.main(["--ledger", str(delta_path), "remove", "1", "--reason", "x"]) == 2
     assert "exact_head.sqlite" in capsys.readouterr().err
     assert active(delta_path) == active(stats_path) == ["1", "2"]
+
+
+def test_a_fifo_planted_beside_the_ledgers_does_not_hang_the_tools(tmp_path):
+    """A FIFO named like a ledger in the state directory: looking for statistics ledgers there must
+    not open it (a read-only open of a FIFO blocks until someone writes; no signal interrupts it,
+    hence a child process with a timeout)."""
+    import os
+    import subprocess
+    import sys
+
+    delta_path, stats_path = state(tmp_path, "exact_head.sqlite")
+    os.mkfifo(tmp_path / "planted.sqlite")
+    code = f"import sys; from server import cli; sys.exit(cli.main(['--ledger', {str(delta_path)!r}, 'remove', '1', " \
+           f"'--reason', 'x']))"
+    root = Path(__file__).resolve().parents[3]
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, timeout=120, capture_output=True,
+                          env={**os.environ, "PYTHONPATH": str(root)})
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    assert active(delta_path) == active(stats_path) == ["2"]
