@@ -100,10 +100,17 @@ def linked_path(delta: "Ledger", key: str) -> Path | None:
 
 
 def stats_ledgers_in(folder: Path) -> list[Path]:
-    """The statistics ledgers among ``folder``'s SQLite files (read-only, nothing created)."""
+    """The statistics ledgers among ``folder``'s SQLite files (read-only, nothing created). A
+    symbolic link named like a ledger is listed as it is, never followed (a ledger's files are never
+    links: the callers refuse it); other files that are not regular (a planted FIFO would block the
+    open) are not ledgers."""
     found = []
     for path in sorted(folder.glob("*.sqlite")):
-        if not stat.S_ISREG(path.lstat().st_mode):  # a planted FIFO would block the open; a link is not ours
+        mode = path.lstat().st_mode
+        if stat.S_ISLNK(mode):
+            found.append(path)
+            continue
+        if not stat.S_ISREG(mode):
             continue
         try:
             db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)

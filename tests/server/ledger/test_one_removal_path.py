@@ -193,3 +193,19 @@ def test_a_fifo_planted_beside_the_ledgers_does_not_hang_the_tools(tmp_path):
                           env={**os.environ, "PYTHONPATH": str(root)})
     assert done.returncode == 0, done.stderr.decode()[-2000:]
     assert active(delta_path) == active(stats_path) == ["2"]
+
+
+def test_a_symlink_named_like_a_ledger_beside_the_ledgers_is_a_refusal(tmp_path, capsys):
+    """The real statistics ledger moved out and reachable only through a link with another name,
+    the Δ ledger relinked to a decoy: the link is neither followed nor skipped, it is refused."""
+    state_dir = tmp_path / "state"
+    delta_path, stats_path = state(state_dir, "exact_head.sqlite")
+    outside = tmp_path / "outside.sqlite"
+    stats_path.rename(outside)
+    (state_dir / "kept.sqlite").symlink_to(outside)
+    with Ledger.open(state_dir / "decoy.sqlite", family="stats", model_card=model_card()):
+        pass
+    _relink(delta_path, "decoy.sqlite")
+    assert cli.main(["--ledger", str(delta_path), "remove", "1", "--reason", "x"]) == 2
+    assert "kept.sqlite" in capsys.readouterr().err
+    assert active(delta_path) == active(outside) == ["1", "2"]
