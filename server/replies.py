@@ -288,12 +288,15 @@ def released_privacy(msg: Message) -> tuple[float, float] | None:
 
 def parse_train_reply(msg: Message, expected_base_digest: str, *, require_dp: bool = False,
                       bind: Callable[[str], str] | None = None,
-                      stats: StatsExpectation | None = None) -> Contribution:
+                      stats: StatsExpectation | None = None,
+                      check_count: Callable[[str, int], None] | None = None) -> Contribution:
     """Validate one train reply; raises :class:`Rejected`. (The ledger checks the tensors' spec.)
 
     ``bind`` maps the declared site id to the sender's registered one (or rejects it); it runs
     right after the site id is read, so an impostor is reported as such whatever else is wrong.
     ``stats``: the exact head is on and a non-DP reply must carry statistics on this grid.
+    ``check_count(site, num_examples)`` (the registered cap) runs as soon as the count is read:
+    before any array is decoded or a row form's Gram matrix is formed (O(n·p²)).
     """
     raise_if_error(msg)
     found = records(msg, delta="array", metrics="metric", meta="config")
@@ -308,6 +311,8 @@ def parse_train_reply(msg: Message, expected_base_digest: str, *, require_dp: bo
     if digest != expected_base_digest:
         raise Rejected("base_digest_mismatch", f"{shown(digest)} != {expected_base_digest}", site)
     num_examples = count(num_examples, site)
+    if check_count is not None:
+        check_count(site, num_examples)
     if not isinstance(dp, bool):
         raise Rejected("bad_meta", f"dp = {shown(dp)} is not a boolean", site)
     if require_dp and not dp:

@@ -273,12 +273,15 @@ class LedgerFedAvg(FedAvg):
 
     def _train_reply(self, msg: Message, node_id: int | None, seen: set[str]) -> tuple[Contribution, Any, bool]:
         contribution = parse_train_reply(msg, self.base_digest, require_dp=self.require_dp,
-                                         bind=self._bind(node_id), stats=self.exact_head)
-        if self.binding is not None:
-            self.binding.check_cap(contribution.site_id, contribution.num_examples)
+                                         bind=self._bind(node_id), stats=self.exact_head,
+                                         check_count=None if self.binding is None else self.binding.check_cap)
         if contribution.site_id in seen:
             raise Rejected("duplicate_site_in_round", "a second reply for this site", contribution.site_id)
         seen.add(contribution.site_id)
+        if self.ledgers.held is not None and contribution.site_id in self.ledgers.withdrawn_sites():
+            # the held pair may be younger than a withdrawal the composed models keep: ask every ledger
+            raise Rejected("site_withdrawn", "this site withdrew; it is readmitted only by the operator",
+                           contribution.site_id)
         # quarantine (server.quarantine): the same checks, into the held pair; composed only once admitted
         version, replaced = record(self.ledgers.held or self.ledgers, contribution)
         return contribution, version, replaced

@@ -308,7 +308,8 @@ class Ledger:
             return
         witnesses.read(self.witness, audit.fingerprint(self.public_key()))  # unusable: LedgerError
         held = self._held_heads()
-        found, _ = witnesses.problems(self.witness, held, self.public_key(), newest_held=max(held, default=-1))
+        found, _ = witnesses.problems(self.witness, held, self.public_key(), newest_held=max(held, default=-1),
+                                      ledger_path=self.path)
         if found:
             log.error("%s: %s", self.path, "; ".join(found))
             self._refuse_writes = f"{self.path} contradicts its witness ({'; '.join(found)}); it is read-only"
@@ -318,7 +319,7 @@ class Ledger:
         if self.witness is None or self._refuse_writes:
             return
         if witnesses.newest_version(self.witness, head["public_key"]) < head["version"]:
-            witnesses.append(self.witness, head, signature)
+            witnesses.append(self.witness, head, signature, self.path)
 
     def _publish_head(self, recover: bool = False) -> None:
         """Bring ``<ledger>.head.json`` up to the database's newest signed head.
@@ -514,8 +515,18 @@ class Ledger:
                                 (site_id,)).fetchone()
 
     def _stored_arrays(self, contribution_id: int) -> dict[str, np.ndarray]:
-        blob = self._db.execute("SELECT safetensors FROM deltas WHERE contribution_id = ?",
-                                (contribution_id,)).fetchone()[0]
+        """The stored arrays of a contribution, decoded only when their bytes have the sha256 recorded
+        when it was added: bytes swapped in the file would otherwise be what a removal subtracts (a
+        removal that leaves the site in the model and erases the evidence) or a zlib bomb inflated
+        before anything noticed."""
+        row = self._db.execute("SELECT d.safetensors, c.delta_sha256 FROM deltas d JOIN contributions c "
+                               "ON c.id = d.contribution_id WHERE d.contribution_id = ?", (contribution_id,)).fetchone()
+        if row is None:
+            raise KeyError(f"no stored Δ for contribution {contribution_id} (not active?)")
+        blob, recorded = row
+        if hashlib.sha256(blob).hexdigest() != recorded:
+            raise LedgerError(f"the stored bytes of contribution {contribution_id} do not have its recorded digest "
+                              f"{recorded}: the ledger file was altered (run verify); nothing decoded")
         return self._family.decode(blob)
 
     def _end(self, contribution_id: int, status: str, at: str, model_version: int, reason: str) -> None:
@@ -674,11 +685,7 @@ class Ledger:
 
         Removed or replaced contributions have their Δ bytes erased: ``KeyError`` for those."""
         with self.snapshot():
-            row = self._db.execute("SELECT safetensors FROM deltas WHERE contribution_id = ?",
-                                   (contribution_id,)).fetchone()
-        if row is None:
-            raise KeyError(f"no stored Δ for contribution {contribution_id} (not active?)")
-        return self._family.decode(row[0])
+            return self._stored_arrays(contribution_id)
 
     def settings(self) -> dict[str, Any]:
         """Weighting, grid, pinned spec and base digest, total weight, signing public key."""

@@ -39,6 +39,7 @@ import safetensors.numpy
 from server.ledger import blobs, stats_forms, validation
 from server.ledger.accumulators import Accumulators, Quantized, arrays_digest, quantize
 from server.ledger.records import LedgerError, RejectedContribution, canonical_json
+from tangent.exact_head.statistics import row_norm_bound
 
 FAMILIES = ("delta", "stats")
 INT64_MAX = int(np.iinfo(np.int64).max)
@@ -265,15 +266,6 @@ class StatsFamily:
     @staticmethod
     def magnitudes(arrays: Mapping[str, np.ndarray]) -> dict[str, int]:
         return {name: magnitude(a) for name, a in arrays.items()}
-
-
-def row_norm_bound(p: int, frac_bits: int) -> int:
-    """An integer R ≥ ‖q‖ for every quantized row (tangent.exact_head.statistics.quantize): the clipped
-    row has ‖x‖ ≤ 2^b (up to float rounding, far below 1 for b ≤ 24) and rounding moves each of its p
-    coordinates by at most 1/2, so ‖q‖ ≤ 2^b + √p/2 < 2^b + ⌈√p/2⌉ + 1; no row has more than
-    √p·2^b either (|q_i| ≤ 2^b)."""
-    half_sqrt_p = (math.isqrt(p - 1) + 2) // 2  # ≥ ⌈√p/2⌉
-    return min(2 ** frac_bits + half_sqrt_p + 1, math.isqrt(p * 4 ** frac_bits) + 1)
 
 
 # relative margin of the float64 test of G_ij² ≤ G_ii·G_jj: far above float64's rounding (2^-52 per

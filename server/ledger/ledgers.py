@@ -19,6 +19,7 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
+import stat
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass
@@ -55,14 +56,17 @@ def stats_path_of(delta: "Ledger", given: Path | None = None) -> Path | None:
     from server.ledger import LedgerError
 
     folder = Path(delta.path).resolve().parent
-    linked = delta.linked_ledgers().get(STATS_LINK)
-    if linked is not None:
-        path = (folder / linked).resolve()
+    path = linked_path(delta, STATS_LINK)
+    if path is not None:
         if given is not None and Path(given).resolve() != path:
             raise LedgerError(f"{delta.path} names its statistics ledger {path}, not {given}")
         if not path.is_file():
             raise LedgerError(f"the statistics ledger {path} that {delta.path} names is missing: refusing to act "
                               f"on one model family only")
+        unnamed = [p for p in stats_ledgers_in(folder) if p != path]
+        if unnamed:  # a link redirected to a decoy would leave the site's statistics in the real one
+            raise LedgerError(f"{delta.path} names its statistics ledger {path}, but {', '.join(map(str, unnamed))} "
+                              f"{'is one too' if len(unnamed) == 1 else 'are too'}: refusing to act on one of them only")
         return path
     if given is not None:
         if not Path(given).is_file():
@@ -76,10 +80,38 @@ def stats_path_of(delta: "Ledger", given: Path | None = None) -> Path | None:
     return default if default.is_file() else None
 
 
+def linked_path(delta: "Ledger", key: str) -> Path | None:
+    """The companion ledger ``delta``'s meta names under ``key``, or None; LedgerError when the link
+    leads out of ``delta``'s folder or through a symbolic link. The link is in the Δ ledger's file,
+    which whoever can write the state directory can edit: it is a path to check like any other."""
+    from server.ledger import LedgerError
+
+    linked = delta.linked_ledgers().get(key)
+    if linked is None:
+        return None
+    folder = Path(delta.path).resolve().parent
+    named = Path(os.path.normpath(folder / linked)) if isinstance(linked, str) and linked else folder
+    if named == folder or not named.is_relative_to(folder):
+        raise LedgerError(f"{delta.path} links its {key} ledger to {linked!r}, outside its folder {folder}: refused")
+    if named.resolve() != named:
+        raise LedgerError(f"{delta.path} links its {key} ledger to {named}, which leads through a symbolic link "
+                          f"to {named.resolve()}: refused (the ledger's files are never links)")
+    return named
+
+
 def stats_ledgers_in(folder: Path) -> list[Path]:
-    """The statistics ledgers among ``folder``'s SQLite files (read-only, nothing created)."""
+    """The statistics ledgers among ``folder``'s SQLite files (read-only, nothing created). A
+    symbolic link named like a ledger is listed as it is, never followed (a ledger's files are never
+    links: the callers refuse it); other files that are not regular (a planted FIFO would block the
+    open) are not ledgers."""
     found = []
     for path in sorted(folder.glob("*.sqlite")):
+        mode = path.lstat().st_mode
+        if stat.S_ISLNK(mode):
+            found.append(path)
+            continue
+        if not stat.S_ISREG(mode):
+            continue
         try:
             db = sqlite3.connect(f"{path.resolve().as_uri()}?mode=ro", uri=True)
             try:
@@ -120,10 +152,9 @@ def held_path_of(delta: "Ledger") -> Path | None:
     missing is a LedgerError (its contributions would escape a removal)."""
     from server.ledger import LedgerError
 
-    linked = delta.linked_ledgers().get(HELD_LINK)
-    if linked is None:
+    path = linked_path(delta, HELD_LINK)
+    if path is None:
         return None
-    path = (Path(delta.path).resolve().parent / linked).resolve()
     if not path.is_file():
         raise LedgerError(f"the quarantine ledger {path} that {delta.path} names is missing: refusing to act on "
                           f"part of the state only")

@@ -46,7 +46,8 @@ def verify_ledger(store: Store, head_path: Path, *, trusted_key: Ed25519PublicKe
         if witness is not None:
             held = {r["version"]: (json.loads(r["head"]), r["signature"])
                     for r in store.execute("SELECT version, head, signature FROM signed_heads")}
-            found, witness_version = witnesses.problems(witness, held, key, newest_held=head["version"])
+            found, witness_version = witnesses.problems(witness, held, key, newest_held=head["version"],
+                                                        ledger_path=store.path)
             problems += found
         versions = _replay(store, meta, family, entries, problems)
         rebuilt, total_weight, active = _rebuild(store, meta, family, problems)

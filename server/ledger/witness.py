@@ -8,10 +8,14 @@ the operator places outside the state directory (another disk, a mount only the 
 to, a log shipped off the host), one JSON line per signed head:
 
     {"format": "taft-fl witness 1"}                                    (first line, written by init)
-    {"ledger": "SHA256:<key fingerprint>", "head": {...}, "signature": "<hex>"}
+    {"ledger": "SHA256:<key fingerprint>", "path": "<the ledger file>", "head": {...}, "signature": "<hex>"}
 
 Both ledgers (Δ and statistics) may share one witness: lines are told apart by the fingerprint of
-the key that signed them. The server appends every head it publishes; ``verify`` and opening the
+the key that signed them. The path says which ledger file the heads came from: the state
+directory's writer cannot sign with the ledger's key but can replace it (a shorter history under
+a key of their own), and a witness that looked heads up by key alone would see nothing of that;
+heads of one path under another key are reported as a re-keyed ledger. (A ledger started afresh
+at the same path is one too: start a new witness with it.) The server appends every head it publishes; ``verify`` and opening the
 ledger compare the ledger with the newest witnessed head for its key: a ledger behind it was rolled
 back, a ledger whose head for a witnessed version differs was forked. A witness can only catch
 what it saw: heads written while no witness was configured are not in it.
@@ -100,9 +104,33 @@ def read(path: Path, key_fingerprint: str) -> list[tuple[dict[str, Any], str]]:
     return heads
 
 
-def append(path: Path, head: dict[str, Any], signature: str) -> None:
-    """Append one signed head (one ``write`` on an O_APPEND descriptor, then fsync)."""
-    line = canonical_json({"ledger": head["public_key"], "head": head, "signature": signature}) + "\n"
+def ledger_name(ledger_path: Path) -> str:
+    """How the witness names a ledger file: its absolute path, symlinks resolved."""
+    return str(Path(ledger_path).resolve())
+
+
+def keys_of(path: Path, ledger_path: Path) -> set[str]:
+    """The key fingerprints the witness holds heads of ``ledger_path`` for (lines without a path,
+    from before paths were written, name none)."""
+    fd = _open(path, os.O_RDONLY)
+    with os.fdopen(fd, "rb") as f:
+        lines = f.read().split(b"\n")[1:]
+    name, keys = ledger_name(ledger_path), set()
+    for line in lines:
+        try:
+            entry = json.loads(line)
+        except ValueError:
+            continue  # read() reports unreadable lines
+        if isinstance(entry, dict) and entry.get("path") == name and isinstance(entry.get("ledger"), str):
+            keys.add(entry["ledger"])
+    return keys
+
+
+def append(path: Path, head: dict[str, Any], signature: str, ledger_path: Path) -> None:
+    """Append one signed head of the ledger file ``ledger_path`` (one ``write`` on an O_APPEND
+    descriptor, then fsync)."""
+    line = canonical_json({"ledger": head["public_key"], "path": ledger_name(ledger_path), "head": head,
+                           "signature": signature}) + "\n"
     fd = _open(path, os.O_RDWR | os.O_APPEND)
     try:
         os.write(fd, line.encode())
@@ -116,18 +144,24 @@ def newest_version(path: Path, key_fingerprint: str) -> int:
     return max((h.get("version", -1) for h, _ in read(path, key_fingerprint)), default=-1)
 
 
-def problems(path: Path, held: dict[int, tuple[dict, str]], key, *, newest_held: int) -> tuple[list[str], int]:
-    """Compare a ledger's signed heads (``held``: version -> (head, signature)) with the witness.
+def problems(path: Path, held: dict[int, tuple[dict, str]], key, *, newest_held: int,
+             ledger_path: Path) -> tuple[list[str], int]:
+    """Compare the signed heads of the ledger file ``ledger_path`` (``held``: version -> (head,
+    signature)) with the witness.
 
     Returns (problems, newest witnessed version). A witnessed head must be validly signed by
     ``key`` and held, identical, by the ledger; a witnessed version beyond ``newest_held`` means
-    the ledger was rolled back."""
+    the ledger was rolled back; heads of this file under another key mean it was re-keyed."""
     fp = audit.fingerprint(key)
     try:
         witnessed = read(path, fp)
+        other_keys = sorted(keys_of(path, ledger_path) - {fp})
     except LedgerError as e:
         return [str(e)], -1
     found, newest = [], -1
+    if other_keys:
+        found.append(f"the witness {path} holds heads of {ledger_name(ledger_path)} signed by another key "
+                     f"({', '.join(other_keys)}), not by {fp}: the ledger was replaced under a new key")
     for head, signature in witnessed:
         version = head.get("version")
         if not isinstance(version, int) or not audit.signature_valid(key, head, signature):

@@ -264,8 +264,12 @@ def _update_ledgers(request: ForgetRequest, stats, feature_digest: str, delta, l
     if not delta_done:
         retracted = ledgers.delta.retract(site, reason)
         delta_done = "Δw retracted (retrain and contribute again to restore it)" if retracted else "no active Δw"
+    # a contribution waiting in quarantine was made from the data before the forgetting: admitted
+    # later, it would bring the forgotten samples back
+    held = ledgers.held is not None and ledgers.held.retract(site, reason)
     return (f"site {site} forgot {request.forgotten} sample(s): statistics now n = {stats.n}"
-            f"{' (retracted: none remain)' if stats.n == 0 else ''}; {delta_done} "
+            f"{' (retracted: none remain)' if stats.n == 0 else ''}; {delta_done}"
+            f"{'; its held contribution retracted from the quarantine' if held else ''} "
             f"(signer={request.signer}, nonce={request.nonce})")
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from tangent.exact_head.statistics import StatsError, SufficientStats, triu_size
+from tangent.exact_head.statistics import StatsError, SufficientStats, row_norm_bound, triu_size
 
 FORMS = ("rows", "gram")
 ROW_ARRAYS = ("labels", "rows")
@@ -70,4 +70,21 @@ def stats_of_rows(arrays, num_features: int, num_classes: int, clip_norm: float,
         raise StatsError(f"rows must be int32 and labels int64, got {rows.dtype} and {labels.dtype}")
     if rows.ndim != 2 or rows.shape[1] != num_features or labels.shape != (rows.shape[0],) or not len(rows):
         raise StatsError(f"rows [n, {num_features}] and labels [n] with n ≥ 1, got {rows.shape} and {labels.shape}")
+    check_rows_on_the_ball(rows, frac_bits)
     return SufficientStats.from_rows(rows, labels, num_classes, clip_norm, frac_bits)
+
+
+def check_rows_on_the_ball(rows: np.ndarray, frac_bits: int) -> None:
+    """StatsError unless every row has |q_i| ≤ 2^b and ‖q‖ ≤ R (:func:`row_norm_bound`), as every
+    row of :func:`~tangent.exact_head.statistics.quantize` has. The Gram form's checks can only bound
+    the sum of the rows' squared norms (trace(G) ≤ n·R²): one row far off the ball, the others
+    zero, passes them. The row form shows each row, so each row is checked."""
+    unit = 2 ** frac_bits
+    if rows.size and max(abs(int(rows.min())), abs(int(rows.max()))) > unit:
+        raise StatsError(f"|q| exceeds 2^{frac_bits}: not on this grid")
+    p = rows.shape[1]
+    wide = np.int64 if p * unit * unit < 2 ** 63 else object  # each squared norm ≤ p·4^b, exact
+    squared = np.square(rows.astype(wide)).sum(axis=1)
+    limit = row_norm_bound(p, frac_bits) ** 2
+    if len(squared) and int(squared.max()) > limit:
+        raise StatsError(f"a row has ‖q‖² = {int(squared.max())} > R² = {limit}: off the clip ball")

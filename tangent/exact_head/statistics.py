@@ -97,6 +97,15 @@ def quantize(phi: np.ndarray, clip_norm: float, frac_bits: int) -> np.ndarray:
     return q.astype(np.int32)
 
 
+def row_norm_bound(p: int, frac_bits: int) -> int:
+    """An integer R ≥ ‖q‖ for every quantized row (tangent.exact_head.statistics.quantize): the clipped
+    row has ‖x‖ ≤ 2^b (up to float rounding, far below 1 for b ≤ 24) and rounding moves each of its p
+    coordinates by at most 1/2, so ‖q‖ ≤ 2^b + √p/2 < 2^b + ⌈√p/2⌉ + 1; no row has more than
+    √p·2^b either (|q_i| ≤ 2^b)."""
+    half_sqrt_p = (math.isqrt(p - 1) + 2) // 2  # ≥ ⌈√p/2⌉
+    return min(2 ** frac_bits + half_sqrt_p + 1, math.isqrt(p * 4 ** frac_bits) + 1)
+
+
 def dequantize(q: np.ndarray, clip_norm: float, frac_bits: int) -> np.ndarray:
     return np.asarray(q, dtype=np.float64) * (clip_norm * 2.0 ** -frac_bits)
 

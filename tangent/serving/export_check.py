@@ -91,8 +91,11 @@ def read_manifest(directory: Path) -> dict[str, Any]:
     return manifest
 
 
-def _signer(manifest: dict, public_key: Path | Ed25519PublicKey | None, fingerprint: str | None) -> tuple[Any, bool]:
-    """(the key to check with, whether it is pinned)."""
+def _signer(directory: Path, manifest: dict, public_key: Path | Ed25519PublicKey | None,
+            fingerprint: str | None) -> tuple[Any, bool]:
+    """(the key to check with, whether it is pinned). A key file inside the export (its own
+    public-key.pem) is the key the export carries: whoever rewrote the export rewrote it too, so it
+    pins nothing unless a fingerprint is pinned as well."""
     if public_key is not None:
         try:
             key = public_key if isinstance(public_key, Ed25519PublicKey) else \
@@ -102,7 +105,9 @@ def _signer(manifest: dict, public_key: Path | Ed25519PublicKey | None, fingerpr
         if fingerprint is not None and signatures.fingerprint(key) != signatures.normalise_fingerprint(fingerprint):
             raise ExportRefused([f"the public key {public_key} has fingerprint {signatures.fingerprint(key)}, "
                                  f"not the pinned {signatures.normalise_fingerprint(fingerprint)}"])
-        return key, True
+        carried = not isinstance(public_key, Ed25519PublicKey) and \
+            Path(public_key).resolve().is_relative_to(directory.resolve())
+        return key, fingerprint is not None or not carried
     try:
         key = signatures.load_ed25519_public_key(manifest["public_key"])
     except (KeyError, TypeError, ValueError) as err:
@@ -121,7 +126,7 @@ def verify_export(directory: str | Path, *, public_key: str | Path | Ed25519Publ
     check; ExportError when it cannot be read at all."""
     directory = Path(directory)
     manifest = read_manifest(directory)
-    key, pinned = _signer(manifest, public_key, fingerprint)
+    key, pinned = _signer(directory, manifest, public_key, fingerprint)
     fp = signatures.fingerprint(key)
     problems: list[str] = []
 

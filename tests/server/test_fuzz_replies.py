@@ -18,7 +18,10 @@ and the corruptions include statistics records that are missing, of the wrong re
 wrong meta, grid or feature digest, array names, dtypes, shapes and bytes, n != num-examples,
 statistics in a DP reply, and statistics the statistics ledger itself refuses (counts that do not
 sum to n, a negative Gram diagonal, cross sums beyond a class's count, a Gram diagonal too small
-for the sums) after the Δ ledger accepted the Δw. Afterwards both ledgers
+for the sums) after the Δ ledger accepted the Δw. Valid replies send their statistics as sums or, 30 % of them,
+as their rows (the row form), and row forms are corrupted too: a row off the clip ball or off the
+grid, labels out of range, rows and labels of another n, other dtypes and widths, a Gram's array
+beside the rows, bytes that do not match the header. Afterwards both ledgers
 verify, the statistics ledger holds exactly the sites whose current contribution carried
 statistics, and its composed statistics are the sum of exactly those sites' statistics.
 """
@@ -40,7 +43,8 @@ from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MetricRec
 from server.ledger import Ledger
 from server.replies import Rejected, decode_array
 from server.strategy import LedgerFedAvg
-from tangent.exact_head.statistics import SufficientStats
+from tangent.exact_head.row_form import is_row_form, row_arrays
+from tangent.exact_head.statistics import SufficientStats, quantize
 from tests.server.exact_head_replies import EXPECT, FEATURE_DIGEST, open_stats_ledger, site_stats
 
 BASE = "b" * 64
@@ -82,16 +86,28 @@ def valid_parts(rng: np.random.Generator, site: str, dp: bool) -> dict:
                 "dp-max-grad-norm": 1.0, "dp-noise-multiplier": 0.0, "train-config": json.dumps({"epochs": 1}),
                 "pid": 4242}
     parts = {"delta": ("array", arrays), "metrics": ("metric", metrics), "meta": ("config", meta)}
-    if not dp:  # a non-DP reply carries the exact head's statistics too
+    if not dp:  # a non-DP reply carries the exact head's statistics too, as sums or (30 %) as its rows
         stats = site_stats(int(rng.integers(2 ** 31)), metrics["num-examples"])
-        parts["stats"] = ("array", {k: Array(v) for k, v in stats.to_arrays().items()})
+        arrays = stats.to_arrays() if rng.random() >= 0.3 else site_rows(rng, metrics["num-examples"])
+        parts["stats"] = ("array", {k: Array(v) for k, v in arrays.items()})
         parts["stats-meta"] = ("config", stats.meta() | {"feature-digest": FEATURE_DIGEST})
     return parts
+
+
+def site_rows(rng: np.random.Generator, n: int) -> dict[str, np.ndarray]:
+    """The row form of n random rows φ (‖φ‖ < C) and labels on the test grid."""
+    phi = rng.standard_normal((n, EXPECT.num_features))
+    phi *= (0.9 * EXPECT.clip_norm) * rng.random((n, 1)) / np.linalg.norm(phi, axis=1, keepdims=True)
+    q = quantize(phi, EXPECT.clip_norm, EXPECT.frac_bits)
+    return row_arrays(q, rng.integers(0, EXPECT.num_classes, n), EXPECT.frac_bits)
 
 
 def sent_stats(parts: dict) -> SufficientStats:
     """The statistics a (valid) reply carries, as the server must have recorded them."""
     arrays = {name: array.numpy() for name, array in parts["stats"][1].items()}
+    if is_row_form(arrays):
+        return SufficientStats.from_rows(arrays["rows"], arrays["labels"], EXPECT.num_classes, EXPECT.clip_norm,
+                                         EXPECT.frac_bits)
     return SufficientStats.from_arrays(arrays, EXPECT.grid)
 
 
@@ -190,6 +206,8 @@ def corrupt_stats(rng: np.random.Generator, parts: dict) -> str:
         parts["stats-meta"] = ("config", good.meta() | {"feature-digest": FEATURE_DIGEST})
         return "stats_added"
     arrays, meta = parts["stats"][1], parts["stats-meta"][1]
+    if is_row_form(arrays) and rng.random() < 0.7:
+        return corrupt_rows(rng, arrays)
 
     def value(name: str) -> np.ndarray:
         """The array's int64 values, or — when an earlier corruption broke it — a stand-in (never
@@ -267,6 +285,40 @@ def corrupt_stats(rng: np.random.Generator, parts: dict) -> str:
         name = str(rng.choice(["stats", "stats-meta"]))
         parts[name] = ("metric", {"a": 1}) if name == "stats" else ("array", {"x": Array(np.zeros(2, np.int64))})
     return f"stats_{how}"
+
+
+def corrupt_rows(rng: np.random.Generator, arrays: dict) -> str:
+    """Corrupt a row form (int32 rows [n, p], int64 labels [n]); returns the corruption. Each one
+    is refused: no honest site's rows look like these."""
+    rows, labels = np.array(arrays["rows"].numpy()), np.array(arrays["labels"].numpy())
+    n, p = rows.shape
+    unit = 2 ** EXPECT.frac_bits
+    how = str(rng.choice(["off_ball", "off_grid", "label_high", "label_negative", "dtype", "n_more", "n_fewer",
+                          "wide", "both_forms", "bytes"]))
+    if how == "off_ball":  # every entry on the grid, the row far off the clip ball: only a per-row check sees it
+        rows[int(rng.integers(n))] = unit * rng.choice([-1, 1], p)
+    elif how == "off_grid":
+        rows[int(rng.integers(n)), int(rng.integers(p))] = unit + 1
+    elif how == "label_high":
+        labels[int(rng.integers(n))] = EXPECT.num_classes + int(rng.integers(0, 2 ** 40))
+    elif how == "label_negative":
+        labels[int(rng.integers(n))] = -1
+    elif how == "dtype":
+        rows = rows.astype(str(rng.choice(["int64", "float32", "int16"])))
+    elif how in ("n_more", "n_fewer"):  # rows and labels agree with each other, not with num-examples
+        keep = n + 1 if how == "n_more" else max(n - 1, 0)
+        rows = np.resize(rows, (keep, p)).astype(np.int32)
+        labels = np.resize(labels, keep).astype(np.int64)
+    elif how == "wide":
+        rows = np.zeros((n, p + 1), np.int32)
+    elif how == "both_forms":  # rows and a Gram's arrays in one record
+        arrays["gram"] = Array(np.zeros(p * (p + 1) // 2, np.int64))
+        return "stats_rows_both_forms"
+    else:
+        arrays["rows"] = Array(dtype="int32", shape=(n, p), stype="numpy.ndarray", data=_header_bytes((n, p), "<i4"))
+        return "stats_rows_bytes"
+    arrays["rows"], arrays["labels"] = Array(np.ascontiguousarray(rows)), Array(np.ascontiguousarray(labels))
+    return f"stats_rows_{how}"
 
 
 def mutate(rng: np.random.Generator, parts: dict, kind: str) -> str:

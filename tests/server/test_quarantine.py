@@ -88,3 +88,23 @@ def test_a_missing_quarantine_is_a_refusal_not_a_skip(tmp_path):
     close(state(tmp_path))
     (tmp_path / FOLDER / "ledger.sqlite").rename(tmp_path / "moved.bin")
     assert cli.main(["--ledger", str(tmp_path / "ledger.sqlite"), "remove", "1", "--reason", "x"]) == 2
+
+
+def test_a_site_withdrawn_before_the_quarantine_existed_is_not_held(tmp_path):
+    """Site 2 withdrew while the state had no quarantine; the operator then turns quarantine on. Its
+    next reply must be refused as withdrawn, not stored in the quarantine (where nothing knew of
+    the withdrawal): a held contribution never outlives its site's consent."""
+    main = open_pair_at(tmp_path)
+    main.delta.add("2", delta(2), 60, base_digest=BASE)
+    main.remove("2", reason="consent withdrawn")
+    held = open_pair_at(tmp_path / FOLDER)
+    link(main.delta, held.delta, HELD_LINK)
+    ledgers = Ledgers(main.delta, main.stats, held)
+    strategy = LedgerFedAvg(ledgers.delta, SPEC, BASE, stats_ledger=ledgers.stats, exact_head=EXPECT,
+                            quarantine=ledgers.held, min_available_nodes=1, min_train_nodes=1, min_evaluate_nodes=1)
+    strategy.aggregate_train(1, [train_reply(901, "1", delta(1), site_stats(1, 40)),
+                                 train_reply(902, "2", delta(2), site_stats(2, 60))])
+    assert strategy.rounds[1].recorded == ["1"]
+    assert strategy.rounds[1].rejected_by_reason == {"site_withdrawn": 1}
+    assert held.delta.contributions(site_id="2") == [] and held.stats.contributions(site_id="2") == []
+    close(ledgers)

@@ -124,3 +124,49 @@ def test_stored_contributions_are_compressed_losslessly_and_old_plain_blobs_stil
     assert blobs.unpack(plain) == plain and blobs.unpack(blobs.pack(plain)) == plain
     with pytest.raises(ValueError):
         blobs.unpack(blobs.pack(plain)[:-5])  # truncated
+
+
+def rows_off_the_ball(n: int) -> tuple[np.ndarray, np.ndarray]:
+    """One row with every coordinate at 2^b (‖q‖ = √p·2^b, far off the clip ball ‖q‖ ≤ R), the
+    others zero: every entry bound holds and trace(G) = p·4^b ≤ n·R², so only a per-row check sees it."""
+    q = np.zeros((n, P), np.int32)
+    q[0] = 2 ** BITS
+    return q, np.zeros(n, np.int64)
+
+
+def test_a_row_off_the_clip_ball_is_refused_in_a_reply_and_by_the_ledger(tmp_path):
+    q, labels = rows_off_the_ball(9)
+    with pytest.raises(Rejected) as err:
+        parse_train_reply(rows_reply("3", q, labels), BASE, stats=EXPECT)
+    assert err.value.reason == "stats_bad_arrays"
+    with open_stats_ledger(tmp_path / "l.sqlite") as ledger:
+        with pytest.raises(RejectedContribution) as refused:
+            ledger.add("1", row_arrays(q, labels, BITS), num_examples=9, base_digest=FEATURE_DIGEST)
+        assert refused.value.reason == "stats_out_of_bounds"
+        assert ledger.composed_stats() is None
+
+
+def test_the_registered_cap_is_checked_before_any_row_is_read(tmp_path):
+    """A registered site (cap 10) sends 5,000 rows: the server must refuse the count before it forms
+    a Gram matrix from them (O(n·p²): at p = 3,072, minutes of the ServerApp's time per reply).
+    The rows are also off the grid, so the reason shows which check came first."""
+    import json
+
+    from server.strategy import LedgerFedAvg
+    from server.trust.identity import SenderBinding
+    from server.trust.withdrawal import SiteRegistry
+    from tests.server.exact_head_replies import SHAPES, SPEC
+
+    (tmp_path / "registry.json").write_text(json.dumps({"version": 2, "sites": {"3": {
+        "public_key": "keys/3.pub", "fingerprint": "SHA256:" + "0" * 64, "node_id": 7, "max_examples": 10,
+        "registered_at": "2026-01-01T00:00:00Z", "revoked": False}}}))
+    q, labels = site_rows(5, 5000)
+    q[0, 0] = 2 ** BITS + 1
+    with open_stats_ledger(tmp_path / "s.sqlite") as stats_ledger, \
+            __import__("server.ledger", fromlist=["Ledger"]).Ledger.open(
+                tmp_path / "d.sqlite", expected_base_digest=BASE, expected_spec=SHAPES) as ledger:
+        strategy = LedgerFedAvg(ledger, SPEC, BASE, stats_ledger=stats_ledger, exact_head=EXPECT,
+                                binding=SenderBinding(SiteRegistry(tmp_path / "registry.json")),
+                                min_available_nodes=1, min_train_nodes=1, min_evaluate_nodes=1)
+        strategy.aggregate_train(1, [rows_reply("3", q, labels)])
+        assert strategy.rounds[1].rejected_by_reason == {"num_examples_over_cap": 1}

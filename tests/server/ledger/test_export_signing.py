@@ -48,7 +48,9 @@ def test_an_untouched_export_verifies_with_what_export_wrote(exported, capsys):
     manifest = json.loads((exported / "manifest.json").read_text())
     assert verify_export(exported, key_file)["version"] == manifest["model_version"]
     assert verify_export(exported, fingerprint=manifest["public_key_fingerprint"])["version"] == manifest["model_version"]
-    assert cli.main(["verify-export", str(exported), "--public-key", str(key_file)]) == 0
+    kept = exported.parent / "operator.pem"  # the operator's key, obtained apart from the export
+    shutil.copy(key_file, kept)
+    assert cli.main(["verify-export", str(exported), "--public-key", str(kept)]) == 0
     assert "note:" not in capsys.readouterr().out
     bare_hex = manifest["public_key_fingerprint"].split(":")[1].upper()
     assert cli.main(["verify-export", str(exported), "--fingerprint", bare_hex]) == 0
@@ -111,3 +113,29 @@ def test_a_resigned_export_passes_only_unpinned(exported, tmp_path):
     verify_export(forged)  # integrity only: consistent, and signed by *a* key
     assert any("not the pinned" in p for p in problems(forged, fingerprint=genuine))
     assert problems(forged, public_key=exported / export_check.PUBLIC_KEY_FILE)
+
+
+def test_a_public_key_taken_from_the_export_itself_pins_nothing(exported, tmp_path, capsys):
+    """The rewriter swaps public-key.pem for their own key and re-signs: `--public-key` pointing at
+    the export's own public-key.pem checks the export against the key it carries — integrity, not
+    authenticity — and must say so instead of reporting a pinned signer."""
+    forged = tmp_path / "forged"
+    shutil.copytree(exported, forged)
+    attacker = Ed25519PrivateKey.generate()
+    manifest = json.loads((forged / "manifest.json").read_text())
+    head = {**manifest["signed_head"]["head"], "public_key": fingerprint(attacker.public_key())}
+    manifest["signed_head"] = {"head": head, "signature": sign_head(attacker, head)}
+    manifest["public_key"] = public_key_pem(attacker.public_key())
+    manifest["public_key_fingerprint"] = fingerprint(attacker.public_key())
+    statement = {**manifest["statement"]["statement"], "manifest_sha256": export_check.manifest_digest(manifest)}
+    manifest["statement"] = {"statement": statement, "signature": sign_head(attacker, statement)}
+    (forged / "manifest.json").write_text(json.dumps(manifest))
+    (forged / export_check.PUBLIC_KEY_FILE).write_text(public_key_pem(attacker.public_key()))
+    assert not export_check.verify_export(forged, public_key=forged / export_check.PUBLIC_KEY_FILE).pinned
+    assert cli.main(["verify-export", str(forged), "--public-key", str(forged / export_check.PUBLIC_KEY_FILE)]) == 0
+    assert "not who signed it" in capsys.readouterr().out
+    # a copy of the genuine key kept outside the export pins the signer, and refuses the forgery
+    kept = tmp_path / "operator.pem"
+    shutil.copy(exported / export_check.PUBLIC_KEY_FILE, kept)
+    assert export_check.verify_export(exported, public_key=kept).pinned
+    assert problems(forged, public_key=kept)

@@ -173,3 +173,52 @@ def test_metadata_at_the_limits_is_accepted(ledger):
     assert attempt(ledger, "limit-site", good_delta(2), extra={"x": nested}) == "bad_meta"
     assert attempt(ledger, "limit-site", good_delta(3), train_config={"s": "a" * (MAX_META_BYTES - 100)}) is None
     ledger.verify()
+
+
+def _swap_stored_blob(path: Path, site_id: str, blob: bytes) -> None:
+    """A state-directory writer replaces a site's stored Δ bytes (plain SQLite, no key needed)."""
+    import sqlite3
+
+    db = sqlite3.connect(path, isolation_level=None)
+    try:
+        db.execute("UPDATE deltas SET safetensors = ? WHERE contribution_id = "
+                   "(SELECT id FROM contributions WHERE site_id = ? AND status = 'active')", (blob, site_id))
+    finally:
+        db.close()
+
+
+@pytest.mark.parametrize("replacement", ["zeros", "bomb"])
+def test_a_stored_delta_that_is_not_the_recorded_one_is_never_decoded_or_subtracted(tmp_path, replacement):
+    """Swapped for zeros, the removal would subtract nothing and erase the evidence, leaving the site
+    in the model; swapped for a zlib bomb, reading it would inflate it. Both are refused by digest,
+    before decoding."""
+    import safetensors.numpy
+
+    from server.ledger import LedgerError, blobs
+
+    path = tmp_path / "l.sqlite"
+    with Ledger.open(path) as ledger:
+        ledger.add("a", good_delta(1), 10)
+        ledger.add("b", good_delta(2), 10)
+        before = {k: v.clone() for k, v in ledger.composed_delta().items()}
+    zeros = {k: np.zeros_like(v) for k, v in good_delta(1).items()}
+    blob = blobs.pack(safetensors.numpy.save(zeros)) if replacement == "zeros" else \
+        blobs.PREFIX + zlib_bomb()
+    _swap_stored_blob(path, "a", blob)
+    with Ledger.open(path, create=False) as ledger:
+        (c,) = ledger.contributions(site_id="a", status="active")
+        with pytest.raises(LedgerError, match="digest"):
+            ledger.contribution_delta(c.id)
+        with pytest.raises(LedgerError, match="digest"):
+            ledger.remove("a", reason="consent withdrawn")
+        assert [s.site_id for s in ledger.contributions(status="active")] == ["a", "b"]
+        assert all(torch.equal(before[k], v) for k, v in ledger.composed_delta().items())
+
+
+def zlib_bomb() -> bytes:
+    """Compressed bytes that inflate to 64 MiB of zeros (a real bomb would be GiBs: same shape)."""
+    import zlib
+
+    inflater = zlib.compressobj(9)
+    chunk = bytes(1 << 20)
+    return b"".join(inflater.compress(chunk) for _ in range(64)) + inflater.flush()

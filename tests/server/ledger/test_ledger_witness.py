@@ -146,3 +146,22 @@ def test_the_witness_is_never_a_link_or_another_file(tmp_path, witnessed_ledger)
     with pytest.raises(LedgerError, match="exists"):
         witness.init(real)
     assert os.stat(real).st_mode & 0o077 == 0
+
+
+def test_a_rollback_behind_a_new_key_fails_against_the_witness(witnessed_ledger, witness_file):
+    """The state-directory writer cannot sign with the ledger's key, but can replace it: delete the
+    ledger, its head and its key, and write a shorter history under a key of their own (without the
+    witness, which they cannot reach). The witness holds nothing for the new key — looked up by key
+    alone, it saw nothing wrong; it knows which ledger its heads came from, and says so."""
+    rng = np.random.default_rng(0)
+    for f in (witnessed_ledger, Path(f"{witnessed_ledger}.head.json"), Path(f"{witnessed_ledger}.signing-key.pem"),
+              Path(f"{witnessed_ledger}-wal"), Path(f"{witnessed_ledger}-shm")):
+        f.unlink(missing_ok=True)
+    with Ledger.open(witnessed_ledger, witness=None) as forged:
+        forged.add("site-1", delta(rng), 20)
+    with Ledger.open(witnessed_ledger, create=False, witness=None) as ledger:
+        with pytest.raises(LedgerCorrupt, match="another key"):
+            ledger.verify(witness=witness_file)
+    with Ledger.open(witnessed_ledger, create=False, witness=witness_file) as ledger:
+        with pytest.raises(LedgerError):
+            ledger.add("site-9", delta(rng), 1)  # read-only: writing on would bury the evidence

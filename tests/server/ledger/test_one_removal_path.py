@@ -127,3 +127,85 @@ def test_withdraw_apply_refuses_when_the_statistics_ledger_cannot_be_found(tmp_p
     assert withdraw.main(["apply", str(request), "--registry", str(registry), "--ledger", str(delta_path),
                           "--exact-head-ledger", str(stats_path)]) == 0
     assert active(delta_path) == active(stats_path) == ["2"]
+
+
+def _relink(delta_path: Path, relative: str) -> None:
+    """A state-directory writer's edit of the Δ ledger's link (plain SQLite, no key needed)."""
+    import sqlite3
+
+    db = sqlite3.connect(delta_path, isolation_level=None)
+    try:
+        db.execute("UPDATE meta SET value = ? WHERE key = 'linked_ledgers'", (json.dumps({"stats": relative}),))
+    finally:
+        db.close()
+
+
+def test_a_statistics_ledger_moved_outside_through_a_planted_symlink_is_refused(tmp_path, capsys):
+    """The state-directory writer moves the statistics ledger out and leaves a symlink in its place:
+    the tools must not follow it (the ledger's own files are never links)."""
+    state_dir = tmp_path / "state"
+    delta_path, stats_path = state(state_dir, "exact_head.sqlite")
+    outside = tmp_path / "outside.sqlite"
+    stats_path.rename(outside)
+    stats_path.symlink_to(outside)
+    assert cli.main(["--ledger", str(delta_path), "remove", "1", "--reason", "x"]) == 2
+    assert active(delta_path) == active(outside) == ["1", "2"]
+
+
+@pytest.mark.parametrize("where", ["outside", "absolute"])
+def test_a_link_leading_out_of_the_state_directory_is_refused(tmp_path, capsys, where):
+    state_dir = tmp_path / "state"
+    delta_path, stats_path = state(state_dir, "exact_head.sqlite")
+    decoy = tmp_path / "decoy.sqlite"
+    with Ledger.open(decoy, family="stats", model_card=model_card()):
+        pass
+    _relink(delta_path, "../decoy.sqlite" if where == "outside" else str(decoy))
+    assert cli.main(["--ledger", str(delta_path), "remove", "1", "--reason", "x"]) == 2
+    assert active(delta_path) == active(stats_path) == ["1", "2"]
+
+
+def test_a_link_redirected_to_a_decoy_beside_the_real_statistics_ledger_is_refused(tmp_path, capsys):
+    """Relinked to an empty statistics ledger in the same folder, a removal would leave the site's
+    statistics in the real one, which nothing names any more: refused, as an unnamed one is."""
+    delta_path, stats_path = state(tmp_path, "exact_head.sqlite")
+    with Ledger.open(tmp_path / "decoy.sqlite", family="stats", model_card=model_card()):
+        pass
+    _relink(delta_path, "decoy.sqlite")
+    assert cli.main(["--ledger", str(delta_path), "remove", "1", "--reason", "x"]) == 2
+    assert "exact_head.sqlite" in capsys.readouterr().err
+    assert active(delta_path) == active(stats_path) == ["1", "2"]
+
+
+def test_a_fifo_planted_beside_the_ledgers_does_not_hang_the_tools(tmp_path):
+    """A FIFO named like a ledger in the state directory: looking for statistics ledgers there must
+    not open it (a read-only open of a FIFO blocks until someone writes; no signal interrupts it,
+    hence a child process with a timeout)."""
+    import os
+    import subprocess
+    import sys
+
+    delta_path, stats_path = state(tmp_path, "exact_head.sqlite")
+    os.mkfifo(tmp_path / "planted.sqlite")
+    code = f"import sys; from server import cli; sys.exit(cli.main(['--ledger', {str(delta_path)!r}, 'remove', '1', " \
+           f"'--reason', 'x']))"
+    root = Path(__file__).resolve().parents[3]
+    done = subprocess.run([sys.executable, "-c", code], cwd=root, timeout=120, capture_output=True,
+                          env={**os.environ, "PYTHONPATH": str(root)})
+    assert done.returncode == 0, done.stderr.decode()[-2000:]
+    assert active(delta_path) == active(stats_path) == ["2"]
+
+
+def test_a_symlink_named_like_a_ledger_beside_the_ledgers_is_a_refusal(tmp_path, capsys):
+    """The real statistics ledger moved out and reachable only through a link with another name,
+    the Δ ledger relinked to a decoy: the link is neither followed nor skipped, it is refused."""
+    state_dir = tmp_path / "state"
+    delta_path, stats_path = state(state_dir, "exact_head.sqlite")
+    outside = tmp_path / "outside.sqlite"
+    stats_path.rename(outside)
+    (state_dir / "kept.sqlite").symlink_to(outside)
+    with Ledger.open(state_dir / "decoy.sqlite", family="stats", model_card=model_card()):
+        pass
+    _relink(delta_path, "decoy.sqlite")
+    assert cli.main(["--ledger", str(delta_path), "remove", "1", "--reason", "x"]) == 2
+    assert "kept.sqlite" in capsys.readouterr().err
+    assert active(delta_path) == active(outside) == ["1", "2"]

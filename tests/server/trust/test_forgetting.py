@@ -9,6 +9,7 @@ import datetime as dt
 import hashlib
 import json
 import types
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -29,7 +30,7 @@ from tangent.exact_head.statistics import SufficientStats, privatize
 from tangent.exact_head.features import FeatureSpec
 from tangent.protocol.signed_requests import FORGET_CONTEXT, forget_request, sign
 from tangent.protocol.spec import ModelSpec
-from tangent.exact_head.stats_file import save_stats, stats_bytes
+from tangent.exact_head.stats_file import FORMAT as STATS_FORMAT, save_stats, stats_bytes
 from tests.helpers import registry_entry, write_registry
 
 P, K, CLIP, BITS = 5, 3, 2.0, 8
@@ -418,3 +419,133 @@ def test_a_forget_request_cannot_store_what_a_reply_would_be_refused_for(fed, ca
     fed.ledgers = open_ledgers(fed.tmp / "state")
     assert state(fed.ledgers) == before
     assert fed.ledgers.delta.max_delta_norm == 10.0  # a tool that names no policy gets the recorded one
+
+
+# ----------------------------------------------------------------------------- fuzz: hostile statistics files
+
+def _hostile_stats_file(rng: np.random.Generator, good: SufficientStats) -> tuple[str, bytes]:
+    """The bytes of a statistics file no honest site's forgetting writes (signed by the site all the
+    same: the site is the attacker); returns (the corruption, the bytes)."""
+    import struct
+
+    from safetensors.numpy import save
+
+    arrays = {k: np.array(v) for k, v in good.to_arrays().items()}
+    metadata = {"format": STATS_FORMAT, "feature-digest": FEATURE_DIGEST,
+                **{key: str(value) for key, value in good.meta().items()}}
+    data = stats_bytes(good, FEATURE_DIGEST)
+    how = str(rng.choice(["truncated", "flipped_header", "huge_header_length", "empty", "json", "zip",
+                          "dtype", "counts_negative", "n_not_counts", "extra_tensor", "missing_tensor",
+                          "gram_negative", "cross_beyond_count", "dp_claim", "grid", "feature_digest",
+                          "row_form", "nan_meta", "same_n"]))
+    if how == "truncated":
+        return how, data[:int(rng.integers(0, len(data)))]
+    if how == "flipped_header":
+        length = struct.unpack("<Q", data[:8])[0]
+        position = 8 + int(rng.integers(length))
+        return how, data[:position] + bytes([data[position] ^ int(rng.integers(1, 256))]) + data[position + 1:]
+    if how == "huge_header_length":
+        return how, struct.pack("<Q", int(rng.choice([2 ** 63, 2 ** 40, len(data)]))) + data[8:]
+    if how == "empty":
+        return how, b""
+    if how == "json":
+        return how, json.dumps({"n": 1}).encode()
+    if how == "zip":
+        return how, b"PK\x03\x04" + bytes(100)
+    if how == "dtype":
+        name = str(rng.choice(sorted(arrays)))
+        arrays[name] = arrays[name].astype(str(rng.choice(["float64", "int32", "uint64"])))
+    elif how == "counts_negative":
+        arrays["counts"][0] -= good.n + 1
+        arrays["counts"][1] += good.n + 1
+    elif how == "n_not_counts":
+        arrays["n"][0] -= 1
+    elif how == "extra_tensor":
+        arrays[str(rng.choice(["x", "rows", "gram2"]))] = np.zeros(3, np.int64)
+    elif how == "missing_tensor":
+        arrays.pop(str(rng.choice(sorted(arrays))))
+    elif how == "gram_negative":
+        arrays["gram"][0] = -1
+    elif how == "cross_beyond_count":  # rows of cross still sum to sums: only count·2^b refuses it
+        shift = (int(arrays["counts"][0]) + 1) * 2 ** BITS
+        arrays["cross"][0, 0] += shift
+        arrays["cross"][0, 1] -= shift
+    elif how == "dp_claim":
+        metadata["dp"] = json.dumps({"epsilon": 1.0, "delta": 1e-6})
+    elif how == "grid":
+        metadata[str(rng.choice(["frac-bits", "clip-norm", "num-features"]))] = "7"
+    elif how == "feature_digest":
+        metadata["feature-digest"] = "e" * 64
+    elif how == "row_form":  # a row form is for replies; a forget file carries the sums
+        q, y = site_rows(5, good.n)
+        arrays = {"rows": q, "labels": y.astype(np.int64)}
+    elif how == "nan_meta":
+        metadata["clip-norm"] = "nan"
+    else:  # statistics of as many examples as before: nothing forgotten
+        arrays = {k: np.array(v) for k, v in stats_of(*site_rows(6, 40)).to_arrays().items()}
+    return how, save({k: np.ascontiguousarray(v) for k, v in arrays.items()}, metadata=metadata)
+
+
+def test_fuzz_hostile_statistics_files_signed_by_the_site_are_refused_and_change_nothing(fed):
+    """200 statistics files a hostile site signs (so the signature and hash checks pass and the file
+    itself is what is tested): every one is refused with ForgetRefused — never another exception —
+    logged as a refused decision, and neither ledger changes."""
+    rng = np.random.default_rng(20261206)
+    q, y = fed.rows["1"]
+    keep = np.setdiff1d(np.arange(len(y)), [0, 3, 5])
+    good = stats_of(q[keep], y[keep])
+    before = state(fed.ledgers)
+    seen = Counter()
+    for case in range(200):
+        how, data = _hostile_stats_file(rng, good)
+        seen[how] += 1
+        path = fed.tmp / f"hostile-{case}.safetensors"
+        path.write_bytes(data)
+        document = forget_request("1", fed.key("1"), signer="site", forgotten=3,
+                                  stats_sha256=hashlib.sha256(data).hexdigest(),
+                                  stats_replaces=active_sha(fed.ledgers.stats, "1"), delta_sha256=None)
+        with pytest.raises(ForgetRefused) as err:
+            apply_forget(json.loads(json.dumps(document)), path, None, fed.ledgers, fed.registry, fed.nonces)
+        decision = fed.nonces.decisions()[-1]
+        assert decision["accepted"] == 0 and str(err.value) in decision["detail"], how
+    assert state(fed.ledgers) == before
+    assert len(seen) >= 15, seen
+    path = fed.tmp / "honest.safetensors"  # the control: the same request with the honest file is applied
+    path.write_bytes(stats_bytes(good, FEATURE_DIGEST))
+    document = forget_request("1", fed.key("1"), signer="site", forgotten=3,
+                              stats_sha256=hashlib.sha256(path.read_bytes()).hexdigest(),
+                              stats_replaces=active_sha(fed.ledgers.stats, "1"), delta_sha256=None)
+    apply_forget(json.loads(json.dumps(document)), path, None, fed.ledgers, fed.registry, fed.nonces)
+    assert fed.ledgers.stats.composed_stats() == good + stats_of(*fed.rows["2"]) + stats_of(*fed.rows["9"])
+
+
+@pytest.mark.parametrize("kind", ["fifo", "directory", "device", "missing"])
+def test_a_statistics_path_that_is_not_a_regular_file_is_refused_without_blocking(fed, kind):
+    import os
+
+    path = fed.tmp / f"odd-{kind}"
+    if kind == "fifo":
+        os.mkfifo(path)
+    elif kind == "directory":
+        path.mkdir()
+    elif kind == "device":
+        path = Path("/dev/zero")
+    document, _, _ = prepare(fed)
+    refused(fed, document, path, match="cannot read")
+
+
+def test_forgetting_reaches_a_contribution_held_in_quarantine(fed):
+    """Site 1's next contribution (the same data, forgotten samples included) waits in quarantine
+    when the site asks to forget samples: the request replaces the composed statistics — and the
+    held contribution must go too, or `admit` would later bring the forgotten samples back."""
+    held = open_ledgers(fed.tmp / "state" / "quarantine")
+    q, y = fed.rows["1"]
+    contribute(held, "1", stats_of(q, y), 7)
+    ledgers = Ledgers(fed.ledgers.delta, fed.ledgers.stats, held)
+    document, stats_path, _ = prepare(fed)
+    apply_forget(document, stats_path, None, ledgers, fed.registry, fed.nonces)
+    assert held.delta.contributions(site_id="1", status="active") == []
+    assert held.stats.contributions(site_id="1", status="active") == []
+    assert "quarantine" in fed.nonces.decisions()[-1]["detail"]
+    held.delta.close()
+    held.stats.close()
