@@ -11,7 +11,7 @@ SuperLink assigns is what the ServerApp later sees as `msg.metadata.src_node_id`
 registry binds site id <-> key <-> node id, and the ServerApp refuses a reply whose declared
 site id is not the one registered for its sending node.
 
-The registry, `<state>/registry.json` (version 2, read by server.trust.withdrawal.SiteRegistry):
+The registry, `<state>/registry.json` (version 2, read by server.trust.registry.SiteRegistry):
 
     {"version": 2,
      "sites": {"3": {"public_key": "keys/site-3.key.pub", "fingerprint": "SHA256:<hex>",
@@ -50,9 +50,8 @@ from pathlib import Path
 from typing import Any
 
 from deploy.connection import DEFAULT_NAME, DEFAULT_STATE, flwr_env, make_private_dir, wait_for_superlink
-from server.trust.withdrawal import (
-    key_fingerprint as server_key_fingerprint, load_private_key, load_public_key, registry_signature_path, sign_registry,
-)
+from server.trust.registry import key_fingerprint as server_key_fingerprint, registry_signature_path, sign_registry
+from tangent.protocol.signed_requests import load_private_key, load_public_key
 from tangent.protocol.limits import check_site_id
 
 REGISTRY_VERSION = 2

@@ -42,9 +42,9 @@ from pathlib import Path
 from deploy.connection import DEFAULT_STATE, make_private_dir
 from server.ledger import LedgerError
 from tangent.protocol.text import escape_controls
+from server.trust.registry import SiteRegistry
 from server.trust.withdrawal import (
     MAX_AGE_S,
-    SiteRegistry,
     WithdrawalRefused,
     WithdrawalRequest,
     apply_withdrawal,
@@ -113,7 +113,7 @@ def _apply(args) -> tuple[WithdrawalRequest, list[Path]]:
     """One request, one nonce, both ledgers (server.ledger.ledgers.open_pair): a withdrawn site leaves the
     TAFT Δ ledger and the statistics ledger that belongs with it, or nothing changes."""
     from server.ledger.ledgers import open_pair
-    from server.trust.withdrawal import NonceStore, nonce_store_path
+    from server.trust.nonces import NonceStore, nonce_store_path
 
     document = read_request(args.request)
     registry = SiteRegistry(args.registry)

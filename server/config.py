@@ -214,7 +214,7 @@ def ledger_files(ledger: Path) -> list[Path]:
     """The ledger's own files (database, SQLite companions, signed head, signing key) and the
     withdrawals' nonce store with its companions."""
     from server.ledger import ledger_file_paths
-    from server.trust.withdrawal import nonce_store_path
+    from server.trust.nonces import nonce_store_path
 
     return [*ledger_file_paths(ledger), *ledger_file_paths(nonce_store_path(ledger))]
 

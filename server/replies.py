@@ -29,6 +29,9 @@ the five int64 arrays (``stats_wrong_names``, ``stats_wrong_dtype``, ``stats_wro
 would be an unprotected release of the site's data — (``stats_in_dp_reply``, whatever the run),
 and none in a non-DP reply while the exact head is on (``stats_missing``). With the exact head
 off, a non-DP reply's statistics are ignored (never stored).
+
+Over 500 lines: the checks of both reply kinds share the :func:`stage` / :class:`Rejected` rule and the
+decoders under it; together they are the one place that says what a valid reply is.
 """
 from __future__ import annotations
 

@@ -56,8 +56,9 @@ from server.trust.identity import SenderBinding
 from server.ledger import Ledger, LedgerError
 from server.ledger.ledgers import HELD_LINK, Ledgers, held_path_of, link, stats_path_of
 from server.strategy import LedgerFedAvg, StreamingGrid, composed_arrays, privacy_received
-from server.trust.withdrawal import (NonceStore, SiteRegistry, WithdrawalRefused, apply_withdrawal, nonce_store_path,
-                               read_request)
+from server.trust.nonces import NonceStore, nonce_store_path
+from server.trust.registry import SiteRegistry
+from server.trust.withdrawal import WithdrawalRefused, apply_withdrawal, read_request
 from tangent.protocol.config import RunConfig, as_run_config
 from tangent.protocol.limits import check_site_id, site_order
 

@@ -10,7 +10,7 @@ contributions, summed afresh one at a time (``exact_head_removal_bit_identical``
 The central statistics are streamed: φ of a chunk of rows at a time (from the φ cache, or from the
 images through the trunk without a token cache), split into the rows of sites that stay and of
 sites that will be removed, and summed in int64. Every function here runs in a child process of
-the driver (simulations.run.in_subprocess): torch and the p×p products never live in the driver.
+the driver (simulations.driver.processes.in_subprocess): torch and the p×p products never live in the driver.
 """
 from __future__ import annotations
 
@@ -126,7 +126,7 @@ def central_check(spec, features: dict, ledger_path: Path, cache_dir: Path | Non
     row; the head's accuracy (unless ``evaluate`` is False: the ServerApp's report has it); the
     statistics of the rows that stay are saved for after removal."""
     from client.stats import features_statistics
-    from simulations.run import stored_bytes_per_site
+    from simulations.driver.checks import stored_bytes_per_site
     from tangent.exact_head.statistics import SufficientStats
 
     start = time.perf_counter()
@@ -174,7 +174,7 @@ def removal_check(spec, features: dict, ledger_path: Path, cache_dir: Path | Non
     """After the unlearn run: the stats ledger's sums == the central statistics of the remaining
     sites' rows (saved by :func:`central_check`) and == a fresh stats ledger fed only the
     remaining contributions; the head's accuracy after removal."""
-    from simulations.run import fresh_sums
+    from simulations.driver.checks import fresh_sums
     from tangent.exact_head.statistics import SufficientStats
 
     start = time.perf_counter()
@@ -184,7 +184,7 @@ def removal_check(spec, features: dict, ledger_path: Path, cache_dir: Path | Non
         card = ledger.model_card
     kept_arrays = dict(np.load(kept_path))
     kept = SufficientStats.from_arrays(kept_arrays, card["stats-meta"])
-    # a fresh aggregation of the remaining contributions, one at a time (simulations.run.fresh_sums)
+    # a fresh aggregation of the remaining contributions, one at a time (simulations.driver.checks.fresh_sums)
     expected, _, _ = fresh_sums(ledger_path)
     fresh_identical = (after_arrays.keys() == expected.keys()
                        and all(after_arrays[k].tobytes() == expected[k].tobytes() for k in after_arrays))

@@ -94,7 +94,7 @@ def iid_shards(num_labels: int, shards: int, per_shard: int, seed: int) -> list[
 def main(argv=None) -> int:
     from tangent.protocol.spec import ModelSpec
     from tangent.training.trainer import TrainConfig
-    from simulations.run import pyproject_config
+    from simulations.driver.config import pyproject_config
 
     p = argparse.ArgumentParser(prog="python -m simulations.short_schedule", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)

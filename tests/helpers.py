@@ -76,7 +76,7 @@ def rel_err(a: torch.Tensor, b: torch.Tensor) -> float:
 
 def registry_entry(pub, node_id=None, max_examples=1000, revoked=False, base=None) -> dict:
     """A version-2 registry entry for the public key file ``pub`` (as deploy.register writes it)."""
-    from server.trust.withdrawal import key_fingerprint, load_public_key
+    from server.trust.registry import key_fingerprint, load_public_key
 
     path = f"keys/{pub.name}" if base is None else str(pub)
     return {"public_key": path, "fingerprint": key_fingerprint(load_public_key(pub)), "node_id": node_id,
@@ -85,7 +85,7 @@ def registry_entry(pub, node_id=None, max_examples=1000, revoked=False, base=Non
 
 def write_registry(path, sites: dict, admin_pub=None) -> None:
     """The registry file ``path`` with ``sites`` (site id -> entry) and the admin key, if any."""
-    from server.trust.withdrawal import key_fingerprint, load_public_key
+    from server.trust.registry import key_fingerprint, load_public_key
 
     document = {"version": 2, "sites": sites}
     if admin_pub is not None:

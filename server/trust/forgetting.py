@@ -40,10 +40,9 @@ from pathlib import Path
 from typing import Any
 
 from server.ledger.ledgers import Ledgers
-from server.trust.withdrawal import (
-    MAX_AGE_S, NonceStore, SiteRegistry, WithdrawalRefused, nonce_store_path, read_request, split_document,
-    verify_signed,
-)
+from server.trust.nonces import NonceStore, nonce_store_path
+from server.trust.registry import SiteRegistry
+from server.trust.withdrawal import MAX_AGE_S, WithdrawalRefused, read_request, split_document, verify_signed
 from tangent.exact_head.statistics import StatsError
 from tangent.protocol.limits import check_site_id
 from tangent.protocol.signed_requests import FORGET_CONTEXT, FORGET_FIELDS, FORGET_KIND, FORGET_VERSION, SIGNERS

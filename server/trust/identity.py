@@ -13,7 +13,7 @@ In the local simulation there is no authentication and no registry: sites are pa
 from __future__ import annotations
 
 from server.replies import Rejected
-from server.trust.withdrawal import SiteRegistry
+from server.trust.registry import SiteRegistry
 
 
 class SenderBinding:

@@ -13,8 +13,9 @@ against the public key registered for that site in the site registry (written by
 requests, logs every decision, and only then calls `Ledger.remove(site_id, reason=...)`.
 
 Nonces and decisions are kept in a small SQLite file next to the ledger
-(`<ledger>.withdrawals.sqlite`): one transaction per decision, so a nonce is consumed
-before the ledger is touched and a replay is refused even after a crash.
+(`<ledger>.withdrawals.sqlite`, server/trust/nonces.py): one transaction per decision, so a nonce is
+consumed before the ledger is touched and a replay is refused even after a crash. The registry and its
+operator signature are server/trust/registry.py.
 """
 
 from __future__ import annotations
@@ -22,12 +23,7 @@ from __future__ import annotations
 import base64
 import binascii
 import datetime as dt
-import hashlib
-import json
 import logging
-import os
-import sqlite3
-import stat
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Protocol
@@ -35,7 +31,8 @@ from typing import Any, Protocol
 from cryptography.hazmat.primitives.asymmetric import ec
 
 from server.trust import safejson
-from server.ledger.audit import fingerprint
+from server.trust.nonces import NonceStore, nonce_store_path
+from server.trust.registry import ADMIN, SiteRegistry
 from tangent.protocol import signed_requests
 from tangent.protocol.limits import check_site_id
 from tangent.protocol.text import is_printable
@@ -51,7 +48,6 @@ MAX_AGE_S = 15 * 60
 MAX_CLOCK_SKEW_S = 60
 MAX_REASON = 1000  # characters of a withdrawal reason (it goes into the audit log and every report)
 SIGNERS = signed_requests.SIGNERS
-ADMIN = "admin"
 
 
 class WithdrawalRefused(Exception):
@@ -100,311 +96,6 @@ def create_request(
         signer=signer,
     )
     return signed_requests.sign(SIGNING_CONTEXT, asdict(request), private_key)
-
-
-# ----------------------------------------------------------------------------- registry
-
-REGISTRY_VERSION = 2
-#: Domain separation: the operator's registry signature can pass for no request.
-REGISTRY_SIGNATURE_CONTEXT = b"taft-fl/site-registry/v1\n"
-#: environment variable pinning the operator key that must sign the registry ("SHA256:<hex>")
-OPERATOR_FINGERPRINT_ENV = "TAFT_OPERATOR_FINGERPRINT"
-MAX_SIGNATURE_BYTES = 64 * 1024
-
-
-def registry_signature_path(registry_path: str | Path) -> Path:
-    """The operator's detached signature of the registry file: ``registry.json.sig``."""
-    return Path(f"{registry_path}.sig")
-
-
-def registry_statement(raw: bytes) -> dict[str, Any]:
-    """What the operator signs: the registry file's exact bytes, by digest."""
-    return {"kind": "site-registry", "version": REGISTRY_VERSION, "sha256": hashlib.sha256(raw).hexdigest()}
-
-
-def sign_registry(registry_path: str | Path, private_key: ec.EllipticCurvePrivateKey) -> Path:
-    """Write ``registry.json.sig``: the operator key's signature over the registry's bytes."""
-    path = registry_signature_path(registry_path)
-    document = signed_requests.sign(REGISTRY_SIGNATURE_CONTEXT, registry_statement(Path(registry_path).read_bytes()),
-                                    private_key)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.unlink(missing_ok=True)
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
-    with os.fdopen(fd, "w") as f:
-        f.write(json.dumps(document, indent=2, sort_keys=True) + "\n")
-    os.replace(tmp, path)
-    return path
-
-
-def key_fingerprint(key: ec.EllipticCurvePublicKey) -> str:
-    """The registry's fingerprint of a site or operator key (server.ledger.audit's one rule)."""
-    return fingerprint(key)
-
-
-class SiteRegistry:
-    """The site registry `deploy.register` writes: site id <-> public key <-> SuperLink node id.
-
-    {"version": 2,
-     "sites": {"3": {"public_key": "keys/site-3.key.pub", "fingerprint": "SHA256:<hex>",
-                     "node_id": 1234567, "max_examples": 1200, "registered_at": "<iso>",
-                     "revoked": false}},
-     "admin": {"public_key": "keys/operator.key.pub", "fingerprint": "SHA256:<hex>"}}
-
-    Relative key paths are resolved against the registry file's directory. Entries are never
-    deleted: ``revoked: true`` means that key can neither contribute nor sign withdrawals. The
-    whole file is checked when it is read (ValueError saying what is wrong), so a later lookup
-    never meets a malformed entry; a key file whose fingerprint is not the registered one is
-    refused when it is loaded.
-
-    ``signed=True`` (the ServerApp in a deployment): the file must carry the operator's signature
-    (``registry.json.sig``, written by ``deploy.register`` with the operator key) over its exact
-    bytes, made by the registered admin key — and, when ``operator_fingerprint`` or
-    ``$TAFT_OPERATOR_FINGERPRINT`` pins one, by that key. Unsigned or edited (a node id swapped,
-    a cap raised, a key replaced): ValueError. Without a pin, someone who replaces the admin key
-    in the file and re-signs with their own passes: the pin is what makes the signature the
-    operator's. ``signed=None`` (the default: the operator's tools, ``deploy.withdraw``,
-    ``taft-ledger forget``) checks whenever a pin is set, so an operator who pins the key has
-    every tool refuse an edited registry.
-    """
-
-    def __init__(self, path: str | Path, *, signed: bool | None = None, operator_fingerprint: str | None = None):
-        self.path = Path(path)
-        try:
-            raw = _read_no_follow(self.path, MAX_REGISTRY_BYTES + 1)
-        except FileNotFoundError:
-            raise ValueError(f"site registry {self.path} does not exist (written by deploy.register)") from None
-        except OSError as err:
-            raise ValueError(f"site registry {self.path} cannot be read (a symbolic link is refused): {err}") from None
-        if len(raw) > MAX_REGISTRY_BYTES:
-            raise ValueError(f"site registry {self.path} is larger than {MAX_REGISTRY_BYTES} bytes")
-        try:
-            data = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, ValueError, RecursionError) as err:
-            raise ValueError(f"site registry {self.path} is not UTF-8 JSON: {err}") from None
-        self.data = _checked_registry(data, self.path)
-        self._by_node = {entry["node_id"]: site for site, entry in self.data["sites"].items()
-                         if entry.get("node_id") is not None}
-        self.signed_by: str | None = None
-        pinned = operator_fingerprint or os.environ.get(OPERATOR_FINGERPRINT_ENV) or None
-        if signed or (signed is None and pinned):
-            self.signed_by = self._check_signature(raw, pinned)
-
-    def _check_signature(self, raw: bytes, pinned: str | None) -> str:
-        """The fingerprint of the operator key that signed exactly ``raw``; ValueError otherwise."""
-        sig_path = registry_signature_path(self.path)
-        try:
-            document = safejson.loads(_read_no_follow(sig_path, MAX_SIGNATURE_BYTES + 1),
-                                      max_bytes=MAX_SIGNATURE_BYTES, max_depth=4)
-        except FileNotFoundError:
-            raise ValueError(f"site registry {self.path} is not signed ({sig_path} is missing): sign it with "
-                             f"python -m deploy.register --sign") from None
-        except (OSError, ValueError) as err:
-            raise ValueError(f"the registry signature {sig_path} is unreadable: {err}") from None
-        try:
-            payload, signature = split_document(document)
-        except WithdrawalRefused as err:
-            raise ValueError(f"the registry signature {sig_path} is malformed: {err}") from None
-        if payload != registry_statement(raw):
-            raise ValueError(f"site registry {self.path} differs from the file the operator signed (edited?)")
-        admin = self.admin_public_key()
-        if admin is None:
-            raise ValueError(f"site registry {self.path} names no operator (admin) key to check its signature")
-        signer = key_fingerprint(admin)
-        if pinned is not None and signer != pinned.strip():
-            raise ValueError(f"site registry {self.path}: its admin key is {signer}, not the pinned operator key "
-                             f"{pinned.strip()}")
-        if not signed_requests.signature_valid(admin, signature, REGISTRY_SIGNATURE_CONTEXT, payload):
-            raise ValueError(f"site registry {self.path}: the signature is not the registered operator key's")
-        return signer
-
-    def sites(self) -> list[str]:
-        return sorted(self.data["sites"])
-
-    def entry(self, site_id: str) -> dict[str, Any] | None:
-        """The site's registry entry (a copy), None when the site is not registered."""
-        entry = self.data["sites"].get(site_id) if isinstance(site_id, str) else None
-        return dict(entry) if entry is not None else None
-
-    def site_for_node(self, node_id: int) -> str | None:
-        """The site registered for this SuperLink node id (revoked ones included), else None."""
-        return self._by_node.get(node_id) if isinstance(node_id, int) and not isinstance(node_id, bool) else None
-
-    def is_revoked(self, site_id: str) -> bool:
-        entry = self.entry(site_id)
-        return bool(entry and entry.get("revoked", False))
-
-    def max_examples(self, site_id: str) -> int | None:
-        entry = self.entry(site_id)
-        return entry["max_examples"] if entry else None
-
-    def _key_path(self, entry: dict[str, Any]) -> Path:
-        path = Path(entry["public_key"])
-        return path if path.is_absolute() else self.path.parent / path
-
-    def _load_key(self, entry: dict[str, Any], who: str) -> ec.EllipticCurvePublicKey:
-        key = load_public_key(self._key_path(entry))
-        if entry.get("fingerprint") and key_fingerprint(key) != entry["fingerprint"]:
-            raise ValueError(f"{who}: key file {entry['public_key']} has fingerprint {key_fingerprint(key)}, "
-                             f"the registry says {entry['fingerprint']}")
-        return key
-
-    def public_key(self, site_id: str) -> ec.EllipticCurvePublicKey | None:
-        entry = self.entry(site_id)
-        return self._load_key(entry, f"site {site_id}") if entry else None
-
-    def admin_public_key(self) -> ec.EllipticCurvePublicKey | None:
-        entry = self.data.get(ADMIN)
-        return self._load_key(entry, ADMIN) if entry else None
-
-
-MAX_REGISTRY_BYTES = 16 * 1024 * 1024
-
-
-def _read_no_follow(path: Path, limit: int) -> bytes:
-    """At most ``limit`` bytes of a regular file, refusing a symbolic link as the last component."""
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK)
-    with os.fdopen(fd, "rb") as f:
-        if not stat.S_ISREG(os.fstat(f.fileno()).st_mode):
-            raise OSError(f"{path} is not a regular file")
-        return f.read(limit)
-
-
-def _checked_registry(data: Any, path: Path) -> dict[str, Any]:
-    """The registry document if it follows the version-2 format; ValueError naming the problem."""
-    def bad(what: str) -> ValueError:
-        return ValueError(f"site registry {path} is malformed: {what}")
-
-    if not isinstance(data, dict):
-        raise bad("expected a JSON object")
-    if data.get("version") != REGISTRY_VERSION or isinstance(data.get("version"), bool):
-        raise bad(f"version {data.get('version')!r}, expected {REGISTRY_VERSION} (re-register with deploy.register)")
-    sites = data.get("sites", {})
-    if not isinstance(sites, dict):
-        raise bad("'sites' must be an object of site id -> entry")
-    seen_nodes: dict[int, str] = {}
-    seen_fingerprints: dict[str, str] = {}
-    for site, entry in sites.items():
-        try:
-            check_site_id(site)
-        except ValueError as err:
-            raise bad(str(err)) from None
-        if not isinstance(entry, dict):
-            raise bad(f"site {site}: entry must be an object")
-        if not isinstance(entry.get("public_key"), str) or not entry["public_key"]:
-            raise bad(f"site {site}: 'public_key' must be a path")
-        fingerprint = entry.get("fingerprint")
-        if not isinstance(fingerprint, str) or not fingerprint.startswith("SHA256:"):
-            raise bad(f"site {site}: 'fingerprint' must be 'SHA256:<hex>'")
-        if fingerprint in seen_fingerprints:
-            raise bad(f"sites {seen_fingerprints[fingerprint]} and {site} share key {fingerprint}")
-        seen_fingerprints[fingerprint] = site
-        node_id = entry.get("node_id")
-        if node_id is not None:
-            if not isinstance(node_id, int) or isinstance(node_id, bool):
-                raise bad(f"site {site}: 'node_id' must be an integer")
-            if node_id in seen_nodes:
-                raise bad(f"sites {seen_nodes[node_id]} and {site} share node id {node_id}")
-            seen_nodes[node_id] = site
-        cap = entry.get("max_examples")
-        if not isinstance(cap, int) or isinstance(cap, bool) or cap < 1:
-            raise bad(f"site {site}: 'max_examples' must be a positive integer (deploy.register --max-examples)")
-        if not isinstance(entry.get("revoked", False), bool):
-            raise bad(f"site {site}: 'revoked' must be true or false")
-    admin = data.get(ADMIN)
-    if admin is not None and (not isinstance(admin, dict) or not isinstance(admin.get("public_key"), str)
-                              or not admin["public_key"]):
-        raise bad("'admin' must be an object with a 'public_key' path")
-    return data | {"sites": sites}
-
-
-# ----------------------------------------------------------------------------- nonce store
-
-def nonce_store_path(ledger_path: str | Path) -> Path:
-    """Where the nonces and decisions of a ledger's withdrawals live."""
-    ledger_path = Path(ledger_path)
-    return ledger_path.with_name(ledger_path.name + ".withdrawals.sqlite")
-
-
-class NonceStore:
-    """Used nonces and every decision, in one SQLite file (schema version in the file)."""
-
-    SCHEMA_VERSION = 1
-
-    def __init__(self, path: str | Path):
-        self.path = Path(path)
-        self.path.parent.mkdir(mode=0o700, parents=True, exist_ok=True)
-        # A link planted in the state directory must not move the nonces (and the replay
-        # protection with them) elsewhere: the file and SQLite's companions are never links.
-        for file in (self.path, *(Path(f"{self.path}{suffix}") for suffix in ("-wal", "-shm", "-journal"))):
-            if file.is_symlink():
-                raise ValueError(f"the nonce store {file} is a symbolic link: refused")
-        # created private before SQLite opens it (its -wal/-shm files copy these permissions)
-        os.close(os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_NOFOLLOW, 0o600))
-        self.db = sqlite3.connect(self.path, timeout=30, isolation_level=None)
-        self.db.execute("PRAGMA journal_mode=WAL")
-        with self._tx():
-            self.db.execute("CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT)")
-            self.db.execute(
-                "INSERT OR IGNORE INTO meta VALUES ('schema_version', ?)", (str(self.SCHEMA_VERSION),)
-            )
-            self.db.execute(
-                "CREATE TABLE IF NOT EXISTS nonces (nonce TEXT PRIMARY KEY, site_id TEXT NOT NULL,"
-                " timestamp TEXT NOT NULL, consumed_at TEXT NOT NULL)"
-            )
-            self.db.execute(
-                "CREATE TABLE IF NOT EXISTS decisions (id INTEGER PRIMARY KEY AUTOINCREMENT,"
-                " at TEXT NOT NULL, site_id TEXT, nonce TEXT, signer TEXT, accepted INTEGER NOT NULL,"
-                " detail TEXT NOT NULL)"
-            )
-
-    def _tx(self):
-        db = self.db
-
-        class _Tx:
-            def __enter__(self):
-                db.execute("BEGIN IMMEDIATE")
-
-            def __exit__(self, exc_type, *_):
-                db.execute("COMMIT" if exc_type is None else "ROLLBACK")
-
-        return _Tx()
-
-    def consume(self, request: WithdrawalRequest) -> bool:
-        """Mark the nonce used; False when it already was (a replay)."""
-        with self._tx():
-            cur = self.db.execute(
-                "INSERT OR IGNORE INTO nonces VALUES (?, ?, ?, ?)",
-                (request.nonce, request.site_id, request.timestamp, _utc_now().isoformat()),
-            )
-            return cur.rowcount == 1
-
-    def record(self, payload: dict[str, Any] | None, accepted: bool, detail: str) -> None:
-        payload = payload or {}
-        with self._tx():
-            self.db.execute(
-                "INSERT INTO decisions (at, site_id, nonce, signer, accepted, detail)"
-                " VALUES (?, ?, ?, ?, ?, ?)",
-                (_utc_now().isoformat(), _s(payload.get("site_id")), _s(payload.get("nonce")),
-                 _s(payload.get("signer")), int(accepted), detail),
-            )
-
-    def decisions(self) -> list[dict[str, Any]]:
-        cur = self.db.execute("SELECT at, site_id, nonce, signer, accepted, detail FROM decisions ORDER BY id")
-        cols = [c[0] for c in cur.description]
-        return [dict(zip(cols, row)) for row in cur.fetchall()]
-
-    def close(self) -> None:
-        self.db.close()
-
-    def __enter__(self) -> "NonceStore":
-        return self
-
-    def __exit__(self, *_) -> None:
-        self.close()
-
-
-def _s(value: Any) -> str | None:
-    return None if value is None else str(value)
 
 
 # ----------------------------------------------------------------------------- verify / apply

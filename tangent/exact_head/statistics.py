@@ -52,6 +52,9 @@ against Opacus' PRV accountant for one full-batch step). The server projects the
 PSD cone (eigenvalues clipped at 0, post-processing) and uses λ > 0, so G_s + λI is positive
 definite; λ is GCV on the noisy sums (a floor at the noise's spectral norm was measured and
 lowered accuracy at ε = 3 and 8: not used). Summed releases keep their summed noise variance.
+
+Over 500 lines: the statistics, their ridge solution and their DP release share the grid and the bounds
+derived above; one module keeps the three on the same derivation.
 """
 from __future__ import annotations
 

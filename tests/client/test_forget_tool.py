@@ -15,7 +15,7 @@ from deploy.pki import create_site_key
 from server.trust.forgetting import apply_forget_file
 from server.ledger import Ledger
 from server.ledger.ledgers import Ledgers
-from server.trust.withdrawal import NonceStore
+from server.trust.nonces import NonceStore
 from tangent.data.sets import load_fashion_mnist, preprocess
 from tangent.exact_head.statistics import SufficientStats
 from tangent.exact_head.features import FeatureExtractor, FeatureSpec

@@ -20,7 +20,7 @@ from deploy.register import (
     unregister_site,
     write_registry,
 )
-from server.trust.withdrawal import SiteRegistry
+from server.trust.registry import SiteRegistry
 
 
 @pytest.fixture

@@ -5,9 +5,9 @@ import json
 import pytest
 
 from deploy.pki import create_site_key
+from server.trust.nonces import NonceStore
+from server.trust.registry import SiteRegistry
 from server.trust.withdrawal import (
-    NonceStore,
-    SiteRegistry,
     WithdrawalRefused,
     apply_withdrawal,
     create_request,
@@ -135,7 +135,8 @@ def test_apply_file_on_a_real_ledger(tmp_path):
     import numpy as np
 
     from server.ledger import Ledger
-    from server.trust.withdrawal import apply_withdrawal_file, nonce_store_path
+    from server.trust.nonces import nonce_store_path
+    from server.trust.withdrawal import apply_withdrawal_file
 
     keys = tmp_path / "keys"
     rng = np.random.default_rng(0)

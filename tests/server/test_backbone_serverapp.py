@@ -10,7 +10,8 @@ from flwr.app import Context, Message, RecordDict
 
 from client.client_app import app
 from server import server_app
-from simulations import run as driver
+from simulations.driver import checks as driver_checks
+from simulations.driver.config import pyproject_config
 from simulations.exact_head_check import central_check, feature_config, removal_check, stats_ledger_path
 from tests.backbone_files import IMG_SIZE, VARIANTS, save
 from tests.server.local_grid import LocalGrid
@@ -47,7 +48,7 @@ def test_both_families_are_exact_on_a_brought_backbone(tmp_path, variant):
         images, labels = pattern_images(num, 4, 20, seed=seed, rgb=True)
         np.savez(tmp_path / f"{split}.npz", images=images, labels=labels)
     weights = save(tmp_path / "weights", variant)
-    config = driver.pyproject_config() | {
+    config = pyproject_config() | {
         "backbone": VARIANTS[variant][0], "backbone-weights": str(weights), "img-size": 0, "reinit": False,
         "dataset": str(tmp_path / "train.npz"), "test-dataset": str(tmp_path / "test.npz"), "num-classes": 4,
         "epochs": 1, "min-nodes": 3, "fraction-evaluate": 0.0, "cache-dir": "", "federation-mode": "simulation",
@@ -64,9 +65,9 @@ def test_both_families_are_exact_on_a_brought_backbone(tmp_path, variant):
     exact = central_check(spec, features, stats_path, None, sources, config, 3, ["1"], kept)
     assert exact["exact_head_equals_central"] is True and exact["exact_head_sites"] == 3
     assert exact["exact_head_num_features"] == 8 * 32 + 32  # four global + four quadrant pieces of d = 32
-    ensemble = driver.ensemble_check(spec, tmp_path / "ledger.sqlite", None, 0, 0, test_source=sources["test"])
+    ensemble = driver_checks.ensemble_check(spec, tmp_path / "ledger.sqlite", None, 0, 0, test_source=sources["test"])
     assert ensemble["max_rel_logit_diff_composed_vs_ensemble"] <= 1e-5 and len(ensemble["per_site"]) == 3
 
     run_main(grid, config | {"mode": "unlearn", "remove-sites": "1", "report-path": "unlearn.json"})
-    assert driver.removal_check(tmp_path / "ledger.sqlite")["removal_bit_identical"] is True
+    assert driver_checks.removal_check(tmp_path / "ledger.sqlite")["removal_bit_identical"] is True
     assert removal_check(spec, features, stats_path, None, sources, config, kept)["exact_head_removal_bit_identical"]

@@ -405,7 +405,7 @@ def mutate(rng: np.random.Generator, parts: dict, kind: str) -> str:
 # ----------------------------------------------------------------------------- the fuzz
 
 def _registry(tmp_path: Path, sites: dict[str, int], revoked: set[str]) -> "object":
-    from server.trust.withdrawal import SiteRegistry
+    from server.trust.registry import SiteRegistry
 
     registry = {"version": 2, "sites": {
         site: {"public_key": f"keys/{site}.pub", "fingerprint": f"SHA256:{i:064x}", "node_id": node,

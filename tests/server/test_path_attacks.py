@@ -12,7 +12,7 @@ import pytest
 
 from server import config as cfg
 from server.ledger import Ledger, LedgerError
-from server.trust.withdrawal import NonceStore, nonce_store_path
+from server.trust.nonces import NonceStore, nonce_store_path
 
 
 @pytest.fixture

@@ -10,7 +10,8 @@ import pytest
 from deploy.pki import create_site_key
 from server.ledger import Ledger
 from server.server_app import REMOVE_SITES_REFUSED, train, unlearn
-from server.trust.withdrawal import SiteRegistry, create_request, key_fingerprint, load_private_key, load_public_key
+from server.trust.registry import SiteRegistry, key_fingerprint
+from server.trust.withdrawal import create_request, load_private_key, load_public_key
 
 
 def central(delta, stats=None) -> dict:

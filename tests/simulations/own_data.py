@@ -9,7 +9,7 @@ from pathlib import Path
 
 import numpy as np
 
-from simulations import run as driver
+from simulations.driver import cli as driver
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from simulations import run as driver
+from simulations.driver import REPO
 from tests.backbone_files import IMG_SIZE, VARIANTS, save
 from tests.simulations.own_data import pattern_images, refused, simulate
 
@@ -57,11 +57,11 @@ def test_flags_resolve_to_run_config_keys_without_torch(tmp_path):
     import sys
 
     weights = save(tmp_path / "weights", "registers")
-    code = ("import sys\nfrom simulations import run as driver\n"
-            f"args = driver.parse_args(['--backbone', 'vit_small_patch14_reg4_dinov2', '--backbone-weights', {str(weights)!r}])\n"
-            "config = driver.resolve_backbone(args, driver.pyproject_config(), {})\n"
+    code = ("import sys\nfrom simulations.driver import cli, config as driver_config\n"
+            f"args = cli.parse_args(['--backbone', 'vit_small_patch14_reg4_dinov2', '--backbone-weights', {str(weights)!r}])\n"
+            "config = driver_config.resolve_backbone(args, driver_config.pyproject_config(), {})\n"
             "print(config['img-size'], len(config['backbone-sha256']), 'torch' in sys.modules)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                         cwd=driver.REPO)
+                         cwd=REPO)
     assert out.returncode == 0, out.stderr
     assert out.stdout.split() == [str(IMG_SIZE), "64", "False"]

@@ -9,7 +9,6 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from simulations import run as driver
 from tests.simulations.own_data import pattern_images, refused, simulate
 
 REPO = Path(__file__).resolve().parents[2]
@@ -113,13 +112,13 @@ def test_the_driver_checks_data_without_importing_torch(tmp_path):
     path = tmp_path / "four.npz"
     np.savez(path, images=images, labels=labels)
     code = ("import sys\n"
-            "from simulations import run as driver\n"
-            f"args = driver.parse_args(['--dataset', {str(path)!r}, '--num-clients', '2'])\n"
-            "info = driver.prepare_data(args, driver.pyproject_config(), {})\n"
+            "from simulations.driver import cli, config, data\n"
+            f"args = cli.parse_args(['--dataset', {str(path)!r}, '--num-clients', '2'])\n"
+            "info = data.prepare_data(args, config.pyproject_config(), {})\n"
             "assert info['num_classes'] == 4, info\n"
             "print('torch' in sys.modules)\n")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300,
-                         cwd=Path(driver.__file__).resolve().parents[1])
+                         cwd=REPO)
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "False"
 

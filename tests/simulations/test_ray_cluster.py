@@ -19,7 +19,7 @@ from pathlib import Path
 import psutil
 import pytest
 
-from simulations.run import free_port
+from simulations.driver.processes import free_port
 
 REPO = Path(__file__).resolve().parents[2]
 RAY = Path(sys.executable).parent / "ray"

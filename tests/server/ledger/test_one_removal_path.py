@@ -13,7 +13,8 @@ from deploy.pki import create_site_key
 from server import cli
 from server.ledger import Ledger, LedgerError
 from server.ledger.ledgers import link, open_pair
-from server.trust.withdrawal import create_request, key_fingerprint, load_private_key, load_public_key
+from server.trust.registry import key_fingerprint
+from server.trust.withdrawal import create_request, load_private_key, load_public_key
 from tests.server.exact_head_replies import FEATURE_DIGEST, model_card, site_stats
 
 SITES = ("1", "2")

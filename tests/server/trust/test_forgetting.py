@@ -22,9 +22,10 @@ from deploy.pki import create_site_key
 from server.trust.forgetting import ForgetRefused, apply_forget, apply_forget_file, verify_forget
 from server.ledger import Ledger
 from server.ledger.ledgers import Ledgers
+from server.trust.nonces import NonceStore
+from server.trust.registry import SiteRegistry
 from server.trust.withdrawal import (
-    SIGNING_CONTEXT as WITHDRAWAL_CONTEXT, NonceStore, SiteRegistry, WithdrawalRefused, apply_withdrawal,
-    create_request, load_private_key,
+    SIGNING_CONTEXT as WITHDRAWAL_CONTEXT, WithdrawalRefused, apply_withdrawal, create_request, load_private_key,
 )
 from tangent.exact_head.statistics import SufficientStats, privatize
 from tangent.exact_head.features import FeatureSpec

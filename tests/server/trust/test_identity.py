@@ -17,7 +17,7 @@ from deploy.pki import create_site_key
 from server.trust.identity import SenderBinding
 from server.ledger import Ledger
 from server.strategy import LedgerFedAvg
-from server.trust.withdrawal import SiteRegistry, key_fingerprint, load_public_key
+from server.trust.registry import SiteRegistry, key_fingerprint, load_public_key
 from tests.server.train_replies import BASE, SHAPES, SPEC, array_record, delta, error_reply, instruction, train_reply
 
 pytestmark = pytest.mark.usefixtures("flower_server_identity")

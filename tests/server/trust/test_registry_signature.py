@@ -10,7 +10,7 @@ import pytest
 
 from deploy import register
 from deploy.pki import create_operator_key, create_site_key
-from server.trust.withdrawal import (
+from server.trust.registry import (
     OPERATOR_FINGERPRINT_ENV, SiteRegistry, key_fingerprint, load_public_key, registry_signature_path,
 )
 

@@ -198,7 +198,9 @@ def test_simulation_gpus_per_client_reaches_flowers_simulation_config():
     from flwr.common.config import parse_config_args
     from flwr.supercore.utils import simulation_config_from_json
 
-    from simulations.run import federation_config, parse_args, toml_value
+    from simulations.driver.cli import parse_args
+    from simulations.driver.config import federation_config
+    from simulations.driver.processes import toml_value
 
     def parsed(argv):
         federation = federation_config(parse_args(argv))

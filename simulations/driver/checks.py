@@ -1,0 +1,203 @@
+"""The checks after each run, read from the ledgers outside Flower: the ensemble of the sites' models vs
+the composed model, the composed model's accuracy (``--evaluation driver``), the removal vs a fresh
+aggregation of the remaining contributions, and the exact head's checks (simulations/exact_head_check.py).
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+
+import numpy as np
+
+from simulations.driver.data import evaluation_rows
+from simulations.driver.processes import in_subprocess
+
+
+def iter_active(ledger_path: Path, sites: set[str] | None = None):
+    """(site id, num_examples, weight, arrays) of every active contribution (of ``sites``, when
+    given), one at a time: a check over a thousand sites never holds more than one of them."""
+    from server.ledger import Ledger
+
+    with Ledger.open(ledger_path, create=False) as ledger:
+        for c in ledger.contributions(status="active"):
+            if sites is None or c.site_id in sites:
+                yield c.site_id, c.num_examples, c.weight, ledger.contribution_delta(c.id)
+
+
+def fresh_sums(ledger_path: Path, sites: set[str] | None = None) -> tuple[dict, dict, int]:
+    """A fresh aggregation of the active contributions (of ``sites``): their exact sums built
+    from zero with the ledger's own family (quantize, weigh, add) in memory, one contribution at
+    a time — not a second ledger file, which would write every contribution to disk again (7 GB
+    at 1,000 sites). Returns (composed arrays, canonical accumulator bytes, total weight)."""
+    from server.ledger import Ledger, families
+    from server.ledger.accumulators import Accumulators
+
+    with Ledger.open(ledger_path, create=False) as ledger:
+        meta = ledger.settings()
+    family = families.of_meta(meta)
+    acc, total = None, 0
+    for _, _, weight, arrays in iter_active(ledger_path, sites):
+        if acc is None:
+            acc = Accumulators.zeros(meta.get("key_spec") or {k: list(a.shape) for k, a in arrays.items()})
+        acc.add(family.quantize(arrays), weight)
+        total += weight
+    if acc is None:
+        return {}, {}, 0
+    return family.compose(acc, total), acc.encoded(), total
+
+
+def site_order(site: str):
+    return (0, int(site), "") if site.isdigit() else (1, 0, site)
+
+
+def stored_bytes_per_site(ledger_path: Path) -> float | None:
+    """Mean bytes a ledger stores for one active contribution (as written: compressed, in the
+    form the site sent; server/ledger/blobs.py, server/ledger/stats_forms.py)."""
+    import sqlite3
+
+    with sqlite3.connect(f"file:{ledger_path}?mode=ro", uri=True) as db:
+        return db.execute("SELECT avg(length(safetensors)) FROM deltas").fetchone()[0]
+
+
+def ensemble_sample(active: list[str], size: int, seed: int) -> list[str]:
+    """The sites of the ensemble check: all when ``size`` is 0 or covers them, else ``size`` of
+    them drawn by ``seed``."""
+    if not 0 < size < len(active):
+        return sorted(active, key=site_order)
+    return sorted(np.random.default_rng(seed).choice(active, size, replace=False).tolist(), key=site_order)
+
+
+def ensemble_check(spec, ledger_path: Path, cache_dir: Path | None, subset: int, seed: int,
+                   test_source: str = "fashion-mnist", sites: list[str] | None = None) -> dict:
+    """Each sampled site's model on the same test images; their weighted logit average (the
+    ensemble) vs the model composed from the same sites' Δ (a fresh exact aggregation of them:
+    the ledger's composed model when the sample is every active site). The tangent model is
+    linear in Δ, so the two agree up to float rounding. Sites are streamed: one Δ at a time."""
+    import torch
+
+    from server.ledger import Ledger
+    from tangent.training.trainer import predict_logits
+
+    def pick(num_rows: int) -> np.ndarray:
+        if 0 < subset < num_rows:
+            return np.sort(np.random.default_rng(seed).choice(num_rows, subset, replace=False))
+        return np.arange(num_rows)
+
+    model, _, inputs, labels, from_cache = evaluation_rows(spec, cache_dir, test_source, pick, read=True)
+    indices = np.arange(len(labels))
+    sample = None if sites is None else set(sites)
+
+    def logits_of(delta) -> "torch.Tensor":
+        model.load_delta({k: torch.as_tensor(v) for k, v in delta.items()})
+        return predict_logits(model, inputs, from_cache=from_cache, batch_size=500).double()
+
+    ensemble = torch.zeros(len(indices), spec.num_classes, dtype=torch.float64)
+    per_site, total = {}, 0
+    start = time.perf_counter()
+    for site, n, _, delta in iter_active(ledger_path, sample):
+        logits = logits_of(delta)
+        per_site[site] = {"num_examples": n, "accuracy": float((logits.argmax(-1) == labels).float().mean())}
+        ensemble += n * logits  # weighted by examples, as the ledger weighs them
+        total += n
+    ensemble /= total
+    composed_sample, _, _ = fresh_sums(ledger_path, sample)
+    sample_logits = logits_of(composed_sample)
+    with Ledger.open(ledger_path, create=False) as ledger:
+        composed_logits = logits_of(ledger.composed_arrays())
+    scale = ensemble.abs().amax(dim=1).clamp_min(1e-12)
+    rel = ((sample_logits - ensemble).abs().amax(dim=1) / scale).max().item()
+    return {"accuracy_ensemble": float((ensemble.argmax(-1) == labels).float().mean()),
+            "accuracy_composed_on_subset": float((composed_logits.argmax(-1) == labels).float().mean()),
+            "max_rel_logit_diff_composed_vs_ensemble": rel, "ensemble_test_images": len(indices),
+            "ensemble_sites": len(per_site), "per_site": per_site, "ensemble_s": time.perf_counter() - start,
+            "delta_stored_bytes_per_site": stored_bytes_per_site(ledger_path)}
+
+
+def composed_accuracy(spec, ledger_path: Path, cache_dir: Path | None, test_source: str,
+                      run_config: dict) -> dict:
+    """Accuracy of w0 + the ledger's composed Δ on the server's test rows (the ServerApp's
+    central evaluation, run by the driver: ``--evaluation driver``)."""
+    import torch
+
+    from server.evaluation import evaluation_indices
+    from server.ledger import Ledger
+    from tangent.training.trainer import predict_logits
+
+    model, _, inputs, labels, from_cache = evaluation_rows(spec, cache_dir, test_source,
+                                                      lambda n: evaluation_indices(n, run_config))
+    start = time.perf_counter()
+    with Ledger.open(ledger_path, create=False) as ledger:
+        model.load_delta(ledger.composed_delta())
+    logits = predict_logits(model, inputs, from_cache=from_cache, batch_size=500)
+    return {"accuracy": float((logits.argmax(-1) == labels).float().mean()), "test_images": len(labels),
+            "evaluate_s": time.perf_counter() - start}
+
+
+def removal_check(ledger_path: Path) -> dict:
+    """The ledger after removal vs a fresh aggregation of the remaining contributions (streamed:
+    one contribution in memory at a time): equal accumulator bytes and equal composed bytes."""
+    from server.ledger import Ledger
+
+    from server.ledger import families
+
+    with Ledger.open(ledger_path, create=False) as ledger:
+        after = ledger.composed_arrays()
+        digest = ledger.current_version().composed_sha256
+        family = families.of_meta(ledger.settings())
+    start = time.perf_counter()
+    expected, _, _ = fresh_sums(ledger_path)
+    identical = (after.keys() == expected.keys() and all(after[k].tobytes() == expected[k].tobytes() for k in after)
+                 and family.digest(expected) == digest)
+    return {"removal_bit_identical": bool(identical), "removal_check_s": time.perf_counter() - start}
+
+
+class ExactHeadStep:
+    """The exact head's checks around the unlearn run (simulations.exact_head_check), each in a
+    child process; every summary key is None when the run has no exact head or no stats ledger."""
+
+    KEYS_BEFORE = ("accuracy_exact_head", "exact_head_equals_central", "exact_head_lambda",
+                   "exact_head_bytes_per_site")
+    KEYS_AFTER = ("accuracy_exact_head_after_removal", "exact_head_removal_bit_identical")
+
+    def __init__(self, features, ledger_path: Path, spec, cache_dir, sources, config, num_sites, removed,
+                 run_dir):
+        self.args = (spec, features, ledger_path, cache_dir, sources, config)
+        self.num_sites, self.removed = num_sites, removed
+        self.kept_path = run_dir / "exact-head-kept-stats.npz"
+        self.skip = ("exact-head is off in this run (or DP)" if features is None else
+                     None if ledger_path.is_file() else f"the ServerApp wrote no stats ledger ({ledger_path})")
+
+    def before(self, report: dict) -> dict:
+        """``report``: the train run's; its exact-head accuracy (the ServerApp solved the same
+        sums on the same test rows) is taken rather than solved a second time here."""
+        from simulations.exact_head_check import central_check
+
+        if self.skip:
+            print(f"      exact head: not checked ({self.skip})")
+            return dict.fromkeys(self.KEYS_BEFORE) | {"exact_head_note": self.skip}
+        print("      exact head: the stats ledger's sums vs the central statistics of every trained row")
+        server = _server_exact_head(report)
+        out = in_subprocess(central_check, *self.args, self.num_sites, self.removed, self.kept_path, server is None)
+        if "exact_head_note" in out:
+            self.skip = out["exact_head_note"]
+        return out | (server or {})
+
+    def after(self, report: dict) -> dict:
+        from simulations.exact_head_check import removal_check as stats_removal_check
+
+        if self.skip:
+            return dict.fromkeys(self.KEYS_AFTER)
+        server = _server_exact_head(report)
+        out = in_subprocess(stats_removal_check, *self.args, self.kept_path, server is None)
+        if server is not None:
+            out |= {"accuracy_exact_head_after_removal": server["accuracy_exact_head"],
+                    "exact_head_lambda_after_removal": server["exact_head_lambda"]}
+        return out
+
+
+def _server_exact_head(report: dict) -> dict | None:
+    """The exact head's accuracy and λ from a ServerApp report, if it evaluated it."""
+    if report.get("accuracy_exact_head") is None:
+        return None
+    return {"accuracy_exact_head": report["accuracy_exact_head"], "exact_head_lambda": report.get("exact_head_lambda"),
+            "exact_head_test_images": (report.get("central_evaluation") or {}).get("num_examples")}
