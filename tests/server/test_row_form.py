@@ -154,7 +154,7 @@ def test_the_registered_cap_is_checked_before_any_row_is_read(tmp_path):
 
     from server.strategy import LedgerFedAvg
     from server.trust.identity import SenderBinding
-    from server.trust.withdrawal import SiteRegistry
+    from server.trust.registry import SiteRegistry
     from tests.server.exact_head_replies import SHAPES, SPEC
 
     (tmp_path / "registry.json").write_text(json.dumps({"version": 2, "sites": {"3": {
