@@ -113,3 +113,19 @@ def reference_jvp(model, x, delta):
 
     return jvp(f, ({k: params[k] for k in names}, torch.zeros_like(cls)),
                ({k: delta[k] for k in names}, cls))
+
+
+def assert_tangent_is_the_jvp(model) -> None:
+    """The model with a random Δ against torch.func.jvp of its timm model, float64: w0 + Δ output
+    and the tangent alone, both to 1e-10, and the Δ moves the output."""
+    delta = random_delta(model)
+    model.load_delta(delta)
+    x = images()
+    primal, tangent = reference_jvp(model, x, delta)
+    with torch.no_grad():
+        out = model(x)
+        model.output_mode = "jvp"
+        out_jvp = model(x)
+    assert rel_err(out, primal + tangent) <= 1e-10
+    assert rel_err(out_jvp, tangent) <= 1e-10
+    assert rel_err(tangent, primal) > 1e-3  # the Δ actually moves the output

@@ -44,8 +44,8 @@ from server.trust.nonces import NonceStore, nonce_store_path
 from server.trust.registry import SiteRegistry
 from server.trust.withdrawal import MAX_AGE_S, WithdrawalRefused, read_request, split_document, verify_signed
 from tangent.exact_head.statistics import StatsError
-from tangent.protocol.limits import check_site_id
-from tangent.protocol.signed_requests import FORGET_CONTEXT, FORGET_FIELDS, FORGET_KIND, FORGET_VERSION, SIGNERS
+from tangent.protocol.signed_requests import (FORGET_CONTEXT, FORGET_FIELDS, FORGET_KIND, FORGET_VERSION,
+                                              header_problem)
 from tangent.exact_head.stats_file import load_stats, safetensors_metadata
 
 log = logging.getLogger("taft.forgetting")
@@ -82,20 +82,12 @@ def parse_forget(document: Any) -> tuple[ForgetRequest, bytes]:
     if set(payload) != FORGET_FIELDS:
         raise ForgetRefused(f"malformed forget request: payload fields must be {sorted(FORGET_FIELDS)} "
                             f"(a withdrawal request is not a forget request)")
-    if type(payload["version"]) is not int or payload["version"] != FORGET_VERSION:
-        raise ForgetRefused(f"unsupported forget request version {str(payload['version'])[:40]!r}")
+    problem = header_problem(payload, version=FORGET_VERSION, strings=("site_id", "nonce", "timestamp", "signer"),
+                             what="forget request")
+    if problem:
+        raise ForgetRefused(problem)
     if payload["kind"] != FORGET_KIND:
         raise ForgetRefused(f"kind {str(payload['kind'])[:40]!r} is not {FORGET_KIND!r}")
-    if not all(isinstance(payload[k], str) for k in ("site_id", "nonce", "timestamp", "signer")):
-        raise ForgetRefused("malformed forget request: site_id, nonce, timestamp, signer must be strings")
-    if payload["signer"] not in SIGNERS:
-        raise ForgetRefused(f"unknown signer {payload['signer'][:40]!r}")
-    try:
-        check_site_id(payload["site_id"])
-    except ValueError as err:
-        raise ForgetRefused(f"malformed forget request: {err}") from None
-    if not 16 <= len(payload["nonce"]) <= 128:
-        raise ForgetRefused("nonce must be 16 to 128 characters")
     if type(payload["forgotten"]) is not int or payload["forgotten"] < 1:
         raise ForgetRefused("'forgotten' must be a positive integer (the number of samples forgotten)")
     for name in ("stats_sha256", "stats_replaces") + (("delta_sha256",) if payload["delta_sha256"] is not None else ()):

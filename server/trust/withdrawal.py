@@ -34,10 +34,9 @@ from server.trust import safejson
 from server.trust.nonces import NonceStore, nonce_store_path
 from server.trust.registry import ADMIN, SiteRegistry
 from tangent.protocol import signed_requests
-from tangent.protocol.limits import check_site_id
 from tangent.protocol.text import is_printable
 # the signing rule and key loading are shared with the site tools (client/forget.py)
-from tangent.protocol.signed_requests import load_private_key, load_public_key  # noqa: F401  (re-exported)
+from tangent.protocol.signed_requests import header_problem, load_private_key, load_public_key  # noqa: F401  (re-exported)
 
 log = logging.getLogger("taft.withdrawal")
 
@@ -119,18 +118,9 @@ def parse_request(document: Any) -> tuple[WithdrawalRequest, bytes]:
     fields = {"site_id", "nonce", "timestamp", "reason", "signer", "version"}
     if set(payload) != fields:
         raise WithdrawalRefused(f"malformed request: payload fields must be {sorted(fields)}")
-    if type(payload["version"]) is not int or payload["version"] != REQUEST_VERSION:
-        raise WithdrawalRefused(f"unsupported request version {str(payload['version'])[:40]!r}")
-    if not all(isinstance(payload[k], str) for k in fields - {"version"}):
-        raise WithdrawalRefused("malformed request: site_id, nonce, timestamp, reason, signer must be strings")
-    if payload["signer"] not in SIGNERS:
-        raise WithdrawalRefused(f"unknown signer {payload['signer'][:40]!r}")
-    try:
-        check_site_id(payload["site_id"])
-    except ValueError as err:
-        raise WithdrawalRefused(f"malformed request: {err}") from None
-    if not 16 <= len(payload["nonce"]) <= 128:
-        raise WithdrawalRefused("nonce must be 16 to 128 characters")
+    problem = header_problem(payload, version=REQUEST_VERSION, strings=fields - {"version"})
+    if problem:
+        raise WithdrawalRefused(problem)
     if not (payload["reason"] and len(payload["reason"]) <= MAX_REASON and is_printable(payload["reason"])
             and is_printable(payload["nonce"]) and is_printable(payload["timestamp"])):
         # every field is printed for the operator and kept in the audit log: no escape sequences in

@@ -19,7 +19,7 @@ import datetime as dt
 import json
 import secrets
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any, Iterable, Mapping
 
 from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import hashes, serialization
@@ -28,6 +28,29 @@ from cryptography.hazmat.primitives.asymmetric import ec
 SIGNERS = ("site", "admin")
 
 # ----------------------------------------------------------------------------- keys
+
+
+def header_problem(payload: Mapping[str, Any], *, version: int, strings: Iterable[str],
+                   what: str = "request") -> str | None:
+    """What is wrong with the fields every signed request shares (its version, its string fields,
+    the signer, the site id, the nonce's length), or None. One check for withdrawals and forget
+    requests, so that neither accepts a header the other refuses."""
+    from tangent.protocol.limits import check_site_id
+
+    if type(payload["version"]) is not int or payload["version"] != version:
+        return f"unsupported {what} version {str(payload['version'])[:40]!r}"
+    strings = sorted(strings)
+    if not all(isinstance(payload[k], str) for k in strings):
+        return f"malformed {what}: {', '.join(strings)} must be strings"
+    if payload["signer"] not in SIGNERS:
+        return f"unknown signer {payload['signer'][:40]!r}"
+    try:
+        check_site_id(payload["site_id"])
+    except ValueError as err:
+        return f"malformed {what}: {err}"
+    if not 16 <= len(payload["nonce"]) <= 128:
+        return "nonce must be 16 to 128 characters"
+    return None
 
 
 def load_private_key(path: str | Path) -> ec.EllipticCurvePrivateKey:

@@ -15,7 +15,7 @@ from tangent.model.pretrained import load_backbone
 from tangent.model.vit import TangentViT, UnsupportedBackbone, check_linearizable_backbone
 from tangent.protocol.spec import ModelSpec, build_model
 from tests.backbone_files import IMG_SIZE, VARIANTS, build, save
-from tests.helpers import random_delta, reference_jvp, rel_err
+from tests.helpers import assert_tangent_is_the_jvp, random_delta, rel_err
 
 D = torch.float64
 
@@ -40,17 +40,7 @@ def loaded(checkpoints, variant, dtype=D):
 def test_tangent_equals_jvp_of_the_timm_model(checkpoints, variant, k, linearize_cls):
     model = TangentViT.from_timm(loaded(checkpoints, variant), num_classes=5, linearized_blocks=k,
                                  linearize_cls=linearize_cls, seed=3, reinit=False)
-    delta = random_delta(model)
-    model.load_delta(delta)
-    x = images()
-    primal, tangent = reference_jvp(model, x, delta)
-    with torch.no_grad():
-        out = model(x)
-        model.output_mode = "jvp"
-        out_jvp = model(x)
-    assert rel_err(out, primal + tangent) <= 1e-10
-    assert rel_err(out_jvp, tangent) <= 1e-10
-    assert rel_err(tangent, primal) > 1e-3  # the Δ actually moves the output
+    assert_tangent_is_the_jvp(model)
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))
