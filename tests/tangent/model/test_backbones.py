@@ -40,7 +40,7 @@ def loaded(checkpoints, variant, dtype=D):
 def test_tangent_equals_jvp_of_the_timm_model(checkpoints, variant, k, linearize_cls):
     model = TangentViT.from_timm(loaded(checkpoints, variant), num_classes=5, linearized_blocks=k,
                                  linearize_cls=linearize_cls, seed=3, reinit=False)
-    assert_tangent_is_the_jvp(model)
+    assert_tangent_is_the_jvp(model, images())
 
 
 @pytest.mark.parametrize("variant", sorted(VARIANTS))

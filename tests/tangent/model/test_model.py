@@ -20,7 +20,7 @@ CASES = [(1e-5, 1, False, "token"), (1e-5, 2, True, "avg"), (0.1, 1, True, "toke
 def test_matches_torch_func_jvp(init_values, k, linearize_cls, pool):
     model = TangentViT.from_timm(tiny_vit(init_values, pool), num_classes=5, linearized_blocks=k,
                                  linearize_cls=linearize_cls, seed=3)
-    assert_tangent_is_the_jvp(model)
+    assert_tangent_is_the_jvp(model, images())
 
 
 @pytest.mark.parametrize("linearize_cls,pool", [(False, "token"), (True, "avg")])
