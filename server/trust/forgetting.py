@@ -42,6 +42,7 @@ from typing import Any
 from server.ledger.ledgers import Ledgers
 from server.trust.nonces import NonceStore, nonce_store_path
 from server.trust.registry import SiteRegistry
+from server.trust import safejson
 from server.trust.withdrawal import MAX_AGE_S, WithdrawalRefused, read_request, split_document, verify_signed
 from tangent.exact_head.statistics import StatsError
 from tangent.protocol.signed_requests import (FORGET_CONTEXT, FORGET_FIELDS, FORGET_KIND, FORGET_VERSION,
@@ -110,17 +111,10 @@ def verify_forget(document: Any, registry: SiteRegistry, max_age_s: float = MAX_
 # ----------------------------------------------------------------------------- apply
 
 def _read_file(path: str | Path, limit: int, what: str) -> bytes:
-    path = Path(path)
     try:
-        if not path.is_file():
-            raise ForgetRefused(f"cannot read the {what} file {path}: not a regular file")
-        with path.open("rb") as handle:
-            data = handle.read(limit + 1)
-    except OSError as err:
+        return safejson.read_regular_file(Path(path), limit)
+    except ValueError as err:
         raise ForgetRefused(f"cannot read the {what} file {path}: {err}") from None
-    if len(data) > limit:
-        raise ForgetRefused(f"the {what} file {path} is larger than {limit} bytes")
-    return data
 
 
 def _check_hash(data: bytes, signed: str, what: str) -> None:

@@ -8,6 +8,7 @@ fails with ValueError, so a caller needs one ``except`` to turn bad input into a
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any
 
 
@@ -60,3 +61,18 @@ def loads(data: str | bytes, *, max_bytes: int, max_depth: int) -> Any:
         raise ValueError("JSON nested too deeply") from None
     except ValueError as err:  # JSONDecodeError, int digit limit, NaN/Infinity
         raise ValueError(str(err)[:200]) from None
+
+
+def read_regular_file(path: Path, limit: int) -> bytes:
+    """At most ``limit`` bytes of a regular file named by hostile input (a FIFO would block the
+    run, a device would never end); ValueError saying why not."""
+    try:
+        if not path.is_file():
+            raise ValueError("not a regular file")
+        with path.open("rb") as handle:
+            data = handle.read(limit + 1)
+    except OSError as err:
+        raise ValueError(str(err)) from None
+    if len(data) > limit:
+        raise ValueError(f"larger than {limit} bytes")
+    return data

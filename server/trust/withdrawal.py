@@ -237,11 +237,8 @@ def read_request(request_path: str | Path) -> Any:
     """
     path = Path(request_path)
     try:
-        if not path.is_file():
-            raise WithdrawalRefused(f"cannot read request {path}: not a regular file")
-        with path.open("rb") as handle:
-            raw = handle.read(MAX_REQUEST_BYTES + 1)
-    except OSError as err:
+        raw = safejson.read_regular_file(path, MAX_REQUEST_BYTES)
+    except ValueError as err:
         raise WithdrawalRefused(f"cannot read request {path}: {err}") from None
     try:
         return safejson.loads(raw, max_bytes=MAX_REQUEST_BYTES, max_depth=MAX_REQUEST_DEPTH)

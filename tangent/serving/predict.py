@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import argparse
 import csv
-import json
 import sys
 from pathlib import Path
 from typing import Any
@@ -103,14 +102,9 @@ def read_manifest(directory: str | Path) -> dict[str, Any]:
     if not directory.is_dir():
         raise PredictError(f"{directory} is not a directory (expected a `taft-ledger export` output)")
     try:
-        manifest = json.loads((directory / MANIFEST_FILE).read_text())
-    except FileNotFoundError:
-        raise PredictError(f"{directory} has no {MANIFEST_FILE}: not a `taft-ledger export` output") from None
-    except (OSError, ValueError) as err:
-        raise PredictError(f"{directory / MANIFEST_FILE} is unreadable: {err}") from err
-    if not isinstance(manifest, dict):
-        raise PredictError(f"{directory / MANIFEST_FILE} is not a JSON object")
-    return manifest
+        return export_check.read_manifest(directory)
+    except export_check.ExportError as err:
+        raise PredictError(str(err)) from None
 
 
 def _model_file(directory: Path, manifest: dict, key: str, verified: dict[str, bytes] | None) -> dict[str, np.ndarray]:
