@@ -3,7 +3,6 @@ pretrained ViT-S/14 at img 28, 70 real Fashion-MNIST images): the reply carries 
 output only, the budget is charged for both releases, and a budget that cannot pay refuses."""
 from __future__ import annotations
 
-import json
 
 import numpy as np
 import pytest
@@ -64,8 +63,8 @@ def test_a_dp_reply_carries_the_heads_release_and_both_charges(site, tmp_path):
                                         {k: meta[k] for k in ("num-features", "num-classes", "clip-norm", "frac-bits")})
     # n and s are the noisy blocks' post-processing, not the site's exact values
     assert stats.n == stats.counts.sum() and np.array_equal(stats.sums, stats.cross.sum(axis=1))
-    record = json.loads((tmp_path / "state" / PrivacyBudget.FILE_NAME).read_text())
-    charges = {c["id"].endswith(":head"): c for c in record["contributions"]}
+    record = PrivacyBudget(tmp_path / "state" / PrivacyBudget.FILE_NAME, "site-a").charges()
+    charges = {c["id"].endswith(":head"): c for c in record.values()}
     assert charges[True]["state"] == "settled" and charges[True]["epsilon"] == 2.0
     assert charges[False]["id"] == reply["meta"]["contribution-id"]
     assert charges[True]["id"] == meta["contribution-id"] == f"{charges[False]['id']}:head"

@@ -20,7 +20,7 @@ from client.task import PRIVATE_FAILURE, PRIVATE_REFUSALS
 from tangent.protocol.spec import ModelSpec, build_model
 from tangent.training.budget import PrivacyBudget
 
-CASES = 200
+CASES = 300
 SPEC = ModelSpec(img_size=28, reinit=False, num_classes=9)
 #: a DP request the sites accept, which one mutation at a time makes hostile
 DP_TRAIN = {"dp": True, "dp-epsilon": 1.0, "dp-delta": 0.0, "dp-max-grad-norm": 1.0, "epochs": 1,

@@ -13,6 +13,7 @@ from client.site import load_split
 from client.stats import site_statistics
 from tangent.training.budget import PrivacyBudget
 from tangent.data.token_cache import FeatureCache
+from tangent.exact_head.row_form import stats_of_rows
 from tangent.exact_head.statistics import SufficientStats
 from tangent.exact_head.features import FeatureExtractor, FeatureSpec
 from tangent.exact_head.phi_cache import PhiCache
@@ -71,7 +72,7 @@ def central_stats(site, rows) -> SufficientStats:
 
 
 def test_train_reply_adds_the_sites_statistics_and_is_otherwise_unchanged(site):
-    reply = train(site)
+    reply = train(site, site["node_config"] | {"stats-form": "gram"})
     assert "error" not in reply.config_records, reply["error"]["reason"] if "error" in reply else ""
     plain = train(site, exact_head=False)
     assert set(reply.keys()) == set(plain.keys()) | {"stats", "stats-meta"}
@@ -86,6 +87,11 @@ def test_train_reply_adds_the_sites_statistics_and_is_otherwise_unchanged(site):
     stats = reply_stats(reply)
     assert stats.n == reply["metrics"]["num-examples"] == N
     assert stats == central_stats(site, np.arange(N))
+    # by default a site this small sends its quantized rows instead (int32), the same integers
+    rows = train(site)
+    assert {k: str(rows["stats"][k].dtype) for k in rows["stats"]} == {"rows": "int32", "labels": "int64"}
+    assert stats_of_rows({k: rows["stats"][k].numpy() for k in rows["stats"]}, meta["num-features"], 10,
+                         meta["clip-norm"], meta["frac-bits"]) == stats
 
 
 def test_excluded_rows_leave_exactly_the_statistics_of_the_rest(site):
