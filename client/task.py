@@ -112,10 +112,22 @@ def _refusals(handler):
             # collection (measured when rows were still read through the memory map: ~0.7 GB of
             # mapped cache pages per worker otherwise).
             gc.collect()
+            _freeze_survivors_once()
             _release_free_heap()
     wrapped.__name__ = handler.__name__
     wrapped.__doc__ = handler.__doc__
     return wrapped
+
+
+def _freeze_survivors_once() -> None:
+    """After a worker's first site: move every object still alive (the imported torch, Flower and
+    Ray modules, ~440k objects) out of the cyclic collector's reach (``gc.freeze``), so that each
+    later ``gc.collect`` scans only what later sites allocate. A full collection over that heap
+    took 0.23 s, twice a site: measured 42 % of a Ray worker's CPU time in a 100-site run of
+    60-image sites. Frozen objects are still freed by reference counting; only cycles among
+    them, made after the freeze, would stay."""
+    if not gc.get_freeze_count():
+        gc.freeze()
 
 
 def _release_free_heap() -> None:

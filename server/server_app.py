@@ -307,7 +307,7 @@ def train(grid: Grid, ledgers: Ledger | Ledgers, spec, base_digest: str, evaluat
 
     initial = composed_arrays(ledger) if ledger.current_version().total_weight else ArrayRecord()
     try:
-        strategy.start(grid=StreamingGrid(grid), initial_arrays=initial,
+        strategy.start(grid=StreamingGrid(grid, max_in_flight=run_config.max_in_flight), initial_arrays=initial,
                        num_rounds=run_config.num_rounds,
                        timeout=run_config.round_timeout,
                        train_config=ConfigRecord(cfg.train_config(run_config)), evaluate_fn=evaluate_fn)

@@ -33,7 +33,7 @@ import logging
 import math
 import random
 import time
-from collections import Counter
+from collections import Counter, deque
 from collections.abc import Callable, Iterable
 from dataclasses import asdict, dataclass, field
 from typing import Any
@@ -407,35 +407,55 @@ def _weighted_means(rows: Iterable[dict], keys: tuple[str, ...]) -> dict[str, fl
 
 
 class StreamingGrid:
-    """A Grid whose ``send_and_receive`` yields each reply as soon as it is pulled.
+    """A Grid whose ``send_and_receive`` yields each reply as soon as it is pulled, with at most
+    ``max_in_flight`` messages pushed and not yet answered (0: all at once, as Flower does).
 
     Flower's grids collect every reply of a round in a list before the strategy sees any; with
     50 sites that is 50 Δw (~7 MB each) held at once in the ServerApp. :class:`LedgerFedAvg`
-    records each reply in the ledger and drops it, so a generator keeps one at a time. Messages
-    are pushed eagerly (when the method is called), like the wrapped grid; pulling stops at the
-    timeout, like it. Everything else is delegated to the wrapped grid.
+    records each reply in the ledger and drops it, so a generator keeps one at a time.
+
+    The window bounds what waits in the SuperLink: replies that arrive faster than the ledger
+    records them are held there until pulled, and Flower 1.41's simulation engine looks for work
+    by scanning every stored message once per site every 0.1 s — O(sites²) CPU while a thousand
+    instructions wait, which a window of a few messages makes O(sites). The first window is
+    pushed when the method is called; one more message each time a reply is pulled. Pulling
+    stops at the timeout (messages never pushed by then are not sent). Everything else is
+    delegated to the wrapped grid.
     """
 
-    def __init__(self, grid: Grid, pull_interval: float = 0.5):
+    def __init__(self, grid: Grid, pull_interval: float = 0.5, max_in_flight: int = 0):
+        if max_in_flight < 0:
+            raise ValueError(f"max_in_flight must be >= 0, got {max_in_flight}")
         self._grid = grid
         self._pull_interval = pull_interval
+        self._max_in_flight = max_in_flight
 
     def __getattr__(self, name: str):
         return getattr(self._grid, name)
 
     def send_and_receive(self, messages: Iterable[Message], *, timeout: float | None = None
                          ) -> Iterable[Message]:
-        pending = set(self._grid.push_messages(messages))
-        return self._replies(pending, timeout)
+        waiting = deque(messages)
+        pending = set(self._grid.push_messages(self._next(waiting, self._max_in_flight or len(waiting))))
+        return self._replies(pending, waiting, timeout)
 
-    def _replies(self, pending: set, timeout: float | None):
+    @staticmethod
+    def _next(waiting: deque, count: int) -> list[Message]:
+        return [waiting.popleft() for _ in range(min(count, len(waiting)))]
+
+    def _replies(self, pending: set, waiting: deque, timeout: float | None):
         end = None if timeout is None else time.time() + timeout
-        while pending and (end is None or time.time() < end):
-            replies = list(self._grid.pull_messages(pending))
+        while (pending or waiting) and (end is None or time.time() < end):
+            replies = list(self._grid.pull_messages(pending)) if pending else []
             pending.difference_update(msg.metadata.reply_to_message_id for msg in replies)
+            # refill the window before the replies are recorded: the sites work meanwhile
+            room = len(waiting) if not self._max_in_flight else self._max_in_flight - len(pending)
+            if batch := self._next(waiting, room):
+                pending.update(self._grid.push_messages(batch))
             while replies:
                 yield replies.pop(0)  # popped: the list does not keep a consumed reply alive
             if pending:
                 time.sleep(self._pull_interval)
-        if pending:
-            log.warning("%d replies did not arrive within the %.0f s timeout", len(pending), timeout)
+        if pending or waiting:
+            log.warning("%d replies did not arrive within the %.0f s timeout (%d of them never sent)",
+                        len(pending) + len(waiting), timeout, len(waiting))

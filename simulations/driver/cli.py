@@ -78,6 +78,12 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "split through Flower's evaluate round. Default 0: in the simulation those slices "
                         "together are the test split the ServerApp already evaluates centrally (the "
                         "same accuracy, ~15 s more wall and the run's memory peak); 1 = every site")
+    p.add_argument("--max-in-flight", type=int, default=4,
+                   help="train messages sent and not yet answered at most (run config max-in-flight; 0 = all "
+                        "at once). Flower 1.41's simulation engine scans every waiting message once per site "
+                        "every 0.1 s: with all of a thousand sites' messages waiting that is O(sites²) CPU. "
+                        "Default 4: twice the Ray workers that train at once on 2 cores (raise it for a "
+                        "--ray-address cluster)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--img-size", type=int, default=None,
                    help="(default: pyproject's img-size; with --backbone-weights the checkpoint's input size)")
@@ -136,7 +142,8 @@ def main(argv=None) -> int:
                   "cache-dir": str(cache_dir or ""), "ledger-path": str(ledger_path),
                   # the local simulation: sites are partition ids; every server file stays in run_dir
                   "federation-mode": "simulation", "state-dir": str(run_dir),
-                  "min-nodes": args.num_clients, "fraction-evaluate": args.fraction_evaluate}
+                  "min-nodes": args.num_clients, "fraction-evaluate": args.fraction_evaluate,
+                  "max-in-flight": args.max_in_flight}
     if args.reinit is not None:
         run_config["reinit"] = args.reinit == "true"
     for key, value in (("epochs", args.epochs), ("lr", args.lr), ("img-size", args.img_size),

@@ -214,6 +214,9 @@ RUN_KEYS: tuple[Key, ...] = (
     Key("fraction-evaluate", float, "fraction of connected sites that evaluate locally (0 = none)", low=0, high=1),
     Key("min-nodes", int, "connected SuperNodes the server waits for before sampling", low=1),
     Key("round-timeout", float, "seconds a round waits for replies", above=0),
+    Key("max-in-flight", int, "messages of a round sent and not yet answered at most (0 = all at once; "
+        "the simulation driver sets a window: Flower's simulation engine scans every waiting message per site)",
+        low=0),
     Key("report-path", str, f"the run's JSON report (empty = <ledger dir>/reports/<mode>-<run id>.json; {PATH_HELP})"),
 )
 RUN_KEY = {key.name: key for key in RUN_KEYS}

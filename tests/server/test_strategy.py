@@ -124,8 +124,9 @@ class _ScriptedGrid:
         self.batches, self.pulls, self.pushed = list(batches), 0, []
 
     def push_messages(self, messages):
-        self.pushed = [f"m{i}" for i, _ in enumerate(messages)]
-        return list(self.pushed)
+        ids = [f"m{len(self.pushed) + i}" for i, _ in enumerate(messages)]
+        self.pushed += ids
+        return ids
 
     def pull_messages(self, ids):
         self.pulls += 1
@@ -160,6 +161,49 @@ def test_streaming_grid_stops_at_the_timeout():
     grid = _ScriptedGrid([[_reply("m0")]])
     replies = list(StreamingGrid(grid, pull_interval=0.01).send_and_receive([object()] * 2, timeout=0.1))
     assert [m.metadata.reply_to_message_id for m in replies] == ["m0"]
+
+
+class _AnsweringGrid:
+    """Every message pushed is answered at the next pull (sites faster than the server); records
+    how many were pushed and unanswered at each pull."""
+
+    def __init__(self):
+        self.pushed, self.answered, self.in_flight = [], set(), []
+
+    def push_messages(self, messages):
+        ids = [f"m{len(self.pushed) + i}" for i, _ in enumerate(messages)]
+        self.pushed += ids
+        return ids
+
+    def pull_messages(self, ids):
+        self.in_flight.append(len(set(self.pushed) - self.answered))
+        ready = sorted(set(ids) - self.answered)
+        self.answered.update(ready)
+        return [_reply(i) for i in ready]
+
+
+def test_streaming_grid_keeps_at_most_max_in_flight_messages_unanswered():
+    """Old code: every message of the round was pushed at once (here 7 unanswered at the first
+    pull): replies pile up in the SuperLink, and Flower's simulation engine scans them all."""
+    from server.strategy import StreamingGrid
+
+    grid = _AnsweringGrid()
+    replies = StreamingGrid(grid, pull_interval=0.0, max_in_flight=2).send_and_receive([object()] * 7, timeout=30)
+    assert len(grid.pushed) == 2  # the first window, before any reply is consumed
+    got = [m.metadata.reply_to_message_id for m in replies]
+    assert sorted(got) == [f"m{i}" for i in range(7)] and len(got) == 7
+    assert max(grid.in_flight) == 2
+
+    unbounded = _AnsweringGrid()
+    assert len(list(StreamingGrid(unbounded, pull_interval=0.0).send_and_receive([object()] * 7, timeout=30))) == 7
+    assert unbounded.in_flight[0] == 7
+
+
+def test_streaming_grid_refuses_a_negative_window():
+    from server.strategy import StreamingGrid
+
+    with pytest.raises(ValueError, match="max_in_flight"):
+        StreamingGrid(_AnsweringGrid(), max_in_flight=-1)
 
 
 def test_privacy_totals_count_every_dp_reply_received_recorded_or_refused(ledger):
