@@ -90,7 +90,7 @@ def stats_digest(arrays: Mapping[str, np.ndarray]) -> str:
     for name in sorted(arrays):
         a = np.ascontiguousarray(arrays[name], dtype="<i8")
         h.update(canonical_json([name, list(a.shape)]).encode())
-        h.update(a.tobytes())
+        h.update(a.reshape(-1).data)  # the contiguous bytes, without a copy
     return h.hexdigest()
 
 
@@ -180,7 +180,10 @@ class StatsFamily:
                                                                   f"num_examples = {num_examples}")
         else:  # exact statistics: every impossible value is refused
             self._check_exact(arrays, num_examples)
-        squares = sum(float(np.square(a.astype(np.float64)).sum()) for a in arrays.values())
+        squares = 0.0
+        for a in arrays.values():
+            values = a.astype(np.float64).reshape(-1)
+            squares += float(values @ values)
         return math.sqrt(squares)
 
     def _check_exact(self, a: dict[str, np.ndarray], num_examples: int) -> None:

@@ -160,10 +160,11 @@ def packed_gram(q: np.ndarray, frac_bits: int) -> np.ndarray:
         for i0 in range(0, p, GRAM_BLOCK):
             i1 = min(p, i0 + GRAM_BLOCK)
             block = rows[:, i0:i1].T @ rows[:, i0:]  # G[i0:i1, i0:], integer-valued
-            for r in range(i1 - i0):
-                width = p - i0 - r
-                gram[offset:offset + width] += block[r, r:].astype(np.int64)
-                offset += width
+            # rows i0..i1 of the packed triangle are contiguous, and a boolean mask reads the
+            # block row by row: one copy instead of a Python loop over its rows
+            upper = block[np.arange(p - i0)[None, :] >= np.arange(i1 - i0)[:, None]]
+            gram[offset:offset + upper.size] += upper.astype(np.int64)
+            offset += upper.size
     return gram
 
 

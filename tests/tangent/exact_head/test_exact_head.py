@@ -282,3 +282,18 @@ def test_dp_releases_sum_their_noise_and_removing_one_removes_it_exactly():
     assert total.dp["noise_variance"] == pytest.approx(a.dp["sigma"] ** 2 + b.dp["sigma"] ** 2)
     rest = total - b
     assert rest == a and rest.dp["releases"] == 1
+
+
+@pytest.mark.parametrize("n, p, frac_bits", [(1, 1, 16), (7, 300, 16), (60, 517, 16), (40, 260, 24)])
+def test_packed_gram_is_the_packed_exact_gram_across_block_edges(n, p, frac_bits):
+    """The packed Gram (blocks of GRAM_BLOCK rows, float64 products) equals the upper triangle of
+    the Gram formed in Python integers, at the grid's extreme values and across block edges."""
+    from tangent.exact_head.statistics import GRAM_BLOCK, pack_triu, packed_gram
+
+    rng = np.random.default_rng(n * p)
+    unit = 2 ** frac_bits
+    q = rng.integers(-unit, unit + 1, (n, p), dtype=np.int64)
+    q[0, : min(p, 3)] = unit  # the largest magnitude the grid allows
+    exact = q.astype(object).T @ q.astype(object)
+    assert p < GRAM_BLOCK or p % GRAM_BLOCK  # the last block is a partial one
+    assert np.array_equal(packed_gram(q, frac_bits), pack_triu(exact).astype(np.int64))
