@@ -201,9 +201,11 @@ def site_device(node_config: Mapping[str, Any], run_config: Mapping[str, Any]):
 _EXTRACTORS: dict[tuple, Any] = {}
 
 
-def feature_extractor(spec: ModelSpec, feature_spec):
+def feature_extractor(spec: ModelSpec, feature_spec, model=None):
     """The exact head's FeatureExtractor for (model spec, feature spec), built once per process
-    (a Ray worker serves many sites) and its digest hashed once; one at a time."""
+    (a Ray worker serves many sites) and its digest hashed once; one at a time. With ``model``
+    (this process's cached w0 of the same spec) the backbone tensors equal to w0's are shared
+    with it: one copy of the pretrained weights per worker instead of two."""
     from tangent.exact_head.features import FeatureExtractor
 
     key = (spec, feature_spec)
@@ -211,13 +213,15 @@ def feature_extractor(spec: ModelSpec, feature_spec):
         _EXTRACTORS.clear()
         extractor = FeatureExtractor.from_spec(spec, feature_spec)
         extractor.digest()
+        if model is not None and model.w0_module is not None:
+            extractor.share_tensors_with(model.w0_module)
         _EXTRACTORS[key] = extractor
     return _EXTRACTORS[key]
 
 
-def _check_features(content: RecordDict, spec: ModelSpec):
+def _check_features(content: RecordDict, spec: ModelSpec, model=None):
     """The FeatureExtractor the spec asks for (None when exact-head is off), refused unless our
-    feature digest equals the server's."""
+    feature digest equals the server's (sharing w0's equal tensors when ``model`` is given)."""
     from tangent.exact_head.feature_spec import FeatureSpec
 
     record = content.config_records["spec"]
@@ -230,7 +234,7 @@ def _check_features(content: RecordDict, spec: ModelSpec):
         feature_spec = FeatureSpec.from_config(record)
     except (ValueError, TypeError) as err:
         raise SiteError("bad_request", f"feature spec: {err}") from err
-    extractor = feature_extractor(spec, feature_spec)
+    extractor = feature_extractor(spec, feature_spec, model)
     expected = str(record.get("feature-digest", ""))
     if extractor.digest() != expected:
         raise SiteError("feature_digest_mismatch",
@@ -323,7 +327,7 @@ def train(content: RecordDict, node_config, run_config, site: str) -> RecordDict
     device = site_device(node_config, run_config)
     spec, model, digest = _check_spec(content, node_config)
     # a DP run sends statistics only as the DP head's release (client/dp_head.py)
-    extractor = _check_features(content, spec) if request is None or head is not None else None
+    extractor = _check_features(content, spec, model) if request is None or head is not None else None
     if head is not None and extractor is None:  # before any data is read or budget charged
         raise SiteError("bad_request", "a DP head request needs exact-head in the spec")
     if extractor is not None and request is None:

@@ -91,6 +91,26 @@ class FeatureExtractor:
         return cls(load_spec_backbone(model_spec), spec, img_size=model_spec.img_size,
                    backbone_name=model_spec.backbone, identity=model_spec.identity())
 
+    def share_tensors_with(self, module: torch.nn.Module) -> int:
+        """Point every backbone tensor that ``module`` holds under the same name with the same
+        values (e.g. a TangentViT's w0, whose frozen blocks are the pretrained ones unless it was
+        re-initialised) at ``module``'s storage, and return the bytes this frees. A Ray worker
+        holds w0 and this extractor for every site it serves: two copies of the backbone (89 MB
+        each for ViT-S) that are one. Values are unchanged (so is the digest); neither side
+        writes its frozen weights, and moving ``module`` to another device gives it new tensors
+        while these keep the old storage."""
+        theirs = module.state_dict()
+        freed = 0
+        for name, tensor in [*self.backbone.named_parameters(), *self.backbone.named_buffers()]:
+            other = theirs.get(name)
+            if (other is None or other.shape != tensor.shape or other.dtype != tensor.dtype
+                    or other.device != tensor.device or other.data_ptr() == tensor.data_ptr()
+                    or not torch.equal(other, tensor)):
+                continue
+            tensor.data = other.detach()
+            freed += tensor.numel() * tensor.element_size()
+        return freed
+
     @property
     def dim(self) -> int:
         return self.spec.dim(self.embed_dim)

@@ -692,6 +692,11 @@ class _FineTunedViT(nn.Module):
             self._base._apply(fn)
         return self
 
+    @property
+    def w0_module(self) -> Optional[nn.Module]:
+        """w0 as the timm model it was built from (None after :meth:`drop_frozen`)."""
+        return self._base
+
     def drop_frozen(self) -> None:
         """Free w0's frozen weights (trunk and base), keeping the trainable tail: for a process
         that only ever runs cached trunk tokens through ``linearized`` (the ServerApp). The

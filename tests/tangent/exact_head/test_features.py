@@ -146,3 +146,30 @@ def test_quadrant_pieces_are_the_means_of_the_four_quadrants_of_timms_final_patc
 def test_quadrant_pooling_refuses_a_non_square_grid():
     with pytest.raises(ValueError, match="square patch grid"):
         FeatureExtractor.quadrants(torch.zeros(2, 6, 8))
+
+
+def test_an_extractor_sharing_w0s_equal_tensors_computes_the_same_features_and_digest():
+    """A worker holds w0 and the extractor: the extractor's backbone tensors equal to w0's are
+    shared (one copy), values, features and digest unchanged; re-initialised tensors are not."""
+    from tangent.model.vit import TangentViT
+    from tests.helpers import TINY_IMG, tiny_vit
+
+    spec = FeatureSpec(pieces=("final_cls", "final_mean", "input_mean"), random_features=16, random_seed=3)
+    backbone = tiny_vit(dtype=torch.float32, spread=True)
+    model = TangentViT.from_timm(tiny_vit(dtype=torch.float32, spread=True), num_classes=10, seed=0, reinit=False)
+    reinit = TangentViT.from_timm(tiny_vit(dtype=torch.float32, spread=True), num_classes=10, seed=0, reinit=True)
+    alone = FeatureExtractor(tiny_vit(dtype=torch.float32, spread=True), spec, img_size=TINY_IMG)
+    shared = FeatureExtractor(backbone, spec, img_size=TINY_IMG)
+    x = torch.randn(4, 3, TINY_IMG, TINY_IMG, generator=torch.Generator().manual_seed(0))
+
+    freed = shared.share_tensors_with(model.w0_module)
+    tensors = dict(backbone.state_dict())
+    w0 = model.w0_module.state_dict()
+    assert freed == sum(t.numel() * t.element_size() for t in tensors.values())  # all of it: reinit is off
+    assert all(tensors[name].data_ptr() == w0[name].data_ptr() for name in tensors)
+    assert shared.digest() == alone.digest()
+    assert np.array_equal(shared.compute(x, batch_size=4, tokens=False), alone.compute(x, batch_size=4, tokens=False))
+
+    other = FeatureExtractor(tiny_vit(dtype=torch.float32, spread=True), spec, img_size=TINY_IMG)
+    kept = other.share_tensors_with(reinit.w0_module)  # re-initialised blocks differ: those stay
+    assert 0 < kept < freed and other.digest() == alone.digest()
