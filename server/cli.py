@@ -109,7 +109,8 @@ def _cmd_show(ledger: Ledger, args) -> int:
     if args.json:
         print(json.dumps({"site_id": args.site, "withdrawn": withdrawn,
                           "privacy": _json_privacy({args.site: privacy})[args.site] if privacy else None,
-                          "contributions": [asdict(c) for c in contributions]}, indent=2))
+                          "contributions": [{_label(field, ledger.family): value for field, value in asdict(c).items()}
+                                            for c in contributions]}, indent=2))
         return 0
     _say(f"site {args.site}: {'WITHDRAWN (readmit to accept contributions again)' if withdrawn else 'admitted'}")
     if privacy:
@@ -132,7 +133,8 @@ def _print_contribution(c: Contribution, family: str) -> None:
 
 
 def _label(field: str, family: str) -> str:
-    """In a statistics ledger the ``base_digest`` column holds the feature digest: say so."""
+    """In a statistics ledger the ``base_digest`` column holds the feature digest: say so (in the
+    text and in ``--json``, so that what client.forget's ``--feature-digest`` takes has one name)."""
     return "feature_digest" if field == "base_digest" and family == "stats" else field
 
 

@@ -140,6 +140,9 @@ def test_show_labels_a_statistics_ledgers_digest_as_the_feature_digest(tmp_path)
     shown = taft_ledger("--ledger", str(path), "show", "1")
     assert shown.returncode == 0, shown.stderr
     assert f"feature_digest     {FEATURE_DIGEST}" in shown.stdout and "base_digest" not in shown.stdout
+    as_json = taft_ledger("--ledger", str(path), "show", "1", "--json")
+    [contribution] = json.loads(as_json.stdout)["contributions"]
+    assert contribution["feature_digest"] == FEATURE_DIGEST and "base_digest" not in contribution
 
 
 def test_export_writes_the_public_key_that_verify_export_needs(ledger_path, tmp_path):
