@@ -267,7 +267,8 @@ def main(argv: list[str] | None = None) -> int:
     env["FLWR_HOME"] = str((args.flwr_home or args.state_dir / "flwr-home").resolve())
     proc = subprocess.Popen(supernode_command(args), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
                             text=True, bufsize=1, env=env)
-    (args.state_dir / "supernode.pid").write_text(f"{os.getpid()}\n")  # stop: kill $(cat …/supernode.pid)
+    pid_file = args.state_dir / "supernode.pid"
+    pid_file.write_text(f"{os.getpid()}\n")  # stop: kill $(cat …/supernode.pid)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda s, _f: proc.send_signal(s))
     tail: list[str] = []
@@ -294,7 +295,18 @@ def main(argv: list[str] | None = None) -> int:
               file=sys.stderr, flush=True)
     if log_file:
         log_file.close()
+    _remove_pid_file(pid_file)
     return code
+
+
+def _remove_pid_file(pid_file: Path) -> None:
+    """A SuperNode that stopped (revoked, refused, killed) leaves no pid behind: a later
+    `kill $(cat supernode.pid)` could otherwise hit whatever process reused the number."""
+    try:
+        if pid_file.read_text().strip() == str(os.getpid()):
+            pid_file.unlink()
+    except OSError:
+        pass
 
 
 if __name__ == "__main__":

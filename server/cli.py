@@ -40,6 +40,7 @@ import argparse
 import json
 import math
 import os
+import shlex
 import sys
 from dataclasses import asdict
 from pathlib import Path
@@ -108,7 +109,8 @@ def _cmd_show(ledger: Ledger, args) -> int:
     if args.json:
         print(json.dumps({"site_id": args.site, "withdrawn": withdrawn,
                           "privacy": _json_privacy({args.site: privacy})[args.site] if privacy else None,
-                          "contributions": [asdict(c) for c in contributions]}, indent=2))
+                          "contributions": [{_label(field, ledger.family): value for field, value in asdict(c).items()}
+                                            for c in contributions]}, indent=2))
         return 0
     _say(f"site {args.site}: {'WITHDRAWN (readmit to accept contributions again)' if withdrawn else 'admitted'}")
     if privacy:
@@ -131,7 +133,8 @@ def _print_contribution(c: Contribution, family: str) -> None:
 
 
 def _label(field: str, family: str) -> str:
-    """In a statistics ledger the ``base_digest`` column holds the feature digest: say so."""
+    """In a statistics ledger the ``base_digest`` column holds the feature digest: say so (in the
+    text and in ``--json``, so that what client.forget's ``--feature-digest`` takes has one name)."""
     return "feature_digest" if field == "base_digest" and family == "stats" else field
 
 
@@ -188,8 +191,17 @@ def _cmd_held(ledgers: Ledgers, args) -> int:
 
 def _cmd_admit(ledgers: Ledgers, args) -> int:
     from server.quarantine import admit
+    from server.replies import Rejected
 
-    version = admit(ledgers, args.site, args.reason)
+    try:
+        version = admit(ledgers, args.site, args.reason)
+    except Rejected as refusal:  # the checks of a reply refuse it (e.g. the same Δ as the active one)
+        changed = ("its statistics were refused after its Δw was recorded, so the site's contribution was "
+                   "retracted from both ledgers" if refusal.retracted else "the composed models are unchanged")
+        _say(f"taft-ledger: site {args.site}'s held contribution is refused: {refusal}; {changed}. It stays "
+             "held until the site's next held contribution replaces it (or `remove` withdraws the site)",
+             file=sys.stderr)
+        return 1
     _say(f"admitted {args.site}'s held contribution: Δ ledger version {version.version}"
          + (f", statistics ledger version {ledgers.stats.current_version().version}" if ledgers.stats else ""))
     return 0
@@ -275,7 +287,8 @@ def _cmd_export(ledger: Ledger, args) -> int:
           f"{args.out}; signed by {manifest['public_key_fingerprint']}")
     key_file = _write_public_key(ledger.path, manifest["public_key"])
     _say(f"the ledger's public key is {key_file}: hand it to the export's users through a channel they trust; "
-          f"they check the export with `taft-ledger verify-export {args.out} --public-key {key_file.name}`")
+          f"they check the export with `taft-ledger verify-export {shlex.quote(str(args.out))} "
+          f"--public-key {shlex.quote(str(key_file))}`")
     return 0
 
 

@@ -51,3 +51,28 @@ def test_node_config_parses_with_flowers_own_parser(tmp_path):
 def test_a_value_flower_cannot_carry_is_refused(tmp_path):
     with pytest.raises(ValueError, match="single quote"):
         node_config(_args(tmp_path, "/data/site's.npz"))
+
+
+def test_a_supernode_that_stopped_leaves_no_pid_file(tmp_path):
+    """`kill $(cat <state-dir>/supernode.pid)` must never name a process number the stopped wrapper
+    no longer owns (a revoked site's SuperNode stops by itself). A real flower-supernode that cannot
+    reach a SuperLink gives up after --max-wait-time."""
+    import socket
+    import subprocess
+    import sys
+
+    def free_port() -> int:
+        with socket.socket() as s:
+            s.bind(("127.0.0.1", 0))
+            return s.getsockname()[1]
+
+    port = free_port()  # nobody listens there
+    state = tmp_path / "site-3"
+    result = subprocess.run([sys.executable, "-m", "deploy.supernode", "--site-id", "3", "--insecure",
+                             "--superlink", f"127.0.0.1:{port}", "--root-certificates", str(tmp_path / "ca.crt"),
+                             "--key", str(tmp_path / "site-3.key"), "--data-path", str(tmp_path / "site.npz"),
+                             "--state-dir", str(state), "--max-wait-time", "2",
+                             "--runtime-port", str(free_port())],
+                            cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert state.is_dir(), result.stdout + result.stderr  # it started (and wrote its pid file) ...
+    assert not (state / "supernode.pid").exists(), result.stdout + result.stderr  # ... and removed it on exit

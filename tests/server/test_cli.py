@@ -140,6 +140,9 @@ def test_show_labels_a_statistics_ledgers_digest_as_the_feature_digest(tmp_path)
     shown = taft_ledger("--ledger", str(path), "show", "1")
     assert shown.returncode == 0, shown.stderr
     assert f"feature_digest     {FEATURE_DIGEST}" in shown.stdout and "base_digest" not in shown.stdout
+    as_json = taft_ledger("--ledger", str(path), "show", "1", "--json")
+    [contribution] = json.loads(as_json.stdout)["contributions"]
+    assert contribution["feature_digest"] == FEATURE_DIGEST and "base_digest" not in contribution
 
 
 def test_export_writes_the_public_key_that_verify_export_needs(ledger_path, tmp_path):
@@ -155,3 +158,18 @@ def test_export_writes_the_public_key_that_verify_export_needs(ledger_path, tmp_
     key.write_text("-----BEGIN PUBLIC KEY-----\nforged\n-----END PUBLIC KEY-----\n")
     refused = taft_ledger("--ledger", str(ledger_path), "export", "--out", str(tmp_path / "third"))
     assert refused.returncode != 0 and "public key" in refused.stderr and "forged" in key.read_text()
+
+
+def test_the_verify_export_command_export_prints_works_as_printed(ledger_path, tmp_path):
+    """The printed command runs from the operator's shell (here the repository root, not the ledger's
+    directory): it names the public key by a path that resolves there."""
+    import re
+    import shlex
+
+    out = tmp_path / "export"
+    result = taft_ledger("--ledger", str(ledger_path), "export", "--out", str(out))
+    assert result.returncode == 0, result.stderr
+    printed = re.search(r"`taft-ledger (verify-export [^`]+)`", result.stdout)
+    assert printed, result.stdout
+    verified = taft_ledger(*shlex.split(printed.group(1)))
+    assert verified.returncode == 0 and verified.stdout.startswith("OK"), verified.stdout + verified.stderr
