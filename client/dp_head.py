@@ -30,8 +30,8 @@ EPSILON_KEY, DIM_KEY, SEED_KEY, WEIGHTS_KEY, BITS_KEY = (
     "dp-head-epsilon", "dp-head-dim", "dp-head-seed", "dp-head-weights", "dp-head-frac-bits")
 REQUEST_KEYS = (EPSILON_KEY, DIM_KEY, SEED_KEY, WEIGHTS_KEY, BITS_KEY)
 CENTRE_RECORD = "dp-head-centre"
-#: μ² shares of (Gram, class sums, counts): the centre is the server's, so no mean block here
-DEFAULT_WEIGHTS = (0.0, 0.6, 0.39, 0.01)
+#: μ² shares of (mean, Gram, class sums, counts): the centre is the server's, so no mean block here
+DEFAULT_WEIGHTS = dp.RELEASE_WEIGHTS
 DEFAULT_FRAC_BITS = 16
 
 
@@ -108,8 +108,9 @@ def release(extractor, data, num_classes: int, request: HeadRequest, delta: floa
         "feature-digest": extractor.digest(), "dp": True, "dp-head-epsilon": float(request.epsilon),
         "dp-head-delta": float(delta), "dp-head-noise-variance": float(noisy.dp["noise_variance"]),
         "dp-head-sigma-gram": allocation.block_sigma("gram"), "dp-head-sigma-cross": allocation.block_sigma("cross"),
-        "dp-head-sigma-counts": allocation.block_sigma("counts"), "dp-head-mechanism": "gaussian-blocks",
+        "dp-head-sigma-counts": allocation.block_sigma("counts"), "dp-head-mechanism": dp.MECHANISM,
         DIM_KEY: int(request.transform.projection_dim), SEED_KEY: int(request.transform.seed),
+        "dp-head-centre-digest": dp.centre_digest(request.transform.centre),
         "contribution-id": entry}
     record = ArrayRecord({name: Array(array) for name, array in noisy.to_arrays().items()}, keep_input=False)
     return {"stats": record, "stats-meta": ConfigRecord(meta)}
