@@ -251,3 +251,18 @@ def test_the_head_is_solved_from_the_noisy_sums_and_declared_noise_only(ledgers)
     assert np.array_equal(head.linear.weight, expected.linear.weight) and head.lam == expected.lam > 0
     phi = np.random.default_rng(0).standard_normal((20, P))
     assert head.predict(phi).shape == (20,)
+
+
+def test_the_servers_central_evaluation_solves_releases_as_the_dp_head(ledgers):
+    """server.evaluation dispatches on the composed statistics: DP releases are never solved as
+    exact statistics (GCV on noisy sums), and the head is the one of the noisy sums."""
+    from server.evaluation import exact_head_accuracy
+
+    strategy(ledgers).aggregate_train(1, replies(["1", "2", "3"]))
+    total = HEAD.composed(ledgers.stats)
+    rng = np.random.default_rng(1)
+    phi, labels = rng.standard_normal((50, P)), rng.integers(0, K, 50)
+    result = exact_head_accuracy(total, phi, labels)
+    head = solve_dp_head(total)
+    assert result["accuracy_exact_head"] == float((head.predict(phi) == labels).mean())
+    assert result["exact_head_lambda"] == head.lam
