@@ -183,3 +183,32 @@ def solve_dp_head(total):
     transform = total.dp["transform"]
     return dp.solve_release(total, dp.RowTransform(np.asarray(transform["centre"], np.float64),
                                                    int(transform["dim"]), int(transform["seed"])))
+
+
+def replace_release(stats_ledger, site: str, record, meta: Mapping[str, Any], expectation: StatsExpectation, *,
+                    delta: float, contribution_id: str):
+    """A DP site forgets rows: its fresh release of the remaining rows (client.dp_head.forget_release:
+    ``record`` its ``stats`` ArrayRecord, ``meta`` its ``stats-meta``) replaces its active release in
+    the statistics ledger — the old release, its noise included, is subtracted exactly. Checked like
+    a reply's release (server.replies.parse_dp_release: transform, ε ≤ the request, δ, declared
+    noise, post-processed n; :class:`server.replies.Rejected` otherwise). The site's DP-TAFT Δw is
+    not touched: it was trained on the forgotten rows under its own (ε, δ) bound, and leaves only
+    with a retrained Δw or the site's removal. Returns the statistics ledger's new version."""
+    from server.ledger import RejectedContribution
+    from server.replies import Rejected, parse_dp_release
+
+    if expectation.dp_head is None:
+        raise ValueError("this run's statistics are not the DP head's releases")
+    active = stats_ledger.contributions(site_id=site, status="active")
+    if not active:
+        raise Rejected("not_active", "the site has no active release to replace", site)
+    stats, _, _ = parse_dp_release(record, dict(meta), expectation,
+                                   {"delta_dp": delta, "extra": {"contribution_id": contribution_id}}, site)
+    try:
+        return stats_ledger.replace(
+            site, stats.to_arrays(), num_examples=active[0].num_examples, base_digest=expectation.feature_digest,
+            epsilon=stats.dp["epsilon"], delta_dp=stats.dp["delta"],
+            dp_settings={"dp": True, "mechanism": stats.dp["mechanism"], "noise_variance": stats.dp["noise_variance"]},
+            extra={"contribution_id": contribution_id, "forget": True})
+    except RejectedContribution as err:
+        raise Rejected(err.reason, err.detail, site) from None

@@ -466,7 +466,7 @@ def parse_stats(msg: Message, expected: StatsExpectation | None, *, dp: bool, nu
     if meta is None:
         raise Rejected("stats_meta_missing", "stats without the stats-meta record", site)
     if dp_head is not None:
-        return _dp_release(record, dict(meta.items()), expected, reply_meta or {}, site)
+        return parse_dp_release(record, dict(meta.items()), expected, reply_meta or {}, site)
     with stage("stats_bad_meta", site):
         _check_stats_meta(dict(meta.items()), expected, site)
     with stage("stats_bad_arrays", site):
@@ -511,8 +511,8 @@ def _row_form(record: ArrayRecord, expected: StatsExpectation, num_examples: int
     return stats, received, arrays
 
 
-def _dp_release(record: ArrayRecord, meta: dict, expected: StatsExpectation, reply_meta: dict,
-                site: str) -> tuple["SufficientStats", int, None]:
+def parse_dp_release(record: ArrayRecord, meta: dict, expected: StatsExpectation, reply_meta: dict,
+                     site: str) -> tuple["SufficientStats", int, None]:
     """The DP head's release (tangent.exact_head.dp.privatize): the grid and feature digest as for
     exact statistics; the transform (k, seed, centre digest) the run sent; ε at most the request;
     δ the reply's; the declared σ's and noise variance exactly those of the declared (ε, δ); the

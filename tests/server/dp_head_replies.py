@@ -34,7 +34,8 @@ def exact_head(request: DPHeadRequest | None = None) -> ExactHead:
     return ExactHead.from_description(description(), SPEC, request or dp_request())
 
 
-def release(seed: int, n: int, epsilon: float = REQUEST_EPSILON, *, transform: dp.RowTransform | None = None):
+def release(seed: int, n: int, epsilon: float = REQUEST_EPSILON, *, transform: dp.RowTransform | None = None,
+            contribution: str = CONTRIBUTION):
     """A site's DP release of n random rows and its stats-meta, exactly as client/dp_head.release writes it."""
     rng = np.random.default_rng(seed)
     transform = transform or dp.RowTransform(CENTRE, DIM, SEED)
@@ -48,7 +49,7 @@ def release(seed: int, n: int, epsilon: float = REQUEST_EPSILON, *, transform: d
         "dp-head-sigma-gram": allocation.block_sigma("gram"), "dp-head-sigma-cross": allocation.block_sigma("cross"),
         "dp-head-sigma-counts": allocation.block_sigma("counts"), "dp-head-mechanism": dp.MECHANISM,
         "dp-head-dim": transform.projection_dim, "dp-head-seed": transform.seed,
-        "dp-head-centre-digest": dp.centre_digest(transform.centre), "contribution-id": f"{CONTRIBUTION}:head"}
+        "dp-head-centre-digest": dp.centre_digest(transform.centre), "contribution-id": f"{contribution}:head"}
     return noisy, meta
 
 

@@ -266,3 +266,35 @@ def test_the_servers_central_evaluation_solves_releases_as_the_dp_head(ledgers):
     head = solve_dp_head(total)
     assert result["accuracy_exact_head"] == float((head.predict(phi) == labels).mean())
     assert result["exact_head_lambda"] == head.lam
+
+
+def test_a_dp_site_forgets_rows_with_a_fresh_release_that_replaces_its_old_one(ledgers, tmp_path):
+    """Forgetting at a DP site: the fresh release of the remaining rows replaces the old release,
+    whose noise leaves with it: the sums are those of a ledger that only ever had the new one."""
+    from flwr.app import ArrayRecord
+
+    from server.exact_head import replace_release
+
+    strategy(ledgers).aggregate_train(1, replies(["1", "2", "3"]))
+    fresh_id = "cd" * 16
+    remaining, meta = release(22, SIZES["2"] - 5, contribution=fresh_id)  # rows 5 fewer, new noise
+    record = ArrayRecord({k: Array(v) for k, v in remaining.to_arrays().items()})
+    replace_release(ledgers.stats, "2", record, meta, DP_EXPECT, delta=1e-6, contribution_id=fresh_id)
+    expected = SufficientStats.total([release(1, SIZES["1"])[0], remaining, release(3, SIZES["3"])[0]])
+    assert ledgers.stats.composed_stats() == expected
+    assert HEAD.composed(ledgers.stats).dp["noise_variance"] == sum(
+        r.dp["noise_variance"] for r in (release(1, SIZES["1"])[0], remaining, release(3, SIZES["3"])[0]))
+    history = ledgers.stats.contributions(site_id="2")
+    assert [c.status for c in history].count("active") == 1 and len(history) == 2
+    assert ledgers.stats.privacy_totals()["2"]["epsilon"] == 2 * REQUEST_EPSILON  # the old release stays spent
+    ledgers.stats.verify()
+
+    too_much, meta = release(23, 50, epsilon=REQUEST_EPSILON * 2, contribution=fresh_id)
+    with pytest.raises(Rejected) as err:
+        replace_release(ledgers.stats, "2", ArrayRecord({k: Array(v) for k, v in too_much.to_arrays().items()}),
+                        meta, DP_EXPECT, delta=1e-6, contribution_id=fresh_id)
+    assert err.value.reason == "stats_dp_epsilon"
+    with pytest.raises(Rejected) as err:
+        replace_release(ledgers.stats, "7", record, meta, DP_EXPECT, delta=1e-6, contribution_id=fresh_id)
+    assert err.value.reason == "not_active"
+    assert ledgers.stats.composed_stats() == expected  # refusals change nothing
