@@ -298,3 +298,36 @@ def test_a_dp_site_forgets_rows_with_a_fresh_release_that_replaces_its_old_one(l
         replace_release(ledgers.stats, "7", record, meta, DP_EXPECT, delta=1e-6, contribution_id=fresh_id)
     assert err.value.reason == "not_active"
     assert ledgers.stats.composed_stats() == expected  # refusals change nothing
+
+
+TORCH_FREE = """
+import json, sys, tempfile
+from pathlib import Path
+from flwr.supercore.task_identity import TaskIdentity
+TaskIdentity.run_id, TaskIdentity.task_id, TaskIdentity.node_id = 1, 1, 0
+import server.server_app  # the ServerApp module and everything it imports
+from server.exact_head import solve_dp_head
+from tests.server import test_dp_head_server as t
+with tempfile.TemporaryDirectory() as tmp:
+    both = t.open_ledgers(Path(tmp))
+    t.strategy(both).aggregate_train(1, t.replies(["1", "2"]))
+    head = solve_dp_head(t.HEAD.composed(both.stats))
+    both.remove("1")
+print(json.dumps({"torch": "torch" in sys.modules, "timm": "timm" in sys.modules, "lam": head.lam}))
+"""
+
+
+def test_the_dp_heads_server_path_never_imports_torch():
+    """Parsing, recording, composing, removing and solving DP releases run in the ServerApp's own
+    process (the solve also in its numpy child): none of it may import torch."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    root = Path(__file__).resolve().parents[2]
+    done = subprocess.run([sys.executable, "-c", TORCH_FREE], cwd=root, capture_output=True, text=True, timeout=600,
+                          env=os.environ | {"PYTHONPATH": str(root)})
+    assert done.returncode == 0, done.stderr[-3000:]
+    result = json.loads(done.stdout.strip().splitlines()[-1])
+    assert result["lam"] > 0 and result["torch"] is False and result["timm"] is False, result
