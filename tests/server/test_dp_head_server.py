@@ -93,6 +93,9 @@ def test_a_dp_release_is_accepted_bit_for_bit_with_its_declared_noise():
 def test_what_a_dp_reply_released_is_the_sum_of_both_mechanisms():
     assert released_privacy(build(dp_reply_parts("3", 1, 80), 7)) == pytest.approx((2.0 + REQUEST_EPSILON, 2e-6))
     assert released_privacy(build(reply_parts("3", delta(1), 80, dp=True), 7)) == pytest.approx((2.0, 1e-6))
+    # exact statistics beside a DP Δw: the server saw an unbounded release, refused or not
+    exact = reply_parts("3", delta(1), 80, dp=True) | stats_parts(site_stats(1, 80))
+    assert released_privacy(build(exact, 7))[0] == float("inf")
 
 
 GOOD = dp_reply_parts("5", 5, 60)
