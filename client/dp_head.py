@@ -30,8 +30,8 @@ EPSILON_KEY, DIM_KEY, SEED_KEY, WEIGHTS_KEY, BITS_KEY = (
     "dp-head-epsilon", "dp-head-dim", "dp-head-seed", "dp-head-weights", "dp-head-frac-bits")
 REQUEST_KEYS = (EPSILON_KEY, DIM_KEY, SEED_KEY, WEIGHTS_KEY, BITS_KEY)
 CENTRE_RECORD = "dp-head-centre"
-#: μ² shares of (Gram, class sums, counts): the centre is the server's, so no mean block here
-DEFAULT_WEIGHTS = (0.0, 0.6, 0.39, 0.01)
+#: μ² shares of (mean, Gram, class sums, counts): the centre is the server's, so no mean block here
+DEFAULT_WEIGHTS = dp.RELEASE_WEIGHTS
 DEFAULT_FRAC_BITS = 16
 
 
@@ -74,11 +74,12 @@ def head_request(content: RecordDict, config: Mapping[str, Any], policy) -> Head
     return HeadRequest(epsilon, dp.RowTransform(centre, dim, seed), weights, bits)
 
 
-def head_statistics(extractor, data, num_classes: int, request: HeadRequest, *, chunk_rows: int = 2048):
-    """The exact integer statistics of the site's transformed rows (never sent as they are)."""
-    from client.stats import site_features
+def head_statistics(extractor, data, num_classes: int, request: HeadRequest, *, exclude=(), chunk_rows: int = 2048):
+    """The exact integer statistics of the site's transformed rows but the local positions
+    ``exclude`` (rows it forgets), never sent as they are."""
+    from client.stats import keep_positions, site_features
 
-    positions = np.arange(data.num_examples)
+    positions = keep_positions(data.num_examples, exclude)
     labels = np.asarray(data.labels)
     total = None
     for start in range(0, len(positions), chunk_rows):
@@ -93,13 +94,14 @@ def head_statistics(extractor, data, num_classes: int, request: HeadRequest, *, 
 
 
 def release(extractor, data, num_classes: int, request: HeadRequest, delta: float, budget,
-            contribution_id: str) -> dict:
-    """Charge the site's budget, perturb, and return the reply's ``stats`` and ``stats-meta``."""
+            contribution_id: str, *, exclude=()) -> dict:
+    """Charge the site's budget, perturb, and return the reply's ``stats`` and ``stats-meta``.
+    ``exclude``: local row positions left out (:func:`forget_release`)."""
     entry = f"{contribution_id}:head"
     if budget is not None:  # charged before the data is read: a crash after leaves it spent
         budget.reserve(entry, request.epsilon, delta, kind="exact-head")
     allocation = dp.Allocation.from_weights(request.epsilon, delta, request.weights)
-    exact = head_statistics(extractor, data, num_classes, request)
+    exact = head_statistics(extractor, data, num_classes, request, exclude=exclude)
     noisy = dp.privatize(exact, allocation, np.random.default_rng(secrets.randbits(128)))
     del exact
     if budget is not None:
@@ -108,8 +110,24 @@ def release(extractor, data, num_classes: int, request: HeadRequest, delta: floa
         "feature-digest": extractor.digest(), "dp": True, "dp-head-epsilon": float(request.epsilon),
         "dp-head-delta": float(delta), "dp-head-noise-variance": float(noisy.dp["noise_variance"]),
         "dp-head-sigma-gram": allocation.block_sigma("gram"), "dp-head-sigma-cross": allocation.block_sigma("cross"),
-        "dp-head-sigma-counts": allocation.block_sigma("counts"), "dp-head-mechanism": "gaussian-blocks",
+        "dp-head-sigma-counts": allocation.block_sigma("counts"), "dp-head-mechanism": dp.MECHANISM,
         DIM_KEY: int(request.transform.projection_dim), SEED_KEY: int(request.transform.seed),
+        "dp-head-centre-digest": dp.centre_digest(request.transform.centre),
         "contribution-id": entry}
     record = ArrayRecord({name: Array(array) for name, array in noisy.to_arrays().items()}, keep_input=False)
     return {"stats": record, "stats-meta": ConfigRecord(meta)}
+
+
+def forget_release(extractor, data, num_classes: int, request: HeadRequest, delta: float, budget,
+                   exclude) -> tuple[str, dict]:
+    """Forget rows at a DP site: a *fresh* release of the remaining rows (new noise, a new
+    contribution id), charged to the budget again like any release — the old release stays spent,
+    what was published cannot be taken back — and meant to replace the site's release in the
+    statistics ledger (server.exact_head.replace_release). A budget that cannot pay refuses before
+    any data is read (tangent.training.budget.BudgetExhausted). Returns (contribution id, the
+    release's ``stats`` and ``stats-meta``)."""
+    if budget is not None:
+        budget.check(request.epsilon, delta)
+    contribution_id = secrets.token_hex(16)
+    return contribution_id, release(extractor, data, num_classes, request, delta, budget, contribution_id,
+                                    exclude=exclude)

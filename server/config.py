@@ -39,8 +39,15 @@ def model_spec(run_config) -> ModelSpec:
 
 
 def train_config(run_config) -> dict[str, Any]:
-    """The train request's ``config`` record: every TRAIN_KEYS value, under its run-config name."""
-    return as_run_config(run_config).train_request().to_config()
+    """The train request's ``config`` record: every TRAIN_KEYS value, under its run-config name,
+    and with the DP head on (:func:`dp_head_enabled`) its request keys (client/dp_head.py); the DP
+    head's rows use the run's ``frac-bits`` grid."""
+    run = as_run_config(run_config)
+    config = run.train_request().to_config()
+    if dp_head_enabled(run):
+        config |= {"dp-head-epsilon": run.dp_head_epsilon, "dp-head-dim": run.dp_head_dim,
+                   "dp-head-seed": run.dp_head_seed, "dp-head-frac-bits": run.frac_bits}
+    return config
 
 
 def federation_mode(run_config) -> str:
@@ -70,13 +77,18 @@ def exact_head_requested(run_config) -> bool:
     return as_run_config(run_config).exact_head
 
 
-def exact_head_enabled(run_config) -> bool:
-    """Whether the sites send exact-head statistics this run: ``exact-head=true`` and not a DP run.
+def dp_head_enabled(run_config) -> bool:
+    """A DP run (``dp=true``) with ``exact-head=true`` and ``dp-head-epsilon`` > 0: every site
+    sends the DP head's Gaussian release of its statistics (client/dp_head.py), never exact ones."""
+    run = as_run_config(run_config)
+    return run.exact_head and run.dp and run.dp_head_epsilon > 0
 
-    A DP run (``dp=true``) asks for no statistics: the Gaussian release of the statistics is
-    measured offline (benchmarks/exact_head.py), not wired into Flower yet.
-    """
-    return exact_head_requested(run_config) and not dp_required(run_config)
+
+def exact_head_enabled(run_config) -> bool:
+    """Whether the sites send statistics this run: ``exact-head=true`` outside a DP run (exact
+    statistics), or the DP head (:func:`dp_head_enabled`). A DP run without the DP head asks for
+    none."""
+    return exact_head_requested(run_config) and (not dp_required(run_config) or dp_head_enabled(run_config))
 
 
 def feature_spec(run_config):

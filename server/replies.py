@@ -25,10 +25,22 @@ about a site: a missing ``stats-meta`` (``stats_meta_missing``), a record of the
 other than the server's (``stats_grid_mismatch``), another feature digest
 (``stats_feature_digest_mismatch``), array names, dtypes, shapes or bytes that are not exactly
 the five int64 arrays (``stats_wrong_names``, ``stats_wrong_dtype``, ``stats_wrong_shape``,
-``stats_bad_arrays``), n ≠ num-examples (``stats_n_mismatch``), statistics in a DP reply — they
-would be an unprotected release of the site's data — (``stats_in_dp_reply``, whatever the run),
-and none in a non-DP reply while the exact head is on (``stats_missing``). With the exact head
-off, a non-DP reply's statistics are ignored (never stored).
+``stats_bad_arrays``), n ≠ num-examples (``stats_n_mismatch``), statistics in a DP reply of a run
+that asked for no DP head — they would be an unprotected release of the site's data —
+(``stats_in_dp_reply``), and none in a reply while the exact head is on (``stats_missing``). With
+the exact head off, a non-DP reply's statistics are ignored (never stored).
+
+DP head (a DP run with ``dp-head-epsilon``: :class:`DPHeadExpectation`): every reply is a DP reply
+carrying the site's Gaussian release (tangent.exact_head.dp.privatize, client/dp_head.py) and
+nothing else (``dp_extra_records``; a non-DP reply is ``not_private``). Its ``stats-meta`` holds
+the grid (k, classes, clip 1, frac-bits), the feature digest and exactly the mechanism's public
+parameters (DP_STATS_META_KEYS); refused: the rows of another transform (k, seed or centre:
+``stats_dp_transform_mismatch``), ε above the request (``stats_dp_epsilon``), a δ other than the
+reply's (``stats_dp_delta``), σ's or a noise variance other than those of the declared (ε, δ)
+(``stats_dp_noise_mismatch``), a release that is not the DP head's (``stats_not_dp``), the row form,
+and an n or sums that are not the post-processing of the noisy counts and class sums
+(``stats_dp_not_post_processing``: an exact n never leaves a DP site). n is noisy, so it is never
+held to num-examples.
 
 Over 500 lines: the checks of both reply kinds share the :func:`stage` / :class:`Rejected` rule and the
 decoders under it; together they are the one place that says what a valid reply is.
@@ -99,16 +111,40 @@ STATS_ARRAYS = ("n", "counts", "sums", "gram", "cross")
 #: ... and in the row form (tangent.exact_head.row_form): dtype of each
 ROW_FORM_DTYPES = {"labels": "int64", "rows": "int32"}
 STATS_META_KEYS = ("num-features", "num-classes", "clip-norm", "frac-bits", "feature-digest")
+#: what a DP head's release declares beside the grid (client/dp_head.py): the mechanism's public
+#: parameters, never a value of the site's data
+DP_STATS_META_KEYS = ("dp", "dp-head-epsilon", "dp-head-delta", "dp-head-noise-variance", "dp-head-sigma-gram",
+                      "dp-head-sigma-cross", "dp-head-sigma-counts", "dp-head-mechanism", "dp-head-dim",
+                      "dp-head-seed", "dp-head-centre-digest", "contribution-id")
+#: the records a DP train reply may hold: the mechanisms' outputs and their public parameters
+DP_REPLY_RECORDS = frozenset({"delta", "metrics", "meta", "stats", "stats-meta"})
+#: relative tolerance of the declared noise against the one recomputed from the declared (ε, δ)
+NOISE_RTOL = 1e-9
+
+
+@dataclass(frozen=True)
+class DPHeadExpectation:
+    """What a DP run asked of the DP head (server.exact_head.DPHeadRequest): ε at most ``epsilon``,
+    rows built with this projection (``dim``, ``seed``) and the centre of ``centre_digest``,
+    released with ``weights`` (tangent.exact_head.dp.RELEASE_WEIGHTS)."""
+    epsilon: float
+    dim: int
+    seed: int
+    centre_digest: str
+    weights: tuple
 
 
 @dataclass(frozen=True)
 class StatsExpectation:
-    """What the server asked for (the train message's spec): the statistics' grid and φ's digest."""
+    """What the server asked for (the train message's spec): the statistics' grid and φ's digest;
+    ``dp_head``: the run asked for the DP head's release (then the grid is its rows': num-features
+    k, clip-norm 1)."""
     feature_digest: str
     num_features: int
     num_classes: int
     clip_norm: float
     frac_bits: int
+    dp_head: DPHeadExpectation | None = None
 
     @property
     def grid(self) -> dict[str, Any]:
@@ -281,10 +317,26 @@ def released_privacy(msg: Message) -> tuple[float, float] | None:
         dp = meta is not None and meta.get("dp", False) is True
         epsilon = metrics.get("epsilon") if metrics is not None else None
         delta = metrics.get("delta", 0.0) if metrics is not None else None
+        head = _head_privacy(msg) if dp else (0.0, 0.0)
     except Exception:  # noqa: BLE001 - an unreadable reply still carried an update
         return math.inf, 0.0
     if (dp and _number(epsilon) and _number(delta) and math.isfinite(epsilon) and epsilon >= 0
             and 0 <= delta < 1):
+        return float(epsilon) + head[0], float(delta) + head[1]
+    return math.inf, 0.0
+
+
+def _head_privacy(msg: Message) -> tuple[float, float]:
+    """(ε, δ) a DP reply's statistics claim (the DP head's release, a second mechanism: the two
+    add up); (0, 0) without statistics; (∞, 0) for statistics whose claim cannot be read."""
+    content = msg.content
+    if "stats" not in content and "stats-meta" not in content:
+        return 0.0, 0.0
+    meta = content.config_records.get("stats-meta")
+    epsilon = meta.get("dp-head-epsilon") if meta is not None else None
+    delta = meta.get("dp-head-delta") if meta is not None else None
+    if (meta is not None and meta.get("dp") is True and _number(epsilon) and _number(delta)
+            and math.isfinite(epsilon) and epsilon >= 0 and 0 <= delta < 1):
         return float(epsilon), float(delta)
     return math.inf, 0.0
 
@@ -320,13 +372,20 @@ def parse_train_reply(msg: Message, expected_base_digest: str, *, require_dp: bo
         raise Rejected("bad_meta", f"dp = {shown(dp)} is not a boolean", site)
     if require_dp and not dp:
         raise Rejected("not_private", "this run accepts differentially private contributions only", site)
+    if dp:
+        with stage("malformed", site):
+            extra = sorted(set(msg.content.keys()) - DP_REPLY_RECORDS)
+        if extra:  # anything else would be a release no mechanism covers
+            raise Rejected("dp_extra_records", f"a DP reply carries {shown(extra, 200)} beyond "
+                                               f"{sorted(DP_REPLY_RECORDS)}", site)
     with stage("bad_metrics", site):
         kept = finite_metrics(metrics, TRAIN_METRICS, site)
     kept["num-examples"] = num_examples
     with stage("bad_meta", site):
         ledger_meta = _ledger_meta(meta, kept, dp, site)
     delta = decode_arrays(found["delta"], site)
-    sufficient, stats_bytes, rows = parse_stats(msg, stats, dp=dp, num_examples=num_examples, site=site)
+    sufficient, stats_bytes, rows = parse_stats(msg, stats, dp=dp, num_examples=num_examples, site=site,
+                                                reply_meta=ledger_meta)
     return Contribution(site, delta, num_examples, ledger_meta, kept, dp, sufficient, stats_bytes,
                         None if sufficient is None else stats.feature_digest, rows)
 
@@ -379,22 +438,25 @@ def _optional_string(meta, key: str, site: str) -> str | None:
 # ----------------------------------------------------------------------------- exact-head statistics
 
 def parse_stats(msg: Message, expected: StatsExpectation | None, *, dp: bool, num_examples: int,
-                site: str) -> tuple["SufficientStats | None", int, dict | None]:
+                site: str, reply_meta: dict | None = None) -> tuple["SufficientStats | None", int, dict | None]:
     """(statistics, bytes received, the row form's arrays or None) of a train reply; see the module
-    docstring for the reasons."""
+    docstring for the reasons. ``reply_meta``: the reply's ledger meta (_ledger_meta), which a DP
+    head's release is checked against (its δ and contribution id)."""
     with stage("stats_malformed", site):
         content = msg.content
         present = {name: name in content for name in ("stats", "stats-meta")}
         record = content.array_records.get("stats")
         meta = content.config_records.get("stats-meta")
-    if dp and any(present.values()):
-        raise Rejected("stats_in_dp_reply", "a DP reply carries statistics (an unprotected release): refused",
-                       site)
-    if expected is None or dp:
+    dp_head = None if expected is None else expected.dp_head
+    if dp and any(present.values()) and dp_head is None:
+        raise Rejected("stats_in_dp_reply", "a DP reply carries statistics, and this run asked for no DP head's "
+                                            "release (they would be an unprotected release): refused", site)
+    if dp_head is not None and not dp:
+        raise Rejected("not_private", "this run asked for the DP head's release: a non-DP reply is refused", site)
+    if expected is None or (dp and dp_head is None):
         return None, 0, None  # exact head off: a non-DP site's statistics are not asked for and not kept
     if not any(present.values()):
-        raise Rejected("stats_missing", "the exact head is on: a non-DP reply must carry stats and stats-meta",
-                       site)
+        raise Rejected("stats_missing", "the exact head is on: a reply must carry stats and stats-meta", site)
     if present["stats"] and record is None:
         raise Rejected("stats_malformed", "stats is not an ArrayRecord", site)
     if present["stats-meta"] and meta is None:
@@ -403,6 +465,8 @@ def parse_stats(msg: Message, expected: StatsExpectation | None, *, dp: bool, nu
         raise Rejected("stats_missing", "stats-meta without the stats record", site)
     if meta is None:
         raise Rejected("stats_meta_missing", "stats without the stats-meta record", site)
+    if dp_head is not None:
+        return parse_dp_release(record, dict(meta.items()), expected, reply_meta or {}, site)
     with stage("stats_bad_meta", site):
         _check_stats_meta(dict(meta.items()), expected, site)
     with stage("stats_bad_arrays", site):
@@ -447,11 +511,68 @@ def _row_form(record: ArrayRecord, expected: StatsExpectation, num_examples: int
     return stats, received, arrays
 
 
-def _check_stats_meta(meta: dict, expected: StatsExpectation, site: str) -> None:
-    missing = [key for key in STATS_META_KEYS if key not in meta]
+def parse_dp_release(record: ArrayRecord, meta: dict, expected: StatsExpectation, reply_meta: dict,
+                     site: str) -> tuple["SufficientStats", int, None]:
+    """The DP head's release (tangent.exact_head.dp.privatize): the grid and feature digest as for
+    exact statistics; the transform (k, seed, centre digest) the run sent; ε at most the request;
+    δ the reply's; the declared σ's and noise variance exactly those of the declared (ε, δ); the
+    five int64 arrays only (no row form), with n = Σ counts and sums = the class sums' row sums
+    (post-processing of the noisy blocks: an exact n or exact sums are refused). n is noisy: it is
+    never held to num-examples."""
+    from tangent.exact_head import dp as dp_release
+    from tangent.exact_head.statistics import SufficientStats
+
+    want = expected.dp_head
+    with stage("stats_bad_meta", site):
+        _check_stats_meta(meta, expected, site, extra_keys=DP_STATS_META_KEYS)
+        for key in ("dp-head-dim", "dp-head-seed"):
+            if not isinstance(meta[key], int) or isinstance(meta[key], bool):
+                raise Rejected("stats_bad_meta", f"{key} = {shown(meta[key])} is not an integer", site)
+        numbers = ("dp-head-epsilon", "dp-head-delta", "dp-head-noise-variance", "dp-head-sigma-gram",
+                   "dp-head-sigma-cross", "dp-head-sigma-counts")
+        for key in numbers:
+            if not _number(meta[key]) or not math.isfinite(meta[key]):
+                raise Rejected("stats_bad_meta", f"{key} = {shown(meta[key])} is not a finite number", site)
+        if meta["dp"] is not True or meta["dp-head-mechanism"] != dp_release.MECHANISM:
+            raise Rejected("stats_not_dp", f"dp = {shown(meta['dp'])}, mechanism {shown(meta['dp-head-mechanism'])}: "
+                                           f"not the DP head's release", site)
+        transform = (meta["dp-head-dim"], meta["dp-head-seed"], meta["dp-head-centre-digest"])
+        if transform != (want.dim, want.seed, want.centre_digest):
+            raise Rejected("stats_dp_transform_mismatch", f"rows of (k, seed, centre) {shown(transform, 200)}, "
+                                                          f"the run sent {(want.dim, want.seed, want.centre_digest)}",
+                           site)
+        epsilon, delta = float(meta["dp-head-epsilon"]), float(meta["dp-head-delta"])
+        if not 0 < epsilon <= want.epsilon:
+            raise Rejected("stats_dp_epsilon", f"dp-head-epsilon = {epsilon:g}: the run asked for at most "
+                                               f"{want.epsilon:g}", site)
+        if not 0 < delta < 1 or delta != reply_meta.get("delta_dp"):
+            raise Rejected("stats_dp_delta", f"dp-head-delta = {delta:g}, the reply's δ {reply_meta.get('delta_dp')}",
+                           site)
+        if meta["contribution-id"] != f"{(reply_meta.get('extra') or {}).get('contribution_id')}:head":
+            raise Rejected("stats_bad_meta", f"contribution-id {shown(meta['contribution-id'])} is not the reply's "
+                                             "contribution id + ':head'", site)
+        noise = dp_release.release_noise(epsilon, delta, want.weights, expected.num_features, expected.frac_bits)
+        for name, value in noise.items():
+            if not math.isclose(meta[f"dp-head-{name}"], value, rel_tol=NOISE_RTOL):
+                raise Rejected("stats_dp_noise_mismatch", f"dp-head-{name} = {meta[f'dp-head-{name}']!r}, the "
+                                                          f"release at ε = {epsilon:g}, δ = {delta:g} has {value!r}",
+                               site)
+    arrays, received = _stats_arrays(record, expected, site)
+    if int(arrays["n"][0]) != int(arrays["counts"].sum()) or not np.array_equal(
+            arrays["cross"].sum(axis=1, dtype=np.int64), arrays["sums"]):
+        raise Rejected("stats_dp_not_post_processing", "n must be Σ of the noisy counts and sums the row sums of "
+                                                        "the noisy class sums (nothing else leaves the site)", site)
+    release = {"releases": 1, "noise_variance": noise["noise-variance"], "epsilon": epsilon, "delta": delta,
+               "mechanism": dp_release.MECHANISM}
+    with stage("stats_bad_arrays", site):
+        return SufficientStats.from_arrays(arrays, expected.grid, dp=release), received, None
+
+
+def _check_stats_meta(meta: dict, expected: StatsExpectation, site: str, extra_keys: tuple[str, ...] = ()) -> None:
+    missing = [key for key in STATS_META_KEYS + extra_keys if key not in meta]
     if missing:
         raise Rejected("stats_meta_missing", f"stats-meta lacks {', '.join(missing)}", site)
-    unknown = sorted(set(meta) - set(STATS_META_KEYS))
+    unknown = sorted(set(meta) - set(STATS_META_KEYS) - set(extra_keys))
     if unknown:
         raise Rejected("stats_bad_meta", f"stats-meta has unknown keys {shown(unknown)}", site)
     for key in ("num-features", "num-classes", "frac-bits"):

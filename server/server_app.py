@@ -25,7 +25,8 @@ library alone, kept for the whole run once imported): w0's digest and Δ shapes,
 every central evaluation are computed in short-lived child processes (server.model_process,
 server.evaluation); the composed Δ stays numpy here.
 
-Exact head (``exact-head=true``, off in a DP run): the train message also announces φ
+Exact head (``exact-head=true``; in a DP run only with ``dp-head-epsilon`` > 0, as the DP head's
+Gaussian releases: server.exact_head.DPHeadRequest, docs/dp_head.md): the train message also announces φ
 (FeatureSpec keys + ``feature-digest``), every non-DP reply carries the site's sufficient
 statistics beside its Δw, and they go to a second ledger (``exact-head-ledger-path``); central
 evaluation reports ``accuracy_exact_head`` beside the TAFT accuracy. Removal (``remove-sites``,
@@ -51,7 +52,7 @@ from flwr.serverapp import Grid, ServerApp
 from server import config as cfg
 from server import model_process, quarantine
 from server.evaluation import CentralEvaluation
-from server.exact_head import ExactHead, describe_features
+from server.exact_head import ExactHead, describe_features, dp_head_request
 from server.trust.identity import SenderBinding
 from server.ledger import Ledger, LedgerError
 from server.ledger.ledgers import HELD_LINK, Ledgers, held_path_of, link, stats_path_of
@@ -177,7 +178,7 @@ def _run(grid: Grid, run_id, run_config, mode: str, state: Path, ledger_path: Pa
         if mode == "unlearn":
             report |= unlearn(ledgers, cfg.remove_sites(run_config), evaluation, run_id,
                                requests=cfg.withdrawal_requests(run_config), registry=registry,
-                               ledger_path=ledger_path, state=state, federation=federation)
+                               ledger_path=ledger_path, state=state, federation=federation, exact_head=exact_head)
         else:
             binding = SenderBinding(registry) if federation == "deployment" else None
             train(grid, ledgers, spec, base_digest, evaluation, run_config, binding, report, exact_head=exact_head)
@@ -230,10 +231,9 @@ def run_exact_head(spec, run_config, mode: str, stats_path: Path | None, report:
     server.exact_head.describe_features' answer when the caller has it, else it is computed in a
     child process."""
     enabled = cfg.exact_head_enabled(run_config)
-    if cfg.exact_head_requested(run_config) and cfg.dp_required(run_config):
-        log.warning("exact head OFF in this DP run (dp=true): the sites send no statistics; DP statistics are "
-                    "measured offline only (benchmarks/exact_head.py)")
-        report["exact_head"] = {"enabled": False, "reason": "dp run: no statistics are sent"}
+    if cfg.exact_head_requested(run_config) and cfg.dp_required(run_config) and not enabled:
+        log.warning("exact head OFF in this DP run (dp=true, dp-head-epsilon=0): the sites send no statistics")
+        report["exact_head"] = {"enabled": False, "reason": "dp run without dp-head-epsilon: no statistics are sent"}
     if not _exact_head_wanted(run_config, mode, stats_path):
         report.setdefault("exact_head", {"enabled": False})
         return None
@@ -241,7 +241,7 @@ def run_exact_head(spec, run_config, mode: str, stats_path: Path | None, report:
     if described is None:
         described = model_process.call(describe_features, spec.to_config(), run_config.to_config(),
                                        timeout=run_config.round_timeout)
-    exact_head = ExactHead.from_description(described, spec.to_config())
+    exact_head = ExactHead.from_description(described, spec.to_config(), dp_head_request(run_config, described))
     report["exact_head"] = exact_head.report() | {"enabled": enabled, "ledger_open": True,
                                                  "ledger_path": str(stats_path),
                                                  "setup_s": time.perf_counter() - started}
@@ -287,6 +287,7 @@ def train(grid: Grid, ledgers: Ledger | Ledgers, spec, base_digest: str, evaluat
                             require_dp=cfg.dp_required(run_config),
                             stats_ledger=ledgers.stats if exact_head is not None else None,
                             exact_head=None if exact_head is None else exact_head.expectation,
+                            train_records=None if exact_head is None else exact_head.train_records(),
                             fraction_train=run_config.fraction_train,
                             fraction_evaluate=run_config.fraction_evaluate,
                             min_train_nodes=min_nodes, min_evaluate_nodes=min_nodes,
@@ -298,7 +299,7 @@ def train(grid: Grid, ledgers: Ledger | Ledgers, spec, base_digest: str, evaluat
         # reported by it: evaluating it here would make the sites wait for the test inputs.
         if server_round == 0 or len(arrays) == 0 or not evaluation.enabled:
             return None
-        if (result := evaluation(_delta(arrays), stats=_composed_stats(ledgers))) is None:
+        if (result := evaluation(_delta(arrays), stats=_composed_stats(ledgers, exact_head))) is None:
             return None
         central[server_round] = result
         log.info("round %d: central accuracy %.4f on %d test images%s", server_round,
@@ -323,9 +324,12 @@ def train(grid: Grid, ledgers: Ledger | Ledgers, spec, base_digest: str, evaluat
                    "privacy_received": privacy_received(strategy.rounds.values())}
 
 
-def _composed_stats(ledgers: Ledgers):
-    """The statistics ledger's composed statistics (None: exact head off, or nothing active)."""
-    return None if ledgers.stats is None else ledgers.stats.composed_stats()
+def _composed_stats(ledgers: Ledgers, exact_head: ExactHead | None):
+    """The statistics ledger's composed statistics (None: exact head off, or nothing active); DP
+    releases with their summed declared noise (ExactHead.composed)."""
+    if ledgers.stats is None:
+        return None
+    return ledgers.stats.composed_stats() if exact_head is None else exact_head.composed(ledgers.stats)
 
 
 def _exact_line(result: dict) -> str:
@@ -342,7 +346,7 @@ REMOVE_SITES_REFUSED = ("federation-mode='deployment' does not obey remove-sites
 
 def unlearn(ledgers: Ledger | Ledgers, sites: list[str], evaluation, run_id, *, requests: list[str] = (),
              registry: SiteRegistry | None = None, ledger_path: Path | None = None, state: Path | None = None,
-             federation: str = "simulation") -> dict:
+             federation: str = "simulation", exact_head: ExactHead | None = None) -> dict:
     """Remove the listed sites and the sites of the accepted withdrawal requests from every ledger."""
     ledgers = Ledgers.of(ledgers)
     ledger = ledgers.delta
@@ -375,7 +379,7 @@ def unlearn(ledgers: Ledger | Ledgers, sites: list[str], evaluation, run_id, *, 
             log.warning("site %s has no active contribution: nothing to subtract (it stays withdrawn)", site)
     result |= {"withdrawals": withdrawals, "withdrawals_refused": sum(not w["accepted"] for w in withdrawals)}
     if ledger.current_version().total_weight and (
-            central := evaluation(ledger.composed_arrays(), stats=_composed_stats(ledgers))) is not None:
+            central := evaluation(ledger.composed_arrays(), stats=_composed_stats(ledgers, exact_head))) is not None:
         result["central"] = {"0": central}
         result["accuracy"] = central["accuracy"]
         result["accuracy_exact_head"] = central.get("accuracy_exact_head")

@@ -144,10 +144,10 @@ def _record_stats(ledgers: Ledgers, contribution: Contribution, delta_version) -
         arrays = RowStats(arrays, contribution.stats_rows)
     method = stats_ledger.replace if active else stats_ledger.add
     try:
-        method(site, arrays, num_examples=contribution.stats.n,
-               base_digest=contribution.feature_digest,
+        method(site, arrays, base_digest=contribution.feature_digest,
                extra={"delta_model_version": delta_version.version,
-                      **{k: v for k, v in (contribution.meta.get("extra") or {}).items() if v is not None}})
+                      **{k: v for k, v in (contribution.meta.get("extra") or {}).items() if v is not None}},
+               **_stats_privacy(contribution))
     except Exception as err:
         _take_back(ledgers, site, err)
         if isinstance(err, RejectedContribution):
@@ -158,6 +158,18 @@ def _record_stats(ledgers: Ledgers, contribution: Contribution, delta_version) -
             refusal = Rejected("internal", f"statistics ledger: {type(err).__name__}: {str(err)[:MAX_DETAIL]}", site)
         refusal.retracted = True
         raise refusal from None
+
+
+def _stats_privacy(contribution: Contribution) -> dict[str, Any]:
+    """The statistics ledger's record of what the statistics cost: exact statistics weigh n and
+    spend ε = ∞; a DP head's release (its n is noisy) weighs the reply's declared count and records
+    its (ε, δ) and declared noise variance (the solver sums the active ones')."""
+    stats = contribution.stats
+    if stats.dp is None:
+        return {"num_examples": stats.n}
+    return {"num_examples": contribution.num_examples, "epsilon": stats.dp["epsilon"], "delta_dp": stats.dp["delta"],
+            "dp_settings": {"dp": True, "mechanism": stats.dp["mechanism"],
+                            "noise_variance": stats.dp["noise_variance"]}}
 
 
 def _take_back(ledgers: Ledgers, site: str, err: Exception) -> None:
@@ -196,12 +208,14 @@ class LedgerFedAvg(FedAvg):
     ``stats_ledger`` + ``exact_head`` (the grid and feature digest the spec announces): the exact
     head is on, every non-DP reply must carry its statistics and both are recorded.
     ``quarantine``: the held pair of ledgers (server.quarantine); replies are recorded there and enter
-    the composed models only when the operator admits them.
+    the composed models only when the operator admits them. ``train_records``: records every train
+    message carries beside "spec" and "config" (the DP head's public centre).
     """
 
     def __init__(self, ledger: Ledger, spec: dict, base_digest: str, *, binding: SenderBinding | None = None,
                  require_dp: bool = False, stats_ledger: Ledger | None = None,
-                 exact_head: StatsExpectation | None = None, quarantine: Ledgers | None = None, **fedavg_kwargs):
+                 exact_head: StatsExpectation | None = None, quarantine: Ledgers | None = None,
+                 train_records: dict[str, Any] | None = None, **fedavg_kwargs):
         super().__init__(weighted_by_key="num-examples", arrayrecord_key="delta", **fedavg_kwargs)
         if (stats_ledger is None) != (exact_head is None):
             raise ValueError("the exact head needs both its statistics ledger and its StatsExpectation")
@@ -212,6 +226,7 @@ class LedgerFedAvg(FedAvg):
         self.base_digest = base_digest
         self.binding = binding
         self.require_dp = require_dp
+        self.train_records = dict(train_records or {})
         self.rounds: dict[int, RoundSummary] = {}
 
     def summary(self) -> None:
@@ -259,7 +274,7 @@ class LedgerFedAvg(FedAvg):
                         grid: Grid) -> Iterable[Message]:
         config["server-round"] = server_round
         summary = RoundSummary(server_round)
-        messages = self._messages(RecordDict({"spec": self.spec, "config": config}),
+        messages = self._messages(RecordDict({"spec": self.spec, "config": config, **self.train_records}),
                                   self.fraction_train, self.min_train_nodes, grid, MessageType.TRAIN, summary)
         summary.sent, summary.sent_at = len(messages), time.monotonic()
         self.rounds[server_round] = summary

@@ -20,6 +20,7 @@ from simulations.driver.checks import (ExactHeadStep, composed_accuracy, ensembl
                                        site_order)
 from simulations.driver.config import federation_config, pyproject_config, resolve_backbone
 from simulations.driver.data import build_caches, default_cache_dir, prepare_data
+from simulations.driver.dp_head import DPHeadStep
 from simulations.driver.processes import ProcessWatch, directory_bytes, flwr_run, free_port, in_subprocess
 from simulations.driver.report import plot, print_table
 
@@ -96,8 +97,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-cache", action="store_true", help="no token cache: sites run the trunk every step")
     p.add_argument("--runs-dir", type=Path, default=REPO / "runs")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per `flwr run`")
+    p.add_argument("--dp-epsilon", type=float, default=None,
+                   help="a private federation: every site trains DP-TAFT at this ε (dp=true) and releases the "
+                        "DP exact head's noisy statistics at --dp-head-epsilon; the two charges add up per site "
+                        "(summary: dp_epsilon_spent_max). Default: no DP")
+    p.add_argument("--dp-head-epsilon", type=float, default=None,
+                   help="ε of each site's DP head release (default: --dp-epsilon; 0 = DP-TAFT only)")
     p.add_argument("--run-config", default="", help="extra run-config 'k=v k=v' for both runs")
     args = p.parse_args(argv)
+    if args.dp_epsilon is not None and not args.dp_epsilon > 0:
+        p.error(f"--dp-epsilon must be > 0, got {args.dp_epsilon}")
+    if args.dp_head_epsilon is not None and (args.dp_epsilon is None or not args.dp_head_epsilon >= 0):
+        p.error("--dp-head-epsilon needs --dp-epsilon and must be >= 0")
     if args.gpus_per_client is not None and not args.gpus_per_client >= 0:
         p.error(f"--gpus-per-client must be >= 0, got {args.gpus_per_client}")
     if str(args.device or "").strip().lower().startswith("cuda") and not args.gpus_per_client:
@@ -105,6 +116,12 @@ def parse_args(argv=None) -> argparse.Namespace:
         p.error(f"--device {args.device} needs --gpus-per-client > 0 (Ray hides the GPUs from virtual "
                 "clients that request none)")
     return args
+
+
+def _max_received(report: dict) -> float | None:
+    """The largest ε one site's train replies claimed, both mechanisms (the ServerApp's count)."""
+    received = report.get("privacy_received") or {}
+    return max((row["epsilon"] for row in received.values()), default=None)
 
 
 def main(argv=None) -> int:
@@ -146,6 +163,9 @@ def main(argv=None) -> int:
                   "max-in-flight": args.max_in_flight}
     if args.reinit is not None:
         run_config["reinit"] = args.reinit == "true"
+    if args.dp_epsilon is not None:
+        run_config |= {"dp": True, "dp-epsilon": args.dp_epsilon,
+                       "dp-head-epsilon": args.dp_epsilon if args.dp_head_epsilon is None else args.dp_head_epsilon}
     for key, value in (("epochs", args.epochs), ("lr", args.lr), ("img-size", args.img_size),
                        ("device", args.device)):
         if value is not None:
@@ -161,8 +181,11 @@ def main(argv=None) -> int:
         print(f"error: run config {err}", file=sys.stderr)
         return 2
     spec = ModelSpec.from_config(run.to_config()).resolved()
+    from server.config import dp_head_enabled
     from simulations.exact_head_check import feature_config, stats_ledger_path
-    features = feature_config(run)  # None: no exact head in this run
+    dp_head = dp_head_enabled(run)
+    # None: no exact head in this run; the DP head reads the same φ (its cache is built in step 1)
+    features = feature_config(run.to_config() | {"dp": False}) if dp_head else feature_config(run)
     stats_ledger = stats_ledger_path(run, run_dir)
     federation = federation_config(args)
     env = os.environ | {"FLWR_HOME": str(flwr_home), "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
@@ -193,7 +216,9 @@ def main(argv=None) -> int:
                      "dataset": data["sources"]["train"], "test_dataset": data["sources"]["test"],
                      "num_classes": spec.num_classes, "ray_address": ray_address,
                      "exact_head": features is not None, "feature_spec": features,
-                     "evaluation": args.evaluation}
+                     "evaluation": args.evaluation, "dp": run.dp,
+                     "dp_epsilon_requested": run.dp_epsilon if run.dp else None,
+                     "dp_head_epsilon_requested": run.dp_head_epsilon if dp_head else None}
     try:
         print(f"[1/5] trunk-token cache{' and φ cache' if features else ''} in {cache_dir}")
         if cache_dir is not None:
@@ -236,9 +261,14 @@ def main(argv=None) -> int:
         removed = ([s.strip() for s in args.remove_sites.split(",") if s.strip()] or
                    sorted(np.random.default_rng(args.seed).choice(active, min(args.remove, len(active)),
                                                                   replace=False).tolist(), key=site_order))
-        exact_head = ExactHeadStep(features, stats_ledger, spec, cache_dir, data["sources"],
-                                   defaults | run_config, args.num_clients, removed, run_dir)
-        summary |= exact_head.before(report)
+        if dp_head:  # noisy statistics: no central check, the DP head's own (simulations/driver/dp_head.py)
+            exact_head = DPHeadStep(spec, features, ledger_path, stats_ledger, cache_dir, data["sources"],
+                                    defaults | run_config, removed, run_dir)
+            summary |= exact_head.before(active) | {"dp_epsilon_received_max": _max_received(report)}
+        else:
+            exact_head = ExactHeadStep(features, stats_ledger, spec, cache_dir, data["sources"],
+                                       defaults | run_config, args.num_clients, removed, run_dir)
+            summary |= exact_head.before(report)
 
         print(f"[4/5] flwr run: unlearn sites {','.join(removed)} (log: {run_dir / 'unlearn.log'})")
         unlearn_report = run_dir / "unlearn-report.json"
@@ -254,7 +284,7 @@ def main(argv=None) -> int:
 
         print("[5/5] removal vs fresh aggregation of the remaining sites")
         summary |= removal_check(ledger_path)
-        summary |= exact_head.after(ureport)
+        summary |= exact_head.after() if dp_head else exact_head.after(ureport)
     finally:
         watch.sample()
         watch.stop_sampling()

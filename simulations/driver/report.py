@@ -59,10 +59,16 @@ def print_table(s: dict) -> None:
             ("exact head: composed == central (bit for bit)", s.get("exact_head_equals_central")),
             ("exact head: accuracy after removal", s.get("accuracy_exact_head_after_removal")),
             ("exact head: removal bit-identical", s.get("exact_head_removal_bit_identical")),
-            ("exact head: λ (GCV)", s.get("exact_head_lambda")),
+            ("exact head: λ (GCV)" if not s.get("dp") else "DP head: λ (ℓ · noise edge)", s.get("exact_head_lambda")),
             ("stored bytes per site: Δ / statistics", f"{s.get('delta_stored_bytes_per_site') or 0:,.0f} / "
                                                        f"{s.get('exact_head_stored_bytes_per_site') or 0:,.0f}"),
             ("rejected", s.get("rejected")),
+            *([("DP: ε requested, DP-TAFT / head", f"{s.get('dp_epsilon_requested')} / "
+                                                   f"{s.get('dp_head_epsilon_requested')}"),
+               ("DP: ε spent max (both charges) / δ", f"{s.get('dp_epsilon_spent_max')} / {s.get('dp_delta')}"),
+               ("DP head: ledger sum == releases / removal exact",
+                f"{s.get('dp_head_sum_equals_releases')} / {s.get('dp_head_removal_bit_identical')}")]
+              if s.get("dp") else []),
             ("cache build s", s.get("cache_build_s")), ("train run s", s.get("train_run_s")),
             ("unlearn run s", s.get("unlearn_run_s")), ("wall s", s.get("wall_s")),
             ("peak private MiB (tree: anon + shmem)", s.get("peak_private_mib")),

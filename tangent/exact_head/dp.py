@@ -194,6 +194,34 @@ def predict(head: LinearHead, x: np.ndarray) -> np.ndarray:
 
 # ------------------------------------------------------------------------------ the site's release
 
+#: μ² shares of (mean, Gram, class sums, counts) of a site's release in the Flower path: the centre
+#: is the server's (public), so no mean block; the class sums get a third (docs/dp_head.md)
+RELEASE_WEIGHTS = (0.0, 0.6, 0.39, 0.01)
+#: the name a release declares for its mechanism
+MECHANISM = "gaussian-blocks"
+
+
+def centre_digest(centre: Optional[np.ndarray]) -> str:
+    """sha256 of the centre as float64 little-endian bytes ("none" without a centre): the site
+    declares which centre its rows were built with, the server checks it is the one it sent."""
+    if centre is None:
+        return "none"
+    import hashlib
+
+    return hashlib.sha256(np.ascontiguousarray(centre, dtype="<f8").tobytes()).hexdigest()
+
+
+def release_noise(epsilon: float, delta: float, weights, num_features: int, frac_bits: int) -> dict:
+    """The noise a release at (ε, δ) with ``weights`` carries, in the statistics' real units: the
+    blocks' σ (sensitivity 1) and the off-diagonal Gram variance the solver reads. A site declares
+    these; the server recomputes them from the declared (ε, δ) and refuses a mismatch."""
+    allocation = Allocation.from_weights(epsilon, delta, weights)
+    r = release_bound(num_features, frac_bits)
+    return {"sigma-gram": allocation.block_sigma("gram"), "sigma-cross": allocation.block_sigma("cross"),
+            "sigma-counts": allocation.block_sigma("counts"),
+            "noise-variance": (allocation.block_sigma("gram") * r * r) ** 2 / 2}
+
+
 def release_bound(num_features: int, frac_bits: int) -> float:
     """R ≥ ‖q·2^-b‖ for a unit row quantized on the grid (each coordinate rounds by ≤ 2^-(b+1))."""
     return 1.0 + math.sqrt(num_features) * 2.0 ** -(frac_bits + 1)
@@ -239,7 +267,7 @@ def privatize(stats: SufficientStats, allocation: Allocation, rng: np.random.Gen
         p, stats.num_classes, stats.clip_norm, b, int(counts.sum()), counts=counts,
         sums=cross.sum(axis=1), gram=stats.gram + rounded(gram_sd, stats.gram.shape), cross=cross,
         dp={"releases": 1, "noise_variance": sigma_gram ** 2 / 2, "epsilon": allocation.epsilon,
-            "delta": allocation.delta, "mechanism": "gaussian-blocks", "weights": list(allocation.weights)})
+            "delta": allocation.delta, "mechanism": MECHANISM, "weights": list(allocation.weights)})
 
 
 def statistics_view(stats: SufficientStats) -> Statistics:
@@ -264,6 +292,7 @@ class DPHead:
     transform: RowTransform
     linear: LinearHead
     frac_bits: int
+    lam: float = 0.0  # the absolute ridge λ the solver used (ℓ · the noise edge)
 
     def rows(self, phi: np.ndarray) -> np.ndarray:
         from tangent.exact_head.statistics import dequantize, quantize
@@ -277,5 +306,6 @@ class DPHead:
 def solve_release(total: SufficientStats, transform: RowTransform, *, shrink: float = SHRINK,
                   lam: float = LAMBDA) -> DPHead:
     """The head of the summed (noisy) releases: reads only the sums and their declared noise."""
-    return DPHead(transform, solve_spectrum(noisy_spectrum(statistics_view(total)), lam=lam, shrink=shrink),
-                  total.frac_bits)
+    spectrum = noisy_spectrum(statistics_view(total))
+    return DPHead(transform, solve_spectrum(spectrum, lam=lam, shrink=shrink), total.frac_bits,
+                  lam * spectrum.edge if spectrum.edge > 0 else lam)

@@ -92,3 +92,28 @@ def test_a_head_request_without_the_exact_head_is_refused_before_any_charge(site
     reply = train(site, node, exact_head=False)
     assert reply["error"]["code"] == "bad_request"
     assert PrivacyBudget(tmp_path / "state" / PrivacyBudget.FILE_NAME, "site-a").spent == (0.0, 0.0)
+
+
+def test_forgetting_at_a_dp_site_is_a_fresh_release_charged_again_and_refused_when_exhausted(site, tmp_path):
+    from client import dp_head
+    from client.forget import site_data
+    from tangent.exact_head import dp
+    from tangent.training.budget import BudgetExhausted
+
+    path = tmp_path / "state" / PrivacyBudget.FILE_NAME
+    PrivacyBudget.create(path, "site-a", 3.0)
+    budget = PrivacyBudget(path, "site-a")
+    data = site_data(site["root"] / "train.npz", SPEC.img_size)
+    extractor = FeatureExtractor.from_spec(SPEC, FEATURES)
+    request = dp_head.HeadRequest(2.0, dp.RowTransform(None, 16, 1), dp_head.DEFAULT_WEIGHTS, 14)
+    forget = [0, 5, 9]
+    assert dp_head.head_statistics(extractor, data, 10, request, exclude=forget).n == N - len(forget)
+
+    contribution, reply = dp_head.forget_release(extractor, data, 10, request, 1e-5, budget, forget)
+    meta = dict(reply["stats-meta"])
+    assert meta["contribution-id"] == f"{contribution}:head" and meta["dp-head-epsilon"] == 2.0
+    assert budget.spent[0] == pytest.approx(2.0)
+    assert [c["state"] for c in budget.charges().values()] == ["settled"]
+    with pytest.raises(BudgetExhausted):  # 2 + 2 > 3: refused, nothing more charged
+        dp_head.forget_release(extractor, data, 10, request, 1e-5, budget, forget)
+    assert budget.spent[0] == pytest.approx(2.0) and len(budget.charges()) == 1

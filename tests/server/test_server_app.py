@@ -154,14 +154,15 @@ def test_a_site_only_in_the_statistics_ledger_is_still_removed(state, both):
     assert result["removed_sites"] == ["1"] and _active(both.stats) == ["2", "3"]
 
 
-def test_a_dp_run_turns_the_exact_head_off_and_says_so(tmp_path):
+def test_a_dp_run_without_the_dp_head_turns_the_exact_head_off_and_says_so(tmp_path):
     from server.server_app import run_exact_head
     from tangent.protocol.spec import ModelSpec
 
     report: dict = {}
     assert run_exact_head(ModelSpec.from_config({}), {"exact-head": True, "dp": True}, "train",
                        tmp_path / "exact_head.sqlite", report) is None
-    assert report["exact_head"] == {"enabled": False, "reason": "dp run: no statistics are sent"}
+    assert report["exact_head"] == {"enabled": False,
+                                    "reason": "dp run without dp-head-epsilon: no statistics are sent"}
     report = {}
     assert run_exact_head(ModelSpec.from_config({}), {"exact-head": False}, "unlearn", tmp_path / "exact_head.sqlite",
                        report) is None  # no statistics ledger there: nothing to remove from

@@ -1,0 +1,62 @@
+"""Helpers for the DP head's server tests: real DP releases (tangent.exact_head.dp.privatize) of
+random rows, in real Flower train replies as client/dp_head.py writes them, and the server's
+expectation of a DP run (server.exact_head.ExactHead with a DPHeadRequest)."""
+from __future__ import annotations
+
+import numpy as np
+
+from server.exact_head import DPHeadRequest, ExactHead
+from tangent.exact_head import dp
+from tests.server.exact_head_replies import FEATURE_DIGEST, FEATURE_SPEC, K, P, SPEC, delta, reply_parts
+
+#: the DP head's rows: φ of P dims, centred, projected to DIM dims, unit norm, on a 2^-BITS grid
+DIM, SEED, BITS = 4, 3, 16
+CENTRE = np.linspace(-0.2, 0.3, P)
+REQUEST_EPSILON = 2.0
+#: the δ and contribution id of reply_parts' DP reply
+DELTA = 1e-6
+CONTRIBUTION = "ab" * 16
+
+
+def dp_request(epsilon: float = REQUEST_EPSILON, dim: int = DIM, seed: int = SEED) -> DPHeadRequest:
+    return DPHeadRequest(epsilon, dim, seed, BITS, CENTRE)
+
+
+def description() -> dict:
+    """server.exact_head.describe_features' answer for the test φ (P dims)."""
+    return {"feature-spec": dict(FEATURE_SPEC), "feature-digest": FEATURE_DIGEST, "num-features": P,
+            "num-classes": K, "clip-norm": 2.0, "frac-bits": BITS,
+            "stats-meta": {"num-features": P, "num-classes": K, "clip-norm": 2.0, "frac-bits": BITS},
+            "dp-head-centre": CENTRE}
+
+
+def exact_head(request: DPHeadRequest | None = None) -> ExactHead:
+    return ExactHead.from_description(description(), SPEC, request or dp_request())
+
+
+def release(seed: int, n: int, epsilon: float = REQUEST_EPSILON, *, transform: dp.RowTransform | None = None,
+            contribution: str = CONTRIBUTION):
+    """A site's DP release of n random rows and its stats-meta, exactly as client/dp_head.release writes it."""
+    rng = np.random.default_rng(seed)
+    transform = transform or dp.RowTransform(CENTRE, DIM, SEED)
+    phi = rng.standard_normal((n, P))
+    exact = dp.exact_release_stats(transform.rows(phi), rng.integers(0, K, n), K, BITS)
+    allocation = dp.Allocation.from_weights(epsilon, DELTA, dp.RELEASE_WEIGHTS)
+    noisy = dp.privatize(exact, allocation, rng)
+    meta = noisy.meta() | {
+        "feature-digest": FEATURE_DIGEST, "dp": True, "dp-head-epsilon": float(epsilon), "dp-head-delta": DELTA,
+        "dp-head-noise-variance": float(noisy.dp["noise_variance"]),
+        "dp-head-sigma-gram": allocation.block_sigma("gram"), "dp-head-sigma-cross": allocation.block_sigma("cross"),
+        "dp-head-sigma-counts": allocation.block_sigma("counts"), "dp-head-mechanism": dp.MECHANISM,
+        "dp-head-dim": transform.projection_dim, "dp-head-seed": transform.seed,
+        "dp-head-centre-digest": dp.centre_digest(transform.centre), "contribution-id": f"{contribution}:head"}
+    return noisy, meta
+
+
+def dp_reply_parts(site: str, seed: int, n: int, epsilon: float = REQUEST_EPSILON, **kwargs) -> dict:
+    """A DP site's whole reply (Δw, metrics, meta, stats, stats-meta) as editable parts."""
+    from flwr.app import Array
+
+    noisy, meta = release(seed, n, epsilon, **kwargs)
+    return reply_parts(site, delta(seed), n, dp=True) | {
+        "stats": ("array", {k: Array(v) for k, v in noisy.to_arrays().items()}), "stats-meta": ("config", meta)}
