@@ -35,6 +35,20 @@ def open_stats_ledger(path):
     return Ledger.open(path, family="stats", model_card=model_card(), expected_base_digest=FEATURE_DIGEST)
 
 
+def open_linked_pair(directory):
+    """A Δ ledger (this module's shapes and base digest, ‖Δ‖ ≤ 100 recorded as its admission
+    policy) linked to a statistics ledger, in ``directory``: what a ServerApp's state dir holds."""
+    from server.ledger import Ledger
+    from server.ledger.ledgers import Ledgers, link
+
+    directory.mkdir(parents=True, exist_ok=True)
+    d = Ledger.open(directory / "ledger.sqlite", expected_base_digest=BASE, max_delta_norm=100.0, expected_spec=SHAPES)
+    d.set_admission_policy(max_delta_norm=100.0)
+    s = open_stats_ledger(directory / "exact_head.sqlite")
+    link(d, s)
+    return Ledgers(d, s)
+
+
 def site_stats(seed: int, n: int) -> SufficientStats:
     """Statistics of n random rows φ (‖φ‖ < C) and labels, on the test grid."""
     rng = np.random.default_rng(seed)

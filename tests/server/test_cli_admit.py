@@ -14,19 +14,9 @@ from server.ledger import Ledger
 from server.ledger.ledgers import HELD_LINK, Ledgers, link
 from server.quarantine import FOLDER
 from server.strategy import LedgerFedAvg
-from tests.server.exact_head_replies import (BASE, EXPECT, SHAPES, SPEC, delta, open_stats_ledger, site_stats,
-                                             train_reply)
+from tests.server.exact_head_replies import BASE, EXPECT, SPEC, delta, open_linked_pair, site_stats, train_reply
 
 pytestmark = pytest.mark.usefixtures("flower_server_identity")
-
-
-def pair_at(directory: Path) -> Ledgers:
-    directory.mkdir(parents=True, exist_ok=True)
-    d = Ledger.open(directory / "ledger.sqlite", expected_base_digest=BASE, max_delta_norm=100.0, expected_spec=SHAPES)
-    d.set_admission_policy(max_delta_norm=100.0)
-    s = open_stats_ledger(directory / "exact_head.sqlite")
-    link(d, s)
-    return Ledgers(d, s)
 
 
 def strategy(ledgers: Ledgers, held: Ledgers | None) -> LedgerFedAvg:
@@ -43,10 +33,10 @@ def versions(directory: Path) -> list[tuple[int, str]]:
 
 
 def test_admitting_a_held_copy_of_the_active_contribution_is_a_refusal_not_a_traceback(tmp_path, capsys):
-    main = pair_at(tmp_path)
+    main = open_linked_pair(tmp_path)
     reply = lambda: train_reply(901, "1", delta(1), site_stats(1, 40))  # noqa: E731 - the same reply twice
     strategy(main, None).aggregate_train(1, [reply()])  # a run without quarantine: site 1 is active
-    held = pair_at(tmp_path / FOLDER)
+    held = open_linked_pair(tmp_path / FOLDER)
     link(main.delta, held.delta, HELD_LINK)
     strategy(main, held).aggregate_train(1, [reply()])  # the re-run, with quarantine: held, unchecked against main
     assert [c.site_id for c in held.delta.contributions(status="active")] == ["1"]

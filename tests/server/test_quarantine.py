@@ -15,24 +15,14 @@ from server.ledger import Ledger
 from server.ledger.ledgers import HELD_LINK, Ledgers, link, open_pair
 from server.quarantine import FOLDER
 from server.strategy import LedgerFedAvg
-from tests.server.exact_head_replies import (BASE, EXPECT, SHAPES, SPEC, delta, open_stats_ledger, site_stats,
-                                             train_reply)
+from tests.server.exact_head_replies import BASE, EXPECT, SHAPES, SPEC, delta, open_linked_pair, site_stats, train_reply
 
 pytestmark = pytest.mark.usefixtures("flower_server_identity")
 
 
-def open_pair_at(directory: Path) -> Ledgers:
-    directory.mkdir(parents=True, exist_ok=True)
-    d = Ledger.open(directory / "ledger.sqlite", expected_base_digest=BASE, max_delta_norm=100.0, expected_spec=SHAPES)
-    d.set_admission_policy(max_delta_norm=100.0)
-    s = open_stats_ledger(directory / "exact_head.sqlite")
-    link(d, s)
-    return Ledgers(d, s)
-
-
 def state(tmp_path: Path) -> Ledgers:
     """A state directory as the ServerApp leaves it with quarantine on: the pair, the held pair, the links."""
-    main, held = open_pair_at(tmp_path), open_pair_at(tmp_path / FOLDER)
+    main, held = open_linked_pair(tmp_path), open_linked_pair(tmp_path / FOLDER)
     link(main.delta, held.delta, HELD_LINK)
     return Ledgers(main.delta, main.stats, held)
 
@@ -94,10 +84,10 @@ def test_a_site_withdrawn_before_the_quarantine_existed_is_not_held(tmp_path):
     """Site 2 withdrew while the state had no quarantine; the operator then turns quarantine on. Its
     next reply must be refused as withdrawn, not stored in the quarantine (where nothing knew of
     the withdrawal): a held contribution never outlives its site's consent."""
-    main = open_pair_at(tmp_path)
+    main = open_linked_pair(tmp_path)
     main.delta.add("2", delta(2), 60, base_digest=BASE)
     main.remove("2", reason="consent withdrawn")
-    held = open_pair_at(tmp_path / FOLDER)
+    held = open_linked_pair(tmp_path / FOLDER)
     link(main.delta, held.delta, HELD_LINK)
     ledgers = Ledgers(main.delta, main.stats, held)
     strategy = LedgerFedAvg(ledgers.delta, SPEC, BASE, stats_ledger=ledgers.stats, exact_head=EXPECT,
