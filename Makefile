@@ -1,5 +1,5 @@
 # The two commands a newcomer needs: `make simulate` and `make test`; `make test-all` runs every
-# test and `make docs` builds the documentation site (CI: .ci/run runs make test and make docs).
+# test and `make docs` builds the documentation site (CI: .ci/run runs make test-all and make docs).
 # All create/update .venv idempotently (re-installing only when pyproject.toml changes).
 PYTHON ?= python3.11
 VENV   := .venv
