@@ -170,3 +170,16 @@ def test_the_registered_cap_is_checked_before_any_row_is_read(tmp_path):
                                 min_available_nodes=1, min_train_nodes=1, min_evaluate_nodes=1)
         strategy.aggregate_train(1, [rows_reply("3", q, labels)])
         assert strategy.rounds[1].rejected_by_reason == {"num_examples_over_cap": 1}
+
+
+def test_a_row_form_whose_row_count_is_not_the_claimed_number_of_examples_is_refused(tmp_path):
+    """Statistics formed from checked rows skip the Gram form's consistency checks: the count
+    they claim must still be the number of rows, or the ledger would weigh what it was not sent."""
+    q, labels = site_rows(3, 5)
+    with open_stats_ledger(tmp_path / "l.sqlite") as ledger:
+        with pytest.raises(RejectedContribution) as err:
+            ledger.add("1", row_arrays(q, labels, BITS), num_examples=6, base_digest=FEATURE_DIGEST)
+        assert err.value.reason == "stats_out_of_bounds" and "num_examples = 6" in err.value.detail
+        assert ledger.composed_stats() is None
+        ledger.add("1", row_arrays(q, labels, BITS), num_examples=5, base_digest=FEATURE_DIGEST)
+        assert int(ledger.composed_stats().n) == 5
