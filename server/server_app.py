@@ -50,7 +50,7 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, MetricRecord
 from flwr.serverapp import Grid, ServerApp
 
 from server import config as cfg
-from server import model_process, quarantine
+from server import model_process, quarantine, simulation_engine
 from server.evaluation import CentralEvaluation
 from server.exact_head import ExactHead, describe_features, dp_head_request
 from server.trust.identity import SenderBinding
@@ -307,6 +307,8 @@ def train(grid: Grid, ledgers: Ledger | Ledgers, spec, base_digest: str, evaluat
         return MetricRecord(central[server_round])
 
     initial = composed_arrays(ledger) if ledger.current_version().total_weight else ArrayRecord()
+    if simulation_engine.look_up_by_destination(grid):
+        log.info("simulation engine: a site's work is looked up by its destination")
     try:
         strategy.start(grid=StreamingGrid(grid, max_in_flight=run_config.max_in_flight), initial_arrays=initial,
                        num_rounds=run_config.num_rounds,
