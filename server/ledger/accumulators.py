@@ -59,6 +59,11 @@ class Accumulators:
         for name, (_, hi, lo) in self._tensors.items():
             fixedpoint.accumulate(hi, lo, *quantized[name], weight)
 
+    def limbs(self) -> Quantized:
+        """The sums as ``(hi, lo)`` limbs, views: ``other.add(self.limbs(), 1)`` adds these sums to
+        ``other`` exactly (``lo`` is canonical, so the carry is that of any quantized array)."""
+        return {name: (hi, lo) for name, (_, hi, lo) in self._tensors.items()}
+
     def add_arrays(self, arrays: Mapping[str, np.ndarray], weight: int) -> None:
         for name, (_, hi, lo) in self._tensors.items():
             fixedpoint.accumulate(hi, lo, *fixedpoint.quantize(arrays[name]), weight)
