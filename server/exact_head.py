@@ -55,18 +55,20 @@ def dp_head_request(run_config, description: Mapping[str, Any]) -> DPHeadRequest
     if not cfg.dp_head_enabled(run_config):
         return None
     run = as_run_config(run_config)
-    return DPHeadRequest(float(run.dp_head_epsilon), int(run.dp_head_dim), int(run.dp_head_seed), int(run.frac_bits),
+    return DPHeadRequest(float(run.dp_epsilon), float(run.dp_head_share), int(run.dp_head_dim), int(run.dp_head_seed), int(run.frac_bits),
                          np.asarray(description["dp-head-centre"], np.float64))
 
 
 @dataclass(frozen=True)
 class DPHeadRequest:
     """The DP head of a DP run (server.config.dp_head_enabled): the sites release noisy statistics
-    of the rows x = P(φ − c)/‖P(φ − c)‖ (tangent.exact_head.dp.RowTransform) at ε ≤ ``epsilon``.
+    of the rows x = P(φ − c)/‖P(φ − c)‖ (tangent.exact_head.dp.RowTransform) with ``share`` of the μ² of a
+    contribution of ε ≤ ``epsilon`` (the run's dp-epsilon: DP-TAFT and the head composed).
     ``centre`` c is public (tangent.exact_head.public_centre: seeded synthetic images, computed by
     server.model_process), so removing a site removes every trace of it."""
 
     epsilon: float
+    share: float
     dim: int  # k (0: no projection, the rows keep φ's p dimensions)
     seed: int
     frac_bits: int
@@ -84,7 +86,7 @@ class DPHeadRequest:
     def expectation(self) -> DPHeadExpectation:
         from tangent.exact_head.dp import RELEASE_WEIGHTS
 
-        return DPHeadExpectation(self.epsilon, self.dim, self.seed, self.centre_digest, RELEASE_WEIGHTS)
+        return DPHeadExpectation(self.epsilon, self.share, self.dim, self.seed, self.centre_digest, RELEASE_WEIGHTS)
 
     def card(self) -> dict[str, Any]:
         """The statistics ledger's card entry: releases of other rows (k, seed, centre) or exact
