@@ -37,6 +37,8 @@ DEFAULT_WEIGHTS = dp.RELEASE_WEIGHTS
 DEFAULT_FRAC_BITS = 16
 #: the name of the head's part of a contribution (budget entries, tangent.training.privacy.Companion)
 PART = "exact-head"
+#: in the site's state-dir: the run's spec and the DP head's request of its last release (client.forget)
+REQUEST_FILE = "dp-head-request.json"
 
 
 @dataclass(frozen=True)
@@ -151,3 +153,44 @@ def forget_release(extractor, data, num_classes: int, request: HeadRequest, epsi
     contribution_id = secrets.token_hex(16)
     return contribution_id, release(extractor, data, num_classes, request, epsilon, delta, contribution_id,
                                     budget=budget, exclude=exclude)
+
+
+def remember_request(state_dir, spec_record, request: HeadRequest, epsilon: float, delta: float) -> None:
+    """Save what a forget release needs to be checked like this one (client.forget): the run's spec
+    (model and feature settings, feature digest), the transform (centre included), the weights and
+    the grid, and the release's own (ε, δ) — public values only, never the data. ``<state-dir>/``
+    :data:`REQUEST_FILE`, 0600; nothing without a state-dir."""
+    import json
+    import os
+
+    if state_dir is None:
+        return
+    state_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    transform = request.transform
+    document = {"spec": dict(spec_record), "epsilon": float(epsilon), "delta": float(delta),
+                "share": request.share, "weights": list(request.weights), "frac-bits": request.frac_bits,
+                "dim": transform.projection_dim, "seed": transform.seed,
+                "centre": None if transform.centre is None else [float(v) for v in transform.centre]}
+    path = state_dir / REQUEST_FILE
+    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    fd = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
+    with os.fdopen(fd, "w") as handle:
+        json.dump(document, handle, sort_keys=True)
+    os.replace(temporary, path)
+
+
+def remembered_request(path) -> tuple[dict, HeadRequest, float, float]:
+    """(the run's spec record, the head request, ε, δ) saved by :func:`remember_request`;
+    ValueError when the file is missing or incomplete."""
+    import json
+
+    try:
+        document = json.loads(path.read_text())
+        centre = document["centre"]
+        request = HeadRequest(float(document["share"]),
+                              dp.RowTransform(None if centre is None else np.asarray(centre, np.float64),
+                                              int(document["dim"]), int(document["seed"])),
+                              tuple(float(w) for w in document["weights"]), int(document["frac-bits"]))
+        return dict(document["spec"]), request, float(document["epsilon"]), float(document["delta"])
+    except (OSError, ValueError, KeyError, TypeError) as err:
+        raise ValueError(f"DP head request {path}: {err}") from None

@@ -354,6 +354,8 @@ def train(content: RecordDict, node_config, run_config, site: str) -> RecordDict
             reply["meta"]["dp-taft-epsilon"] = float(result.epsilon_parts["dp-sgd"])
             reply |= dp_head.release(extractor, data, spec.num_classes, head, privacy.companions[0].epsilon,
                                      privacy.target_delta, contribution_id)
+            dp_head.remember_request(policy.state_dir, content.config_records["spec"], head,
+                                     privacy.companions[0].epsilon, privacy.target_delta)
         return RecordDict(reply)
     metrics = MetricRecord({
         # the loss of the Δ actually sent: after the short-schedule guard when it moved it

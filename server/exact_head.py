@@ -188,14 +188,16 @@ def solve_dp_head(total):
 
 
 def replace_release(stats_ledger, site: str, record, meta: Mapping[str, Any], expectation: StatsExpectation, *,
-                    delta: float, contribution_id: str):
+                    delta: float, contribution_id: str, extra: Mapping[str, Any] | None = None):
     """A DP site forgets rows: its fresh release of the remaining rows (client.dp_head.forget_release:
     ``record`` its ``stats`` ArrayRecord, ``meta`` its ``stats-meta``) replaces its active release in
     the statistics ledger — the old release, its noise included, is subtracted exactly. Checked like
     a reply's release (server.replies.parse_dp_release: transform, ε ≤ the request, δ, declared
     noise, post-processed n; :class:`server.replies.Rejected` otherwise). The site's DP-TAFT Δw is
     not touched: it was trained on the forgotten rows under its own (ε, δ) bound, and leaves only
-    with a retrained Δw or the site's removal. Returns the statistics ledger's new version."""
+    with a retrained Δw or the site's removal (a signed forget request retracts it:
+    server/trust/forgetting.py). ``extra``: what the ledger records beside the contribution id.
+    Returns the statistics ledger's new version."""
     from server.ledger import RejectedContribution
     from server.replies import Rejected, parse_dp_release
 
@@ -211,6 +213,6 @@ def replace_release(stats_ledger, site: str, record, meta: Mapping[str, Any], ex
             site, stats.to_arrays(), num_examples=active[0].num_examples, base_digest=expectation.feature_digest,
             epsilon=stats.dp["epsilon"], delta_dp=stats.dp["delta"],
             dp_settings={"dp": True, "mechanism": stats.dp["mechanism"], "noise_variance": stats.dp["noise_variance"]},
-            extra={"contribution_id": contribution_id, "forget": True})
+            extra={**(extra or {}), "contribution_id": contribution_id, "forget": True})
     except RejectedContribution as err:
         raise Rejected(err.reason, err.detail, site) from None

@@ -126,10 +126,11 @@ NOISE_RTOL = 1e-9
 @dataclass(frozen=True)
 class DPHeadExpectation:
     """What a DP run asked of the DP head (server.exact_head.DPHeadRequest): ``share`` of the μ² of a
-    contribution of ε at most ``epsilon`` (tangent.exact_head.dp.head_epsilon), rows built with this projection (``dim``, ``seed``) and the centre of ``centre_digest``,
+    contribution of ε at most ``epsilon`` (tangent.exact_head.dp.head_epsilon; ``share`` None: ``epsilon``
+    bounds the release itself, as for a forget release), rows built with this projection (``dim``, ``seed``) and the centre of ``centre_digest``,
     released with ``weights`` (tangent.exact_head.dp.RELEASE_WEIGHTS)."""
     epsilon: float
-    share: float
+    share: float | None
     dim: int
     seed: int
     centre_digest: str
@@ -549,10 +550,10 @@ def parse_dp_release(record: ArrayRecord, meta: dict, expected: StatsExpectation
         if not 0 < delta < 1 or delta != reply_meta.get("delta_dp"):
             raise Rejected("stats_dp_delta", f"dp-head-delta = {delta:g}, the reply's δ {reply_meta.get('delta_dp')}",
                            site)
-        allowed = dp_release.head_epsilon(want.epsilon, delta, want.share)
+        allowed = want.epsilon if want.share is None else dp_release.head_epsilon(want.epsilon, delta, want.share)
         if not 0 < epsilon <= allowed * (1 + NOISE_RTOL):
-            raise Rejected("stats_dp_epsilon", f"dp-head-epsilon = {epsilon:g}: the run asked for a share "
-                                               f"{want.share:g} of ε = {want.epsilon:g}, i.e. at most {allowed:g}", site)
+            raise Rejected("stats_dp_epsilon", f"dp-head-epsilon = {epsilon:g}: at most {allowed:g} is allowed "
+                                               f"(ε = {want.epsilon:g}, head share {want.share})", site)
         composed = reply_meta.get("epsilon")
         if composed is not None and composed < epsilon * (1 - NOISE_RTOL):
             raise Rejected("stats_dp_epsilon", f"the reply's ε = {composed:g} is below its head's {epsilon:g}: a "
