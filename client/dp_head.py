@@ -16,7 +16,6 @@ mechanism, never the site's exact count.
 """
 from __future__ import annotations
 
-import math
 import secrets
 from dataclasses import dataclass
 from typing import Any, Mapping
