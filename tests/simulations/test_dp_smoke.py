@@ -1,7 +1,7 @@
 """A private federation end to end: `simulations.run --dp-epsilon 8` with 3 sites through a real
 `flwr run` — every site trains DP-TAFT and releases the DP exact head's noisy statistics, the
 ServerApp records both, one site is unlearned, and summary.json carries the DP keys: accuracies,
-what each site spent (both charges), and the exactness flags that apply to noisy statistics."""
+what each site spent (DP-TAFT and the head composed), and the exactness flags that apply to noisy statistics."""
 from __future__ import annotations
 
 import json
