@@ -40,6 +40,10 @@ def site(tmp_path_factory):
 
 
 def train(site, node_config, centre=None, exact_head=True, **config) -> RecordDict:
+    return train_message(site, node_config, centre, exact_head, **config).content
+
+
+def train_message(site, node_config, centre=None, exact_head=True, **config) -> Message:
     spec = SPEC.to_config() | {"base-digest": site["digest"], "exact-head": exact_head} | FEATURES.to_config()
     spec["feature-digest"] = site["feature_digest"]
     records = {"spec": ConfigRecord(spec), "config": ConfigRecord(TRAIN | config)}
@@ -49,7 +53,7 @@ def train(site, node_config, centre=None, exact_head=True, **config) -> RecordDi
     context = Context(run_id=1, node_id=42, node_config=node_config, state=RecordDict(), run_config={})
     reply = app(msg, context)
     assert not reply.has_error(), reply.error
-    return reply.content
+    return reply
 
 
 def test_a_dp_reply_carries_the_heads_release_and_one_composed_charge(site, tmp_path):
@@ -58,7 +62,9 @@ def test_a_dp_reply_carries_the_heads_release_and_one_composed_charge(site, tmp_
     # exactly the contribution's ε: the old sum of both charges (4 + 3.8) would not fit
     PrivacyBudget.create(tmp_path / "state" / PrivacyBudget.FILE_NAME, "site-a", 4.0)
     node = site["node_config"] | {"state-dir": str(tmp_path / "state")}
-    reply = train(site, node, centre=np.full(FEATURES.dim(), 0.01))
+    centre = np.full(FEATURES.dim(), 0.01)
+    message = train_message(site, node, centre=centre)
+    reply = message.content
     assert "error" not in reply, reply["error"]["reason"] if "error" in reply else ""
     assert set(reply.keys()) == {"delta", "metrics", "meta", "stats", "stats-meta"}
     meta = dict(reply["stats-meta"])
@@ -73,6 +79,19 @@ def test_a_dp_reply_carries_the_heads_release_and_one_composed_charge(site, tmp_
     assert charge["state"] == "settled" and charge["epsilon"] == reply["metrics"]["epsilon"] <= 4.0
     assert charge["alone"] == {"dp-sgd": reply["meta"]["dp-taft-epsilon"], "exact-head": head_epsilon}
     assert max(charge["alone"].values()) < charge["epsilon"] < sum(charge["alone"].values())
+    # the server accepts the real reply with the run's request (ε = 4 in all, share 0.9) and counts
+    # what it released as the composition
+    from server.replies import DPHeadExpectation, Rejected, StatsExpectation, parse_train_reply, released_privacy
+
+    expectation = StatsExpectation(site["feature_digest"], 16, 10, 1.0, 16, DPHeadExpectation(
+        4.0, 0.9, 16, 1, dp.centre_digest(centre), dp.RELEASE_WEIGHTS))
+    contribution = parse_train_reply(message, site["digest"], require_dp=True, stats=expectation)
+    assert contribution.stats.dp["epsilon"] == head_epsilon and contribution.meta["epsilon"] == charge["epsilon"]
+    assert released_privacy(message) == (charge["epsilon"], charge["delta"])
+    with pytest.raises(Rejected, match="stats_dp_epsilon"):  # a run that asked for a smaller share
+        parse_train_reply(message, site["digest"], require_dp=True, stats=StatsExpectation(
+            site["feature_digest"], 16, 10, 1.0, 16, DPHeadExpectation(4.0, 0.5, 16, 1, dp.centre_digest(centre),
+                                                                        dp.RELEASE_WEIGHTS)))
 
 
 def test_a_budget_that_cannot_pay_the_composition_refuses_before_any_charge(site, tmp_path):
