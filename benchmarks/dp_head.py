@@ -266,7 +266,8 @@ def stage_shared_select(out: Path, head_share: float, dims, epsilons=EPSILONS, s
             row = {"epsilon": eps, "head_share": head_share, "head_epsilon": allocation.epsilon, "proj_dim": dim,
                    "best_tau": best[0], "best_lambda": best[1], "holdout_accuracy": acc[best],
                    "holdout_accuracy_default": acc[(dp.SHRINK, dp.LAMBDA)],
-                   "curve": {f"{t}/{l:.3g}": a for (t, l), a in acc.items()}, "wall_s": round(time.perf_counter() - t0, 1)}
+                   "curve": {f"{t}/{l:.3g}": a for (t, l), a in acc.items()},
+                   "wall_s": round(time.perf_counter() - t0, 1)}
             rows.append(row)
             _log(json.dumps({k: v for k, v in row.items() if k != "curve"}))
             (out / f"shared-select-{head_share}.json").write_text(json.dumps(rows, indent=1))

@@ -55,8 +55,8 @@ def dp_head_request(run_config, description: Mapping[str, Any]) -> DPHeadRequest
     if not cfg.dp_head_enabled(run_config):
         return None
     run = as_run_config(run_config)
-    return DPHeadRequest(float(run.dp_epsilon), float(run.dp_head_share), int(run.dp_head_dim), int(run.dp_head_seed), int(run.frac_bits),
-                         np.asarray(description["dp-head-centre"], np.float64))
+    return DPHeadRequest(float(run.dp_epsilon), float(run.dp_head_share), int(run.dp_head_dim), int(run.dp_head_seed),
+                         int(run.frac_bits), np.asarray(description["dp-head-centre"], np.float64))
 
 
 @dataclass(frozen=True)

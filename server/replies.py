@@ -35,10 +35,10 @@ carrying the site's Gaussian release (tangent.exact_head.dp.privatize, client/dp
 nothing else (``dp_extra_records``; a non-DP reply is ``not_private``). Its ``stats-meta`` holds
 the grid (k, classes, clip 1, frac-bits), the feature digest and exactly the mechanism's public
 parameters (DP_STATS_META_KEYS); refused: the rows of another transform (k, seed or centre:
-``stats_dp_transform_mismatch``), ε above the head's share of the request or above the reply's own
-(composed) ε (``stats_dp_epsilon``), a δ other than the
-reply's (``stats_dp_delta``), σ's or a noise variance other than those of the declared (ε, δ)
-(``stats_dp_noise_mismatch``), a release that is not the DP head's (``stats_not_dp``), the row form,
+``stats_dp_transform_mismatch``), ε above the head's share of the request or above the reply's
+own (composed) ε (``stats_dp_epsilon``), a δ other than the reply's (``stats_dp_delta``), σ's or a
+noise variance other than those of the declared (ε, δ) (``stats_dp_noise_mismatch``), a release
+that is not the DP head's (``stats_not_dp``), the row form,
 and an n or sums that are not the post-processing of the noisy counts and class sums
 (``stats_dp_not_post_processing``: an exact n never leaves a DP site). n is noisy, so it is never
 held to num-examples.
@@ -125,10 +125,11 @@ NOISE_RTOL = 1e-9
 
 @dataclass(frozen=True)
 class DPHeadExpectation:
-    """What a DP run asked of the DP head (server.exact_head.DPHeadRequest): ``share`` of the μ² of a
-    contribution of ε at most ``epsilon`` (tangent.exact_head.dp.head_epsilon; ``share`` None: ``epsilon``
-    bounds the release itself, as for a forget release), rows built with this projection (``dim``, ``seed``) and the centre of ``centre_digest``,
-    released with ``weights`` (tangent.exact_head.dp.RELEASE_WEIGHTS)."""
+    """What a DP run asked of the DP head (server.exact_head.DPHeadRequest): ``share`` of the μ² of
+    a contribution of ε at most ``epsilon`` (tangent.exact_head.dp.head_epsilon; ``share`` None:
+    ``epsilon`` bounds the release itself, as for a forget release), rows built with this
+    projection (``dim``, ``seed``) and the centre of ``centre_digest``, released with ``weights``
+    (tangent.exact_head.dp.RELEASE_WEIGHTS)."""
     epsilon: float
     share: float | None
     dim: int
@@ -520,7 +521,8 @@ def parse_dp_release(record: ArrayRecord, meta: dict, expected: StatsExpectation
                      site: str) -> tuple["SufficientStats", int, None]:
     """The DP head's release (tangent.exact_head.dp.privatize): the grid and feature digest as for
     exact statistics; the transform (k, seed, centre digest) the run sent; ε at most the head's
-    share of the request (recomputed here at the reply's δ) and at most the reply's composed ε; δ the reply's; the declared σ's and noise variance exactly those of the declared (ε, δ); the
+    share of the request (recomputed here at the reply's δ) and at most the reply's composed ε; δ
+    the reply's; the declared σ's and noise variance exactly those of the declared (ε, δ); the
     five int64 arrays only (no row form), with n = Σ counts and sums = the class sums' row sums
     (post-processing of the noisy blocks: an exact n or exact sums are refused). n is noisy: it is
     never held to num-examples."""

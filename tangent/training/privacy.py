@@ -47,7 +47,8 @@ log = logging.getLogger(__name__)
 
 ACCOUNTANTS = ("prv", "rdp")
 __all__ = ["ACCOUNTANTS", "BudgetExhausted", "BudgetMissing", "Companion", "PrivacyBudget", "PrivacyConfig",
-           "calibrated_noise", "composed_epsilon", "PrivateTraining", "default_delta", "make_private", "public_count", "secret_generator"]
+           "calibrated_noise", "composed_epsilon", "PrivateTraining", "default_delta", "make_private", "public_count",
+           "secret_generator"]
 
 #: the default δ never exceeds this, whatever N_pub is
 DELTA_CAP = 1e-5

@@ -207,8 +207,9 @@ def fit(model, inputs, labels, config: TrainConfig, *, privacy=None, from_cache:
                 raise ValueError("a budgeted DP fit needs a contribution_id")
             try:  # one locked check-and-charge before any step; a crash after it stays charged
                 steps = config.epochs * len(loader)
-                budget.reserve(contribution_id, private.planned_epsilon(steps), private.delta,
-                               alone=private.parts(steps))
+                planned = private.planned_epsilon(steps)
+                budget.reserve(contribution_id, planned, private.delta,
+                               alone=private.parts(steps) if private.companions else {"dp-sgd": planned})
             except BaseException:
                 private.close()
                 raise
@@ -269,7 +270,8 @@ def fit(model, inputs, labels, config: TrainConfig, *, privacy=None, from_cache:
             guarded = guard(model, dataset, config, from_cache=from_cache)
         epsilon = delta = parts = None
         if private is not None:
-            epsilon, delta, parts = private.epsilon(), private.delta, private.parts(step)
+            epsilon, delta = private.epsilon(), private.delta
+            parts = private.parts(step) if private.companions else {"dp-sgd": epsilon}
             if budget is not None:
                 budget.settle(contribution_id, epsilon, delta, steps=step, alone=parts)
     finally:
