@@ -10,6 +10,12 @@ the 10k test images, several noise draws each.
     OMP_NUM_THREADS=2 python -m benchmarks.dp_head select --out /tmp/dphead
     OMP_NUM_THREADS=2 python -m benchmarks.dp_head final --out /tmp/dphead
 
+Under one site budget (``--head-share S``: ε is the site's total for a contribution, the head's
+release takes S of its μ², tangent.exact_head.dp.head_epsilon; DP-TAFT the rest):
+
+    OMP_NUM_THREADS=2 python -m benchmarks.dp_head shared-select --head-share 0.9 --dims 768,1024,1536
+    OMP_NUM_THREADS=2 python -m benchmarks.dp_head federated --head-share 0.9 [--solver FILE]
+
 Every release is a Gaussian mechanism of L2 sensitivity 1 per block, so the blocks and the mean
 release compose exactly as Gaussian differential privacy: μ² = Σ 1/σ_i² (tangent/exact_head/dp.py).
 """
@@ -223,13 +229,60 @@ def stage_final(out: Path, seeds: int = 3, proxy: bool = False):
         (out / ("final-proxy.json" if proxy else "final.json")).write_text(json.dumps(results, indent=1))
 
 
+def head_epsilon(epsilon: float, head_share: float | None) -> float:
+    """The head release's own ε: ``epsilon`` itself (the whole budget) or its share of a site's total."""
+    return epsilon if head_share is None else dp.head_epsilon(epsilon, DELTA, head_share)
+
+
+def stage_shared_select(out: Path, head_share: float, dims, epsilons=EPSILONS, seeds: int = 2,
+                        sites: int = SITES):
+    """Solver constants (τ, ℓ) and k per site ε under the shared budget, chosen on TRAINING rows
+    only: the seeded permutation of the 60k training rows, its first 50,000 fit (statistics ×1.2:
+    the signal of 50 × 1,200 rows against the same per-site noise), its last 10,000 scored. The
+    noise is the summed noise of ``sites`` releases at the head's ε (dp.add_noise). The same
+    synthetic centre and transform as the Flower path; exact removal is untouched (the choice is
+    the server's solver and the public k)."""
+    zt, yt, _, _ = load_cache()
+    order = np.random.default_rng(0).permutation(len(zt))
+    fit, hold = order[:50000], order[50000:]
+    centre = synthetic_z().astype(np.float64).mean(axis=0)
+    lams = [float(v) for v in np.logspace(-1.5, 0.5, 9)]
+    taus = [0.25, 0.5, 0.75, 1.0, 1.5]
+    rng = np.random.default_rng(5)
+    rows = []
+    for dim in dims:
+        t0 = time.perf_counter()
+        transform = dp.RowTransform(centre, dim, 0)
+        x, xe = transform.rows(zt[fit]), transform.rows(zt[hold])
+        onehot = np.eye(NUM_CLASSES)[yt[fit]]
+        exact = dp.Statistics(1.2 * (x.T @ x), 1.2 * (x.T @ onehot), 1.2 * onehot.sum(axis=0))
+        del x
+        _log("k", dim, "prepared", round(time.perf_counter() - t0, 1), "s")
+        for eps in epsilons:
+            t0 = time.perf_counter()
+            allocation = dp.Allocation.from_weights(head_epsilon(eps, head_share), DELTA, dp.RELEASE_WEIGHTS)
+            acc = score(exact, xe, yt[hold], allocation, rng, lams + [dp.LAMBDA], taus, seeds=seeds)
+            best = max(acc, key=acc.get)
+            row = {"epsilon": eps, "head_share": head_share, "head_epsilon": allocation.epsilon, "proj_dim": dim,
+                   "best_tau": best[0], "best_lambda": best[1], "holdout_accuracy": acc[best],
+                   "holdout_accuracy_default": acc[(dp.SHRINK, dp.LAMBDA)],
+                   "curve": {f"{t}/{l:.3g}": a for (t, l), a in acc.items()},
+                   "wall_s": round(time.perf_counter() - t0, 1)}
+            rows.append(row)
+            _log(json.dumps({k: v for k, v in row.items() if k != "curve"}))
+            (out / f"shared-select-{head_share}.json").write_text(json.dumps(rows, indent=1))
+
+
 def stage_federated(out: Path, proj_dim: int, epsilons=EPSILONS, seeds: int = 3, sites: int = SITES,
-                    rows_per_site: int = 1200, test_rows: int = 10000, centre: str = "synthetic"):
+                    rows_per_site: int = 1200, test_rows: int = 10000, centre: str = "synthetic",
+                    head_share: float | None = None, solver: dict | None = None):
     """The integer path end to end on all 60k / 10k: 50 sites × 1,200 rows, each site's rows
     through the public RowTransform (synthetic centre, seeded projection), exact integer statistics,
     its own Gaussian release (tangent.exact_head.dp.privatize); the server sums the integer
-    releases and solves with the fixed constants (dp.SHRINK, dp.LAMBDA). Also checks that removing
-    a site leaves exactly the sum of the others."""
+    releases and solves with the fixed constants (dp.SHRINK, dp.LAMBDA), or per ε with ``solver``
+    ({ε: (τ, ℓ)}, chosen by :func:`stage_shared_select` on training rows). ``head_share``: ε is the
+    site's total and the release takes this share of its μ². Also checks that removing a site
+    leaves exactly the sum of the others."""
     from tangent.exact_head.statistics import SufficientStats
 
     zt, yt, ztest, ytest = load_cache()
@@ -256,30 +309,35 @@ def stage_federated(out: Path, proj_dim: int, epsilons=EPSILONS, seeds: int = 3,
     rng = np.random.default_rng(3)
     results = []
     for eps in epsilons:
-        allocation = dp.Allocation.from_weights(eps, DELTA, weights)
+        allocation = dp.Allocation.from_weights(head_epsilon(eps, head_share), DELTA, weights)
+        shrink, lam = (solver or {}).get(eps, (dp.SHRINK, dp.LAMBDA))
         accs, removal_exact = [], []
         for _ in range(seeds):
             releases = [dp.privatize(st, allocation, rng) for st in exact]
             total = SufficientStats.total(releases)
-            head = dp.solve_release(total, transform)
+            head = dp.solve_release(total, transform, shrink=shrink, lam=lam)
             accs.append(float((head.predict(ztest) == ytest).mean()))
             removal_exact.append(total - releases[7] == SufficientStats.total(releases[:7] + releases[8:]))
         row = {"epsilon": eps, "delta": DELTA, "sites": sites, "rows_per_site": rows_per_site, "proj_dim": proj_dim,
                "test_rows": len(ytest),
-               "centre": centre, "weights": allocation.weights, "shrink": dp.SHRINK, "lambda": dp.LAMBDA,
+               "head_share": head_share, "head_epsilon": allocation.epsilon,
+               "centre": centre, "weights": allocation.weights, "shrink": shrink, "lambda": lam,
                "test_accuracy_mean": float(np.mean(accs)), "test_accuracy_std": float(np.std(accs)),
                "test_accuracies": accs, "removal_exact": all(removal_exact),
                "bytes_per_site": int(releases[0].nbytes)}
         results.append(row)
         _log(json.dumps(row))
-        (out / f"federated-{sites}x{rows_per_site}-{proj_dim}-{centre}.json").write_text(json.dumps(results, indent=1))
+        share = "" if head_share is None else f"-share{head_share}"
+        tuned = "" if solver is None else "-tuned"
+        (out / f"federated-{sites}x{rows_per_site}-{proj_dim}-{centre}{share}{tuned}.json").write_text(
+            json.dumps(results, indent=1))
     nonprivate = dp.solve_release(SufficientStats.total(exact), transform, lam=1.0, shrink=0.0)
     _log("non-private (λ = 1):", float((nonprivate.predict(ztest) == ytest).mean()))
 
 
 def main():
     parser = argparse.ArgumentParser()
-    parser.add_argument("stage", choices=("select", "final", "federated"))
+    parser.add_argument("stage", choices=("select", "final", "federated", "shared-select"))
     parser.add_argument("--dim", type=int, default=768, help="federated: the projection size")
     parser.add_argument("--epsilons", default="1,3,8", help="federated: comma-separated ε")
     parser.add_argument("--sites", type=int, default=SITES)
@@ -288,12 +346,23 @@ def main():
     parser.add_argument("--centre", choices=("synthetic", "dp"), default="synthetic")
     parser.add_argument("--out", type=Path, default=Path("/tmp/dphead"))
     parser.add_argument("--proxy", action="store_true", help="select on the partial z of load_proxy")
+    parser.add_argument("--head-share", type=float, default=None,
+                        help="ε is a site's total; the head's release takes this share of its μ²")
+    parser.add_argument("--dims", default="768", help="shared-select: comma-separated k")
+    parser.add_argument("--solver", type=Path, default=None,
+                        help="federated: (τ, ℓ) per ε from a shared-select JSON (its rows of --dim)")
     args = parser.parse_args()
     args.out.mkdir(parents=True, exist_ok=True)
+    epsilons = tuple(float(e) for e in args.epsilons.split(","))
     if args.stage == "federated":
-        stage_federated(args.out, args.dim, tuple(float(e) for e in args.epsilons.split(",")),
-                        sites=args.sites, rows_per_site=args.rows_per_site, test_rows=args.test_rows,
-                        centre=args.centre)
+        solver = None
+        if args.solver is not None:
+            solver = {r["epsilon"]: (r["best_tau"], r["best_lambda"])
+                      for r in json.loads(args.solver.read_text()) if r["proj_dim"] == args.dim}
+        stage_federated(args.out, args.dim, epsilons, sites=args.sites, rows_per_site=args.rows_per_site,
+                        test_rows=args.test_rows, centre=args.centre, head_share=args.head_share, solver=solver)
+    elif args.stage == "shared-select":
+        stage_shared_select(args.out, args.head_share, [int(d) for d in args.dims.split(",")], epsilons)
     elif args.stage == "select":
         stage_select(args.out, proxy=args.proxy)
     else:

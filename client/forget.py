@@ -26,13 +26,20 @@ rows, tangent/exact_head/stats_file.py). Send both (and ``--delta``) to the oper
     taft-ledger --ledger <state>/ledger.sqlite forget forget-3.json \
         --stats stats-3.safetensors [--delta delta-3.safetensors] --registry <state>/registry.json
 
-**Not on a DP site.** The statistics are exact (n and every label count) and go to the operator:
-on a site that requires differential privacy they would be a release its budget does not cover.
-The tool refuses (exit 2, before reading the data) when the site's state directory
-(``--state-dir``, its SuperNode's node config ``state-dir``; default
-``$TAFT_STATE_DIR/site-<id>`` as deploy.supernode sets it) holds a privacy-budget record or its
-seal, or when ``--require-dp`` says the site's node config requires DP. There is no DP forget
-mode: a DP site forgets by retraining (its next DP contribution replaces the old one).
+**On a DP site** — its state directory (``--state-dir``, its SuperNode's node config
+``state-dir``; default ``$TAFT_STATE_DIR/site-<id>`` as deploy.supernode sets it) holds a
+privacy-budget record or its seal, or ``--require-dp`` says its node config requires DP — exact
+statistics (n and every label count) would be a release its budget does not cover, so the tool
+writes a *fresh DP release* of the remaining rows instead (client.dp_head.forget_release): the
+DP head's transform, weights, grid and (ε, δ) of the site's last release, saved by the SuperNode
+as ``<state-dir>/dp-head-request.json``. The release is charged to the site's privacy budget on
+its own (the old release stays spent); a budget that cannot pay refuses (exit 2) before the data
+is read, and nothing is charged. The file is ``release-<site>.safetensors``; the operator runs
+the same ``taft-ledger forget`` (the server checks it like a reply's release and retracts the
+site's Δw). A DP-TAFT Δw is not retrained by this tool: ``--delta`` is refused on a DP site; the
+site contributes again in a DP round. The request's ``forgotten`` is the number of rows named;
+the server cannot check it against a noisy n. The budget caps of the site's node config
+(``max-epsilon``, ``epsilon-budget`` caps) are not read here: only the record's budget.
 
 The key is the site's SuperNode key (the one registered with deploy.register); the signing rule is
 tangent/protocol/signed_requests.py, the same as deploy/withdraw.py's. Exit 0: written; 2: bad input.
@@ -64,6 +71,11 @@ def read_run_spec(path: Path) -> tuple[ModelSpec, FeatureSpec, str]:
         record = json.loads(path.read_text())
     except (OSError, ValueError) as err:
         raise ValueError(f"run spec {path}: {err}") from None
+    return run_spec_of(record, path)
+
+
+def run_spec_of(record, path) -> tuple[ModelSpec, FeatureSpec, str]:
+    """:func:`read_run_spec` of a record already read (from ``path``)."""
     if not isinstance(record, dict):
         raise ValueError(f"run spec {path}: not a JSON object")
     # a brought backbone's keys are in the record only when the run set them
@@ -150,27 +162,77 @@ def build_parser() -> argparse.ArgumentParser:
     spec = parser.add_mutually_exclusive_group(required=True)
     spec.add_argument("--state-dir", type=Path, metavar="DIR",
                       help=f"the site's state-dir (node config state-dir): the run's spec is read from "
-                           f"DIR/{RUN_SPEC_FILE}, and a privacy-budget record there makes the tool refuse")
+                           f"DIR/{RUN_SPEC_FILE}; with a privacy-budget record there the site is a DP site")
     spec.add_argument("--run-spec", type=Path, metavar="FILE",
                       help="the run's spec record (JSON); the site's budget record is then looked for in "
                            "$TAFT_STATE_DIR/site-<id>")
     parser.add_argument("--require-dp", action="store_true",
-                        help="the site requires differential privacy: refuse (there is no DP forget mode)")
+                        help="the site requires differential privacy: write a fresh DP release of the remaining "
+                             "rows (charged to its budget) instead of exact statistics")
     parser.add_argument("--backbone-weights", default="",
                         help="this site's copy of the run's backbone weights (node config backbone-weights; "
                              "docs/backbones.md), when the run brought its own backbone")
     return parser
 
 
+def dp_forget(args, state_dir: Path, why: str) -> int:
+    """A DP site: a fresh DP release of the remaining rows, charged to its budget (module docstring)."""
+    from client import dp_head
+    from tangent.exact_head.features import FeatureExtractor
+    from tangent.exact_head.stats_file import release_bytes
+    from tangent.training.budget import BudgetExhausted, BudgetMissing, PrivacyBudget
+
+    if args.delta is not None:
+        print(f"client.forget: site {args.site} is a DP site ({why}): a DP-TAFT Δw is not retrained by this "
+              "tool (--delta refused); forget writes a fresh DP release of the exact head only, and the "
+              "server retracts the site's Δw until it contributes again in a DP round.", file=sys.stderr)
+        return 2
+    try:
+        if not re.fullmatch(r"[0-9a-f]{64}", args.replaces):
+            raise ValueError(f"--replaces must be a lowercase hex sha256, got {args.replaces[:70]!r}")
+        request_path = state_dir / dp_head.REQUEST_FILE
+        if not request_path.is_file():
+            raise ValueError(f"site {args.site} is a DP site ({why}) and {request_path} does not exist: it has "
+                             "released no DP head (a DP run without the head sends no statistics) — nothing to "
+                             "forget from the exact head; its DP-TAFT Δw leaves by retraining or withdrawal")
+        spec_record, request, epsilon, delta = dp_head.remembered_request(request_path)
+        budget = PrivacyBudget(state_dir / PrivacyBudget.FILE_NAME, args.site)
+        budget.check(epsilon, delta)  # before any data is read: a budget that cannot pay refuses here
+        model_spec, feature_spec, run_digest = run_spec_of(spec_record, request_path)
+        key = load_private_key(args.key)
+        data = site_data(args.data, model_spec.img_size)
+        exclude = read_indices(args.forget_indices, len(data.labels))
+        if args.backbone_weights:
+            model_spec = model_spec.at_site({"backbone-weights": args.backbone_weights})
+        extractor = FeatureExtractor.from_spec(model_spec, feature_spec)
+        digest = extractor.digest()
+        for expected in {run_digest, args.feature_digest} - {None}:
+            if expected != digest:
+                raise ValueError(f"our feature digest {digest} is not the run's {expected}")
+        _, reply = dp_head.forget_release(extractor, data, model_spec.num_classes, request, epsilon, delta,
+                                          budget, exclude)
+        blob = release_bytes({name: reply["stats"][name].numpy() for name in reply["stats"]},
+                             dict(reply["stats-meta"]))
+        document = forget_request(args.site, key, signer=args.signer, forgotten=len(exclude),
+                                  stats_sha256=hashlib.sha256(blob).hexdigest(), stats_replaces=args.replaces)
+    except (OSError, ValueError, BudgetExhausted, BudgetMissing) as err:
+        print(f"client.forget: {err}", file=sys.stderr)
+        return 2
+    args.out.mkdir(mode=0o700, parents=True, exist_ok=True)
+    request_file, release_file = args.out / f"forget-{args.site}.json", args.out / f"release-{args.site}.safetensors"
+    _private_write(release_file, blob)
+    _private_write(request_file, (json.dumps(document, indent=2) + "\n").encode())
+    print(f"wrote {request_file} and {release_file}: a fresh DP release (ε = {epsilon:g}, δ = {delta:g}, charged "
+          f"to the budget) without {len(exclude)} row(s) (nonce {document['payload']['nonce']}, valid 15 minutes)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    why = dp_site_reason(args.site, args.state_dir or default_state_dir(args.site), args.require_dp)
+    state_dir = args.state_dir or default_state_dir(args.site)
+    why = dp_site_reason(args.site, state_dir, args.require_dp)
     if why is not None:
-        print(f"client.forget: site {args.site} is a DP site ({why}). This tool writes exact "
-              "statistics (n and every label count) for the operator, a release no privacy budget "
-              "covers: refusing. Forget on a DP site by retraining: the next DP contribution "
-              "replaces the old one.", file=sys.stderr)
-        return 2
+        return dp_forget(args, state_dir, why)
     try:
         from tangent.exact_head.features import FeatureExtractor
         from tangent.exact_head.stats_file import stats_bytes

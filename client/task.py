@@ -316,13 +316,12 @@ def train(content: RecordDict, node_config, run_config, site: str) -> RecordDict
     # the DP head's request keys are read by client.dp_head; every other key by the one parser
     train_request = parse_train_request({k: v for k, v in config.items() if k not in dp_head.REQUEST_KEYS})
     request = policy.check_request(train_request)
-    head = None if request is None else dp_head.head_request(content, config, policy)
+    head = None if request is None else dp_head.head_request(content, config)
     budget = None
     if request is not None:
         budget = policy.budget(site)
-        if budget is not None:  # both releases must fit before any data is touched
-            delta = request.requested_delta or request.delta_ceiling
-            budget.check(request.target_epsilon + (head.epsilon if head else 0.0), delta * (2 if head else 1))
+        if budget is not None:  # the contribution (DP-TAFT and the head composed) must fit before any data is touched
+            budget.check(request.target_epsilon, request.requested_delta or request.delta_ceiling)
     cfg = train_config(train_request)
     device = site_device(node_config, run_config)
     spec, model, digest = _check_spec(content, node_config)
@@ -337,6 +336,8 @@ def train(content: RecordDict, node_config, run_config, site: str) -> RecordDict
     data = load_split("train", model, digest, spec.img_size, node_config, run_config,
                       drop_unusable=request is not None)
     privacy = None if request is None else privacy_setup(request, policy, data.num_examples)
+    if head is not None:  # one accountant: the head's release is composed with DP-SGD (client/dp_head.py)
+        privacy.companions = (head.companion(privacy.target_epsilon, privacy.target_delta),)
     contribution_id = None if privacy is None else secrets.token_hex(16)
     torch.manual_seed(cfg.seed)  # the non-DP path only: DP draws from OS entropy
     result = fit(model, data.inputs, data.labels, cfg, privacy=privacy, from_cache=data.from_cache,
@@ -349,9 +350,12 @@ def train(content: RecordDict, node_config, run_config, site: str) -> RecordDict
         _remember_contribution(policy, contribution_id, data, result, privacy)
         reply = {"delta": ArrayRecord(delta), **dp_reply(site, digest, contribution_id, privacy, result,
                                                          train_config_json)}
-        if head is not None:
-            reply |= dp_head.release(extractor, data, spec.num_classes, head, privacy.target_delta, budget,
-                                     contribution_id)
+        if head is not None:  # already charged: the contribution's entry is the composition
+            reply["meta"]["dp-taft-epsilon"] = float(result.epsilon_parts["dp-sgd"])
+            reply |= dp_head.release(extractor, data, spec.num_classes, head, privacy.companions[0].epsilon,
+                                     privacy.target_delta, contribution_id)
+            dp_head.remember_request(policy.state_dir, content.config_records["spec"], head,
+                                     privacy.companions[0].epsilon, privacy.target_delta)
         return RecordDict(reply)
     metrics = MetricRecord({
         # the loss of the Δ actually sent: after the short-schedule guard when it moved it
@@ -379,8 +383,9 @@ def train(content: RecordDict, node_config, run_config, site: str) -> RecordDict
 
 def dp_reply(site: str, digest: str, contribution_id: str, privacy, result,
              train_config_json: str) -> dict:
-    """The metrics and meta of a DP reply: the mechanism's (ε, δ, σ), the public count, and what
-    the server sent or already knows — nothing else computed from the data."""
+    """The metrics and meta of a DP reply: the mechanisms' (ε, δ, σ) — ``epsilon`` is the whole
+    contribution's, the DP head's release composed in when there is one — the public count, and
+    what the server sent or already knows — nothing else computed from the data."""
     metrics = MetricRecord({"num-examples": int(privacy.public_examples),
                             "epsilon": float(result.epsilon), "delta": float(result.delta)})
     meta = ConfigRecord({"site-id": site, "base-digest": digest, "contribution-id": contribution_id,

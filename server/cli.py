@@ -339,10 +339,13 @@ def _add_forget_command(sub) -> None:
                        description="Verify a signed forget-samples request (python -m client.forget writes it) and, "
                                    "only if every check passes, replace the site's statistics in the stats ledger "
                                    "and retract its TAFT Δw from --ledger (or replace it with the retrained --delta "
-                                   "the request signs). Exit 0: applied; 1: refused (both ledgers unchanged; the "
-                                   "reason is printed and kept in <ledger>.withdrawals.sqlite).")
+                                   "the request signs). A DP head's stats ledger takes a DP site's fresh release "
+                                   "instead, checked like a reply's release, and retracts its Δw. Exit 0: applied; "
+                                   "1: refused (both ledgers unchanged; the reason is printed and kept in "
+                                   "<ledger>.withdrawals.sqlite).")
     p.add_argument("request", type=Path, metavar="REQUEST.json")
-    p.add_argument("--stats", type=Path, required=True, metavar="FILE", help="the replacement statistics file")
+    p.add_argument("--stats", type=Path, required=True, metavar="FILE",
+                   help="the replacement statistics file (a DP site's: its release-<site>.safetensors)")
     p.add_argument("--delta", type=Path, default=None, metavar="FILE", help="the retrained Δw the request signs")
     p.add_argument("--registry", type=Path, required=True, metavar="R", help="the site registry (deploy.register)")
     p.add_argument("--stats-ledger", type=Path, default=None, metavar="PATH",

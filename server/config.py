@@ -45,7 +45,7 @@ def train_config(run_config) -> dict[str, Any]:
     run = as_run_config(run_config)
     config = run.train_request().to_config()
     if dp_head_enabled(run):
-        config |= {"dp-head-epsilon": run.dp_head_epsilon, "dp-head-dim": run.dp_head_dim,
+        config |= {"dp-head-share": run.dp_head_share, "dp-head-dim": run.dp_head_dim,
                    "dp-head-seed": run.dp_head_seed, "dp-head-frac-bits": run.frac_bits}
     return config
 
@@ -78,10 +78,10 @@ def exact_head_requested(run_config) -> bool:
 
 
 def dp_head_enabled(run_config) -> bool:
-    """A DP run (``dp=true``) with ``exact-head=true`` and ``dp-head-epsilon`` > 0: every site
+    """A DP run (``dp=true``) with ``exact-head=true`` and ``dp-head-share`` > 0: every site
     sends the DP head's Gaussian release of its statistics (client/dp_head.py), never exact ones."""
     run = as_run_config(run_config)
-    return run.exact_head and run.dp and run.dp_head_epsilon > 0
+    return run.exact_head and run.dp and run.dp_head_share > 0
 
 
 def exact_head_enabled(run_config) -> bool:

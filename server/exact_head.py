@@ -55,18 +55,20 @@ def dp_head_request(run_config, description: Mapping[str, Any]) -> DPHeadRequest
     if not cfg.dp_head_enabled(run_config):
         return None
     run = as_run_config(run_config)
-    return DPHeadRequest(float(run.dp_head_epsilon), int(run.dp_head_dim), int(run.dp_head_seed), int(run.frac_bits),
-                         np.asarray(description["dp-head-centre"], np.float64))
+    return DPHeadRequest(float(run.dp_epsilon), float(run.dp_head_share), int(run.dp_head_dim), int(run.dp_head_seed),
+                         int(run.frac_bits), np.asarray(description["dp-head-centre"], np.float64))
 
 
 @dataclass(frozen=True)
 class DPHeadRequest:
     """The DP head of a DP run (server.config.dp_head_enabled): the sites release noisy statistics
-    of the rows x = P(φ − c)/‖P(φ − c)‖ (tangent.exact_head.dp.RowTransform) at ε ≤ ``epsilon``.
+    of the rows x = P(φ − c)/‖P(φ − c)‖ (tangent.exact_head.dp.RowTransform) with ``share`` of the μ² of a
+    contribution of ε ≤ ``epsilon`` (the run's dp-epsilon: DP-TAFT and the head composed).
     ``centre`` c is public (tangent.exact_head.public_centre: seeded synthetic images, computed by
     server.model_process), so removing a site removes every trace of it."""
 
     epsilon: float
+    share: float
     dim: int  # k (0: no projection, the rows keep φ's p dimensions)
     seed: int
     frac_bits: int
@@ -84,7 +86,7 @@ class DPHeadRequest:
     def expectation(self) -> DPHeadExpectation:
         from tangent.exact_head.dp import RELEASE_WEIGHTS
 
-        return DPHeadExpectation(self.epsilon, self.dim, self.seed, self.centre_digest, RELEASE_WEIGHTS)
+        return DPHeadExpectation(self.epsilon, self.share, self.dim, self.seed, self.centre_digest, RELEASE_WEIGHTS)
 
     def card(self) -> dict[str, Any]:
         """The statistics ledger's card entry: releases of other rows (k, seed, centre) or exact
@@ -186,14 +188,16 @@ def solve_dp_head(total):
 
 
 def replace_release(stats_ledger, site: str, record, meta: Mapping[str, Any], expectation: StatsExpectation, *,
-                    delta: float, contribution_id: str):
+                    delta: float, contribution_id: str, extra: Mapping[str, Any] | None = None):
     """A DP site forgets rows: its fresh release of the remaining rows (client.dp_head.forget_release:
     ``record`` its ``stats`` ArrayRecord, ``meta`` its ``stats-meta``) replaces its active release in
     the statistics ledger — the old release, its noise included, is subtracted exactly. Checked like
     a reply's release (server.replies.parse_dp_release: transform, ε ≤ the request, δ, declared
     noise, post-processed n; :class:`server.replies.Rejected` otherwise). The site's DP-TAFT Δw is
     not touched: it was trained on the forgotten rows under its own (ε, δ) bound, and leaves only
-    with a retrained Δw or the site's removal. Returns the statistics ledger's new version."""
+    with a retrained Δw or the site's removal (a signed forget request retracts it:
+    server/trust/forgetting.py). ``extra``: what the ledger records beside the contribution id.
+    Returns the statistics ledger's new version."""
     from server.ledger import RejectedContribution
     from server.replies import Rejected, parse_dp_release
 
@@ -209,6 +213,6 @@ def replace_release(stats_ledger, site: str, record, meta: Mapping[str, Any], ex
             site, stats.to_arrays(), num_examples=active[0].num_examples, base_digest=expectation.feature_digest,
             epsilon=stats.dp["epsilon"], delta_dp=stats.dp["delta"],
             dp_settings={"dp": True, "mechanism": stats.dp["mechanism"], "noise_variance": stats.dp["noise_variance"]},
-            extra={"contribution_id": contribution_id, "forget": True})
+            extra={**(extra or {}), "contribution_id": contribution_id, "forget": True})
     except RejectedContribution as err:
         raise Rejected(err.reason, err.detail, site) from None

@@ -30,14 +30,15 @@ that asked for no DP head — they would be an unprotected release of the site's
 (``stats_in_dp_reply``), and none in a reply while the exact head is on (``stats_missing``). With
 the exact head off, a non-DP reply's statistics are ignored (never stored).
 
-DP head (a DP run with ``dp-head-epsilon``: :class:`DPHeadExpectation`): every reply is a DP reply
+DP head (a DP run with ``dp-head-share``: :class:`DPHeadExpectation`): every reply is a DP reply
 carrying the site's Gaussian release (tangent.exact_head.dp.privatize, client/dp_head.py) and
 nothing else (``dp_extra_records``; a non-DP reply is ``not_private``). Its ``stats-meta`` holds
 the grid (k, classes, clip 1, frac-bits), the feature digest and exactly the mechanism's public
 parameters (DP_STATS_META_KEYS); refused: the rows of another transform (k, seed or centre:
-``stats_dp_transform_mismatch``), ε above the request (``stats_dp_epsilon``), a δ other than the
-reply's (``stats_dp_delta``), σ's or a noise variance other than those of the declared (ε, δ)
-(``stats_dp_noise_mismatch``), a release that is not the DP head's (``stats_not_dp``), the row form,
+``stats_dp_transform_mismatch``), ε above the head's share of the request or above the reply's
+own (composed) ε (``stats_dp_epsilon``), a δ other than the reply's (``stats_dp_delta``), σ's or a
+noise variance other than those of the declared (ε, δ) (``stats_dp_noise_mismatch``), a release
+that is not the DP head's (``stats_not_dp``), the row form,
 and an n or sums that are not the post-processing of the noisy counts and class sums
 (``stats_dp_not_post_processing``: an exact n never leaves a DP site). n is noisy, so it is never
 held to num-examples.
@@ -124,10 +125,13 @@ NOISE_RTOL = 1e-9
 
 @dataclass(frozen=True)
 class DPHeadExpectation:
-    """What a DP run asked of the DP head (server.exact_head.DPHeadRequest): ε at most ``epsilon``,
-    rows built with this projection (``dim``, ``seed``) and the centre of ``centre_digest``,
-    released with ``weights`` (tangent.exact_head.dp.RELEASE_WEIGHTS)."""
+    """What a DP run asked of the DP head (server.exact_head.DPHeadRequest): ``share`` of the μ² of
+    a contribution of ε at most ``epsilon`` (tangent.exact_head.dp.head_epsilon; ``share`` None:
+    ``epsilon`` bounds the release itself, as for a forget release), rows built with this
+    projection (``dim``, ``seed``) and the centre of ``centre_digest``, released with ``weights``
+    (tangent.exact_head.dp.RELEASE_WEIGHTS)."""
     epsilon: float
+    share: float | None
     dim: int
     seed: int
     centre_digest: str
@@ -322,13 +326,15 @@ def released_privacy(msg: Message) -> tuple[float, float] | None:
         return math.inf, 0.0
     if (dp and _number(epsilon) and _number(delta) and math.isfinite(epsilon) and epsilon >= 0
             and 0 <= delta < 1):
-        return float(epsilon) + head[0], float(delta) + head[1]
+        # the reply's ε is the contribution's composition, the head's release included; a claim
+        # below one of its parts is not believed
+        return max(float(epsilon), head[0]), max(float(delta), head[1])
     return math.inf, 0.0
 
 
 def _head_privacy(msg: Message) -> tuple[float, float]:
-    """(ε, δ) a DP reply's statistics claim (the DP head's release, a second mechanism: the two
-    add up); (0, 0) without statistics; (∞, 0) for statistics whose claim cannot be read."""
+    """(ε, δ) a DP reply's statistics claim for the DP head's release alone (a part of the reply's
+    composed ε); (0, 0) without statistics; (∞, 0) for statistics whose claim cannot be read."""
     content = msg.content
     if "stats" not in content and "stats-meta" not in content:
         return 0.0, 0.0
@@ -514,8 +520,9 @@ def _row_form(record: ArrayRecord, expected: StatsExpectation, num_examples: int
 def parse_dp_release(record: ArrayRecord, meta: dict, expected: StatsExpectation, reply_meta: dict,
                      site: str) -> tuple["SufficientStats", int, None]:
     """The DP head's release (tangent.exact_head.dp.privatize): the grid and feature digest as for
-    exact statistics; the transform (k, seed, centre digest) the run sent; ε at most the request;
-    δ the reply's; the declared σ's and noise variance exactly those of the declared (ε, δ); the
+    exact statistics; the transform (k, seed, centre digest) the run sent; ε at most the head's
+    share of the request (recomputed here at the reply's δ) and at most the reply's composed ε; δ
+    the reply's; the declared σ's and noise variance exactly those of the declared (ε, δ); the
     five int64 arrays only (no row form), with n = Σ counts and sums = the class sums' row sums
     (post-processing of the noisy blocks: an exact n or exact sums are refused). n is noisy: it is
     never held to num-examples."""
@@ -542,12 +549,17 @@ def parse_dp_release(record: ArrayRecord, meta: dict, expected: StatsExpectation
                                                           f"the run sent {(want.dim, want.seed, want.centre_digest)}",
                            site)
         epsilon, delta = float(meta["dp-head-epsilon"]), float(meta["dp-head-delta"])
-        if not 0 < epsilon <= want.epsilon:
-            raise Rejected("stats_dp_epsilon", f"dp-head-epsilon = {epsilon:g}: the run asked for at most "
-                                               f"{want.epsilon:g}", site)
         if not 0 < delta < 1 or delta != reply_meta.get("delta_dp"):
             raise Rejected("stats_dp_delta", f"dp-head-delta = {delta:g}, the reply's δ {reply_meta.get('delta_dp')}",
                            site)
+        allowed = want.epsilon if want.share is None else dp_release.head_epsilon(want.epsilon, delta, want.share)
+        if not 0 < epsilon <= allowed * (1 + NOISE_RTOL):
+            raise Rejected("stats_dp_epsilon", f"dp-head-epsilon = {epsilon:g}: at most {allowed:g} is allowed "
+                                               f"(ε = {want.epsilon:g}, head share {want.share})", site)
+        composed = reply_meta.get("epsilon")
+        if composed is not None and composed < epsilon * (1 - NOISE_RTOL):
+            raise Rejected("stats_dp_epsilon", f"the reply's ε = {composed:g} is below its head's {epsilon:g}: a "
+                                               "composition spends at least each of its parts", site)
         if meta["contribution-id"] != f"{(reply_meta.get('extra') or {}).get('contribution_id')}:head":
             raise Rejected("stats_bad_meta", f"contribution-id {shown(meta['contribution-id'])} is not the reply's "
                                              "contribution id + ':head'", site)

@@ -25,7 +25,7 @@ library alone, kept for the whole run once imported): w0's digest and Δ shapes,
 every central evaluation are computed in short-lived child processes (server.model_process,
 server.evaluation); the composed Δ stays numpy here.
 
-Exact head (``exact-head=true``; in a DP run only with ``dp-head-epsilon`` > 0, as the DP head's
+Exact head (``exact-head=true``; in a DP run only with ``dp-head-share`` > 0, as the DP head's
 Gaussian releases: server.exact_head.DPHeadRequest, docs/dp_head.md): the train message also announces φ
 (FeatureSpec keys + ``feature-digest``), every non-DP reply carries the site's sufficient
 statistics beside its Δw, and they go to a second ledger (``exact-head-ledger-path``); central
@@ -232,8 +232,8 @@ def run_exact_head(spec, run_config, mode: str, stats_path: Path | None, report:
     child process."""
     enabled = cfg.exact_head_enabled(run_config)
     if cfg.exact_head_requested(run_config) and cfg.dp_required(run_config) and not enabled:
-        log.warning("exact head OFF in this DP run (dp=true, dp-head-epsilon=0): the sites send no statistics")
-        report["exact_head"] = {"enabled": False, "reason": "dp run without dp-head-epsilon: no statistics are sent"}
+        log.warning("exact head OFF in this DP run (dp=true, dp-head-share=0): the sites send no statistics")
+        report["exact_head"] = {"enabled": False, "reason": "dp run without dp-head-share: no statistics are sent"}
     if not _exact_head_wanted(run_config, mode, stats_path):
         report.setdefault("exact_head", {"enabled": False})
         return None

@@ -28,6 +28,18 @@ ledger's own checks may refuse it, with nothing changed yet), the stats ledger
 What the server cannot check: that the new statistics are those of a *subset* of the old rows
 (it never saw the rows). A site could always replace its own contribution; the request only makes
 that replacement authenticated, fresh, audited, and monotone in n.
+
+**DP sites** (a stats ledger whose model card pins ``dp-head``: the DP head's releases). The file
+is a fresh DP release of the remaining rows (tangent/exact_head/stats_file.py ``release_bytes``,
+written by client.forget, charged to the site's budget there) and is checked like a reply's
+release (server.replies.parse_dp_release) against the ledger's card — grid, feature digest,
+transform (k, seed, centre digest) — and the site's active release: ε at most the active
+release's, δ equal to it, declared noise exactly that of the declared (ε, δ), n and sums the
+post-processing of the noisy blocks, a contribution id the site never used (a replayed release is
+refused). Its n is noisy, so ``forgotten`` is recorded, not checked against it. Then the release
+replaces the active one (its noise subtracted exactly) and the site's Δw is retracted: a DP-TAFT Δw
+is never retrained by a forget request (the site contributes again in the next DP round); a
+request that signs a Δw is refused.
 """
 from __future__ import annotations
 
@@ -38,6 +50,8 @@ import re
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
+
+import numpy as np
 
 from server.ledger.ledgers import Ledgers
 from server.trust.nonces import NonceStore, nonce_store_path
@@ -203,6 +217,14 @@ def apply_forget(document: Any, stats_file: str | Path, delta_file: str | Path |
                 raise ForgetRefused("the request signs a retrained Δw but no Δw file was given")
             delta_data = _read_file(delta_file, MAX_DELTA_BYTES, "Δw")
             _check_hash(delta_data, request.delta_sha256, "Δw")
+        if dp_head_ledger(ledgers.stats):
+            if delta_data is not None:
+                raise ForgetRefused("a DP site's forget request replaces its DP head's release only: a DP-TAFT Δw "
+                                    "is not retrained by a forget request (the site contributes again in a DP round)")
+            detail = _replace_release(request, stats_data, ledgers)
+            nonces.record(payload, accepted=True, detail=f"forget-samples: {detail}")
+            log.info("forget request ACCEPTED: %s", detail)
+            return request
         stats, feature_digest = _checked_stats(stats_data, request, ledgers.stats)
         delta = _checked_delta(delta_data) if delta_data is not None else None
         if delta is not None and stats.n == 0:
@@ -254,6 +276,64 @@ def _update_ledgers(request: ForgetRequest, stats, feature_digest: str, delta, l
     held = ledgers.held is not None and ledgers.held.retract(site, reason)
     return (f"site {site} forgot {request.forgotten} sample(s): statistics now n = {stats.n}"
             f"{' (retracted: none remain)' if stats.n == 0 else ''}; {delta_done}"
+            f"{'; its held contribution retracted from the quarantine' if held else ''} "
+            f"(signer={request.signer}, nonce={request.nonce})")
+
+
+def dp_head_ledger(ledger: Any) -> bool:
+    """Does this statistics ledger hold DP head releases (its model card pins ``dp-head``)?"""
+    return "dp-head" in (getattr(ledger, "model_card", None) or {})
+
+
+def _replace_release(request: ForgetRequest, data: bytes, ledgers: Ledgers) -> str:
+    """A DP site's fresh release replaces its active one (module docstring); its Δw is retracted."""
+    from flwr.app import Array, ArrayRecord
+
+    from server.exact_head import replace_release
+    from server.replies import CONTRIBUTION_ID, DPHeadExpectation, Rejected, StatsExpectation
+    from tangent.exact_head.dp import MECHANISM, RELEASE_WEIGHTS
+    from tangent.exact_head.stats_file import load_release
+
+    site, ledger = request.site_id, ledgers.stats
+    try:
+        arrays, meta = load_release(data)
+    except StatsError as err:
+        raise ForgetRefused(f"unreadable DP release file: {err}") from None
+    active = _active(ledger, site)
+    if active is None:
+        raise ForgetRefused(f"site {site!r} has no active release in the stats ledger: nothing to forget from")
+    if request.stats_replaces != active.delta_sha256:
+        raise ForgetRefused(f"stale request: it replaces the release {request.stats_replaces}, but the site's "
+                            f"active release is {active.delta_sha256} (re-create it against the current one)")
+    if active.epsilon is None or active.delta_dp is None:
+        raise ForgetRefused(f"site {site!r}'s active statistics in this DP head ledger are not a DP release")
+    entry = meta.get("contribution-id")
+    contribution_id = entry[:-len(":head")] if isinstance(entry, str) and entry.endswith(":head") else ""
+    if not CONTRIBUTION_ID.fullmatch(contribution_id):
+        raise ForgetRefused(f"the release's contribution-id {str(entry)[:80]!r} is not <128-bit hex>:head")
+    used = {(c.extra or {}).get("contribution_id") for c in ledger.contributions(site_id=site)}
+    if contribution_id in used:
+        raise ForgetRefused(f"replayed release: contribution {contribution_id} is already in the stats ledger")
+    card = ledger.model_card
+    pinned, grid = card["dp-head"], card["stats-meta"]
+    if pinned.get("mechanism") != MECHANISM:
+        raise ForgetRefused(f"the stats ledger's DP head mechanism {pinned.get('mechanism')!r} is not {MECHANISM!r}")
+    expectation = StatsExpectation(
+        card["feature-digest"], int(grid["num-features"]), int(grid["num-classes"]), float(grid["clip-norm"]),
+        int(grid["frac-bits"]), DPHeadExpectation(float(active.epsilon), None, int(pinned["dim"]), int(pinned["seed"]),
+                                                  str(pinned["centre-digest"]), RELEASE_WEIGHTS))
+    record = ArrayRecord({name: Array(np.asarray(value)) for name, value in arrays.items()})
+    extra = {"forget-request": request.nonce, "forgotten": request.forgotten, "replaces": request.stats_replaces}
+    try:
+        replace_release(ledger, site, record, meta, expectation, delta=float(active.delta_dp),
+                        contribution_id=contribution_id, extra=extra)
+    except Rejected as err:
+        raise ForgetRefused(f"the DP release is refused ({err.reason}): {err.detail}") from None
+    retracted = ledgers.delta.retract(site, _ledger_reason(request))
+    held = ledgers.held is not None and ledgers.held.retract(site, _ledger_reason(request))
+    return (f"DP site {site} forgot {request.forgotten} sample(s): its DP head release replaced by a fresh one "
+            f"(ε = {meta.get('dp-head-epsilon')}, contribution {contribution_id}); "
+            f"{'Δw retracted (a DP-TAFT Δw is not retrained here: contribute again)' if retracted else 'no active Δw'}"
             f"{'; its held contribution retracted from the quarantine' if held else ''} "
             f"(signer={request.signer}, nonce={request.nonce})")
 

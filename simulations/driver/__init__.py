@@ -40,10 +40,11 @@ is sampled over that whole process tree: ``peak_private_mib`` (RssAnon + RssShme
 a `flwr run` runs, a line every 30 s says how many sites the ledger holds.
 
     python -m simulations.run --num-clients 1000 --remove 100   # 60 images a site (docs/scale.md)
-    python -m simulations.run --dp-epsilon 1      # private: DP-TAFT at ε = 1 and the DP head at ε = 1 a site
+    python -m simulations.run --dp-epsilon 1      # private: ε = 1 a site, DP-TAFT and the DP head composed
 
-With ``--dp-epsilon E`` every site trains DP-TAFT at ε = E and releases the DP exact head's noisy
-statistics at ``--dp-head-epsilon`` (default E): a site spends both (docs/dp_head.md). The exact
+With ``--dp-epsilon E`` every site's contribution spends ε = E in all: DP-TAFT and the DP exact
+head's noisy statistics (``--dp-head-share`` of the μ², default 0.9) composed in one accountant
+(docs/dp_head.md). The exact
 head's central check of step 3 cannot apply to noisy statistics; simulations/driver/dp_head.py
 checks the ledger's sums against a fresh sum of the releases as stored, and removal against the
 staying sites' releases, bit for bit.

@@ -24,6 +24,9 @@ from simulations.driver.dp_head import DPHeadStep
 from simulations.driver.processes import ProcessWatch, directory_bytes, flwr_run, free_port, in_subprocess
 from simulations.driver.report import plot, print_table
 
+#: the DP head's share of a contribution's μ² in a DP run (docs/dp_head.md)
+DP_HEAD_SHARE = 0.9
+
 
 def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(prog="python -m simulations.run", description=simulations.driver.__doc__,
@@ -98,17 +101,18 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--runs-dir", type=Path, default=REPO / "runs")
     p.add_argument("--timeout", type=float, default=3600, help="seconds per `flwr run`")
     p.add_argument("--dp-epsilon", type=float, default=None,
-                   help="a private federation: every site trains DP-TAFT at this ε (dp=true) and releases the "
-                        "DP exact head's noisy statistics at --dp-head-epsilon; the two charges add up per site "
+                   help="a private federation: every site's contribution spends this ε in all (dp=true): "
+                        "DP-TAFT and the DP exact head's noisy statistics composed in one accountant "
                         "(summary: dp_epsilon_spent_max). Default: no DP")
-    p.add_argument("--dp-head-epsilon", type=float, default=None,
-                   help="ε of each site's DP head release (default: --dp-epsilon; 0 = DP-TAFT only)")
+    p.add_argument("--dp-head-share", type=float, default=DP_HEAD_SHARE,
+                   help=f"share of each contribution's μ² for the DP head's release (default {DP_HEAD_SHARE}; "
+                        "0 = DP-TAFT only)")
     p.add_argument("--run-config", default="", help="extra run-config 'k=v k=v' for both runs")
     args = p.parse_args(argv)
     if args.dp_epsilon is not None and not args.dp_epsilon > 0:
         p.error(f"--dp-epsilon must be > 0, got {args.dp_epsilon}")
-    if args.dp_head_epsilon is not None and (args.dp_epsilon is None or not args.dp_head_epsilon >= 0):
-        p.error("--dp-head-epsilon needs --dp-epsilon and must be >= 0")
+    if not 0 <= args.dp_head_share <= 0.95:
+        p.error(f"--dp-head-share must be in [0, 0.95], got {args.dp_head_share}")
     if args.gpus_per_client is not None and not args.gpus_per_client >= 0:
         p.error(f"--gpus-per-client must be >= 0, got {args.gpus_per_client}")
     if str(args.device or "").strip().lower().startswith("cuda") and not args.gpus_per_client:
@@ -164,8 +168,7 @@ def main(argv=None) -> int:
     if args.reinit is not None:
         run_config["reinit"] = args.reinit == "true"
     if args.dp_epsilon is not None:
-        run_config |= {"dp": True, "dp-epsilon": args.dp_epsilon,
-                       "dp-head-epsilon": args.dp_epsilon if args.dp_head_epsilon is None else args.dp_head_epsilon}
+        run_config |= {"dp": True, "dp-epsilon": args.dp_epsilon, "dp-head-share": args.dp_head_share}
     for key, value in (("epochs", args.epochs), ("lr", args.lr), ("img-size", args.img_size),
                        ("device", args.device)):
         if value is not None:
@@ -224,7 +227,7 @@ def main(argv=None) -> int:
                      "exact_head": features is not None, "feature_spec": features,
                      "evaluation": args.evaluation, "dp": run.dp,
                      "dp_epsilon_requested": run.dp_epsilon if run.dp else None,
-                     "dp_head_epsilon_requested": run.dp_head_epsilon if dp_head else None}
+                     "dp_head_share_requested": run.dp_head_share if dp_head else None}
     try:
         print(f"[1/5] trunk-token cache{' and φ cache' if features else ''} in {cache_dir}")
         if cache_dir is not None:

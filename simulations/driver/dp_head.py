@@ -16,7 +16,9 @@ The head is solved from the composed noisy sums and the summed noise variances t
 declared (server.exact_head.solve_dp_head) and scored on the test set's φ; the public centre is
 recomputed here from its seed (tangent.exact_head.public_centre) and must have the digest the
 ledger's model card pins. ``dp_epsilon_spent_max`` / ``dp_delta``: per site, Σ of (ε, δ) over every
-contribution of both ledgers (DP-TAFT's Δw and the head's release), the largest over the sites.
+contribution of the Δ ledger — each the composition of DP-TAFT and the head's release, which the
+statistics ledger records alone (a part of the contribution's ε, not an extra charge) — the
+largest over the sites.
 """
 from __future__ import annotations
 
@@ -89,17 +91,15 @@ def head_accuracy(spec, features: dict, stats_path: Path, cache_dir: Path | None
             "dp_head_noise_variance": float(total.dp["noise_variance"]), "dp_head_solve_s": time.perf_counter() - start}
 
 
-def privacy_spent(ledger_path: Path, stats_path: Path) -> dict:
-    """Per site Σ (ε, δ) over both ledgers (every contribution ever recorded), the largest."""
+def privacy_spent(ledger_path: Path) -> dict:
+    """Per site Σ (ε, δ) over the Δ ledger's contributions (each the composition of DP-TAFT and
+    the head's release; every contribution ever recorded), the largest."""
     from server.ledger import Ledger
 
     per_site: dict[str, list[float]] = {}
-    for path, family in ((ledger_path, "delta"), (stats_path, "stats")):
-        with Ledger.open(path, create=False, family=family) as ledger:
-            for site, total in ledger.privacy_totals().items():
-                spent = per_site.setdefault(site, [0.0, 0.0])
-                spent[0] += total["epsilon"]
-                spent[1] += total["delta"]
+    with Ledger.open(ledger_path, create=False, family="delta") as ledger:
+        for site, total in ledger.privacy_totals().items():
+            per_site[site] = [total["epsilon"], total["delta"]]
     if not per_site:
         return {"dp_epsilon_spent_max": None, "dp_delta": None}
     return {"dp_epsilon_spent_max": max(e for e, _ in per_site.values()),
@@ -128,7 +128,7 @@ class DPHeadStep:
         print("      DP head: ledger sums vs a fresh sum of the releases as stored; the head from the noisy sums")
         kept = [site for site in active if site not in set(self.removed)]
         return (in_subprocess(composed_equals_fresh, self.stats_path, kept, self.kept_path) | self._accuracy()
-                | in_subprocess(privacy_spent, self.ledger_path, self.stats_path))
+                | in_subprocess(privacy_spent, self.ledger_path))
 
     def after(self) -> dict:
         if not self.kept_path.is_file():

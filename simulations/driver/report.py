@@ -63,9 +63,9 @@ def print_table(s: dict) -> None:
             ("stored bytes per site: Δ / statistics", f"{s.get('delta_stored_bytes_per_site') or 0:,.0f} / "
                                                        f"{s.get('exact_head_stored_bytes_per_site') or 0:,.0f}"),
             ("rejected", s.get("rejected")),
-            *([("DP: ε requested, DP-TAFT / head", f"{s.get('dp_epsilon_requested')} / "
-                                                   f"{s.get('dp_head_epsilon_requested')}"),
-               ("DP: ε spent max (both charges) / δ", f"{s.get('dp_epsilon_spent_max')} / {s.get('dp_delta')}"),
+            *([("DP: ε requested a contribution / head's μ² share", f"{s.get('dp_epsilon_requested')} / "
+                                                                    f"{s.get('dp_head_share_requested')}"),
+               ("DP: ε spent max (composed) / δ", f"{s.get('dp_epsilon_spent_max')} / {s.get('dp_delta')}"),
                ("DP head: ledger sum == releases / removal exact",
                 f"{s.get('dp_head_sum_equals_releases')} / {s.get('dp_head_removal_bit_identical')}")]
               if s.get("dp") else []),

@@ -222,6 +222,38 @@ def release_noise(epsilon: float, delta: float, weights, num_features: int, frac
             "noise-variance": (allocation.block_sigma("gram") * r * r) ** 2 / 2}
 
 
+def gaussian_epsilon(sigma: float, delta: float) -> float:
+    """The ε at which one sensitivity-1 Gaussian release with noise σ is (ε, δ)-DP exactly (the
+    inverse of the analytic Gaussian mechanism's σ(ε, δ), to 1e-12 relative)."""
+    from tangent.exact_head.statistics import gaussian_delta
+
+    if not (sigma > 0 and math.isfinite(sigma)) or not 0 < delta < 1:
+        raise ValueError(f"need σ > 0 and δ in (0, 1), got σ = {sigma}, δ = {delta}")
+    lo, hi = 0.0, 1.0
+    while gaussian_delta(hi, sigma) > delta:
+        hi *= 2
+    for _ in range(200):  # δ(ε; σ) decreases in ε: bisection
+        mid = (lo + hi) / 2
+        if gaussian_delta(mid, sigma) > delta:
+            lo = mid
+        else:
+            hi = mid
+        if hi - lo <= 1e-12 * hi:
+            break
+    return hi
+
+
+def head_epsilon(total_epsilon: float, delta: float, share: float) -> float:
+    """ε of the head's release alone when it takes ``share`` of a site's μ² for one contribution of
+    (``total_epsilon``, δ): μ_total = 1/σ(total ε, δ) (the analytic Gaussian mechanism), the head is
+    √share·μ_total-GDP, i.e. one Gaussian release with σ = σ(total ε, δ)/√share. The site's
+    accountant composes it with DP-TAFT's DP-SGD (tangent.training.privacy.Companion); the server
+    recomputes it from the (ε, δ, share) of the request to bound what a release may declare."""
+    if not 0 < share < 1:
+        raise ValueError(f"the head's share of μ² must be in (0, 1), got {share}")
+    return gaussian_epsilon(analytic_gaussian_sigma(total_epsilon, delta) / math.sqrt(share), delta)
+
+
 def release_bound(num_features: int, frac_bits: int) -> float:
     """R ≥ ‖q·2^-b‖ for a unit row quantized on the grid (each coordinate rounds by ≤ 2^-(b+1))."""
     return 1.0 + math.sqrt(num_features) * 2.0 ** -(frac_bits + 1)

@@ -19,6 +19,10 @@ import numpy as np
 from tangent.exact_head.statistics import StatsError, SufficientStats
 
 FORMAT = "taft-fl/exact-head-stats/v1"
+#: a DP head's release (client/dp_head.py): its five int64 arrays and its stats-meta (the mechanism's
+#: public parameters, JSON) — what a DP site's forget request names
+RELEASE_FORMAT = "taft-fl/dp-head-release/v1"
+RELEASE_ARRAYS = ("n", "counts", "sums", "gram", "cross")
 META_KEYS = ("num-features", "num-classes", "clip-norm", "frac-bits")
 MAX_HEADER_BYTES = 64 * 1024
 
@@ -81,3 +85,33 @@ def load_stats(data: bytes) -> tuple[SufficientStats, str]:
     except (ValueError, SafetensorError) as err:
         raise StatsError(f"unreadable statistics file: {str(err)[:200]}") from None
     return SufficientStats.from_arrays(arrays, grid, dp=dp), meta["feature-digest"]
+
+
+def release_bytes(arrays: dict[str, np.ndarray], stats_meta: dict) -> bytes:
+    """A DP head's release as a file: its arrays and its ``stats-meta`` (as the reply carries them)."""
+    from safetensors.numpy import save
+
+    if sorted(arrays) != sorted(RELEASE_ARRAYS):
+        raise StatsError(f"a release holds {list(RELEASE_ARRAYS)}, not {sorted(arrays)}")
+    return save({name: np.ascontiguousarray(a, dtype=np.int64) for name, a in arrays.items()},
+                metadata={"format": RELEASE_FORMAT, "stats-meta": json.dumps(dict(stats_meta), sort_keys=True)})
+
+
+def load_release(data: bytes) -> tuple[dict[str, np.ndarray], dict]:
+    """``(arrays, stats-meta)`` of a release file's bytes; StatsError when it is not one. Nothing is
+    checked beyond the format: the server checks the release as it checks a reply's
+    (server.replies.parse_dp_release)."""
+    from safetensors import SafetensorError
+    from safetensors.numpy import load
+
+    meta = safetensors_metadata(data)
+    if meta.get("format") != RELEASE_FORMAT:
+        raise StatsError(f"format {meta.get('format', '')[:60]!r}, expected {RELEASE_FORMAT!r}")
+    try:
+        stats_meta = json.loads(meta.get("stats-meta", ""))
+        arrays = load(data)
+    except (ValueError, SafetensorError, RecursionError) as err:
+        raise StatsError(f"unreadable release file: {str(err)[:200]}") from None
+    if not isinstance(stats_meta, dict):
+        raise StatsError("the release's stats-meta is not a JSON object")
+    return arrays, stats_meta

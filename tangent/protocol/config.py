@@ -204,8 +204,9 @@ RUN_KEYS: tuple[Key, ...] = (
     Key("clip-norm", float, "‖φ‖ is clipped to this before the fixed-point grid", above=0),
     Key("frac-bits", int, "fixed-point grid: φ stored as round(φ·2^frac-bits / clip-norm)", low=1, high=24),
     Key("exact-head-ledger-path", str, f"the statistics ledger ({PATH_HELP}; never the Δ ledger)"),
-    Key("dp-head-epsilon", float, "ε of each site's DP exact-head release in a DP run with exact-head=true, "
-        "charged beside dp-epsilon (0 = no DP head: a DP run then sends no statistics)", low=0),
+    Key("dp-head-share", float, "share of each DP contribution's μ² that goes to the DP exact-head release "
+        "(exact-head=true): the head and DP-TAFT are composed in one accountant to spend dp-epsilon in all "
+        "(0 = no DP head: a DP run then sends no statistics)", low=0, high=0.95),
     Key("dp-head-dim", int, "the DP head's rows: φ minus a public centre, projected to this many seeded "
         "dimensions, unit norm (0 = no projection)", low=0),
     Key("dp-head-seed", int, "seed of the DP head's projection", low=0),

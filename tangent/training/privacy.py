@@ -22,6 +22,11 @@ What the server may know and what it must not:
   :func:`public_count`), never of the secret n: the sample rate q = 1/⌈N_pub/B⌉, the steps per
   epoch ⌈N_pub/B⌉, the gradient scale 1/⌊q·N_pub⌋, hence σ and ε, and the default δ. So σ, ε
   and δ in a reply reveal nothing about n beyond N_pub.
+* **One accountant per contribution.** A contribution may release more than the DP-SGD run on the
+  same rows: a :class:`Companion` (the DP exact head's Gaussian release, one full-batch Gaussian
+  step) is added to the same accountant's history, so the contribution's ε is the composition of
+  both at one δ, never their sum, and DP-SGD's σ is calibrated so that the composition spends at
+  most ``target_epsilon``.
 """
 from __future__ import annotations
 
@@ -41,8 +46,9 @@ from tangent.training.budget import BudgetExhausted, BudgetMissing, PrivacyBudge
 log = logging.getLogger(__name__)
 
 ACCOUNTANTS = ("prv", "rdp")
-__all__ = ["ACCOUNTANTS", "BudgetExhausted", "BudgetMissing", "PrivacyBudget", "PrivacyConfig", "calibrated_noise",
-           "PrivateTraining", "default_delta", "make_private", "public_count", "secret_generator"]
+__all__ = ["ACCOUNTANTS", "BudgetExhausted", "BudgetMissing", "Companion", "PrivacyBudget", "PrivacyConfig",
+           "calibrated_noise", "composed_epsilon", "PrivateTraining", "default_delta", "make_private", "public_count",
+           "secret_generator"]
 
 #: the default δ never exceeds this, whatever N_pub is
 DELTA_CAP = 1e-5
@@ -86,6 +92,34 @@ def secret_generator(device: torch.device | str = "cpu") -> torch.Generator:
     return torch.Generator(device=device).manual_seed(secrets.randbits(64))
 
 
+@dataclass(frozen=True)
+class Companion:
+    """Another mechanism of the same contribution, on the same rows: one Gaussian release of
+    sensitivity 1 with noise ``noise_multiplier`` (sample rate 1, one step: its RDP α/(2z²) and its
+    privacy-loss distribution are exact). ``epsilon``: what it spends alone at the contribution's δ
+    (the analytic Gaussian mechanism), recorded beside the composition."""
+
+    name: str
+    noise_multiplier: float
+    epsilon: float
+
+    @property
+    def history(self) -> tuple[float, float, int]:
+        """Its entry in an Opacus accountant's history: (noise multiplier, sample rate, steps)."""
+        return (float(self.noise_multiplier), 1.0, 1)
+
+
+def composed_epsilon(accountant: str, history, delta: float) -> float:
+    """ε at δ of every (noise multiplier, sample rate, steps) in ``history`` composed by one Opacus
+    accountant (PRV: the privacy-loss distributions convolved; RDP: the Rényi curves added)."""
+    import numpy as np
+
+    ledger = create_accountant(accountant)
+    ledger.history = [tuple(entry) for entry in history]
+    with np.errstate(divide="ignore"):  # PRV's log(1 − q) at q = 1: a full-batch step, handled
+        return float(ledger.get_epsilon(delta=delta))
+
+
 @dataclass
 class PrivacyConfig:
     target_epsilon: float
@@ -101,6 +135,9 @@ class PrivacyConfig:
     #: N_pub: the example count the sample rate, gradient scale and default δ are computed from.
     #: None: the data set's own size is public (central experiments); a site always sets it.
     public_examples: int | None = None
+    #: other mechanisms of the same contribution (the DP head's release), composed with DP-SGD in
+    #: one accountant: DP-SGD's σ is calibrated so that all together spend ≤ target_epsilon
+    companions: tuple[Companion, ...] = ()
 
     def __post_init__(self):
         if not (self.target_epsilon > 0 and math.isfinite(self.target_epsilon)):
@@ -139,17 +176,26 @@ class PrivateTraining:
     delta: float
     sample_rate: float
     accountant: str
+    companions: tuple[Companion, ...] = ()
 
     def epsilon(self) -> float:
-        """ε spent so far at ``delta`` (by the configured accountant)."""
-        return float(self.engine.accountant.get_epsilon(delta=self.delta))
+        """ε spent so far at ``delta``: the steps taken composed with the companions (by the
+        configured accountant)."""
+        history = list(self.engine.accountant.history) + [c.history for c in self.companions]
+        return composed_epsilon(self.accountant, history, self.delta)
 
     def planned_epsilon(self, steps: int) -> float:
-        """ε that ``steps`` steps will spend: the same accountant over (σ, q, steps), before any
-        step is taken — so a budget can be charged before training."""
-        accountant = create_accountant(self.accountant)
-        accountant.history = [(self.noise_multiplier, self.sample_rate, int(steps))]
-        return float(accountant.get_epsilon(delta=self.delta))
+        """ε that ``steps`` steps and the companions will spend: the same accountant over
+        (σ, q, steps), before any step is taken — so a budget can be charged before training."""
+        history = [(self.noise_multiplier, self.sample_rate, int(steps))] + [c.history for c in self.companions]
+        return composed_epsilon(self.accountant, history, self.delta)
+
+    def parts(self, steps: int) -> dict[str, float]:
+        """What each mechanism would spend alone at ``delta``: DP-SGD's ``steps`` steps (the
+        accountant's ε) and each companion's (its own exact ε)."""
+        alone = {"dp-sgd": composed_epsilon(self.accountant, [(self.noise_multiplier, self.sample_rate, int(steps))],
+                                            self.delta)}
+        return alone | {c.name: float(c.epsilon) for c in self.companions}
 
     def close(self) -> nn.Module:
         """Remove Opacus's hooks and per-sample buffers; returns the plain module."""
@@ -169,22 +215,36 @@ def poisson_loader(dataset, expected_batch: int, num_public: int,
 
 
 def calibrated_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int,
-                     accountant: str) -> float:
-    """σ such that ``steps`` steps at rate ``sample_rate`` spend at most ``target_epsilon`` at δ.
+                     accountant: str, companions: tuple[Companion, ...] = ()) -> float:
+    """σ such that ``steps`` steps at rate ``sample_rate``, composed with ``companions``, spend at
+    most ``target_epsilon`` at δ.
 
     Opacus' ``make_private_with_epsilon`` calibrates for int(epochs/q) steps, one short of what
     its sampler takes for some q (1/93: int(92.999…) = 92): a site asked for ε = 8 spent 8.0123.
     Here σ is searched for the steps actually taken, then checked with the same accountant the
-    budget is charged by, and raised until the check holds."""
+    budget is charged by, and raised until the check holds. With companions σ is bisected (on
+    log σ, to 0.1%) over the composition; a companion that alone spends the target leaves DP-SGD
+    nothing (ValueError)."""
     from opacus.accountants.utils import get_noise_multiplier
 
+    extra = [c.history for c in companions]
+
     def spent(sigma: float) -> float:
-        ledger = create_accountant(accountant)
-        ledger.history = [(sigma, sample_rate, int(steps))]
-        return float(ledger.get_epsilon(delta=delta))
+        return composed_epsilon(accountant, [(sigma, sample_rate, int(steps))] + extra, delta)
 
     sigma = get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
                                  sample_rate=sample_rate, steps=int(steps), accountant=accountant)
+    if companions and spent(sigma) > target_epsilon:
+        low, high = sigma, 2 * sigma
+        while spent(high) > target_epsilon:
+            low, high = high, 2 * high
+            if high > 1e4:
+                raise ValueError(f"the companions {[c.name for c in companions]} spend ε = {target_epsilon:g} "
+                                 "(almost) alone: DP-SGD has no budget left")
+        while high / low > 1.001:
+            middle = math.sqrt(low * high)
+            low, high = (middle, high) if spent(middle) > target_epsilon else (low, middle)
+        sigma = high
     while spent(sigma) > target_epsilon:
         sigma *= 1.001
     return float(sigma)
@@ -214,7 +274,7 @@ def make_private(module: nn.Module, optimizer: torch.optim.Optimizer,
     noise_multiplier = config.noise_multiplier
     if noise_multiplier is None:  # calibrated on the steps the sampler will take, all epochs
         noise_multiplier = calibrated_noise(config.target_epsilon, delta, sample_rate,
-                                            epochs * len(loader), config.accountant)
+                                            epochs * len(loader), config.accountant, config.companions)
     modes = ["ghost", "hooks"] if config.ghost else ["hooks"]
     for mode in modes:
         engine = PrivacyEngine(accountant=config.accountant)
@@ -242,5 +302,5 @@ def make_private(module: nn.Module, optimizer: torch.optim.Optimizer,
                                criterion=criterion, data_loader=dp_loader,
                                noise_multiplier=float(dp_optimizer.noise_multiplier),
                                grad_sample_mode=mode, delta=delta, sample_rate=sample_rate,
-                               accountant=config.accountant)
+                               accountant=config.accountant, companions=tuple(config.companions))
     raise AssertionError("unreachable")

@@ -91,7 +91,7 @@ class TrainResult:
     loss: float  # mean training loss over the last epoch
     accuracy: float  # training accuracy over the last epoch
     examples_per_s: float
-    epsilon: float | None  # ε actually spent (DP only)
+    epsilon: float | None  # ε actually spent (DP only): DP-SGD composed with the privacy config's companions
     delta: float | None
     num_examples: int
     wall_s: float
@@ -103,6 +103,8 @@ class TrainResult:
     history: list[dict] = field(default_factory=list)
     #: what :func:`guard` did ({"alpha", "trained_loss", "fitted_head_loss", "loss"}), None if off
     guard: dict | None = None
+    #: DP only: what each mechanism of the contribution would spend alone ({"dp-sgd": ε, companion: ε})
+    epsilon_parts: dict | None = None
 
 
 class ArrayDataset(Dataset):
@@ -204,8 +206,10 @@ def fit(model, inputs, labels, config: TrainConfig, *, privacy=None, from_cache:
             if contribution_id is None:
                 raise ValueError("a budgeted DP fit needs a contribution_id")
             try:  # one locked check-and-charge before any step; a crash after it stays charged
-                budget.reserve(contribution_id, private.planned_epsilon(config.epochs * len(loader)),
-                               private.delta)
+                steps = config.epochs * len(loader)
+                planned = private.planned_epsilon(steps)
+                budget.reserve(contribution_id, planned, private.delta,
+                               alone=private.parts(steps) if private.companions else {"dp-sgd": planned})
             except BaseException:
                 private.close()
                 raise
@@ -264,11 +268,12 @@ def fit(model, inputs, labels, config: TrainConfig, *, privacy=None, from_cache:
         guarded = None
         if guard_applies(model, config, private=private is not None):
             guarded = guard(model, dataset, config, from_cache=from_cache)
-        epsilon = delta = None
+        epsilon = delta = parts = None
         if private is not None:
             epsilon, delta = private.epsilon(), private.delta
+            parts = private.parts(step) if private.companions else {"dp-sgd": epsilon}
             if budget is not None:
-                budget.settle(contribution_id, epsilon, delta, steps=step)
+                budget.settle(contribution_id, epsilon, delta, steps=step, alone=parts)
     finally:
         if hook is not None:
             hook.remove()
@@ -278,7 +283,7 @@ def fit(model, inputs, labels, config: TrainConfig, *, privacy=None, from_cache:
         model.linearized.train(head_was_training)
     wall_s = time.perf_counter() - start
     return TrainResult(loss=history[-1]["loss"], accuracy=history[-1]["accuracy"],
-                       examples_per_s=seen / wall_s, epsilon=epsilon, delta=delta,
+                       examples_per_s=seen / wall_s, epsilon=epsilon, delta=delta, epsilon_parts=parts,
                        num_examples=len(dataset), wall_s=wall_s, steps=step,
                        noise_multiplier=None if private is None else private.noise_multiplier,
                        grad_sample_mode=None if private is None else private.grad_sample_mode,

@@ -32,7 +32,7 @@ VALUES = {
     "dp-epsilon": [1.0, 0.5, 0.0, -1.0, math.nan, math.inf, 1e9, "x"],
     "dp-delta": [0.0, 1e-9, 0.5, 1.0, -1.0, math.nan, "x"],
     "dp-max-grad-norm": [1.0, 0.0, -1.0, math.inf, "x"],
-    "dp-head-epsilon": [0.0, 1.0, -2.0, math.nan, 1e9, "x"],
+    "dp-head-share": [0.0, 0.5, 0.9, -2.0, math.nan, 1.0, 1e9, "x"],
     "dp-head-weights": ["0,0.6,0.39,0.01", "1,0,0,0", "a,b", "0,0.5,0.5", "-1,1,1,0", ""],
     "dp-head-dim": [0, 8, -1, 10 ** 12, "x"],
     "dp-head-seed": [0, -5, "x"],

@@ -149,3 +149,77 @@ def test_the_tool_reads_every_setting_from_the_runs_spec_and_refuses_an_incomple
                  "--forget-indices", str(tmp_path / "rows.txt"), "--replaces", "a" * 64, "--out",
                  str(tmp_path / "out"), "--state-dir", str(tmp_path / "empty")]) == 2
     assert "run-spec.json" in capsys.readouterr().err and not (tmp_path / "out").exists()
+
+
+def _dp_site(site, tmp_path, budget_epsilon: float):
+    """A DP site's state-dir: its budget record, the run's spec and its last DP head request (as the
+    SuperNode saves them, client.dp_head.remember_request)."""
+    from client import dp_head
+    from tangent.exact_head import dp
+    from tangent.training.budget import PrivacyBudget
+
+    state = tmp_path / "dp-state"
+    PrivacyBudget.create(state / PrivacyBudget.FILE_NAME, "3", budget_epsilon)
+    spec = json.loads((site.tmp / "site-state" / "run-spec.json").read_text())
+    request = dp_head.HeadRequest(0.9, dp.RowTransform(np.full(site.extractor.dim, 0.01), 8, 1),
+                                  dp_head.DEFAULT_WEIGHTS, 14)
+    dp_head.remember_request(state, spec, request, 1.0, 1e-5)
+    return state, PrivacyBudget(state / PrivacyBudget.FILE_NAME, "3")
+
+
+@pytest.mark.slow
+def test_a_dp_site_writes_a_fresh_release_charged_to_its_budget_and_the_server_accepts_it(site, tmp_path):
+    from client import dp_head
+    from server.exact_head import DPHeadRequest, ExactHead
+    from tangent.exact_head.stats_file import load_release
+
+    state, budget = _dp_site(site, tmp_path, 1.5)
+    request, epsilon, delta = dp_head.remembered_request(state / dp_head.REQUEST_FILE)[1:]
+    # the server's stats ledger of this DP head, holding the site's earlier release of all 14 rows
+    head = DPHeadRequest(1.0, None, 8, 1, 14, np.asarray(request.transform.centre))
+    description = {"feature-spec": SPEC.to_config(), "feature-digest": site.extractor.digest(),
+                   "num-features": site.extractor.dim, "num-classes": 10, "clip-norm": SPEC.clip_norm,
+                   "frac-bits": SPEC.frac_bits, "stats-meta": {}}
+    card = ExactHead.from_description(description, ModelSpec().to_config(), head).model_card
+    first = dp_head.release(site.extractor, site_data(site.tmp / "site-3.npz", 56), 10, request, epsilon, delta,
+                            "ab" * 16)
+    ledger_dir = tmp_path / "server"
+    ledger_dir.mkdir()
+    with Ledger.open(ledger_dir / "exact_head.sqlite", family="stats", model_card=card) as stats_ledger, \
+            Ledger.open(ledger_dir / "ledger.sqlite") as delta_ledger:
+        stats_ledger.add("3", {k: first["stats"][k].numpy() for k in first["stats"]}, num_examples=16,
+                         base_digest=site.extractor.digest(), epsilon=epsilon, delta_dp=delta,
+                         dp_settings={"dp": True, "noise_variance": first["stats-meta"]["dp-head-noise-variance"]},
+                         extra={"contribution_id": "ab" * 16})
+        delta_ledger.add("3", {"w": np.ones(3, np.float32)}, 16)
+        replaces = stats_ledger.contributions(site_id="3", status="active")[0].delta_sha256
+        out = tmp_path / "out"
+        assert main(["--site", "3", "--key", str(site.tmp / "keys" / "site-3.key"), "--data", str(site.tmp / "site-3.npz"),
+                     "--forget-indices", str(site.tmp / "forget.txt"), "--replaces", replaces, "--out", str(out),
+                     "--state-dir", str(state)]) == 0
+        request_file, release_file = out / "forget-3.json", out / "release-3.safetensors"
+        assert all(oct(p.stat().st_mode & 0o777) == "0o600" for p in (request_file, release_file))
+        _, meta = load_release(release_file.read_bytes())
+        # charged once, alone, under the release's own entry; nothing exact in the file
+        (charge,) = budget.charges().values()
+        assert charge["id"] == meta["contribution-id"] and charge["state"] == "settled" and charge["epsilon"] == 1.0
+        assert meta["dp-head-epsilon"] == 1.0 and meta["dp"] is True
+        apply_forget_file(request_file, release_file, None, Ledgers(delta_ledger, stats_ledger),
+                          ledger_dir / "ledger.sqlite", site.tmp / "registry.json")
+        (active,) = stats_ledger.contributions(site_id="3", status="active")
+        assert active.extra["contribution_id"] == meta["contribution-id"].removesuffix(":head")
+        assert delta_ledger.contributions(site_id="3", status="active") == []
+    # a second forget would spend 1 more of the 0.5 left: refused before the data is read, nothing charged
+    assert main(["--site", "3", "--key", str(site.tmp / "keys" / "site-3.key"), "--data", str(tmp_path / "absent.npz"),
+                 "--forget-indices", str(site.tmp / "forget.txt"), "--replaces", "a" * 64, "--out",
+                 str(tmp_path / "out2"), "--state-dir", str(state)]) == 2
+    assert len(budget.charges()) == 1 and not (tmp_path / "out2").exists()
+
+
+def test_a_dp_site_is_refused_a_retrained_delta(site, tmp_path, capsys):
+    state, budget = _dp_site(site, tmp_path, 8.0)
+    (tmp_path / "delta.safetensors").write_bytes(b"x")
+    assert main(["--site", "3", "--key", str(site.tmp / "keys" / "site-3.key"), "--data", str(site.tmp / "site-3.npz"),
+                 "--forget-indices", str(site.tmp / "forget.txt"), "--replaces", "a" * 64, "--out",
+                 str(tmp_path / "out"), "--state-dir", str(state), "--delta", str(tmp_path / "delta.safetensors")]) == 2
+    assert "not retrained by this tool" in capsys.readouterr().err and budget.spent == (0.0, 0.0)

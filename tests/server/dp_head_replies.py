@@ -12,14 +12,17 @@ from tests.server.exact_head_replies import FEATURE_DIGEST, FEATURE_SPEC, K, P, 
 #: the DP head's rows: φ of P dims, centred, projected to DIM dims, unit norm, on a 2^-BITS grid
 DIM, SEED, BITS = 4, 3, 16
 CENTRE = np.linspace(-0.2, 0.3, P)
-REQUEST_EPSILON = 2.0
+#: the run's dp-epsilon (a contribution's total: reply_parts' DP reply claims exactly this) and the head's share
+REQUEST_EPSILON, SHARE = 2.0, 0.9
 #: the δ and contribution id of reply_parts' DP reply
 DELTA = 1e-6
 CONTRIBUTION = "ab" * 16
+#: the head's release alone: its share of the request at DELTA
+HEAD_EPSILON = dp.head_epsilon(REQUEST_EPSILON, DELTA, SHARE)
 
 
-def dp_request(epsilon: float = REQUEST_EPSILON, dim: int = DIM, seed: int = SEED) -> DPHeadRequest:
-    return DPHeadRequest(epsilon, dim, seed, BITS, CENTRE)
+def dp_request(epsilon: float = REQUEST_EPSILON, dim: int = DIM, seed: int = SEED, share: float = SHARE) -> DPHeadRequest:
+    return DPHeadRequest(epsilon, share, dim, seed, BITS, CENTRE)
 
 
 def description() -> dict:
@@ -34,7 +37,7 @@ def exact_head(request: DPHeadRequest | None = None) -> ExactHead:
     return ExactHead.from_description(description(), SPEC, request or dp_request())
 
 
-def release(seed: int, n: int, epsilon: float = REQUEST_EPSILON, *, transform: dp.RowTransform | None = None,
+def release(seed: int, n: int, epsilon: float = HEAD_EPSILON, *, transform: dp.RowTransform | None = None,
             contribution: str = CONTRIBUTION):
     """A site's DP release of n random rows and its stats-meta, exactly as client/dp_head.release writes it."""
     rng = np.random.default_rng(seed)
@@ -53,7 +56,7 @@ def release(seed: int, n: int, epsilon: float = REQUEST_EPSILON, *, transform: d
     return noisy, meta
 
 
-def dp_reply_parts(site: str, seed: int, n: int, epsilon: float = REQUEST_EPSILON, **kwargs) -> dict:
+def dp_reply_parts(site: str, seed: int, n: int, epsilon: float = HEAD_EPSILON, **kwargs) -> dict:
     """A DP site's whole reply (Δw, metrics, meta, stats, stats-meta) as editable parts."""
     from flwr.app import Array
 

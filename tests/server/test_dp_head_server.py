@@ -19,7 +19,7 @@ from server.replies import Rejected, parse_train_reply, released_privacy
 from server.strategy import LedgerFedAvg
 from tangent.exact_head import dp
 from tangent.exact_head.statistics import SufficientStats
-from tests.server.dp_head_replies import (BITS, CENTRE, DIM, REQUEST_EPSILON, SEED, dp_reply_parts, dp_request,
+from tests.server.dp_head_replies import (BITS, CENTRE, DIM, HEAD_EPSILON, REQUEST_EPSILON, SEED, dp_reply_parts, dp_request,
                                           exact_head, release)
 from tests.server.exact_head_replies import (BASE, EXPECT, FEATURE_DIGEST, K, P, SHAPES, SPEC, build, delta,
                                              model_card, reply_parts, site_stats, stats_parts)
@@ -56,15 +56,15 @@ def edit_arrays(parts: dict, **arrays) -> dict:
 # ----------------------------------------------------------------------------- the request
 
 def test_a_dp_run_asks_for_the_release_and_a_run_without_it_does_not():
-    dp_run = {"dp": True, "exact-head": True, "dp-head-epsilon": 3.0, "dp-head-dim": 32, "dp-head-seed": 5,
+    dp_run = {"dp": True, "exact-head": True, "dp-head-share": 0.5, "dp-head-dim": 32, "dp-head-seed": 5,
               "frac-bits": 14}
     assert cfg.dp_head_enabled(dp_run) and cfg.exact_head_enabled(dp_run)
     assert {k: v for k, v in cfg.train_config(dp_run).items() if k.startswith("dp-head")} == {
-        "dp-head-epsilon": 3.0, "dp-head-dim": 32, "dp-head-seed": 5, "dp-head-frac-bits": 14}
-    for run in (dp_run | {"dp-head-epsilon": 0.0}, dp_run | {"exact-head": False}, dp_run | {"dp": False}):
+        "dp-head-share": 0.5, "dp-head-dim": 32, "dp-head-seed": 5, "dp-head-frac-bits": 14}
+    for run in (dp_run | {"dp-head-share": 0.0}, dp_run | {"exact-head": False}, dp_run | {"dp": False}):
         assert not cfg.dp_head_enabled(run)
         assert not any(k.startswith("dp-head") for k in cfg.train_config(run))
-    assert not cfg.exact_head_enabled(dp_run | {"dp-head-epsilon": 0.0})  # DP without the head: no statistics
+    assert not cfg.exact_head_enabled(dp_run | {"dp-head-share": 0.0})  # DP without the head: no statistics
 
 
 def test_the_expectation_and_the_card_pin_the_transform():
@@ -84,14 +84,18 @@ def test_a_dp_release_is_accepted_bit_for_bit_with_its_declared_noise():
     contribution = parse(dp_reply_parts("3", 1, 80))
     stats = contribution.stats
     assert all(np.array_equal(a, b) for a, b in zip(stats.to_arrays().values(), noisy.to_arrays().values()))
-    assert stats.dp["noise_variance"] == meta["dp-head-noise-variance"] and stats.dp["epsilon"] == REQUEST_EPSILON
+    assert stats.dp["noise_variance"] == meta["dp-head-noise-variance"] and stats.dp["epsilon"] == HEAD_EPSILON
     assert contribution.dp and contribution.feature_digest == FEATURE_DIGEST
     # a smaller ε than the request is the site's choice (more noise, declared)
     assert parse(dp_reply_parts("3", 1, 80, epsilon=0.5)).stats.dp["epsilon"] == 0.5
 
 
-def test_what_a_dp_reply_released_is_the_sum_of_both_mechanisms():
-    assert released_privacy(build(dp_reply_parts("3", 1, 80), 7)) == pytest.approx((2.0 + REQUEST_EPSILON, 2e-6))
+def test_what_a_dp_reply_released_is_its_composed_epsilon_never_less_than_its_head():
+    # the reply's ε (2.0) is the composition of DP-TAFT and the head (HEAD_EPSILON < 2.0 alone): not their sum
+    assert released_privacy(build(dp_reply_parts("3", 1, 80), 7)) == pytest.approx((REQUEST_EPSILON, 1e-6))
+    understated = dp_reply_parts("3", 1, 80) | {"metrics": ("metric", {"num-examples": 80, "epsilon": 0.1,
+                                                                       "delta": 1e-6})}
+    assert released_privacy(build(understated, 7)) == pytest.approx((HEAD_EPSILON, 1e-6))
     assert released_privacy(build(reply_parts("3", delta(1), 80, dp=True), 7)) == pytest.approx((2.0, 1e-6))
     # exact statistics beside a DP Δw: the server saw an unbounded release, refused or not
     exact = reply_parts("3", delta(1), 80, dp=True) | stats_parts(site_stats(1, 80))
@@ -104,7 +108,11 @@ NOISY, _ = release(5, 60)
 
 def _refusals():
     exact = site_stats(5, 60)
-    yield "epsilon_above_request", "stats_dp_epsilon", dp_reply_parts("5", 5, 60, epsilon=REQUEST_EPSILON * 1.5)
+    # above the head's share of the request, though below the reply's composed ε
+    yield "epsilon_above_share", "stats_dp_epsilon", dp_reply_parts("5", 5, 60, epsilon=HEAD_EPSILON * 1.01)
+    # a composed ε below its own head's: a composition spends at least each of its parts
+    yield "composed_below_head", "stats_dp_epsilon", dp_reply_parts("5", 5, 60) | {
+        "metrics": ("metric", {"num-examples": 60, "epsilon": HEAD_EPSILON / 2, "delta": 1e-6})}
     yield "gram_form_exact_stats", "stats_meta_missing", reply_parts("5", delta(5), 60, dp=True) | stats_parts(exact)
     yield "exact_n", "stats_dp_not_post_processing", edit_arrays(GOOD, n=np.array([60], np.int64))
     yield "exact_sums", "stats_dp_not_post_processing", edit_arrays(GOOD, sums=NOISY.sums + 1)
@@ -197,7 +205,7 @@ def test_releases_compose_bit_for_bit_and_removal_subtracts_exactly_what_was_sen
     assert total.dp["noise_variance"] == sum(r.dp["noise_variance"] for r in sent.values())
     assert total.dp["releases"] == 3
     recorded = {c.site_id: c for c in ledgers.stats.contributions(status="active")}
-    assert recorded["2"].epsilon == REQUEST_EPSILON and recorded["2"].num_examples == SIZES["2"]
+    assert recorded["2"].epsilon == HEAD_EPSILON and recorded["2"].num_examples == SIZES["2"]
 
     assert ledgers.remove("2", reason="test: withdrawal") is True  # its noise leaves with it
     assert sums(ledgers.stats) == before
@@ -222,13 +230,13 @@ def test_every_train_message_carries_the_centre_and_the_request(ledgers):
         sites = (11, 12)
 
     s = strategy(ledgers)
-    config = ConfigRecord(cfg.train_config({"dp": True, "exact-head": True, "dp-head-epsilon": REQUEST_EPSILON}))
+    config = ConfigRecord(cfg.train_config({"dp": True, "exact-head": True, "dp-head-share": 0.9}))
     messages = list(s.configure_train(1, None, config, TwoSites()))
     assert len(messages) == 2
     for msg in messages:
         content: RecordDict = msg.content
         assert np.array_equal(content.array_records[CENTRE_RECORD]["centre"].numpy(), CENTRE)
-        assert content.config_records["config"]["dp-head-epsilon"] == REQUEST_EPSILON
+        assert content.config_records["config"]["dp-head-share"] == 0.9
 
 
 def test_dp_and_exact_statistics_never_share_a_ledger(tmp_path):
@@ -289,10 +297,10 @@ def test_a_dp_site_forgets_rows_with_a_fresh_release_that_replaces_its_old_one(l
         r.dp["noise_variance"] for r in (release(1, SIZES["1"])[0], remaining, release(3, SIZES["3"])[0]))
     history = ledgers.stats.contributions(site_id="2")
     assert [c.status for c in history].count("active") == 1 and len(history) == 2
-    assert ledgers.stats.privacy_totals()["2"]["epsilon"] == 2 * REQUEST_EPSILON  # the old release stays spent
+    assert ledgers.stats.privacy_totals()["2"]["epsilon"] == 2 * HEAD_EPSILON  # the old release stays spent
     ledgers.stats.verify()
 
-    too_much, meta = release(23, 50, epsilon=REQUEST_EPSILON * 2, contribution=fresh_id)
+    too_much, meta = release(23, 50, epsilon=HEAD_EPSILON * 1.01, contribution=fresh_id)
     with pytest.raises(Rejected) as err:
         replace_release(ledgers.stats, "2", ArrayRecord({k: Array(v) for k, v in too_much.to_arrays().items()}),
                         meta, DP_EXPECT, delta=1e-6, contribution_id=fresh_id)

@@ -162,7 +162,7 @@ def test_a_dp_run_without_the_dp_head_turns_the_exact_head_off_and_says_so(tmp_p
     assert run_exact_head(ModelSpec.from_config({}), {"exact-head": True, "dp": True}, "train",
                        tmp_path / "exact_head.sqlite", report) is None
     assert report["exact_head"] == {"enabled": False,
-                                    "reason": "dp run without dp-head-epsilon: no statistics are sent"}
+                                    "reason": "dp run without dp-head-share: no statistics are sent"}
     report = {}
     assert run_exact_head(ModelSpec.from_config({}), {"exact-head": False}, "unlearn", tmp_path / "exact_head.sqlite",
                        report) is None  # no statistics ledger there: nothing to remove from
