@@ -1,13 +1,20 @@
 """Helpers for the DP head's server tests: real DP releases (tangent.exact_head.dp.privatize) of
 random rows, in real Flower train replies as client/dp_head.py writes them, and the server's
-expectation of a DP run (server.exact_head.ExactHead with a DPHeadRequest)."""
+expectation of a DP run (server.exact_head.ExactHead with a DPHeadRequest), and a DP run's two
+ledgers and strategy."""
 from __future__ import annotations
+
+from pathlib import Path
 
 import numpy as np
 
 from server.exact_head import DPHeadRequest, ExactHead
+from server.ledger import Ledger
+from server.ledger.ledgers import Ledgers
+from server.strategy import LedgerFedAvg
 from tangent.exact_head import dp
-from tests.server.exact_head_replies import FEATURE_DIGEST, FEATURE_SPEC, K, P, SPEC, delta, reply_parts
+from tests.server.exact_head_replies import (BASE, FEATURE_DIGEST, FEATURE_SPEC, K, P, SHAPES, SPEC, build, delta,
+                                             reply_parts)
 
 #: the DP head's rows: φ of P dims, centred, projected to DIM dims, unit norm, on a 2^-BITS grid
 DIM, SEED, BITS = 4, 3, 16
@@ -63,3 +70,28 @@ def dp_reply_parts(site: str, seed: int, n: int, epsilon: float = HEAD_EPSILON, 
     noisy, meta = release(seed, n, epsilon, **kwargs)
     return reply_parts(site, delta(seed), n, dp=True) | {
         "stats": ("array", {k: Array(v) for k, v in noisy.to_arrays().items()}), "stats-meta": ("config", meta)}
+
+
+# ----------------------------------------------------------------------------- a DP run's ledgers and strategy
+
+HEAD = exact_head()
+
+SIZES = {"1": 90, "2": 120, "3": 70}
+
+
+def open_ledgers(directory: Path, head=HEAD) -> Ledgers:
+    directory.mkdir(parents=True, exist_ok=True)
+    return Ledgers(Ledger.open(directory / "ledger.sqlite", expected_base_digest=BASE, max_delta_norm=100.0,
+                               expected_spec=SHAPES),
+                   Ledger.open(directory / "exact_head.sqlite", family="stats", model_card=head.model_card,
+                               expected_base_digest=FEATURE_DIGEST))
+
+
+def strategy(ledgers: Ledgers) -> LedgerFedAvg:
+    return LedgerFedAvg(ledgers.delta, SPEC, BASE, stats_ledger=ledgers.stats, exact_head=HEAD.expectation,
+                        require_dp=True, train_records=HEAD.train_records(),
+                        min_available_nodes=1, min_train_nodes=1, min_evaluate_nodes=1)
+
+
+def replies(sites) -> list:
+    return [build(dp_reply_parts(site, int(site), SIZES[site]), 900 + int(site)) for site in sites]

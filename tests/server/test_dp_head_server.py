@@ -14,18 +14,15 @@ from flwr.app import Array
 from server import config as cfg
 from server.exact_head import CENTRE_RECORD, solve_dp_head
 from server.ledger import Ledger, LedgerError
-from server.ledger.ledgers import Ledgers
 from server.replies import Rejected, parse_train_reply, released_privacy
-from server.strategy import LedgerFedAvg
 from tangent.exact_head import dp
 from tangent.exact_head.statistics import SufficientStats
-from tests.server.dp_head_replies import (BITS, CENTRE, DIM, HEAD_EPSILON, REQUEST_EPSILON, SEED, dp_reply_parts, dp_request,
-                                          exact_head, release)
-from tests.server.exact_head_replies import (BASE, EXPECT, FEATURE_DIGEST, K, P, SHAPES, SPEC, build, delta,
-                                             model_card, reply_parts, site_stats, stats_parts)
+from tests.server.dp_head_replies import (BITS, CENTRE, DIM, HEAD, HEAD_EPSILON, REQUEST_EPSILON, SEED, SIZES, dp_reply_parts,
+                                          dp_request, exact_head, open_ledgers, release, replies, strategy)
+from tests.server.exact_head_replies import (BASE, EXPECT, FEATURE_DIGEST, K, P, build, delta, model_card, reply_parts,
+                                             site_stats, stats_parts)
 
 pytestmark = pytest.mark.usefixtures("flower_server_identity")
-HEAD = exact_head()
 DP_EXPECT = HEAD.expectation
 
 
@@ -159,33 +156,12 @@ def test_a_release_is_refused_when_the_run_did_not_ask_for_the_dp_head(expected)
 
 # ----------------------------------------------------------------------------- ledger, removal, solve
 
-SIZES = {"1": 90, "2": 120, "3": 70}
-
-
-def open_ledgers(directory: Path, head=HEAD) -> Ledgers:
-    directory.mkdir(parents=True, exist_ok=True)
-    return Ledgers(Ledger.open(directory / "ledger.sqlite", expected_base_digest=BASE, max_delta_norm=100.0,
-                               expected_spec=SHAPES),
-                   Ledger.open(directory / "exact_head.sqlite", family="stats", model_card=head.model_card,
-                               expected_base_digest=FEATURE_DIGEST))
-
-
 @pytest.fixture
 def ledgers(tmp_path):
     both = open_ledgers(tmp_path / "run")
     yield both
     for ledger in both.all():
         ledger.close()
-
-
-def strategy(ledgers: Ledgers) -> LedgerFedAvg:
-    return LedgerFedAvg(ledgers.delta, SPEC, BASE, stats_ledger=ledgers.stats, exact_head=DP_EXPECT,
-                        require_dp=True, train_records=HEAD.train_records(),
-                        min_available_nodes=1, min_train_nodes=1, min_evaluate_nodes=1)
-
-
-def replies(sites) -> list:
-    return [build(dp_reply_parts(site, int(site), SIZES[site]), 900 + int(site)) for site in sites]
 
 
 def sums(ledger: Ledger) -> dict[str, bytes]:

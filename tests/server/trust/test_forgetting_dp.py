@@ -20,8 +20,7 @@ from tangent.exact_head.statistics import SufficientStats
 from tangent.exact_head.stats_file import release_bytes, stats_bytes
 from tangent.protocol.signed_requests import forget_request
 from tests.helpers import registry_entry, write_registry
-from tests.server.dp_head_replies import CONTRIBUTION, HEAD_EPSILON, release
-from tests.server.test_dp_head_server import SIZES, open_ledgers, replies, strategy
+from tests.server.dp_head_replies import CONTRIBUTION, HEAD_EPSILON, SIZES, open_ledgers, release, replies, strategy
 
 pytestmark = pytest.mark.usefixtures("flower_server_identity")
 
