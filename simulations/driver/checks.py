@@ -51,9 +51,9 @@ def fresh_sums(ledger_path: Path, sites: set[str] | None = None,
     shares = [chosen[i::workers] for i in range(workers)]
     if workers == 1:
         partial = [partial_sums(ledger_path, chosen)]
-    else:
+    else:  # one BLAS thread in each: the workers already fill the cores
         with ProcessPoolExecutor(workers, mp_context=multiprocessing.get_context("spawn")) as pool:
-            partial = list(pool.map(partial_sums, [ledger_path] * workers, shares))
+            partial = list(pool.map(partial_sums, [ledger_path] * workers, shares, [1] * workers))
     key_spec = partial[0][0]
     acc = Accumulators.zeros(key_spec)
     for _, encoded, _ in partial:
@@ -62,14 +62,18 @@ def fresh_sums(ledger_path: Path, sites: set[str] | None = None,
     return families.of_meta(meta).compose(acc, total), acc.encoded(), total
 
 
-def partial_sums(ledger_path: Path, contributions: list[tuple[int, int]]) -> tuple[dict, dict, int]:
+def partial_sums(ledger_path: Path, contributions: list[tuple[int, int]],
+                 blas_threads: int | None = None) -> tuple[dict, dict, int]:
     """(shapes, canonical accumulator bytes, total weight) of the given (contribution id, weight)
-    pairs, added one at a time (one share of :func:`fresh_sums`)."""
+    pairs, added one at a time (one share of :func:`fresh_sums`); ``blas_threads`` bounds the
+    BLAS threads of the row forms' Gram products."""
+    from threadpoolctl import threadpool_limits
+
     from server.ledger import Ledger, families
     from server.ledger.accumulators import Accumulators
 
     acc, total = None, 0
-    with Ledger.open(ledger_path, create=False) as ledger:
+    with threadpool_limits(blas_threads, user_api="blas"), Ledger.open(ledger_path, create=False) as ledger:
         meta = ledger.settings()
         family = families.of_meta(meta)
         for contribution_id, weight in contributions:
