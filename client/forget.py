@@ -218,13 +218,19 @@ def dp_forget(args, state_dir: Path, why: str) -> int:
     except (OSError, ValueError, BudgetExhausted, BudgetMissing) as err:
         print(f"client.forget: {err}", file=sys.stderr)
         return 2
-    args.out.mkdir(mode=0o700, parents=True, exist_ok=True)
-    request_file, release_file = args.out / f"forget-{args.site}.json", args.out / f"release-{args.site}.safetensors"
-    _private_write(release_file, blob)
-    _private_write(request_file, (json.dumps(document, indent=2) + "\n").encode())
+    request_file, release_file = write_request(args.out, args.site, f"release-{args.site}.safetensors", blob, document)
     print(f"wrote {request_file} and {release_file}: a fresh DP release (ε = {epsilon:g}, δ = {delta:g}, charged "
           f"to the budget) without {len(exclude)} row(s) (nonce {document['payload']['nonce']}, valid 15 minutes)")
     return 0
+
+
+def write_request(out: Path, site: str, statistics_name: str, blob: bytes, document: dict) -> tuple[Path, Path]:
+    """The signed request and the statistics it names, private, in ``out``: (request, statistics)."""
+    out.mkdir(mode=0o700, parents=True, exist_ok=True)
+    request_path, statistics_path = out / f"forget-{site}.json", out / statistics_name
+    _private_write(statistics_path, blob)
+    _private_write(request_path, (json.dumps(document, indent=2) + "\n").encode())
+    return request_path, statistics_path
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -260,10 +266,7 @@ def main(argv: list[str] | None = None) -> int:
     except (OSError, ValueError) as err:  # DataError and StatsError are ValueErrors
         print(f"client.forget: {err}", file=sys.stderr)
         return 2
-    args.out.mkdir(mode=0o700, parents=True, exist_ok=True)
-    request_path, stats_path = args.out / f"forget-{args.site}.json", args.out / f"stats-{args.site}.safetensors"
-    _private_write(stats_path, blob)
-    _private_write(request_path, (json.dumps(document, indent=2) + "\n").encode())
+    request_path, stats_path = write_request(args.out, args.site, f"stats-{args.site}.safetensors", blob, document)
     print(f"wrote {request_path} and {stats_path}: {len(exclude)} row(s) forgotten, {stats.n} remain "
           f"(nonce {document['payload']['nonce']}, valid 15 minutes)")
     return 0

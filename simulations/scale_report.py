@@ -89,7 +89,7 @@ def plot(runs: list[tuple[str, dict]], path: Path, trace: list | None = None) ->
         ax = axes[2]
         seconds = [t for t, *_ in trace]
         ax.plot(seconds, [mib for *_, mib in trace], color="tab:purple", label="private MiB (tree)")
-        ax.set_xlabel(f"seconds into the train run of {trace[0][2]} sites (under load)")
+        ax.set_xlabel(f"seconds into the train run of {trace[0][2]} sites")
         ax.set_ylabel("private MiB")
         ax.axhline(3072, linestyle="--", color="tab:red", label="budget 3,072")
         ax.set_ylim(0, 3500)
@@ -107,11 +107,14 @@ def plot(runs: list[tuple[str, dict]], path: Path, trace: list | None = None) ->
                  (s.get("unlearn_run_s") or 0, "unlearn run")]
         rest = max(0.0, (s.get("wall_s") or 0) - sum(v for v, _ in parts))
         bottom = 0.0
-        for (value, name), color in zip(parts + [(rest, "driver checks")], ("0.7", "tab:blue", "tab:green", "tab:orange")):
+        for (value, name), color in zip(parts + [(rest, "driver: checks, evaluations, starts")],
+                                        ("0.7", "tab:blue", "tab:green", "tab:orange")):
             left.bar(str(x) + "\n" + label, value, bottom=bottom, color=color, label=name if label == runs[0][0] else None)
             bottom += value
         right.bar(str(x) + "\n" + label, s.get("peak_private_mib") or 0, color="tab:purple")
-    left.set_ylabel("wall seconds (under load)")
+    left.set_ylabel("wall seconds")
+    left.axhline(900, linestyle="--", color="tab:red", label="1,000-site target 15 min")
+    left.axhline(480, linestyle=":", color="tab:red", label="50-site target 8 min")
     left.legend(fontsize=7)
     right.set_ylabel("peak private MiB (anon + shmem, process tree)")
     right.axhline(3072, linestyle="--", color="tab:red", label="1,000-site budget 3,072")

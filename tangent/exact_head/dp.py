@@ -225,22 +225,11 @@ def release_noise(epsilon: float, delta: float, weights, num_features: int, frac
 def gaussian_epsilon(sigma: float, delta: float) -> float:
     """The ε at which one sensitivity-1 Gaussian release with noise σ is (ε, δ)-DP exactly (the
     inverse of the analytic Gaussian mechanism's σ(ε, δ), to 1e-12 relative)."""
-    from tangent.exact_head.statistics import gaussian_delta
+    from tangent.exact_head.statistics import gaussian_delta, smallest_meeting
 
     if not (sigma > 0 and math.isfinite(sigma)) or not 0 < delta < 1:
         raise ValueError(f"need σ > 0 and δ in (0, 1), got σ = {sigma}, δ = {delta}")
-    lo, hi = 0.0, 1.0
-    while gaussian_delta(hi, sigma) > delta:
-        hi *= 2
-    for _ in range(200):  # δ(ε; σ) decreases in ε: bisection
-        mid = (lo + hi) / 2
-        if gaussian_delta(mid, sigma) > delta:
-            lo = mid
-        else:
-            hi = mid
-        if hi - lo <= 1e-12 * hi:
-            break
-    return hi
+    return smallest_meeting(lambda epsilon: gaussian_delta(epsilon, sigma), delta, 0.0, 1.0)
 
 
 def head_epsilon(total_epsilon: float, delta: float, share: float) -> float:

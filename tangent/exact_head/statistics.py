@@ -501,12 +501,19 @@ def analytic_gaussian_sigma(epsilon: float, delta: float, sensitivity: float = 1
         raise ValueError(f"epsilon must be finite and > 0, got {epsilon}")
     if not 0 < delta < 1:
         raise ValueError(f"delta must be in (0, 1), got {delta}")
-    lo, hi = 1e-6 * sensitivity, sensitivity
-    while gaussian_delta(epsilon, hi, sensitivity) > delta:
+    return smallest_meeting(lambda sigma: gaussian_delta(epsilon, sigma, sensitivity), delta,
+                            1e-6 * sensitivity, sensitivity)
+
+
+def smallest_meeting(delta_of, delta: float, lo: float, hi: float) -> float:
+    """The smallest x (to 1e-12 relative) with ``delta_of(x) ≤ delta``, for ``delta_of``
+    decreasing in x (δ of a Gaussian release in σ, or in ε): ``hi`` doubled until it meets
+    ``delta``, then bisection."""
+    while delta_of(hi) > delta:
         hi *= 2
-    for _ in range(200):  # δ(ε; σ) decreases in σ: bisection
+    for _ in range(200):
         mid = (lo + hi) / 2
-        if gaussian_delta(epsilon, mid, sensitivity) > delta:
+        if delta_of(mid) > delta:
             lo = mid
         else:
             hi = mid
