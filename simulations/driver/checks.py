@@ -78,8 +78,8 @@ def partial_sums(ledger_path: Path, contributions: list[tuple[int, int]],
         family = families.of_meta(meta)
         for contribution_id, weight in contributions:
             arrays = ledger.contribution_delta(contribution_id)
-            key_spec = meta.get("key_spec") or {k: list(a.shape) for k, a in arrays.items()}
             if acc is None:
+                key_spec = meta.get("key_spec") or {k: list(a.shape) for k, a in arrays.items()}
                 acc = Accumulators.zeros(key_spec)
             acc.add(family.quantize(arrays), weight)
             total += weight
