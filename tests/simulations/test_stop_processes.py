@@ -1,0 +1,44 @@
+"""The driver stops a finished run's processes without waiting on ones that have already exited.
+
+Flower's SuperExec leaves a finished ``flwr-simulation`` unreaped (a zombie) after `flwr run`
+returns; a zombie stays "running" to a plain wait, so the driver used to wait its whole SIGTERM
+timeout and then its SIGKILL wait after every run.
+"""
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+
+import psutil
+
+from simulations.driver.processes import stop_processes
+
+# a parent that starts a child which exits at once, never reaps it, and prints its pid
+PARENT = """
+import subprocess, sys, time
+child = subprocess.Popen([sys.executable, "-c", "pass"])
+print(child.pid, flush=True)
+time.sleep(60)
+"""
+
+
+def test_a_zombie_is_not_waited_on_and_a_running_process_is_stopped():
+    parent = subprocess.Popen([sys.executable, "-c", PARENT], stdout=subprocess.PIPE, text=True)
+    sleeper = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        zombie = psutil.Process(int(parent.stdout.readline()))
+        deadline = time.monotonic() + 20
+        while zombie.status() != psutil.STATUS_ZOMBIE:
+            assert time.monotonic() < deadline, "the child did not exit"
+            time.sleep(0.05)
+        start = time.monotonic()
+        signalled = stop_processes([zombie, psutil.Process(sleeper.pid)], timeout=15.0)
+        elapsed = time.monotonic() - start
+        assert elapsed < 5.0, f"waited {elapsed:.1f} s"
+        assert [p.pid for p in signalled] == [sleeper.pid]  # the zombie gets no signal
+        assert sleeper.wait(5) is not None
+    finally:
+        for proc in (parent, sleeper):
+            proc.kill()
+            proc.wait()
