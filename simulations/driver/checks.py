@@ -157,7 +157,6 @@ def composed_accuracy(spec, ledger_path: Path, cache_dir: Path | None, test_sour
                       run_config: dict) -> dict:
     """Accuracy of w0 + the ledger's composed Δ on the server's test rows (the ServerApp's
     central evaluation, run by the driver: ``--evaluation driver``)."""
-    import torch
 
     from server.evaluation import evaluation_indices
     from server.ledger import Ledger
@@ -173,9 +172,33 @@ def composed_accuracy(spec, ledger_path: Path, cache_dir: Path | None, test_sour
             "evaluate_s": time.perf_counter() - start}
 
 
-def removal_check(ledger_path: Path) -> dict:
+def remaining_sums(ledger_paths: list[Path], removed: set[str]) -> list[tuple[dict, float]]:
+    """(composed arrays, seconds) of a fresh aggregation of the active contributions of every
+    site but ``removed`` in each ledger (:func:`fresh_sums`). The driver runs it while the
+    unlearn run removes those sites: a removal does not touch the staying contributions (the
+    ledger reads them only under their recorded sha256), so their sums are the same before and
+    after it, and the CPU the unlearn run leaves idle does the summing."""
+    from server.ledger import Ledger
+
+    out = []
+    for path in ledger_paths:
+        start = time.perf_counter()
+        with Ledger.open(path, create=False) as ledger:
+            staying = {c.site_id for c in ledger.contributions(status="active")} - set(removed)
+        out.append((fresh_sums(path, staying)[0], time.perf_counter() - start))
+    return out
+
+
+def same_arrays(a: dict, b: dict) -> bool:
+    """The same names with byte-identical arrays (shape and dtype included)."""
+    return a.keys() == b.keys() and all(a[k].shape == b[k].shape and a[k].dtype == b[k].dtype
+                                         and a[k].tobytes() == b[k].tobytes() for k in a)
+
+
+def removal_check(ledger_path: Path, expected: dict | None = None) -> dict:
     """The ledger after removal vs a fresh aggregation of the remaining contributions (streamed:
-    one contribution in memory at a time): equal accumulator bytes and equal composed bytes."""
+    one contribution in memory at a time): equal accumulator bytes and equal composed bytes.
+    ``expected``: that fresh aggregation when it was already made (:func:`remaining_sums`)."""
     from server.ledger import Ledger
 
     from server.ledger import families
@@ -185,9 +208,9 @@ def removal_check(ledger_path: Path) -> dict:
         digest = ledger.current_version().composed_sha256
         family = families.of_meta(ledger.settings())
     start = time.perf_counter()
-    expected, _, _ = fresh_sums(ledger_path)
-    identical = (after.keys() == expected.keys() and all(after[k].tobytes() == expected[k].tobytes() for k in after)
-                 and family.digest(expected) == digest)
+    if expected is None:
+        expected, _, _ = fresh_sums(ledger_path)
+    identical = same_arrays(after, expected) and family.digest(expected) == digest
     return {"removal_bit_identical": bool(identical), "removal_check_s": time.perf_counter() - start}
 
 
@@ -207,9 +230,10 @@ class ExactHeadStep:
         self.skip = ("exact-head is off in this run (or DP)" if features is None else
                      None if ledger_path.is_file() else f"the ServerApp wrote no stats ledger ({ledger_path})")
 
-    def before(self, report: dict) -> dict:
+    def before(self, report: dict, run=in_subprocess) -> dict:
         """``report``: the train run's; its exact-head accuracy (the ServerApp solved the same
-        sums on the same test rows) is taken rather than solved a second time here."""
+        sums on the same test rows) is taken rather than solved a second time here. ``run(fn,
+        *args)``: where the check runs (simulations.driver.processes.one_child)."""
         from simulations.exact_head_check import central_check
 
         if self.skip:
@@ -217,18 +241,19 @@ class ExactHeadStep:
             return dict.fromkeys(self.KEYS_BEFORE) | {"exact_head_note": self.skip}
         print("      exact head: the stats ledger's sums vs the central statistics of every trained row")
         server = _server_exact_head(report)
-        out = in_subprocess(central_check, *self.args, self.num_sites, self.removed, self.kept_path, server is None)
+        out = run(central_check, *self.args, self.num_sites, self.removed, self.kept_path, server is None)
         if "exact_head_note" in out:
             self.skip = out["exact_head_note"]
         return out | (server or {})
 
-    def after(self, report: dict) -> dict:
+    def after(self, report: dict, fresh: dict | None = None, run=in_subprocess) -> dict:
+        """``fresh``: the fresh aggregation of the staying sites' statistics, when already made."""
         from simulations.exact_head_check import removal_check as stats_removal_check
 
         if self.skip:
             return dict.fromkeys(self.KEYS_AFTER)
         server = _server_exact_head(report)
-        out = in_subprocess(stats_removal_check, *self.args, self.kept_path, server is None)
+        out = run(stats_removal_check, *self.args, self.kept_path, server is None, fresh)
         if server is not None:
             out |= {"accuracy_exact_head_after_removal": server["accuracy_exact_head"],
                     "exact_head_lambda_after_removal": server["exact_head_lambda"]}

@@ -16,12 +16,13 @@ import numpy as np
 
 import simulations.driver
 from simulations.driver import REPO
-from simulations.driver.checks import (ExactHeadStep, composed_accuracy, ensemble_check, ensemble_sample, removal_check,
-                                       site_order)
+from simulations.driver.checks import (ExactHeadStep, composed_accuracy, ensemble_check, ensemble_sample,
+                                       remaining_sums, removal_check, site_order)
 from simulations.driver.config import federation_config, pyproject_config, resolve_backbone
 from simulations.driver.data import build_caches, default_cache_dir, prepare_data
 from simulations.driver.dp_head import DPHeadStep
-from simulations.driver.processes import ProcessWatch, directory_bytes, flwr_run, free_port, in_subprocess
+from simulations.driver.processes import (ProcessWatch, directory_bytes, flwr_run, free_port, in_background,
+                                         in_subprocess, one_child)
 from simulations.driver.report import plot, print_table
 
 #: the DP head's share of a contribution's μ² in a DP run (docs/dp_head.md)
@@ -253,47 +254,60 @@ def main(argv=None) -> int:
                                              if last_round["evaluate"].get("num-examples") else None)}
         active = report["ledger"]["active_sites"]
         test_source = data["sources"]["test"]
-        if args.evaluation == "driver" and test_source is not None:
-            central = in_subprocess(composed_accuracy, spec, ledger_path, cache_dir, test_source, run_config)
-            summary |= {"accuracy_composed": central["accuracy"], "central_test_images": central["test_images"]}
+        # the checks of the train run's result share one child process (torch and the model built once)
+        with one_child() as run:
+            if args.evaluation == "driver" and test_source is not None:
+                central = run(composed_accuracy, spec, ledger_path, cache_dir, test_source, run_config)
+                summary |= {"accuracy_composed": central["accuracy"], "central_test_images": central["test_images"]}
 
-        if data["sources"]["test"] is not None:
-            print(f"[3/5] ensemble of {min(len(active), args.ensemble_sites or len(active))} of {len(active)} "
-                  "site models vs the model composed of the same sites")
-            sample = ensemble_sample(active, args.ensemble_sites, args.seed)
-            summary |= in_subprocess(ensemble_check, spec, ledger_path, cache_dir, args.ensemble_subset, args.seed,
-                                     data["sources"]["test"], sample)
-        else:
-            print("[3/5] no test data set: no ensemble check")
-            summary |= {"accuracy_ensemble": None, "max_rel_logit_diff_composed_vs_ensemble": None}
+            if data["sources"]["test"] is not None:
+                print(f"[3/5] ensemble of {min(len(active), args.ensemble_sites or len(active))} of {len(active)} "
+                      "site models vs the model composed of the same sites")
+                sample = ensemble_sample(active, args.ensemble_sites, args.seed)
+                summary |= run(ensemble_check, spec, ledger_path, cache_dir, args.ensemble_subset, args.seed,
+                               data["sources"]["test"], sample)
+            else:
+                print("[3/5] no test data set: no ensemble check")
+                summary |= {"accuracy_ensemble": None, "max_rel_logit_diff_composed_vs_ensemble": None}
 
-        removed = ([s.strip() for s in args.remove_sites.split(",") if s.strip()] or
-                   sorted(np.random.default_rng(args.seed).choice(active, min(args.remove, len(active)),
-                                                                  replace=False).tolist(), key=site_order))
-        if dp_head:  # noisy statistics: no central check, the DP head's own (simulations/driver/dp_head.py)
-            exact_head = DPHeadStep(spec, features, ledger_path, stats_ledger, cache_dir, data["sources"],
-                                    defaults | run_config, removed, run_dir)
-            summary |= exact_head.before(active) | {"dp_epsilon_received_max": _max_received(report)}
-        else:
-            exact_head = ExactHeadStep(features, stats_ledger, spec, cache_dir, data["sources"],
-                                       defaults | run_config, args.num_clients, removed, run_dir)
-            summary |= exact_head.before(report)
+            removed = ([s.strip() for s in args.remove_sites.split(",") if s.strip()] or
+                       sorted(np.random.default_rng(args.seed).choice(active, min(args.remove, len(active)),
+                                                                      replace=False).tolist(), key=site_order))
+            if dp_head:  # noisy statistics: no central check, the DP head's own (simulations/driver/dp_head.py)
+                exact_head = DPHeadStep(spec, features, ledger_path, stats_ledger, cache_dir, data["sources"],
+                                        defaults | run_config, removed, run_dir)
+                summary |= exact_head.before(active, run) | {"dp_epsilon_received_max": _max_received(report)}
+            else:
+                exact_head = ExactHeadStep(features, stats_ledger, spec, cache_dir, data["sources"],
+                                           defaults | run_config, args.num_clients, removed, run_dir)
+                summary |= exact_head.before(report, run)
 
-        print(f"[4/5] flwr run: unlearn sites {','.join(removed)} (log: {run_dir / 'unlearn.log'})")
+        # the fresh aggregation of the staying sites (both ledgers) is summed while the unlearn run
+        # removes the others: that run keeps one core busy at most (checks.remaining_sums)
+        summed = [ledger_path] + ([stats_ledger] if not dp_head and not exact_head.skip else [])
+        print(f"[4/5] flwr run: unlearn sites {','.join(removed)} (log: {run_dir / 'unlearn.log'}); meanwhile "
+              f"a fresh aggregation of the {len(set(active) - set(removed))} staying sites' contributions")
         unlearn_report = run_dir / "unlearn-report.json"
         unlearn_config = server_config | {"mode": "unlearn", "remove-sites": ",".join(removed),
                                        "report-path": str(unlearn_report)}
-        summary["unlearn_run_s"] = flwr_run(unlearn_config, federation, env, run_dir / "unlearn.log", watch,
-                                            flwr_home, args.timeout)
+        with in_background(remaining_sums, summed, set(removed)) as pending:
+            summary["unlearn_run_s"] = flwr_run(unlearn_config, federation, env, run_dir / "unlearn.log", watch,
+                                                flwr_home, args.timeout)
+            waited = time.perf_counter()
+            fresh = pending.result()
+            summary["fresh_sums_wait_s"] = time.perf_counter() - waited
+        summary["fresh_sums_s"] = [seconds for _, seconds in fresh]
         ureport = json.loads(unlearn_report.read_text())
         summary |= {"removed_sites": ureport["removed_sites"], "accuracy_after_removal": ureport["accuracy"]}
-        if args.evaluation == "driver" and test_source is not None:
-            summary["accuracy_after_removal"] = in_subprocess(composed_accuracy, spec, ledger_path, cache_dir,
-                                                              test_source, run_config)["accuracy"]
+        with one_child() as run:
+            if args.evaluation == "driver" and test_source is not None:
+                summary["accuracy_after_removal"] = run(composed_accuracy, spec, ledger_path, cache_dir,
+                                                        test_source, run_config)["accuracy"]
 
-        print("[5/5] removal vs fresh aggregation of the remaining sites")
-        summary |= removal_check(ledger_path)
-        summary |= exact_head.after() if dp_head else exact_head.after(ureport)
+            print("[5/5] removal vs fresh aggregation of the remaining sites")
+            summary |= removal_check(ledger_path, fresh[0][0])
+            summary |= (exact_head.after(run) if dp_head else
+                        exact_head.after(ureport, fresh[1][0] if len(fresh) > 1 else None, run))
     finally:
         watch.sample()
         watch.stop_sampling()

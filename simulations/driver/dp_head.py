@@ -116,23 +116,24 @@ class DPHeadStep:
         self.removed = removed
         self.kept_path = run_dir / "dp-head-kept-sums.npz"
 
-    def _accuracy(self) -> dict:
+    def _accuracy(self, run) -> dict:
         if self.test_source is None:
             return {"accuracy_exact_head": None}
-        return in_subprocess(head_accuracy, self.spec, self.features, self.stats_path, self.cache_dir,
+        return run(head_accuracy, self.spec, self.features, self.stats_path, self.cache_dir,
                              self.test_source, self.config)
 
-    def before(self, active: list[str]) -> dict:
+    def before(self, active: list[str], run=in_subprocess) -> dict:
+        """``run(fn, *args)``: where the checks run (simulations.driver.processes.one_child)."""
         if not self.stats_path.is_file():
             return {"accuracy_exact_head": None, "exact_head_note": f"no statistics ledger at {self.stats_path}"}
         print("      DP head: ledger sums vs a fresh sum of the releases as stored; the head from the noisy sums")
         kept = [site for site in active if site not in set(self.removed)]
-        return (in_subprocess(composed_equals_fresh, self.stats_path, kept, self.kept_path) | self._accuracy()
-                | in_subprocess(privacy_spent, self.ledger_path))
+        return (run(composed_equals_fresh, self.stats_path, kept, self.kept_path) | self._accuracy(run)
+                | run(privacy_spent, self.ledger_path))
 
-    def after(self) -> dict:
+    def after(self, run=in_subprocess) -> dict:
         if not self.kept_path.is_file():
             return {"dp_head_removal_bit_identical": None, "accuracy_exact_head_after_removal": None}
-        out = in_subprocess(removal_equals_kept, self.stats_path, self.kept_path)
-        after = self._accuracy()
+        out = run(removal_equals_kept, self.stats_path, self.kept_path)
+        after = self._accuracy(run)
         return out | {"accuracy_exact_head_after_removal": after.get("accuracy_exact_head")}

@@ -10,6 +10,7 @@ import subprocess
 import sys
 import threading
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import psutil
@@ -92,10 +93,12 @@ class ProcessWatch:
         self._thread.join(timeout=5)
 
     def terminate_all(self, timeout: float = 10.0) -> list[int]:
-        """SIGTERM every process we started or saw (children first), SIGKILL what is left."""
+        """SIGTERM every process we started or saw (children first), SIGKILL what is left.
+        multiprocessing's resource tracker is left alone: it ignores SIGTERM (a wait of the whole
+        timeout) and ends by itself when the driver exits."""
         procs = {p.pid: p for p in self.tree() if p.pid != os.getpid()}
         procs.update({pid: p for pid, p in self.seen.items() if pid not in procs})
-        return [p.pid for p in stop_processes(procs.values(), timeout)]
+        return [p.pid for p in stop_processes([p for p in procs.values() if not _resource_tracker(p)], timeout)]
 
 
 def stop_processes(procs, timeout: float) -> list[psutil.Process]:
@@ -122,6 +125,13 @@ def stop_processes(procs, timeout: float) -> list[psutil.Process]:
             pass
     _wait_ended(still, 5.0)
     return alive
+
+
+def _resource_tracker(proc: psutil.Process) -> bool:
+    try:
+        return any("multiprocessing.resource_tracker" in part for part in proc.cmdline())
+    except psutil.Error:
+        return False
 
 
 def _ended(proc: psutil.Process) -> bool:
@@ -311,6 +321,38 @@ def stop_finished_run(watch: ProcessWatch, timeout: float = 15.0) -> int:
         except psutil.Error:
             continue
     return len(stop_processes(victims.values(), timeout))
+
+
+@contextmanager
+def in_background(fn, *args):
+    """``fn(*args)`` in a fresh (spawned) child while the caller goes on; yields its Future. When
+    the caller fails the child is not waited for: the driver stops every process it started."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+    done = False
+    try:
+        yield pool.submit(fn, *args)
+        done = True
+    finally:
+        pool.shutdown(wait=done, cancel_futures=True)
+
+
+@contextmanager
+def one_child():
+    """A spawned child that runs the calls given to it one after another; yields ``run(fn,
+    *args)``. The checks of one step share its imports and the model it builds once (torch and
+    the backbone: ~6 s a process on this machine); it is stopped on leaving, so nothing of it is
+    resident while Flower runs."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+    try:
+        yield lambda fn, *args: pool.submit(fn, *args).result()
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def in_subprocess(fn, *args):

@@ -7,24 +7,25 @@ import numpy as np
 import pytest
 
 from server.ledger import Ledger
-from simulations.driver.checks import fresh_sums
+from simulations.driver.checks import fresh_sums, remaining_sums, removal_check
+from simulations.driver.processes import in_background
 from tangent.exact_head.row_form import row_arrays
 from tangent.exact_head.statistics import grid_meta, quantize
 
 P, CLASSES, CLIP, BITS = 12, 3, 2.0, 16
 
 
-def delta_ledger(path, rng):
+def delta_ledger(path, rng, removed=("2", "5")):
     with Ledger.open(path) as ledger:
         for site in range(7):
             ledger.add(str(site), {"w": rng.standard_normal((4, 5)).astype(np.float32),
                                    "b": rng.standard_normal(3).astype(np.float32)}, int(rng.integers(1, 50)))
-        for site in ("2", "5"):
+        for site in removed:
             ledger.remove(site)
         return ledger.composed_arrays()
 
 
-def stats_ledger(path, rng):
+def stats_ledger(path, rng, removed=("0", "6")):
     card = {"stats-meta": grid_meta(P, CLASSES, CLIP, BITS), "feature-spec": {"test": True},
             "model-spec": {"test": True}, "feature-digest": "test"}
     with Ledger.open(path, family="stats", model_card=card) as ledger:
@@ -34,7 +35,7 @@ def stats_ledger(path, rng):
             phi *= 0.9 * CLIP / np.linalg.norm(phi, axis=1, keepdims=True)
             ledger.add(str(site), row_arrays(quantize(phi, CLIP, BITS), rng.integers(0, CLASSES, n), BITS), n,
                        base_digest="test")
-        for site in ("0", "6"):
+        for site in removed:
             ledger.remove(site)
         return ledger.composed_arrays()
 
@@ -59,3 +60,23 @@ def test_a_share_that_misses_a_contribution_is_seen(tmp_path):
         sites = {c.site_id for c in ledger.contributions(status="active")}
     fewer, _, _ = fresh_sums(path, sites - {"3"}, workers=2)
     assert any(fewer[k].tobytes() != composed[k].tobytes() for k in composed)
+
+
+@pytest.mark.parametrize("build", [delta_ledger, stats_ledger])
+def test_the_staying_sites_summed_while_others_are_removed(tmp_path, build):
+    """The driver sums the staying sites in a child process while the unlearn run removes the
+    others from the same SQLite file: the sums equal the ledger's after the removals, and a
+    removal that was not done is seen."""
+    path = tmp_path / "ledger.sqlite"
+    build(path, np.random.default_rng(5), removed=())
+    removed = {"1", "4"}
+    with in_background(remaining_sums, [path], removed) as pending:
+        with Ledger.open(path, create=False) as ledger:  # concurrently with the child's reads
+            ledger.remove("1")
+        (expected, seconds), = pending.result()
+    assert seconds > 0
+    assert removal_check(path, expected)["removal_bit_identical"] is False  # site 4 is still in
+    with Ledger.open(path, create=False) as ledger:
+        ledger.remove("4")
+    assert removal_check(path, expected)["removal_bit_identical"] is True
+    assert removal_check(path)["removal_bit_identical"] is True
