@@ -199,10 +199,13 @@ def main(argv=None) -> int:
                         # RAY_ADDRESS: "local" = a new Ray instance of our own (never one another
                         # user started); an address = that cluster (--ray-address)
                         "RAY_ADDRESS": ray_address,
-                        # glibc: buffers of ≥ 1 MiB (Δw replies, batches) go straight back to the
-                        # OS when freed instead of staying in a fragmented heap, and fewer arenas
-                        # for Ray's and gRPC's threads (measured: −105 MiB summed peak RSS)
-                        "MALLOC_MMAP_THRESHOLD_": "1048576", "MALLOC_ARENA_MAX": "2",
+                        # glibc: buffers of ≥ 4 MiB (a Δw reply is 7 MB, a 1,200-row statistics
+                        # reply 15 MB) go straight back to the OS when freed instead of staying in
+                        # a fragmented heap, and fewer arenas for Ray's and gRPC's threads. Not
+                        # lower: at 1 MiB every training step's weight gradients (2.4 MB for the
+                        # MLP's) were fresh mmaps, page-faulted anew each step, and a site's
+                        # training took 25-40 % longer (benchmark of one site's fit, this machine)
+                        "MALLOC_MMAP_THRESHOLD_": str(4 << 20), "MALLOC_ARENA_MAX": "2",
                         # one BLAS thread per process: the ServerApp's numpy products (forming a
                         # row form's Gram) share the two cores with the Ray workers, where a
                         # second OpenBLAS thread only adds CPU time (measured for a 60-row Gram
