@@ -177,7 +177,8 @@ def remaining_sums(ledger_paths: list[Path], removed: set[str]) -> list[tuple[di
     site but ``removed`` in each ledger (:func:`fresh_sums`). The driver runs it while the
     unlearn run removes those sites: a removal does not touch the staying contributions (the
     ledger reads them only under their recorded sha256), so their sums are the same before and
-    after it, and the CPU the unlearn run leaves idle does the summing."""
+    after it. At 50 sites the summing fills the core the unlearn run leaves idle; at 1,000 its
+    100 removals keep the ServerApp busy and the two compete (docs/scale.md)."""
     from server.ledger import Ledger
 
     out = []

@@ -300,6 +300,7 @@ def main(argv=None) -> int:
             fresh = pending.result()
             summary["fresh_sums_wait_s"] = time.perf_counter() - waited
         summary["fresh_sums_s"] = [seconds for _, seconds in fresh]
+        (delta_fresh, _), *stats_fresh = fresh  # in the order of `summed`
         ureport = json.loads(unlearn_report.read_text())
         summary |= {"removed_sites": ureport["removed_sites"], "accuracy_after_removal": ureport["accuracy"]}
         with one_child() as run:
@@ -308,9 +309,9 @@ def main(argv=None) -> int:
                                                         test_source, run_config)["accuracy"]
 
             print("[5/5] removal vs fresh aggregation of the remaining sites")
-            summary |= removal_check(ledger_path, fresh[0][0])
+            summary |= removal_check(ledger_path, delta_fresh)
             summary |= (exact_head.after(run) if dp_head else
-                        exact_head.after(ureport, fresh[1][0] if len(fresh) > 1 else None, run))
+                        exact_head.after(ureport, stats_fresh[0][0] if stats_fresh else None, run))
     finally:
         watch.sample()
         watch.stop_sampling()

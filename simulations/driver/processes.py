@@ -323,14 +323,19 @@ def stop_finished_run(watch: ProcessWatch, timeout: float = 15.0) -> int:
     return len(stop_processes(victims.values(), timeout))
 
 
+def _spawned_worker():
+    """A pool of one spawned (not forked: no copy of the driver's threads or locks) process."""
+    import multiprocessing
+    from concurrent.futures import ProcessPoolExecutor
+
+    return ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+
+
 @contextmanager
 def in_background(fn, *args):
     """``fn(*args)`` in a fresh (spawned) child while the caller goes on; yields its Future. When
     the caller fails the child is not waited for: the driver stops every process it started."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+    pool = _spawned_worker()
     done = False
     try:
         yield pool.submit(fn, *args)
@@ -345,10 +350,7 @@ def one_child():
     *args)``. The checks of one step share its imports and the model it builds once (torch and
     the backbone: ~6 s a process on this machine); it is stopped on leaving, so nothing of it is
     resident while Flower runs."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    pool = ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn"))
+    pool = _spawned_worker()
     try:
         yield lambda fn, *args: pool.submit(fn, *args).result()
     finally:
@@ -358,8 +360,5 @@ def one_child():
 def in_subprocess(fn, *args):
     """Run ``fn(*args)`` in a fresh (spawned) child: torch and the backbone never stay resident
     in the driver, whose memory counts towards the peak while Flower runs."""
-    import multiprocessing
-    from concurrent.futures import ProcessPoolExecutor
-
-    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
-        return pool.submit(fn, *args).result()
+    with one_child() as run:
+        return run(fn, *args)
