@@ -157,7 +157,6 @@ def composed_accuracy(spec, ledger_path: Path, cache_dir: Path | None, test_sour
                       run_config: dict) -> dict:
     """Accuracy of w0 + the ledger's composed Δ on the server's test rows (the ServerApp's
     central evaluation, run by the driver: ``--evaluation driver``)."""
-
     from server.evaluation import evaluation_indices
     from server.ledger import Ledger
     from tangent.training.trainer import predict_logits

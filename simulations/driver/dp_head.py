@@ -58,7 +58,10 @@ def removal_equals_kept(stats_path: Path, kept_path: Path) -> dict:
 
 
 def _same(a: dict, b: dict) -> bool:
-    return bool(a) and a.keys() == b.keys() and all(a[k].tobytes() == b[k].tobytes() for k in a)
+    """Non-empty and byte-identical (simulations.driver.checks.same_arrays)."""
+    from simulations.driver.checks import same_arrays
+
+    return bool(a) and same_arrays(a, b)
 
 
 def head_accuracy(spec, features: dict, stats_path: Path, cache_dir: Path | None, source: str, config: dict) -> dict:
