@@ -17,7 +17,8 @@ import numpy as np
 from server.ledger import fixedpoint
 from server.ledger.records import canonical_json
 
-Quantized = dict[str, tuple[np.ndarray, np.ndarray]]
+#: per tensor name its limbs ``(q_hi, q_lo)``, or None for a tensor that is all zero (it adds nothing)
+Quantized = dict[str, tuple[np.ndarray, np.ndarray] | None]
 
 
 def arrays_digest(arrays: Mapping[str, np.ndarray]) -> str:
@@ -35,8 +36,9 @@ def arrays_digest(arrays: Mapping[str, np.ndarray]) -> str:
 
 
 def quantize(arrays: Mapping[str, np.ndarray]) -> Quantized:
-    """Each array on the fixed-point grid, as limbs; values must be finite and in range."""
-    return {name: fixedpoint.quantize(a) for name, a in arrays.items()}
+    """Each array on the fixed-point grid, as limbs (None where it is all zero: a 60-image site's
+    Δ is non-zero only in the head, 3,850 of 1,779,082 entries); values must be finite and in range."""
+    return {name: fixedpoint.quantize(a) if a.any() else None for name, a in arrays.items()}
 
 
 class Accumulators:
@@ -44,6 +46,9 @@ class Accumulators:
 
     def __init__(self, tensors: dict[str, tuple[list[int], np.ndarray, np.ndarray]]):
         self._tensors = tensors
+        #: the names whose sums changed since the last :meth:`take_changed` (the stored bytes of
+        #: the others are still right: the ledger rewrites only these)
+        self._changed: set[str] = set()
 
     @classmethod
     def zeros(cls, spec: Mapping[str, Iterable[int]]) -> "Accumulators":
@@ -55,9 +60,18 @@ class Accumulators:
         return cls({name: (list(shape), *fixedpoint.decode(data, math.prod(shape))) for name, shape, data in rows})
 
     def add(self, quantized: Quantized, weight: int) -> None:
-        """In place ``S += weight · q`` for every tensor; a negative weight subtracts."""
+        """In place ``S += weight · q`` for every tensor; a negative weight subtracts. An all-zero
+        tensor (None) leaves its sum as it is, bit for bit what adding zeros would leave."""
         for name, (_, hi, lo) in self._tensors.items():
-            fixedpoint.accumulate(hi, lo, *quantized[name], weight)
+            q = quantized[name]
+            if q is not None:
+                fixedpoint.accumulate(hi, lo, *q, weight)
+                self._changed.add(name)
+
+    def take_changed(self) -> set[str]:
+        """The names changed since the last call (all of them after :meth:`add_arrays`)."""
+        changed, self._changed = self._changed, set()
+        return changed
 
     def limbs(self) -> Quantized:
         """The sums as ``(hi, lo)`` limbs, views: ``other.add(self.limbs(), 1)`` adds these sums to
@@ -67,6 +81,7 @@ class Accumulators:
     def add_arrays(self, arrays: Mapping[str, np.ndarray], weight: int) -> None:
         for name, (_, hi, lo) in self._tensors.items():
             fixedpoint.accumulate(hi, lo, *fixedpoint.quantize(arrays[name]), weight)
+            self._changed.add(name)
 
     def compose(self, total_weight: int) -> dict[str, np.ndarray]:
         """The float32 weighted mean ``S / W`` per tensor (zeros while ``W`` is 0)."""
@@ -82,8 +97,10 @@ class Accumulators:
         """The canonical bytes of each sum: equal sums give equal bytes."""
         return {name: bytes(fixedpoint.encode(hi, lo)) for name, (_, hi, lo) in self._tensors.items()}
 
-    def encoded_views(self) -> dict[str, memoryview]:
-        return {name: fixedpoint.encode(hi, lo) for name, (_, hi, lo) in self._tensors.items()}
+    def encoded_views(self, names: Iterable[str] | None = None) -> dict[str, memoryview]:
+        """:meth:`encoded` without the copy, of ``names`` (default: all)."""
+        names = self._tensors.keys() if names is None else names
+        return {name: fixedpoint.encode(*self._tensors[name][1:]) for name in names}
 
     def digest(self) -> str:
         """sha256 over the canonical bytes in name order."""

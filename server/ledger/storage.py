@@ -258,8 +258,10 @@ class Store:
         return self._cache[1]
 
     def store_accumulators(self, acc: Accumulators) -> None:
+        """Writes the sums that changed since they were read or last stored (``acc`` is the
+        object :meth:`accumulators` returned, whose other sums equal the stored bytes)."""
         rows = {r[0]: (r[1], r[2]) for r in self.db.execute("SELECT name, rowid, length(data) FROM accumulators")}
-        for name, data in acc.encoded_views().items():
+        for name, data in acc.encoded_views(acc.take_changed()).items():
             rowid, size = rows[name]
             if len(data) == size:  # overwrite in place: no page reallocation for megabytes
                 with self.db.blobopen("accumulators", "data", rowid) as blob:

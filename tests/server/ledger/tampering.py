@@ -31,10 +31,8 @@ def truncate_last_contribution(path: Path) -> None:
     db.execute("BEGIN")
     cid, weight = db.execute("SELECT id, weight FROM contributions ORDER BY id DESC LIMIT 1").fetchone()
     blob = db.execute("SELECT safetensors FROM deltas WHERE contribution_id = ?", (cid,)).fetchone()[0]
-    import safetensors.numpy
-
-    from server.ledger import blobs
-    arrays = safetensors.numpy.load(blobs.unpack(blob))
+    from server.ledger.families import DeltaFamily
+    arrays = DeltaFamily().decode(blob)
     for name, shape, data in db.execute("SELECT name, shape, data FROM accumulators").fetchall():
         hi, lo = fixedpoint.decode(data, int(np.prod(json.loads(shape))))
         fixedpoint.accumulate(hi, lo, *fixedpoint.quantize(arrays[name]), -weight)

@@ -517,3 +517,56 @@ def test_the_sites_know_the_ledgers_range():
     from tangent.protocol.limits import MAX_DELTA_VALUE
 
     assert fixedpoint.MAX_ABS_VALUE == MAX_DELTA_VALUE
+
+
+def test_a_delta_zero_outside_its_head_is_stored_small_read_back_exactly_and_summed_as_dense(tmp_path):
+    """A 60-image site's Δ is non-zero only in the head: its all-zero tensors are named in the
+    stored header instead of stored, and skipped by the sums. What is read back is every tensor bit
+    for bit (a -0.0 tensor is kept as it is), and the sums, in memory and in the file, are those of
+    dense adds, also after a removal."""
+    import safetensors.numpy
+
+    from server.ledger import Accumulators, blobs
+    from server.ledger.families import DeltaFamily
+
+    shapes = {"blocks.11.mlp.fc1.weight": (1536, 384), "head.weight": (10, 384), "norm.bias": (384,)}
+    rng = np.random.default_rng(0)
+    deltas = [{"blocks.11.mlp.fc1.weight": np.zeros(shapes["blocks.11.mlp.fc1.weight"], np.float32),
+               "head.weight": (rng.standard_normal(shapes["head.weight"]) * 1e-2).astype(np.float32),
+               "norm.bias": np.full(shapes["norm.bias"], -0.0 if i == 0 else 0.5 * i, np.float32)}
+              for i in range(3)]
+    dense = Accumulators.zeros(shapes)
+    with Ledger.open(tmp_path / "l.sqlite") as ledger:
+        for i, delta in enumerate(deltas):
+            ledger.add(f"site-{i}", delta, 60)
+            dense.add_arrays(delta, 60)
+        with sqlite3.connect(ledger.path) as db:
+            stored = [safetensors.numpy.load(blobs.unpack(b)) for (b,) in db.execute("SELECT safetensors FROM deltas")]
+        assert all("blocks.11.mlp.fc1.weight" not in arrays for arrays in stored)
+        assert ["norm.bias" in arrays for arrays in stored] == [True] * 3  # -0.0 is stored as it is
+        for c, delta in zip(ledger.contributions(status="active"), deltas):
+            back = ledger.contribution_delta(c.id)
+            assert {k: v.tobytes() for k, v in back.items()} == {k: v.tobytes() for k, v in delta.items()}
+        assert {k: v for k, v in stored_accumulators(ledger).items() if k != "total_weight"} == dense.encoded()
+        ledger.remove("site-1", reason="test")
+        dense.add_arrays(deltas[1], -60)
+        assert {k: v for k, v in stored_accumulators(ledger).items() if k != "total_weight"} == dense.encoded()
+        ledger.verify()
+    ones = {"w": np.ones(3, np.float32)}
+    assert DeltaFamily().decode(DeltaFamily().encode(ones, "s", 1))["w"].tobytes() == ones["w"].tobytes()
+
+
+def test_a_stored_delta_whose_header_names_a_huge_zero_tensor_is_refused_before_any_allocation():
+    """The header is read back from the file: a zero tensor of 2^40 entries must not be allocated."""
+    import json
+
+    import safetensors.numpy
+
+    from server.ledger import blobs
+    from server.ledger.families import ZERO_TENSORS_KEY, DeltaFamily
+
+    head = {"head.weight": np.ones((2, 2), np.float32)}
+    for header in ({"blocks.0.w": [2 ** 20, 2 ** 20]}, {"head.weight": [2, 2]}, {"w": [-1]}, {"w": "3"}, [1]):
+        blob = blobs.pack(safetensors.numpy.save(head, metadata={ZERO_TENSORS_KEY: json.dumps(header)}))
+        with pytest.raises(ValueError):
+            DeltaFamily().decode(blob)
