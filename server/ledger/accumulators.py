@@ -68,6 +68,9 @@ class Accumulators:
                 fixedpoint.accumulate(hi, lo, *q, weight)
                 self._changed.add(name)
 
+    def shapes(self) -> dict[str, list[int]]:
+        return {name: list(shape) for name, (shape, _, _) in self._tensors.items()}
+
     def take_changed(self) -> set[str]:
         """The names changed since the last call (all of them after :meth:`add_arrays`)."""
         changed, self._changed = self._changed, set()

@@ -514,11 +514,11 @@ class Ledger:
         return self._db.execute("SELECT id, weight FROM contributions WHERE site_id = ? AND status = 'active'",
                                 (site_id,)).fetchone()
 
-    def _stored_arrays(self, contribution_id: int) -> dict[str, np.ndarray]:
+    def _stored_arrays(self, contribution_id: int, expand: bool = True) -> dict[str, np.ndarray]:
         """The stored arrays of a contribution, decoded only when their bytes have the sha256 recorded
         when it was added: bytes swapped in the file would otherwise be what a removal subtracts (a
         removal that leaves the site in the model and erases the evidence) or a zlib bomb inflated
-        before anything noticed."""
+        before anything noticed. ``expand``: see :meth:`contribution_delta`."""
         row = self._db.execute("SELECT d.safetensors, c.delta_sha256 FROM deltas d JOIN contributions c "
                                "ON c.id = d.contribution_id WHERE d.contribution_id = ?", (contribution_id,)).fetchone()
         if row is None:
@@ -527,7 +527,7 @@ class Ledger:
         if hashlib.sha256(blob).hexdigest() != recorded:
             raise LedgerError(f"the stored bytes of contribution {contribution_id} do not have its recorded digest "
                               f"{recorded}: the ledger file was altered (run verify); nothing decoded")
-        return self._family.decode(blob)
+        return self._family.decode(blob, expand)
 
     def _end(self, contribution_id: int, status: str, at: str, model_version: int, reason: str) -> None:
         # The Δ bytes go (secure_delete overwrites them); digest and metadata stay for the record.
@@ -680,12 +680,14 @@ class Ledger:
         import torch  # the ledger itself runs on numpy; only this view needs torch
         return {name: torch.from_numpy(a) for name, a in self.composed_arrays().items()}
 
-    def contribution_delta(self, contribution_id: int) -> dict[str, np.ndarray]:
-        """The stored Δ of an *active* contribution, exactly as received (float32 numpy arrays).
+    def contribution_delta(self, contribution_id: int, expand: bool = True) -> dict[str, np.ndarray]:
+        """The stored Δ of an *active* contribution, exactly as received (float32 numpy arrays);
+        statistics in their Gram form or, with ``expand`` False, as stored (a row form's ``rows``
+        and ``labels``: whoever sums many of them can form one Gram of all their rows).
 
         Removed or replaced contributions have their Δ bytes erased: ``KeyError`` for those."""
         with self.snapshot():
-            return self._stored_arrays(contribution_id)
+            return self._stored_arrays(contribution_id, expand)
 
     def settings(self) -> dict[str, Any]:
         """Weighting, grid, pinned spec and base digest, total weight, signing public key."""

@@ -75,8 +75,9 @@ class DeltaFamily:
         metadata = {ZERO_TENSORS_KEY: canonical_json(zero)} if zero else None
         return blobs.pack(safetensors.numpy.save(kept, metadata=metadata))
 
-    def decode(self, blob: bytes) -> dict[str, np.ndarray]:
-        """The arrays :meth:`encode` was given, bit for bit (zero tensors rebuilt from the header)."""
+    def decode(self, blob: bytes, expand: bool = True) -> dict[str, np.ndarray]:
+        """The arrays :meth:`encode` was given, bit for bit (zero tensors rebuilt from the header;
+        ``expand`` is for the statistics' row form, which a Δ has not)."""
         data = blobs.unpack(blob)
         arrays = safetensors.numpy.load(data)
         zero = safetensors_metadata(data).get(ZERO_TENSORS_KEY)
@@ -291,8 +292,9 @@ class StatsFamily:
     def encode(self, arrays: Mapping[str, np.ndarray], site_id: str, site_version: int) -> bytes:
         return stats_forms.encode(arrays, self.model_card["stats-meta"], site_id, site_version)
 
-    def decode(self, blob: bytes) -> dict[str, np.ndarray]:
-        return stats_forms.decode(blob, self.model_card["stats-meta"])
+    def decode(self, blob: bytes, expand: bool = True) -> dict[str, np.ndarray]:
+        """The Gram form's arrays; a row form as stored when ``expand`` is False."""
+        return stats_forms.decode(blob, self.model_card["stats-meta"], expand)
 
     def quantize(self, arrays: Mapping[str, np.ndarray]) -> Quantized:
         out = {}

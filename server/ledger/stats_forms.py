@@ -79,10 +79,11 @@ def encode(arrays: Mapping[str, np.ndarray], card_meta: Mapping, site_id: str, s
     return blobs.pack(safetensors.numpy.save(dict(sorted(arrays.items())), metadata=metadata))
 
 
-def decode(blob: bytes, card_meta: Mapping) -> dict[str, np.ndarray]:
-    """The Gram form's arrays of stored bytes (a stored row form is expanded: the same integers)."""
+def decode(blob: bytes, card_meta: Mapping, expand: bool = True) -> dict[str, np.ndarray]:
+    """The Gram form's arrays of stored bytes (a stored row form is expanded: the same integers;
+    with ``expand`` False it is returned as stored, its ``rows`` and ``labels``)."""
     arrays = safetensors.numpy.load(blobs.unpack(blob))
-    if is_row_form(arrays):
+    if expand and is_row_form(arrays):
         return dict(stats_of_rows(arrays, card_meta["num-features"], card_meta["num-classes"],
                                   card_meta["clip-norm"], card_meta["frac-bits"]).to_arrays())
     return arrays

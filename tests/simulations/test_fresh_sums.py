@@ -80,3 +80,30 @@ def test_the_staying_sites_summed_while_others_are_removed(tmp_path, build):
         ledger.remove("4")
     assert removal_check(path, expected)["removal_bit_identical"] is True
     assert removal_check(path)["removal_bit_identical"] is True
+
+
+@pytest.mark.parametrize("stacked_rows", [1, 5, 10_000])
+def test_row_forms_summed_as_stacks_give_the_ledgers_integers_beside_gram_forms(tmp_path, monkeypatch, stacked_rows):
+    """Rows are stacked and their statistics added once a stack is full; sites stored in the Gram
+    form (more rows than the row form is worth) are added as they are. Any stack size gives the
+    bytes of the ledger's own sums."""
+    from simulations.driver import checks
+    from tangent.exact_head.row_form import smaller_form
+
+    monkeypatch.setattr(checks, "STACKED_ROWS", stacked_rows)
+    rng = np.random.default_rng(6)
+    card = {"stats-meta": grid_meta(P, CLASSES, CLIP, BITS), "feature-spec": {"test": True},
+            "model-spec": {"test": True}, "feature-digest": "test"}
+    sizes = [3, 40, 2, 7, 60, 1, 5]
+    assert {smaller_form(n, P, CLASSES) for n in sizes} == {"rows", "gram"}
+    with Ledger.open(tmp_path / "ledger.sqlite", family="stats", model_card=card) as ledger:
+        for site, n in enumerate(sizes):
+            phi = rng.standard_normal((n, P))
+            phi *= 0.9 * CLIP / np.linalg.norm(phi, axis=1, keepdims=True)
+            ledger.add(str(site), row_arrays(quantize(phi, CLIP, BITS), rng.integers(0, CLASSES, n), BITS), n,
+                       base_digest="test")
+        ledger.remove("3")
+        composed = ledger.composed_arrays()
+    arrays, _, total = fresh_sums(tmp_path / "ledger.sqlite", workers=1)
+    assert total == len(sizes) - 1
+    assert arrays.keys() == composed.keys() and all(arrays[k].tobytes() == composed[k].tobytes() for k in composed)
