@@ -438,7 +438,7 @@ class StreamingGrid:
     delegated to the wrapped grid.
     """
 
-    def __init__(self, grid: Grid, pull_interval: float = 0.2, max_in_flight: int = 0):
+    def __init__(self, grid: Grid, pull_interval: float = 0.5, max_in_flight: int = 0):
         if max_in_flight < 0:
             raise ValueError(f"max_in_flight must be >= 0, got {max_in_flight}")
         self._grid = grid
