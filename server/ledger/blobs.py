@@ -3,9 +3,9 @@
 Measured on a real TAFT-1 Δ of a 60-image site (make simulate's defaults): 1,779,082 float32
 entries, 7,116,328 bytes as safetensors, of which 99.8 % are exactly zero (the short-schedule
 guard sent the fitted head: only the head is non-zero); the Δ family leaves its all-zero tensors
-out of the bytes (server.ledger.families.DeltaFamily.encode) and zlib keeps 15 KB of the rest. Compression is lossless, so what
-``decode`` returns is exactly what was received, and deterministic (same bytes, same level, same
-output), so equal contributions still have equal sha256. A blob without the prefix is an
+out of the bytes (server.ledger.families.DeltaFamily.encode) and zlib keeps 15 KB of the rest.
+Compression is lossless, so what ``decode`` returns is exactly what was received, and
+deterministic (same bytes, same level, same output), so equal contributions still have equal sha256. A blob without the prefix is an
 uncompressed safetensors file, as ledgers wrote before (safetensors starts with its header's
 length as a little-endian u64, which the prefix as a number — far beyond any file — can never be).
 """

@@ -111,7 +111,7 @@ def partial_sums(ledger_path: Path, contributions: list[tuple[int, int]],
             total += weight
         if stack:
             add_stack()
-    return dict(acc.shapes()), acc.encoded(), total
+    return acc.shapes(), acc.encoded(), total
 
 
 def site_order(site: str):
