@@ -87,9 +87,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="train messages sent and not yet answered at most (run config max-in-flight; 0 = all "
                         "at once). Flower 1.41's simulation engine scans every waiting message once per site "
                         "every 0.1 s: with all of a thousand sites' messages waiting that is O(sites²) CPU. "
-                        "Default 4: twice the Ray workers that train at once on 2 cores (8 measured within "
-                        "noise at 300 sites and +80 MiB of Ray shared memory at 50; raise it for a "
-                        "--ray-address cluster)")
+                        "Default 4: twice the Ray workers that train at once on 2 cores (8 gained nothing "
+                        "measurable at 300 sites; raise it for a --ray-address cluster)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--img-size", type=int, default=None,
                    help="(default: pyproject's img-size; with --backbone-weights the checkpoint's input size)")
