@@ -82,7 +82,7 @@ def partial_sums(ledger_path: Path, contributions: list[tuple[int, int]],
     from server.ledger.accumulators import Accumulators
     from tangent.exact_head.row_form import is_row_form, stats_of_rows
 
-    acc, total, stack = None, 0, []
+    acc, total, stack, stacked_rows = None, 0, [], 0
 
     def add(arrays, weight):
         nonlocal acc
@@ -91,23 +91,28 @@ def partial_sums(ledger_path: Path, contributions: list[tuple[int, int]],
         acc.add(family.quantize(arrays), weight)
 
     def add_stack():
+        nonlocal stacked_rows
         card = meta["model_card"]["stats-meta"]
         rows = {name: np.concatenate([arrays[name] for arrays in stack]) for name in ("rows", "labels")}
         add(stats_of_rows(rows, card["num-features"], card["num-classes"], card["clip-norm"],
                           card["frac-bits"]).to_arrays(), 1)
         stack.clear()
+        stacked_rows = 0
 
     with threadpool_limits(blas_threads, user_api="blas"), Ledger.open(ledger_path, create=False) as ledger:
         meta = ledger.settings()
         family = families.of_meta(meta)
         for contribution_id, weight in contributions:
             arrays = ledger.contribution_delta(contribution_id, expand=False)
-            if is_row_form(arrays) and weight == 1:  # the statistics family weighs every site 1
-                stack.append(arrays)
-                if sum(len(a["labels"]) for a in stack) >= STACKED_ROWS:
-                    add_stack()
+            if not is_row_form(arrays):
+                add(arrays, weight)
+            elif weight != 1:  # a stack is added with weight 1: the statistics family weighs every site 1
+                raise ValueError(f"contribution {contribution_id}: a row form of weight {weight}, not 1")
             else:
-                add(ledger.contribution_delta(contribution_id) if is_row_form(arrays) else arrays, weight)
+                stack.append(arrays)
+                stacked_rows += len(arrays["labels"])
+                if stacked_rows >= STACKED_ROWS:
+                    add_stack()
             total += weight
         if stack:
             add_stack()
