@@ -289,8 +289,10 @@ def stage_federated(out: Path, proj_dim: int, epsilons=EPSILONS, seeds: int = 3,
     chosen = np.random.default_rng(0).permutation(len(zt))[:sites * rows_per_site]
     site_rows = np.array_split(chosen, sites)
     weights = (0.0, 0.6, 0.39, 0.01)
-    if centre == "synthetic":
+    if centre in ("synthetic", "site"):
         centre_vector = synthetic_z().astype(np.float64).mean(axis=0)
+        if centre == "site":  # then every site centres its rows on its own DP mean (the Flower path)
+            weights = dp.RELEASE_WEIGHTS
     else:  # "dp": every site releases Σz and its count first (5% of μ² at the largest ε asked for)
         if len(epsilons) != 1:
             raise ValueError("the DP-mean centre is released at one ε: pass one")
@@ -304,7 +306,11 @@ def stage_federated(out: Path, proj_dim: int, epsilons=EPSILONS, seeds: int = 3,
     transform = dp.RowTransform(centre_vector, proj_dim, 0)
     ztest, ytest = ztest[:test_rows], ytest[:test_rows]
     t0 = time.perf_counter()
-    exact = [dp.exact_release_stats(transform.rows(zt[rows]), yt[rows], NUM_CLASSES, 16) for rows in site_rows]
+    if centre == "site":  # a site's rows depend on its noisy mean: its statistics are drawn with the release
+        exact = None
+        public_rows = [transform.rows(zt[rows]) for rows in site_rows]
+    else:
+        exact = [dp.exact_release_stats(transform.rows(zt[rows]), yt[rows], NUM_CLASSES, 16) for rows in site_rows]
     _log("exact site statistics", round(time.perf_counter() - t0, 1), "s")
     rng = np.random.default_rng(3)
     results = []
@@ -313,9 +319,13 @@ def stage_federated(out: Path, proj_dim: int, epsilons=EPSILONS, seeds: int = 3,
         shrink, lam = (solver or {}).get(eps, (dp.SHRINK, dp.LAMBDA))
         accs, removal_exact = [], []
         for _ in range(seeds):
-            releases = [dp.privatize(st, allocation, rng) for st in exact]
+            if exact is None:
+                releases = [dp.site_centred_release(u, yt[rows], NUM_CLASSES, 16, allocation, rng)
+                            for u, rows in zip(public_rows, site_rows)]
+            else:
+                releases = [dp.privatize(st, allocation, rng) for st in exact]
             total = SufficientStats.total(releases)
-            head = dp.solve_release(total, transform, shrink=shrink, lam=lam)
+            head = dp.solve_release(total, transform, shrink=shrink, lam=lam, site_centred=exact is None)
             accs.append(float((head.predict(ztest) == ytest).mean()))
             removal_exact.append(total - releases[7] == SufficientStats.total(releases[:7] + releases[8:]))
         row = {"epsilon": eps, "delta": DELTA, "sites": sites, "rows_per_site": rows_per_site, "proj_dim": proj_dim,
@@ -331,8 +341,9 @@ def stage_federated(out: Path, proj_dim: int, epsilons=EPSILONS, seeds: int = 3,
         tuned = "" if solver is None else "-tuned"
         (out / f"federated-{sites}x{rows_per_site}-{proj_dim}-{centre}{share}{tuned}.json").write_text(
             json.dumps(results, indent=1))
-    nonprivate = dp.solve_release(SufficientStats.total(exact), transform, lam=1.0, shrink=0.0)
-    _log("non-private (λ = 1):", float((nonprivate.predict(ztest) == ytest).mean()))
+    if exact is not None:
+        nonprivate = dp.solve_release(SufficientStats.total(exact), transform, lam=1.0, shrink=0.0)
+        _log("non-private (λ = 1):", float((nonprivate.predict(ztest) == ytest).mean()))
 
 
 def main():
@@ -343,7 +354,9 @@ def main():
     parser.add_argument("--sites", type=int, default=SITES)
     parser.add_argument("--rows-per-site", type=int, default=1200)
     parser.add_argument("--test-rows", type=int, default=10000)
-    parser.add_argument("--centre", choices=("synthetic", "dp"), default="synthetic")
+    parser.add_argument("--centre", choices=("synthetic", "dp", "site"), default="synthetic",
+                        help="federated: the rows' centre: public (synthetic images), a pooled DP mean, "
+                             "or each site's own DP mean (the Flower path)")
     parser.add_argument("--out", type=Path, default=Path("/tmp/dphead"))
     parser.add_argument("--proxy", action="store_true", help="select on the partial z of load_proxy")
     parser.add_argument("--head-share", type=float, default=None,

@@ -10,9 +10,10 @@ step (tangent.training.privacy.Companion), and DP-TAFT's σ is calibrated so tha
 spends at most ``dp-epsilon`` at δ. The contribution's budget entry is that composition (with what
 each part would cost alone), charged before any data is read. Its noise is drawn from OS entropy.
 
-The reply carries only the mechanism's output (tangent.exact_head.dp.privatize: noisy Gram, class
-sums and counts; ``n`` and ``sums`` are post-processing of them) and the public parameters of the
-mechanism, never the site's exact count.
+The reply carries only the mechanism's output (tangent.exact_head.dp.site_centred_release: noisy
+counts and Σ of the publicly transformed rows, then the noisy Gram and class sums of those rows
+centred on the site's own noisy mean; ``n`` is post-processing of the counts) and the public
+parameters of the mechanism, never the site's exact count.
 """
 from __future__ import annotations
 
@@ -31,7 +32,7 @@ SHARE_KEY, DIM_KEY, SEED_KEY, WEIGHTS_KEY, BITS_KEY = (
     "dp-head-share", "dp-head-dim", "dp-head-seed", "dp-head-weights", "dp-head-frac-bits")
 REQUEST_KEYS = (SHARE_KEY, DIM_KEY, SEED_KEY, WEIGHTS_KEY, BITS_KEY)
 CENTRE_RECORD = "dp-head-centre"
-#: μ² shares of (mean, Gram, class sums, counts): the centre is the server's, so no mean block here
+#: μ² shares of (mean, Gram, class sums, counts)
 DEFAULT_WEIGHTS = dp.RELEASE_WEIGHTS
 DEFAULT_FRAC_BITS = 16
 #: the name of the head's part of a contribution (budget entries, tangent.training.privacy.Companion)
@@ -77,8 +78,8 @@ def head_request(content: RecordDict, config: Mapping[str, Any]) -> HeadRequest 
         weights = tuple(float(w) for w in str(config[WEIGHTS_KEY]).split(",")) if WEIGHTS_KEY in config \
             else DEFAULT_WEIGHTS
         dp.Allocation.from_weights(1.0, 0.5, weights)  # validates the shares
-        if min(weights[1:]) <= 0:
-            raise ValueError(f"the Gram, class sums and counts each need a share > 0, got {weights}")
+        if min(weights) <= 0:
+            raise ValueError(f"the mean, Gram, class sums and counts each need a share > 0, got {weights}")
     except (TypeError, ValueError) as err:
         raise SiteError("bad_request", f"DP head: {err}") from err
     if dim < 0 or not 1 <= bits <= 24:
@@ -92,23 +93,22 @@ def head_request(content: RecordDict, config: Mapping[str, Any]) -> HeadRequest 
     return HeadRequest(share, dp.RowTransform(centre, dim, seed), weights, bits)
 
 
-def head_statistics(extractor, data, num_classes: int, request: HeadRequest, *, exclude=(), chunk_rows: int = 2048):
-    """The exact integer statistics of the site's transformed rows but the local positions
-    ``exclude`` (rows it forgets), never sent as they are."""
+def public_rows(extractor, data, request: HeadRequest, *, exclude=(), chunk_rows: int = 2048):
+    """(u, labels): the site's rows through the public transform (k floats a row, kept in memory
+    because the release reads them twice) but the local positions ``exclude`` (rows it forgets);
+    never sent as they are."""
     from client.stats import keep_positions, site_features
 
     positions = keep_positions(data.num_examples, exclude)
-    labels = np.asarray(data.labels)
-    total = None
+    parts = []
     for start in range(0, len(positions), chunk_rows):
         chunk = positions[start:start + chunk_rows]
         phi = site_features(extractor, data, chunk)
         if request.transform.centre is not None and request.transform.centre.shape != (phi.shape[1],):
             raise SiteError("bad_request", f"DP head: centre of width {request.transform.centre.shape} "
                                            f"for φ of width {phi.shape[1]}")
-        part = dp.exact_release_stats(request.transform.rows(phi), labels[chunk], num_classes, request.frac_bits)
-        total = part if total is None else total + part
-    return total
+        parts.append(request.transform.rows(phi))
+    return np.concatenate(parts), np.asarray(data.labels)[positions]
 
 
 def release(extractor, data, num_classes: int, request: HeadRequest, epsilon: float, delta: float,
@@ -122,19 +122,13 @@ def release(extractor, data, num_classes: int, request: HeadRequest, epsilon: fl
     if budget is not None:  # charged before the data is read: a crash after leaves it spent
         budget.reserve(entry, epsilon, delta, kind=PART, alone={PART: float(epsilon)})
     allocation = dp.Allocation.from_weights(epsilon, delta, request.weights)
-    exact = head_statistics(extractor, data, num_classes, request, exclude=exclude)
-    noisy = dp.privatize(exact, allocation, np.random.default_rng(secrets.randbits(128)))
-    del exact
+    rows, labels = public_rows(extractor, data, request, exclude=exclude)
+    noisy = dp.site_centred_release(rows, labels, num_classes, request.frac_bits, allocation,
+                                    np.random.default_rng(secrets.randbits(128)))
+    del rows
     if budget is not None:
         budget.settle(entry, epsilon, delta, kind=PART, alone={PART: float(epsilon)})
-    meta = noisy.meta() | {
-        "feature-digest": extractor.digest(), "dp": True, "dp-head-epsilon": float(epsilon),
-        "dp-head-delta": float(delta), "dp-head-noise-variance": float(noisy.dp["noise_variance"]),
-        "dp-head-sigma-gram": allocation.block_sigma("gram"), "dp-head-sigma-cross": allocation.block_sigma("cross"),
-        "dp-head-sigma-counts": allocation.block_sigma("counts"), "dp-head-mechanism": dp.MECHANISM,
-        DIM_KEY: int(request.transform.projection_dim), SEED_KEY: int(request.transform.seed),
-        "dp-head-centre-digest": dp.centre_digest(request.transform.centre),
-        "contribution-id": entry}
+    meta = dp.declared_meta(noisy, request.transform, entry) | {"feature-digest": extractor.digest()}
     record = ArrayRecord({name: Array(array) for name, array in noisy.to_arrays().items()}, keep_input=False)
     return {"stats": record, "stats-meta": ConfigRecord(meta)}
 

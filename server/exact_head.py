@@ -62,10 +62,12 @@ def dp_head_request(run_config, description: Mapping[str, Any]) -> DPHeadRequest
 @dataclass(frozen=True)
 class DPHeadRequest:
     """The DP head of a DP run (server.config.dp_head_enabled): the sites release noisy statistics
-    of the rows x = P(φ − c)/‖P(φ − c)‖ (tangent.exact_head.dp.RowTransform) with ``share`` of the μ² of a
-    contribution of ε ≤ ``epsilon`` (the run's dp-epsilon: DP-TAFT and the head composed).
-    ``centre`` c is public (tangent.exact_head.public_centre: seeded synthetic images, computed by
-    server.model_process), so removing a site removes every trace of it."""
+    of the rows u = P(φ − c)/‖P(φ − c)‖ (tangent.exact_head.dp.RowTransform), each site centring
+    them again on its own noisy mean (tangent.exact_head.dp.site_centred_release), with ``share``
+    of the μ² of a contribution of ε ≤ ``epsilon`` (the run's dp-epsilon: DP-TAFT and the head
+    composed). ``centre`` c is public (tangent.exact_head.public_centre: seeded synthetic images,
+    computed by server.model_process) and a site's own centre depends on its rows only, so
+    removing a site removes every trace of it."""
 
     epsilon: float
     share: float
@@ -91,7 +93,9 @@ class DPHeadRequest:
     def card(self) -> dict[str, Any]:
         """The statistics ledger's card entry: releases of other rows (k, seed, centre) or exact
         statistics can never be summed with these."""
-        return {"dp": True, "mechanism": "gaussian-blocks", "dim": self.dim, "seed": self.seed,
+        from tangent.exact_head.dp import MECHANISM
+
+        return {"dp": True, "mechanism": MECHANISM, "dim": self.dim, "seed": self.seed,
                 "centre-digest": self.centre_digest}
 
     def transform(self):
@@ -173,7 +177,7 @@ def with_release_noise(total, stats_ledger, dp_head: DPHeadRequest):
         raise ValueError("the statistics ledger holds a contribution without a declared DP noise variance")
     total.dp = {"releases": len(variances), "noise_variance": math.fsum(variances),
                 "transform": {"centre": np.asarray(dp_head.centre, np.float64), "dim": dp_head.dim,
-                              "seed": dp_head.seed}}
+                              "seed": dp_head.seed, "site-centred": True}}
     return total
 
 
@@ -184,7 +188,8 @@ def solve_dp_head(total):
 
     transform = total.dp["transform"]
     return dp.solve_release(total, dp.RowTransform(np.asarray(transform["centre"], np.float64),
-                                                   int(transform["dim"]), int(transform["seed"])))
+                                                   int(transform["dim"]), int(transform["seed"])),
+                            site_centred=bool(transform.get("site-centred")))
 
 
 def replace_release(stats_ledger, site: str, record, meta: Mapping[str, Any], expectation: StatsExpectation, *,

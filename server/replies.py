@@ -31,7 +31,7 @@ that asked for no DP head — they would be an unprotected release of the site's
 the exact head off, a non-DP reply's statistics are ignored (never stored).
 
 DP head (a DP run with ``dp-head-share``: :class:`DPHeadExpectation`): every reply is a DP reply
-carrying the site's Gaussian release (tangent.exact_head.dp.privatize, client/dp_head.py) and
+carrying the site's Gaussian release (tangent.exact_head.dp.site_centred_release, client/dp_head.py) and
 nothing else (``dp_extra_records``; a non-DP reply is ``not_private``). Its ``stats-meta`` holds
 the grid (k, classes, clip 1, frac-bits), the feature digest and exactly the mechanism's public
 parameters (DP_STATS_META_KEYS); refused: the rows of another transform (k, seed or centre:
@@ -39,8 +39,8 @@ parameters (DP_STATS_META_KEYS); refused: the rows of another transform (k, seed
 own (composed) ε (``stats_dp_epsilon``), a δ other than the reply's (``stats_dp_delta``), σ's or a
 noise variance other than those of the declared (ε, δ) (``stats_dp_noise_mismatch``), a release
 that is not the DP head's (``stats_not_dp``), the row form,
-and an n or sums that are not the post-processing of the noisy counts and class sums
-(``stats_dp_not_post_processing``: an exact n never leaves a DP site). n is noisy, so it is never
+and an n that is not the sum of the noisy counts (``stats_dp_not_post_processing``: an exact n
+never leaves a DP site). n is noisy, so it is never
 held to num-examples.
 
 Over 500 lines: the checks of both reply kinds share the :func:`stage` / :class:`Rejected` rule and the
@@ -114,8 +114,8 @@ ROW_FORM_DTYPES = {"labels": "int64", "rows": "int32"}
 STATS_META_KEYS = ("num-features", "num-classes", "clip-norm", "frac-bits", "feature-digest")
 #: what a DP head's release declares beside the grid (client/dp_head.py): the mechanism's public
 #: parameters, never a value of the site's data
-DP_STATS_META_KEYS = ("dp", "dp-head-epsilon", "dp-head-delta", "dp-head-noise-variance", "dp-head-sigma-gram",
-                      "dp-head-sigma-cross", "dp-head-sigma-counts", "dp-head-mechanism", "dp-head-dim",
+DP_STATS_META_KEYS = ("dp", "dp-head-epsilon", "dp-head-delta", "dp-head-noise-variance", "dp-head-sigma-mean",
+                      "dp-head-sigma-gram", "dp-head-sigma-cross", "dp-head-sigma-counts", "dp-head-mechanism", "dp-head-dim",
                       "dp-head-seed", "dp-head-centre-digest", "contribution-id")
 #: the records a DP train reply may hold: the mechanisms' outputs and their public parameters
 DP_REPLY_RECORDS = frozenset({"delta", "metrics", "meta", "stats", "stats-meta"})
@@ -519,13 +519,13 @@ def _row_form(record: ArrayRecord, expected: StatsExpectation, num_examples: int
 
 def parse_dp_release(record: ArrayRecord, meta: dict, expected: StatsExpectation, reply_meta: dict,
                      site: str) -> tuple["SufficientStats", int, None]:
-    """The DP head's release (tangent.exact_head.dp.privatize): the grid and feature digest as for
-    exact statistics; the transform (k, seed, centre digest) the run sent; ε at most the head's
-    share of the request (recomputed here at the reply's δ) and at most the reply's composed ε; δ
-    the reply's; the declared σ's and noise variance exactly those of the declared (ε, δ); the
-    five int64 arrays only (no row form), with n = Σ counts and sums = the class sums' row sums
-    (post-processing of the noisy blocks: an exact n or exact sums are refused). n is noisy: it is
-    never held to num-examples."""
+    """The DP head's release (tangent.exact_head.dp.site_centred_release): the grid and feature
+    digest as for exact statistics; the transform (k, seed, centre digest) the run sent; ε at most
+    the head's share of the request (recomputed here at the reply's δ) and at most the reply's
+    composed ε; δ the reply's; the declared σ's and noise variance exactly those of the declared
+    (ε, δ); the five int64 arrays only (no row form), with n = Σ counts (post-processing of the
+    noisy counts: an exact n is refused; ``sums`` is the noisy Σ of the rows before the site's
+    centring, a block of its own). n is noisy: it is never held to num-examples."""
     from tangent.exact_head import dp as dp_release
     from tangent.exact_head.statistics import SufficientStats
 
@@ -535,8 +535,8 @@ def parse_dp_release(record: ArrayRecord, meta: dict, expected: StatsExpectation
         for key in ("dp-head-dim", "dp-head-seed"):
             if not isinstance(meta[key], int) or isinstance(meta[key], bool):
                 raise Rejected("stats_bad_meta", f"{key} = {shown(meta[key])} is not an integer", site)
-        numbers = ("dp-head-epsilon", "dp-head-delta", "dp-head-noise-variance", "dp-head-sigma-gram",
-                   "dp-head-sigma-cross", "dp-head-sigma-counts")
+        numbers = ("dp-head-epsilon", "dp-head-delta", "dp-head-noise-variance", "dp-head-sigma-mean",
+                   "dp-head-sigma-gram", "dp-head-sigma-cross", "dp-head-sigma-counts")
         for key in numbers:
             if not _number(meta[key]) or not math.isfinite(meta[key]):
                 raise Rejected("stats_bad_meta", f"{key} = {shown(meta[key])} is not a finite number", site)
@@ -570,10 +570,9 @@ def parse_dp_release(record: ArrayRecord, meta: dict, expected: StatsExpectation
                                                           f"release at ε = {epsilon:g}, δ = {delta:g} has {value!r}",
                                site)
     arrays, received = _stats_arrays(record, expected, site)
-    if int(arrays["n"][0]) != int(arrays["counts"].sum()) or not np.array_equal(
-            arrays["cross"].sum(axis=1, dtype=np.int64), arrays["sums"]):
-        raise Rejected("stats_dp_not_post_processing", "n must be Σ of the noisy counts and sums the row sums of "
-                                                        "the noisy class sums (nothing else leaves the site)", site)
+    if int(arrays["n"][0]) != int(arrays["counts"].sum()):
+        raise Rejected("stats_dp_not_post_processing", "n must be Σ of the noisy counts (the site's exact count "
+                                                        "never leaves it)", site)
     release = {"releases": 1, "noise_variance": noise["noise-variance"], "epsilon": epsilon, "delta": delta,
                "mechanism": dp_release.MECHANISM}
     with stage("stats_bad_arrays", site):

@@ -31,7 +31,8 @@ from typing import Optional
 
 import numpy as np
 
-from tangent.exact_head.statistics import StatsError, SufficientStats, analytic_gaussian_sigma, triu_size
+from tangent.exact_head.statistics import (StatsError, SufficientStats, analytic_gaussian_sigma, quantize,
+                                           triu_size)
 
 #: the release's blocks, in the order of :class:`Allocation`'s weights
 BLOCKS = ("mean", "gram", "cross", "counts")
@@ -194,11 +195,14 @@ def predict(head: LinearHead, x: np.ndarray) -> np.ndarray:
 
 # ------------------------------------------------------------------------------ the site's release
 
-#: μ² shares of (mean, Gram, class sums, counts) of a site's release in the Flower path: the centre
-#: is the server's (public), so no mean block; the class sums get a third (docs/dp_head.md)
-RELEASE_WEIGHTS = (0.0, 0.6, 0.39, 0.01)
-#: the name a release declares for its mechanism
-MECHANISM = "gaussian-blocks"
+#: μ² shares of (mean, Gram, class sums, counts) of a site's release in the Flower path
+#: (:func:`site_centred_release`): 5% for the site's own mean, a third of the rest for the class
+#: sums (docs/dp_head.md)
+RELEASE_WEIGHTS = (0.05, 0.575, 0.365, 0.01)
+#: the name a Flower-path release declares for its mechanism (:func:`site_centred_release`)
+MECHANISM = "gaussian-blocks-site-centre"
+#: :func:`privatize`'s mechanism: the rows' centre is public only (benchmarks, no mean block)
+PUBLIC_CENTRE_MECHANISM = "gaussian-blocks"
 
 
 def centre_digest(centre: Optional[np.ndarray]) -> str:
@@ -217,9 +221,23 @@ def release_noise(epsilon: float, delta: float, weights, num_features: int, frac
     these; the server recomputes them from the declared (ε, δ) and refuses a mismatch."""
     allocation = Allocation.from_weights(epsilon, delta, weights)
     r = release_bound(num_features, frac_bits)
-    return {"sigma-gram": allocation.block_sigma("gram"), "sigma-cross": allocation.block_sigma("cross"),
-            "sigma-counts": allocation.block_sigma("counts"),
+    return {"sigma-mean": allocation.block_sigma("mean"), "sigma-gram": allocation.block_sigma("gram"),
+            "sigma-cross": allocation.block_sigma("cross"), "sigma-counts": allocation.block_sigma("counts"),
             "noise-variance": (allocation.block_sigma("gram") * r * r) ** 2 / 2}
+
+
+def declared_meta(release: SufficientStats, transform: RowTransform, contribution: str) -> dict:
+    """What a site's release declares beside its grid (``stats-meta``): the mechanism and its public
+    parameters — (ε, δ), every block's σ and the Gram's noise variance (:func:`release_noise`), the
+    transform (k, seed, centre digest) — and the contribution it belongs to. No value of the data."""
+    settings = release.dp
+    noise = release_noise(settings["epsilon"], settings["delta"], settings["weights"], release.num_features,
+                          release.frac_bits)
+    return release.meta() | {f"dp-head-{name}": float(value) for name, value in noise.items()} | {
+        "dp": True, "dp-head-epsilon": float(settings["epsilon"]), "dp-head-delta": float(settings["delta"]),
+        "dp-head-mechanism": settings["mechanism"], "dp-head-dim": int(transform.projection_dim),
+        "dp-head-seed": int(transform.seed), "dp-head-centre-digest": centre_digest(transform.centre),
+        "contribution-id": contribution}
 
 
 def gaussian_epsilon(sigma: float, delta: float) -> float:
@@ -263,32 +281,95 @@ def privatize(stats: SufficientStats, allocation: Allocation, rng: np.random.Gen
     un-noised statistic. Sensitivities (add/remove one example, ‖x‖ ≤ R): Gram (diagonal, √2 ×
     off-diagonal) ‖xxᵀ‖_F ≤ R², class sums ‖xyᵀ‖ ≤ R, counts 1.
     """
+    _check_exact_unit_rows(stats)
+    counts = stats.counts + _rounded(rng, allocation.block_sigma("counts"), stats.counts.shape)
+    gram, cross, noise_variance = _noisy_gram_cross(stats, allocation, rng)
+    return SufficientStats(
+        stats.num_features, stats.num_classes, stats.clip_norm, stats.frac_bits, int(counts.sum()), counts=counts,
+        sums=cross.sum(axis=1), gram=gram, cross=cross,
+        dp=_settings(allocation, noise_variance, PUBLIC_CENTRE_MECHANISM))
+
+
+def site_centred_release(u: np.ndarray, labels: np.ndarray, num_classes: int, frac_bits: int,
+                         allocation: Allocation, rng: np.random.Generator) -> SufficientStats:
+    """A site's DP release in the Flower path: its rows centred on its *own* DP mean.
+
+    ``u``: the site's rows through the public transform (:meth:`RowTransform.rows`, unit norm).
+    Two Gaussian steps, composed in one μ² (``allocation``: mean, Gram, class sums, counts):
+
+    1. the class counts (sensitivity 1) and Σu (sensitivity R, the grid's bound), noised;
+    2. every row re-centred on the site's noisy mean m = Σu~/n~ (n~ = Σ of the noisy counts) and put
+       back on the unit sphere, x = (u − m)/‖u − m‖; the Gram and class sums of x, noised as in
+       :func:`privatize`.
+
+    Step 2 reads the data and step 1's *output* only, never the exact Σu or n: for any fixed m each
+    row x is one unit vector, so its blocks keep sensitivity 1 (R), and adaptive composition of
+    Gaussian mechanisms adds their μ² (Dong, Roth & Su 2019). Centring matters under noise: it takes
+    the large common direction out of every row before the unit norm, so the noise budget goes to
+    what separates the classes (docs/dp_head.md: 4–5 points). A site's centre depends on its own
+    rows only, so removing a site still removes every trace of it, bit for bit — a centre pooled
+    over the sites would leave the removed site's mark in every other site's rows.
+
+    The release: counts and ``sums`` (= Σu~, the rows *before* the site's centring: the server's
+    prediction centre is Σ sums / Σ n, :func:`solve_release`) from step 1, Gram and class sums of x
+    from step 2, n = Σ counts (post-processing). A site whose noisy count is below 1 centres with
+    n~ = 1: a poor centre for itself, and nothing else.
+    """
+    u = np.asarray(u, np.float64)
+    labels = np.asarray(labels)
+    if u.ndim != 2 or len(u) != len(labels):
+        raise ValueError(f"need rows [n, k] and n labels, got {u.shape} and {labels.shape}")
+    if any(not math.isfinite(allocation.block_sigma(block)) for block in BLOCKS):
+        raise ValueError(f"every block ({', '.join(BLOCKS)}) needs a share of the budget, got {allocation.weights}")
+    b = frac_bits
+    r = release_bound(u.shape[1], b)
+    counts = np.bincount(labels, minlength=num_classes).astype(np.int64)
+    counts = counts + _rounded(rng, allocation.block_sigma("counts"), counts.shape)
+    sums = quantize(u, 1.0, b).sum(axis=0, dtype=np.int64)
+    sums = sums + _rounded(rng, allocation.block_sigma("mean") * r * 2.0 ** b, sums.shape)
+    centre = sums * 2.0 ** -b / max(float(counts.sum()), 1.0)
+    x = u - centre
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    exact = exact_release_stats(x / np.where(norms > 0, norms, 1.0), labels, num_classes, b)
+    gram, cross, noise_variance = _noisy_gram_cross(exact, allocation, rng)
+    return SufficientStats(exact.num_features, num_classes, 1.0, b, int(counts.sum()), counts=counts, sums=sums,
+                           gram=gram, cross=cross, dp=_settings(allocation, noise_variance, MECHANISM))
+
+
+def _check_exact_unit_rows(stats: SufficientStats) -> None:
     if stats.dp is not None:
         raise StatsError("these statistics are already a DP release")
     if stats.clip_norm != 1.0:
         raise StatsError(f"the DP head's rows have norm ≤ 1 (clip norm 1), not {stats.clip_norm}")
+
+
+def _rounded(rng: np.random.Generator, sd, shape) -> np.ndarray:
+    """Gaussian noise of standard deviation ``sd`` (in grid units), rounded onto the integer grid."""
+    return np.rint(rng.normal(0.0, 1.0, size=shape) * sd).astype(np.int64)
+
+
+def _noisy_gram_cross(stats: SufficientStats, allocation: Allocation,
+                      rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, float]:
+    """The Gram (packed upper triangle: diagonal N(0, σ²), off-diagonal N(0, σ²/2), the √2 scaling)
+    and class sums of ``stats`` with their noise, and the Gram's off-diagonal noise variance."""
+    _check_exact_unit_rows(stats)
     p, b = stats.num_features, stats.frac_bits
     r = release_bound(p, b)
     sigma_gram = allocation.block_sigma("gram") * r * r
     sigma_cross = allocation.block_sigma("cross") * r
-    sigma_counts = allocation.block_sigma("counts")
-    if not all(math.isfinite(s) for s in (sigma_gram, sigma_cross, sigma_counts)):
+    if not all(math.isfinite(s) for s in (sigma_gram, sigma_cross, allocation.block_sigma("counts"))):
         raise ValueError("the Gram, class sums and counts all need a share of the budget")
-    # the packed upper triangle: diagonal entries N(0, σ²), off-diagonal N(0, σ²/2) (the √2 scaling)
     diagonal = np.zeros(triu_size(p), dtype=bool)
     diagonal[np.cumsum(np.r_[0, np.arange(p, 1, -1)])] = True
     gram_sd = np.where(diagonal, sigma_gram, sigma_gram / math.sqrt(2)) * 4.0 ** b
+    gram = stats.gram + _rounded(rng, gram_sd, stats.gram.shape)
+    cross = stats.cross + _rounded(rng, sigma_cross * 2.0 ** b, stats.cross.shape)
+    return gram, cross, sigma_gram ** 2 / 2
 
-    def rounded(sd, shape):
-        return np.rint(rng.normal(0.0, 1.0, size=shape) * sd).astype(np.int64)
 
-    cross = stats.cross + rounded(sigma_cross * 2.0 ** b, stats.cross.shape)
-    counts = stats.counts + rounded(sigma_counts, stats.counts.shape)
-    return SufficientStats(
-        p, stats.num_classes, stats.clip_norm, b, int(counts.sum()), counts=counts,
-        sums=cross.sum(axis=1), gram=stats.gram + rounded(gram_sd, stats.gram.shape), cross=cross,
-        dp={"releases": 1, "noise_variance": sigma_gram ** 2 / 2, "epsilon": allocation.epsilon,
-            "delta": allocation.delta, "mechanism": MECHANISM, "weights": list(allocation.weights)})
+def _settings(allocation: Allocation, noise_variance: float, mechanism: str) -> dict:
+    return {"releases": 1, "noise_variance": noise_variance, "epsilon": allocation.epsilon,
+            "delta": allocation.delta, "mechanism": mechanism, "weights": list(allocation.weights)}
 
 
 def statistics_view(stats: SufficientStats) -> Statistics:
@@ -314,19 +395,33 @@ class DPHead:
     linear: LinearHead
     frac_bits: int
     lam: float = 0.0  # the absolute ridge λ the solver used (ℓ · the noise edge)
+    #: site-centred releases (:func:`site_centred_release`): the rows' second centre, Σ sums / Σ n
+    recentre: Optional[np.ndarray] = None
 
     def rows(self, phi: np.ndarray) -> np.ndarray:
-        from tangent.exact_head.statistics import dequantize, quantize
+        from tangent.exact_head.statistics import dequantize
 
-        return dequantize(quantize(self.transform.rows(phi), 1.0, self.frac_bits), 1.0, self.frac_bits)
+        x = self.transform.rows(phi)
+        if self.recentre is not None:
+            x = x - self.recentre
+            norms = np.linalg.norm(x, axis=1, keepdims=True)
+            x = x / np.where(norms > 0, norms, 1.0)
+        return dequantize(quantize(x, 1.0, self.frac_bits), 1.0, self.frac_bits)
 
     def predict(self, phi: np.ndarray) -> np.ndarray:
         return predict(self.linear, self.rows(phi))
 
 
 def solve_release(total: SufficientStats, transform: RowTransform, *, shrink: float = SHRINK,
-                  lam: float = LAMBDA) -> DPHead:
-    """The head of the summed (noisy) releases: reads only the sums and their declared noise."""
+                  lam: float = LAMBDA, site_centred: bool = False) -> DPHead:
+    """The head of the summed (noisy) releases: reads only the sums and their declared noise.
+
+    ``site_centred``: the releases are :func:`site_centred_release`'s, whose ``sums`` are the sites'
+    noisy Σu: a new row is centred on their pooled mean Σ sums / Σ n — every site centred on an
+    estimate of the same mean — before the head reads it."""
     spectrum = noisy_spectrum(statistics_view(total))
+    recentre = None
+    if site_centred:
+        recentre = total.sums * total.unit / max(float(total.n), 1.0)
     return DPHead(transform, solve_spectrum(spectrum, lam=lam, shrink=shrink), total.frac_bits,
-                  lam * spectrum.edge if spectrum.edge > 0 else lam)
+                  lam * spectrum.edge if spectrum.edge > 0 else lam, recentre)

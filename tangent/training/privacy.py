@@ -30,6 +30,7 @@ What the server may know and what it must not:
 """
 from __future__ import annotations
 
+import functools
 import logging
 import math
 import secrets
@@ -112,10 +113,18 @@ class Companion:
 def composed_epsilon(accountant: str, history, delta: float) -> float:
     """ε at δ of every (noise multiplier, sample rate, steps) in ``history`` composed by one Opacus
     accountant (PRV: the privacy-loss distributions convolved; RDP: the Rényi curves added)."""
+    return _composed_epsilon(accountant, tuple(tuple(entry) for entry in history), float(delta))
+
+
+# A PRV evaluation of a 320-step history takes seconds, and every site of one size in a run asks
+# the same questions (calibration, plan, spent, each part alone): a pure function of its
+# arguments, so a worker process answers each one once.
+@functools.lru_cache(maxsize=256)
+def _composed_epsilon(accountant: str, history: tuple, delta: float) -> float:
     import numpy as np
 
     ledger = create_accountant(accountant)
-    ledger.history = [tuple(entry) for entry in history]
+    ledger.history = list(history)
     with np.errstate(divide="ignore"):  # PRV's log(1 − q) at q = 1: a full-batch step, handled
         return float(ledger.get_epsilon(delta=delta))
 
@@ -225,21 +234,26 @@ def calibrated_noise(target_epsilon: float, delta: float, sample_rate: float, st
     budget is charged by, and raised until the check holds. With companions σ is bisected (on
     log σ, to 0.1%) over the composition; a companion that alone spends the target leaves DP-SGD
     nothing (ValueError)."""
+    return _calibrated_noise(float(target_epsilon), float(delta), float(sample_rate), int(steps), accountant,
+                             tuple(c.history for c in companions), tuple(c.name for c in companions))
+
+
+@functools.lru_cache(maxsize=64)  # a pure function of its arguments (see _composed_epsilon)
+def _calibrated_noise(target_epsilon: float, delta: float, sample_rate: float, steps: int, accountant: str,
+                      extra: tuple, names: tuple) -> float:
     from opacus.accountants.utils import get_noise_multiplier
 
-    extra = [c.history for c in companions]
-
     def spent(sigma: float) -> float:
-        return composed_epsilon(accountant, [(sigma, sample_rate, int(steps))] + extra, delta)
+        return composed_epsilon(accountant, [(sigma, sample_rate, int(steps))] + list(extra), delta)
 
     sigma = get_noise_multiplier(target_epsilon=target_epsilon, target_delta=delta,
                                  sample_rate=sample_rate, steps=int(steps), accountant=accountant)
-    if companions and spent(sigma) > target_epsilon:
+    if extra and spent(sigma) > target_epsilon:
         low, high = sigma, 2 * sigma
         while spent(high) > target_epsilon:
             low, high = high, 2 * high
             if high > 1e4:
-                raise ValueError(f"the companions {[c.name for c in companions]} spend ε = {target_epsilon:g} "
+                raise ValueError(f"the companions {list(names)} spend ε = {target_epsilon:g} "
                                  "(almost) alone: DP-SGD has no budget left")
         while high / low > 1.001:
             middle = math.sqrt(low * high)

@@ -72,8 +72,16 @@ def test_a_dp_reply_carries_the_heads_release_and_one_composed_charge(site, tmp_
     assert meta["dp"] is True and meta["dp-head-epsilon"] == head_epsilon and meta["num-features"] == 16
     stats = SufficientStats.from_arrays({k: reply["stats"][k].numpy() for k in reply["stats"]},
                                         {k: meta[k] for k in ("num-features", "num-classes", "clip-norm", "frac-bits")})
-    # n and s are the noisy blocks' post-processing, not the site's exact values
-    assert stats.n == stats.counts.sum() and np.array_equal(stats.sums, stats.cross.sum(axis=1))
+    # n is the noisy counts' post-processing and s the noisy Σ of the public rows, not the site's exact values
+    from client import dp_head
+    from client.forget import site_data
+    from tangent.exact_head.statistics import quantize
+
+    request = dp_head.HeadRequest(0.9, dp.RowTransform(centre, 16, 1), dp_head.DEFAULT_WEIGHTS, 16)
+    rows, _ = dp_head.public_rows(FeatureExtractor.from_spec(SPEC, FEATURES),
+                                  site_data(site["root"] / "train.npz", SPEC.img_size), request)
+    assert stats.n == stats.counts.sum() and stats.sums.shape == (16,)
+    assert not np.array_equal(stats.sums, quantize(rows, 1.0, 16).sum(axis=0))
     (charge,) = PrivacyBudget(tmp_path / "state" / PrivacyBudget.FILE_NAME, "site-a").charges().values()
     assert charge["id"] == reply["meta"]["contribution-id"] and meta["contribution-id"] == f"{charge['id']}:head"
     assert charge["state"] == "settled" and charge["epsilon"] == reply["metrics"]["epsilon"] <= 4.0
@@ -124,7 +132,8 @@ def test_forgetting_at_a_dp_site_is_a_fresh_release_charged_again_and_refused_wh
     extractor = FeatureExtractor.from_spec(SPEC, FEATURES)
     request = dp_head.HeadRequest(0.9, dp.RowTransform(None, 16, 1), dp_head.DEFAULT_WEIGHTS, 14)
     forget = [0, 5, 9]
-    assert dp_head.head_statistics(extractor, data, 10, request, exclude=forget).n == N - len(forget)
+    rows, labels = dp_head.public_rows(extractor, data, request, exclude=forget)
+    assert rows.shape == (N - len(forget), 16) and np.array_equal(labels, np.delete(data.labels, forget))
 
     contribution, reply = dp_head.forget_release(extractor, data, 10, request, 2.0, 1e-5, budget, forget)
     meta = dict(reply["stats-meta"])

@@ -1,4 +1,4 @@
-"""Helpers for the DP head's server tests: real DP releases (tangent.exact_head.dp.privatize) of
+"""Helpers for the DP head's server tests: real DP releases (tangent.exact_head.dp.site_centred_release) of
 random rows, in real Flower train replies as client/dp_head.py writes them, and the server's
 expectation of a DP run (server.exact_head.ExactHead with a DPHeadRequest), and a DP run's two
 ledgers and strategy."""
@@ -50,16 +50,9 @@ def release(seed: int, n: int, epsilon: float = HEAD_EPSILON, *, transform: dp.R
     rng = np.random.default_rng(seed)
     transform = transform or dp.RowTransform(CENTRE, DIM, SEED)
     phi = rng.standard_normal((n, P))
-    exact = dp.exact_release_stats(transform.rows(phi), rng.integers(0, K, n), K, BITS)
     allocation = dp.Allocation.from_weights(epsilon, DELTA, dp.RELEASE_WEIGHTS)
-    noisy = dp.privatize(exact, allocation, rng)
-    meta = noisy.meta() | {
-        "feature-digest": FEATURE_DIGEST, "dp": True, "dp-head-epsilon": float(epsilon), "dp-head-delta": DELTA,
-        "dp-head-noise-variance": float(noisy.dp["noise_variance"]),
-        "dp-head-sigma-gram": allocation.block_sigma("gram"), "dp-head-sigma-cross": allocation.block_sigma("cross"),
-        "dp-head-sigma-counts": allocation.block_sigma("counts"), "dp-head-mechanism": dp.MECHANISM,
-        "dp-head-dim": transform.projection_dim, "dp-head-seed": transform.seed,
-        "dp-head-centre-digest": dp.centre_digest(transform.centre), "contribution-id": f"{contribution}:head"}
+    noisy = dp.site_centred_release(transform.rows(phi), rng.integers(0, K, n), K, BITS, allocation, rng)
+    meta = dp.declared_meta(noisy, transform, f"{contribution}:head") | {"feature-digest": FEATURE_DIGEST}
     return noisy, meta
 
 

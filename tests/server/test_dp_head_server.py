@@ -100,7 +100,6 @@ def test_what_a_dp_reply_released_is_its_composed_epsilon_never_less_than_its_he
 
 
 GOOD = dp_reply_parts("5", 5, 60)
-NOISY, _ = release(5, 60)
 
 
 def _refusals():
@@ -112,7 +111,9 @@ def _refusals():
         "metrics": ("metric", {"num-examples": 60, "epsilon": HEAD_EPSILON / 2, "delta": 1e-6})}
     yield "gram_form_exact_stats", "stats_meta_missing", reply_parts("5", delta(5), 60, dp=True) | stats_parts(exact)
     yield "exact_n", "stats_dp_not_post_processing", edit_arrays(GOOD, n=np.array([60], np.int64))
-    yield "exact_sums", "stats_dp_not_post_processing", edit_arrays(GOOD, sums=NOISY.sums + 1)
+    yield "sigma_mean_declared_low", "stats_dp_noise_mismatch", edit_meta(GOOD, **{"dp-head-sigma-mean": 0.01})
+    yield "public_centre_mechanism", "stats_not_dp", edit_meta(
+        GOOD, **{"dp-head-mechanism": dp.PUBLIC_CENTRE_MECHANISM})
     yield "wrong_k", "stats_dp_transform_mismatch", edit_meta(GOOD, **{"dp-head-dim": DIM + 1})
     yield "wrong_grid", "stats_grid_mismatch", edit_meta(GOOD, **{"num-features": DIM + 1})
     yield "wrong_seed", "stats_dp_transform_mismatch", edit_meta(GOOD, **{"dp-head-seed": SEED + 1})

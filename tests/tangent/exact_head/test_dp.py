@@ -162,6 +162,72 @@ def test_the_servers_head_predicts_through_the_transform_and_grid():
     assert np.allclose(np.linalg.norm(transform.rows(phi_test), axis=1), 1.0)
 
 
+def offset_task(rng, p=12, classes=3, offset=6.0, spread=0.4):
+    """Classes that differ little against a large direction every row shares: what a centre removes."""
+    centres = offset * unit_rows(rng, 1, p) + spread * rng.normal(size=(classes, p))
+
+    def draw(n):
+        labels = rng.integers(0, classes, n)
+        return centres[labels] + 0.5 * rng.normal(size=(n, p)), labels
+
+    return draw
+
+
+def test_a_site_centred_release_is_built_on_its_own_released_mean():
+    """With negligible noise, the Gram and class sums are those of the site's rows centred on
+    sums/n of its release (not on the public centre alone), and sums is Σ of the public rows."""
+    from tangent.exact_head.statistics import quantize
+
+    rng = np.random.default_rng(7)
+    u, labels = unit_rows(rng, 300, 5) + 0.8, rng.integers(0, 3, 300)
+    u /= np.linalg.norm(u, axis=1, keepdims=True)
+    allocation = dp.Allocation.from_weights(1e5, 1e-5, dp.RELEASE_WEIGHTS)
+    release = dp.site_centred_release(u, labels, 3, 16, allocation, rng)
+    assert release.dp["mechanism"] == dp.MECHANISM and release.n == release.counts.sum() == 300
+    unit = release.unit  # the noise at this ε is ~0.01 in real units, against sums of ~100
+    assert np.abs(release.sums - quantize(u, 1.0, 16).sum(axis=0)).max() * unit < 0.1
+    centre = release.sums * unit / release.n
+    x = (u - centre) / np.linalg.norm(u - centre, axis=1, keepdims=True)
+    rebuilt = dp.exact_release_stats(x, labels, 3, 16)
+    assert np.abs(release.cross - rebuilt.cross).max() * unit < 0.1
+    assert np.abs(release.gram - rebuilt.gram).max() * unit ** 2 < 0.1
+    uncentred = dp.exact_release_stats(u, labels, 3, 16)
+    assert np.abs(release.cross - uncentred.cross).max() * unit > 10
+
+
+def test_site_centred_releases_compose_remove_exactly_and_beat_the_public_centre():
+    """Each site centres on its own noisy mean, so the sums stay exact integers (removing a site
+    leaves exactly the others), and the server's head — new rows centred on Σ sums / Σ n — beats
+    the same budget spent without the site's centre when a large common direction dominates."""
+    rng = np.random.default_rng(8)
+    draw = offset_task(rng)
+    transform = dp.RowTransform(None, 0, 0)
+    epsilon, classes = 3.0, 3
+    site_centred = dp.Allocation.from_weights(epsilon, 1e-5, dp.RELEASE_WEIGHTS)
+    public_only = dp.Allocation.from_weights(epsilon, 1e-5, (0.0, 0.6, 0.39, 0.01))
+    centred, plain = [], []
+    for _ in range(10):
+        phi, labels = draw(400)
+        centred.append(dp.site_centred_release(transform.rows(phi), labels, classes, 16, site_centred, rng))
+        plain.append(dp.privatize(dp.exact_release_stats(transform.rows(phi), labels, classes, 16), public_only, rng))
+    total = SufficientStats.total(centred)
+    assert total == SufficientStats.total(centred[::-1])
+    assert total - centred[4] == SufficientStats.total(centred[:4] + centred[5:])
+    head = dp.solve_release(total, transform, site_centred=True)
+    np.testing.assert_array_equal(head.recentre, total.sums * total.unit / total.n)
+    phi_test, y_test = draw(2000)
+    accuracy = (head.predict(phi_test) == y_test).mean()
+    public_accuracy = (dp.solve_release(SufficientStats.total(plain), transform).predict(phi_test) == y_test).mean()
+    assert accuracy > public_accuracy + 0.05, (accuracy, public_accuracy)
+
+
+def test_a_site_centred_release_needs_every_block_paid():
+    rng = np.random.default_rng(9)
+    u, labels = unit_rows(rng, 10, 4), rng.integers(0, 2, 10)
+    with pytest.raises(ValueError, match="share"):
+        dp.site_centred_release(u, labels, 2, 16, dp.Allocation.from_weights(3.0, 1e-5, WEIGHTS), rng)
+
+
 def test_synthetic_centre_images_are_a_function_of_the_seed():
     from tangent.exact_head.public_centre import synthetic_images
 

@@ -66,6 +66,22 @@ def test_opacus_accountants_agree_on_the_composition():
         assert prv - 0.01 <= rdp <= 1.15 * prv, (total, prv, rdp)
 
 
+def test_every_site_of_one_size_asks_the_accountant_once():
+    """Calibration and ε are pure functions of the history: a second site of the same schedule
+    gets the same σ from the worker's cache, without a new accountant evaluation."""
+    from tangent.training import privacy
+
+    companion = head(3.0)
+    first = calibrated_noise(3.0, DELTA, RATE, STEPS, "prv", (companion,))
+    evaluations = privacy._composed_epsilon.cache_info().misses
+    calibrations = privacy._calibrated_noise.cache_info().hits
+    again = calibrated_noise(3.0, DELTA, RATE, STEPS, "prv", (head(3.0),))
+    assert again == first and privacy._calibrated_noise.cache_info().hits == calibrations + 1
+    composed_epsilon("prv", [(first, RATE, STEPS), companion.history], DELTA)
+    assert privacy._composed_epsilon.cache_info().misses == evaluations  # asked during the calibration
+    assert calibrated_noise(3.0, DELTA, RATE, STEPS + 1, "prv", (companion,)) != first  # another schedule
+
+
 def test_a_companion_that_takes_the_whole_budget_leaves_dp_sgd_nothing():
     greedy = Companion("exact-head", analytic_gaussian_sigma(1.0, DELTA) * 0.99, 1.01)
     with pytest.raises(ValueError, match="no budget left"):
