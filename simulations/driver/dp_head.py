@@ -34,7 +34,7 @@ def composed_equals_fresh(stats_path: Path, kept: list[str], kept_path: Path) ->
     """The ledger's composed sums vs a fresh sum of every active release; the fresh sum of the
     releases of ``kept`` is saved for the check after removal."""
     from server.ledger import Ledger
-    from simulations.driver.checks import fresh_sums
+    from simulations.driver.checks import fresh_sums, stored_bytes_per_site
 
     start = time.perf_counter()
     with Ledger.open(stats_path, create=False, family="stats") as ledger:
@@ -42,7 +42,8 @@ def composed_equals_fresh(stats_path: Path, kept: list[str], kept_path: Path) ->
     fresh, _, _ = fresh_sums(stats_path)
     kept_sums, _, _ = fresh_sums(stats_path, set(kept))
     np.savez(kept_path, **kept_sums)
-    return {"dp_head_sum_equals_releases": _same(composed, fresh), "dp_head_check_s": time.perf_counter() - start}
+    return {"dp_head_sum_equals_releases": _same(composed, fresh), "dp_head_check_s": time.perf_counter() - start,
+            "exact_head_stored_bytes_per_site": stored_bytes_per_site(stats_path)}
 
 
 def removal_equals_kept(stats_path: Path, kept_path: Path) -> dict:

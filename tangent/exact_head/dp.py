@@ -281,9 +281,8 @@ def privatize(stats: SufficientStats, allocation: Allocation, rng: np.random.Gen
     un-noised statistic. Sensitivities (add/remove one example, ‖x‖ ≤ R): Gram (diagonal, √2 ×
     off-diagonal) ‖xxᵀ‖_F ≤ R², class sums ‖xyᵀ‖ ≤ R, counts 1.
     """
-    _check_exact_unit_rows(stats)
-    counts = stats.counts + _rounded(rng, allocation.block_sigma("counts"), stats.counts.shape)
     gram, cross, noise_variance = _noisy_gram_cross(stats, allocation, rng)
+    counts = stats.counts + _rounded(rng, allocation.block_sigma("counts"), stats.counts.shape)
     return SufficientStats(
         stats.num_features, stats.num_classes, stats.clip_norm, stats.frac_bits, int(counts.sum()), counts=counts,
         sums=cross.sum(axis=1), gram=gram, cross=cross,
@@ -317,8 +316,10 @@ def site_centred_release(u: np.ndarray, labels: np.ndarray, num_classes: int, fr
     """
     u = np.asarray(u, np.float64)
     labels = np.asarray(labels)
-    if u.ndim != 2 or len(u) != len(labels):
+    if u.ndim != 2 or labels.shape != (len(u),):
         raise ValueError(f"need rows [n, k] and n labels, got {u.shape} and {labels.shape}")
+    if len(labels) and (labels.min() < 0 or labels.max() >= num_classes):
+        raise ValueError(f"labels must be in [0, {num_classes})")
     if any(not math.isfinite(allocation.block_sigma(block)) for block in BLOCKS):
         raise ValueError(f"every block ({', '.join(BLOCKS)}) needs a share of the budget, got {allocation.weights}")
     b = frac_bits

@@ -48,8 +48,8 @@ log = logging.getLogger(__name__)
 
 ACCOUNTANTS = ("prv", "rdp")
 __all__ = ["ACCOUNTANTS", "BudgetExhausted", "BudgetMissing", "Companion", "PrivacyBudget", "PrivacyConfig",
-           "calibrated_noise", "composed_epsilon", "PrivateTraining", "default_delta", "make_private", "public_count",
-           "secret_generator"]
+           "accountant_evaluations", "calibrated_noise", "composed_epsilon", "PrivateTraining", "default_delta",
+           "make_private", "public_count", "secret_generator"]
 
 #: the default δ never exceeds this, whatever N_pub is
 DELTA_CAP = 1e-5
@@ -114,6 +114,12 @@ def composed_epsilon(accountant: str, history, delta: float) -> float:
     """ε at δ of every (noise multiplier, sample rate, steps) in ``history`` composed by one Opacus
     accountant (PRV: the privacy-loss distributions convolved; RDP: the Rényi curves added)."""
     return _composed_epsilon(accountant, tuple(tuple(entry) for entry in history), float(delta))
+
+
+def accountant_evaluations() -> int:
+    """How many distinct histories this process has asked an accountant about (a repeated question
+    is answered from memory: :func:`composed_epsilon`)."""
+    return _composed_epsilon.cache_info().misses
 
 
 # A PRV evaluation of a 320-step history takes seconds, and every site of one size in a run asks

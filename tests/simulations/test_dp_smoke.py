@@ -36,6 +36,8 @@ def test_dp_simulation_with_the_dp_head(tmp_path):
     assert summary["dp_head_sum_equals_releases"] is True
     assert summary["dp_head_removal_bit_identical"] is True and summary["removal_bit_identical"] is True
     assert summary["dp_head_releases"] == 3 and summary["dp_head_noise_variance"] > 0
+    # k = 768: a release is five int64 arrays (the packed Gram's 295,296 entries the most), compressed
+    assert 100_000 < summary["exact_head_stored_bytes_per_site"] < 8 * 400_000
     # 600 images at ε = 8: far above chance (0.1) for the head; DP-TAFT at one epoch barely moves w0
     assert summary["accuracy_exact_head"] > 0.3 and summary["accuracy_exact_head_after_removal"] > 0.3
     assert summary["accuracy_composed"] is not None and summary["exact_head_test_images"] == 2000
