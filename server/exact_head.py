@@ -177,7 +177,7 @@ def with_release_noise(total, stats_ledger, dp_head: DPHeadRequest):
         raise ValueError("the statistics ledger holds a contribution without a declared DP noise variance")
     total.dp = {"releases": len(variances), "noise_variance": math.fsum(variances),
                 "transform": {"centre": np.asarray(dp_head.centre, np.float64), "dim": dp_head.dim,
-                              "seed": dp_head.seed, "site-centred": True}}
+                              "seed": dp_head.seed}}
     return total
 
 
@@ -189,7 +189,7 @@ def solve_dp_head(total):
     transform = total.dp["transform"]
     return dp.solve_release(total, dp.RowTransform(np.asarray(transform["centre"], np.float64),
                                                    int(transform["dim"]), int(transform["seed"])),
-                            site_centred=bool(transform.get("site-centred")))
+                            site_centred=True)  # the card pins the mechanism: every release is site-centred
 
 
 def replace_release(stats_ledger, site: str, record, meta: Mapping[str, Any], expectation: StatsExpectation, *,

@@ -115,8 +115,8 @@ STATS_META_KEYS = ("num-features", "num-classes", "clip-norm", "frac-bits", "fea
 #: what a DP head's release declares beside the grid (client/dp_head.py): the mechanism's public
 #: parameters, never a value of the site's data
 DP_STATS_META_KEYS = ("dp", "dp-head-epsilon", "dp-head-delta", "dp-head-noise-variance", "dp-head-sigma-mean",
-                      "dp-head-sigma-gram", "dp-head-sigma-cross", "dp-head-sigma-counts", "dp-head-mechanism", "dp-head-dim",
-                      "dp-head-seed", "dp-head-centre-digest", "contribution-id")
+                      "dp-head-sigma-gram", "dp-head-sigma-cross", "dp-head-sigma-counts", "dp-head-mechanism",
+                      "dp-head-dim", "dp-head-seed", "dp-head-centre-digest", "contribution-id")
 #: the records a DP train reply may hold: the mechanisms' outputs and their public parameters
 DP_REPLY_RECORDS = frozenset({"delta", "metrics", "meta", "stats", "stats-meta"})
 #: relative tolerance of the declared noise against the one recomputed from the declared (ε, δ)

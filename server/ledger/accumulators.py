@@ -11,14 +11,25 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
 
 import numpy as np
 
 from server.ledger import fixedpoint
 from server.ledger.records import canonical_json
 
-#: per tensor name its limbs ``(q_hi, q_lo)``, or None for a tensor that is all zero (it adds nothing)
-Quantized = dict[str, tuple[np.ndarray, np.ndarray] | None]
+
+@dataclass(frozen=True)
+class ExactIntegers:
+    """A tensor of exact int64 values on the grid, added as it is: its limbs are split chunk by chunk
+    while it is accumulated (fixedpoint.accumulate_integers), so a statistics add never holds a
+    second copy of a 4.7 M-entry Gram as limbs (75 MB)."""
+    values: np.ndarray  # flat int64
+
+
+#: per tensor name its limbs ``(q_hi, q_lo)`` or its exact integers, or None for a tensor that is all
+#: zero (it adds nothing)
+Quantized = dict[str, tuple[np.ndarray, np.ndarray] | ExactIntegers | None]
 
 
 def arrays_digest(arrays: Mapping[str, np.ndarray]) -> str:
@@ -64,9 +75,13 @@ class Accumulators:
         tensor (None) leaves its sum as it is, bit for bit what adding zeros would leave."""
         for name, (_, hi, lo) in self._tensors.items():
             q = quantized[name]
-            if q is not None:
+            if q is None:
+                continue
+            if isinstance(q, ExactIntegers):
+                fixedpoint.accumulate_integers(hi, lo, q.values, weight)
+            else:
                 fixedpoint.accumulate(hi, lo, *q, weight)
-                self._changed.add(name)
+            self._changed.add(name)
 
     def shapes(self) -> dict[str, list[int]]:
         return {name: list(shape) for name, (shape, _, _) in self._tensors.items()}
@@ -94,7 +109,12 @@ class Accumulators:
     def exact_sums(self, lo_bits: int) -> dict[str, np.ndarray]:
         """The exact integer sums ``hi·2**lo_bits + lo`` as int64 arrays; the caller guarantees
         they fit (the stats family bounds them, see server.ledger.families.StatsFamily)."""
-        return {name: ((hi << lo_bits) + lo).reshape(shape) for name, (shape, hi, lo) in self._tensors.items()}
+        sums = {}
+        for name, (shape, hi, lo) in self._tensors.items():
+            total = hi << lo_bits
+            total += lo  # in place: one 38 MB temporary fewer for a 3,072-feature Gram
+            sums[name] = total.reshape(shape)
+        return sums
 
     def encoded(self) -> dict[str, bytes]:
         """The canonical bytes of each sum: equal sums give equal bytes."""

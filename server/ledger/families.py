@@ -36,8 +36,8 @@ from typing import Any
 import numpy as np
 import safetensors.numpy
 
-from server.ledger import blobs, stats_forms, validation
-from server.ledger.accumulators import Accumulators, Quantized, arrays_digest, quantize
+from server.ledger import blobs, fixedpoint, stats_forms, validation
+from server.ledger.accumulators import Accumulators, ExactIntegers, Quantized, arrays_digest, quantize
 from server.ledger.records import LedgerError, RejectedContribution, canonical_json
 from tangent.exact_head.statistics import row_norm_bound
 from tangent.exact_head.stats_file import safetensors_metadata
@@ -45,8 +45,7 @@ from tangent.exact_head.stats_file import safetensors_metadata
 FAMILIES = ("delta", "stats")
 INT64_MAX = int(np.iinfo(np.int64).max)
 STATS_ARRAYS = ("counts", "cross", "gram", "n", "sums")
-_LO_BITS = 32
-_LO_MASK = (1 << _LO_BITS) - 1
+_LO_BITS = fixedpoint.FRAC_BITS  # the accumulators' limb split: exact sums are hi·2**32 + lo
 
 
 class DeltaFamily:
@@ -297,11 +296,8 @@ class StatsFamily:
         return stats_forms.decode(blob, self.model_card["stats-meta"], expand)
 
     def quantize(self, arrays: Mapping[str, np.ndarray]) -> Quantized:
-        out = {}
-        for name, a in arrays.items():
-            v = np.asarray(a, dtype=np.int64).ravel()
-            out[name] = (v >> _LO_BITS, v & _LO_MASK)
-        return out
+        """The exact integers themselves (no copy for int64 arrays): split into limbs as they are added."""
+        return {name: ExactIntegers(np.asarray(a, dtype=np.int64).ravel()) for name, a in arrays.items()}
 
     def weight(self, num_examples: int, weighting: str) -> int:
         return 1

@@ -70,10 +70,36 @@ def zeros(size: int) -> tuple[np.ndarray, np.ndarray]:
     return np.zeros(size, dtype=np.int64), np.zeros(size, dtype=np.int64)
 
 
+#: entries per step of an accumulation: its scratch is one chunk (8 MiB), not another copy of the
+#: tensor (a 3,072-feature Gram has 4.7 M entries: 38 MB a copy)
+CHUNK = 1 << 20
+
+
 def accumulate(hi: np.ndarray, lo: np.ndarray, q_hi: np.ndarray, q_lo: np.ndarray, weight: int) -> None:
-    """In place ``S += weight · q`` (``weight`` may be negative to subtract); keeps the canonical form."""
+    """In place ``S += weight · q`` (``weight`` may be negative to subtract); keeps the canonical form.
+    Flat arrays; entry by entry, so chunk by chunk gives the same integers."""
+    _check_weight(weight)
+    for start in range(0, hi.size, CHUNK):
+        part = slice(start, start + CHUNK)
+        _accumulate(hi[part], lo[part], q_hi[part], q_lo[part], weight)
+
+
+def accumulate_integers(hi: np.ndarray, lo: np.ndarray, values: np.ndarray, weight: int) -> None:
+    """In place ``S += weight · v`` for exact int64 values on the grid (``v = q_hi·2**32 + q_lo``):
+    their limbs are split one chunk at a time, never for the whole tensor at once."""
+    _check_weight(weight)
+    for start in range(0, hi.size, CHUNK):
+        part = slice(start, start + CHUNK)
+        v = values[part]
+        _accumulate(hi[part], lo[part], v >> FRAC_BITS, v & _LO_MASK, weight)
+
+
+def _check_weight(weight: int) -> None:
     if not -MAX_WEIGHT <= weight <= MAX_WEIGHT:
         raise ValueError(f"weight {weight} outside ±{MAX_WEIGHT}")
+
+
+def _accumulate(hi: np.ndarray, lo: np.ndarray, q_hi: np.ndarray, q_lo: np.ndarray, weight: int) -> None:
     scratch = np.multiply(q_lo, weight)
     lo += scratch
     np.multiply(q_hi, weight, out=scratch)
