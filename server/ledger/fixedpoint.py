@@ -78,7 +78,7 @@ CHUNK = 1 << 20
 def accumulate(hi: np.ndarray, lo: np.ndarray, q_hi: np.ndarray, q_lo: np.ndarray, weight: int) -> None:
     """In place ``S += weight · q`` (``weight`` may be negative to subtract); keeps the canonical form.
     Flat arrays; entry by entry, so chunk by chunk gives the same integers."""
-    _check_weight(weight)
+    _check(hi, weight, q_hi, q_lo)
     for start in range(0, hi.size, CHUNK):
         part = slice(start, start + CHUNK)
         _accumulate(hi[part], lo[part], q_hi[part], q_lo[part], weight)
@@ -87,16 +87,18 @@ def accumulate(hi: np.ndarray, lo: np.ndarray, q_hi: np.ndarray, q_lo: np.ndarra
 def accumulate_integers(hi: np.ndarray, lo: np.ndarray, values: np.ndarray, weight: int) -> None:
     """In place ``S += weight · v`` for exact int64 values on the grid (``v = q_hi·2**32 + q_lo``):
     their limbs are split one chunk at a time, never for the whole tensor at once."""
-    _check_weight(weight)
+    _check(hi, weight, values)
     for start in range(0, hi.size, CHUNK):
         part = slice(start, start + CHUNK)
         v = values[part]
         _accumulate(hi[part], lo[part], v >> FRAC_BITS, v & _LO_MASK, weight)
 
 
-def _check_weight(weight: int) -> None:
+def _check(hi: np.ndarray, weight: int, *added: np.ndarray) -> None:
     if not -MAX_WEIGHT <= weight <= MAX_WEIGHT:
         raise ValueError(f"weight {weight} outside ±{MAX_WEIGHT}")
+    if any(a.shape != hi.shape for a in added):  # a chunk of a longer array would drop its tail
+        raise ValueError(f"adding shapes {[a.shape for a in added]} to a sum of shape {hi.shape}")
 
 
 def _accumulate(hi: np.ndarray, lo: np.ndarray, q_hi: np.ndarray, q_lo: np.ndarray, weight: int) -> None:

@@ -5,6 +5,7 @@ from __future__ import annotations
 import tracemalloc
 
 import numpy as np
+import pytest
 
 from server.ledger import fixedpoint
 from server.ledger.accumulators import Accumulators, ExactIntegers
@@ -43,3 +44,16 @@ def test_adding_a_large_tensor_holds_one_chunk_of_scratch():
     tracemalloc.stop()
     assert peak < 4 * fixedpoint.CHUNK * 8, f"{peak / 2 ** 20:.0f} MiB"
     np.testing.assert_array_equal(acc.exact_sums(fixedpoint.FRAC_BITS)["g"], values)
+
+
+@pytest.mark.parametrize("size", [fixedpoint.CHUNK - 1, fixedpoint.CHUNK + 1])
+def test_a_tensor_of_another_size_is_refused_and_changes_nothing(size):
+    """Chunk by chunk, a longer tensor's tail would be dropped without a word: refused instead."""
+    acc = Accumulators.zeros({"g": [fixedpoint.CHUNK]})
+    before = acc.encoded()
+    values = np.ones(size, dtype=np.int64)
+    with pytest.raises(ValueError, match="shape"):
+        acc.add({"g": ExactIntegers(values)}, 1)
+    with pytest.raises(ValueError, match="shape"):
+        acc.add({"g": (values, values)}, 1)
+    assert acc.encoded() == before
