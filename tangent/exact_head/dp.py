@@ -100,8 +100,13 @@ class RowTransform:
         projection = self.projection(x.shape[1])
         if projection is not None:
             x = x @ projection
-        norms = np.linalg.norm(x, axis=1, keepdims=True)
-        return x / np.where(norms > 0, norms, 1.0)
+        return unit_rows(x)
+
+
+def unit_rows(x: np.ndarray) -> np.ndarray:
+    """Each row on the unit sphere (a zero row stays zero): the DP head's rows, at every centring."""
+    norms = np.linalg.norm(x, axis=1, keepdims=True)
+    return x / np.where(norms > 0, norms, 1.0)
 
 
 _PROJECTIONS: dict = {}
@@ -329,9 +334,7 @@ def site_centred_release(u: np.ndarray, labels: np.ndarray, num_classes: int, fr
     sums = quantize(u, 1.0, b).sum(axis=0, dtype=np.int64)
     sums = sums + _rounded(rng, allocation.block_sigma("mean") * r * 2.0 ** b, sums.shape)
     centre = sums * 2.0 ** -b / max(float(counts.sum()), 1.0)
-    x = u - centre
-    norms = np.linalg.norm(x, axis=1, keepdims=True)
-    exact = exact_release_stats(x / np.where(norms > 0, norms, 1.0), labels, num_classes, b)
+    exact = exact_release_stats(unit_rows(u - centre), labels, num_classes, b)
     gram, cross, noise_variance = _noisy_gram_cross(exact, allocation, rng)
     return SufficientStats(exact.num_features, num_classes, 1.0, b, int(counts.sum()), counts=counts, sums=sums,
                            gram=gram, cross=cross, dp=_settings(allocation, noise_variance, MECHANISM))
@@ -404,9 +407,7 @@ class DPHead:
 
         x = self.transform.rows(phi)
         if self.recentre is not None:
-            x = x - self.recentre
-            norms = np.linalg.norm(x, axis=1, keepdims=True)
-            x = x / np.where(norms > 0, norms, 1.0)
+            x = unit_rows(x - self.recentre)
         return dequantize(quantize(x, 1.0, self.frac_bits), 1.0, self.frac_bits)
 
     def predict(self, phi: np.ndarray) -> np.ndarray:
