@@ -39,11 +39,14 @@ def model_spec(run_config) -> ModelSpec:
 
 
 def train_config(run_config) -> dict[str, Any]:
-    """The train request's ``config`` record: every TRAIN_KEYS value, under its run-config name,
-    and with the DP head on (:func:`dp_head_enabled`) its request keys (client/dp_head.py); the DP
-    head's rows use the run's ``frac-bits`` grid."""
+    """The train request's ``config`` record: every TRAIN_KEYS value, under its run-config name —
+    in a DP run ``batch-size`` and ``lr`` are the run's ``dp-batch-size`` and ``dp-lr`` (DP-SGD's
+    own schedule) —, and with the DP head on (:func:`dp_head_enabled`) its request keys
+    (client/dp_head.py); the DP head's rows use the run's ``frac-bits`` grid."""
     run = as_run_config(run_config)
     config = run.train_request().to_config()
+    if run.dp:
+        config |= {"batch-size": run.dp_batch_size, "lr": run.dp_lr}
     if dp_head_enabled(run):
         config |= {"dp-head-share": run.dp_head_share, "dp-head-dim": run.dp_head_dim,
                    "dp-head-seed": run.dp_head_seed, "dp-head-frac-bits": run.frac_bits}

@@ -45,7 +45,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="run config device: auto | cpu | cuda | cuda:i (default: pyproject's, auto); also "
                         "where the driver builds the token cache")
     p.add_argument("--epochs", type=int, default=None, help="local TAFT epochs (default: pyproject's, 10)")
-    p.add_argument("--lr", type=float, default=None, help="learning rate (default: pyproject's, 0.003)")
+    p.add_argument("--lr", type=float, default=None,
+                   help="learning rate (default: pyproject's, 0.003; with --dp-epsilon DP-SGD's, dp-lr 0.012)")
     p.add_argument("--reinit", choices=("true", "false"), default=None,
                    help="re-initialise the linearized block(s) in w0 (default: pyproject's, false)")
     p.add_argument("--dataset", default=None,
@@ -170,7 +171,9 @@ def main(argv=None) -> int:
         run_config["reinit"] = args.reinit == "true"
     if args.dp_epsilon is not None:
         run_config |= {"dp": True, "dp-epsilon": args.dp_epsilon, "dp-head-share": args.dp_head_share}
-    for key, value in (("epochs", args.epochs), ("lr", args.lr), ("img-size", args.img_size),
+    # a DP run trains with its own learning rate (dp-lr): --lr sets that one there
+    for key, value in (("epochs", args.epochs), ("lr" if args.dp_epsilon is None else "dp-lr", args.lr),
+                       ("img-size", args.img_size),
                        ("device", args.device)):
         if value is not None:
             run_config[key] = value
@@ -223,7 +226,10 @@ def main(argv=None) -> int:
 
     summary: dict = {"num_clients": args.num_clients, "partition": args.partition, "run_dir": str(run_dir),
                      "spec": spec.to_config(), "reinit": spec.reinit, "epochs": run.epochs,
-                     "lr": run.lr, "train_subset": args.train_subset,
+                     # what the sites trained with: a DP run's own batch and learning rate
+                     "lr": run.dp_lr if run.dp else run.lr,
+                     "batch_size": run.dp_batch_size if run.dp else run.batch_size,
+                     "train_subset": args.train_subset,
                      "eval_subset": args.eval_subset, "cpus_per_client": args.cpus_per_client,
                      "cache_dir": str(cache_dir) if cache_dir else None,
                      "dataset": data["sources"]["train"], "test_dataset": data["sources"]["test"],

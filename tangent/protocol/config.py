@@ -172,6 +172,9 @@ RUN_KEYS: tuple[Key, ...] = (
     Key("dp-epsilon", float, "ε one DP contribution may spend", above=0),
     Key("dp-delta", float, "δ of one DP contribution (0 = the site's default rule)", low=0, below=1),
     Key("dp-max-grad-norm", float, "DP-SGD's per-example gradient clipping norm", above=0),
+    Key("dp-batch-size", int, "DP-SGD's expected (Poisson) batch size: a DP run's train requests carry it "
+        "as batch-size", low=1),
+    Key("dp-lr", float, "DP-SGD's Adam learning rate: a DP run's train requests carry it as lr", above=0),
     Key("device", str, "where sites and the server's evaluation run the model (a site's node config "
         "`device` overrides it); CUDA asked for but absent is refused", pattern=DEVICE_PATTERN),
     # data (simulation and the server's test set)

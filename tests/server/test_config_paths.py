@@ -111,6 +111,20 @@ def test_federation_mode_and_dp(state):
     assert not cfg.dp_required({}) and not cfg.dp_required({"dp": False})
 
 
+def test_a_dp_run_asks_for_its_own_batch_size_and_learning_rate():
+    """DP-SGD's expected batch and lr are the run's dp-batch-size and dp-lr, sent as the request's
+    batch-size and lr; a run without DP keeps batch-size and lr (the defaults differ, so a swap
+    either way fails)."""
+    assert (RUN_DEFAULTS["dp-batch-size"], RUN_DEFAULTS["dp-lr"]) != (RUN_DEFAULTS["batch-size"], RUN_DEFAULTS["lr"])
+    dp = cfg.train_config({"dp": True})
+    assert (dp["batch-size"], dp["lr"]) == (RUN_DEFAULTS["dp-batch-size"], RUN_DEFAULTS["dp-lr"])
+    own = {"dp-batch-size": 256, "dp-lr": 0.5, "batch-size": 16, "lr": 0.25}
+    assert {k: cfg.train_config(own | {"dp": True})[k] for k in ("batch-size", "lr")} == {"batch-size": 256, "lr": 0.5}
+    assert {k: cfg.train_config(own)[k] for k in ("batch-size", "lr")} == {"batch-size": 16, "lr": 0.25}
+    plain = cfg.train_config({})
+    assert (plain["batch-size"], plain["lr"]) == (RUN_DEFAULTS["batch-size"], RUN_DEFAULTS["lr"])
+
+
 def test_the_serverapp_writes_its_report_also_when_it_refuses_the_run(tmp_path):
     """A refused report path: the run fails, and its report (with the error) lands in the state dir."""
     import json
