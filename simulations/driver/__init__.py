@@ -44,7 +44,8 @@ a `flwr run` runs, a line every 30 s says how many sites the ledger holds.
 
 With ``--dp-epsilon E`` every site's contribution spends ε = E in all: DP-TAFT and the DP exact
 head's noisy statistics (``--dp-head-share`` of the μ², default 0.9) composed in one accountant
-(docs/dp_head.md). The exact
+(docs/dp_head.md); DP-SGD runs at the run config's ``dp-batch-size`` and ``dp-lr`` (128, 0.012;
+``--lr`` sets the latter). The exact
 head's central check of step 3 cannot apply to noisy statistics; simulations/driver/dp_head.py
 checks the ledger's sums against a fresh sum of the releases as stored, and removal against the
 staying sites' releases, bit for bit.
