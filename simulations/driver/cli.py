@@ -188,9 +188,10 @@ def main(argv=None) -> int:
         print(f"error: run config {err}", file=sys.stderr)
         return 2
     spec = ModelSpec.from_config(run.to_config()).resolved()
-    from server.config import dp_head_enabled
+    from server.config import dp_head_enabled, train_config
     from simulations.exact_head_check import feature_config, stats_ledger_path
     dp_head = dp_head_enabled(run)
+    sent = train_config(run)
     # None: no exact head in this run; the DP head reads the same φ (its cache is built in step 1)
     features = feature_config(run.to_config() | {"dp": False}) if dp_head else feature_config(run)
     stats_ledger = stats_ledger_path(run, run_dir)
@@ -226,9 +227,8 @@ def main(argv=None) -> int:
 
     summary: dict = {"num_clients": args.num_clients, "partition": args.partition, "run_dir": str(run_dir),
                      "spec": spec.to_config(), "reinit": spec.reinit, "epochs": run.epochs,
-                     # what the sites trained with: a DP run's own batch and learning rate
-                     "lr": run.dp_lr if run.dp else run.lr,
-                     "batch_size": run.dp_batch_size if run.dp else run.batch_size,
+                     # what the sites are asked to train with (a DP run's own batch and lr)
+                     "lr": sent["lr"], "batch_size": sent["batch-size"],
                      "train_subset": args.train_subset,
                      "eval_subset": args.eval_subset, "cpus_per_client": args.cpus_per_client,
                      "cache_dir": str(cache_dir) if cache_dir else None,
