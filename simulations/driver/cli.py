@@ -46,7 +46,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                         "where the driver builds the token cache")
     p.add_argument("--epochs", type=int, default=None, help="local TAFT epochs (default: pyproject's, 10)")
     p.add_argument("--lr", type=float, default=None,
-                   help="learning rate (default: pyproject's, 0.003; with --dp-epsilon DP-SGD's, dp-lr 0.012)")
+                   help="the sites' learning rate (default: pyproject's, 0.003; in a DP run DP-SGD's, dp-lr 0.012)")
     p.add_argument("--reinit", choices=("true", "false"), default=None,
                    help="re-initialise the linearized block(s) in w0 (default: pyproject's, false)")
     p.add_argument("--dataset", default=None,
@@ -171,12 +171,12 @@ def main(argv=None) -> int:
         run_config["reinit"] = args.reinit == "true"
     if args.dp_epsilon is not None:
         run_config |= {"dp": True, "dp-epsilon": args.dp_epsilon, "dp-head-share": args.dp_head_share}
-    # a DP run trains with its own learning rate (dp-lr): --lr sets that one there
-    for key, value in (("epochs", args.epochs), ("lr" if args.dp_epsilon is None else "dp-lr", args.lr),
-                       ("img-size", args.img_size),
-                       ("device", args.device)):
+    # --lr is the learning rate the sites train with, whichever way DP is switched on (--dp-epsilon
+    # or --run-config dp=true): a DP run uses dp-lr, any other lr
+    for keys, value in ((("epochs",), args.epochs), (("lr", "dp-lr"), args.lr), (("img-size",), args.img_size),
+                        (("device",), args.device)):
         if value is not None:
-            run_config[key] = value
+            run_config |= dict.fromkeys(keys, value)
     run_config |= backbone_config | user_config  # explicit --run-config keys win over the flags above
     # what the ServerApp is given: with --evaluation driver it skips its central evaluation
     server_config = run_config | ({"central-evaluation": False} if args.evaluation == "driver" else {})
