@@ -84,3 +84,17 @@ def test_a_dp_sites_refusals_name_no_path_label_or_count(site, tmp_path):
     assert (error["code"], error["reason"]) == ("budget_exhausted", PRIVATE_REFUSALS["budget_exhausted"])
     for text in [*PRIVATE_REFUSALS.values(), PRIVATE_FAILURE[1]]:
         assert str(site["root"]) not in text and not any(ch.isdigit() for ch in text)
+
+
+@pytest.mark.parametrize("batch", [1, 10_000])
+def test_a_server_chosen_batch_size_never_buys_more_than_epsilon(site, tmp_path, batch):
+    """The train request's batch size is the server's to choose (a DP run sends dp-batch-size); a
+    curious server asking for one example a step, or for far more than the site holds, still gets a
+    reply that spent at most the ε asked for, and that is what the site's record is charged."""
+    node = dp_node(site, tmp_path)
+    reply = train(site, node, **{"batch-size": batch})
+    assert "error" not in reply.config_records, dict(reply["error"])
+    epsilon = float(reply["metrics"]["epsilon"])
+    assert 0 < epsilon <= DP_TRAIN["dp-epsilon"]
+    spent, _ = PrivacyBudget(tmp_path / "state" / PrivacyBudget.FILE_NAME, "s1").spent
+    assert spent == pytest.approx(epsilon) and spent <= DP_TRAIN["dp-epsilon"]
