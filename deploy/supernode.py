@@ -69,6 +69,10 @@ DIAGNOSES: list[tuple[str, str]] = [
     (r"Server disconnected without sending a response",
      "The server closed the connection: a plain-text (--insecure) SuperNode talking to a TLS "
      "SuperLink, or a proxy in between. Use TLS with --root-certificates."),
+    # the proxy may also drop a plain-text request without an answer (seen on a loaded host)
+    (r"Connection reset by peer",
+     "The server reset the connection: a plain-text (--insecure) SuperNode talking to the "
+     "federation's TLS proxy or SuperLink. Use TLS with --root-certificates."),
     (r"Connection refused",
      "Nothing accepts connections at {address}: the SuperLink is down, or the host/port is wrong."),
     (r"Name or service not known|nodename nor servname|Temporary failure in name resolution|getaddrinfo",

@@ -3,7 +3,7 @@ the node config it hands the ClientApp."""
 import argparse
 import pytest
 
-from deploy.supernode import BUDGET_FILE, REPO, node_config, prepare_state_dir
+from deploy.supernode import BUDGET_FILE, REPO, diagnose, node_config, prepare_state_dir
 
 
 def test_a_fresh_state_dir_is_private(tmp_path):
@@ -76,3 +76,20 @@ def test_a_supernode_that_stopped_leaves_no_pid_file(tmp_path):
                             cwd=REPO, capture_output=True, text=True, timeout=120)
     assert state.is_dir(), result.stdout + result.stderr  # it started (and wrote its pid file) ...
     assert not (state / "supernode.pid").exists(), result.stdout + result.stderr  # ... and removed it on exit
+
+
+# The tail of a real --insecure SuperNode against the federation's TLS proxy: on a loaded host the
+# proxy reset the connection instead of answering 400, and the site got no explanation.
+RESET_TAIL = """WARNING :   Connection attempt failed, retrying in 4.93 seconds
+WARNING :   Giving up reconnection after 10.00 seconds and 6 tries.
+ERROR :     Exit Code: 305
+Failed to initialize the connection to the SuperLink.
+[Errno 104] Connection reset by peer
+The SuperNode could not establish a connection to the SuperLink."""
+
+
+@pytest.mark.parametrize("tail", [RESET_TAIL, "httpx.HTTPStatusError: '400 Bad Request' for url 'http://x'",
+                                  "Server disconnected without sending a response."])
+def test_every_way_a_tls_proxy_turns_away_plain_text_is_explained(tail):
+    text = diagnose(tail, address="127.0.0.1:9092", host="127.0.0.1", ca="ca.crt", pub="", site="1")
+    assert text is not None and "plain-text" in text and "--root-certificates" in text
