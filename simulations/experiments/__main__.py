@@ -39,7 +39,11 @@ def _epilog() -> str:
   privacy      paper Table 3. DP-SGD (Opacus) TAFT-1 vs. NLFT-1 vs. NLFT head only at
                eps = {', '.join(f'{e:g}' for e in F.dp_epsilons)} [{', '.join(f'{e:g}' for e in Q.dp_epsilons)}] on {F.dp_train} [{Q.dp_train}] images, {F.dp_epochs} [{Q.dp_epochs}] epochs: central,
                and federated over {F.dp_clients} [{Q.dp_clients}] DP clients composed / souped; plus no DP;
-               and the DP exact head (statistics perturbation, 64-dim projection).
+               and the DP exact head as a DP run releases it (central and federated).
+  dp_scale     DP at the simulation's scale: {F.dp_scale_sites} [{Q.dp_scale_sites}] IID sites x {F.dp_scale_rows} [{Q.dp_scale_rows}] images, {F.dp_scale_test} [{Q.dp_scale_test}]
+               test images, eps as above, per-site delta 1e-5: the DP exact head federated,
+               central and with secure-aggregation noise ({F.dp_scale_repeats} [{Q.dp_scale_repeats}] noise draws; removal
+               checked bit for bit) vs. federated DP-TAFT-1 with the DP run's recipe.
 
 shared settings: pretrained DINOv2 ViT-S/14, reinit=false, img {F.img_size}, cached trunk tokens,
 test on a fixed {F.test} [{Q.test}]-image subset of the 10k test split, {F.epochs} [{Q.epochs}] epochs,
@@ -67,7 +71,7 @@ def parse(argv=None):
                         help="Markdown file whose sections are regenerated (default docs/results.md, "
                              "or <out>/results.md with --quick)")
     parser.add_argument("--jobs", type=int, default=2,
-                        help="parallel lanes (processes): [composition] and [privacy, retraining, removal] (default 2)")
+                        help="parallel lanes (processes): [composition, retraining] and [dp_scale, privacy, removal] (default 2)")
     parser.add_argument("--threads", type=int, default=1, help="torch threads per lane (default 1)")
     parser.add_argument("--cache-dir", default=None,
                         help="trunk-token cache (default ~/.cache/taft/features, as the driver)")

@@ -27,7 +27,7 @@ from tangent.model.nlft import NLFTTail
 KINDS = ("taft", "nlft", "head")
 KIND_LABELS = {"taft": "TAFT-1", "nlft": "NLFT-1 (last block)", "head": "NLFT head only",
                "taft_rich": "TAFT-1 + frozen pieces in the head",
-               "exact_head": "exact head (SSP, 64-d projection)"}
+               "exact_head": "DP exact head (the DP run's release)"}
 
 
 @dataclass(frozen=True)
@@ -76,6 +76,13 @@ class Settings:
     dp_sigma: float | None = None
     #: non-DP head-only recipe (cross-entropy, batch ``batch_size``)
     head_lr: float = 1e-2
+    #: experiment 5: DP at the simulation's scale (sites × rows of the 60k, test images, noise
+    #: draws of the DP head; DP-TAFT's epochs, 0 = the run config's)
+    dp_scale_sites: int = 50
+    dp_scale_rows: int = 1_200
+    dp_scale_test: int = 10_000
+    dp_scale_repeats: int = 3
+    dp_scale_epochs: int = 0
 
     def to_dict(self) -> dict:
         return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
@@ -95,7 +102,8 @@ QUICK = Settings(train=240, test=200, epochs=1, shards=(2, 4), dirichlet_shards=
                  removal_shards=4, removal_ks=(0, 1, 2), removal_orders=2,
                  retrain_shards=(4,), forget_percents=(2.0, 20.0),
                  dp_train=200, dp_epochs=1, dp_epsilons=(8.0,), dp_clients=2, dp_batch=64,
-                 dp_client_batch=32, dp_sigma=1.0)
+                 dp_client_batch=32, dp_sigma=1.0, dp_scale_sites=3, dp_scale_rows=40, dp_scale_test=200,
+                 dp_scale_repeats=1, dp_scale_epochs=1)
 
 
 def subset_indices(num: int, size: int, seed: int) -> np.ndarray:
@@ -556,20 +564,11 @@ def expected_hit_fraction(sizes, forgotten: int, total: int) -> float:
 # ------------------------------------------------------------------------------ exact head
 
 def exact_spec():
-    """The exact head's default feature spec (docs/design.md): the four pieces +
-    2,048 seeded random features, clip C = 2, b = 16 (p = 3,584)."""
-    from tangent.exact_head.features import PIECES, FeatureSpec
+    """The exact head's default feature spec, the one a run uses (the run config's
+    ``feature-pieces`` ... ``frac-bits``: tangent.exact_head.feature_spec.FeatureSpec())."""
+    from tangent.exact_head.feature_spec import FeatureSpec
 
-    return FeatureSpec(pieces=PIECES, random_features=2048)
-
-
-def dp_exact_spec():
-    """The DP exact head benchmarks/exact_head.py found best: a seeded 64-dim projection of the
-    four pieces, clip 1 (``tangent.exact_head.feature_spec.DP_FEATURE_SPEC``, which the benchmark
-    measures too)."""
-    from tangent.exact_head.feature_spec import DP_FEATURE_SPEC
-
-    return DP_FEATURE_SPEC
+    return FeatureSpec()
 
 
 #: the pieces beside the linearized CLS that the richer TAFT head reads (final_cls is already the
@@ -580,9 +579,10 @@ RICH_PIECES = ("final_mean", "input_cls", "input_mean")
 def _exact(ctx: "Context"):
     """Per-context store of the exact head's extractors and pieces (one backbone, shared)."""
     if not hasattr(ctx, "_exact_store"):
-        from tangent.exact_head.features import PIECES, FeatureExtractor, FeatureSpec
+        from tangent.exact_head.features import FeatureExtractor
+        from tangent.exact_head.feature_spec import ALL_PIECES, FeatureSpec
 
-        base = FeatureExtractor.from_spec(ctx.spec, FeatureSpec(pieces=PIECES))
+        base = FeatureExtractor.from_spec(ctx.spec, FeatureSpec(pieces=ALL_PIECES))
         if not base.trunk_matches(ctx.taft().trunk):
             raise RuntimeError("the TAFT trunk differs from the pretrained one: cached tokens do not apply")
         ctx._exact_store = {"base": base, "extractors": {}, "pieces": {}}
@@ -601,38 +601,36 @@ def exact_extractor(ctx: "Context", spec):
 
 
 @torch.no_grad()
-def exact_pieces(ctx: "Context", name: str, tokens: torch.Tensor, batch: int = 250) -> np.ndarray:
-    """Every piece (tangent.exact_head.features.PIECES) of these token rows, [N, 4, d] float32, cached under
-    ``name``. Batches are padded to one size so a row's pieces never depend on its neighbours
-    (as FeatureExtractor.compute)."""
-    from tangent.exact_head.features import PIECES
-
+def exact_pieces(ctx: "Context", name: str, tokens: torch.Tensor, batch: int = 250) -> dict[str, np.ndarray]:
+    """Every piece (tangent.exact_head.feature_spec.ALL_PIECES) of these token rows,
+    {piece: [N, width] float32}, cached under ``name``. Batches are padded to one size so a row's
+    pieces never depend on its neighbours (as FeatureExtractor.compute)."""
     store = _exact(ctx)
     if name not in store["pieces"]:
         base = store["base"]
-        out = np.empty((len(tokens), len(PIECES), base.embed_dim), np.float32)
+        out: dict[str, np.ndarray] = {}
         for start in range(0, len(tokens), batch):
             chunk = tokens[start:start + batch]
             rows = len(chunk)
             if rows < batch:
                 chunk = torch.cat([chunk, chunk[-1:].expand(batch - rows, *chunk.shape[1:])])
-            got = base.pieces(chunk)
-            out[start:start + rows] = torch.stack([got[p] for p in PIECES], dim=1)[:rows].numpy()
+            for piece, value in base.pieces(chunk).items():
+                if piece not in out:
+                    out[piece] = np.empty((len(tokens), value.shape[1]), np.float32)
+                out[piece][start:start + rows] = value[:rows].numpy()
         store["pieces"][name] = out
     return store["pieces"][name]
 
 
 @torch.no_grad()
-def exact_features(ctx: "Context", spec, pieces: np.ndarray) -> np.ndarray:
+def exact_features(ctx: "Context", spec, pieces: dict[str, np.ndarray]) -> np.ndarray:
     """φ [N, p] float32 of cached pieces through the extractor's own ``assemble``."""
-    from tangent.exact_head.features import PIECES
-
     extractor = exact_extractor(ctx, spec)
-    out = np.empty((len(pieces), extractor.dim), np.float32)
-    for start in range(0, len(pieces), 1000):
-        chunk = torch.from_numpy(np.ascontiguousarray(pieces[start:start + 1000]))
-        out[start:start + len(chunk)] = extractor.assemble(
-            {p: chunk[:, i] for i, p in enumerate(PIECES)}).numpy()
+    num = len(next(iter(pieces.values())))
+    out = np.empty((num, extractor.dim), np.float32)
+    for start in range(0, num, 1000):
+        out[start:start + 1000] = extractor.assemble(
+            {p: torch.from_numpy(pieces[p][start:start + 1000]) for p in spec.pieces}).numpy()
     return out
 
 
@@ -656,8 +654,6 @@ def exact_accuracy(head, phi_test: np.ndarray, labels) -> float:
 
 def rich_inputs(ctx: "Context", name: str, tokens: torch.Tensor) -> torch.Tensor:
     """Token rows with the frozen RICH_PIECES appended as extra rows (TangentTail.read_frozen_rows)."""
-    from tangent.exact_head.features import PIECES
-
     pieces = exact_pieces(ctx, name, tokens)
-    keep = [PIECES.index(p) for p in RICH_PIECES]
-    return torch.cat([tokens, torch.from_numpy(pieces[:, keep])], dim=1)
+    extra = np.stack([pieces[p] for p in RICH_PIECES], axis=1)
+    return torch.cat([tokens, torch.from_numpy(extra)], dim=1)

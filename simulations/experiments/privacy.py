@@ -9,12 +9,13 @@ at several ε, centrally (one model on the whole DP subset) and federated (the s
 over DP clients, each trained privately on its own data, then composed / souped weighted by
 examples). Non-DP references (ε = ∞) use each method's usual recipe.
 
-Exact head: sufficient-statistics perturbation (``tangent.exact_head.statistics.privatize``: each
-model's data releases its integer statistics once through the analytic Gaussian mechanism at
-(ε, δ) with the same δ rule) on the 64-dim seeded projection of the four pieces that
-benchmarks/exact_head.py found best; central = one release of the whole DP subset, federated =
-one release per DP client, summed by the server; λ by GCV on the noisy sums. Mean over
-``EXACT_REPEATS`` noise draws (std reported).
+Exact head: the DP head of a DP run (``tangent.exact_head.dp.site_centred_release``): the run's
+public transform of the default feature spec's φ (synthetic-image centre, seeded projection to
+``dp-head-dim``), each model's rows centred on their own DP mean, Gram, class sums and counts
+released once at the whole (ε, δ) (the same δ rule); central = one release of the whole DP
+subset, federated = one release per DP client, summed by the server and solved with its fixed
+constants. Mean over ``EXACT_REPEATS`` noise draws (std reported). Without DP: the exact integer
+statistics, λ by GCV.
 """
 from __future__ import annotations
 
@@ -31,6 +32,7 @@ NAME = "privacy"
 KINDS = ("taft", "nlft", "head")
 TABLE_KINDS = (*KINDS, "exact_head")
 EXACT_REPEATS = 5
+NUM_CLASSES = 10
 
 
 @lru_cache(maxsize=None)
@@ -100,43 +102,90 @@ def run(ctx: C.Context, out_root: Path) -> dict:
     return {"plot": "privacy.png", "checks": {"dp_images": len(y)}}
 
 
+def dp_head_accuracies(ctx: C.Context, phi: np.ndarray, labels: np.ndarray, parts, phi_test: np.ndarray,
+                       labels_test, epsilon: float, delta: float, *, repeats: int, seed,
+                       noise_share: float = 1.0, check_removal: bool = False) -> tuple[list[float], bool | None]:
+    """Test accuracies of the Flower path's DP head, one per noise draw: every part (a site, or
+    all rows for the central model) releases its rows through the run's public transform
+    (tangent.exact_head.dp.site_centred_release, the whole (ε, δ) to the head); the server sums the
+    releases and solves with its fixed constants (dp.solve_release). ``noise_share`` < 1 scales
+    every release's σ by √share: N sites each adding 1/N of the variance sum to one release's
+    noise — what secure aggregation of the releases would buy (no release alone is then DP).
+    ``check_removal``: also whether subtracting one part's release from the sum leaves exactly the
+    sum of the others' (every draw; None when not checked)."""
+    import dataclasses
+
+    from tangent.exact_head import dp
+    from tangent.exact_head.statistics import SufficientStats
+
+    transform = dp_head_transform(ctx)
+    rows = [transform.rows(phi[p]) for p in parts]
+    allocation = dp.Allocation.from_weights(epsilon, delta, dp.RELEASE_WEIGHTS)
+    allocation = dataclasses.replace(allocation, sigma=allocation.sigma * math.sqrt(noise_share))
+    accs, removal = [], []
+    for rep in range(repeats):
+        rng = np.random.default_rng([*seed, rep])
+        releases = [dp.site_centred_release(u, labels[p], NUM_CLASSES, C.exact_spec().frac_bits, allocation, rng)
+                    for u, p in zip(rows, parts)]
+        total = SufficientStats.total(releases)
+        if check_removal and len(releases) > 1:
+            gone = rep % len(releases)
+            removal.append(total - releases[gone] == SufficientStats.total(releases[:gone] + releases[gone + 1:]))
+        head = dp.solve_release(total, transform, site_centred=True)
+        accs.append(float((head.predict(phi_test) == np.asarray(labels_test)).mean()))
+    return accs, (all(removal) if removal else None)
+
+
+def dp_head_transform(ctx: C.Context):
+    """The run's public transform: the synthetic-image centre (tangent.exact_head.public_centre) and
+    the run config's seeded projection (``dp-head-dim``, ``dp-head-seed``)."""
+    if getattr(ctx, "_dp_head_transform", None) is None:
+        from tangent.exact_head import dp
+        from tangent.exact_head.public_centre import public_centre
+        from tangent.protocol.config import RUN_DEFAULTS
+
+        centre = public_centre(C.exact_extractor(ctx, C.exact_spec()))
+        ctx._dp_head_transform = dp.RowTransform(centre, int(RUN_DEFAULTS["dp-head-dim"]),
+                                                 int(RUN_DEFAULTS["dp-head-seed"]))
+    return ctx._dp_head_transform
+
+
 def exact_head_rows(ctx: C.Context, x, y, clients) -> list[dict]:
-    """The DP exact head (SSP) at each ε, central and federated, and without DP."""
+    """The DP exact head at each ε, central and federated (the Flower path's release), and the
+    exact head without DP."""
     import time
 
-    from tangent.exact_head import statistics as eh
+    from tangent.exact_head.statistics import SufficientStats
     from tangent.training.privacy import default_delta
 
     s = ctx.settings
-    spec = C.dp_exact_spec()
+    spec = C.exact_spec()
     phi = C.exact_features(ctx, spec, C.exact_pieces(ctx, "dp-train", x))
     phit = C.exact_features(ctx, spec, C.exact_pieces(ctx, "test", ctx.xt))
+    labels = y.numpy()
+    transform = dp_head_transform(ctx)
     rows = []
     for setting in ("central", "federated"):
         parts = [np.arange(len(y))] if setting == "central" else clients
-        start = time.perf_counter()
-        site_stats = [C.exact_stats(phi[p], y[p].numpy(), spec) for p in parts]
-        stats_s = time.perf_counter() - start
         for epsilon in (None, *s.dp_epsilons):
             start = time.perf_counter()
             if epsilon is None:
-                accs, deltas = [C.exact_accuracy(C.exact_solve(eh.SufficientStats.total(site_stats)), phit, ctx.yt)], []
+                site_stats = [C.exact_stats(phi[p], labels[p], spec) for p in parts]
+                accs, delta = [C.exact_accuracy(C.exact_solve(SufficientStats.total(site_stats)), phit, ctx.yt)], None
             else:
-                accs, deltas = [], [default_delta(st.n) for st in site_stats]
-                for rep in range(EXACT_REPEATS):
-                    rng = np.random.default_rng([s.seed, rep, int(round(epsilon * 10)), len(parts)])
-                    noisy = eh.SufficientStats.total([eh.privatize(st, epsilon, delta, rng)
-                                                      for st, delta in zip(site_stats, deltas)])
-                    accs.append(C.exact_accuracy(C.exact_solve(noisy), phit, ctx.yt))
+                delta = max(default_delta(len(p)) for p in parts)
+                accs, _ = dp_head_accuracies(ctx, phi, labels, parts, phit, ctx.yt, epsilon, delta,
+                                          repeats=EXACT_REPEATS, seed=(s.seed, int(round(epsilon * 10)), len(parts)))
             rows.append({"method": "exact_head", "setting": setting, "clients": len(parts),
                          "images_per_model": int(len(parts[0])), "target_epsilon": epsilon,
-                         # one analytic-Gaussian release: ε spent is the target exactly
-                         "epsilon_spent": epsilon, "delta": max(deltas) if deltas else None,
-                         "noise_multiplier": None, "batch_size": None, "lr": None, "loss": "ridge (GCV)",
+                         # one Gaussian release whose blocks compose to (ε, δ) exactly
+                         "epsilon_spent": epsilon, "delta": delta,
+                         "noise_multiplier": None, "batch_size": None, "lr": None,
+                         "loss": "ridge (GCV)" if epsilon is None else "ridge (noisy sums)",
                          "epochs": None, "accuracy": round(float(np.mean(accs)), 6),
                          "accuracy_std": round(float(np.std(accs)), 6), "repeats": len(accs),
-                         "wall_s": round(stats_s + time.perf_counter() - start, 1),
-                         "feature_dim": spec.dim()})
+                         "wall_s": round(time.perf_counter() - start, 1),
+                         "feature_dim": spec.dim() if epsilon is None else transform.projection_dim})
     return rows
 
 
@@ -182,7 +231,7 @@ def render(out_dir: Path, meta: dict, results: Path) -> str:
         for setting in ("central", "federated"):
             if (kind, setting, None) not in by:
                 continue
-            cells = [_cell(by.get((kind, setting, e))) for e in eps]
+            cells = [cell(by.get((kind, setting, e))) for e in eps]
             body.append([C.KIND_LABELS[kind], setting, *cells, R.acc(by[(kind, setting, None)]["accuracy"])])
     spent = [r for r in rows if r["epsilon_spent"] is not None and r["method"] in KINDS]
     worst = max(r["epsilon_spent"] / r["target_epsilon"] for r in spent) if spent else float("nan")
@@ -201,9 +250,11 @@ def render(out_dir: Path, meta: dict, results: Path) -> str:
                   if ("exact_head", st, e) in by and ("taft", st, e) in by]
     exact_text = ""
     if exact_gaps:
-        ex = next(r for r in rows if r["method"] == "exact_head")
-        exact_text = (f"\n- Exact head (SSP, {ex['feature_dim']}-dim seeded projection of the four pieces, clip 1; "
-                      f"one analytic-Gaussian release per model at the same (ε, δ), mean ± std over "
+        ex = next(r for r in rows if r["method"] == "exact_head" and r["target_epsilon"] is not None)
+        exact_text = (f"\n- DP exact head (the DP run's release: φ of the default feature spec centred on the "
+                      f"public synthetic centre, projected to {ex['feature_dim']} dimensions, each model's rows "
+                      f"re-centred on their own DP mean; one Gaussian release per model at the same (ε, δ), "
+                      f"the server's fixed solver constants), mean ± std over "
                       f"{next(r['repeats'] for r in rows if r['method'] == 'exact_head' and r['target_epsilon'])} noise draws) "
                       f"minus DP TAFT-1 (points): " + ", ".join(f"ε={e:g} {st}: {R.signed(g)}" for e, st, g in exact_gaps)
                       + ". Federated, the exact head is "
@@ -241,7 +292,7 @@ central, {f"{client['delta']:.1e}" if client else '—'} per client). {calibrati
 """
 
 
-def _cell(row) -> str:
+def cell(row) -> str:
     if row is None:
         return "—"
     if row.get("accuracy_std") is not None and row.get("target_epsilon") is not None:

@@ -13,11 +13,11 @@ from pathlib import Path
 
 from simulations.experiments import report as R
 
-NAMES = ("composition", "removal", "retraining", "privacy")
-#: two lanes of similar cost. Removal and retraining reuse composition's shard store: they
-#: run late in the other lane and wait for the shard sets while composition is still running
-#: (composition stores the sets they need first)
-LANES = (("composition",), ("privacy", "retraining", "removal"))
+NAMES = ("composition", "removal", "retraining", "privacy", "dp_scale")
+#: two lanes of similar cost. Removal and retraining reuse composition's shard store: retraining
+#: follows it in its lane; removal runs late in the other lane and waits for the shard sets while
+#: composition is still running (composition stores the sets they need first)
+LANES = (("composition", "retraining"), ("dp_scale", "privacy", "removal"))
 
 
 @dataclass

@@ -144,7 +144,7 @@ def test_exact_head_helpers_sum_subtract_and_fuse(tmp_path):
         phi[keep], labels[keep], spec)
     head = C.exact_solve(central)
     assert 0.0 <= C.exact_accuracy(head, phi, labels) <= 1.0 and head.lam > 0
-    assert C.exact_spec().dim() == 3584 and C.dp_exact_spec().projection == 64
+    assert C.exact_spec() == FeatureSpec()  # the run's default spec
 
 
 def test_sections_replace_only_their_own_block():
@@ -158,7 +158,7 @@ def test_sections_replace_only_their_own_block():
 
 
 def test_lanes():
-    assert plan(NAMES, 2) == [("composition",), ("privacy", "retraining", "removal")]
+    assert plan(NAMES, 2) == [("composition", "retraining"), ("dp_scale", "privacy", "removal")]
     assert plan(["removal"], 2) == [("removal",)]
     assert plan(NAMES, 1) == [tuple(NAMES)]
 
@@ -236,7 +236,19 @@ def test_quick_suite_writes_csvs_plots_and_generated_sections(tmp_path):
     assert all(r["repeats"] == 5 and r["delta"] > 0 for r in exact if r["target_epsilon"])
     for r in rows:
         assert R.acc(r["accuracy"]) in section("privacy")
-    assert "Exact head (SSP" in section("privacy")
+    assert "DP exact head (the DP run's release" in section("privacy")
+
+    # dp_scale: the head federated / central / secure-aggregation noise and DP-TAFT, removal exact
+    rows = R.read_csv(out / "dp_scale" / "results.csv")
+    assert {(r["method"], r["setting"]) for r in rows if r["target_epsilon"] == 8.0} == {
+        ("exact_head", "federated"), ("exact_head", "central"), ("exact_head", "secure-aggregation noise"),
+        ("taft", "federated")}
+    assert all(r["models"] == 3 and r["images_per_model"] == 40 for r in rows if r["setting"] != "central")
+    taft = next(r for r in rows if r["method"] == "taft")
+    assert 0 < taft["epsilon_spent"] and taft["delta"] == 1e-5
+    assert R.read_json(out / "dp_scale" / "meta.json")["checks"]["removal_exact"] is True
+    for r in rows:
+        assert R.acc(r["accuracy"]) in section("dp_scale")
 
     # regenerating from the CSVs reproduces the file; a changed CSV changes only its section
     assert main(["--report-only", "--quick", "--out", str(out), "--results", str(results)]) == 0
