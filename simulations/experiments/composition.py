@@ -7,8 +7,8 @@ For each partition of the training subset (IID into N shards; Dirichlet label sk
   * NLFT soup: the same weighted average of the NLFT-1 shard models' weights (Model Soup);
   * ridge head: ridge regression on the frozen pooled feature φ (+ bias), federated through
     the per-shard sufficient statistics Σ XᵀX, Σ XᵀY (identical to the central solution);
-  * exact head (tangent.exact_head.statistics): ridge on the frozen multi-level features + 2,048
-    random features (the default FeatureSpec), λ by GCV on the sums; the shards' integer
+  * exact head (tangent.exact_head.statistics): ridge on the frozen multi-level features of the
+    run's default FeatureSpec, λ by GCV on the sums; the shards' integer
     statistics, summed in a random order, are asserted equal to the central ones bit for bit;
   * TAFT + frozen pieces: TAFT-1 whose head also reads the frozen pieces final_mean, input_cls,
     input_mean beside its linearized CLS (TangentTail.read_frozen_rows: still linear in Δ),
@@ -311,8 +311,9 @@ def _render_exact(names, by, checks, s) -> str:
     def span(values):
         return f"{R.signed(min(values.values()))} to {R.signed(max(values.values()))}"
 
-    return f"""- Exact head (`tangent.exact_head.statistics`): φ = the four frozen pieces
-  ({spec['feature-pieces']}) + {spec['random-features']} seeded random features, p = {checks['exact_p']:,}
+    randoms = f" + {spec['random-features']} seeded random features" if spec['random-features'] else ""
+    return f"""- Exact head (`tangent.exact_head.statistics`, the run's default feature spec): φ = the frozen
+  pieces {spec['feature-pieces'].replace(',', ', ')}{randoms}, p = {checks['exact_p']:,}
   ({checks['exact_bytes_per_site'] / 2 ** 20:.1f} MiB of int64 statistics per shard), clip
   {spec['clip-norm']:g}, {spec['frac-bits']} fraction bits; λ = {checks['exact_lambda']:.3g}
   ({checks['exact_lambda_over_n']:.1e}·n) by GCV on the summed statistics (central statistics
