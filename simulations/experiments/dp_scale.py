@@ -9,10 +9,10 @@ over 50 sites, the 10k test images), with each model spending the whole per-site
     sum is (ε, δ)-DP: what SecAgg of the releases would buy, measured here because Flower's SecAgg+
     cannot carry the statistics (docs/dp_head.md "Not done");
   * federated DP-TAFT-1 with the DP run's recipe (the run config's ``epochs``, ``dp-batch-size``,
-    ``dp-lr``, cross-entropy, clip ``dp-max-grad-norm``), composed weighted by examples.
+    ``dp-lr``, cross-entropy, clip ``dp-max-grad-norm``), composed weighted by examples; and
+    central DP-SGD of TAFT-1 on all the rows with the same recipe.
 
-Removing a site from the federated head's releases is checked bit for bit in every draw. Central
-DP-SGD of TAFT-1 on the 60k is not run here: it costs as much as the 50 sites together.
+Removing a site from the federated head's releases is checked bit for bit in every draw.
 """
 from __future__ import annotations
 
@@ -31,7 +31,8 @@ SETTINGS = ("federated", "central", "secure-aggregation noise")
 LABELS = {("exact_head", "federated"): "DP exact head, federated (one release per site)",
           ("exact_head", "central"): "DP exact head, central (one release of all rows)",
           ("exact_head", "secure-aggregation noise"): "DP exact head, federated, each site 1/N of the noise (SecAgg)",
-          ("taft", "federated"): "DP-TAFT-1, federated, composed"}
+          ("taft", "federated"): "DP-TAFT-1, federated, composed",
+          ("taft", "central"): "DP-TAFT-1, central (DP-SGD on all rows)"}
 
 
 def site_parts(ctx: C.Context) -> tuple[np.ndarray, list[np.ndarray]]:
@@ -56,10 +57,7 @@ def taft_recipe(ctx: C.Context):
 
 
 def run(ctx: C.Context, out_root: Path) -> dict:
-    from tangent import compose
     from tangent.exact_head.statistics import SufficientStats
-    from tangent.protocol.config import RUN_DEFAULTS
-    from tangent.training.privacy import PrivacyConfig
 
     s = ctx.settings
     chosen, parts = site_parts(ctx)
@@ -89,21 +87,9 @@ def run(ctx: C.Context, out_root: Path) -> dict:
             rows.append(_row("exact_head", setting, where, epsilon, accs, time.perf_counter() - start,
                              removal_exact=removal))
     config = taft_recipe(ctx)
-    for epsilon in s.dp_epsilons:
-        sigma = s.dp_sigma or P.noise_multiplier(epsilon, len(parts[0]), config.batch_size, config.epochs,
-                                                 s.dp_accountant)
-        privacy = PrivacyConfig(target_epsilon=epsilon, target_delta=DELTA,
-                                max_grad_norm=float(RUN_DEFAULTS["dp-max-grad-norm"]),
-                                accountant=s.dp_accountant, noise_multiplier=sigma)
-        deltas, sizes, results, wall = C.train_shards(ctx, "taft", parts, x, y, config, privacy=privacy,
-                                                      desc=f"DP-TAFT {len(parts)} sites ε={epsilon:g}")
-        composed = compose(deltas, C.weights_of(sizes))
-        acc = C.accuracy(C.logits_of(ctx, "taft", composed, xt), yt)
-        row = _row("taft", "federated", parts, epsilon, [acc], wall, removal_exact=None)
-        row |= {"epsilon_spent": max(r.epsilon for r in results), "delta": max(r.delta for r in results),
-                "noise_multiplier": sigma, "batch_size": config.batch_size, "lr": config.lr,
-                "epochs": config.epochs}
-        rows.append(row)
+    for setting, where in (("federated", parts), ("central", [np.arange(len(labels))])):
+        for epsilon in s.dp_epsilons:
+            rows.append(_dp_taft_row(ctx, setting, where, x, y, xt, yt, config, epsilon))
     out_dir = Path(out_root) / NAME
     R.write_csv(out_dir / "results.csv", rows)
     plot(rows, out_dir / "dp_scale.png")
@@ -111,6 +97,28 @@ def run(ctx: C.Context, out_root: Path) -> dict:
             "checks": {"sites": len(parts), "rows_per_site": int(len(parts[0])), "test_images": len(yt),
                        "features_s": round(features_s, 1), "dp_head_dim": P.dp_head_transform(ctx).projection_dim,
                        "removal_exact": all(r["removal_exact"] for r in rows if r["removal_exact"] is not None)}}
+
+
+def _dp_taft_row(ctx: C.Context, setting: str, parts, x, y, xt, yt, config, epsilon: float) -> dict:
+    """DP-TAFT-1 trained on each part at (ε, δ) with the DP run's recipe, composed by examples."""
+    from tangent import compose
+    from tangent.protocol.config import RUN_DEFAULTS
+    from tangent.training.privacy import PrivacyConfig
+
+    s = ctx.settings
+    sigma = s.dp_sigma or P.noise_multiplier(epsilon, len(parts[0]), config.batch_size, config.epochs,
+                                             s.dp_accountant)
+    privacy = PrivacyConfig(target_epsilon=epsilon, target_delta=DELTA,
+                            max_grad_norm=float(RUN_DEFAULTS["dp-max-grad-norm"]),
+                            accountant=s.dp_accountant, noise_multiplier=sigma)
+    deltas, sizes, results, wall = C.train_shards(ctx, "taft", parts, x, y, config, privacy=privacy,
+                                                  desc=f"DP-TAFT {setting} ε={epsilon:g}")
+    composed = deltas[0] if len(deltas) == 1 else compose(deltas, C.weights_of(sizes))
+    acc = C.accuracy(C.logits_of(ctx, "taft", composed, xt), yt)
+    row = _row("taft", setting, parts, epsilon, [acc], wall, removal_exact=None)
+    return row | {"epsilon_spent": max(r.epsilon for r in results), "delta": max(r.delta for r in results),
+                  "noise_multiplier": sigma, "batch_size": config.batch_size, "lr": config.lr,
+                  "epochs": config.epochs}
 
 
 def _row(method: str, setting: str, parts, epsilon, accs, wall: float, *, removal_exact) -> dict:
@@ -121,6 +129,12 @@ def _row(method: str, setting: str, parts, epsilon, accs, wall: float, *, remova
             "repeats": len(accs), "removal_exact": removal_exact, "wall_s": round(wall, 1)}
 
 
+def _cell(row) -> str:
+    if row is None:
+        return "—"
+    return P.cell(row) if row["repeats"] > 1 else R.acc(row["accuracy"])
+
+
 def plot(rows, path: Path) -> None:
     import matplotlib
 
@@ -128,7 +142,7 @@ def plot(rows, path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(6.5, 4.2))
-    for (method, setting), color in zip(LABELS, ("C3", "C4", "C5", "C0")):
+    for (method, setting), color in zip(LABELS, ("C3", "C4", "C5", "C0", "C1")):
         sel = [r for r in rows if r["method"] == method and r["setting"] == setting and r["target_epsilon"] is not None]
         if sel:
             ax.errorbar([r["target_epsilon"] for r in sel], [r["accuracy"] for r in sel],
@@ -155,7 +169,7 @@ def render(out_dir: Path, meta: dict, results: Path) -> str:
     by = {(r["method"], r["setting"], r["target_epsilon"]): r for r in rows}
     body = []
     for (method, setting), label in LABELS.items():
-        cells = [P.cell(by.get((method, setting, e))) for e in eps]
+        cells = [_cell(by.get((method, setting, e))) for e in eps]
         body.append([label, *cells])
     nodp = by.get(("exact_head", "federated", None))
     taft = [r for r in rows if r["method"] == "taft"]
@@ -165,7 +179,10 @@ def render(out_dir: Path, meta: dict, results: Path) -> str:
     secagg = ", ".join(f"{R.signed(by[('exact_head', 'secure-aggregation noise', e)]['accuracy'] - by[('exact_head', 'federated', e)]['accuracy'])}"
                        for e in eps if ("exact_head", "secure-aggregation noise", e) in by)
     head_wall = sum(r["wall_s"] for r in rows if r["method"] == "exact_head")
-    taft_wall = sum(r["wall_s"] for r in taft)
+    taft_wall = {st: sum(r["wall_s"] for r in taft if r["setting"] == st) for st in ("federated", "central")}
+    central_gaps = ", ".join(
+        f"ε = {e:g}: {R.signed(by[('exact_head', 'federated', e)]['accuracy'] - by[('taft', 'central', e)]['accuracy'])}"
+        for e in eps if ("taft", "central", e) in by and ("exact_head", "federated", e) in by)
     worst = max((r["epsilon_spent"] / r["target_epsilon"] for r in taft), default=float("nan"))
     recipe_text = (f"{recipe['epochs']} epochs, expected batch {recipe['batch_size']}, lr {recipe['lr']:g}, "
                    f"σ = {recipe['noise_multiplier']:.3g} at ε = {recipe['target_epsilon']:g}") if recipe else "—"
@@ -181,22 +198,22 @@ model spends the whole per-site (ε, δ = 1e-5) (in a DP run the head and DP-TAF
 head takes 0.9 of the μ², docs/dp_head.md). DP exact head: the DP run's release (φ of the default
 feature spec, public synthetic centre, seeded projection to {checks['dp_head_dim']} dimensions, each
 model's rows re-centred on their own DP mean), the server's fixed solver constants, mean ± std
-over {max((r['repeats'] for r in rows if r['method'] == 'exact_head' and r['target_epsilon']), default=0)} noise draws. DP-TAFT-1: the DP run's recipe ({recipe_text}; Opacus, PRV accountant,
-ε spent ≤ {worst:.4f} × the target), one noise draw.{calibration}
+over {max((r['repeats'] for r in rows if r['method'] == 'exact_head' and r['target_epsilon']), default=0)} noise draws. DP-TAFT-1: the DP run's recipe ({recipe_text} at a site; Opacus, PRV accountant,
+ε spent ≤ {worst:.4f} × the target), federated and central alike, one noise draw.{calibration}
 
 {R.table(["model", *[f"ε = {e:g}" for e in eps]], body)}
 
 - Without DP, the exact head of the same rows: {R.acc(nodp['accuracy']) if nodp else '—'} (the integer
   statistics, λ by GCV).
-- DP exact head − DP-TAFT-1, federated (points): {gaps or '—'}.
+- DP exact head − DP-TAFT-1, federated (points): {gaps or '—'}. Federated DP exact head − central
+  DP-TAFT-1 (points): {central_gaps or '—'}.
 - Secure-aggregation noise − per-site noise (points): {secagg or '—'}. That is what distributed noise
   would buy; it needs every site's share to stay secret and gives up what exact removal rests on
   (the server would hold only the sum, never one site's release to subtract).
 - Removing a site from the summed releases leaves exactly the sum of the others' releases, in every
   draw: {'yes' if checks['removal_exact'] else '**no**'}.
-- Central DP-SGD of TAFT-1 on all rows is not run here (it costs what the {checks['sites']} sites cost together).
 - Wall time: features {R.seconds(checks['features_s'])}, DP head (every release and solve) {R.seconds(head_wall)},
-  DP-TAFT {R.seconds(taft_wall)}.
+  DP-TAFT federated {R.seconds(taft_wall['federated'])}, central {R.seconds(taft_wall['central'])}.
 
 ![dp_scale]({R.rel(out_dir / meta['plot'], results)})
 """

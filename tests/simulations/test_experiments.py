@@ -242,7 +242,7 @@ def test_quick_suite_writes_csvs_plots_and_generated_sections(tmp_path):
     rows = R.read_csv(out / "dp_scale" / "results.csv")
     assert {(r["method"], r["setting"]) for r in rows if r["target_epsilon"] == 8.0} == {
         ("exact_head", "federated"), ("exact_head", "central"), ("exact_head", "secure-aggregation noise"),
-        ("taft", "federated")}
+        ("taft", "federated"), ("taft", "central")}
     assert all(r["models"] == 3 and r["images_per_model"] == 40 for r in rows if r["setting"] != "central")
     taft = next(r for r in rows if r["method"] == "taft")
     assert 0 < taft["epsilon_spent"] and taft["delta"] == 1e-5
