@@ -151,22 +151,14 @@ def plot(rows, path: Path) -> None:
     ref = [r for r in rows if r["method"] == "exact_head" and r["target_epsilon"] is None]
     if ref:
         ax.axhline(ref[0]["accuracy"], color="C3", linewidth=0.6, linestyle=":", label="exact head, no DP")
-    ax.set_xscale("log")
-    eps = sorted({r["target_epsilon"] for r in rows if r["target_epsilon"] is not None})
-    ax.set_xticks(eps, [f"{e:g}" for e in eps])
-    ax.minorticks_off()
-    ax.set_xlabel("per-site ε (δ = 1e-5)")
-    ax.set_ylabel("test accuracy")
-    ax.set_title("DP at 50 sites × 1,200 (dotted: exact head without DP)")
-    ax.legend(fontsize=7)
-    R.save_figure(fig, path)
+    P.finish_epsilon_plot(fig, ax, rows, path, xlabel="per-site ε (δ = 1e-5)",
+                          title="DP at 50 sites × 1,200 (dotted: exact head without DP)")
 
 
 def render(out_dir: Path, meta: dict, results: Path) -> str:
     rows = R.read_csv(out_dir / "results.csv")
     checks = meta["checks"]
-    eps = sorted({r["target_epsilon"] for r in rows if r["target_epsilon"] is not None})
-    by = {(r["method"], r["setting"], r["target_epsilon"]): r for r in rows}
+    eps, by = P.by_epsilon(rows)
     body = []
     for (method, setting), label in LABELS.items():
         cells = [_cell(by.get((method, setting, e))) for e in eps]

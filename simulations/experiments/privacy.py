@@ -210,13 +210,25 @@ def plot(rows, path: Path) -> None:
                    and r["target_epsilon"] is None]
             if ref and setting == "central":
                 ax.axhline(ref[0]["accuracy"], color=colors[kind], linewidth=0.6, linestyle=":")
+    finish_epsilon_plot(fig, ax, rows, path, xlabel="ε (δ = min(1e-5, 1/(10 n)) per model)",
+                        title="DP fine-tuning (dotted: central, no DP)")
+
+
+def by_epsilon(rows) -> tuple[list, dict]:
+    """(the ε values of the rows, sorted; {(method, setting, ε or None): row})."""
+    eps = sorted({r["target_epsilon"] for r in rows if r["target_epsilon"] is not None})
+    return eps, {(r["method"], r["setting"], r["target_epsilon"]): r for r in rows}
+
+
+def finish_epsilon_plot(fig, ax, rows, path: Path, *, xlabel: str, title: str) -> None:
+    """Accuracy against ε on a log axis ticked at the rows' ε values; labels, legend, saved."""
     ax.set_xscale("log")
     eps = sorted({r["target_epsilon"] for r in rows if r["target_epsilon"] is not None})
     ax.set_xticks(eps, [f"{e:g}" for e in eps])
     ax.minorticks_off()
-    ax.set_xlabel("ε (δ = min(1e-5, 1/(10 n)) per model)")
+    ax.set_xlabel(xlabel)
     ax.set_ylabel("test accuracy")
-    ax.set_title("DP fine-tuning (dotted: central, no DP)")
+    ax.set_title(title)
     ax.legend(fontsize=7)
     R.save_figure(fig, path)
 
@@ -224,8 +236,7 @@ def plot(rows, path: Path) -> None:
 def render(out_dir: Path, meta: dict, results: Path) -> str:
     rows = R.read_csv(out_dir / "results.csv")
     s = meta["settings"]
-    eps = sorted({r["target_epsilon"] for r in rows if r["target_epsilon"] is not None})
-    by = {(r["method"], r["setting"], r["target_epsilon"]): r for r in rows}
+    eps, by = by_epsilon(rows)
     body = []
     for kind in TABLE_KINDS:
         for setting in ("central", "federated"):
