@@ -1,4 +1,4 @@
-"""What the four experiments share: settings, data (cached trunk tokens), the three model
+"""What the experiments share: settings, data (cached trunk tokens), the three model
 kinds (TAFT-1, NLFT-1, NLFT head only), shard training, the shard store, the exact ridge head.
 
 Everything runs on the cached trunk tokens of the pretrained DINOv2 ViT-S/14 (``reinit=false``,

@@ -1,5 +1,5 @@
 """`python -m simulations.experiments`: exact ridge statistics, the CLS-only NLFT path, and a
-`--quick` run of all four experiments whose CSVs, plots and generated sections are checked."""
+`--quick` run of all five experiments whose CSVs, plots and generated sections are checked."""
 from __future__ import annotations
 
 import re
