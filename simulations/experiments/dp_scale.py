@@ -166,15 +166,16 @@ def render(out_dir: Path, meta: dict, results: Path) -> str:
     nodp = by.get(("exact_head", "federated", None))
     taft = [r for r in rows if r["method"] == "taft"]
     recipe = taft[0] if taft else None
-    gaps = ", ".join(f"ε = {e:g}: {R.signed(by[('exact_head', 'federated', e)]['accuracy'] - by[('taft', 'federated', e)]['accuracy'])}"
-                     for e in eps if ("taft", "federated", e) in by and ("exact_head", "federated", e) in by)
-    secagg = ", ".join(f"{R.signed(by[('exact_head', 'secure-aggregation noise', e)]['accuracy'] - by[('exact_head', 'federated', e)]['accuracy'])}"
-                       for e in eps if ("exact_head", "secure-aggregation noise", e) in by)
+    def diffs(first, second) -> str:
+        """'ε = e: ±points' of row ``first`` minus row ``second`` ((method, setting)) at every ε."""
+        return ", ".join(f"ε = {e:g}: {R.signed(by[(*first, e)]['accuracy'] - by[(*second, e)]['accuracy'])}"
+                         for e in eps if (*first, e) in by and (*second, e) in by)
+
+    head = ("exact_head", "federated")
+    gaps, central_gaps = diffs(head, ("taft", "federated")), diffs(head, ("taft", "central"))
+    secagg = diffs(("exact_head", "secure-aggregation noise"), head)
     head_wall = sum(r["wall_s"] for r in rows if r["method"] == "exact_head")
     taft_wall = {st: sum(r["wall_s"] for r in taft if r["setting"] == st) for st in ("federated", "central")}
-    central_gaps = ", ".join(
-        f"ε = {e:g}: {R.signed(by[('exact_head', 'federated', e)]['accuracy'] - by[('taft', 'central', e)]['accuracy'])}"
-        for e in eps if ("taft", "central", e) in by and ("exact_head", "federated", e) in by)
     worst = max((r["epsilon_spent"] / r["target_epsilon"] for r in taft), default=float("nan"))
     recipe_text = (f"{recipe['epochs']} epochs, expected batch {recipe['batch_size']}, lr {recipe['lr']:g}, "
                    f"σ = {recipe['noise_multiplier']:.3g} at ε = {recipe['target_epsilon']:g}") if recipe else "—"
