@@ -231,6 +231,10 @@ class Context:
         self.xt, self.yt = self.tokens("test", self.test_index)
 
     # ---- tokens and features
+    def split_size(self, split: str) -> int:
+        """How many images the whole split ("train" or "test") holds."""
+        return len(self._images[split][1])
+
     def _split_tokens(self, split: str):
         """The whole split's cached tokens (memmap), or None when no cache may be built."""
         if split not in self._tokens:

@@ -41,8 +41,7 @@ def site_parts(ctx: C.Context) -> tuple[np.ndarray, list[np.ndarray]]:
     from tangent.data.partition import partition_iid
 
     s = ctx.settings
-    total = len(ctx._images["train"][1])
-    chosen = C.subset_indices(total, s.dp_scale_sites * s.dp_scale_rows, s.seed)
+    chosen = C.subset_indices(ctx.split_size("train"), s.dp_scale_sites * s.dp_scale_rows, s.seed)
     return chosen, partition_iid(len(chosen), s.dp_scale_sites, seed=s.seed)
 
 
@@ -62,7 +61,7 @@ def run(ctx: C.Context, out_root: Path) -> dict:
     s = ctx.settings
     chosen, parts = site_parts(ctx)
     x, y = ctx.tokens("train", chosen)
-    test_index = C.test_indices(len(ctx._images["test"][1]), s.dp_scale_test, s.seed)
+    test_index = C.test_indices(ctx.split_size("test"), s.dp_scale_test, s.seed)
     xt, yt = ctx.tokens("test", test_index)
     spec = C.exact_spec()
     start = time.perf_counter()
